@@ -1,0 +1,24 @@
+//! Workflow definitions (DESIGN §2): the format, its parsing with source locations, load-time
+//! validation, the JSON Schema, and `{{ ... }}` templates.
+//!
+//! Loading is two-phase so that the HTTP API can reuse it: [`parse_source`] turns one file or
+//! request body into workflows plus a map of where each node sits in the text, and [`validate`]
+//! checks a set of parsed sources together (cross-file duplicates, child-workflow references),
+//! reporting every problem as `origin:line:column: message`.
+
+mod error;
+mod locate;
+pub mod model;
+mod parse;
+mod schema;
+mod template;
+mod validate;
+
+pub use error::{DefinitionError, DefinitionErrors};
+pub use model::*;
+pub use parse::{
+    Format, MAX_DEFINITION_BYTES, ParsedSource, load_paths, parse_bytes, parse_source, parse_str,
+};
+pub use schema::{DefinitionFile, WorkflowsFile, json_schema};
+pub use template::{TemplateContext, TemplateError, redact_secrets, render_str, render_value};
+pub use validate::{TEMPLATE_ROOTS, check_str, validate};

@@ -1,0 +1,402 @@
+//! The workflow definition as users write it (DESIGN §2). These types are the format: the JSON
+//! Schema is generated from them and the store keeps them, serialized, as a workflow version.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One workflow. In a `workflows:` map the id comes from the map key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Workflow {
+    /// Unique id, `[a-z0-9_-]+`.
+    #[serde(default)]
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    /// Whole-run timeout; the run is marked `timed_out` when it passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<DurationSpec>,
+    /// Default retry policy of every step.
+    #[serde(
+        default,
+        alias = "retryPolicy",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retry: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<Notifications>,
+    /// Input defaults, merged under the input a trigger gives.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub inputs: serde_json::Map<String, Value>,
+    /// How long finished runs are kept (default 30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<DurationSpec>,
+    /// The DAG. A workflow without steps is run by n8n through the bridge.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<Step>,
+}
+
+/// `schedule: "0 8 * * *"` or `schedule: { cron, timezone, overlap, catch_up }`.
+///
+/// Deserialize and JsonSchema are written by hand (below) because of the bare-string shorthand: an
+/// untagged enum would lose serde-saphyr's source locations and give a vague error message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Schedule {
+    /// 5-field crontab, or 6 fields with seconds first.
+    pub cron: String,
+    /// IANA time zone name.
+    pub timezone: String,
+    pub overlap: Overlap,
+    pub catch_up: CatchUp,
+}
+
+/// A schedule in full.
+// The map form of `Schedule`, deserialized through it; its schema is the object branch.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "ScheduleObject")]
+struct ScheduleFields {
+    /// 5-field crontab, or 6 fields with seconds first.
+    cron: String,
+    /// IANA time zone name.
+    #[serde(default = "utc")]
+    timezone: String,
+    #[serde(default)]
+    overlap: Overlap,
+    #[serde(default, alias = "catchUp")]
+    catch_up: CatchUp,
+}
+
+impl<'de> Deserialize<'de> for Schedule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Schedule;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a cron expression or a map { cron, timezone, overlap, catch_up }")
+            }
+            fn visit_str<E: serde::de::Error>(self, cron: &str) -> Result<Schedule, E> {
+                Ok(Schedule {
+                    cron: cron.to_owned(),
+                    timezone: utc(),
+                    overlap: Overlap::default(),
+                    catch_up: CatchUp::default(),
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Schedule, A::Error> {
+                // Delegating through MapAccessDeserializer keeps the YAML deserializer underneath,
+                // so errors inside the map still carry their line and column.
+                let f =
+                    ScheduleFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Schedule {
+                    cron: f.cron,
+                    timezone: f.timezone,
+                    overlap: f.overlap,
+                    catch_up: f.catch_up,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for Schedule {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Schedule".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A cron expression (shorthand for `{ cron: ... }`) or the full map.",
+            "anyOf": [
+                { "type": "string", "description": "5-field crontab, or 6 fields with seconds first." },
+                generator.subschema_for::<ScheduleFields>(),
+            ]
+        })
+    }
+}
+
+fn utc() -> String {
+    "UTC".to_owned()
+}
+
+/// What a fire does while a run of the same workflow is still going.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlap {
+    #[default]
+    Skip,
+    Queue,
+    Allow,
+}
+
+/// What happens to fires missed while no scheduler was running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CatchUp {
+    None,
+    #[default]
+    Latest,
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt; 0 means one attempt only.
+    #[serde(default = "default_max_retries", alias = "maxRetries")]
+    pub max_retries: u32,
+    #[serde(default)]
+    pub backoff: Backoff,
+    #[serde(default = "default_initial")]
+    pub initial: DurationSpec,
+    #[serde(default = "default_max_backoff")]
+    pub max: DurationSpec,
+    #[serde(default = "yes")]
+    pub jitter: bool,
+    /// HTTP statuses (numbers) or error kinds (strings) that fail at once.
+    #[serde(default, alias = "nonRetryable", skip_serializing_if = "Vec::is_empty")]
+    pub non_retryable: Vec<NonRetryable>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: default_max_retries(),
+            backoff: Backoff::default(),
+            initial: default_initial(),
+            max: default_max_backoff(),
+            jitter: true,
+            non_retryable: Vec::new(),
+        }
+    }
+}
+
+fn default_max_retries() -> u32 {
+    3
+}
+fn default_initial() -> DurationSpec {
+    DurationSpec(Duration::from_secs(1))
+}
+fn default_max_backoff() -> DurationSpec {
+    DurationSpec(Duration::from_secs(300))
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Backoff {
+    Fixed,
+    #[default]
+    Exponential,
+}
+
+/// An HTTP status (a number) or an error kind (a string).
+// Deserialize is by hand: serde's untagged enums buffer the value and so lose its location.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum NonRetryable {
+    Status(u16),
+    Kind(String),
+}
+
+impl<'de> Deserialize<'de> for NonRetryable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = NonRetryable;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an HTTP status (100-599) or an error kind")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<NonRetryable, E> {
+                match u16::try_from(v) {
+                    Ok(status) if (100..=599).contains(&status) => Ok(NonRetryable::Status(status)),
+                    _ => Err(E::custom(format!("{v} is not an HTTP status (100-599)"))),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<NonRetryable, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("{v} is not an HTTP status (100-599)"))),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<NonRetryable, E> {
+                Ok(NonRetryable::Kind(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `concurrency: 2` or `concurrency: { limit: 1, key: "{{ input.region }}" }`.
+///
+/// Deserialize and JsonSchema by hand for the bare-integer shorthand, as for [`Schedule`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Concurrency {
+    pub limit: u32,
+    /// Template rendered against the run's input; runs with equal keys share the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// A concurrency limit, optionally per rendered key.
+// The map form of `Concurrency`, deserialized through it; its schema is the object branch.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "ConcurrencyObject")]
+struct ConcurrencyFields {
+    /// Runs at once (per key, when `key` is given).
+    limit: u32,
+    /// Template rendered against the run's input; runs with equal keys share the limit.
+    #[serde(default)]
+    key: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Concurrency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Concurrency;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a non-negative integer or a map { limit, key }")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Concurrency, E> {
+                let limit = u32::try_from(v)
+                    .map_err(|_| E::custom(format!("concurrency {v} is out of range")))?;
+                Ok(Concurrency { limit, key: None })
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Concurrency, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("concurrency {v} is negative"))),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Concurrency, A::Error> {
+                let f = ConcurrencyFields::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )?;
+                Ok(Concurrency {
+                    limit: f.limit,
+                    key: f.key,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for Concurrency {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Concurrency".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Runs of this workflow at once, or a limit per rendered key.",
+            "anyOf": [
+                { "type": "integer", "format": "uint32", "minimum": 0 },
+                generator.subschema_for::<ConcurrencyFields>(),
+            ]
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Notifications {
+    #[serde(default, alias = "onSuccess")]
+    pub on_success: bool,
+    #[serde(default, alias = "onFailure")]
+    pub on_failure: bool,
+    /// Absolute URL, or a path resolved against Switchyard's public base URL.
+    #[serde(default, alias = "webhookUrl", skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Unique within the workflow, `[a-z0-9_-]+`.
+    pub id: String,
+    /// The step kind: `http`, `transform`, `sleep`, `noop`, `workflow`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    /// The step kind's parameters; strings may hold `{{ ... }}` templates.
+    #[serde(default, rename = "with", skip_serializing_if = "Value::is_null")]
+    pub with: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<DurationSpec>,
+    #[serde(
+        default,
+        alias = "retryPolicy",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// A duration written the humantime way (`30s`, `10m`, `1h 30m`, `30d`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[schemars(with = "String")]
+pub struct DurationSpec(pub Duration);
+
+impl Serialize for DurationSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(DurationSpec)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+impl Workflow {
+    /// The retry policy that governs `step`.
+    pub fn retry_policy(&self, step: &Step) -> RetryPolicy {
+        step.retry
+            .clone()
+            .or_else(|| self.retry.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn step(&self, id: &str) -> Option<&Step> {
+        self.steps.iter().find(|s| s.id == id)
+    }
+
+    /// Steps no other step needs: their outputs make the run's output.
+    pub fn sink_steps(&self) -> impl Iterator<Item = &Step> {
+        self.steps
+            .iter()
+            .filter(|s| !self.steps.iter().any(|o| o.needs.contains(&s.id)))
+    }
+
+    pub fn retention(&self) -> Duration {
+        self.retention
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(30 * 24 * 3600))
+    }
+}
+
+/// Every loaded workflow by id.
+pub type WorkflowMap = BTreeMap<String, std::sync::Arc<Workflow>>;

@@ -1,0 +1,400 @@
+//! Text to workflows: size and encoding guards, YAML/JSON syntax and type errors with their
+//! locations, and the two file shapes (one workflow, or a `workflows:` map).
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::{MapAccess, Visitor};
+use serde_saphyr::{DefaultMessageFormatter, MessageFormatter};
+
+use super::error::{DefinitionError, DefinitionErrors};
+use super::locate::{LocNode, Pos, START, Seg, pos};
+use super::model::{Workflow, WorkflowMap};
+
+/// Definition files and API bodies larger than this are refused before parsing. The seed's
+/// whole configuration is well under 1 KiB; 4 MiB leaves room for big `inputs` defaults.
+pub const MAX_DEFINITION_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Yaml,
+    Json,
+}
+
+impl Format {
+    /// By extension: `.yaml`/`.yml` or `.json` (case-insensitive).
+    pub fn from_path(path: &Path) -> Option<Format> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "yaml" | "yml" => Some(Format::Yaml),
+            "json" => Some(Format::Json),
+            _ => None,
+        }
+    }
+}
+
+/// One parsed file or request body: its workflows and where their parts are in the text.
+///
+/// Shapes: either one workflow, which must then have an `id` (the file name is deliberately not
+/// used: an API body has none, and renaming a file should not rename a workflow and orphan its
+/// runs), or `workflows: {<id>: <workflow>}` where the key is the id and an `id` field, if
+/// present, must equal it.
+#[derive(Debug)]
+pub struct ParsedSource {
+    pub origin: String,
+    pub workflows: Vec<Workflow>,
+    pub(crate) locs: LocNode,
+    /// True for the `workflows:` map shape.
+    pub(crate) many: bool,
+    /// Problems found while parsing that do not stop validation (e.g. a missing id).
+    pub(crate) problems: Vec<DefinitionError>,
+}
+
+impl ParsedSource {
+    /// The path of workflow `index`'s node in the document.
+    fn prefix(&self, index: usize) -> Vec<Seg<'_>> {
+        match self.workflows.get(index) {
+            Some(wf) if self.many => vec![Seg::Key("workflows"), Seg::Key(wf.id.as_str())],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Position of `path` inside workflow `index` (a path relative to the workflow's node).
+    pub(crate) fn at(&self, index: usize, path: &[Seg<'_>], key: bool) -> Pos {
+        let mut full = self.prefix(index);
+        full.extend_from_slice(path);
+        self.locs.find(&full, key).unwrap_or(START)
+    }
+
+    /// Which of `spellings` (a field, then its aliases) the source used in the map at `path`, so
+    /// that an error points at what the user wrote.
+    pub(crate) fn spelling<'s>(
+        &self,
+        index: usize,
+        path: &[Seg<'_>],
+        spellings: &[&'s str],
+    ) -> &'s str {
+        let mut full = self.prefix(index);
+        full.extend_from_slice(path);
+        let keys = self.locs.keys(&full);
+        spellings
+            .iter()
+            .copied()
+            .find(|s| keys.iter().any(|(k, _)| k == s))
+            .or(spellings.first().copied())
+            .unwrap_or_default()
+    }
+
+    /// Where workflow `index` is named: its key in a `workflows:` map, else its `id` value.
+    pub(crate) fn workflow_at(&self, index: usize) -> Pos {
+        if self.many {
+            self.at(index, &[], true)
+        } else {
+            self.at(index, &[Seg::Key("id")], false)
+        }
+    }
+
+    pub(crate) fn error(&self, at: Pos, message: impl Into<String>) -> DefinitionError {
+        make_error(&self.origin, at, message.into())
+    }
+}
+
+pub(crate) fn make_error(origin: &str, (line, column): Pos, message: String) -> DefinitionError {
+    // Errors are printed one per line; a message must not break that.
+    let message = if message.contains(['\n', '\r']) {
+        message
+            .split(['\n', '\r'])
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join("; ")
+    } else {
+        message
+    };
+    DefinitionError {
+        origin: origin.to_owned(),
+        line,
+        column,
+        message,
+    }
+}
+
+/// Parses one file's or one API body's workflows: syntax, types, and the id rules of the file
+/// shape. Nothing that needs other workflows or the step kinds is checked; use [`super::check_str`]
+/// or [`super::validate`] for that.
+pub fn parse_str(
+    origin: &str,
+    text: &str,
+    format: Format,
+) -> Result<Vec<Workflow>, DefinitionErrors> {
+    let source = parse_source(origin, text, format)?;
+    if source.problems.is_empty() {
+        Ok(source.workflows)
+    } else {
+        Err(DefinitionErrors(source.problems))
+    }
+}
+
+/// [`parse_str`] for raw bytes (files, request bodies): refuses oversized and non-UTF-8 input
+/// with a located error.
+pub fn parse_bytes(
+    origin: &str,
+    bytes: &[u8],
+    format: Format,
+) -> Result<Vec<Workflow>, DefinitionErrors> {
+    let text = text_of(origin, bytes)?;
+    parse_str(origin, text, format)
+}
+
+pub(crate) fn text_of<'a>(origin: &str, bytes: &'a [u8]) -> Result<&'a str, DefinitionErrors> {
+    check_size(origin, bytes.len())?;
+    std::str::from_utf8(bytes).map_err(|e| {
+        let valid = &bytes[..e.valid_up_to()];
+        let line = 1 + valid.iter().filter(|&&b| b == b'\n').count();
+        let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        // Columns count characters, as the YAML parser's do.
+        let column = 1 + String::from_utf8_lossy(&valid[line_start..])
+            .chars()
+            .count();
+        DefinitionErrors::single(
+            origin,
+            (line, column),
+            format!(
+                "not valid UTF-8 text (invalid byte at offset {})",
+                e.valid_up_to()
+            ),
+        )
+    })
+}
+
+fn check_size(origin: &str, len: usize) -> Result<(), DefinitionErrors> {
+    if len > MAX_DEFINITION_BYTES {
+        return Err(DefinitionErrors::single(
+            origin,
+            START,
+            format!("definition is too large: over {MAX_DEFINITION_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Limits for untrusted input (definitions arrive through the API too). Far above what a real
+/// definition needs, far below what exhausts memory or time: billion-laughs aliases, 10k-deep
+/// nesting and event floods stop with a budget error.
+fn options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_events: 400_000,
+            max_nodes: 100_000,
+            max_depth: 48,
+            flow_nesting_limit: 48,
+            max_documents: 1,
+            max_aliases: 1_000,
+            max_anchors: 1_000,
+            max_merge_keys: 100,
+            max_recorded_anchor_events: 100_000,
+            max_recorded_anchor_bytes: MAX_DEFINITION_BYTES,
+            max_total_scalar_bytes: MAX_DEFINITION_BYTES,
+        },
+        alias_limits: serde_saphyr::alias_limits! {
+            max_total_replayed_events: 100_000,
+            max_replay_stack_depth: 16,
+        },
+        with_snippet: false,
+    }
+}
+
+fn yaml_error(origin: &str, err: &serde_saphyr::Error) -> DefinitionErrors {
+    let at = err.location().and_then(pos).unwrap_or(START);
+    let message = DefaultMessageFormatter
+        .format_message(err.without_snippet())
+        .into_owned();
+    DefinitionErrors(vec![make_error(origin, at, message)])
+}
+
+/// Parses without cross-workflow validation, keeping source positions for [`super::validate`].
+pub fn parse_source(
+    origin: &str,
+    text: &str,
+    format: Format,
+) -> Result<ParsedSource, DefinitionErrors> {
+    check_size(origin, text.len())?;
+    if format == Format::Json {
+        // The YAML parser would accept YAML in a .json file (and comments, unquoted keys...);
+        // check strict JSON first. serde_json also caps nesting at 128 levels.
+        if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            let at = (e.line().max(1), e.column().max(1));
+            let message = strip_json_position(&e.to_string());
+            return Err(DefinitionErrors(vec![make_error(origin, at, message)]));
+        }
+    }
+    if text.trim().is_empty() {
+        return Err(DefinitionErrors::single(
+            origin,
+            START,
+            "empty definition".to_owned(),
+        ));
+    }
+
+    // First pass: positions, and the shape of the document.
+    let locs: LocNode =
+        serde_saphyr::from_str_with_options(text, options()).map_err(|e| yaml_error(origin, &e))?;
+    let many = locs.keys(&[]).iter().any(|(k, _)| *k == "workflows");
+
+    // Second pass: the typed model, where type errors are reported with their position.
+    let mut problems = Vec::new();
+    let workflows = if many {
+        let file: ManyRepr = serde_saphyr::from_str_with_options(text, options())
+            .map_err(|e| yaml_error(origin, &e))?;
+        let mut workflows = Vec::with_capacity(file.workflows.0.len());
+        for (key, mut wf) in file.workflows.0 {
+            if !wf.id.is_empty() && wf.id != key {
+                let at = locs
+                    .find(
+                        &[Seg::Key("workflows"), Seg::Key(&key), Seg::Key("id")],
+                        false,
+                    )
+                    .unwrap_or(START);
+                problems.push(make_error(
+                    origin,
+                    at,
+                    format!("id `{}` differs from its key `{key}` in `workflows`", wf.id),
+                ));
+            }
+            wf.id = key;
+            workflows.push(wf);
+        }
+        workflows
+    } else {
+        let wf: Workflow = serde_saphyr::from_str_with_options(text, options())
+            .map_err(|e| yaml_error(origin, &e))?;
+        if wf.id.is_empty() {
+            problems.push(make_error(
+                origin,
+                locs.find(&[], false).unwrap_or(START),
+                "a single-workflow definition needs an `id` (or use the `workflows: {<id>: ...}` form)"
+                    .to_owned(),
+            ));
+        }
+        vec![wf]
+    };
+    Ok(ParsedSource {
+        origin: origin.to_owned(),
+        workflows,
+        locs,
+        many,
+        problems,
+    })
+}
+
+/// serde_json appends " at line L column C"; the position is already in the prefix.
+fn strip_json_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManyRepr {
+    workflows: Ordered,
+}
+
+/// The `workflows:` map in source order, so errors and listings follow the file.
+struct Ordered(Vec<(String, Workflow)>);
+
+impl<'de> Deserialize<'de> for Ordered {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Ordered;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of workflow id to workflow")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Ordered, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, Workflow>()? {
+                    out.push((k, v));
+                }
+                Ok(Ordered(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Loads every `.yaml`/`.yml`/`.json` file among `paths` (directories are read one level deep,
+/// in name order) and validates them all together. Every problem of every file is reported.
+pub fn load_paths(
+    paths: &[PathBuf],
+    known_kinds: &[&str],
+) -> Result<WorkflowMap, DefinitionErrors> {
+    let mut errors = Vec::new();
+    let mut files = Vec::new();
+    for path in paths {
+        let origin = path.display().to_string();
+        if path.is_dir() {
+            match std::fs::read_dir(path) {
+                Ok(entries) => {
+                    let mut found: Vec<PathBuf> = entries
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.is_file() && Format::from_path(p).is_some())
+                        .collect();
+                    found.sort();
+                    files.extend(found);
+                }
+                Err(e) => errors.push(make_error(
+                    &origin,
+                    START,
+                    format!("cannot read directory: {e}"),
+                )),
+            }
+        } else {
+            files.push(path.clone());
+        }
+    }
+
+    let mut sources = Vec::new();
+    for path in &files {
+        let origin = path.display().to_string();
+        let Some(format) = Format::from_path(path) else {
+            errors.push(make_error(
+                &origin,
+                START,
+                "unsupported file type: expected .yaml, .yml or .json".to_owned(),
+            ));
+            continue;
+        };
+        let parsed = read_capped(path)
+            .map_err(|e| DefinitionErrors::single(&origin, START, format!("cannot read file: {e}")))
+            .and_then(|bytes| {
+                let text = text_of(&origin, &bytes)?;
+                parse_source(&origin, text, format)
+            });
+        match parsed {
+            Ok(source) => sources.push(source),
+            Err(e) => errors.extend(e.0),
+        }
+    }
+
+    match super::validate::validate(&sources, &WorkflowMap::new(), known_kinds) {
+        Ok(map) if errors.is_empty() => Ok(map),
+        Ok(_) => Err(DefinitionErrors(errors)),
+        Err(e) => {
+            errors.extend(e.0);
+            Err(DefinitionErrors(errors))
+        }
+    }
+}
+
+/// Reads at most one byte past the limit, so a huge (or endless, e.g. a FIFO) file costs no more
+/// than the limit, and the size check still trips.
+fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_DEFINITION_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}

@@ -1,0 +1,697 @@
+//! Load-time checks of parsed workflows (DESIGN §2): everything that is not a syntax or type
+//! error. All problems are collected, each pinned to the key or value it concerns.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use croner::parser::{CronParser, Seconds, Year};
+use serde_json::Value;
+
+use super::error::{DefinitionError, DefinitionErrors};
+use super::locate::Seg;
+use super::model::{Step, Workflow, WorkflowMap};
+use super::parse::{Format, ParsedSource, make_error, parse_source};
+use super::template::{ENV, is_template};
+
+/// The variables templates see (see [`super::TemplateContext`]).
+pub const TEMPLATE_ROOTS: &[&str] = &["input", "steps", "vars", "secrets", "run", "env"];
+
+/// minijinja's global functions; they show up as "undeclared variables" in its analysis.
+const TEMPLATE_GLOBALS: &[&str] = &[
+    "range",
+    "dict",
+    "namespace",
+    "debug",
+    "lipsum",
+    "cycler",
+    "joiner",
+    "loop",
+    "self",
+];
+
+/// The step kind that starts child workflows.
+const WORKFLOW_KIND: &str = "workflow";
+
+/// For an API body: parses and validates it against the workflows already loaded (which it may
+/// start as children, and which it replaces when ids are equal).
+pub fn check_str(
+    origin: &str,
+    text: &str,
+    format: Format,
+    existing: &WorkflowMap,
+    known_kinds: &[&str],
+) -> Result<Vec<Workflow>, DefinitionErrors> {
+    let source = parse_source(origin, text, format)?;
+    validate(std::slice::from_ref(&source), existing, known_kinds)?;
+    Ok(source.workflows)
+}
+
+/// Validates parsed sources together. `existing` holds workflows loaded elsewhere (e.g. the store)
+/// that `type: workflow` steps may name; a source workflow with the same id replaces one there.
+/// `known_kinds` are the step kinds the workers provide. Returns the sources' workflows by id.
+pub fn validate(
+    sources: &[ParsedSource],
+    existing: &WorkflowMap,
+    known_kinds: &[&str],
+) -> Result<WorkflowMap, DefinitionErrors> {
+    let mut errors: Vec<DefinitionError> = Vec::new();
+    let mut map = WorkflowMap::new();
+    let mut first_seen: HashMap<&str, (usize, usize)> = HashMap::new();
+
+    for (si, src) in sources.iter().enumerate() {
+        errors.extend(src.problems.iter().cloned());
+        for (wi, wf) in src.workflows.iter().enumerate() {
+            if wf.id.is_empty() {
+                continue; // already reported by the parser
+            }
+            if let Some(&(fs, fw)) = first_seen.get(wf.id.as_str()) {
+                let first = &sources[fs];
+                let (line, col) = first.workflow_at(fw);
+                errors.push(src.error(
+                    src.workflow_at(wi),
+                    format!(
+                        "duplicate workflow id `{}` (first defined at {}:{line}:{col})",
+                        wf.id, first.origin
+                    ),
+                ));
+                continue;
+            }
+            first_seen.insert(&wf.id, (si, wi));
+            map.insert(wf.id.clone(), Arc::new(wf.clone()));
+        }
+    }
+
+    // Every workflow a child step may name: the sources' and those loaded before.
+    let mut all: HashMap<&str, &Workflow> =
+        existing.iter().map(|(k, v)| (k.as_str(), &**v)).collect();
+    for wf in map.values() {
+        all.insert(wf.id.as_str(), wf);
+    }
+
+    for src in sources {
+        for (wi, wf) in src.workflows.iter().enumerate() {
+            let mut check = Check {
+                src,
+                wi,
+                known_kinds,
+                all: &all,
+                errors: &mut errors,
+            };
+            check.workflow(wf);
+        }
+    }
+    start_cycles(sources, &first_seen, &all, &mut errors);
+
+    if errors.is_empty() {
+        Ok(map)
+    } else {
+        Err(DefinitionErrors(errors))
+    }
+}
+
+/// `[a-z0-9_-]+`: ids appear in URLs, CLI arguments and templates (`steps.<id>`).
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+struct Check<'a, 'e> {
+    src: &'a ParsedSource,
+    wi: usize,
+    known_kinds: &'a [&'a str],
+    all: &'a HashMap<&'a str, &'a Workflow>,
+    errors: &'e mut Vec<DefinitionError>,
+}
+
+impl Check<'_, '_> {
+    fn err(&mut self, path: &[Seg<'_>], key: bool, message: String) {
+        let at = self.src.at(self.wi, path, key);
+        self.errors.push(make_error(&self.src.origin, at, message));
+    }
+
+    fn workflow(&mut self, wf: &Workflow) {
+        if !wf.id.is_empty() && !valid_id(&wf.id) {
+            let at = self.src.workflow_at(self.wi);
+            self.errors.push(self.src.error(
+                at,
+                format!(
+                    "invalid workflow id `{}`: use lowercase letters, digits, `_` and `-`",
+                    wf.id
+                ),
+            ));
+        }
+        if let Some(schedule) = &wf.schedule {
+            if let Err(e) = parse_cron(&schedule.cron) {
+                self.err(
+                    &[Seg::Key("schedule"), Seg::Key("cron")],
+                    false,
+                    format!("invalid cron expression `{}`: {e}", schedule.cron),
+                );
+            }
+            if jiff::tz::TimeZone::get(&schedule.timezone).is_err() {
+                self.err(
+                    &[Seg::Key("schedule"), Seg::Key("timezone")],
+                    false,
+                    format!(
+                        "unknown time zone `{}` (expected an IANA name such as `Europe/Paris`)",
+                        schedule.timezone
+                    ),
+                );
+            }
+        }
+        if wf.timeout.is_some_and(|t| t.0.is_zero()) {
+            self.err(
+                &[Seg::Key("timeout")],
+                false,
+                "timeout must be longer than 0s".to_owned(),
+            );
+        }
+        if wf.retention.is_some_and(|t| t.0.is_zero()) {
+            self.err(
+                &[Seg::Key("retention")],
+                false,
+                "retention must be longer than 0s".to_owned(),
+            );
+        }
+        if let Some(retry) = &wf.retry {
+            let key = self.src.spelling(self.wi, &[], &["retry", "retryPolicy"]);
+            self.retry(&[Seg::Key(key)], retry);
+        }
+        if let Some(c) = &wf.concurrency {
+            if c.limit == 0 {
+                self.err(
+                    &[Seg::Key("concurrency"), Seg::Key("limit")],
+                    false,
+                    "concurrency limit must be at least 1".to_owned(),
+                );
+            }
+            if let Some(key) = &c.key {
+                let path = [Seg::Key("concurrency"), Seg::Key("key")];
+                for msg in template_problems(
+                    key,
+                    &Scope {
+                        steps: None,
+                        item: false,
+                    },
+                ) {
+                    self.err(&path, false, msg);
+                }
+            }
+        }
+        if let Some(url) = wf
+            .notifications
+            .as_ref()
+            .and_then(|n| n.webhook_url.as_deref())
+            && !(url.starts_with('/') || url.starts_with("https://") || url.starts_with("http://"))
+        {
+            let key = self.src.spelling(
+                self.wi,
+                &[Seg::Key("notifications")],
+                &["webhook_url", "webhookUrl"],
+            );
+            self.err(
+                &[Seg::Key("notifications"), Seg::Key(key)],
+                false,
+                format!("webhook_url `{url}` must be an http(s) URL or a path starting with `/`"),
+            );
+        }
+        self.steps(wf);
+    }
+
+    fn retry(&mut self, path: &[Seg<'_>], retry: &super::model::RetryPolicy) {
+        if retry.initial > retry.max {
+            let mut p = path.to_vec();
+            p.push(Seg::Key("initial"));
+            self.err(
+                &p,
+                false,
+                format!(
+                    "retry initial delay {} is longer than its max {}",
+                    humantime::format_duration(retry.initial.0),
+                    humantime::format_duration(retry.max.0)
+                ),
+            );
+        }
+    }
+
+    fn steps(&mut self, wf: &Workflow) {
+        let steps = &wf.steps;
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for (i, step) in steps.iter().enumerate() {
+            let id_path = [Seg::Key("steps"), Seg::Index(i), Seg::Key("id")];
+            if !valid_id(&step.id) {
+                self.err(
+                    &id_path,
+                    false,
+                    format!(
+                        "invalid step id `{}`: use lowercase letters, digits, `_` and `-`",
+                        step.id
+                    ),
+                );
+            }
+            if index.contains_key(step.id.as_str()) {
+                self.err(&id_path, false, format!("duplicate step id `{}`", step.id));
+            } else {
+                index.insert(&step.id, i);
+            }
+            if !self.known_kinds.contains(&step.kind.as_str()) {
+                let mut kinds = self.known_kinds.to_vec();
+                kinds.sort_unstable();
+                self.err(
+                    &[Seg::Key("steps"), Seg::Index(i), Seg::Key("type")],
+                    false,
+                    format!(
+                        "unknown step type `{}` (known: {})",
+                        step.kind,
+                        kinds.join(", ")
+                    ),
+                );
+            }
+            if step.timeout.is_some_and(|t| t.0.is_zero()) {
+                self.err(
+                    &[Seg::Key("steps"), Seg::Index(i), Seg::Key("timeout")],
+                    false,
+                    "timeout must be longer than 0s".to_owned(),
+                );
+            }
+            if let Some(retry) = &step.retry {
+                let step_path = [Seg::Key("steps"), Seg::Index(i)];
+                let key = self
+                    .src
+                    .spelling(self.wi, &step_path, &["retry", "retryPolicy"]);
+                self.retry(&[Seg::Key("steps"), Seg::Index(i), Seg::Key(key)], retry);
+            }
+        }
+
+        // needs -> edges (dependent -> dependency), by step index.
+        let mut edges: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
+        for (i, step) in steps.iter().enumerate() {
+            for (j, need) in step.needs.iter().enumerate() {
+                match index.get(need.as_str()) {
+                    Some(&t) => edges[i].push(t),
+                    None => self.err(
+                        &[
+                            Seg::Key("steps"),
+                            Seg::Index(i),
+                            Seg::Key("needs"),
+                            Seg::Index(j),
+                        ],
+                        false,
+                        format!("step `{}` needs unknown step `{need}`", step.id),
+                    ),
+                }
+            }
+        }
+        for cycle in cycles(&edges) {
+            let names: Vec<&str> = cycle.iter().map(|&i| steps[i].id.as_str()).collect();
+            let (first, next) = (cycle[0], cycle[1]);
+            let j = steps[first]
+                .needs
+                .iter()
+                .position(|n| *n == steps[next].id)
+                .unwrap_or(0);
+            self.err(
+                &[
+                    Seg::Key("steps"),
+                    Seg::Index(first),
+                    Seg::Key("needs"),
+                    Seg::Index(j),
+                ],
+                false,
+                format!("cycle in `needs`: {}", names.join(" -> ")),
+            );
+        }
+
+        let mut upstream_cache: HashMap<usize, HashSet<usize>> = HashMap::new();
+        for (i, step) in steps.iter().enumerate() {
+            if step.kind == WORKFLOW_KIND {
+                self.child_workflows(i, step);
+            }
+            let item = step.kind == WORKFLOW_KIND && step.with.get("for_each").is_some();
+            let mut strings = Vec::new();
+            collect_templates(&step.with, &mut Vec::new(), &mut strings);
+            for (path, text) in strings {
+                let upstream = upstream_cache
+                    .entry(i)
+                    .or_insert_with(|| ancestors(&edges, i));
+                let scope = Scope {
+                    steps: Some(StepScope {
+                        me: &step.id,
+                        index: &index,
+                        upstream,
+                    }),
+                    item,
+                };
+                let problems = template_problems(text, &scope);
+                if problems.is_empty() {
+                    continue;
+                }
+                let mut full = vec![Seg::Key("steps"), Seg::Index(i), Seg::Key("with")];
+                full.extend(path);
+                for msg in problems {
+                    self.err(&full, false, msg);
+                }
+            }
+        }
+    }
+
+    /// `with.workflows: [ids]` or `with.workflow: id` (optionally with `for_each`).
+    fn child_workflows(&mut self, i: usize, step: &Step) {
+        let base = [Seg::Key("steps"), Seg::Index(i), Seg::Key("with")];
+        let Some(with) = step.with.as_object() else {
+            self.err(&base, false, "a `workflow` step needs `with: { workflows: [ids] }` or `with: { workflow: id, for_each: ... }`".to_owned());
+            return;
+        };
+        match (with.get("workflows"), with.get("workflow")) {
+            (Some(_), Some(_)) => {
+                self.err(
+                    &base,
+                    false,
+                    "give either `workflows` or `workflow`, not both".to_owned(),
+                );
+            }
+            (None, None) => {
+                self.err(&base, false, "a `workflow` step needs `with.workflows` (a list of ids) or `with.workflow` (one id)".to_owned());
+            }
+            (Some(list), None) => {
+                if with.contains_key("for_each") {
+                    self.err(
+                        &[base[0], base[1], base[2], Seg::Key("for_each")],
+                        true,
+                        "`for_each` goes with `workflow` (one id), not `workflows`".to_owned(),
+                    );
+                }
+                match list.as_array() {
+                    Some(ids) if !ids.is_empty() => {
+                        for (j, id) in ids.iter().enumerate() {
+                            let path = [
+                                base[0],
+                                base[1],
+                                base[2],
+                                Seg::Key("workflows"),
+                                Seg::Index(j),
+                            ];
+                            self.child_id(&path, id);
+                        }
+                    }
+                    _ => self.err(
+                        &[base[0], base[1], base[2], Seg::Key("workflows")],
+                        false,
+                        "`workflows` must be a non-empty list of workflow ids".to_owned(),
+                    ),
+                }
+            }
+            (None, Some(id)) => {
+                self.child_id(&[base[0], base[1], base[2], Seg::Key("workflow")], id);
+            }
+        }
+    }
+
+    fn child_id(&mut self, path: &[Seg<'_>], id: &Value) {
+        match id.as_str() {
+            Some(id) if self.all.contains_key(id) => {}
+            Some(id) => self.err(path, false, format!("unknown workflow `{id}`")),
+            None => self.err(path, false, "a workflow id must be a string".to_owned()),
+        }
+    }
+}
+
+pub(crate) fn parse_cron(expr: &str) -> Result<croner::Cron, croner::errors::CronError> {
+    CronParser::builder()
+        .seconds(Seconds::Optional)
+        .year(Year::Disallowed)
+        .build()
+        .parse(expr)
+}
+
+/// Every string in `value` that holds a template, with its path.
+fn collect_templates<'a>(
+    value: &'a Value,
+    path: &mut Vec<Seg<'a>>,
+    out: &mut Vec<(Vec<Seg<'a>>, &'a str)>,
+) {
+    match value {
+        Value::String(s) if is_template(s) => out.push((path.clone(), s)),
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                path.push(Seg::Index(i));
+                collect_templates(v, path, out);
+                path.pop();
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                path.push(Seg::Key(k));
+                collect_templates(v, path, out);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+struct StepScope<'a> {
+    me: &'a str,
+    index: &'a HashMap<&'a str, usize>,
+    upstream: &'a HashSet<usize>,
+}
+
+/// What a template may reference: steps upstream of its step (None: no steps at all, e.g. the
+/// concurrency key, rendered before any step runs), and `item` inside a `for_each` child step.
+struct Scope<'a> {
+    steps: Option<StepScope<'a>>,
+    item: bool,
+}
+
+/// Syntax errors and references to variables or steps the template cannot see.
+fn template_problems(text: &str, scope: &Scope<'_>) -> Vec<String> {
+    let tmpl = match ENV.template_from_str(text) {
+        Ok(t) => t,
+        Err(e) => return vec![format!("invalid template: {e}")],
+    };
+    let mut vars: Vec<String> = tmpl.undeclared_variables(true).into_iter().collect();
+    vars.sort();
+    let mut problems = Vec::new();
+    let mut seen = BTreeSet::new();
+    for var in &vars {
+        let mut parts = var.split('.');
+        let root = parts.next().unwrap_or_default();
+        if TEMPLATE_GLOBALS.contains(&root) || (scope.item && root == "item") {
+            continue;
+        }
+        if !TEMPLATE_ROOTS.contains(&root) {
+            if seen.insert(root.to_owned()) {
+                problems.push(format!(
+                    "template uses unknown variable `{root}` (templates see {})",
+                    TEMPLATE_ROOTS.join(", ")
+                ));
+            }
+            continue;
+        }
+        if root != "steps" {
+            continue;
+        }
+        // `steps` alone (or `steps[expr]`) cannot be checked statically.
+        let Some(id) = parts.next() else { continue };
+        // One report per step (and per bad attribute), however often the template uses it.
+        let attr = parts.next().filter(|a| *a != "output");
+        let first_use = seen.insert(format!("steps.{id}"));
+        let Some(steps) = &scope.steps else {
+            if first_use {
+                problems.push(format!(
+                    "`steps.{id}` is not available here: no step has run yet"
+                ));
+            }
+            continue;
+        };
+        match steps.index.get(id) {
+            None if first_use => problems.push(format!("template references unknown step `{id}`")),
+            Some(i) if first_use && !steps.upstream.contains(i) => problems.push(format!(
+                "template references step `{id}`, which is not upstream of `{}`: add it to `needs`",
+                steps.me
+            )),
+            Some(_) => {
+                if let Some(attr) = attr
+                    && seen.insert(format!("steps.{id}.{attr}"))
+                {
+                    problems.push(format!(
+                        "`steps.{id}.{attr}` does not exist: a step's result is `steps.{id}.output`"
+                    ));
+                }
+            }
+            None => {}
+        }
+    }
+    problems
+}
+
+/// Steps reachable from `start` through `needs` (excluding `start` unless on a cycle).
+fn ancestors(edges: &[Vec<usize>], start: usize) -> HashSet<usize> {
+    let mut seen = HashSet::new();
+    let mut stack: Vec<usize> = edges[start].clone();
+    while let Some(n) = stack.pop() {
+        if seen.insert(n) {
+            stack.extend(edges[n].iter().copied());
+        }
+    }
+    seen
+}
+
+/// One cycle per strongly connected component that has one, each as a path `a, b, ..., a`
+/// starting at the component's first node and following each node's first edge inside it, so
+/// the report is deterministic.
+fn cycles(edges: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    let mut out = Vec::new();
+    for comp in tarjan(edges) {
+        let members: HashSet<usize> = comp.iter().copied().collect();
+        let Some(&start) = comp.iter().min() else {
+            continue;
+        };
+        let self_loop = edges[start].contains(&start);
+        if comp.len() == 1 && !self_loop {
+            continue;
+        }
+        let mut path = vec![start];
+        let mut cur = start;
+        // Inside a component every node has an edge inside it, so this ends on a repeat.
+        while let Some(&next) = edges[cur].iter().find(|n| members.contains(n)) {
+            if let Some(p) = path.iter().position(|&n| n == next) {
+                let mut cycle = path.split_off(p);
+                cycle.push(next);
+                out.push(cycle);
+                break;
+            }
+            path.push(next);
+            cur = next;
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Strongly connected components (iterative Tarjan: definitions come from users, so no
+/// recursion whose depth they control).
+fn tarjan(edges: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    let n = edges.len();
+    let mut index = vec![usize::MAX; n];
+    let mut low = vec![0; n];
+    let mut on_stack = vec![false; n];
+    let mut stack = Vec::new();
+    let mut comps = Vec::new();
+    let mut next = 0;
+    for root in 0..n {
+        if index[root] != usize::MAX {
+            continue;
+        }
+        let mut work: Vec<(usize, usize)> = vec![(root, 0)];
+        while let Some(&mut (v, ref mut ei)) = work.last_mut() {
+            if *ei == 0 && index[v] == usize::MAX {
+                index[v] = next;
+                low[v] = next;
+                next += 1;
+                stack.push(v);
+                on_stack[v] = true;
+            }
+            if let Some(&w) = edges[v].get(*ei) {
+                *ei += 1;
+                if index[w] == usize::MAX {
+                    work.push((w, 0));
+                } else if on_stack[w] {
+                    low[v] = low[v].min(index[w]);
+                }
+                continue;
+            }
+            work.pop();
+            if let Some(&(parent, _)) = work.last() {
+                low[parent] = low[parent].min(low[v]);
+            }
+            if low[v] == index[v] {
+                let mut comp = Vec::new();
+                while let Some(w) = stack.pop() {
+                    on_stack[w] = false;
+                    comp.push(w);
+                    if w == v {
+                        break;
+                    }
+                }
+                comps.push(comp);
+            }
+        }
+    }
+    comps
+}
+
+/// The workflows a `type: workflow` step starts.
+fn children(step: &Step) -> Vec<&str> {
+    if step.kind != WORKFLOW_KIND {
+        return Vec::new();
+    }
+    if let Some(ids) = step.with.get("workflows").and_then(Value::as_array) {
+        return ids.iter().filter_map(Value::as_str).collect();
+    }
+    step.with
+        .get("workflow")
+        .and_then(Value::as_str)
+        .into_iter()
+        .collect()
+}
+
+/// No workflow may start itself, directly or through children: the run would never finish.
+fn start_cycles(
+    sources: &[ParsedSource],
+    first_seen: &HashMap<&str, (usize, usize)>,
+    all: &HashMap<&str, &Workflow>,
+    errors: &mut Vec<DefinitionError>,
+) {
+    let mut ids: Vec<&str> = all.keys().copied().collect();
+    ids.sort_unstable();
+    let pos: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let edges: Vec<Vec<usize>> = ids
+        .iter()
+        .map(|id| {
+            all[id]
+                .steps
+                .iter()
+                .flat_map(children)
+                .filter_map(|c| pos.get(c).copied())
+                .collect()
+        })
+        .collect();
+    for cycle in cycles(&edges) {
+        // Report at a source workflow on the cycle (cycles purely among already-stored workflows
+        // were reported when those were loaded).
+        let Some(k) = cycle[..cycle.len() - 1]
+            .iter()
+            .position(|&w| first_seen.contains_key(ids[w]))
+        else {
+            continue;
+        };
+        let (from, to) = (ids[cycle[k]], ids[cycle[k + 1]]);
+        let names: Vec<&str> = cycle[k..cycle.len() - 1]
+            .iter()
+            .chain(&cycle[..=k])
+            .map(|&w| ids[w])
+            .collect();
+        let (si, wi) = first_seen[from];
+        let src = &sources[si];
+        let wf = &src.workflows[wi];
+        let mut path_buf: Vec<Seg<'_>> = Vec::new();
+        for (i, step) in wf.steps.iter().enumerate() {
+            if let Some(j) = children(step).iter().position(|c| *c == to) {
+                path_buf = vec![Seg::Key("steps"), Seg::Index(i), Seg::Key("with")];
+                if step.with.get("workflows").is_some() {
+                    path_buf.extend([Seg::Key("workflows"), Seg::Index(j)]);
+                } else {
+                    path_buf.push(Seg::Key("workflow"));
+                }
+                break;
+            }
+        }
+        errors.push(src.error(
+            src.at(wi, &path_buf, false),
+            format!("workflow `{from}` starts itself: {}", names.join(" -> ")),
+        ));
+    }
+}

@@ -1,0 +1,13 @@
+//! Switchyard's engine: workflow definitions, the durable store, the run and job state machine,
+//! the scheduler and the control operations the CLI and the HTTP API share.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod clock;
+pub mod definition;
+pub mod maintenance;
+pub mod plan;
+pub mod scheduler;
+pub mod service;
+pub mod state;
+pub mod store;

@@ -1,0 +1,113 @@
+//! Turns a workflow definition and an input into the run the store creates.
+
+use serde_json::Value;
+
+use crate::definition::{TemplateContext, Workflow, render_str};
+use crate::store::{ConcurrencyGate, NewJob, NewRun, ParentLink, RunId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(
+        "workflow {0} has no steps: it is meant to run in n8n through the n8n bridge, which this \
+         version of Switchyard does not provide yet"
+    )]
+    NoSteps(String),
+    #[error("input of workflow {workflow} must be a JSON object, got {got}")]
+    InputNotObject { workflow: String, got: &'static str },
+    #[error("concurrency key of workflow {workflow}: {message}")]
+    ConcurrencyKey { workflow: String, message: String },
+}
+
+/// How a run came to be.
+#[derive(Debug, Clone, Default)]
+pub struct Trigger {
+    pub parent: Option<ParentLink>,
+    pub scheduled_at: Option<i64>,
+    pub idempotency_key: Option<String>,
+}
+
+pub fn new_run_id() -> RunId {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The run of `workflow` (at `version`) for `input`, merged over the workflow's input defaults.
+pub fn plan_run(
+    workflow: &Workflow,
+    version: i64,
+    input: Value,
+    trigger: Trigger,
+) -> Result<NewRun, PlanError> {
+    if workflow.steps.is_empty() {
+        return Err(PlanError::NoSteps(workflow.id.clone()));
+    }
+    let mut merged = workflow.inputs.clone();
+    match input {
+        Value::Null => {}
+        Value::Object(given) => merged.extend(given),
+        other => {
+            return Err(PlanError::InputNotObject {
+                workflow: workflow.id.clone(),
+                got: kind_of(&other),
+            });
+        }
+    }
+    let input = Value::Object(merged);
+    let concurrency = match &workflow.concurrency {
+        None => None,
+        Some(c) => {
+            let key = match &c.key {
+                None => workflow.id.clone(),
+                Some(template) => {
+                    let ctx = TemplateContext {
+                        input: input.clone(),
+                        ..TemplateContext::default()
+                    };
+                    let rendered =
+                        render_str(template, &ctx).map_err(|e| PlanError::ConcurrencyKey {
+                            workflow: workflow.id.clone(),
+                            message: e.to_string(),
+                        })?;
+                    format!("{}:{rendered}", workflow.id)
+                }
+            };
+            Some(ConcurrencyGate {
+                key,
+                limit: i64::from(c.limit),
+            })
+        }
+    };
+    let jobs = workflow
+        .steps
+        .iter()
+        .map(|step| NewJob {
+            step_id: step.id.clone(),
+            needs: step.needs.clone(),
+            is_sink: !workflow.steps.iter().any(|o| o.needs.contains(&step.id)),
+            max_attempts: workflow.retry_policy(step).max_retries.saturating_add(1),
+        })
+        .collect();
+    Ok(NewRun {
+        id: new_run_id(),
+        workflow_id: workflow.id.clone(),
+        version,
+        input,
+        parent: trigger.parent,
+        concurrency,
+        timeout_ms: workflow.timeout.map(|t| t.0.as_millis() as i64),
+        retention_ms: workflow.retention().as_millis() as i64,
+        scheduled_at: trigger.scheduled_at,
+        idempotency_key: trigger.idempotency_key,
+        jobs,
+    })
+}

@@ -1,0 +1,211 @@
+//! The operations every surface shares (CLI, HTTP API, scheduler, workers): install definitions,
+//! start, cancel and retry runs, pause schedules, read history.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+use crate::clock::Clock;
+use crate::definition::{Workflow, WorkflowMap};
+use crate::plan::{PlanError, Trigger, plan_run};
+use crate::state::RunStatus;
+use crate::store::{
+    FireOutcome, FireParams, FireRecord, NewRun, RunDetail, RunFilter, RunId, RunSummary, Store,
+    StoreError, WorkflowState,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown workflow {0:?}")]
+    UnknownWorkflow(String),
+    #[error("unknown run {0:?}")]
+    UnknownRun(String),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("stored definition of {id} v{version} does not load: {message}")]
+    CorruptDefinition {
+        id: String,
+        version: i64,
+        message: String,
+    },
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        EngineError::Store(e)
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Workflow versions by (id, version), loaded from the store once and kept: a version never
+/// changes once stored.
+#[derive(Default)]
+struct VersionCache(Mutex<HashMap<(String, i64), Arc<Workflow>>>);
+
+pub struct Engine {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    versions: VersionCache,
+}
+
+impl Engine {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+        Engine {
+            store,
+            clock,
+            versions: VersionCache::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
+    /// Stores each workflow as a new version where it changed. Runs already going keep theirs.
+    pub async fn install(&self, workflows: &WorkflowMap) -> Result<Vec<(String, i64)>> {
+        let mut installed = Vec::with_capacity(workflows.len());
+        for (id, workflow) in workflows {
+            let definition =
+                serde_json::to_value(workflow.as_ref()).expect("definitions serialize to JSON");
+            let version = self
+                .store
+                .upsert_workflow(id, &definition, self.now())
+                .await?;
+            self.versions
+                .0
+                .lock()
+                .expect("version cache poisoned")
+                .insert((id.clone(), version), workflow.clone());
+            installed.push((id.clone(), version));
+        }
+        Ok(installed)
+    }
+
+    /// The definition a run of `id` at `version` follows.
+    pub async fn version(&self, id: &str, version: i64) -> Result<Arc<Workflow>> {
+        let key = (id.to_owned(), version);
+        if let Some(found) = self.versions.0.lock().expect("poisoned").get(&key) {
+            return Ok(found.clone());
+        }
+        let value = self
+            .store
+            .workflow_version(id, version)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => EngineError::UnknownWorkflow(id.to_owned()),
+                other => other.into(),
+            })?;
+        let mut workflow: Workflow =
+            serde_json::from_value(value).map_err(|e| EngineError::CorruptDefinition {
+                id: id.to_owned(),
+                version,
+                message: e.to_string(),
+            })?;
+        workflow.id = id.to_owned();
+        let workflow = Arc::new(workflow);
+        self.versions
+            .0
+            .lock()
+            .expect("poisoned")
+            .insert(key, workflow.clone());
+        Ok(workflow)
+    }
+
+    /// The latest stored version of `id`.
+    pub async fn latest(&self, id: &str) -> Result<(i64, Arc<Workflow>)> {
+        let state = self.workflow_state(id).await?;
+        Ok((
+            state.latest_version,
+            self.version(id, state.latest_version).await?,
+        ))
+    }
+
+    pub async fn workflow_state(&self, id: &str) -> Result<WorkflowState> {
+        self.store
+            .workflows()
+            .await?
+            .into_iter()
+            .find(|w| w.id == id)
+            .ok_or_else(|| EngineError::UnknownWorkflow(id.to_owned()))
+    }
+
+    pub async fn workflows(&self) -> Result<Vec<WorkflowState>> {
+        Ok(self.store.workflows().await?)
+    }
+
+    /// Plans a run of the latest version of `id`.
+    pub async fn plan(&self, id: &str, input: Value, trigger: Trigger) -> Result<NewRun> {
+        let (version, workflow) = self.latest(id).await?;
+        Ok(plan_run(&workflow, version, input, trigger)?)
+    }
+
+    /// Starts a run of the latest version of `id`; with an idempotency key already used, returns
+    /// the run that key started.
+    pub async fn start(&self, id: &str, input: Value, trigger: Trigger) -> Result<RunId> {
+        let run = self.plan(id, input, trigger).await?;
+        let ids = self.store.create_runs(vec![run], self.now()).await?;
+        Ok(ids.into_iter().next().expect("one run in, one id out"))
+    }
+
+    pub async fn fire(&self, params: FireParams) -> Result<FireOutcome> {
+        Ok(self.store.fire(params, self.now()).await?)
+    }
+
+    pub async fn cancel(&self, run_id: &str) -> Result<RunStatus> {
+        self.store
+            .cancel_run(run_id, self.now())
+            .await
+            .map_err(|e| not_found_as_run(e, run_id))
+    }
+
+    pub async fn retry(&self, run_id: &str) -> Result<()> {
+        self.store
+            .retry_run(run_id, self.now())
+            .await
+            .map_err(|e| not_found_as_run(e, run_id))
+    }
+
+    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
+        self.store
+            .set_paused(id, paused, self.now())
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => EngineError::UnknownWorkflow(id.to_owned()),
+                other => other.into(),
+            })
+    }
+
+    pub async fn runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>> {
+        Ok(self.store.list_runs(filter).await?)
+    }
+
+    pub async fn run(&self, run_id: &str) -> Result<RunDetail> {
+        self.store
+            .run(run_id)
+            .await
+            .map_err(|e| not_found_as_run(e, run_id))
+    }
+
+    pub async fn fires(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<FireRecord>> {
+        Ok(self.store.fires(workflow_id, limit).await?)
+    }
+}
+
+fn not_found_as_run(e: StoreError, run_id: &str) -> EngineError {
+    match e {
+        StoreError::NotFound(_) => EngineError::UnknownRun(run_id.to_owned()),
+        other => other.into(),
+    }
+}

@@ -1,0 +1,291 @@
+//! The store: every durable fact lives behind [`Store`]. One module per database holds all of its
+//! SQL; nothing outside `store/` writes SQL. Operations are set-based, so one call handles a batch
+//! of jobs in a constant number of statements, and every state change is guarded by the state it
+//! expects (and, for jobs, by attempt and lease token).
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::Notify;
+
+pub use sqlite::SqliteStore;
+
+use crate::state::{JobState, Millis, RunStatus, Settlement};
+
+pub type RunId = String;
+pub type JobId = i64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("unsupported database URL {0:?}: expected sqlite://PATH or postgres://...")]
+    UnsupportedUrl(String),
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::RowNotFound => StoreError::NotFound(e.to_string()),
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                StoreError::Unavailable(e.to_string())
+            }
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                StoreError::Conflict(db.message().to_owned())
+            }
+            _ => StoreError::Database(e.to_string()),
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A run to create, with its jobs, in one transaction.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewRun {
+    pub id: RunId,
+    pub workflow_id: String,
+    pub version: i64,
+    pub input: Value,
+    /// The `workflow` step that started this run, and this run's place in its output list.
+    pub parent: Option<ParentLink>,
+    /// Runs sharing a key run at most `limit` at once; the rest wait as `pending`.
+    pub concurrency: Option<ConcurrencyGate>,
+    pub timeout_ms: Option<i64>,
+    pub retention_ms: i64,
+    pub scheduled_at: Option<Millis>,
+    /// A second start with the same key returns the first run.
+    pub idempotency_key: Option<String>,
+    pub jobs: Vec<NewJob>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ParentLink {
+    pub run_id: RunId,
+    pub job_id: JobId,
+    pub index: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConcurrencyGate {
+    pub key: String,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NewJob {
+    pub step_id: String,
+    pub needs: Vec<String>,
+    /// No other step needs it: its output is part of the run's output.
+    pub is_sink: bool,
+    /// Attempts allowed per series (`max_retries + 1`).
+    pub max_attempts: u32,
+}
+
+/// A claimed job: who holds it, and everything a worker needs to run it.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub lease: Lease,
+    pub run_id: RunId,
+    pub step_id: String,
+    pub workflow_id: String,
+    pub version: i64,
+    pub input: Value,
+    pub scheduled_at: Option<Millis>,
+    pub checkpoint: Option<Value>,
+    /// Outputs of the run's succeeded steps, by step id.
+    pub outputs: serde_json::Map<String, Value>,
+}
+
+/// The fence of one attempt: a completion or heartbeat only counts while all three still match.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lease {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub token: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub lease: Lease,
+    pub settlement: Settlement,
+    /// Child runs a `workflow` step starts; created in the same transaction as its parking.
+    pub children: Vec<NewRun>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClaimParams {
+    pub limit: u32,
+    pub now: Millis,
+    pub lease_until: Millis,
+}
+
+/// What became of a schedule fire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FireOutcome {
+    Started(RunId),
+    Skipped(String),
+    /// Another scheduler recorded this fire first.
+    AlreadyRecorded,
+}
+
+#[derive(Debug, Clone)]
+pub struct FireParams {
+    pub workflow_id: String,
+    pub fire_at: Millis,
+    /// Skip (with this reason) when a run of the workflow is still going.
+    pub skip_if_active: bool,
+    pub run: NewRun,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FireRecord {
+    pub workflow_id: String,
+    pub fire_at: Millis,
+    pub run_id: Option<RunId>,
+    pub skipped_reason: Option<String>,
+    pub recorded_at: Millis,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkflowState {
+    pub id: String,
+    pub latest_version: i64,
+    pub paused: bool,
+    pub created_at: Millis,
+    pub last_fire_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub workflow_id: Option<String>,
+    pub status: Option<RunStatus>,
+    pub created_after: Option<Millis>,
+    pub created_before: Option<Millis>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub id: RunId,
+    pub workflow_id: String,
+    pub version: i64,
+    pub status: RunStatus,
+    pub parent_run_id: Option<RunId>,
+    pub error: Option<String>,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunDetail {
+    #[serde(flatten)]
+    pub summary: RunSummary,
+    pub input: Value,
+    pub output: Option<Value>,
+    pub scheduled_at: Option<Millis>,
+    pub steps: Vec<JobDetail>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobDetail {
+    pub id: JobId,
+    pub step_id: String,
+    pub state: JobState,
+    pub attempt: u32,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub run_after: Option<Millis>,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    /// One entry per finished attempt: `{attempt, started_at, finished_at, outcome, error}`.
+    pub attempts: Value,
+}
+
+/// Runs and jobs a maintenance pass changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub reclaimed_jobs: u64,
+    pub timed_out_runs: u64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending migrations; safe to call on every start.
+    async fn migrate(&self) -> Result<()>;
+
+    /// Signalled after a commit that made jobs claimable in this process.
+    fn wakeup(&self) -> Arc<Notify>;
+
+    /// Stores `definition` as a new version when it differs from the latest one; returns the
+    /// version new runs of the workflow use.
+    async fn upsert_workflow(&self, id: &str, definition: &Value, now: Millis) -> Result<i64>;
+    async fn workflow_version(&self, id: &str, version: i64) -> Result<Value>;
+    async fn workflows(&self) -> Result<Vec<WorkflowState>>;
+    async fn set_paused(&self, id: &str, paused: bool, now: Millis) -> Result<()>;
+
+    /// Creates runs and their first jobs in one transaction. Returns each run's id, which is an
+    /// earlier run's id where the idempotency key was seen before.
+    async fn create_runs(&self, runs: Vec<NewRun>, now: Millis) -> Result<Vec<RunId>>;
+
+    /// Records a schedule fire, unique on (workflow, fire time), and starts its run or records why
+    /// it was skipped, in one transaction.
+    async fn fire(&self, fire: FireParams, now: Millis) -> Result<FireOutcome>;
+    /// Records a fire that did not run (paused, missed) unless that fire is recorded already.
+    async fn skip_fire(
+        &self,
+        workflow_id: &str,
+        fire_at: Millis,
+        reason: &str,
+        now: Millis,
+    ) -> Result<bool>;
+    async fn fires(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<FireRecord>>;
+
+    /// Leases up to `limit` claimable jobs, oldest due first.
+    async fn claim(&self, params: ClaimParams) -> Result<Vec<ClaimedJob>>;
+    /// Extends the leases still held; returns the job ids whose lease was extended. A job missing
+    /// from the answer was cancelled or reclaimed: its worker must drop it.
+    async fn heartbeat(&self, leases: &[Lease], lease_until: Millis) -> Result<Vec<JobId>>;
+    /// Applies settlements whose lease still holds; returns the accepted job ids. Also settles
+    /// what follows in the same transaction: dependents become available, runs finish, parents
+    /// of finished child runs settle, concurrency gates open.
+    async fn complete(&self, completions: Vec<Completion>, now: Millis) -> Result<Vec<JobId>>;
+
+    /// Settles expired leases as lost attempts and times out runs past their deadline.
+    async fn sweep(&self, now: Millis) -> Result<Swept>;
+    /// Jobs claimable now: the backlog workers have not taken yet.
+    async fn queue_depth(&self, now: Millis) -> Result<i64>;
+    /// The earliest time a job becomes claimable or a run times out, if any.
+    async fn next_due(&self) -> Result<Option<Millis>>;
+
+    async fn cancel_run(&self, run_id: &str, now: Millis) -> Result<RunStatus>;
+    /// Puts a finished, unsuccessful run's failed and cancelled steps back in line.
+    async fn retry_run(&self, run_id: &str, now: Millis) -> Result<()>;
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>>;
+    async fn run(&self, run_id: &str) -> Result<RunDetail>;
+    /// Deletes finished runs whose retention has passed, at most `limit`; returns how many.
+    async fn prune(&self, now: Millis, limit: u32) -> Result<u64>;
+}
+
+/// Opens the store a database URL names.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}

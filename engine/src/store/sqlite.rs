@@ -1,0 +1,1107 @@
+//! SQLite: the embedded default. WAL with `synchronous=FULL`, so a committed transition survives
+//! power loss. All writes go through one connection (SQLite has one writer anyway; queueing in the
+//! pool beats retrying on `SQLITE_BUSY`), reads through a small pool. Every statement handles a whole
+//! batch, passing it as a JSON array to `json_each`: with sqlx each statement costs ~100 µs, so
+//! statements per batch, not rows, set the throughput.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, SqliteConnection};
+use tokio::sync::Notify;
+
+use super::*;
+use crate::state::{JobState, Millis, RunStatus, Settlement, settle_lost_lease};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// The states a run is still going in.
+const ACTIVE_RUN: &str = "('pending', 'running')";
+/// The states a job is not finished in.
+const OPEN_JOB: &str = "('waiting', 'available', 'running', 'retrying', 'parked')";
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    wakeup: Arc<Notify>,
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::UnsupportedUrl(format!("{url}: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30))
+            .pragma("cache_size", "-16384");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_with(options.clone())
+            .await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(SqliteStore {
+            writer,
+            reader,
+            wakeup: Arc::new(Notify::new()),
+        })
+    }
+}
+
+fn to_json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).expect("store payloads serialize")
+}
+
+fn parse_json(text: Option<String>) -> Option<Value> {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+}
+
+fn parse_state<T: FromStr>(text: &str) -> Result<T> {
+    text.parse()
+        .map_err(|_| StoreError::Database(format!("unknown state {text:?} in database")))
+}
+
+/// A run that just finished, and what it may settle next.
+struct FinishedRun {
+    id: RunId,
+    status: RunStatus,
+    parent_job_id: Option<JobId>,
+    concurrency_key: Option<String>,
+}
+
+fn finished_from_row(row: &SqliteRow) -> Result<FinishedRun> {
+    Ok(FinishedRun {
+        id: row.get("id"),
+        status: parse_state(row.get::<&str, _>("status"))?,
+        parent_job_id: row.get("parent_job_id"),
+        concurrency_key: row.get("concurrency_key"),
+    })
+}
+
+/// Inserts runs and their jobs: two statements however many runs. Returns the run ids, in order,
+/// with an earlier run's id where its idempotency key was already used.
+async fn insert_runs(
+    conn: &mut SqliteConnection,
+    runs: Vec<NewRun>,
+    now: Millis,
+) -> Result<Vec<RunId>> {
+    let mut ids = Vec::with_capacity(runs.len());
+    let mut fresh = Vec::with_capacity(runs.len());
+    for run in runs {
+        if let Some(key) = &run.idempotency_key {
+            let existing: Option<String> =
+                sqlx::query_scalar("SELECT id FROM runs WHERE idempotency_key = ?")
+                    .bind(key)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            if let Some(existing) = existing {
+                ids.push(existing);
+                continue;
+            }
+        }
+        ids.push(run.id.clone());
+        fresh.push(run);
+    }
+    if fresh.is_empty() {
+        return Ok(ids);
+    }
+
+    // A gated run starts only while fewer than `limit` runs with its key are running and none
+    // waits ahead of it.
+    let mut room: BTreeMap<String, i64> = BTreeMap::new();
+    let mut rows = Vec::with_capacity(fresh.len());
+    let mut jobs = Vec::new();
+    for run in &fresh {
+        let gated = match &run.concurrency {
+            None => false,
+            Some(gate) => {
+                if !room.contains_key(&gate.key) {
+                    let row = sqlx::query(
+                        "SELECT coalesce(sum(status = 'running'), 0) AS running, \
+                                coalesce(sum(status = 'pending'), 0) AS pending \
+                         FROM runs WHERE concurrency_key = ? AND status IN ('pending', 'running')",
+                    )
+                    .bind(&gate.key)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    let (running, pending): (i64, i64) = (row.get("running"), row.get("pending"));
+                    let free = if pending > 0 { 0 } else { gate.limit - running };
+                    room.insert(gate.key.clone(), free);
+                }
+                let free = room.get_mut(&gate.key).expect("inserted above");
+                if *free > 0 {
+                    *free -= 1;
+                    false
+                } else {
+                    true
+                }
+            }
+        };
+        let status = if gated {
+            RunStatus::Pending
+        } else {
+            RunStatus::Running
+        };
+        rows.push(json!({
+            "id": run.id,
+            "workflow_id": run.workflow_id,
+            "version": run.version,
+            "status": status.as_str(),
+            "input": to_json(&run.input),
+            "parent_run_id": run.parent.as_ref().map(|p| &p.run_id),
+            "parent_job_id": run.parent.as_ref().map(|p| p.job_id),
+            "child_index": run.parent.as_ref().map(|p| p.index),
+            "concurrency_key": run.concurrency.as_ref().map(|c| &c.key),
+            "concurrency_limit": run.concurrency.as_ref().map(|c| c.limit),
+            "idempotency_key": run.idempotency_key,
+            "timeout_ms": run.timeout_ms,
+            "deadline_at": run.timeout_ms.map(|t| now + t),
+            "retention_ms": run.retention_ms,
+            "scheduled_at": run.scheduled_at,
+            "started_at": (!gated).then_some(now),
+        }));
+        for job in &run.jobs {
+            jobs.push(json!({
+                "run_id": run.id,
+                "step_id": job.step_id,
+                "needs": to_json(&job.needs),
+                "pending": job.needs.len(),
+                "is_sink": job.is_sink,
+                "budget": job.max_attempts,
+                "ready": !gated && job.needs.is_empty(),
+            }));
+        }
+    }
+    sqlx::query(
+        "INSERT INTO runs (id, workflow_id, version, status, input, parent_run_id, parent_job_id, \
+             child_index, concurrency_key, concurrency_limit, idempotency_key, timeout_ms, \
+             deadline_at, retention_ms, scheduled_at, created_at, started_at) \
+         SELECT r.value->>'id', r.value->>'workflow_id', r.value->>'version', r.value->>'status', \
+             r.value->>'input', r.value->>'parent_run_id', r.value->>'parent_job_id', \
+             r.value->>'child_index', r.value->>'concurrency_key', r.value->>'concurrency_limit', \
+             r.value->>'idempotency_key', r.value->>'timeout_ms', r.value->>'deadline_at', \
+             r.value->>'retention_ms', r.value->>'scheduled_at', ?2, r.value->>'started_at' \
+         FROM json_each(?1) AS r",
+    )
+    .bind(to_json(&rows))
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    if !jobs.is_empty() {
+        sqlx::query(
+            "INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
+                 attempt_budget, max_attempts, run_after) \
+             SELECT j.value->>'run_id', j.value->>'step_id', \
+                 CASE WHEN j.value->>'ready' THEN 'available' ELSE 'waiting' END, \
+                 j.value->>'needs', j.value->>'pending', j.value->>'is_sink', \
+                 j.value->>'budget', j.value->>'budget', ?2 \
+             FROM json_each(?1) AS j",
+        )
+        .bind(to_json(&jobs))
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(ids)
+}
+
+/// Applies settlements fenced by their leases, then everything that follows from them.
+async fn complete_in(
+    conn: &mut SqliteConnection,
+    completions: Vec<Completion>,
+    now: Millis,
+) -> Result<Vec<JobId>> {
+    if completions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let payload: Vec<Value> = completions
+        .iter()
+        .map(|c| {
+            let (output, error, run_after, checkpoint) = match &c.settlement {
+                Settlement::Succeed { output } => (Some(output.clone()), None, None, None),
+                Settlement::Retry { at, error } => (None, Some(error.clone()), Some(*at), None),
+                Settlement::Fail { error } => (None, Some(error.clone()), None, None),
+                Settlement::Park { until, checkpoint } => {
+                    (None, None, *until, Some(to_json(checkpoint)))
+                }
+                Settlement::Release => (None, None, Some(now), None),
+            };
+            json!({
+                "id": c.lease.job_id,
+                "attempt": c.lease.attempt,
+                "token": c.lease.token,
+                "state": c.settlement.target().as_str(),
+                "output": output.map(|o| to_json(&o)),
+                "error": error,
+                "run_after": run_after,
+                "checkpoint": checkpoint,
+            })
+        })
+        .collect();
+    // Only rows still `running` under the same attempt and token change: a late answer from a
+    // worker whose lease expired matches nothing.
+    let accepted = sqlx::query(
+        "UPDATE jobs SET \
+             state = c.value->>'state', \
+             output = c.value->>'output', \
+             error = c.value->>'error', \
+             run_after = c.value->>'run_after', \
+             checkpoint = coalesce(c.value->>'checkpoint', jobs.checkpoint), \
+             attempt = jobs.attempt - (c.value->>'state' = 'available'), \
+             lease_token = NULL, \
+             lease_expires_at = NULL, \
+             finished_at = CASE WHEN c.value->>'state' IN ('succeeded', 'failed') THEN ?2 END, \
+             attempts = CASE WHEN c.value->>'state' IN ('succeeded', 'failed', 'retrying') \
+                 THEN json_insert(jobs.attempts, '$[#]', json_object('attempt', jobs.attempt, \
+                     'started_at', jobs.started_at, 'finished_at', ?2, \
+                     'outcome', c.value->>'state', 'error', c.value->>'error')) \
+                 ELSE jobs.attempts END \
+         FROM json_each(?1) AS c \
+         WHERE jobs.id = c.value->>'id' AND jobs.attempt = c.value->>'attempt' \
+             AND jobs.lease_token = c.value->>'token' AND jobs.state = 'running' \
+         RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error",
+    )
+    .bind(to_json(&payload))
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+
+    let mut accepted_ids = Vec::with_capacity(accepted.len());
+    let mut succeeded = Vec::new();
+    let mut failed = Vec::new();
+    for row in &accepted {
+        let id: JobId = row.get("id");
+        accepted_ids.push(id);
+        let run_id: String = row.get("run_id");
+        let step_id: String = row.get("step_id");
+        match parse_state::<JobState>(row.get::<&str, _>("state"))? {
+            JobState::Succeeded => succeeded.push((run_id, step_id)),
+            JobState::Failed => {
+                let error: Option<String> = row.get("error");
+                failed.push((
+                    run_id,
+                    format!("step {step_id} failed: {}", error.unwrap_or_default()),
+                ));
+            }
+            _ => {}
+        }
+    }
+    let children: Vec<NewRun> = completions
+        .into_iter()
+        .filter(|c| accepted_ids.contains(&c.lease.job_id))
+        .flat_map(|c| c.children)
+        .collect();
+    if !children.is_empty() {
+        insert_runs(conn, children, now).await?;
+    }
+    cascade(conn, succeeded, failed, RunStatus::Failed, now).await?;
+    Ok(accepted_ids)
+}
+
+/// Follows settled jobs to their consequences until nothing more changes: dependents become
+/// available, runs finish, a finished child run settles its parent's `workflow` step (which may
+/// finish the parent run in turn), and gates open for waiting runs.
+async fn cascade(
+    conn: &mut SqliteConnection,
+    mut succeeded: Vec<(RunId, String)>,
+    mut ended: Vec<(RunId, String)>,
+    mut ended_as: RunStatus,
+    now: Millis,
+) -> Result<()> {
+    loop {
+        let mut finished = Vec::new();
+        if !succeeded.is_empty() {
+            promote_dependents(conn, &succeeded, now).await?;
+            let runs: BTreeSet<&RunId> = succeeded.iter().map(|(r, _)| r).collect();
+            finished.extend(finish_succeeded_runs(conn, &runs, now).await?);
+        }
+        if !ended.is_empty() {
+            finished.extend(end_runs(conn, &ended, ended_as, now).await?);
+        }
+        open_gates(conn, &finished, now).await?;
+        (succeeded, ended) = settle_parents(conn, &finished, now).await?;
+        // a parent whose child did not succeed fails like any step
+        ended_as = RunStatus::Failed;
+        if succeeded.is_empty() && ended.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// One statement: every waiting job counts down the needs that just succeeded, and becomes
+/// available at zero.
+async fn promote_dependents(
+    conn: &mut SqliteConnection,
+    succeeded: &[(RunId, String)],
+    now: Millis,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET \
+             pending_needs = jobs.pending_needs - d.n, \
+             state = CASE WHEN jobs.pending_needs - d.n <= 0 \
+                 AND (SELECT status FROM runs WHERE id = jobs.run_id) = 'running' \
+                 THEN 'available' ELSE 'waiting' END, \
+             run_after = ?2 \
+         FROM (SELECT j.id AS id, count(*) AS n FROM json_each(?1) AS c \
+               JOIN jobs AS j ON j.run_id = c.value->>0 AND j.state = 'waiting' \
+               JOIN json_each(j.needs) AS nd ON nd.value = c.value->>1 \
+               GROUP BY j.id) AS d \
+         WHERE jobs.id = d.id",
+    )
+    .bind(to_json(&succeeded))
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks `succeeded` the runs among `runs` whose every job succeeded; the output maps each sink
+/// step to its output.
+async fn finish_succeeded_runs(
+    conn: &mut SqliteConnection,
+    runs: &BTreeSet<&RunId>,
+    now: Millis,
+) -> Result<Vec<FinishedRun>> {
+    let rows = sqlx::query(
+        "UPDATE runs SET status = 'succeeded', finished_at = ?2, expires_at = ?2 + retention_ms, \
+             output = (SELECT json_group_object(step_id, json(output)) FROM jobs \
+                       WHERE run_id = runs.id AND is_sink = 1) \
+         WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'running' \
+             AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = runs.id AND state != 'succeeded') \
+         RETURNING id, status, parent_job_id, concurrency_key",
+    )
+    .bind(to_json(&runs))
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(finished_from_row).collect()
+}
+
+/// Ends active runs as `status` with their errors, and with them every open job and every active
+/// descendant run (cancelled).
+async fn end_runs(
+    conn: &mut SqliteConnection,
+    runs: &[(RunId, String)],
+    status: RunStatus,
+    now: Millis,
+) -> Result<Vec<FinishedRun>> {
+    let rows = sqlx::query(&format!(
+        "UPDATE runs SET status = ?2, error = c.value->>1, finished_at = ?3, \
+             expires_at = ?3 + retention_ms \
+         FROM json_each(?1) AS c \
+         WHERE runs.id = c.value->>0 AND runs.status IN {ACTIVE_RUN} \
+         RETURNING runs.id, runs.status, runs.parent_job_id, runs.concurrency_key"
+    ))
+    .bind(to_json(&runs))
+    .bind(status.as_str())
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut finished: Vec<FinishedRun> =
+        rows.iter().map(finished_from_row).collect::<Result<_>>()?;
+    if finished.is_empty() {
+        return Ok(finished);
+    }
+    let roots: Vec<&RunId> = finished.iter().map(|r| &r.id).collect();
+    let descendants = sqlx::query(&format!(
+        "WITH RECURSIVE tree(id) AS ( \
+             SELECT value FROM json_each(?1) \
+             UNION SELECT runs.id FROM runs JOIN tree ON runs.parent_run_id = tree.id) \
+         UPDATE runs SET status = 'cancelled', error = 'its parent run ended', \
+             finished_at = ?2, expires_at = ?2 + retention_ms \
+         WHERE id IN (SELECT id FROM tree) AND status IN {ACTIVE_RUN} \
+         RETURNING id, status, NULL AS parent_job_id, concurrency_key"
+    ))
+    .bind(to_json(&roots))
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    // Their parents are ending too, so only their gates matter, not their parents.
+    finished.extend(
+        descendants
+            .iter()
+            .map(finished_from_row)
+            .collect::<Result<Vec<_>>>()?,
+    );
+    let all: Vec<&RunId> = finished.iter().map(|r| &r.id).collect();
+    sqlx::query(&format!(
+        "UPDATE jobs SET state = 'cancelled', lease_token = NULL, lease_expires_at = NULL, \
+             finished_at = ?2 \
+         WHERE run_id IN (SELECT value FROM json_each(?1)) AND state IN {OPEN_JOB}"
+    ))
+    .bind(to_json(&all))
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(finished)
+}
+
+/// Starts the oldest waiting runs behind each key whose runs just finished, up to the key's limit.
+async fn open_gates(
+    conn: &mut SqliteConnection,
+    finished: &[FinishedRun],
+    now: Millis,
+) -> Result<()> {
+    let keys: BTreeSet<&String> = finished
+        .iter()
+        .filter_map(|r| r.concurrency_key.as_ref())
+        .collect();
+    for key in keys {
+        let started: Vec<String> = sqlx::query_scalar(
+            "UPDATE runs SET status = 'running', started_at = ?2, \
+                 deadline_at = CASE WHEN timeout_ms IS NOT NULL THEN ?2 + timeout_ms END \
+             WHERE id IN ( \
+                 SELECT id FROM runs WHERE concurrency_key = ?1 AND status = 'pending' \
+                 ORDER BY created_at, id \
+                 LIMIT max(0, coalesce((SELECT concurrency_limit FROM runs \
+                     WHERE concurrency_key = ?1 AND status = 'pending' \
+                     ORDER BY created_at, id LIMIT 1), 0) \
+                   - (SELECT count(*) FROM runs WHERE concurrency_key = ?1 AND status = 'running'))) \
+             RETURNING id",
+        )
+        .bind(key)
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?;
+        if !started.is_empty() {
+            sqlx::query(
+                "UPDATE jobs SET state = 'available', run_after = ?2 \
+                 WHERE run_id IN (SELECT value FROM json_each(?1)) AND state = 'waiting' \
+                     AND pending_needs = 0",
+            )
+            .bind(to_json(&started))
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Settles the parked `workflow` steps whose child runs just finished: failed when a child did not
+/// succeed, succeeded with the list of child outputs once every child succeeded.
+async fn settle_parents(
+    conn: &mut SqliteConnection,
+    finished: &[FinishedRun],
+    now: Millis,
+) -> Result<(Vec<(RunId, String)>, Vec<(RunId, String)>)> {
+    let mut succeeded = Vec::new();
+    let mut failed = Vec::new();
+    let mut parents: BTreeMap<JobId, Option<&FinishedRun>> = BTreeMap::new();
+    for run in finished {
+        if let Some(parent) = run.parent_job_id {
+            let failure = parents.entry(parent).or_default();
+            if run.status != RunStatus::Succeeded && failure.is_none() {
+                *failure = Some(run);
+            }
+        }
+    }
+    for (parent, failure) in parents {
+        if let Some(child) = failure {
+            let row = sqlx::query(
+                "UPDATE jobs SET state = 'failed', error = ?2, finished_at = ?3, \
+                     attempts = json_insert(attempts, '$[#]', json_object('attempt', attempt, \
+                         'started_at', started_at, 'finished_at', ?3, 'outcome', 'failed', \
+                         'error', ?2)) \
+                 WHERE id = ?1 AND state = 'parked' RETURNING run_id, step_id",
+            )
+            .bind(parent)
+            .bind(format!("child run {} {}", child.id, child.status))
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(row) = row {
+                let step: String = row.get("step_id");
+                failed.push((
+                    row.get("run_id"),
+                    format!(
+                        "step {step} failed: child run {} {}",
+                        child.id, child.status
+                    ),
+                ));
+            }
+        } else {
+            let row = sqlx::query(
+                "UPDATE jobs SET state = 'succeeded', finished_at = ?2, \
+                     output = (SELECT json_group_array(json(output)) FROM \
+                         (SELECT output FROM runs WHERE parent_job_id = ?1 ORDER BY child_index)), \
+                     attempts = json_insert(attempts, '$[#]', json_object('attempt', attempt, \
+                         'started_at', started_at, 'finished_at', ?2, 'outcome', 'succeeded')) \
+                 WHERE id = ?1 AND state = 'parked' \
+                     AND NOT EXISTS (SELECT 1 FROM runs \
+                         WHERE parent_job_id = ?1 AND status != 'succeeded') \
+                 RETURNING run_id, step_id",
+            )
+            .bind(parent)
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(row) = row {
+                succeeded.push((row.get("run_id"), row.get("step_id")));
+            }
+        }
+    }
+    Ok((succeeded, failed))
+}
+
+fn summary_from_row(row: &SqliteRow) -> Result<RunSummary> {
+    Ok(RunSummary {
+        id: row.get("id"),
+        workflow_id: row.get("workflow_id"),
+        version: row.get("version"),
+        status: parse_state(row.get::<&str, _>("status"))?,
+        parent_run_id: row.get("parent_run_id"),
+        error: row.get("error"),
+        created_at: row.get("created_at"),
+        started_at: row.get("started_at"),
+        finished_at: row.get("finished_at"),
+    })
+}
+
+const SUMMARY_COLUMNS: &str =
+    "id, workflow_id, version, status, parent_run_id, error, created_at, started_at, finished_at";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<()> {
+        MIGRATOR
+            .run(&self.writer)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))
+    }
+
+    fn wakeup(&self) -> Arc<Notify> {
+        self.wakeup.clone()
+    }
+
+    async fn upsert_workflow(&self, id: &str, definition: &Value, now: Millis) -> Result<i64> {
+        let text = to_json(definition);
+        let mut tx = self.writer.begin().await?;
+        let latest = sqlx::query(
+            "SELECT v.version, v.definition FROM workflows w \
+             JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version \
+             WHERE w.id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let version = match latest {
+            Some(row) if row.get::<&str, _>("definition") == text => return Ok(row.get("version")),
+            Some(row) => row.get::<i64, _>("version") + 1,
+            None => 1,
+        };
+        sqlx::query(
+            "INSERT INTO workflow_versions (workflow_id, version, definition, created_at) \
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(version)
+        .bind(&text)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO workflows (id, latest_version, created_at, updated_at) VALUES (?1, ?2, ?3, ?3) \
+             ON CONFLICT (id) DO UPDATE SET latest_version = ?2, updated_at = ?3",
+        )
+        .bind(id)
+        .bind(version)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    async fn workflow_version(&self, id: &str, version: i64) -> Result<Value> {
+        let text: Option<String> = sqlx::query_scalar(
+            "SELECT definition FROM workflow_versions WHERE workflow_id = ? AND version = ?",
+        )
+        .bind(id)
+        .bind(version)
+        .fetch_optional(&self.reader)
+        .await?;
+        parse_json(text).ok_or_else(|| StoreError::NotFound(format!("workflow {id} v{version}")))
+    }
+
+    async fn workflows(&self) -> Result<Vec<WorkflowState>> {
+        let rows = sqlx::query(
+            "SELECT id, latest_version, paused, created_at, \
+                 (SELECT max(fire_at) FROM fires WHERE workflow_id = workflows.id) AS last_fire_at \
+             FROM workflows ORDER BY id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| WorkflowState {
+                id: row.get("id"),
+                latest_version: row.get("latest_version"),
+                paused: row.get("paused"),
+                created_at: row.get("created_at"),
+                last_fire_at: row.get("last_fire_at"),
+            })
+            .collect())
+    }
+
+    async fn set_paused(&self, id: &str, paused: bool, now: Millis) -> Result<()> {
+        let done = sqlx::query("UPDATE workflows SET paused = ?, updated_at = ? WHERE id = ?")
+            .bind(paused)
+            .bind(now)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("workflow {id}")));
+        }
+        Ok(())
+    }
+
+    async fn create_runs(&self, runs: Vec<NewRun>, now: Millis) -> Result<Vec<RunId>> {
+        let mut tx = self.writer.begin().await?;
+        let ids = insert_runs(&mut tx, runs, now).await?;
+        tx.commit().await?;
+        self.wakeup.notify_one();
+        Ok(ids)
+    }
+
+    async fn fire(&self, fire: FireParams, now: Millis) -> Result<FireOutcome> {
+        let mut tx = self.writer.begin().await?;
+        let recorded = sqlx::query(
+            "INSERT INTO fires (workflow_id, fire_at, recorded_at) VALUES (?, ?, ?) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&fire.workflow_id)
+        .bind(fire.fire_at)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if recorded.rows_affected() == 0 {
+            return Ok(FireOutcome::AlreadyRecorded);
+        }
+        let paused: Option<bool> = sqlx::query_scalar("SELECT paused FROM workflows WHERE id = ?")
+            .bind(&fire.workflow_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let mut skipped = paused.unwrap_or(false).then(|| "paused".to_owned());
+        if skipped.is_none() && fire.skip_if_active {
+            let active: Option<String> = sqlx::query_scalar(&format!(
+                "SELECT id FROM runs WHERE workflow_id = ? AND status IN {ACTIVE_RUN} \
+                 AND parent_run_id IS NULL LIMIT 1"
+            ))
+            .bind(&fire.workflow_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            skipped = active.map(|run| format!("overlap: run {run} is still going"));
+        }
+        let outcome = match skipped {
+            Some(reason) => {
+                sqlx::query(
+                    "UPDATE fires SET skipped_reason = ? WHERE workflow_id = ? AND fire_at = ?",
+                )
+                .bind(&reason)
+                .bind(&fire.workflow_id)
+                .bind(fire.fire_at)
+                .execute(&mut *tx)
+                .await?;
+                FireOutcome::Skipped(reason)
+            }
+            None => {
+                let ids = insert_runs(&mut tx, vec![fire.run], now).await?;
+                sqlx::query("UPDATE fires SET run_id = ? WHERE workflow_id = ? AND fire_at = ?")
+                    .bind(&ids[0])
+                    .bind(&fire.workflow_id)
+                    .bind(fire.fire_at)
+                    .execute(&mut *tx)
+                    .await?;
+                FireOutcome::Started(ids[0].clone())
+            }
+        };
+        tx.commit().await?;
+        self.wakeup.notify_one();
+        Ok(outcome)
+    }
+
+    async fn skip_fire(
+        &self,
+        workflow_id: &str,
+        fire_at: Millis,
+        reason: &str,
+        now: Millis,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO fires (workflow_id, fire_at, skipped_reason, recorded_at) \
+             VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(workflow_id)
+        .bind(fire_at)
+        .bind(reason)
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn fires(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<FireRecord>> {
+        let rows = sqlx::query(
+            "SELECT workflow_id, fire_at, run_id, skipped_reason, recorded_at FROM fires \
+             WHERE ?1 IS NULL OR workflow_id = ?1 ORDER BY fire_at DESC LIMIT ?2",
+        )
+        .bind(workflow_id)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| FireRecord {
+                workflow_id: row.get("workflow_id"),
+                fire_at: row.get("fire_at"),
+                run_id: row.get("run_id"),
+                skipped_reason: row.get("skipped_reason"),
+                recorded_at: row.get("recorded_at"),
+            })
+            .collect())
+    }
+
+    async fn claim(&self, params: ClaimParams) -> Result<Vec<ClaimedJob>> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        // Waking from a parked state continues the same attempt; anything else starts a new one.
+        let rows = sqlx::query(
+            "UPDATE jobs SET state = 'running', attempt = attempt + (state != 'parked'), \
+                 lease_token = ?1, lease_expires_at = ?2, \
+                 started_at = CASE WHEN state = 'parked' THEN started_at ELSE ?3 END \
+             WHERE id IN (SELECT id FROM jobs \
+                 WHERE state IN ('available', 'retrying', 'parked') AND run_after <= ?3 \
+                 ORDER BY run_after, id LIMIT ?4) \
+             RETURNING id, run_id, step_id, attempt, checkpoint",
+        )
+        .bind(&token)
+        .bind(params.lease_until)
+        .bind(params.now)
+        .bind(params.limit)
+        .fetch_all(&self.writer)
+        .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let run_ids: BTreeSet<String> = rows.iter().map(|r| r.get("run_id")).collect();
+        let run_ids = to_json(&run_ids);
+        let runs: BTreeMap<String, SqliteRow> = sqlx::query(
+            "SELECT id, workflow_id, version, input, scheduled_at FROM runs \
+             WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(&run_ids)
+        .fetch_all(&self.reader)
+        .await?
+        .into_iter()
+        .map(|r| (r.get("id"), r))
+        .collect();
+        let mut outputs: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
+        for row in sqlx::query(
+            "SELECT run_id, step_id, output FROM jobs \
+             WHERE run_id IN (SELECT value FROM json_each(?)) AND state = 'succeeded'",
+        )
+        .bind(&run_ids)
+        .fetch_all(&self.reader)
+        .await?
+        {
+            outputs.entry(row.get("run_id")).or_default().insert(
+                row.get("step_id"),
+                parse_json(row.get("output")).unwrap_or(Value::Null),
+            );
+        }
+        rows.iter()
+            .map(|row| {
+                let run_id: String = row.get("run_id");
+                let run = runs
+                    .get(&run_id)
+                    .ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?;
+                Ok(ClaimedJob {
+                    lease: Lease {
+                        job_id: row.get("id"),
+                        attempt: row.get("attempt"),
+                        token: token.clone(),
+                    },
+                    step_id: row.get("step_id"),
+                    workflow_id: run.get("workflow_id"),
+                    version: run.get("version"),
+                    input: parse_json(run.get("input")).unwrap_or(Value::Null),
+                    scheduled_at: run.get("scheduled_at"),
+                    checkpoint: parse_json(row.get("checkpoint")),
+                    outputs: outputs.get(&run_id).cloned().unwrap_or_default(),
+                    run_id,
+                })
+            })
+            .collect()
+    }
+
+    async fn heartbeat(&self, leases: &[Lease], lease_until: Millis) -> Result<Vec<JobId>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(
+            "UPDATE jobs SET lease_expires_at = ?2 FROM json_each(?1) AS c \
+             WHERE jobs.id = c.value->>'job_id' AND jobs.attempt = c.value->>'attempt' \
+                 AND jobs.lease_token = c.value->>'token' AND jobs.state = 'running' \
+             RETURNING jobs.id",
+        )
+        .bind(to_json(&leases))
+        .bind(lease_until)
+        .fetch_all(&self.writer)
+        .await?)
+    }
+
+    async fn complete(&self, completions: Vec<Completion>, now: Millis) -> Result<Vec<JobId>> {
+        let mut tx = self.writer.begin().await?;
+        let accepted = complete_in(&mut tx, completions, now).await?;
+        tx.commit().await?;
+        if !accepted.is_empty() {
+            self.wakeup.notify_one();
+        }
+        Ok(accepted)
+    }
+
+    async fn sweep(&self, now: Millis) -> Result<Swept> {
+        let mut tx = self.writer.begin().await?;
+        let expired = sqlx::query(
+            "SELECT id, attempt, lease_token, max_attempts FROM jobs \
+             WHERE state = 'running' AND lease_expires_at <= ? LIMIT 1000",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let lost: Vec<Completion> = expired
+            .iter()
+            .map(|row| Completion {
+                lease: Lease {
+                    job_id: row.get("id"),
+                    attempt: row.get("attempt"),
+                    token: row.get("lease_token"),
+                },
+                settlement: settle_lost_lease(row.get("attempt"), row.get("max_attempts"), now),
+                children: Vec::new(),
+            })
+            .collect();
+        let reclaimed = complete_in(&mut tx, lost, now).await?.len() as u64;
+
+        let late: Vec<(String, Option<i64>)> = sqlx::query_as(&format!(
+            "SELECT id, timeout_ms FROM runs WHERE status IN {ACTIVE_RUN} AND deadline_at <= ? \
+             LIMIT 1000"
+        ))
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let late: Vec<(RunId, String)> = late
+            .into_iter()
+            .map(|(id, timeout)| {
+                let limit = humantime::format_duration(Duration::from_millis(
+                    timeout.unwrap_or(0).max(0) as u64,
+                ));
+                (id, format!("run timed out after {limit}"))
+            })
+            .collect();
+        let timed_out = late.len() as u64;
+        cascade(&mut tx, Vec::new(), late, RunStatus::TimedOut, now).await?;
+        tx.commit().await?;
+        if reclaimed > 0 {
+            self.wakeup.notify_one();
+        }
+        Ok(Swept {
+            reclaimed_jobs: reclaimed,
+            timed_out_runs: timed_out,
+        })
+    }
+
+    async fn queue_depth(&self, now: Millis) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM jobs \
+             WHERE state IN ('available', 'retrying', 'parked') AND run_after <= ?",
+        )
+        .bind(now)
+        .fetch_one(&self.reader)
+        .await?)
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT min( \
+                 coalesce((SELECT min(run_after) FROM jobs \
+                     WHERE state IN ('available', 'retrying', 'parked')), 9e18), \
+                 coalesce((SELECT min(deadline_at) FROM runs \
+                     WHERE status IN {ACTIVE_RUN} AND deadline_at IS NOT NULL), 9e18), \
+                 coalesce((SELECT min(lease_expires_at) FROM jobs WHERE state = 'running'), 9e18))"
+        ))
+        .fetch_one(&self.reader)
+        .await
+        .map(|due: f64| (due < 9e18).then_some(due as Millis))?)
+    }
+
+    async fn cancel_run(&self, run_id: &str, now: Millis) -> Result<RunStatus> {
+        let mut tx = self.writer.begin().await?;
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
+            .bind(run_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let status: RunStatus =
+            parse_state(&status.ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?)?;
+        if status.is_finished() {
+            return Ok(status);
+        }
+        cascade(
+            &mut tx,
+            Vec::new(),
+            vec![(run_id.to_owned(), "cancelled".to_owned())],
+            RunStatus::Cancelled,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(RunStatus::Cancelled)
+    }
+
+    async fn retry_run(&self, run_id: &str, now: Millis) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
+            .bind(run_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let status: RunStatus =
+            parse_state(&status.ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?)?;
+        if !matches!(
+            status,
+            RunStatus::Failed | RunStatus::Cancelled | RunStatus::TimedOut
+        ) {
+            return Err(StoreError::Conflict(format!(
+                "run {run_id} is {status}; only failed, cancelled or timed-out runs can be retried"
+            )));
+        }
+        sqlx::query(
+            "UPDATE runs SET status = 'running', error = NULL, output = NULL, finished_at = NULL, \
+                 expires_at = NULL, \
+                 deadline_at = CASE WHEN timeout_ms IS NOT NULL THEN ?2 + timeout_ms END \
+             WHERE id = ?1",
+        )
+        .bind(run_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        // Succeeded steps keep their outputs; the rest wait for their needs again.
+        sqlx::query(
+            "UPDATE jobs SET state = 'waiting', output = NULL, error = NULL, checkpoint = NULL, \
+                 finished_at = NULL, max_attempts = attempt + attempt_budget, \
+                 pending_needs = (SELECT count(*) FROM json_each(jobs.needs) AS nd \
+                     JOIN jobs AS up ON up.run_id = jobs.run_id AND up.step_id = nd.value \
+                     WHERE up.state != 'succeeded') \
+             WHERE run_id = ?1 AND state IN ('failed', 'cancelled')",
+        )
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE jobs SET state = 'available', run_after = ?2 \
+             WHERE run_id = ?1 AND state = 'waiting' AND pending_needs = 0",
+        )
+        .bind(run_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.wakeup.notify_one();
+        Ok(())
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS} FROM runs \
+             WHERE (?1 IS NULL OR workflow_id = ?1) AND (?2 IS NULL OR status = ?2) \
+                 AND (?3 IS NULL OR created_at >= ?3) AND (?4 IS NULL OR created_at < ?4) \
+             ORDER BY created_at DESC, id DESC LIMIT ?5"
+        ))
+        .bind(&filter.workflow_id)
+        .bind(filter.status.map(|s| s.as_str()))
+        .bind(filter.created_after)
+        .bind(filter.created_before)
+        .bind(filter.limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(summary_from_row).collect()
+    }
+
+    async fn run(&self, run_id: &str) -> Result<RunDetail> {
+        let row = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS}, input, output, scheduled_at FROM runs WHERE id = ?"
+        ))
+        .bind(run_id)
+        .fetch_optional(&self.reader)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?;
+        let steps = sqlx::query(
+            "SELECT id, step_id, state, attempt, output, error, run_after, started_at, \
+                 finished_at, attempts FROM jobs WHERE run_id = ? ORDER BY id",
+        )
+        .bind(run_id)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(JobDetail {
+                id: r.get("id"),
+                step_id: r.get("step_id"),
+                state: parse_state(r.get::<&str, _>("state"))?,
+                attempt: r.get("attempt"),
+                output: parse_json(r.get("output")),
+                error: r.get("error"),
+                run_after: r.get("run_after"),
+                started_at: r.get("started_at"),
+                finished_at: r.get("finished_at"),
+                attempts: parse_json(r.get("attempts")).unwrap_or(Value::Array(Vec::new())),
+            })
+        })
+        .collect::<Result<_>>()?;
+        Ok(RunDetail {
+            summary: summary_from_row(&row)?,
+            input: parse_json(row.get("input")).unwrap_or(Value::Null),
+            output: parse_json(row.get("output")),
+            scheduled_at: row.get("scheduled_at"),
+            steps,
+        })
+    }
+
+    async fn prune(&self, now: Millis, limit: u32) -> Result<u64> {
+        let mut tx = self.writer.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM runs WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids = to_json(&ids);
+        sqlx::query("DELETE FROM jobs WHERE run_id IN (SELECT value FROM json_each(?))")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        let deleted = sqlx::query("DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
+    }
+}

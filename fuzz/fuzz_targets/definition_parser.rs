@@ -1,0 +1,21 @@
+//! Definitions arrive from the API, so parsing and validation must survive any input:
+//! `cargo +nightly fuzz run definition_parser` (from the repository root).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use switchyard_engine::definition::{self, Format, TemplateContext, WorkflowMap};
+
+const KINDS: &[&str] = &["http", "transform", "sleep", "noop", "workflow"];
+
+fuzz_target!(|data: &[u8]| {
+    for format in [Format::Yaml, Format::Json] {
+        let _ = definition::parse_bytes("fuzz", data, format);
+        if let Ok(text) = std::str::from_utf8(data) {
+            let _ = definition::check_str("fuzz", text, format, &WorkflowMap::new(), KINDS);
+        }
+    }
+    // Templates are part of definitions too; the fuel limit must hold on any of them.
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = definition::render_str(text, &TemplateContext::default());
+    }
+});

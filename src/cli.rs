@@ -1,0 +1,130 @@
+//! Command-line arguments (clap derive).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A durable workflow orchestration engine"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Database URL: sqlite://PATH (created on first use).
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_DATABASE_URL",
+        default_value = "sqlite://switchyard.db"
+    )]
+    pub database: String,
+    /// Workflow definition files or folders.
+    #[arg(long, global = true, default_value = "./definitions")]
+    pub definitions: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Jobs run at once by this process; 0 runs no worker.
+    #[arg(long, default_value_t = 64)]
+    pub workers: usize,
+    /// How long a claimed job stays leased without a heartbeat.
+    #[arg(long, default_value = "30s", value_parser = humantime_duration)]
+    pub lease: Duration,
+    /// On SIGTERM or Ctrl-C, how long running steps may take to finish.
+    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    pub grace: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Scheduler, workers and the HTTP listener in one process.
+    Serve {
+        /// Address of the HTTP listener (`/health`).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        worker: WorkerArgs,
+    },
+    /// Workers only: claim and run jobs from the database.
+    Worker {
+        #[command(flatten)]
+        worker: WorkerArgs,
+    },
+    /// Start a run; prints its id.
+    Run {
+        workflow: String,
+        /// The run's input, a JSON object.
+        #[arg(long)]
+        input: Option<String>,
+        /// Show progress on stderr until the run ends; the exit code is its result.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Check definition files; lists every error as file:line:column: message.
+    Validate { paths: Vec<PathBuf> },
+    /// Print the JSON Schema of definition files.
+    Schema,
+    /// List runs, newest first.
+    Runs {
+        #[arg(long)]
+        workflow: Option<String>,
+        #[arg(long, value_enum)]
+        status: Option<StatusArg>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one run: steps, attempts, errors, timings.
+    Show {
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a run; a running step stops within one heartbeat.
+    Cancel { run: String },
+    /// Run a failed, cancelled or timed-out run's unsuccessful steps again.
+    Retry { run: String },
+    /// Stop a workflow's schedule from firing (fires are recorded as skipped).
+    Pause { workflow: String },
+    /// Let a paused schedule fire again.
+    Resume { workflow: String },
+    /// List schedule fires, with the reason of each skipped one.
+    Fires {
+        #[arg(long)]
+        workflow: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply database migrations.
+    Migrate,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum StatusArg {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+fn humantime_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| e.to_string())
+}

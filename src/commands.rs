@@ -1,0 +1,420 @@
+//! What each command does, in terms of the engine and workers libraries.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use switchyard_engine::api::{Heartbeats, router, serve_http};
+use switchyard_engine::clock::SystemClock;
+use switchyard_engine::definition::{WorkflowMap, json_schema, load_paths};
+use switchyard_engine::maintenance::run_maintenance;
+use switchyard_engine::plan::Trigger;
+use switchyard_engine::scheduler::run_scheduler;
+use switchyard_engine::service::Engine;
+use switchyard_engine::state::{Millis, RunStatus};
+use switchyard_engine::store::{self, RunDetail, RunFilter};
+use switchyard_workers::{Registry, WorkerConfig, run_worker};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::cli::{Cli, Command, Global, StatusArg, WorkerArgs};
+
+/// Exit codes of `run --wait` beyond 0 (succeeded) and 1 (failed or error).
+const EXIT_CANCELLED: u8 = 3;
+const EXIT_TIMED_OUT: u8 = 4;
+
+pub fn init_logging(command: &Command) {
+    let default = match command {
+        Command::Serve { .. } | Command::Worker { .. } => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let Cli { global, command } = cli;
+    match command {
+        Command::Validate { paths } => validate(&global, paths),
+        Command::Schema => {
+            println!("{}", serde_json::to_string_pretty(&json_schema())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            open(&global).await?;
+            eprintln!("migrations applied to {}", global.database);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { listen, worker } => serve(&global, Some(listen), worker).await,
+        Command::Worker { worker } => serve(&global, None, worker).await,
+        Command::Run {
+            workflow,
+            input,
+            wait,
+        } => run(&global, &workflow, input.as_deref(), wait).await,
+        Command::Runs {
+            workflow,
+            status,
+            limit,
+            json,
+        } => {
+            let engine = open(&global).await?;
+            let runs = engine
+                .runs(&RunFilter {
+                    workflow_id: workflow,
+                    status: status.map(run_status),
+                    limit,
+                    ..RunFilter::default()
+                })
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else {
+                println!(
+                    "{:<36}  {:<20}  {:<9}  {:<20}  {:>9}",
+                    "RUN", "WORKFLOW", "STATUS", "CREATED", "DURATION"
+                );
+                for r in runs {
+                    println!(
+                        "{:<36}  {:<20}  {:<9}  {:<20}  {:>9}",
+                        r.id,
+                        r.workflow_id,
+                        r.status,
+                        time(r.created_at),
+                        duration(r.started_at, r.finished_at)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { run, json } => {
+            let engine = open(&global).await?;
+            let detail = engine.run(&run).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&detail)?);
+            } else {
+                print_run(&detail);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { run } => {
+            let engine = open(&global).await?;
+            let status = engine.cancel(&run).await?;
+            println!("run {run} is {status}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Retry { run } => {
+            let engine = open(&global).await?;
+            engine.retry(&run).await?;
+            println!("run {run} is running again from its unsuccessful steps");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pause { workflow } => {
+            let engine = open(&global).await?;
+            engine.set_paused(&workflow, true).await?;
+            println!("workflow {workflow} paused: its fires are recorded as skipped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume { workflow } => {
+            let engine = open(&global).await?;
+            engine.set_paused(&workflow, false).await?;
+            println!("workflow {workflow} resumed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fires {
+            workflow,
+            limit,
+            json,
+        } => {
+            let engine = open(&global).await?;
+            let fires = engine.fires(workflow.as_deref(), limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&fires)?);
+            } else {
+                println!("{:<20}  {:<20}  OUTCOME", "WORKFLOW", "FIRE TIME");
+                for f in fires {
+                    let outcome = match (&f.run_id, &f.skipped_reason) {
+                        (Some(run), _) => format!("run {run}"),
+                        (None, Some(reason)) => format!("skipped: {reason}"),
+                        (None, None) => "recorded".to_owned(),
+                    };
+                    println!("{:<20}  {:<20}  {outcome}", f.workflow_id, time(f.fire_at));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn run_status(s: StatusArg) -> RunStatus {
+    match s {
+        StatusArg::Pending => RunStatus::Pending,
+        StatusArg::Running => RunStatus::Running,
+        StatusArg::Succeeded => RunStatus::Succeeded,
+        StatusArg::Failed => RunStatus::Failed,
+        StatusArg::Cancelled => RunStatus::Cancelled,
+        StatusArg::TimedOut => RunStatus::TimedOut,
+    }
+}
+
+async fn open(global: &Global) -> anyhow::Result<Arc<Engine>> {
+    let store = store::connect(&global.database)
+        .await
+        .with_context(|| format!("opening {}", global.database))?;
+    store.migrate().await?;
+    Ok(Arc::new(Engine::new(store, Arc::new(SystemClock))))
+}
+
+fn load_definitions(paths: &[std::path::PathBuf]) -> anyhow::Result<WorkflowMap> {
+    let registry = Registry::builtin();
+    load_paths(paths, &registry.names()).map_err(|errors| anyhow::anyhow!("{errors}"))
+}
+
+fn validate(global: &Global, paths: Vec<std::path::PathBuf>) -> anyhow::Result<ExitCode> {
+    let paths = if paths.is_empty() {
+        global.definitions.clone()
+    } else {
+        paths
+    };
+    match load_paths(&paths, &Registry::builtin().names()) {
+        Ok(workflows) => {
+            println!("ok: {} workflows", workflows.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{} errors", errors.0.len());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Secrets and variables for templates, from `SWITCHYARD_SECRET_<NAME>` and `SWITCHYARD_VAR_<NAME>`
+/// (the name lower-cased).
+fn env_values(prefix: &str) -> BTreeMap<String, String> {
+    std::env::vars()
+        .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_ascii_lowercase(), v)))
+        .collect()
+}
+
+async fn serve(
+    global: &Global,
+    listen: Option<std::net::SocketAddr>,
+    args: WorkerArgs,
+) -> anyhow::Result<ExitCode> {
+    let control_plane = listen.is_some();
+    // A control plane with a broken definition refuses to start: better than running half of them.
+    let definitions = if control_plane {
+        Some(load_definitions(&global.definitions)?)
+    } else {
+        None
+    };
+    let engine = open(global).await?;
+    if let Some(definitions) = &definitions {
+        for (id, version) in engine.install(definitions).await? {
+            tracing::info!(workflow = %id, version, "definition loaded");
+        }
+    }
+    let (stop, stopped) = watch::channel(false);
+    let heartbeats = Arc::new(Heartbeats::default());
+    let mut tasks = JoinSet::new();
+    tasks.spawn(run_maintenance(engine.clone(), stopped.clone()));
+    if let Some(addr) = listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        tracing::info!(%addr, "HTTP listening");
+        let app = router(engine.clone(), heartbeats.clone());
+        let http_stopped = stopped.clone();
+        tasks.spawn(async move {
+            if let Err(e) = serve_http(listener, app, http_stopped).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tasks.spawn(run_scheduler(engine.clone(), heartbeats, stopped.clone()));
+    }
+    if args.workers > 0 {
+        let config = WorkerConfig {
+            slots: args.workers,
+            lease: args.lease,
+            grace: args.grace,
+            secrets: env_values("SWITCHYARD_SECRET_"),
+            vars: serde_json::to_value(env_values("SWITCHYARD_VAR_"))?,
+            ..WorkerConfig::default()
+        };
+        tracing::info!(slots = config.slots, "workers running");
+        tasks.spawn(run_worker(
+            engine.clone(),
+            Registry::builtin(),
+            config,
+            stopped,
+        ));
+    } else if !control_plane {
+        bail!("`worker --workers 0` would run nothing");
+    }
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new claims; finishing running steps");
+    stop.send_replace(true);
+    // Every task ends by itself once told; the grace period bounds the workers.
+    tokio::time::timeout(args.grace + Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .ok();
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.ok();
+}
+
+async fn run(
+    global: &Global,
+    workflow: &str,
+    input: Option<&str>,
+    wait: bool,
+) -> anyhow::Result<ExitCode> {
+    let input: Value = match input {
+        None => Value::Null,
+        Some(text) => {
+            let value: Value = serde_json::from_str(text)
+                .map_err(|e| anyhow::anyhow!("--input is not valid JSON: {e}"))?;
+            if !value.is_object() {
+                bail!("--input must be a JSON object, like '{{\"region\": \"us\"}}'");
+            }
+            value
+        }
+    };
+    // Definitions on disk are installed first, so `run` uses what the files say now.
+    let definitions = if global.definitions.iter().any(|p| p.exists()) {
+        Some(load_definitions(&global.definitions)?)
+    } else {
+        None
+    };
+    let engine = open(global).await?;
+    if let Some(definitions) = &definitions {
+        engine.install(definitions).await?;
+    }
+    let run_id = engine.start(workflow, input, Trigger::default()).await?;
+    println!("{run_id}");
+    if !wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let detail = engine.run(&run_id).await?;
+        for step in &detail.steps {
+            let state = step.state.to_string();
+            if shown.get(&step.step_id) != Some(&state) {
+                let attempt = if step.attempt > 1 {
+                    format!(" (attempt {})", step.attempt)
+                } else {
+                    String::new()
+                };
+                let error = step
+                    .error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                eprintln!("  {:<24} {state}{attempt}{error}", step.step_id);
+                shown.insert(step.step_id.clone(), state);
+            }
+        }
+        let status = detail.summary.status;
+        if status.is_finished() {
+            eprintln!("run {run_id} {status}");
+            if let Some(error) = &detail.summary.error {
+                eprintln!("  error: {error}");
+            }
+            if let Some(output) = &detail.output {
+                eprintln!("  output: {output}");
+            }
+            return Ok(match status {
+                RunStatus::Succeeded => ExitCode::SUCCESS,
+                RunStatus::Cancelled => ExitCode::from(EXIT_CANCELLED),
+                RunStatus::TimedOut => ExitCode::from(EXIT_TIMED_OUT),
+                _ => ExitCode::FAILURE,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn time(ms: Millis) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+fn duration(from: Option<Millis>, to: Option<Millis>) -> String {
+    match (from, to) {
+        (Some(a), Some(b)) => format!("{} ms", b - a),
+        (Some(_), None) => "running".to_owned(),
+        _ => "-".to_owned(),
+    }
+}
+
+fn print_run(detail: &RunDetail) {
+    let r = &detail.summary;
+    println!("run       {}", r.id);
+    println!("workflow  {} v{}", r.workflow_id, r.version);
+    println!("status    {}", r.status);
+    println!("created   {}", time(r.created_at));
+    println!(
+        "duration  {}",
+        duration(r.started_at.or(Some(r.created_at)), r.finished_at)
+    );
+    if let Some(parent) = &r.parent_run_id {
+        println!("parent    {parent}");
+    }
+    if let Some(error) = &r.error {
+        println!("error     {error}");
+    }
+    println!("input     {}", detail.input);
+    if let Some(output) = &detail.output {
+        println!("output    {output}");
+    }
+    println!("steps");
+    for s in &detail.steps {
+        println!(
+            "  {:<24} {:<10} attempt {:<2} {}",
+            s.step_id,
+            s.state.as_str(),
+            s.attempt,
+            duration(s.started_at, s.finished_at)
+        );
+        if let Some(attempts) = s.attempts.as_array() {
+            for a in attempts.iter().filter(|a| a["outcome"] != "succeeded") {
+                println!(
+                    "      attempt {} {}: {}",
+                    a["attempt"],
+                    a["outcome"].as_str().unwrap_or("?"),
+                    a["error"].as_str().unwrap_or("")
+                );
+            }
+        }
+        if let Some(error) = &s.error {
+            println!("      error: {error}");
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Switchyard's workers: the runtime that claims jobs, runs them under a lease with heartbeats,
+//! timeouts and cancellation, and completes them in batches; and the step kinds it runs.
+#![forbid(unsafe_code)]
+
+pub mod runtime;
+pub mod steps;
+
+pub use runtime::{WorkerConfig, run_worker};
+pub use steps::{Registry, StepCall, StepKind, StepOutcome, StepResult};

@@ -1,0 +1,381 @@
+//! The worker runtime. One loop per process claims jobs in batches up to its free slots, runs each
+//! in its own task under the step's timeout, heartbeats every held lease in one statement, and
+//! completes finished attempts in one batch. A job whose lease is not extended (its run was
+//! cancelled or timed out, or the lease was lost) has its task aborted: dropping the future is
+//! what stops the step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use switchyard_engine::definition::{TemplateContext, redact_secrets, render_value};
+use switchyard_engine::plan::{Trigger, plan_run};
+use switchyard_engine::service::Engine;
+use switchyard_engine::state::{AttemptResult, Settlement, StepFailure, settle};
+use switchyard_engine::store::{ClaimParams, ClaimedJob, Completion, JobId, Lease, ParentLink};
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinSet};
+use tracing::Instrument;
+
+use crate::steps::{ChildRun, Registry, StepCall, StepOutcome};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Jobs run at once by this process.
+    pub slots: usize,
+    /// How long a claim holds a job without a heartbeat; heartbeats go out every third of it.
+    pub lease: Duration,
+    /// Longest wait between claims when no wake-up arrives.
+    pub poll: Duration,
+    /// On shutdown, how long running steps may take to finish before they are released.
+    pub grace: Duration,
+    /// Outputs larger than this (as JSON) are refused.
+    pub max_output_bytes: usize,
+    pub vars: Value,
+    pub secrets: BTreeMap<String, String>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            slots: 64,
+            lease: Duration::from_secs(30),
+            poll: Duration::from_secs(1),
+            grace: Duration::from_secs(10),
+            max_output_bytes: 1024 * 1024,
+            vars: Value::Object(Default::default()),
+            secrets: BTreeMap::new(),
+        }
+    }
+}
+
+struct Shared {
+    engine: Arc<Engine>,
+    registry: Registry,
+    config: WorkerConfig,
+}
+
+/// Runs jobs until `shutdown` turns true, then stops claiming, lets running steps finish for the
+/// grace period, and gives back what is still running.
+pub async fn run_worker(
+    engine: Arc<Engine>,
+    registry: Registry,
+    config: WorkerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let store = engine.store().clone();
+    let wakeup = store.wakeup();
+    let lease_ms = config.lease.as_millis() as i64;
+    let slots = config.slots.max(1);
+    let poll = config.poll;
+    let grace = config.grace;
+    let shared = Arc::new(Shared {
+        engine: engine.clone(),
+        registry,
+        config,
+    });
+    let mut tasks: JoinSet<Completion> = JoinSet::new();
+    let mut held: HashMap<JobId, (Lease, AbortHandle)> = HashMap::new();
+    let mut finished: Vec<Completion> = Vec::new();
+    let mut heartbeat = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(1) as u64));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping: Option<tokio::time::Instant> = None;
+    let mut idle_wait = Duration::ZERO;
+
+    loop {
+        if !finished.is_empty() {
+            let batch = std::mem::take(&mut finished);
+            for c in &batch {
+                held.remove(&c.lease.job_id);
+            }
+            if let Err(e) = complete_with_retry(&engine, batch).await {
+                tracing::error!(error = %e, "could not record completions; their leases will expire and the jobs run again");
+            }
+        }
+        if stopping.is_some() && held.is_empty() {
+            return;
+        }
+
+        let free = slots.saturating_sub(held.len());
+        if stopping.is_none() && free > 0 {
+            let now = engine.now();
+            match store
+                .claim(ClaimParams {
+                    limit: free as u32,
+                    now,
+                    lease_until: now + lease_ms,
+                })
+                .await
+            {
+                Ok(jobs) => {
+                    let got = jobs.len();
+                    for job in jobs {
+                        let lease = job.lease.clone();
+                        let handle = tasks.spawn(execute(shared.clone(), job));
+                        held.insert(lease.job_id, (lease, handle));
+                    }
+                    idle_wait = if got == free {
+                        Duration::ZERO
+                    } else {
+                        match store.next_due().await {
+                            Ok(Some(due)) => {
+                                Duration::from_millis((due - engine.now()).max(0) as u64).min(poll)
+                            }
+                            _ => poll,
+                        }
+                    };
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim failed; backing off");
+                    idle_wait = poll;
+                }
+            }
+        }
+
+        let can_claim = stopping.is_none() && held.len() < slots;
+        tokio::select! {
+            biased;
+            changed = shutdown.changed(), if stopping.is_none() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    tracing::info!(running = held.len(), "worker stopping: no new claims");
+                    stopping = Some(tokio::time::Instant::now() + grace);
+                }
+            }
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok(c) = done {
+                    finished.push(c);
+                }
+                while let Some(done) = tasks.try_join_next() {
+                    if let Ok(c) = done {
+                        finished.push(c);
+                    }
+                }
+            }
+            _ = heartbeat.tick(), if !held.is_empty() => {
+                let leases: Vec<Lease> = held.values().map(|(l, _)| l.clone()).collect();
+                let until = engine.now() + lease_ms;
+                match store.heartbeat(&leases, until).await {
+                    Ok(kept) => {
+                        let kept: std::collections::HashSet<JobId> = kept.into_iter().collect();
+                        held.retain(|id, (_, handle)| {
+                            let keep = kept.contains(id);
+                            if !keep {
+                                tracing::info!(job = id, "lease gone (cancelled, timed out or reclaimed): stopping the step");
+                                handle.abort();
+                            }
+                            keep
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+            }
+            _ = async { tokio::time::sleep_until(stopping.expect("guarded")).await }, if stopping.is_some() => {
+                // Grace is over: stop what still runs and give it back uncounted.
+                let released: Vec<Completion> = held
+                    .drain()
+                    .map(|(_, (lease, handle))| {
+                        handle.abort();
+                        Completion { lease, settlement: Settlement::Release, children: Vec::new() }
+                    })
+                    .collect();
+                tracing::info!(released = released.len(), "grace period over: released running jobs");
+                finished.extend(released);
+            }
+            _ = wakeup.notified(), if can_claim => {}
+            _ = tokio::time::sleep(idle_wait), if can_claim && idle_wait > Duration::ZERO => {}
+        }
+    }
+}
+
+/// Completions are the one write that must not be dropped on a passing database error: retried
+/// with backoff, and still fenced, so a retry after an unnoticed commit changes nothing.
+async fn complete_with_retry(
+    engine: &Engine,
+    batch: Vec<Completion>,
+) -> Result<(), switchyard_engine::store::StoreError> {
+    use backon::{ExponentialBuilder, Retryable};
+    let store = engine.store();
+    (|| async { store.complete(batch.clone(), engine.now()).await })
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(8),
+        )
+        .notify(|e, wait| tracing::warn!(error = %e, ?wait, "completion failed; retrying"))
+        .await
+        .map(|_| ())
+}
+
+async fn execute(shared: Arc<Shared>, job: ClaimedJob) -> Completion {
+    let span = tracing::info_span!("step", run = %job.run_id, workflow = %job.workflow_id,
+        step = %job.step_id, attempt = job.lease.attempt);
+    async move {
+        let started = std::time::Instant::now();
+        let (result, children) = attempt(&shared, &job).await;
+        let now = shared.engine.now();
+        let policy = match shared.engine.version(&job.workflow_id, job.version).await {
+            Ok(workflow) => workflow
+                .step(&job.step_id)
+                .map(|s| workflow.retry_policy(s))
+                .unwrap_or_default(),
+            Err(_) => Default::default(),
+        };
+        let settlement = settle(job.lease.attempt, &policy, result, now, rand::random());
+        match &settlement {
+            Settlement::Succeed { .. } => tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "step succeeded"
+            ),
+            Settlement::Retry { at, error } => {
+                tracing::warn!(%error, retry_at = at, "step failed; will retry")
+            }
+            Settlement::Fail { error } => tracing::warn!(%error, "step failed"),
+            Settlement::Park { until, .. } => tracing::info!(?until, "step parked"),
+            Settlement::Release => {}
+        }
+        Completion {
+            lease: job.lease.clone(),
+            settlement,
+            children,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs one attempt of a claimed job. Never fails: every problem is an attempt result.
+async fn attempt(
+    shared: &Shared,
+    job: &ClaimedJob,
+) -> (AttemptResult, Vec<switchyard_engine::store::NewRun>) {
+    let engine = &shared.engine;
+    let config = &shared.config;
+    let failed = |f: StepFailure| (AttemptResult::Failed(f), Vec::new());
+    let workflow = match engine.version(&job.workflow_id, job.version).await {
+        Ok(w) => w,
+        Err(e) => return failed(StepFailure::transient("definition", e.to_string())),
+    };
+    let Some(step) = workflow.step(&job.step_id) else {
+        return failed(StepFailure::permanent(
+            "definition",
+            format!(
+                "step {} is not in {} v{}",
+                job.step_id, job.workflow_id, job.version
+            ),
+        ));
+    };
+    let Some(kind) = shared.registry.get(&step.kind) else {
+        return failed(StepFailure::permanent(
+            "unknown_step_kind",
+            format!("this worker has no step kind {:?}", step.kind),
+        ));
+    };
+    let ctx = TemplateContext {
+        input: job.input.clone(),
+        steps: job.outputs.clone(),
+        vars: config.vars.clone(),
+        secrets: config.secrets.clone(),
+        run: json!({
+            "id": job.run_id,
+            "workflow": job.workflow_id,
+            "version": job.version,
+            "step": job.step_id,
+            "attempt": job.lease.attempt,
+            "scheduled_at": job.scheduled_at,
+        }),
+        env: BTreeMap::new(),
+    };
+    let with = match render_value(&step.with, &ctx) {
+        Ok(with) => with,
+        Err(e) => return failed(StepFailure::permanent("template", e.to_string())),
+    };
+    let call = StepCall {
+        with,
+        checkpoint: job.checkpoint.clone(),
+        idempotency_key: format!("{}:{}", job.run_id, job.step_id),
+        run_id: job.run_id.clone(),
+        step_id: job.step_id.clone(),
+        attempt: job.lease.attempt,
+        now: engine.now(),
+    };
+    let run = kind.run(call);
+    let outcome = match step.timeout {
+        Some(limit) => match tokio::time::timeout(limit.0, run).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(StepFailure::transient(
+                "timeout",
+                format!(
+                    "step timed out after {}",
+                    humantime::format_duration(limit.0)
+                ),
+            )),
+        },
+        None => run.await,
+    };
+    match outcome {
+        Ok(StepOutcome::Output(mut output)) => {
+            redact_secrets(&mut output, &config.secrets);
+            let size = serde_json::to_vec(&output).map_or(0, |v| v.len());
+            if size > config.max_output_bytes {
+                return failed(StepFailure::permanent(
+                    "output_too_large",
+                    format!(
+                        "output is {size} bytes; the limit is {} bytes",
+                        config.max_output_bytes
+                    ),
+                ));
+            }
+            (AttemptResult::Succeeded { output }, Vec::new())
+        }
+        Ok(StepOutcome::Park { until, checkpoint }) => {
+            (AttemptResult::Parked { until, checkpoint }, Vec::new())
+        }
+        Ok(StepOutcome::StartChildren(children)) => {
+            match plan_children(engine, job, children).await {
+                Ok(runs) => (
+                    AttemptResult::Parked {
+                        until: None,
+                        checkpoint: json!({ "children": runs.iter().map(|r| &r.id).collect::<Vec<_>>() }),
+                    },
+                    runs,
+                ),
+                Err(f) => failed(f),
+            }
+        }
+        Err(mut failure) => {
+            let mut message = Value::String(failure.message);
+            redact_secrets(&mut message, &config.secrets);
+            failure.message = message.as_str().unwrap_or_default().to_owned();
+            failed(failure)
+        }
+    }
+}
+
+async fn plan_children(
+    engine: &Engine,
+    job: &ClaimedJob,
+    children: Vec<ChildRun>,
+) -> Result<Vec<switchyard_engine::store::NewRun>, StepFailure> {
+    let mut runs = Vec::with_capacity(children.len());
+    for (index, child) in children.into_iter().enumerate() {
+        let (version, workflow) = engine
+            .latest(&child.workflow)
+            .await
+            .map_err(|e| StepFailure::permanent("child_workflow", e.to_string()))?;
+        let trigger = Trigger {
+            parent: Some(ParentLink {
+                run_id: job.run_id.clone(),
+                job_id: job.lease.job_id,
+                index: index as i64,
+            }),
+            ..Trigger::default()
+        };
+        runs.push(
+            plan_run(&workflow, version, child.input, trigger)
+                .map_err(|e| StepFailure::permanent("child_workflow", e.to_string()))?,
+        );
+    }
+    Ok(runs)
+}

@@ -1,0 +1,104 @@
+//! Step kinds: one file each, behind [`StepKind`]. A step kind gets its `with` already rendered
+//! and returns an outcome; it never touches the store.
+
+mod http;
+mod noop;
+mod sleep;
+mod transform;
+mod workflow;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use switchyard_engine::state::{Millis, StepFailure};
+
+pub use http::Http;
+pub use noop::Noop;
+pub use sleep::Sleep;
+pub use transform::Transform;
+pub use workflow::StartWorkflows;
+
+/// One call of a step: its rendered parameters and where it stands.
+#[derive(Debug, Clone)]
+pub struct StepCall {
+    pub with: Value,
+    /// What the step saved when it last parked, if it did.
+    pub checkpoint: Option<Value>,
+    /// Stable across attempts of the same step of the same run: pass it to APIs that honour one.
+    pub idempotency_key: String,
+    pub run_id: String,
+    pub step_id: String,
+    pub attempt: u32,
+    pub now: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    Output(Value),
+    /// Free the worker slot; run again at `until` (or when settled from outside, with `None`)
+    /// with `checkpoint` in [`StepCall::checkpoint`].
+    Park {
+        until: Option<Millis>,
+        checkpoint: Value,
+    },
+    /// Start these child runs and succeed with the list of their outputs once all succeeded.
+    StartChildren(Vec<ChildRun>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildRun {
+    pub workflow: String,
+    pub input: Value,
+}
+
+pub type StepResult = Result<StepOutcome, StepFailure>;
+
+#[async_trait]
+pub trait StepKind: Send + Sync + 'static {
+    /// The `type:` that selects this kind in a definition.
+    fn name(&self) -> &'static str;
+    async fn run(&self, call: StepCall) -> StepResult;
+}
+
+/// The step kinds a worker can run, by name.
+#[derive(Clone, Default)]
+pub struct Registry(HashMap<&'static str, Arc<dyn StepKind>>);
+
+impl Registry {
+    /// Every kind that ships with Switchyard.
+    pub fn builtin() -> Self {
+        let mut registry = Registry::default();
+        registry.add(Http::new());
+        registry.add(Transform);
+        registry.add(Sleep);
+        registry.add(Noop);
+        registry.add(StartWorkflows);
+        registry
+    }
+
+    pub fn add(&mut self, kind: impl StepKind) {
+        self.0.insert(kind.name(), Arc::new(kind));
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn StepKind>> {
+        self.0.get(name)
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.0.keys().copied().collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+/// Reads `with.<field>` as a string, or fails naming the field.
+fn str_field<'a>(with: &'a Value, kind: &str, field: &str) -> Result<&'a str, StepFailure> {
+    with.get(field).and_then(Value::as_str).ok_or_else(|| {
+        StepFailure::permanent(
+            "invalid_parameters",
+            format!("{kind} step needs `with.{field}` as a string"),
+        )
+    })
+}
