@@ -938,14 +938,14 @@ impl Store for SqliteStore {
         Ok(sqlx::query_scalar(&format!(
             "SELECT min( \
                  coalesce((SELECT min(run_after) FROM jobs \
-                     WHERE state IN ('available', 'retrying', 'parked')), 9e18), \
+                     WHERE state IN ('available', 'retrying', 'parked')), 9000000000000000000), \
                  coalesce((SELECT min(deadline_at) FROM runs \
-                     WHERE status IN {ACTIVE_RUN} AND deadline_at IS NOT NULL), 9e18), \
-                 coalesce((SELECT min(lease_expires_at) FROM jobs WHERE state = 'running'), 9e18))"
+                     WHERE status IN {ACTIVE_RUN} AND deadline_at IS NOT NULL), 9000000000000000000), \
+                 coalesce((SELECT min(lease_expires_at) FROM jobs WHERE state = 'running'), 9000000000000000000))"
         ))
         .fetch_one(&self.reader)
         .await
-        .map(|due: f64| (due < 9e18).then_some(due as Millis))?)
+        .map(|due: i64| (due < 9_000_000_000_000_000_000).then_some(due))?)
     }
 
     async fn cancel_run(&self, run_id: &str, now: Millis) -> Result<RunStatus> {

@@ -1,0 +1,649 @@
+//! The store conformance suite: the same behaviours, run against every store. A store is done when
+//! it passes. Each test gets a fresh database; times are passed in, so no test sleeps.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use switchyard_engine::definition::{Format, Workflow, parse_str};
+use switchyard_engine::plan::{Trigger, plan_run};
+use switchyard_engine::state::{JobState, Millis, RunStatus, Settlement};
+use switchyard_engine::store::{
+    ClaimParams, ClaimedJob, Completion, FireOutcome, FireParams, NewRun, RunFilter, Store,
+    StoreError,
+};
+
+const T0: Millis = 1_800_000_000_000;
+const LEASE: Millis = 30_000;
+
+fn workflow(yaml: &str) -> Workflow {
+    parse_str("test.yaml", yaml, Format::Yaml)
+        .expect("test workflow parses")
+        .remove(0)
+}
+
+fn linear() -> Workflow {
+    workflow(
+        "id: linear\nsteps:\n  - {id: a, type: noop}\n  - {id: b, type: noop, needs: [a]}\n  - {id: c, type: noop, needs: [b]}\n",
+    )
+}
+
+async fn install(store: &dyn Store, wf: &Workflow) -> i64 {
+    store
+        .upsert_workflow(&wf.id, &serde_json::to_value(wf).unwrap(), T0)
+        .await
+        .unwrap()
+}
+
+async fn start(store: &dyn Store, wf: &Workflow, trigger: Trigger) -> String {
+    let version = install(store, wf).await;
+    let run = plan_run(wf, version, Value::Null, trigger).unwrap();
+    store.create_runs(vec![run], T0).await.unwrap().remove(0)
+}
+
+fn planned(store_version: i64, wf: &Workflow) -> NewRun {
+    plan_run(wf, store_version, Value::Null, Trigger::default()).unwrap()
+}
+
+async fn claim(store: &dyn Store, now: Millis, limit: u32) -> Vec<ClaimedJob> {
+    store
+        .claim(ClaimParams {
+            limit,
+            now,
+            lease_until: now + LEASE,
+        })
+        .await
+        .unwrap()
+}
+
+fn done(job: &ClaimedJob, output: Value) -> Completion {
+    Completion {
+        lease: job.lease.clone(),
+        settlement: Settlement::Succeed { output },
+        children: Vec::new(),
+    }
+}
+
+async fn run_status(store: &dyn Store, id: &str) -> RunStatus {
+    store.run(id).await.unwrap().summary.status
+}
+
+async fn job_state(store: &dyn Store, run: &str, step: &str) -> JobState {
+    store
+        .run(run)
+        .await
+        .unwrap()
+        .steps
+        .into_iter()
+        .find(|s| s.step_id == step)
+        .unwrap()
+        .state
+}
+
+pub async fn steps_run_in_dependency_order_and_the_run_succeeds(store: Arc<dyn Store>) {
+    let run = start(&*store, &linear(), Trigger::default()).await;
+    for (i, step) in ["a", "b", "c"].iter().enumerate() {
+        let now = T0 + i as Millis;
+        let jobs = claim(&*store, now, 10).await;
+        assert_eq!(jobs.len(), 1, "only {step} is ready");
+        assert_eq!(jobs[0].step_id, *step);
+        let accepted = store
+            .complete(vec![done(&jobs[0], json!({ "step": step }))], now)
+            .await
+            .unwrap();
+        assert_eq!(accepted.len(), 1);
+    }
+    let detail = store.run(&run).await.unwrap();
+    assert_eq!(detail.summary.status, RunStatus::Succeeded);
+    assert_eq!(detail.output, Some(json!({ "c": { "step": "c" } })));
+}
+
+pub async fn claimed_job_sees_outputs_of_finished_steps(store: Arc<dyn Store>) {
+    start(&*store, &linear(), Trigger::default()).await;
+    let a = claim(&*store, T0, 10).await;
+    store
+        .complete(vec![done(&a[0], json!(42))], T0)
+        .await
+        .unwrap();
+    let b = claim(&*store, T0, 10).await;
+    assert_eq!(b[0].outputs.get("a"), Some(&json!(42)));
+}
+
+pub async fn independent_steps_are_claimed_together_and_fan_in_waits_for_all(
+    store: Arc<dyn Store>,
+) {
+    let wf = workflow(
+        "id: diamond\nsteps:\n  - {id: a, type: noop}\n  - {id: b, type: noop}\n  - {id: join, type: noop, needs: [a, b]}\n",
+    );
+    let run = start(&*store, &wf, Trigger::default()).await;
+    let jobs = claim(&*store, T0, 10).await;
+    assert_eq!(jobs.len(), 2);
+    store
+        .complete(vec![done(&jobs[0], json!(1))], T0)
+        .await
+        .unwrap();
+    assert!(
+        claim(&*store, T0, 10).await.is_empty(),
+        "join waits for both"
+    );
+    store
+        .complete(vec![done(&jobs[1], json!(2))], T0)
+        .await
+        .unwrap();
+    let join = claim(&*store, T0, 10).await;
+    assert_eq!(join[0].step_id, "join");
+    store
+        .complete(vec![done(&join[0], Value::Null)], T0)
+        .await
+        .unwrap();
+    assert_eq!(run_status(&*store, &run).await, RunStatus::Succeeded);
+}
+
+pub async fn late_completion_from_expired_lease_is_rejected(store: Arc<dyn Store>) {
+    let run = start(&*store, &linear(), Trigger::default()).await;
+    let first = claim(&*store, T0, 1).await.remove(0);
+    // The worker goes quiet; its lease runs out and the job is reclaimed as a lost attempt.
+    let swept = store.sweep(T0 + LEASE + 1).await.unwrap();
+    assert_eq!(swept.reclaimed_jobs, 1);
+    let second = claim(&*store, T0 + LEASE + 2, 1).await.remove(0);
+    assert_eq!(second.lease.job_id, first.lease.job_id);
+    assert_eq!(second.lease.attempt, first.lease.attempt + 1);
+    // The first worker wakes up and reports: nothing changes.
+    let late = store
+        .complete(vec![done(&first, json!("stale"))], T0 + LEASE + 3)
+        .await
+        .unwrap();
+    assert!(late.is_empty(), "late completion was accepted");
+    assert_eq!(job_state(&*store, &run, "a").await, JobState::Running);
+    let current = store
+        .complete(vec![done(&second, json!("fresh"))], T0 + LEASE + 4)
+        .await
+        .unwrap();
+    assert_eq!(current, vec![second.lease.job_id]);
+    let detail = store.run(&run).await.unwrap();
+    assert_eq!(detail.steps[0].output, Some(json!("fresh")));
+}
+
+pub async fn completion_with_a_forged_token_is_rejected(store: Arc<dyn Store>) {
+    start(&*store, &linear(), Trigger::default()).await;
+    let mut job = claim(&*store, T0, 1).await.remove(0);
+    job.lease.token = "forged".into();
+    assert!(
+        store
+            .complete(vec![done(&job, Value::Null)], T0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn heartbeat_extends_a_lease_so_it_is_not_reclaimed(store: Arc<dyn Store>) {
+    start(&*store, &linear(), Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    let kept = store
+        .heartbeat(&[job.lease.clone()], T0 + 2 * LEASE)
+        .await
+        .unwrap();
+    assert_eq!(kept, vec![job.lease.job_id]);
+    assert_eq!(store.sweep(T0 + LEASE + 1).await.unwrap().reclaimed_jobs, 0);
+    assert_eq!(
+        store
+            .sweep(T0 + 2 * LEASE + 1)
+            .await
+            .unwrap()
+            .reclaimed_jobs,
+        1
+    );
+}
+
+pub async fn retry_waits_for_its_stored_time(store: Arc<dyn Store>) {
+    let run = start(&*store, &linear(), Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(
+            vec![Completion {
+                lease: job.lease.clone(),
+                settlement: Settlement::Retry {
+                    at: T0 + 5_000,
+                    error: "boom".into(),
+                },
+                children: Vec::new(),
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(job_state(&*store, &run, "a").await, JobState::Retrying);
+    assert!(claim(&*store, T0 + 4_999, 1).await.is_empty());
+    assert_eq!(store.next_due().await.unwrap(), Some(T0 + 5_000));
+    let again = claim(&*store, T0 + 5_000, 1).await.remove(0);
+    assert_eq!(again.lease.attempt, 2);
+    let detail = store.run(&run).await.unwrap();
+    assert_eq!(detail.steps[0].attempts.as_array().unwrap().len(), 1);
+}
+
+pub async fn failed_step_fails_the_run_and_cancels_the_rest(store: Arc<dyn Store>) {
+    let wf = workflow(
+        "id: two\nsteps:\n  - {id: a, type: noop}\n  - {id: b, type: noop}\n  - {id: c, type: noop, needs: [a]}\n",
+    );
+    let run = start(&*store, &wf, Trigger::default()).await;
+    let jobs = claim(&*store, T0, 10).await;
+    let a = jobs.iter().find(|j| j.step_id == "a").unwrap();
+    store
+        .complete(
+            vec![Completion {
+                lease: a.lease.clone(),
+                settlement: Settlement::Fail {
+                    error: "bad".into(),
+                },
+                children: Vec::new(),
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+    let detail = store.run(&run).await.unwrap();
+    assert_eq!(detail.summary.status, RunStatus::Failed);
+    assert!(detail.summary.error.unwrap().contains("step a failed: bad"));
+    assert_eq!(job_state(&*store, &run, "b").await, JobState::Cancelled);
+    assert_eq!(job_state(&*store, &run, "c").await, JobState::Cancelled);
+    let b = jobs.iter().find(|j| j.step_id == "b").unwrap();
+    assert!(
+        store
+            .heartbeat(&[b.lease.clone()], T0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn retry_run_reruns_only_unsuccessful_steps(store: Arc<dyn Store>) {
+    let run = start(&*store, &linear(), Trigger::default()).await;
+    let a = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![done(&a, json!("a"))], T0)
+        .await
+        .unwrap();
+    let b = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(
+            vec![Completion {
+                lease: b.lease.clone(),
+                settlement: Settlement::Fail { error: "x".into() },
+                children: Vec::new(),
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(run_status(&*store, &run).await, RunStatus::Failed);
+    store.retry_run(&run, T0 + 1).await.unwrap();
+    let next = claim(&*store, T0 + 1, 10).await;
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].step_id, "b");
+    assert_eq!(job_state(&*store, &run, "a").await, JobState::Succeeded);
+    assert!(matches!(
+        store.retry_run(&run, T0).await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+pub async fn cancel_ends_the_run_and_drops_held_leases(store: Arc<dyn Store>) {
+    let run = start(&*store, &linear(), Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    assert_eq!(
+        store.cancel_run(&run, T0).await.unwrap(),
+        RunStatus::Cancelled
+    );
+    assert!(
+        store
+            .heartbeat(&[job.lease.clone()], T0 + LEASE)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a cancelled step's worker learns it at its next heartbeat"
+    );
+    assert!(
+        store
+            .complete(vec![done(&job, Value::Null)], T0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.cancel_run(&run, T0).await.unwrap(),
+        RunStatus::Cancelled
+    );
+    assert!(matches!(
+        store.cancel_run("nope", T0).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub async fn run_past_its_deadline_times_out(store: Arc<dyn Store>) {
+    let wf = workflow("id: slow\ntimeout: 10s\nsteps:\n  - {id: a, type: noop}\n");
+    let run = start(&*store, &wf, Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    assert_eq!(store.sweep(T0 + 9_999).await.unwrap().timed_out_runs, 0);
+    assert_eq!(store.sweep(T0 + 10_000).await.unwrap().timed_out_runs, 1);
+    assert_eq!(run_status(&*store, &run).await, RunStatus::TimedOut);
+    assert!(
+        store
+            .heartbeat(&[job.lease.clone()], T0 + LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn parked_job_wakes_at_its_time_with_its_checkpoint(store: Arc<dyn Store>) {
+    start(&*store, &linear(), Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(
+            vec![Completion {
+                lease: job.lease.clone(),
+                settlement: Settlement::Park {
+                    until: Some(T0 + 60_000),
+                    checkpoint: json!({ "until": T0 + 60_000 }),
+                },
+                children: Vec::new(),
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+    assert!(claim(&*store, T0 + 59_999, 1).await.is_empty());
+    let woken = claim(&*store, T0 + 60_000, 1).await.remove(0);
+    assert_eq!(woken.lease.attempt, 1, "waking is not a new attempt");
+    assert_eq!(woken.checkpoint, Some(json!({ "until": T0 + 60_000 })));
+}
+
+pub async fn workflow_step_succeeds_with_child_outputs_in_order(store: Arc<dyn Store>) {
+    let child = workflow("id: child\nsteps:\n  - {id: only, type: noop}\n");
+    let parent = workflow(
+        "id: parent\nsteps:\n  - {id: fan, type: workflow, with: {workflows: [child, child]}}\n",
+    );
+    let child_version = install(&*store, &child).await;
+    let run = start(&*store, &parent, Trigger::default()).await;
+    let fan = claim(&*store, T0, 1).await.remove(0);
+    let children: Vec<NewRun> = (0..2)
+        .map(|index| {
+            let mut r = planned(child_version, &child);
+            r.parent = Some(switchyard_engine::store::ParentLink {
+                run_id: run.clone(),
+                job_id: fan.lease.job_id,
+                index,
+            });
+            r
+        })
+        .collect();
+    store
+        .complete(
+            vec![Completion {
+                lease: fan.lease.clone(),
+                settlement: Settlement::Park {
+                    until: None,
+                    checkpoint: json!({}),
+                },
+                children,
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+    let jobs = claim(&*store, T0, 10).await;
+    assert_eq!(jobs.len(), 2);
+    // Finish them out of order: the output keeps the children's order.
+    for (job, out) in jobs.iter().rev().zip(["second", "first"]) {
+        store
+            .complete(vec![done(job, json!(out))], T0)
+            .await
+            .unwrap();
+    }
+    let detail = store.run(&run).await.unwrap();
+    assert_eq!(detail.summary.status, RunStatus::Succeeded);
+    assert_eq!(
+        detail.output,
+        Some(json!({ "fan": [{ "only": "first" }, { "only": "second" }] }))
+    );
+}
+
+pub async fn a_fire_creates_exactly_one_run_with_two_schedulers(store: Arc<dyn Store>) {
+    let wf = linear();
+    let version = install(&*store, &wf).await;
+    let fire = || FireParams {
+        workflow_id: wf.id.clone(),
+        fire_at: T0,
+        skip_if_active: false,
+        run: planned(version, &wf),
+    };
+    let (first, second) = tokio::join!(store.fire(fire(), T0), store.fire(fire(), T0));
+    let outcomes = [first.unwrap(), second.unwrap()];
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| matches!(o, FireOutcome::Started(_)))
+            .count(),
+        1
+    );
+    assert!(outcomes.contains(&FireOutcome::AlreadyRecorded));
+    let runs = store
+        .list_runs(&RunFilter {
+            limit: 10,
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 1);
+}
+
+pub async fn overlapping_fire_is_skipped_with_its_reason(store: Arc<dyn Store>) {
+    let wf = linear();
+    let version = install(&*store, &wf).await;
+    for at in [T0, T0 + 1] {
+        store
+            .fire(
+                FireParams {
+                    workflow_id: wf.id.clone(),
+                    fire_at: at,
+                    skip_if_active: true,
+                    run: planned(version, &wf),
+                },
+                at,
+            )
+            .await
+            .unwrap();
+    }
+    let fires = store.fires(Some("linear"), 10).await.unwrap();
+    assert_eq!(fires.len(), 2);
+    let skipped = fires.iter().find(|f| f.fire_at == T0 + 1).unwrap();
+    assert!(skipped.skipped_reason.as_ref().unwrap().contains("overlap"));
+}
+
+pub async fn paused_workflow_fires_are_recorded_as_skipped(store: Arc<dyn Store>) {
+    let wf = linear();
+    let version = install(&*store, &wf).await;
+    store.set_paused("linear", true, T0).await.unwrap();
+    let outcome = store
+        .fire(
+            FireParams {
+                workflow_id: wf.id.clone(),
+                fire_at: T0,
+                skip_if_active: false,
+                run: planned(version, &wf),
+            },
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, FireOutcome::Skipped("paused".into()));
+    assert!(store.workflows().await.unwrap()[0].paused);
+    assert!(matches!(
+        store.set_paused("ghost", true, T0).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub async fn concurrency_key_holds_runs_until_a_slot_frees(store: Arc<dyn Store>) {
+    let wf = workflow(
+        "id: keyed\nconcurrency: {limit: 1, key: \"{{ input.region }}\"}\nsteps:\n  - {id: a, type: noop}\n",
+    );
+    let version = install(&*store, &wf).await;
+    let make = |region: &str| {
+        plan_run(
+            &wf,
+            version,
+            json!({ "region": region }),
+            Trigger::default(),
+        )
+        .unwrap()
+    };
+    let ids = store
+        .create_runs(vec![make("us"), make("us"), make("de")], T0)
+        .await
+        .unwrap();
+    assert_eq!(run_status(&*store, &ids[1]).await, RunStatus::Pending);
+    let jobs = claim(&*store, T0, 10).await;
+    assert_eq!(jobs.len(), 2, "one us run and the de run");
+    let us = jobs.iter().find(|j| j.run_id == ids[0]).unwrap();
+    store
+        .complete(vec![done(us, Value::Null)], T0)
+        .await
+        .unwrap();
+    assert_eq!(run_status(&*store, &ids[1]).await, RunStatus::Running);
+    assert_eq!(claim(&*store, T0, 10).await[0].run_id, ids[1]);
+}
+
+pub async fn idempotency_key_returns_the_first_run(store: Arc<dyn Store>) {
+    let trigger = Trigger {
+        idempotency_key: Some("order-7".into()),
+        ..Trigger::default()
+    };
+    let first = start(&*store, &linear(), trigger.clone()).await;
+    let second = start(&*store, &linear(), trigger).await;
+    assert_eq!(first, second);
+}
+
+pub async fn run_keeps_the_version_it_started_with(store: Arc<dyn Store>) {
+    let run = start(&*store, &linear(), Trigger::default()).await;
+    let mut changed = linear();
+    changed.name = Some("changed".into());
+    assert_eq!(install(&*store, &changed).await, 2);
+    assert_eq!(
+        install(&*store, &changed).await,
+        2,
+        "unchanged: same version"
+    );
+    assert_eq!(store.run(&run).await.unwrap().summary.version, 1);
+    let job = claim(&*store, T0, 1).await.remove(0);
+    assert_eq!(job.version, 1);
+}
+
+pub async fn finished_runs_are_pruned_after_retention(store: Arc<dyn Store>) {
+    let wf = workflow("id: short\nretention: 1h\nsteps:\n  - {id: a, type: noop}\n");
+    let run = start(&*store, &wf, Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![done(&job, Value::Null)], T0)
+        .await
+        .unwrap();
+    assert_eq!(store.prune(T0 + 3_599_999, 100).await.unwrap(), 0);
+    assert_eq!(store.prune(T0 + 3_600_000, 100).await.unwrap(), 1);
+    assert!(matches!(
+        store.run(&run).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub async fn batch_claim_takes_up_to_the_limit_oldest_first(store: Arc<dyn Store>) {
+    let wf = workflow("id: one\nsteps:\n  - {id: a, type: noop}\n");
+    let version = install(&*store, &wf).await;
+    let runs: Vec<NewRun> = (0..250).map(|_| planned(version, &wf)).collect();
+    let ids = store.create_runs(runs, T0).await.unwrap();
+    let first = claim(&*store, T0, 100).await;
+    assert_eq!(first.len(), 100);
+    assert_eq!(store.queue_depth(T0).await.unwrap(), 150);
+    let accepted = store
+        .complete(first.iter().map(|j| done(j, Value::Null)).collect(), T0)
+        .await
+        .unwrap();
+    assert_eq!(accepted.len(), 100);
+    assert_eq!(run_status(&*store, &ids[0]).await, RunStatus::Succeeded);
+    assert_eq!(claim(&*store, T0, 1_000).await.len(), 150);
+}
+
+macro_rules! conformance {
+    ($backend:ident, $open:expr) => {
+        mod $backend {
+            use super::*;
+            conformance!(@tests $open;
+                steps_run_in_dependency_order_and_the_run_succeeds,
+                claimed_job_sees_outputs_of_finished_steps,
+                independent_steps_are_claimed_together_and_fan_in_waits_for_all,
+                late_completion_from_expired_lease_is_rejected,
+                completion_with_a_forged_token_is_rejected,
+                heartbeat_extends_a_lease_so_it_is_not_reclaimed,
+                retry_waits_for_its_stored_time,
+                failed_step_fails_the_run_and_cancels_the_rest,
+                retry_run_reruns_only_unsuccessful_steps,
+                cancel_ends_the_run_and_drops_held_leases,
+                run_past_its_deadline_times_out,
+                parked_job_wakes_at_its_time_with_its_checkpoint,
+                workflow_step_succeeds_with_child_outputs_in_order,
+                a_fire_creates_exactly_one_run_with_two_schedulers,
+                overlapping_fire_is_skipped_with_its_reason,
+                paused_workflow_fires_are_recorded_as_skipped,
+                concurrency_key_holds_runs_until_a_slot_frees,
+                idempotency_key_returns_the_first_run,
+                run_keeps_the_version_it_started_with,
+                finished_runs_are_pruned_after_retention,
+                batch_claim_takes_up_to_the_limit_oldest_first,
+            );
+        }
+    };
+    (@tests $open:expr; $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let (store, _guard) = $open.await;
+                super::$name(store).await;
+            }
+        )+
+    };
+}
+
+async fn open_sqlite() -> (Arc<dyn Store>, TempDir) {
+    let dir = TempDir::new();
+    let url = format!("sqlite://{}/store.db", dir.0.display());
+    let store = switchyard_engine::store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    (store, dir)
+}
+
+/// A folder removed when the test ends.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "switchyard-test-{}",
+            uuid_like(std::process::id() as u64)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn uuid_like(seed: u64) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{seed}-{}", NEXT.fetch_add(1, Ordering::SeqCst))
+}
+
+conformance!(sqlite, open_sqlite());
