@@ -180,7 +180,7 @@ pub async fn heartbeat_extends_a_lease_so_it_is_not_reclaimed(store: Arc<dyn Sto
     start(&*store, &linear(), Trigger::default()).await;
     let job = claim(&*store, T0, 1).await.remove(0);
     let kept = store
-        .heartbeat(&[job.lease.clone()], T0 + 2 * LEASE)
+        .heartbeat(std::slice::from_ref(&job.lease), T0 + 2 * LEASE)
         .await
         .unwrap();
     assert_eq!(kept, vec![job.lease.job_id]);
@@ -249,7 +249,7 @@ pub async fn failed_step_fails_the_run_and_cancels_the_rest(store: Arc<dyn Store
     let b = jobs.iter().find(|j| j.step_id == "b").unwrap();
     assert!(
         store
-            .heartbeat(&[b.lease.clone()], T0)
+            .heartbeat(std::slice::from_ref(&b.lease), T0)
             .await
             .unwrap()
             .is_empty()
@@ -296,7 +296,7 @@ pub async fn cancel_ends_the_run_and_drops_held_leases(store: Arc<dyn Store>) {
     );
     assert!(
         store
-            .heartbeat(&[job.lease.clone()], T0 + LEASE)
+            .heartbeat(std::slice::from_ref(&job.lease), T0 + LEASE)
             .await
             .unwrap()
             .is_empty(),
@@ -328,7 +328,7 @@ pub async fn run_past_its_deadline_times_out(store: Arc<dyn Store>) {
     assert_eq!(run_status(&*store, &run).await, RunStatus::TimedOut);
     assert!(
         store
-            .heartbeat(&[job.lease.clone()], T0 + LEASE)
+            .heartbeat(std::slice::from_ref(&job.lease), T0 + LEASE)
             .await
             .unwrap()
             .is_empty()
