@@ -211,7 +211,8 @@ pub struct JobDetail {
     pub run_after: Option<Millis>,
     pub started_at: Option<Millis>,
     pub finished_at: Option<Millis>,
-    /// One entry per finished attempt: `{attempt, started_at, finished_at, outcome, error}`.
+    /// One entry per unsuccessful attempt: `{attempt, started_at, finished_at, outcome, error}`;
+    /// a succeeding attempt is the job's own `started_at`/`finished_at`.
     pub attempts: Value,
 }
 

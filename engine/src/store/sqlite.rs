@@ -254,7 +254,8 @@ async fn complete_in(
     // worker whose lease expired matches nothing.
     let accepted = sqlx::query(
         // Each field is read out of the JSON once (MATERIALIZED), not at every use: JSON
-        // extraction is what this statement spends its time on.
+        // extraction is what this statement spends its time on. The attempt history records
+        // unsuccessful attempts only; the succeeding one is the row's own timings.
         "WITH c AS MATERIALIZED (SELECT value->>'id' AS id, value->>'attempt' AS attempt, \
              value->>'token' AS token, value->>'state' AS state, value->>'output' AS output, \
              value->>'error' AS error, value->>'run_after' AS run_after, \
@@ -269,7 +270,7 @@ async fn complete_in(
              lease_token = NULL, \
              lease_expires_at = NULL, \
              finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN ?2 END, \
-             attempts = CASE WHEN c.state IN ('succeeded', 'failed', 'retrying') \
+             attempts = CASE WHEN c.state IN ('failed', 'retrying') \
                  THEN json_insert(jobs.attempts, '$[#]', json_object('attempt', jobs.attempt, \
                      'started_at', jobs.started_at, 'finished_at', ?2, \
                      'outcome', c.state, 'error', c.error)) \
@@ -543,9 +544,7 @@ async fn settle_parents(
             let row = sqlx::query(
                 "UPDATE jobs SET state = 'succeeded', finished_at = ?2, \
                      output = (SELECT json_group_array(json(output)) FROM \
-                         (SELECT output FROM runs WHERE parent_job_id = ?1 ORDER BY child_index)), \
-                     attempts = json_insert(attempts, '$[#]', json_object('attempt', attempt, \
-                         'started_at', started_at, 'finished_at', ?2, 'outcome', 'succeeded')) \
+                         (SELECT output FROM runs WHERE parent_job_id = ?1 ORDER BY child_index)) \
                  WHERE id = ?1 AND state = 'parked' \
                      AND NOT EXISTS (SELECT 1 FROM runs \
                          WHERE parent_job_id = ?1 AND status != 'succeeded') \
