@@ -582,10 +582,19 @@ const SUMMARY_COLUMNS: &str =
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<()> {
-        MIGRATOR
-            .run(&self.writer)
-            .await
-            .map_err(|e| StoreError::Migration(e.to_string()))
+        // Two processes starting on a new file both see no migration applied and race; the loser
+        // fails on `CREATE TABLE`. Looking again finds the winner's migration recorded.
+        let mut tries = 0;
+        loop {
+            match MIGRATOR.run(&self.writer).await {
+                Ok(()) => return Ok(()),
+                Err(_) if tries < 5 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                }
+                Err(e) => return Err(StoreError::Migration(e.to_string())),
+            }
+        }
     }
 
     fn wakeup(&self) -> Arc<Notify> {
