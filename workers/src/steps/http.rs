@@ -152,3 +152,44 @@ impl StepKind for Http {
         })))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("120"));
+        assert_eq!(retry_after(&h, 0), Some(Duration::from_secs(120)));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        let at = 1_445_412_480_000;
+        assert_eq!(retry_after(&h, at - 5_000), Some(Duration::from_secs(5)));
+        assert_eq!(retry_after(&h, at + 1), None);
+    }
+
+    #[test]
+    fn only_server_errors_and_throttling_are_retryable() {
+        for code in [500, 502, 503, 408, 425, 429] {
+            assert!(retryable(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+        for code in [400, 401, 403, 404, 422] {
+            assert!(!retryable(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+    }
+
+    #[test]
+    fn idempotency_key_is_sent_unless_the_step_sets_one() {
+        let h = headers(&json!({}), "run:step").unwrap();
+        assert_eq!(h["idempotency-key"], "run:step");
+        let h = headers(
+            &json!({ "headers": { "Idempotency-Key": "mine" } }),
+            "run:step",
+        )
+        .unwrap();
+        assert_eq!(h["idempotency-key"], "mine");
+    }
+}

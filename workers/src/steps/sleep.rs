@@ -44,3 +44,53 @@ impl StepKind for Sleep {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(now: i64, checkpoint: Option<serde_json::Value>) -> StepCall {
+        StepCall {
+            with: json!({ "duration": "10s" }),
+            checkpoint,
+            idempotency_key: "r:s".into(),
+            run_id: "r".into(),
+            step_id: "s".into(),
+            attempt: 1,
+            now,
+        }
+    }
+
+    #[tokio::test]
+    async fn first_call_parks_until_the_wake_time() {
+        let outcome = Sleep.run(call(1_000, None)).await.unwrap();
+        assert_eq!(
+            outcome,
+            StepOutcome::Park {
+                until: Some(11_000),
+                checkpoint: json!({ "until": 11_000 })
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn woken_sleep_keeps_its_original_wake_time() {
+        let outcome = Sleep
+            .run(call(50_000, Some(json!({ "until": 11_000 }))))
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            StepOutcome::Output(json!({ "slept_until": 11_000 }))
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_duration_is_a_permanent_failure() {
+        let mut c = call(0, None);
+        c.with = json!({ "duration": "soon" });
+        let err = Sleep.run(c).await.unwrap_err();
+        assert!(!err.retryable);
+        assert!(err.message.contains("soon"));
+    }
+}
