@@ -43,20 +43,43 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30))
             .pragma("cache_size", "-16384");
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(60))
-            .connect_with(options.clone())
-            .await?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.read_only(true))
-            .await?;
+        let writer = open_pool(options.clone(), 1).await?;
+        let reader = open_pool(options.read_only(true), 4).await?;
         Ok(SqliteStore {
             writer,
             reader,
             wakeup: Arc::new(Notify::new()),
         })
+    }
+}
+
+/// Switching a new file to WAL needs a moment of exclusive access; a second process starting at
+/// the same time gets `database is locked` and tries again.
+async fn open_pool(options: SqliteConnectOptions, size: u32) -> Result<SqlitePool> {
+    let mut tries = 0;
+    loop {
+        match SqlitePoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_with(options.clone())
+            .await
+        {
+            Ok(pool) => return Ok(pool),
+            Err(e) if tries < 20 && e.to_string().contains("locked") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50 * tries)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Write transactions take the write lock up front (`BEGIN IMMEDIATE`): a deferred one that
+    /// reads first and then writes fails at once with `SQLITE_BUSY` when another process writes,
+    /// instead of waiting out the busy timeout.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
 
@@ -603,7 +626,7 @@ impl Store for SqliteStore {
 
     async fn upsert_workflow(&self, id: &str, definition: &Value, now: Millis) -> Result<i64> {
         let text = to_json(definition);
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.write_tx().await?;
         let latest = sqlx::query(
             "SELECT v.version, v.definition FROM workflows w \
              JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version \
@@ -685,7 +708,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_runs(&self, runs: Vec<NewRun>, now: Millis) -> Result<Vec<RunId>> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.write_tx().await?;
         let ids = insert_runs(&mut tx, runs, now).await?;
         tx.commit().await?;
         self.wakeup.notify_one();
@@ -693,7 +716,7 @@ impl Store for SqliteStore {
     }
 
     async fn fire(&self, fire: FireParams, now: Millis) -> Result<FireOutcome> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.write_tx().await?;
         let recorded = sqlx::query(
             "INSERT INTO fires (workflow_id, fire_at, recorded_at) VALUES (?, ?, ?) \
              ON CONFLICT DO NOTHING",
@@ -879,7 +902,7 @@ impl Store for SqliteStore {
     }
 
     async fn complete(&self, completions: Vec<Completion>, now: Millis) -> Result<Vec<JobId>> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.write_tx().await?;
         let accepted = complete_in(&mut tx, completions, now).await?;
         tx.commit().await?;
         if !accepted.is_empty() {
@@ -889,7 +912,7 @@ impl Store for SqliteStore {
     }
 
     async fn sweep(&self, now: Millis) -> Result<Swept> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.write_tx().await?;
         let expired = sqlx::query(
             "SELECT id, attempt, lease_token, max_attempts FROM jobs \
              WHERE state = 'running' AND lease_expires_at <= ? LIMIT 1000",
@@ -964,7 +987,7 @@ impl Store for SqliteStore {
     }
 
     async fn cancel_run(&self, run_id: &str, now: Millis) -> Result<RunStatus> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.write_tx().await?;
         let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
             .bind(run_id)
             .fetch_optional(&mut *tx)
@@ -987,7 +1010,7 @@ impl Store for SqliteStore {
     }
 
     async fn retry_run(&self, run_id: &str, now: Millis) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.write_tx().await?;
         let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
             .bind(run_id)
             .fetch_optional(&mut *tx)
@@ -1095,7 +1118,7 @@ impl Store for SqliteStore {
     }
 
     async fn prune(&self, now: Millis, limit: u32) -> Result<u64> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.write_tx().await?;
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM runs WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
         )

@@ -1,0 +1,187 @@
+//! The CLI as a user meets it: failures, timeouts, cancellation and bad input, on the real binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use common::{Sandbox, start_counter, step};
+
+#[test]
+fn failed_run_exits_non_zero_after_its_retries() {
+    let (base, _hits) = start_counter();
+    let mut sandbox = Sandbox::new(
+        "fail",
+        &format!(
+            "id: broken\nretry: {{max_retries: 1, initial: 50ms}}\nsteps:\n  - {{id: call, type: http, with: {{url: \"{base}/status/503\"}}}}\n"
+        ),
+    );
+    sandbox.serve();
+    let out = sandbox.output_within(&["run", "broken", "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    let run = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let detail = sandbox.show(&run);
+    assert_eq!(detail["status"], "failed");
+    let call = step(&detail, "call");
+    assert_eq!(call["attempt"], 2);
+    assert!(call["error"].as_str().unwrap().contains("503"), "{call}");
+    assert_eq!(call["attempts"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn client_error_is_not_retried() {
+    let (base, _hits) = start_counter();
+    let mut sandbox = Sandbox::new(
+        "notfound",
+        &format!(
+            "id: missing\nretry: {{max_retries: 3, initial: 50ms}}\nsteps:\n  - {{id: call, type: http, with: {{url: \"{base}/status/404\"}}}}\n"
+        ),
+    );
+    sandbox.serve();
+    let out = sandbox.output_within(&["run", "missing", "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    let run = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(step(&sandbox.show(&run), "call")["attempt"], 1);
+}
+
+#[test]
+fn cancel_stops_a_running_step_and_ends_run_wait_with_code_3() {
+    let (base, _hits) = start_counter();
+    let mut sandbox = Sandbox::new(
+        "cancel",
+        &format!(
+            "id: hang\nsteps:\n  - {{id: call, type: http, with: {{url: \"{base}/hang/x\"}}}}\n"
+        ),
+    );
+    sandbox.serve();
+    let mut waiter = sandbox
+        .command()
+        .args(["run", "hang", "--wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut run = String::new();
+    BufReader::new(waiter.stdout.take().unwrap())
+        .read_line(&mut run)
+        .unwrap();
+    let run = run.trim().to_owned();
+    sandbox.wait_for("the step to start", || {
+        step(&sandbox.show(&run), "call")["state"] == "running"
+    });
+    sandbox.cli(&["cancel", &run]);
+    let detail = sandbox.show(&run);
+    assert_eq!(detail["status"], "cancelled");
+    assert_eq!(step(&detail, "call")["state"], "cancelled");
+    let mut code = None;
+    sandbox.wait_for("run --wait to end", || {
+        code = waiter.try_wait().unwrap().map(|s| s.code());
+        code.is_some()
+    });
+    assert_eq!(code, Some(Some(3)));
+}
+
+#[test]
+fn step_timeout_fails_the_attempt() {
+    let (base, _hits) = start_counter();
+    let mut sandbox = Sandbox::new(
+        "steptimeout",
+        &format!(
+            "id: slowstep\nretry: {{max_retries: 0}}\nsteps:\n  - {{id: call, type: http, timeout: 300ms, with: {{url: \"{base}/hang/y\"}}}}\n"
+        ),
+    );
+    sandbox.serve();
+    let out = sandbox.output_within(&["run", "slowstep", "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    let run = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let call = step(&sandbox.show(&run), "call").clone();
+    assert!(
+        call["error"].as_str().unwrap().contains("timed out"),
+        "{call}"
+    );
+}
+
+#[test]
+fn run_timeout_marks_the_run_timed_out() {
+    let mut sandbox = Sandbox::new(
+        "runtimeout",
+        "id: long\ntimeout: 1s\nsteps:\n  - {id: rest, type: sleep, with: {duration: 30s}}\n",
+    );
+    sandbox.serve();
+    let out = sandbox.output_within(&["run", "long", "--wait"]);
+    assert_eq!(out.status.code(), Some(4));
+    let run = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(sandbox.show(&run)["status"], "timed_out");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let sandbox = Sandbox::new("badinput", "id: fine\nsteps:\n  - {id: a, type: noop}\n");
+    for (args, expected) in [
+        (
+            vec!["run", "fine", "--input", "[1]"],
+            "must be a JSON object",
+        ),
+        (vec!["run", "fine", "--input", "{oops"], "not valid JSON"),
+        (vec!["run", "ghost"], "unknown workflow"),
+        (vec!["show", "no-such-run"], "unknown run"),
+        (vec!["cancel", "no-such-run"], "unknown run"),
+        (vec!["pause", "ghost"], "unknown workflow"),
+    ] {
+        let out = sandbox.command().args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    assert_eq!(sandbox.cli(&["runs", "--json"]).trim(), "[]");
+}
+
+#[test]
+fn invalid_definition_stops_serve_and_lists_every_error() {
+    let sandbox = Sandbox::new(
+        "invalid",
+        "id: bad\nsteps:\n  - {id: a, type: teleport}\n  - {id: b, type: noop, needs: [nowhere]}\n",
+    );
+    std::fs::write(
+        sandbox.dir.join("definitions/other.yaml"),
+        "id: other\nschedule: \"not a cron\"\nsteps:\n  - {id: a, type: noop}\n",
+    )
+    .unwrap();
+    let out = sandbox
+        .command()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in ["test.yaml:3:", "teleport", "nowhere", "other.yaml:2:"] {
+        assert!(stderr.contains(needle), "missing {needle:?} in {stderr}");
+    }
+    let validate = sandbox.command().arg("validate").output().unwrap();
+    assert_eq!(validate.status.code(), Some(1));
+}
+
+#[test]
+fn fanout_demo_aggregates_seven_children() {
+    let mut sandbox = Sandbox::new("fanout", "id: unused\nsteps:\n  - {id: a, type: noop}\n");
+    std::fs::remove_file(sandbox.dir.join("definitions/test.yaml")).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/definitions/fanout_demo.yaml"),
+        sandbox.dir.join("definitions/fanout_demo.yaml"),
+    )
+    .unwrap();
+    sandbox.serve();
+    let out = sandbox.output_within(&["run", "fanout_demo", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let detail = sandbox.show(&run);
+    assert_eq!(detail["output"]["aggregate"]["children"], 7);
+    assert_eq!(
+        detail["output"]["aggregate"]["results"][0]["report"],
+        "amazon_influencer-item"
+    );
+}

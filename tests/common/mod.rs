@@ -1,0 +1,183 @@
+//! Shared by the end-to-end tests: a sandbox that runs the real binary against its own database,
+//! and a counting HTTP server on 127.0.0.1 for steps to call.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path as UrlPath, State};
+use axum::routing::get;
+use serde_json::Value;
+
+pub type Hits = Arc<Mutex<HashMap<String, u32>>>;
+
+/// A counting HTTP server: `/slow/<name>` answers after 3 s, `/hang/<name>` after 2 min,
+/// `/status/<code>` with that status, `/<name>` at once.
+pub fn start_counter() -> (String, Hits) {
+    let hits: Hits = Arc::default();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = hits.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            async fn fast(State(h): State<Hits>, UrlPath(name): UrlPath<String>) -> &'static str {
+                *h.lock().unwrap().entry(name).or_default() += 1;
+                "{\"ok\": true}"
+            }
+            async fn slow(State(h): State<Hits>, UrlPath(name): UrlPath<String>) -> &'static str {
+                *h.lock().unwrap().entry(format!("slow/{name}")).or_default() += 1;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                "{\"ok\": true}"
+            }
+            async fn status(UrlPath(code): UrlPath<u16>) -> axum::http::StatusCode {
+                axum::http::StatusCode::from_u16(code).unwrap()
+            }
+            async fn hang() -> &'static str {
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                "late"
+            }
+            let app = Router::new()
+                .route("/status/{code}", get(status))
+                .route("/hang/{name}", get(hang))
+                .route("/slow/{name}", get(slow))
+                .route("/{name}", get(fast))
+                .with_state(state);
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    (format!("http://{addr}"), hits)
+}
+
+pub fn count(hits: &Hits, name: &str) -> u32 {
+    hits.lock().unwrap().get(name).copied().unwrap_or(0)
+}
+
+pub struct Sandbox {
+    pub dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Sandbox {
+    pub fn new(name: &str, definition: &str) -> Sandbox {
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("definitions")).unwrap();
+        std::fs::write(dir.join("definitions/test.yaml"), definition).unwrap();
+        Sandbox {
+            dir,
+            children: Vec::new(),
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        cmd.current_dir(&self.dir)
+            .env("SWITCHYARD_DATABASE_URL", db_url(&self.dir))
+            .env("RUST_LOG", "warn");
+        cmd
+    }
+
+    pub fn serve(&mut self) {
+        // Port 0: parallel tests never race for a port.
+        let child = self
+            .command()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["--workers", "8", "--lease", "2s", "--grace", "1s"])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(self.dir.join(format!("serve-{}.log", self.children.len())))
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    /// `kill -9` every server this sandbox started.
+    pub fn kill_all(&mut self) {
+        for mut child in self.children.drain(..) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.command().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command that waits (`run --wait`), killing it if it takes over 30 s.
+    pub fn output_within(&self, args: &[&str]) -> std::process::Output {
+        let mut child = self
+            .command()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                let logs: Vec<String> = std::fs::read_dir(&self.dir)
+                    .unwrap()
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                    .filter_map(|p| std::fs::read_to_string(p).ok())
+                    .collect();
+                panic!("{args:?} did not finish within 30 s; logs: {logs:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn show(&self, run: &str) -> Value {
+        serde_json::from_str(&self.cli(&["show", run, "--json"])).unwrap()
+    }
+
+    pub fn wait_for(&self, what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ok() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.kill_all();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn db_url(dir: &Path) -> String {
+    format!("sqlite://{}/switchyard.db", dir.display())
+}
+
+pub fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step_id"] == id)
+        .unwrap()
+}
