@@ -555,6 +555,17 @@ pub async fn finished_runs_are_pruned_after_retention(store: Arc<dyn Store>) {
     ));
 }
 
+pub async fn old_fire_records_are_pruned_but_the_latest_stays(store: Arc<dyn Store>) {
+    install(&*store, &linear()).await;
+    for at in [T0, T0 + 1_000] {
+        store.skip_fire("linear", at, "paused", at).await.unwrap();
+    }
+    store.prune(T0 + 31 * 86_400_000, 100).await.unwrap();
+    let fires = store.fires(Some("linear"), 10).await.unwrap();
+    assert_eq!(fires.len(), 1);
+    assert_eq!(fires[0].fire_at, T0 + 1_000);
+}
+
 pub async fn batch_claim_takes_up_to_the_limit_oldest_first(store: Arc<dyn Store>) {
     let wf = workflow("id: one\nsteps:\n  - {id: a, type: noop}\n");
     let version = install(&*store, &wf).await;
@@ -597,6 +608,7 @@ macro_rules! conformance {
                 idempotency_key_returns_the_first_run,
                 run_keeps_the_version_it_started_with,
                 finished_runs_are_pruned_after_retention,
+                old_fire_records_are_pruned_but_the_latest_stays,
                 batch_claim_takes_up_to_the_limit_oldest_first,
             );
         }

@@ -1126,7 +1126,17 @@ impl Store for SqliteStore {
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
+        // Fire records outlive their runs by the default retention; the newest of each workflow
+        // stays, since the scheduler counts missed fires from it.
+        sqlx::query(
+            "DELETE FROM fires WHERE fire_at < ?1 - 2592000000 \
+             AND fire_at < (SELECT max(fire_at) FROM fires AS f WHERE f.workflow_id = fires.workflow_id)",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         if ids.is_empty() {
+            tx.commit().await?;
             return Ok(0);
         }
         let ids = to_json(&ids);
