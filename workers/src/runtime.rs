@@ -41,7 +41,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             slots: 64,
             lease: Duration::from_secs(30),
-            poll: Duration::from_secs(1),
+            poll: Duration::from_millis(250),
             grace: Duration::from_secs(10),
             max_output_bytes: 1024 * 1024,
             vars: Value::Object(Default::default()),
