@@ -17,7 +17,8 @@ use serde_json::Value;
 pub type Hits = Arc<Mutex<HashMap<String, u32>>>;
 
 /// A counting HTTP server: `/slow/<name>` answers after 3 s, `/hang/<name>` after 2 min,
-/// `/status/<code>` with that status, `/<name>` at once.
+/// `/status/<code>` with that status, `/<name>` at once. `/flaky/<name>` counts each request as
+/// `flaky/<name>/<Idempotency-Key header>` and answers 503 to the first request, 200 after.
 pub fn start_counter() -> (String, Hits) {
     let hits: Hits = Arc::default();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -42,6 +43,29 @@ pub fn start_counter() -> (String, Hits) {
             async fn status(UrlPath(code): UrlPath<u16>) -> axum::http::StatusCode {
                 axum::http::StatusCode::from_u16(code).unwrap()
             }
+            async fn flaky(
+                State(h): State<Hits>,
+                UrlPath(name): UrlPath<String>,
+                headers: axum::http::HeaderMap,
+            ) -> axum::http::StatusCode {
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("<none>");
+                let mut h = h.lock().unwrap();
+                let prefix = format!("flaky/{name}/");
+                let before: u32 = h
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&prefix))
+                    .map(|(_, n)| n)
+                    .sum();
+                *h.entry(format!("{prefix}{key}")).or_default() += 1;
+                if before == 0 {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
             async fn hang() -> &'static str {
                 tokio::time::sleep(Duration::from_secs(120)).await;
                 "late"
@@ -49,6 +73,7 @@ pub fn start_counter() -> (String, Hits) {
             let app = Router::new()
                 .route("/status/{code}", get(status))
                 .route("/hang/{name}", get(hang))
+                .route("/flaky/{name}", get(flaky))
                 .route("/slow/{name}", get(slow))
                 .route("/{name}", get(fast))
                 .with_state(state);
@@ -66,6 +91,8 @@ pub fn count(hits: &Hits, name: &str) -> u32 {
 pub struct Sandbox {
     pub dir: PathBuf,
     children: Vec<Child>,
+    /// Servers started so far: names each one's log file.
+    started: usize,
 }
 
 impl Sandbox {
@@ -78,6 +105,7 @@ impl Sandbox {
         Sandbox {
             dir,
             children: Vec::new(),
+            started: 0,
         }
     }
 
@@ -90,19 +118,25 @@ impl Sandbox {
     }
 
     pub fn serve(&mut self) {
+        self.serve_with_grace("1s");
+    }
+
+    /// `serve` with its own `--grace`, for the shutdown tests.
+    pub fn serve_with_grace(&mut self, grace: &str) {
         // Port 0: parallel tests never race for a port.
         let child = self
             .command()
             .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(["--workers", "8", "--lease", "2s", "--grace", "1s"])
+            .args(["--workers", "8", "--lease", "2s", "--grace", grace])
             .stdout(Stdio::null())
             .stderr(
-                std::fs::File::create(self.dir.join(format!("serve-{}.log", self.children.len())))
+                std::fs::File::create(self.dir.join(format!("serve-{}.log", self.started)))
                     .unwrap(),
             )
             .spawn()
             .unwrap();
         self.children.push(child);
+        self.started += 1;
     }
 
     /// `kill -9` every server this sandbox started.
@@ -110,6 +144,31 @@ impl Sandbox {
         for mut child in self.children.drain(..) {
             child.kill().unwrap();
             child.wait().unwrap();
+        }
+    }
+
+    /// Sends SIGTERM to the newest server and waits for it to exit, failing the test if it is
+    /// still running after `within`. Returns its exit status and how long it took.
+    pub fn terminate_newest(&mut self, within: Duration) -> (std::process::ExitStatus, Duration) {
+        let child = self.children.last_mut().expect("a server is running");
+        let sent = Instant::now();
+        let kill = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success(), "kill -TERM failed");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let took = sent.elapsed();
+                self.children.pop();
+                return (status, took);
+            }
+            // The child stays in `children`, so the sandbox's drop kills it.
+            assert!(
+                sent.elapsed() < within,
+                "serve still running {within:?} after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -153,10 +212,26 @@ impl Sandbox {
         serde_json::from_str(&self.cli(&["show", run, "--json"])).unwrap()
     }
 
+    /// What the servers of this sandbox wrote on stderr, for failure messages.
+    pub fn server_logs(&self) -> String {
+        let mut logs = String::new();
+        for n in 0.. {
+            let Ok(text) = std::fs::read_to_string(self.dir.join(format!("serve-{n}.log"))) else {
+                break;
+            };
+            logs.push_str(&format!("--- serve-{n}.log\n{text}"));
+        }
+        logs
+    }
+
     pub fn wait_for(&self, what: &str, mut ok: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ok() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n{}",
+                self.server_logs()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

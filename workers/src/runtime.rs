@@ -119,8 +119,11 @@ pub async fn run_worker(
                         Duration::ZERO
                     } else {
                         match store.next_due().await {
+                            // Never zero: a job that fell due between the claim and this
+                            // query has no wake-up to wait for, so claim again soon.
                             Ok(Some(due)) => {
-                                Duration::from_millis((due - engine.now()).max(0) as u64).min(poll)
+                                Duration::from_millis((due - engine.now()).max(0) as u64)
+                                    .clamp(Duration::from_millis(5), poll)
                             }
                             _ => poll,
                         }
