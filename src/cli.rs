@@ -21,7 +21,8 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Database URL: sqlite://PATH (created on first use).
+    /// Database URL: sqlite://PATH (created on first use) or postgres://USER@HOST/DATABASE
+    /// (add `?options[search_path]=SCHEMA` to keep Switchyard's tables in a schema of their own).
     #[arg(
         long,
         global = true,
@@ -29,6 +30,14 @@ pub struct Global {
         default_value = "sqlite://switchyard.db"
     )]
     pub database: String,
+    /// Most PostgreSQL connections this process opens (one more is kept for LISTEN).
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_DB_CONNECTIONS",
+        default_value_t = 10
+    )]
+    pub db_connections: u32,
     /// Workflow definition files or folders.
     #[arg(long, global = true, default_value = "./definitions")]
     pub definitions: Vec<PathBuf>,

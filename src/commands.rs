@@ -165,9 +165,12 @@ fn run_status(s: StatusArg) -> RunStatus {
 }
 
 async fn open(global: &Global) -> anyhow::Result<Arc<Engine>> {
-    let store = store::connect(&global.database)
+    let options = store::ConnectOptions {
+        max_connections: global.db_connections,
+    };
+    let store = store::connect_with(&global.database, &options)
         .await
-        .with_context(|| format!("opening {}", global.database))?;
+        .with_context(|| format!("opening {}", store::redact_url(&global.database)))?;
     store.migrate().await?;
     Ok(Arc::new(Engine::new(store, Arc::new(SystemClock))))
 }

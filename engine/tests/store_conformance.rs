@@ -583,6 +583,128 @@ pub async fn batch_claim_takes_up_to_the_limit_oldest_first(store: Arc<dyn Store
     assert_eq!(claim(&*store, T0, 1_000).await.len(), 150);
 }
 
+/// Many runs whose steps finish in separate transactions at the same moment: each run must see
+/// its other step's completion, however the transactions interleave.
+pub async fn parallel_last_steps_completed_at_once_still_finish_the_run(store: Arc<dyn Store>) {
+    let wf = workflow("id: pair\nsteps:\n  - {id: a, type: noop}\n  - {id: b, type: noop}\n");
+    let version = install(&*store, &wf).await;
+    let runs: Vec<NewRun> = (0..40).map(|_| planned(version, &wf)).collect();
+    let ids = store.create_runs(runs, T0).await.unwrap();
+    let jobs = claim(&*store, T0, 100).await;
+    assert_eq!(jobs.len(), 80);
+    let (a, b): (Vec<_>, Vec<_>) = jobs.iter().partition(|j| j.step_id == "a");
+    let one_by_one = |jobs: Vec<&ClaimedJob>| {
+        let store = store.clone();
+        let jobs: Vec<Completion> = jobs.into_iter().map(|j| done(j, json!(1))).collect();
+        tokio::spawn(async move {
+            for c in jobs {
+                store.complete(vec![c], T0).await.unwrap();
+            }
+        })
+    };
+    let (x, y) = tokio::join!(one_by_one(a), one_by_one(b));
+    x.unwrap();
+    y.unwrap();
+    for id in ids {
+        assert_eq!(
+            run_status(&*store, &id).await,
+            RunStatus::Succeeded,
+            "run {id}"
+        );
+    }
+}
+
+/// Claimers racing for one backlog: every job is handed out exactly once.
+pub async fn concurrent_claims_never_hand_out_a_job_twice(store: Arc<dyn Store>) {
+    let wf = workflow("id: one\nsteps:\n  - {id: a, type: noop}\n");
+    let version = install(&*store, &wf).await;
+    let runs: Vec<NewRun> = (0..300).map(|_| planned(version, &wf)).collect();
+    store.create_runs(runs, T0).await.unwrap();
+    let claimers: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let jobs = claim(&*store, T0, 7).await;
+                    if jobs.is_empty() {
+                        return got;
+                    }
+                    got.extend(jobs.into_iter().map(|j| j.lease.job_id));
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for c in claimers {
+        all.extend(c.await.unwrap());
+    }
+    let distinct: std::collections::BTreeSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 300);
+    assert_eq!(distinct.len(), 300, "a job was claimed twice");
+}
+
+/// Children of one `workflow` step finishing in separate transactions at once: the parent step
+/// settles when the last one lands, whichever it is.
+pub async fn children_finishing_at_once_settle_their_parent(store: Arc<dyn Store>) {
+    let child = workflow("id: child\nsteps:\n  - {id: only, type: noop}\n");
+    let parent =
+        workflow("id: parent\nsteps:\n  - {id: fan, type: workflow, with: {workflows: [child]}}\n");
+    let child_version = install(&*store, &child).await;
+    let mut parents = Vec::new();
+    for _ in 0..10 {
+        let run = start(&*store, &parent, Trigger::default()).await;
+        let fan = claim(&*store, T0, 1).await.remove(0);
+        let children: Vec<NewRun> = (0..2)
+            .map(|index| {
+                let mut r = planned(child_version, &child);
+                r.parent = Some(switchyard_engine::store::ParentLink {
+                    run_id: run.clone(),
+                    job_id: fan.lease.job_id,
+                    index,
+                });
+                r
+            })
+            .collect();
+        let park = Settlement::Park {
+            until: None,
+            checkpoint: json!({}),
+        };
+        store
+            .complete(
+                vec![Completion {
+                    lease: fan.lease.clone(),
+                    settlement: park,
+                    children,
+                }],
+                T0,
+            )
+            .await
+            .unwrap();
+        parents.push(run);
+    }
+    let jobs = claim(&*store, T0, 100).await;
+    assert_eq!(jobs.len(), 20);
+    let completions: Vec<_> = jobs
+        .iter()
+        .map(|j| {
+            let store = store.clone();
+            let c = done(j, json!("x"));
+            tokio::spawn(async move { store.complete(vec![c], T0).await.unwrap() })
+        })
+        .collect();
+    for c in completions {
+        c.await.unwrap();
+    }
+    for run in parents {
+        assert_eq!(
+            run_status(&*store, &run).await,
+            RunStatus::Succeeded,
+            "run {run}"
+        );
+    }
+}
+
 macro_rules! conformance {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -610,52 +732,90 @@ macro_rules! conformance {
                 finished_runs_are_pruned_after_retention,
                 old_fire_records_are_pruned_but_the_latest_stays,
                 batch_claim_takes_up_to_the_limit_oldest_first,
+                parallel_last_steps_completed_at_once_still_finish_the_run,
+                concurrent_claims_never_hand_out_a_job_twice,
+                children_finishing_at_once_settle_their_parent,
             );
         }
     };
     (@tests $open:expr; $($name:ident),+ $(,)?) => {
         $(
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let (store, _guard) = $open.await;
+                let Some((store, db)) = $open.await else { return };
                 super::$name(store).await;
+                db.remove().await;
             }
         )+
     };
 }
 
-async fn open_sqlite() -> (Arc<dyn Store>, TempDir) {
-    let dir = TempDir::new();
-    let url = format!("sqlite://{}/store.db", dir.0.display());
-    let store = switchyard_engine::store::connect(&url).await.unwrap();
-    store.migrate().await.unwrap();
-    (store, dir)
+/// A test's own database: a SQLite file in a temporary folder, or a PostgreSQL schema. Removed
+/// when the test passes; a failed test's stays for a look.
+enum TestDb {
+    Sqlite(std::path::PathBuf),
+    Postgres { admin: sqlx::PgPool, schema: String },
 }
 
-/// A folder removed when the test ends.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "switchyard-test-{}",
-            uuid_like(std::process::id() as u64)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
+impl TestDb {
+    async fn remove(self) {
+        match self {
+            TestDb::Sqlite(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            TestDb::Postgres { admin, schema } => {
+                sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+            }
+        }
     }
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn uuid_like(seed: u64) -> String {
+fn unique_name() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{seed}-{}", NEXT.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+async fn open_sqlite() -> Option<(Arc<dyn Store>, TestDb)> {
+    let dir = std::env::temp_dir().join(format!("switchyard-test-{}", unique_name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}/store.db", dir.display());
+    let store = switchyard_engine::store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    Some((store, TestDb::Sqlite(dir)))
+}
+
+/// The database the PostgreSQL tests use; each test migrates its own schema in it. Without a
+/// server the tests say they are skipped, unless `SWITCHYARD_REQUIRE_POSTGRES` is set (CI).
+async fn open_postgres() -> Option<(Arc<dyn Store>, TestDb)> {
+    let base = std::env::var("SWITCHYARD_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let admin = match sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&base)
+        .await
+    {
+        Ok(pool) => pool,
+        Err(e) if std::env::var_os("SWITCHYARD_REQUIRE_POSTGRES").is_none() => {
+            eprintln!("skipped: PostgreSQL at {base} is not reachable ({e})");
+            return None;
+        }
+        Err(e) => panic!("PostgreSQL at {base} is required: {e}"),
+    };
+    let schema = format!("conformance_{}", unique_name());
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options[search_path]={schema}");
+    let store = switchyard_engine::store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    Some((store, TestDb::Postgres { admin, schema }))
 }
 
 conformance!(sqlite, open_sqlite());
+conformance!(postgres, open_postgres());

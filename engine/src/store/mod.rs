@@ -3,6 +3,7 @@
 //! of jobs in a constant number of statements, and every state change is guarded by the state it
 //! expects (and, for jobs, by attempt and lease token).
 
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Notify;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::state::{JobState, Millis, RunStatus, Settlement};
@@ -44,6 +46,15 @@ impl From<sqlx::Error> for StoreError {
             }
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 StoreError::Conflict(db.message().to_owned())
+            }
+            // PostgreSQL shutting down or restarting (57P01-57P03), a lost connection (08...),
+            // a deadlock or serialisation failure (40...): worth trying again.
+            sqlx::Error::Database(db)
+                if db.code().is_some_and(|c| {
+                    c.starts_with("57P") || c.starts_with("08") || c.starts_with("40")
+                }) =>
+            {
+                StoreError::Unavailable(db.message().to_owned())
             }
             _ => StoreError::Database(e.to_string()),
         }
@@ -282,11 +293,47 @@ pub trait Store: Send + Sync + 'static {
     async fn prune(&self, now: Millis, limit: u32) -> Result<u64>;
 }
 
+/// How a process connects: what `--db-connections` sets.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// The most connections the PostgreSQL pool opens (`LISTEN` takes one more). SQLite always
+    /// uses one writer and four readers.
+    pub max_connections: u32,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            max_connections: 10,
+        }
+    }
+}
+
+/// The URL with its password masked, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => "<unparsable database URL>".to_owned(),
+    }
+}
+
 /// Opens the store a database URL names.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    connect_with(url, &ConnectOptions::default()).await
+}
+
+pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Arc::new(
+            PostgresStore::connect(url, options.max_connections).await?,
+        ))
     } else {
-        Err(StoreError::UnsupportedUrl(url.to_owned()))
+        Err(StoreError::UnsupportedUrl(redact_url(url)))
     }
 }

@@ -37,7 +37,7 @@ pub struct SqliteStore {
 impl SqliteStore {
     pub async fn connect(url: &str) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(url)
-            .map_err(|e| StoreError::UnsupportedUrl(format!("{url}: {e}")))?
+            .map_err(|e| StoreError::UnsupportedUrl(format!("{}: {e}", redact_url(url))))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)

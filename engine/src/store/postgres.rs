@@ -1,0 +1,1332 @@
+//! PostgreSQL: one database shared by any number of schedulers and workers on any number of hosts.
+//! Claims take rows with `FOR UPDATE SKIP LOCKED`, so workers never wait on each other's claims;
+//! every statement handles a whole batch (`unnest` of column arrays or `jsonb_to_recordset`);
+//! `LISTEN/NOTIFY` wakes workers in every process, with polling as the fallback.
+//!
+//! Under READ COMMITTED two transactions that each settle one of a run's last two steps would each
+//! see the other step unfinished, and the run would never finish. So a transaction locks the runs
+//! it settles (in id order) before it looks at their jobs, and the parent runs of the child runs it
+//! finishes; concurrency gates are serialised per key with transaction-scoped advisory locks, which
+//! a dead process cannot hold (its transaction ends with its connection).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{PgConnection, QueryBuilder, Row};
+use tokio::sync::Notify;
+
+use super::*;
+use crate::state::{JobState, Millis, RunStatus, Settlement, settle_lost_lease};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// The states a run is still going in.
+const ACTIVE_RUN: &str = "('pending', 'running')";
+/// The states a job is not finished in.
+const OPEN_JOB: &str = "('waiting', 'available', 'running', 'retrying', 'parked')";
+
+pub struct PostgresStore {
+    pool: PgPool,
+    wakeup: Arc<Notify>,
+    /// The `NOTIFY` channel of this store's schema, so databases shared by several deployments
+    /// (or test schemas) do not wake each other.
+    channel: String,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+impl PostgresStore {
+    /// Opens a pool of at most `max_connections` connections (plus one for `LISTEN`).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::UnsupportedUrl(format!("{}: {e}", redact_url(url))))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await?;
+        let schema = search_path_schema(&pool).await?;
+        let channel: String = format!("switchyard_{schema}").chars().take(63).collect();
+        let wakeup = Arc::new(Notify::new());
+        let listener = tokio::spawn(listen(pool.clone(), channel.clone(), wakeup.clone()));
+        Ok(PostgresStore {
+            pool,
+            wakeup,
+            channel,
+            listener,
+        })
+    }
+
+    async fn notify(&self, conn: &mut PgConnection) -> Result<()> {
+        // Delivered at commit, to every listening process (this one included).
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(&self.channel)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The first schema of the connection's `search_path`: where migrations create the tables.
+async fn search_path_schema(pool: &PgPool) -> Result<String> {
+    let path: String = sqlx::query_scalar("SHOW search_path")
+        .fetch_one(pool)
+        .await?;
+    let first = path
+        .split(',')
+        .map(|s| s.trim().trim_matches('"'))
+        .find(|s| *s != "$user" && !s.is_empty())
+        .unwrap_or("public");
+    Ok(first.to_owned())
+}
+
+/// Turns notifications into wake-ups until the store is dropped. While the connection is down,
+/// notifications are lost, so every reconnection wakes the workers once to look for themselves.
+async fn listen(pool: PgPool, channel: String, wakeup: Arc<Notify>) {
+    let mut failures = 0u32;
+    loop {
+        let connected = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(&channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        }
+        .await;
+        let mut listener = match connected {
+            Ok(listener) => listener,
+            Err(e) => {
+                failures += 1;
+                let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                tracing::warn!(error = %e, ?wait, "LISTEN connection failed; workers poll until it is back");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        };
+        failures = 0;
+        wakeup.notify_one();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(_)) => wakeup.notify_one(),
+                // The connection dropped; the next `try_recv` reconnects and listens again.
+                Ok(None) => wakeup.notify_one(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection lost");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn parse_state<T: FromStr>(text: &str) -> Result<T> {
+    text.parse()
+        .map_err(|_| StoreError::Database(format!("unknown state {text:?} in database")))
+}
+
+fn to_json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).expect("store payloads serialize")
+}
+
+/// Serialises transactions that touch the same key (a concurrency gate, a workflow's versions)
+/// until they end.
+async fn lock_key(conn: &mut PgConnection, key: &str) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Locks runs in id order, so transactions locking overlapping sets never deadlock each other.
+async fn lock_runs_of_jobs(conn: &mut PgConnection, jobs: &[JobId]) -> Result<()> {
+    sqlx::query(
+        "SELECT id FROM runs WHERE id IN (SELECT run_id FROM jobs WHERE id = ANY($1)) \
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(jobs)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A run that just finished, and what it may settle next.
+struct FinishedRun {
+    id: RunId,
+    status: RunStatus,
+    parent_job_id: Option<JobId>,
+    concurrency_key: Option<String>,
+}
+
+fn finished_from_row(row: &PgRow) -> Result<FinishedRun> {
+    Ok(FinishedRun {
+        id: row.get("id"),
+        status: parse_state(row.get::<&str, _>("status"))?,
+        parent_job_id: row.get("parent_job_id"),
+        concurrency_key: row.get("concurrency_key"),
+    })
+}
+
+/// What a transaction changed that workers elsewhere should hear about.
+#[derive(Default)]
+struct Effects {
+    /// Jobs became claimable.
+    woke: bool,
+}
+
+/// Inserts runs and their jobs: a constant number of statements however many runs. Returns the
+/// run ids, in order, with an earlier run's id where its idempotency key was already used.
+async fn insert_runs(
+    conn: &mut PgConnection,
+    runs: Vec<NewRun>,
+    now: Millis,
+) -> Result<Vec<RunId>> {
+    let keys: Vec<&String> = runs
+        .iter()
+        .filter_map(|r| r.idempotency_key.as_ref())
+        .collect();
+    let mut known: BTreeMap<String, RunId> = if keys.is_empty() {
+        BTreeMap::new()
+    } else {
+        sqlx::query_as(
+            "SELECT idempotency_key, id FROM runs WHERE idempotency_key = ANY($1::text[])",
+        )
+        .bind(&keys)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect()
+    };
+    let fresh: Vec<NewRun> = runs
+        .iter()
+        .filter(|r| {
+            r.idempotency_key
+                .as_ref()
+                .is_none_or(|k| !known.contains_key(k))
+        })
+        .cloned()
+        .collect();
+
+    // A gated run starts only while fewer than `limit` runs with its key are running and none
+    // waits ahead of it.
+    let gates: BTreeSet<&String> = fresh
+        .iter()
+        .filter_map(|r| r.concurrency.as_ref().map(|c| &c.key))
+        .collect();
+    let mut room: BTreeMap<String, i64> = BTreeMap::new();
+    for key in gates {
+        lock_key(conn, &format!("gate/{key}")).await?;
+        let (running, pending): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'running'), \
+                    count(*) FILTER (WHERE status = 'pending') \
+             FROM runs WHERE concurrency_key = $1 AND status IN ('pending', 'running')",
+        )
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await?;
+        let limit = fresh
+            .iter()
+            .find_map(|r| r.concurrency.as_ref().filter(|c| &c.key == key))
+            .map_or(0, |c| c.limit);
+        room.insert(key.clone(), if pending > 0 { 0 } else { limit - running });
+    }
+
+    let mut rows = Vec::with_capacity(fresh.len());
+    let mut jobs = Vec::new();
+    for run in &fresh {
+        let gated = match &run.concurrency {
+            None => false,
+            Some(gate) => {
+                let free = room.get_mut(&gate.key).expect("counted above");
+                *free -= 1;
+                *free < 0
+            }
+        };
+        let status = if gated {
+            RunStatus::Pending
+        } else {
+            RunStatus::Running
+        };
+        rows.push(json!({
+            "id": run.id,
+            "workflow_id": run.workflow_id,
+            "version": run.version,
+            "status": status.as_str(),
+            "input": run.input,
+            "parent_run_id": run.parent.as_ref().map(|p| &p.run_id),
+            "parent_job_id": run.parent.as_ref().map(|p| p.job_id),
+            "child_index": run.parent.as_ref().map(|p| p.index),
+            "concurrency_key": run.concurrency.as_ref().map(|c| &c.key),
+            "concurrency_limit": run.concurrency.as_ref().map(|c| c.limit),
+            "idempotency_key": run.idempotency_key,
+            "timeout_ms": run.timeout_ms,
+            "deadline_at": run.timeout_ms.map(|t| now + t),
+            "retention_ms": run.retention_ms,
+            "scheduled_at": run.scheduled_at,
+            "started_at": (!gated).then_some(now),
+        }));
+        for job in &run.jobs {
+            jobs.push(json!({
+                "run_id": run.id,
+                "step_id": job.step_id,
+                "needs": job.needs,
+                "pending": job.needs.len(),
+                "is_sink": job.is_sink,
+                "budget": job.max_attempts,
+                "ready": !gated && job.needs.is_empty(),
+            }));
+        }
+    }
+    let mut inserted: BTreeSet<RunId> = BTreeSet::new();
+    if !rows.is_empty() {
+        // A concurrent start with the same idempotency key may commit first: its run wins.
+        inserted = sqlx::query_scalar(
+            "INSERT INTO runs (id, workflow_id, version, status, input, parent_run_id, \
+                 parent_job_id, child_index, concurrency_key, concurrency_limit, idempotency_key, \
+                 timeout_ms, deadline_at, retention_ms, scheduled_at, created_at, started_at) \
+             SELECT r.id, r.workflow_id, r.version, r.status, coalesce(r.input, 'null'), \
+                 r.parent_run_id, r.parent_job_id, r.child_index, r.concurrency_key, \
+                 r.concurrency_limit, r.idempotency_key, r.timeout_ms, r.deadline_at, \
+                 r.retention_ms, r.scheduled_at, $2, r.started_at \
+             FROM jsonb_to_recordset($1) AS r(id text, workflow_id text, version bigint, \
+                 status text, input jsonb, parent_run_id text, parent_job_id bigint, \
+                 child_index bigint, concurrency_key text, concurrency_limit bigint, \
+                 idempotency_key text, timeout_ms bigint, deadline_at bigint, retention_ms bigint, \
+                 scheduled_at bigint, started_at bigint) \
+             ON CONFLICT (idempotency_key) DO NOTHING \
+             RETURNING id",
+        )
+        .bind(Value::Array(rows))
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+        jobs.retain(|j| inserted.contains(j["run_id"].as_str().unwrap_or_default()));
+    }
+    if !jobs.is_empty() {
+        sqlx::query(
+            "INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
+                 attempt_budget, max_attempts, run_after) \
+             SELECT j.run_id, j.step_id, CASE WHEN j.ready THEN 'available' ELSE 'waiting' END, \
+                 j.needs, j.pending, j.is_sink, j.budget, j.budget, $2 \
+             FROM jsonb_to_recordset($1) AS j(run_id text, step_id text, needs jsonb, \
+                 pending int, is_sink boolean, budget int, ready boolean)",
+        )
+        .bind(Value::Array(jobs))
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    // Keys that lost a race to a concurrent start: look up the winner.
+    let lost: Vec<&String> = fresh
+        .iter()
+        .filter(|r| !inserted.contains(&r.id))
+        .filter_map(|r| r.idempotency_key.as_ref())
+        .collect();
+    if !lost.is_empty() {
+        let winners: Vec<(String, RunId)> = sqlx::query_as(
+            "SELECT idempotency_key, id FROM runs WHERE idempotency_key = ANY($1::text[])",
+        )
+        .bind(&lost)
+        .fetch_all(&mut *conn)
+        .await?;
+        known.extend(winners);
+    }
+    Ok(runs
+        .iter()
+        .map(|r| match &r.idempotency_key {
+            Some(key) if !inserted.contains(&r.id) => {
+                known.get(key).cloned().unwrap_or_else(|| r.id.clone())
+            }
+            _ => r.id.clone(),
+        })
+        .collect())
+}
+
+/// Applies settlements fenced by their leases, then everything that follows from them.
+async fn complete_in(
+    conn: &mut PgConnection,
+    completions: Vec<Completion>,
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<Vec<JobId>> {
+    if completions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<JobId> = completions.iter().map(|c| c.lease.job_id).collect();
+    lock_runs_of_jobs(conn, &ids).await?;
+    let payload: Vec<Value> = completions
+        .iter()
+        .map(|c| {
+            let (output, error, run_after, checkpoint) = match &c.settlement {
+                Settlement::Succeed { output } => (Some(output.clone()), None, None, None),
+                Settlement::Retry { at, error } => (None, Some(error.clone()), Some(*at), None),
+                Settlement::Fail { error } => (None, Some(error.clone()), None, None),
+                Settlement::Park { until, checkpoint } => {
+                    (None, None, *until, Some(checkpoint.clone()))
+                }
+                Settlement::Release => (None, None, Some(now), None),
+            };
+            // JSON values travel as text so that a `null` output stays a JSON null, not NULL.
+            json!({
+                "id": c.lease.job_id,
+                "attempt": c.lease.attempt,
+                "token": c.lease.token,
+                "state": c.settlement.target().as_str(),
+                "output": output.map(|o| to_json(&o)),
+                "error": error,
+                "run_after": run_after,
+                "checkpoint": checkpoint.map(|o| to_json(&o)),
+            })
+        })
+        .collect();
+    // Only rows still `running` under the same attempt and token change: a late answer from a
+    // worker whose lease expired matches nothing. The attempt history records unsuccessful
+    // attempts only; the succeeding one is the row's own timings.
+    let accepted = sqlx::query(
+        "UPDATE jobs SET \
+             state = c.state, \
+             output = c.output::jsonb, \
+             error = c.error, \
+             run_after = c.run_after, \
+             checkpoint = coalesce(c.checkpoint::jsonb, jobs.checkpoint), \
+             attempt = jobs.attempt - (c.state = 'available')::int, \
+             lease_token = NULL, \
+             lease_expires_at = NULL, \
+             finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN $2 END, \
+             attempts = CASE WHEN c.state IN ('failed', 'retrying') \
+                 THEN jobs.attempts || jsonb_build_array(jsonb_build_object('attempt', jobs.attempt, \
+                     'started_at', jobs.started_at, 'finished_at', $2::bigint, \
+                     'outcome', c.state, 'error', c.error)) \
+                 ELSE jobs.attempts END \
+         FROM jsonb_to_recordset($1) AS c(id bigint, attempt int, token text, state text, \
+             output text, error text, run_after bigint, checkpoint text) \
+         WHERE jobs.id = c.id AND jobs.attempt = c.attempt \
+             AND jobs.lease_token = c.token AND jobs.state = 'running' \
+         RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error",
+    )
+    .bind(Value::Array(payload))
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+
+    let mut accepted_ids = Vec::with_capacity(accepted.len());
+    let mut succeeded = Vec::new();
+    let mut failed = Vec::new();
+    for row in &accepted {
+        let id: JobId = row.get("id");
+        accepted_ids.push(id);
+        let run_id: String = row.get("run_id");
+        let step_id: String = row.get("step_id");
+        match parse_state::<JobState>(row.get::<&str, _>("state"))? {
+            JobState::Succeeded => succeeded.push((run_id, step_id)),
+            JobState::Failed => {
+                let error: Option<String> = row.get("error");
+                failed.push((
+                    run_id,
+                    format!("step {step_id} failed: {}", error.unwrap_or_default()),
+                ));
+            }
+            JobState::Available | JobState::Retrying => effects.woke = true,
+            _ => {}
+        }
+    }
+    let children: Vec<NewRun> = completions
+        .into_iter()
+        .filter(|c| accepted_ids.contains(&c.lease.job_id))
+        .flat_map(|c| c.children)
+        .collect();
+    if !children.is_empty() {
+        insert_runs(conn, children, now).await?;
+        effects.woke = true;
+    }
+    cascade(conn, succeeded, failed, RunStatus::Failed, now, effects).await?;
+    Ok(accepted_ids)
+}
+
+/// Follows settled jobs to their consequences until nothing more changes: dependents become
+/// available, runs finish, a finished child run settles its parent's `workflow` step (which may
+/// finish the parent run in turn), and gates open for waiting runs.
+async fn cascade(
+    conn: &mut PgConnection,
+    mut succeeded: Vec<(RunId, String)>,
+    mut ended: Vec<(RunId, String)>,
+    mut ended_as: RunStatus,
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<()> {
+    loop {
+        let mut finished = Vec::new();
+        if !succeeded.is_empty() {
+            effects.woke |= promote_dependents(conn, &succeeded, now).await?;
+            let runs: BTreeSet<&RunId> = succeeded.iter().map(|(r, _)| r).collect();
+            finished.extend(finish_succeeded_runs(conn, &runs, now).await?);
+        }
+        if !ended.is_empty() {
+            finished.extend(end_runs(conn, &ended, ended_as, now).await?);
+        }
+        effects.woke |= open_gates(conn, &finished, now).await?;
+        (succeeded, ended) = settle_parents(conn, &finished, now).await?;
+        // a parent whose child did not succeed fails like any step
+        ended_as = RunStatus::Failed;
+        if succeeded.is_empty() && ended.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// One statement: every waiting job counts down the needs that just succeeded, and becomes
+/// available at zero. Returns whether any did.
+async fn promote_dependents(
+    conn: &mut PgConnection,
+    succeeded: &[(RunId, String)],
+    now: Millis,
+) -> Result<bool> {
+    let (runs, steps): (Vec<&str>, Vec<&str>) = succeeded
+        .iter()
+        .map(|(r, s)| (r.as_str(), s.as_str()))
+        .unzip();
+    let ready: Vec<bool> = sqlx::query_scalar(
+        "UPDATE jobs SET \
+             pending_needs = jobs.pending_needs - d.n, \
+             state = CASE WHEN jobs.pending_needs - d.n <= 0 \
+                 AND (SELECT status FROM runs WHERE id = jobs.run_id) = 'running' \
+                 THEN 'available' ELSE 'waiting' END, \
+             run_after = $3 \
+         FROM (SELECT j.id, count(*) AS n \
+               FROM unnest($1::text[], $2::text[]) AS c(run_id, step_id) \
+               JOIN jobs AS j ON j.run_id = c.run_id AND j.state = 'waiting' \
+                   AND j.needs ? c.step_id \
+               GROUP BY j.id) AS d \
+         WHERE jobs.id = d.id \
+         RETURNING jobs.state = 'available'",
+    )
+    .bind(&runs)
+    .bind(&steps)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(ready.into_iter().any(|r| r))
+}
+
+/// Marks `succeeded` the runs among `runs` whose every job succeeded; the output maps each sink
+/// step to its output.
+async fn finish_succeeded_runs(
+    conn: &mut PgConnection,
+    runs: &BTreeSet<&RunId>,
+    now: Millis,
+) -> Result<Vec<FinishedRun>> {
+    let ids: Vec<&str> = runs.iter().map(|r| r.as_str()).collect();
+    let rows = sqlx::query(
+        "UPDATE runs SET status = 'succeeded', finished_at = $2, expires_at = $2 + retention_ms, \
+             output = (SELECT coalesce(jsonb_object_agg(step_id, output), '{}') FROM jobs \
+                       WHERE run_id = runs.id AND is_sink) \
+         WHERE id = ANY($1::text[]) AND status = 'running' \
+             AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = runs.id AND state <> 'succeeded') \
+         RETURNING id, status, parent_job_id, concurrency_key",
+    )
+    .bind(&ids)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(finished_from_row).collect()
+}
+
+/// Ends active runs as `status` with their errors, and with them every open job and every active
+/// descendant run (cancelled).
+async fn end_runs(
+    conn: &mut PgConnection,
+    runs: &[(RunId, String)],
+    status: RunStatus,
+    now: Millis,
+) -> Result<Vec<FinishedRun>> {
+    let (ids, errors): (Vec<&str>, Vec<&str>) =
+        runs.iter().map(|(r, e)| (r.as_str(), e.as_str())).unzip();
+    let rows = sqlx::query(&format!(
+        "UPDATE runs SET status = $3, error = c.error, finished_at = $4, \
+             expires_at = $4 + retention_ms \
+         FROM unnest($1::text[], $2::text[]) AS c(id, error) \
+         WHERE runs.id = c.id AND runs.status IN {ACTIVE_RUN} \
+         RETURNING runs.id, runs.status, runs.parent_job_id, runs.concurrency_key"
+    ))
+    .bind(&ids)
+    .bind(&errors)
+    .bind(status.as_str())
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut finished: Vec<FinishedRun> =
+        rows.iter().map(finished_from_row).collect::<Result<_>>()?;
+    if finished.is_empty() {
+        return Ok(finished);
+    }
+    let roots: Vec<&str> = finished.iter().map(|r| r.id.as_str()).collect();
+    let descendants = sqlx::query(&format!(
+        "WITH RECURSIVE tree(id) AS ( \
+             SELECT unnest($1::text[]) \
+             UNION SELECT runs.id FROM runs JOIN tree ON runs.parent_run_id = tree.id) \
+         UPDATE runs SET status = 'cancelled', error = 'its parent run ended', \
+             finished_at = $2, expires_at = $2 + retention_ms \
+         WHERE id IN (SELECT id FROM tree) AND status IN {ACTIVE_RUN} \
+         RETURNING id, status, NULL::bigint AS parent_job_id, concurrency_key"
+    ))
+    .bind(&roots)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    // Their parents are ending too, so only their gates matter, not their parents.
+    finished.extend(
+        descendants
+            .iter()
+            .map(finished_from_row)
+            .collect::<Result<Vec<_>>>()?,
+    );
+    let all: Vec<&str> = finished.iter().map(|r| r.id.as_str()).collect();
+    sqlx::query(&format!(
+        "UPDATE jobs SET state = 'cancelled', lease_token = NULL, lease_expires_at = NULL, \
+             finished_at = $2 \
+         WHERE run_id = ANY($1::text[]) AND state IN {OPEN_JOB}"
+    ))
+    .bind(&all)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(finished)
+}
+
+/// Starts the oldest waiting runs behind each key whose runs just finished, up to the key's
+/// limit. Returns whether jobs became claimable.
+async fn open_gates(
+    conn: &mut PgConnection,
+    finished: &[FinishedRun],
+    now: Millis,
+) -> Result<bool> {
+    let keys: BTreeSet<&String> = finished
+        .iter()
+        .filter_map(|r| r.concurrency_key.as_ref())
+        .collect();
+    let mut woke = false;
+    for key in keys {
+        lock_key(conn, &format!("gate/{key}")).await?;
+        let (limit, running): (Option<i64>, i64) = sqlx::query_as(
+            "SELECT (SELECT concurrency_limit FROM runs \
+                     WHERE concurrency_key = $1 AND status = 'pending' \
+                     ORDER BY created_at, id LIMIT 1), \
+                    (SELECT count(*) FROM runs WHERE concurrency_key = $1 AND status = 'running')",
+        )
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await?;
+        let free = limit.unwrap_or(0) - running;
+        if free <= 0 {
+            continue;
+        }
+        let started: Vec<String> = sqlx::query_scalar(
+            "UPDATE runs SET status = 'running', started_at = $2, \
+                 deadline_at = CASE WHEN timeout_ms IS NOT NULL THEN $2 + timeout_ms END \
+             WHERE id IN (SELECT id FROM runs WHERE concurrency_key = $1 AND status = 'pending' \
+                 ORDER BY created_at, id LIMIT $3) \
+             RETURNING id",
+        )
+        .bind(key)
+        .bind(now)
+        .bind(free)
+        .fetch_all(&mut *conn)
+        .await?;
+        if !started.is_empty() {
+            let made = sqlx::query(
+                "UPDATE jobs SET state = 'available', run_after = $2 \
+                 WHERE run_id = ANY($1::text[]) AND state = 'waiting' AND pending_needs = 0",
+            )
+            .bind(&started)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            woke |= made.rows_affected() > 0;
+        }
+    }
+    Ok(woke)
+}
+
+/// Settles the parked `workflow` steps whose child runs just finished: failed when a child did not
+/// succeed, succeeded with the list of child outputs once every child succeeded.
+async fn settle_parents(
+    conn: &mut PgConnection,
+    finished: &[FinishedRun],
+    now: Millis,
+) -> Result<(Vec<(RunId, String)>, Vec<(RunId, String)>)> {
+    let mut succeeded = Vec::new();
+    let mut failed = Vec::new();
+    let mut parents: BTreeMap<JobId, Option<&FinishedRun>> = BTreeMap::new();
+    for run in finished {
+        if let Some(parent) = run.parent_job_id {
+            let failure = parents.entry(parent).or_default();
+            if run.status != RunStatus::Succeeded && failure.is_none() {
+                *failure = Some(run);
+            }
+        }
+    }
+    if parents.is_empty() {
+        return Ok((succeeded, failed));
+    }
+    // Children finishing in two transactions at once would each see the other still running;
+    // the parent run's lock makes the second wait and then see the first.
+    let parent_jobs: Vec<JobId> = parents.keys().copied().collect();
+    lock_runs_of_jobs(conn, &parent_jobs).await?;
+    for (parent, failure) in parents {
+        if let Some(child) = failure {
+            let error = format!("child run {} {}", child.id, child.status);
+            let row = sqlx::query(
+                "UPDATE jobs SET state = 'failed', error = $2, finished_at = $3, \
+                     attempts = attempts || jsonb_build_array(jsonb_build_object('attempt', attempt, \
+                         'started_at', started_at, 'finished_at', $3::bigint, \
+                         'outcome', 'failed', 'error', $2::text)) \
+                 WHERE id = $1 AND state = 'parked' RETURNING run_id, step_id",
+            )
+            .bind(parent)
+            .bind(&error)
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(row) = row {
+                let step: String = row.get("step_id");
+                failed.push((row.get("run_id"), format!("step {step} failed: {error}")));
+            }
+        } else {
+            let row = sqlx::query(
+                "UPDATE jobs SET state = 'succeeded', finished_at = $2, \
+                     output = (SELECT coalesce(jsonb_agg(output ORDER BY child_index), '[]') \
+                               FROM runs WHERE parent_job_id = $1) \
+                 WHERE id = $1 AND state = 'parked' \
+                     AND NOT EXISTS (SELECT 1 FROM runs \
+                         WHERE parent_job_id = $1 AND status <> 'succeeded') \
+                 RETURNING run_id, step_id",
+            )
+            .bind(parent)
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(row) = row {
+                succeeded.push((row.get("run_id"), row.get("step_id")));
+            }
+        }
+    }
+    Ok((succeeded, failed))
+}
+
+fn summary_from_row(row: &PgRow) -> Result<RunSummary> {
+    Ok(RunSummary {
+        id: row.get("id"),
+        workflow_id: row.get("workflow_id"),
+        version: row.get("version"),
+        status: parse_state(row.get::<&str, _>("status"))?,
+        parent_run_id: row.get("parent_run_id"),
+        error: row.get("error"),
+        created_at: row.get("created_at"),
+        started_at: row.get("started_at"),
+        finished_at: row.get("finished_at"),
+    })
+}
+
+const SUMMARY_COLUMNS: &str =
+    "id, workflow_id, version, status, parent_run_id, error, created_at, started_at, finished_at";
+
+fn attempt_of(row: &PgRow) -> u32 {
+    row.get::<i32, _>("attempt").max(0) as u32
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn migrate(&self) -> Result<()> {
+        let schema = search_path_schema(&self.pool).await?;
+        // Several processes may start at once: `IF NOT EXISTS` can still race on the catalog,
+        // and the migrator itself serialises on an advisory lock.
+        for tries in 1..=5u64 {
+            let created = sqlx::query(&format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+                schema.replace('"', "\"\"")
+            ))
+            .execute(&self.pool)
+            .await;
+            match created {
+                Ok(_) => break,
+                Err(_) if tries < 5 => tokio::time::sleep(Duration::from_millis(50 * tries)).await,
+                Err(e) => return Err(StoreError::Migration(e.to_string())),
+            }
+        }
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))
+    }
+
+    fn wakeup(&self) -> Arc<Notify> {
+        self.wakeup.clone()
+    }
+
+    async fn upsert_workflow(&self, id: &str, definition: &Value, now: Millis) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        lock_key(&mut tx, &format!("workflow/{id}")).await?;
+        let latest: Option<(i64, bool)> = sqlx::query_as(
+            "SELECT v.version, v.definition = $2 FROM workflows w \
+             JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version \
+             WHERE w.id = $1",
+        )
+        .bind(id)
+        .bind(definition)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let version = match latest {
+            Some((version, true)) => return Ok(version),
+            Some((version, false)) => version + 1,
+            None => 1,
+        };
+        sqlx::query(
+            "INSERT INTO workflow_versions (workflow_id, version, definition, created_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(version)
+        .bind(definition)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO workflows (id, latest_version, created_at, updated_at) \
+             VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (id) DO UPDATE SET latest_version = $2, updated_at = $3",
+        )
+        .bind(id)
+        .bind(version)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    async fn workflow_version(&self, id: &str, version: i64) -> Result<Value> {
+        sqlx::query_scalar(
+            "SELECT definition FROM workflow_versions WHERE workflow_id = $1 AND version = $2",
+        )
+        .bind(id)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("workflow {id} v{version}")))
+    }
+
+    async fn workflows(&self) -> Result<Vec<WorkflowState>> {
+        let rows = sqlx::query(
+            "SELECT id, latest_version, paused, created_at, \
+                 (SELECT max(fire_at) FROM fires WHERE workflow_id = workflows.id) AS last_fire_at \
+             FROM workflows ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| WorkflowState {
+                id: row.get("id"),
+                latest_version: row.get("latest_version"),
+                paused: row.get("paused"),
+                created_at: row.get("created_at"),
+                last_fire_at: row.get("last_fire_at"),
+            })
+            .collect())
+    }
+
+    async fn set_paused(&self, id: &str, paused: bool, now: Millis) -> Result<()> {
+        let done = sqlx::query("UPDATE workflows SET paused = $1, updated_at = $2 WHERE id = $3")
+            .bind(paused)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("workflow {id}")));
+        }
+        Ok(())
+    }
+
+    async fn create_runs(&self, runs: Vec<NewRun>, now: Millis) -> Result<Vec<RunId>> {
+        let mut tx = self.pool.begin().await?;
+        let ids = insert_runs(&mut tx, runs, now).await?;
+        self.notify(&mut tx).await?;
+        tx.commit().await?;
+        self.wakeup.notify_one();
+        Ok(ids)
+    }
+
+    async fn fire(&self, fire: FireParams, now: Millis) -> Result<FireOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let recorded = sqlx::query(
+            "INSERT INTO fires (workflow_id, fire_at, recorded_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&fire.workflow_id)
+        .bind(fire.fire_at)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if recorded.rows_affected() == 0 {
+            return Ok(FireOutcome::AlreadyRecorded);
+        }
+        let paused: Option<bool> = sqlx::query_scalar("SELECT paused FROM workflows WHERE id = $1")
+            .bind(&fire.workflow_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let mut skipped = paused.unwrap_or(false).then(|| "paused".to_owned());
+        if skipped.is_none() && fire.skip_if_active {
+            let active: Option<String> = sqlx::query_scalar(&format!(
+                "SELECT id FROM runs WHERE workflow_id = $1 AND status IN {ACTIVE_RUN} \
+                 AND parent_run_id IS NULL LIMIT 1"
+            ))
+            .bind(&fire.workflow_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            skipped = active.map(|run| format!("overlap: run {run} is still going"));
+        }
+        let outcome = match skipped {
+            Some(reason) => {
+                sqlx::query(
+                    "UPDATE fires SET skipped_reason = $1 WHERE workflow_id = $2 AND fire_at = $3",
+                )
+                .bind(&reason)
+                .bind(&fire.workflow_id)
+                .bind(fire.fire_at)
+                .execute(&mut *tx)
+                .await?;
+                FireOutcome::Skipped(reason)
+            }
+            None => {
+                let ids = insert_runs(&mut tx, vec![fire.run], now).await?;
+                sqlx::query("UPDATE fires SET run_id = $1 WHERE workflow_id = $2 AND fire_at = $3")
+                    .bind(&ids[0])
+                    .bind(&fire.workflow_id)
+                    .bind(fire.fire_at)
+                    .execute(&mut *tx)
+                    .await?;
+                self.notify(&mut tx).await?;
+                FireOutcome::Started(ids[0].clone())
+            }
+        };
+        tx.commit().await?;
+        self.wakeup.notify_one();
+        Ok(outcome)
+    }
+
+    async fn skip_fire(
+        &self,
+        workflow_id: &str,
+        fire_at: Millis,
+        reason: &str,
+        now: Millis,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO fires (workflow_id, fire_at, skipped_reason, recorded_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(workflow_id)
+        .bind(fire_at)
+        .bind(reason)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn fires(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<FireRecord>> {
+        let rows = sqlx::query(
+            "SELECT workflow_id, fire_at, run_id, skipped_reason, recorded_at FROM fires \
+             WHERE $1::text IS NULL OR workflow_id = $1 ORDER BY fire_at DESC LIMIT $2",
+        )
+        .bind(workflow_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| FireRecord {
+                workflow_id: row.get("workflow_id"),
+                fire_at: row.get("fire_at"),
+                run_id: row.get("run_id"),
+                skipped_reason: row.get("skipped_reason"),
+                recorded_at: row.get("recorded_at"),
+            })
+            .collect())
+    }
+
+    async fn claim(&self, params: ClaimParams) -> Result<Vec<ClaimedJob>> {
+        if params.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        // One statement: take the oldest due rows no other claim holds, lease them, and read
+        // what their workers need. Waking from a parked state continues the same attempt;
+        // anything else starts a new one.
+        let rows = sqlx::query(
+            "WITH next AS MATERIALIZED ( \
+                 SELECT id FROM jobs \
+                 WHERE state IN ('available', 'retrying', 'parked') AND run_after <= $3 \
+                 ORDER BY run_after, id LIMIT $4 FOR UPDATE SKIP LOCKED), \
+             claimed AS ( \
+                 UPDATE jobs SET state = 'running', \
+                     attempt = jobs.attempt + (jobs.state <> 'parked')::int, \
+                     lease_token = $1, lease_expires_at = $2, \
+                     started_at = CASE WHEN jobs.state = 'parked' THEN jobs.started_at ELSE $3 END \
+                 FROM next WHERE jobs.id = next.id \
+                 RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.attempt, jobs.checkpoint) \
+             SELECT c.id, c.run_id, c.step_id, c.attempt, c.checkpoint, r.workflow_id, \
+                 r.version, r.input, r.scheduled_at, \
+                 (SELECT jsonb_object_agg(j.step_id, j.output) FROM jobs AS j \
+                  WHERE j.run_id = c.run_id AND j.state = 'succeeded') AS outputs \
+             FROM claimed AS c JOIN runs AS r ON r.id = c.run_id",
+        )
+        .bind(&token)
+        .bind(params.lease_until)
+        .bind(params.now)
+        .bind(i64::from(params.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| ClaimedJob {
+                lease: Lease {
+                    job_id: row.get("id"),
+                    attempt: attempt_of(row),
+                    token: token.clone(),
+                },
+                run_id: row.get("run_id"),
+                step_id: row.get("step_id"),
+                workflow_id: row.get("workflow_id"),
+                version: row.get("version"),
+                input: row.get("input"),
+                scheduled_at: row.get("scheduled_at"),
+                checkpoint: row.get("checkpoint"),
+                outputs: match row.get::<Option<Value>, _>("outputs") {
+                    Some(Value::Object(map)) => map,
+                    _ => serde_json::Map::new(),
+                },
+            })
+            .collect())
+    }
+
+    async fn heartbeat(&self, leases: &[Lease], lease_until: Millis) -> Result<Vec<JobId>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<JobId> = leases.iter().map(|l| l.job_id).collect();
+        let attempts: Vec<i32> = leases.iter().map(|l| l.attempt as i32).collect();
+        let tokens: Vec<&str> = leases.iter().map(|l| l.token.as_str()).collect();
+        Ok(sqlx::query_scalar(
+            "UPDATE jobs SET lease_expires_at = $4 \
+             FROM unnest($1::bigint[], $2::int[], $3::text[]) AS c(id, attempt, token) \
+             WHERE jobs.id = c.id AND jobs.attempt = c.attempt \
+                 AND jobs.lease_token = c.token AND jobs.state = 'running' \
+             RETURNING jobs.id",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&tokens)
+        .bind(lease_until)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn complete(&self, completions: Vec<Completion>, now: Millis) -> Result<Vec<JobId>> {
+        let mut tx = self.pool.begin().await?;
+        let mut effects = Effects::default();
+        let accepted = complete_in(&mut tx, completions, now, &mut effects).await?;
+        if effects.woke {
+            self.notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        if effects.woke {
+            self.wakeup.notify_one();
+        }
+        Ok(accepted)
+    }
+
+    async fn sweep(&self, now: Millis) -> Result<Swept> {
+        let mut tx = self.pool.begin().await?;
+        // No row locks here: the fenced completion decides, should a worker or another sweeper
+        // settle the same attempt at the same time.
+        let expired = sqlx::query(
+            "SELECT id, attempt, lease_token, max_attempts FROM jobs \
+             WHERE state = 'running' AND lease_expires_at <= $1 LIMIT 1000",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let lost: Vec<Completion> = expired
+            .iter()
+            .map(|row| Completion {
+                lease: Lease {
+                    job_id: row.get("id"),
+                    attempt: attempt_of(row),
+                    token: row.get("lease_token"),
+                },
+                settlement: settle_lost_lease(
+                    attempt_of(row),
+                    row.get::<i32, _>("max_attempts").max(0) as u32,
+                    now,
+                ),
+                children: Vec::new(),
+            })
+            .collect();
+        let mut effects = Effects::default();
+        let reclaimed = complete_in(&mut tx, lost, now, &mut effects).await?.len() as u64;
+
+        let late: Vec<(String, Option<i64>)> = sqlx::query_as(&format!(
+            "SELECT id, timeout_ms FROM runs WHERE status IN {ACTIVE_RUN} AND deadline_at <= $1 \
+             ORDER BY id LIMIT 1000"
+        ))
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let late: Vec<(RunId, String)> = late
+            .into_iter()
+            .map(|(id, timeout)| {
+                let limit = humantime::format_duration(Duration::from_millis(
+                    timeout.unwrap_or(0).max(0) as u64,
+                ));
+                (id, format!("run timed out after {limit}"))
+            })
+            .collect();
+        let timed_out = late.len() as u64;
+        cascade(
+            &mut tx,
+            Vec::new(),
+            late,
+            RunStatus::TimedOut,
+            now,
+            &mut effects,
+        )
+        .await?;
+        if effects.woke || reclaimed > 0 {
+            self.notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        if effects.woke || reclaimed > 0 {
+            self.wakeup.notify_one();
+        }
+        Ok(Swept {
+            reclaimed_jobs: reclaimed,
+            timed_out_runs: timed_out,
+        })
+    }
+
+    async fn queue_depth(&self, now: Millis) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM jobs \
+             WHERE state IN ('available', 'retrying', 'parked') AND run_after <= $1",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT least( \
+                 (SELECT min(run_after) FROM jobs \
+                     WHERE state IN ('available', 'retrying', 'parked')), \
+                 (SELECT min(deadline_at) FROM runs \
+                     WHERE status IN {ACTIVE_RUN} AND deadline_at IS NOT NULL), \
+                 (SELECT min(lease_expires_at) FROM jobs WHERE state = 'running'))"
+        ))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn cancel_run(&self, run_id: &str, now: Millis) -> Result<RunStatus> {
+        let mut tx = self.pool.begin().await?;
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
+                .bind(run_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let status: RunStatus =
+            parse_state(&status.ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?)?;
+        if status.is_finished() {
+            return Ok(status);
+        }
+        let mut effects = Effects::default();
+        cascade(
+            &mut tx,
+            Vec::new(),
+            vec![(run_id.to_owned(), "cancelled".to_owned())],
+            RunStatus::Cancelled,
+            now,
+            &mut effects,
+        )
+        .await?;
+        if effects.woke {
+            self.notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(RunStatus::Cancelled)
+    }
+
+    async fn retry_run(&self, run_id: &str, now: Millis) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
+                .bind(run_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let status: RunStatus =
+            parse_state(&status.ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?)?;
+        if !matches!(
+            status,
+            RunStatus::Failed | RunStatus::Cancelled | RunStatus::TimedOut
+        ) {
+            return Err(StoreError::Conflict(format!(
+                "run {run_id} is {status}; only failed, cancelled or timed-out runs can be retried"
+            )));
+        }
+        sqlx::query(
+            "UPDATE runs SET status = 'running', error = NULL, output = NULL, finished_at = NULL, \
+                 expires_at = NULL, \
+                 deadline_at = CASE WHEN timeout_ms IS NOT NULL THEN $2 + timeout_ms END \
+             WHERE id = $1",
+        )
+        .bind(run_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        // Succeeded steps keep their outputs; the rest wait for their needs again.
+        sqlx::query(
+            "UPDATE jobs SET state = 'waiting', output = NULL, error = NULL, checkpoint = NULL, \
+                 finished_at = NULL, max_attempts = attempt + attempt_budget, \
+                 pending_needs = (SELECT count(*) \
+                     FROM jsonb_array_elements_text(jobs.needs) AS nd(step) \
+                     JOIN jobs AS up ON up.run_id = jobs.run_id AND up.step_id = nd.step \
+                     WHERE up.state <> 'succeeded') \
+             WHERE run_id = $1 AND state IN ('failed', 'cancelled')",
+        )
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE jobs SET state = 'available', run_after = $2 \
+             WHERE run_id = $1 AND state = 'waiting' AND pending_needs = 0",
+        )
+        .bind(run_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        self.notify(&mut tx).await?;
+        tx.commit().await?;
+        self.wakeup.notify_one();
+        Ok(())
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>> {
+        // Only the filters given reach the SQL, so the planner picks the index that serves them
+        // in `created_at` order.
+        let mut query = QueryBuilder::new(format!("SELECT {SUMMARY_COLUMNS} FROM runs WHERE true"));
+        if let Some(workflow) = &filter.workflow_id {
+            query.push(" AND workflow_id = ").push_bind(workflow);
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(after) = filter.created_after {
+            query.push(" AND created_at >= ").push_bind(after);
+        }
+        if let Some(before) = filter.created_before {
+            query.push(" AND created_at < ").push_bind(before);
+        }
+        query
+            .push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(i64::from(filter.limit));
+        let rows = query.build().fetch_all(&self.pool).await?;
+        rows.iter().map(summary_from_row).collect()
+    }
+
+    async fn run(&self, run_id: &str) -> Result<RunDetail> {
+        let row = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS}, input, output, scheduled_at FROM runs WHERE id = $1"
+        ))
+        .bind(run_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?;
+        let steps = sqlx::query(
+            "SELECT id, step_id, state, attempt, output, error, run_after, started_at, \
+                 finished_at, attempts FROM jobs WHERE run_id = $1 ORDER BY id",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(JobDetail {
+                id: r.get("id"),
+                step_id: r.get("step_id"),
+                state: parse_state(r.get::<&str, _>("state"))?,
+                attempt: attempt_of(r),
+                output: r.get("output"),
+                error: r.get("error"),
+                run_after: r.get("run_after"),
+                started_at: r.get("started_at"),
+                finished_at: r.get("finished_at"),
+                attempts: r.get("attempts"),
+            })
+        })
+        .collect::<Result<_>>()?;
+        Ok(RunDetail {
+            summary: summary_from_row(&row)?,
+            input: row.get("input"),
+            output: row.get("output"),
+            scheduled_at: row.get("scheduled_at"),
+            steps,
+        })
+    }
+
+    async fn prune(&self, now: Millis, limit: u32) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        // Fire records outlive their runs by the default retention; the newest of each workflow
+        // stays, since the scheduler counts missed fires from it.
+        sqlx::query(
+            "DELETE FROM fires WHERE fire_at < $1 - 2592000000 \
+             AND fire_at < (SELECT max(fire_at) FROM fires AS f WHERE f.workflow_id = fires.workflow_id)",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM runs WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        sqlx::query("DELETE FROM jobs WHERE run_id = ANY($1::text[])")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        let deleted = sqlx::query("DELETE FROM runs WHERE id = ANY($1::text[])")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
+    }
+}
