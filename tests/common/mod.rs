@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ pub type Hits = Arc<Mutex<HashMap<String, u32>>>;
 /// A counting HTTP server: `/slow/<name>` answers after 3 s, `/hang/<name>` after 2 min,
 /// `/status/<code>` with that status, `/<name>` at once. `/flaky/<name>` counts each request as
 /// `flaky/<name>/<Idempotency-Key header>` and answers 503 to the first request, 200 after.
+/// `/brief/<name>` answers after 300 ms, counted as `<name>`, to keep work in flight.
 pub fn start_counter() -> (String, Hits) {
     let hits: Hits = Arc::default();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -38,6 +39,11 @@ pub fn start_counter() -> (String, Hits) {
             async fn slow(State(h): State<Hits>, UrlPath(name): UrlPath<String>) -> &'static str {
                 *h.lock().unwrap().entry(format!("slow/{name}")).or_default() += 1;
                 tokio::time::sleep(Duration::from_secs(3)).await;
+                "{\"ok\": true}"
+            }
+            async fn brief(State(h): State<Hits>, UrlPath(name): UrlPath<String>) -> &'static str {
+                *h.lock().unwrap().entry(name).or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(300)).await;
                 "{\"ok\": true}"
             }
             async fn status(UrlPath(code): UrlPath<u16>) -> axum::http::StatusCode {
@@ -75,6 +81,7 @@ pub fn start_counter() -> (String, Hits) {
                 .route("/hang/{name}", get(hang))
                 .route("/flaky/{name}", get(flaky))
                 .route("/slow/{name}", get(slow))
+                .route("/brief/{name}", get(brief))
                 .route("/{name}", get(fast))
                 .with_state(state);
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
@@ -90,9 +97,19 @@ pub fn count(hits: &Hits, name: &str) -> u32 {
 
 pub struct Sandbox {
     pub dir: PathBuf,
+    /// What `SWITCHYARD_DATABASE_URL` is for every process of this sandbox.
+    pub database: String,
+    /// The PostgreSQL schema this sandbox owns, dropped with it.
+    schema: Option<String>,
     children: Vec<Child>,
-    /// Servers started so far: names each one's log file.
+    /// Processes started so far: names each one's log file.
     started: usize,
+}
+
+/// The database PostgreSQL tests use (each in a schema of its own).
+pub fn postgres_base() -> String {
+    std::env::var("SWITCHYARD_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
 impl Sandbox {
@@ -103,18 +120,59 @@ impl Sandbox {
         std::fs::create_dir_all(dir.join("definitions")).unwrap();
         std::fs::write(dir.join("definitions/test.yaml"), definition).unwrap();
         Sandbox {
+            database: format!("sqlite://{}/switchyard.db", dir.display()),
             dir,
+            schema: None,
             children: Vec::new(),
             started: 0,
         }
     }
 
+    /// A sandbox on PostgreSQL, in a schema of its own. `None` (the test says it is skipped)
+    /// when no server answers, unless `SWITCHYARD_REQUIRE_POSTGRES` is set, as in CI.
+    pub fn postgres(name: &str, definition: &str) -> Option<Sandbox> {
+        let mut sandbox = Sandbox::new(name, definition);
+        let schema = format!("e2e_{}_{}", name.replace('-', "_"), std::process::id());
+        let base = postgres_base();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        sandbox.database = format!("{base}{sep}options[search_path]={schema}");
+        drop_schema(&schema);
+        let out = sandbox.command().arg("migrate").output().unwrap();
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                std::env::var_os("SWITCHYARD_REQUIRE_POSTGRES").is_none(),
+                "PostgreSQL is required: {why}"
+            );
+            eprintln!("skipped: PostgreSQL at {base} is not reachable ({why})");
+            return None;
+        }
+        sandbox.schema = Some(schema);
+        Some(sandbox)
+    }
+
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
         cmd.current_dir(&self.dir)
-            .env("SWITCHYARD_DATABASE_URL", db_url(&self.dir))
+            .env("SWITCHYARD_DATABASE_URL", &self.database)
             .env("RUST_LOG", "warn");
         cmd
+    }
+
+    /// Starts a long-running process (`serve`, `worker`) with its stderr in `proc-<n>.log`;
+    /// returns its number for [`Sandbox::kill`].
+    pub fn spawn(&mut self, args: &[&str]) -> usize {
+        let log = self.dir.join(format!("proc-{}.log", self.started));
+        let child = self
+            .command()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        self.started += 1;
+        self.children.len() - 1
     }
 
     pub fn serve(&mut self) {
@@ -124,25 +182,30 @@ impl Sandbox {
     /// `serve` with its own `--grace`, for the shutdown tests.
     pub fn serve_with_grace(&mut self, grace: &str) {
         // Port 0: parallel tests never race for a port.
-        let child = self
-            .command()
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(["--workers", "8", "--lease", "2s", "--grace", grace])
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::File::create(self.dir.join(format!("serve-{}.log", self.started)))
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-        self.started += 1;
+        self.spawn(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "8",
+            "--lease",
+            "2s",
+            "--grace",
+            grace,
+        ]);
     }
 
-    /// `kill -9` every server this sandbox started.
+    /// `kill -9` one process this sandbox started.
+    pub fn kill(&mut self, process: usize) {
+        let child = &mut self.children[process];
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// `kill -9` every process this sandbox started.
     pub fn kill_all(&mut self) {
         for mut child in self.children.drain(..) {
-            child.kill().unwrap();
+            let _ = child.kill();
             child.wait().unwrap();
         }
     }
@@ -215,11 +278,10 @@ impl Sandbox {
     /// What the servers of this sandbox wrote on stderr, for failure messages.
     pub fn server_logs(&self) -> String {
         let mut logs = String::new();
-        for n in 0.. {
-            let Ok(text) = std::fs::read_to_string(self.dir.join(format!("serve-{n}.log"))) else {
-                break;
-            };
-            logs.push_str(&format!("--- serve-{n}.log\n{text}"));
+        for n in 0..self.started {
+            let text =
+                std::fs::read_to_string(self.dir.join(format!("proc-{n}.log"))).unwrap_or_default();
+            logs.push_str(&format!("--- proc-{n}.log\n{text}"));
         }
         logs
     }
@@ -240,12 +302,22 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.kill_all();
+        if let Some(schema) = &self.schema {
+            drop_schema(schema);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-pub fn db_url(dir: &Path) -> String {
-    format!("sqlite://{}/switchyard.db", dir.display())
+fn drop_schema(schema: &str) {
+    let _ = Command::new("psql")
+        .args([
+            &postgres_base(),
+            "-qc",
+            &format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
+        ])
+        .stderr(Stdio::null())
+        .status();
 }
 
 pub fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
