@@ -67,6 +67,21 @@ impl PostgresStore {
         })
     }
 
+    /// Enqueues runs inside the caller's own transaction: they exist, and workers hear of them,
+    /// once it commits, and never if it rolls back. The runs come from
+    /// [`Engine::plan`](crate::service::Engine::plan); the connection may belong to any pool on
+    /// the same database and schema.
+    pub async fn enqueue_in(
+        &self,
+        conn: &mut PgConnection,
+        runs: Vec<NewRun>,
+        now: Millis,
+    ) -> Result<Vec<RunId>> {
+        let ids = insert_runs(conn, runs, now).await?;
+        self.notify(conn).await?;
+        Ok(ids)
+    }
+
     async fn notify(&self, conn: &mut PgConnection) -> Result<()> {
         // Delivered at commit, to every listening process (this one included).
         sqlx::query("SELECT pg_notify($1, '')")
