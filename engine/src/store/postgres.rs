@@ -763,9 +763,18 @@ fn attempt_of(row: &PgRow) -> u32 {
 impl Store for PostgresStore {
     async fn migrate(&self) -> Result<()> {
         let schema = search_path_schema(&self.pool).await?;
-        // Several processes may start at once: `IF NOT EXISTS` can still race on the catalog,
-        // and the migrator itself serialises on an advisory lock.
+        // Created only where missing: a user without CREATE on the database can still migrate
+        // an existing schema. Processes starting together may race on the catalog; a second
+        // look finds the winner's schema.
         for tries in 1..=5u64 {
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                    .bind(&schema)
+                    .fetch_one(&self.pool)
+                    .await?;
+            if exists {
+                break;
+            }
             let created = sqlx::query(&format!(
                 "CREATE SCHEMA IF NOT EXISTS \"{}\"",
                 schema.replace('"', "\"\"")
@@ -778,6 +787,7 @@ impl Store for PostgresStore {
                 Err(e) => return Err(StoreError::Migration(e.to_string())),
             }
         }
+        // The migrator serialises concurrent processes on an advisory lock.
         MIGRATOR
             .run(&self.pool)
             .await
@@ -902,6 +912,8 @@ impl Store for PostgresStore {
             .await?;
         let mut skipped = paused.unwrap_or(false).then(|| "paused".to_owned());
         if skipped.is_none() && fire.skip_if_active {
+            // Another scheduler may be starting the previous fire right now: wait for it.
+            lock_key(&mut tx, &format!("workflow/{}", fire.workflow_id)).await?;
             let active: Option<String> = sqlx::query_scalar(&format!(
                 "SELECT id FROM runs WHERE workflow_id = $1 AND status IN {ACTIVE_RUN} \
                  AND parent_run_id IS NULL LIMIT 1"
