@@ -1,8 +1,8 @@
 //! The worker runtime. One loop per process claims jobs in batches up to its free slots, runs each
 //! in its own task under the step's timeout, heartbeats every held lease in one statement, and
-//! completes finished attempts in one batch. A job whose lease is not extended (its run was
-//! cancelled or timed out, or the lease was lost) has its task aborted: dropping the future is
-//! what stops the step.
+//! completes finished attempts in one batch, in the transaction that claims the next. A job whose
+//! lease is not extended (its run was cancelled or timed out, or the lease was lost) has its task
+//! aborted: dropping the future is what stops the step.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -84,30 +84,43 @@ pub async fn run_worker(
     let mut idle_wait = Duration::ZERO;
 
     loop {
-        if !finished.is_empty() {
-            let batch = std::mem::take(&mut finished);
-            for c in &batch {
-                held.remove(&c.lease.job_id);
-            }
-            if let Err(e) = complete_with_retry(&engine, batch).await {
-                tracing::error!(error = %e, "could not record completions; their leases will expire and the jobs run again");
+        let batch = std::mem::take(&mut finished);
+        for c in &batch {
+            held.remove(&c.lease.job_id);
+        }
+        let limit = match stopping {
+            None => slots.saturating_sub(held.len()),
+            Some(_) => 0,
+        };
+        // Finished attempts are completed in the transaction that claims the next jobs.
+        let mut claimed = None;
+        if !batch.is_empty() {
+            match complete_and_claim_with_retry(&engine, batch, limit as u32, lease_ms).await {
+                Ok(jobs) => claimed = Some(jobs),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not record completions; their leases will expire and the jobs run again")
+                }
             }
         }
         if stopping.is_some() && held.is_empty() {
             return;
         }
 
-        let free = slots.saturating_sub(held.len());
-        if stopping.is_none() && free > 0 {
-            let now = engine.now();
-            match store
-                .claim(ClaimParams {
-                    limit: free as u32,
-                    now,
-                    lease_until: now + lease_ms,
-                })
-                .await
-            {
+        if limit > 0 {
+            let claimed = match claimed {
+                Some(jobs) => Ok(jobs),
+                None => {
+                    let now = engine.now();
+                    store
+                        .claim(ClaimParams {
+                            limit: limit as u32,
+                            now,
+                            lease_until: now + lease_ms,
+                        })
+                        .await
+                }
+            };
+            match claimed {
                 Ok(jobs) => {
                     let got = jobs.len();
                     for job in jobs {
@@ -115,7 +128,7 @@ pub async fn run_worker(
                         let handle = tasks.spawn(execute(shared.clone(), job));
                         held.insert(lease.job_id, (lease, handle));
                     }
-                    idle_wait = if got == free {
+                    idle_wait = if got == limit {
                         Duration::ZERO
                     } else {
                         match store.next_due().await {
@@ -192,23 +205,34 @@ pub async fn run_worker(
 }
 
 /// Completions are the one write that must not be dropped on a passing database error: retried
-/// with backoff, and still fenced, so a retry after an unnoticed commit changes nothing.
-async fn complete_with_retry(
+/// with backoff, and still fenced, so a retry after an unnoticed commit changes nothing. Claims up
+/// to `limit` jobs in the same transaction; a claim from a retried call is as good as any.
+async fn complete_and_claim_with_retry(
     engine: &Engine,
     batch: Vec<Completion>,
-) -> Result<(), switchyard_engine::store::StoreError> {
+    limit: u32,
+    lease_ms: i64,
+) -> Result<Vec<ClaimedJob>, switchyard_engine::store::StoreError> {
     use backon::{ExponentialBuilder, Retryable};
     let store = engine.store();
-    (|| async { store.complete(batch.clone(), engine.now()).await })
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(50))
-                .with_max_delay(Duration::from_secs(5))
-                .with_max_times(8),
-        )
-        .notify(|e, wait| tracing::warn!(error = %e, ?wait, "completion failed; retrying"))
-        .await
-        .map(|_| ())
+    (|| async {
+        let now = engine.now();
+        let claim = ClaimParams {
+            limit,
+            now,
+            lease_until: now + lease_ms,
+        };
+        store.complete_and_claim(batch.clone(), claim, now).await
+    })
+    .retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(8),
+    )
+    .notify(|e, wait| tracing::warn!(error = %e, ?wait, "completion failed; retrying"))
+    .await
+    .map(|(_, claimed)| claimed)
 }
 
 async fn execute(shared: Arc<Shared>, job: ClaimedJob) -> Completion {

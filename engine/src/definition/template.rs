@@ -93,8 +93,21 @@ fn scope(ctx: &TemplateContext) -> minijinja::Value {
 /// `"{{ steps.fetch.output.items }}"` passes a list on rather than its text; any other string
 /// renders to a string.
 pub fn render_value(template: &Value, ctx: &TemplateContext) -> Result<Value, TemplateError> {
+    // Building the scope converts the whole context; a literal `with` needs none of it.
+    if !has_template(template) {
+        return Ok(template.clone());
+    }
     let scope = scope(ctx);
     render_tree(template, &scope).map_err(|e| scrub(e, &ctx.secrets))
+}
+
+fn has_template(value: &Value) -> bool {
+    match value {
+        Value::String(s) => is_template(s),
+        Value::Array(items) => items.iter().any(has_template),
+        Value::Object(map) => map.values().any(has_template),
+        _ => false,
+    }
 }
 
 /// Renders one template string.

@@ -275,6 +275,22 @@ pub trait Store: Send + Sync + 'static {
     /// what follows in the same transaction: dependents become available, runs finish, parents
     /// of finished child runs settle, concurrency gates open.
     async fn complete(&self, completions: Vec<Completion>, now: Millis) -> Result<Vec<JobId>>;
+    /// `complete`, then `claim` up to `claim.limit` jobs (none at 0). A store overrides it to do
+    /// both in one transaction: a worker cycle then pays one commit, not two. The default is two.
+    async fn complete_and_claim(
+        &self,
+        completions: Vec<Completion>,
+        claim: ClaimParams,
+        now: Millis,
+    ) -> Result<(Vec<JobId>, Vec<ClaimedJob>)> {
+        let accepted = self.complete(completions, now).await?;
+        let claimed = if claim.limit == 0 {
+            Vec::new()
+        } else {
+            self.claim(claim).await?
+        };
+        Ok((accepted, claimed))
+    }
 
     /// Settles expired leases as lost attempts and times out runs past their deadline.
     async fn sweep(&self, now: Millis) -> Result<Swept>;
