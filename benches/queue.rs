@@ -1,10 +1,15 @@
-//! Queue benchmarks on the embedded SQLite store (durable: WAL, synchronous=FULL).
-//! `cargo bench --bench queue` prints, as measured on this machine:
+//! Queue benchmarks, side by side on SQLite (durable: WAL, synchronous=FULL) and PostgreSQL
+//! (durable commits). `cargo bench --bench queue [-- NAME]` prints, as measured on this machine:
 //! - drain: no-op jobs per second emptying a backlog of 100k one-step runs
 //! - latency: enqueue-to-start p50/p99 under steady load
 //! - 40 sequential no-op steps: time of one run
 //! - fan-out: a master starting 7 children of 3 steps each and aggregating
-//! - peak RSS
+//! - claim: time of one claim of 100 jobs with 10k and with 1M queued
+//! - peak RSS (SQLite)
+//!
+//! `SWITCHYARD_BENCH_STORES` (default `sqlite,postgres`) picks the stores;
+//! `SWITCHYARD_BENCH_POSTGRES` (default the local `test` database) is where PostgreSQL runs, in
+//! the schema `bench_queue`, emptied before each measurement.
 //!
 //! Timing comes from a `probe` step kind (also an example of a custom step kind) that reports the
 //! instant it runs, so the figures include no polling by the benchmark itself.
@@ -18,7 +23,7 @@ use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{Format, Workflow, WorkflowMap, parse_str};
 use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::service::Engine;
-use switchyard_engine::store::{NewRun, RunFilter};
+use switchyard_engine::store::{ClaimParams, NewRun, RunFilter, Store};
 use switchyard_workers::{Registry, StepCall, StepKind, StepOutcome, StepResult, WorkerConfig};
 use tokio::sync::{mpsc, watch};
 
@@ -77,6 +82,40 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite,
+    Postgres(String),
+}
+
+impl Backend {
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// A fresh, migrated database for one measurement.
+    async fn fresh(&self, dir: &std::path::Path) -> Arc<dyn Store> {
+        let url = match self {
+            Backend::Sqlite => format!("sqlite://{}/bench.db", dir.display()),
+            Backend::Postgres(base) => {
+                let admin = sqlx::PgPool::connect(base).await.unwrap();
+                sqlx::query("DROP SCHEMA IF EXISTS bench_queue CASCADE")
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+                admin.close().await;
+                format!("{base}?options[search_path]=bench_queue")
+            }
+        };
+        let store = switchyard_engine::store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+}
+
 struct Bench {
     engine: Arc<Engine>,
     versions: std::collections::BTreeMap<String, (i64, Arc<Workflow>)>,
@@ -95,13 +134,11 @@ mod tempdir {
 }
 
 impl Bench {
-    async fn new(slots: usize) -> Bench {
+    async fn new(backend: &Backend, slots: usize) -> Bench {
         let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let url = format!("sqlite://{}/bench.db", dir.display());
-        let store = switchyard_engine::store::connect(&url).await.unwrap();
-        store.migrate().await.unwrap();
+        let store = backend.fresh(&dir).await;
         let engine = Arc::new(Engine::new(store, Arc::new(SystemClock)));
         let mut workflows = WorkflowMap::new();
         for text in [DEFINITIONS.to_owned(), sequential()] {
@@ -165,50 +202,90 @@ impl Bench {
     }
 }
 
-async fn drain() {
+impl Bench {
+    /// A bench whose own worker is stopped, with `jobs` one-step runs queued.
+    async fn queued(backend: &Backend, jobs: usize) -> Bench {
+        let bench = Bench::new(backend, 1).await;
+        bench.stop.send_replace(true);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 0..jobs / 1_000 {
+            let runs = (0..1_000)
+                .map(|_| bench.plan("one_noop", Value::Null))
+                .collect();
+            bench
+                .engine
+                .store()
+                .create_runs(runs, bench.engine.now())
+                .await
+                .unwrap();
+        }
+        bench
+    }
+}
+
+/// `loops` worker loops of `slots` each empty a backlog of 100k one-step runs.
+async fn drain(backend: &Backend, loops: usize, slots: usize) {
     const JOBS: usize = 100_000;
     // Enqueue first with no worker running, then measure the drain alone.
-    let bench = Bench::new(1).await;
-    bench.stop.send_replace(true);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    for _ in 0..JOBS / 1_000 {
-        let runs = (0..1_000)
-            .map(|_| bench.plan("one_noop", Value::Null))
-            .collect();
-        bench
-            .engine
-            .store()
-            .create_runs(runs, bench.engine.now())
-            .await
-            .unwrap();
-    }
+    let bench = Bench::queued(backend, JOBS).await;
     let rss_queued = peak_rss_mib();
-    let engine = bench.engine.clone();
     let (_stop, stopped) = watch::channel(false);
     let started = Instant::now();
-    tokio::spawn(switchyard_workers::run_worker(
-        engine,
-        Registry::builtin(),
-        WorkerConfig {
-            slots: 1_000,
-            ..WorkerConfig::default()
-        },
-        stopped,
-    ));
+    for _ in 0..loops {
+        tokio::spawn(switchyard_workers::run_worker(
+            bench.engine.clone(),
+            Registry::builtin(),
+            WorkerConfig {
+                slots,
+                ..WorkerConfig::default()
+            },
+            stopped.clone(),
+        ));
+    }
     while bench.unfinished().await {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "drain 100k queued no-op jobs: {:.0} jobs/s ({secs:.2} s); peak RSS with 100k queued: {rss_queued:.1} MiB",
+        "[{}] drain 100k queued no-op jobs, {loops} worker loop(s) x {slots} slots: {:.0} jobs/s ({secs:.2} s); peak RSS of the process so far: {rss_queued:.1} MiB",
+        backend.name(),
         JOBS as f64 / secs
     );
 }
 
-async fn latency() {
+/// One claim of 100 jobs, with `queued` jobs waiting: the claim must not slow down as the
+/// backlog grows.
+async fn claim_time(backend: &Backend, queued: usize) {
+    let bench = Bench::queued(backend, queued).await;
+    let store = bench.engine.store();
+    let mut times = Vec::new();
+    for _ in 0..30 {
+        let now = bench.engine.now();
+        let start = Instant::now();
+        let got = store
+            .claim(ClaimParams {
+                limit: 100,
+                now,
+                lease_until: now + 60_000,
+            })
+            .await
+            .unwrap();
+        times.push(start.elapsed());
+        assert_eq!(got.len(), 100);
+    }
+    times.sort();
+    println!(
+        "[{}] claim of 100 with {queued} queued: median {:.2} ms, p90 {:.2} ms",
+        backend.name(),
+        times[times.len() / 2].as_secs_f64() * 1e3,
+        times[times.len() * 9 / 10].as_secs_f64() * 1e3
+    );
+}
+
+async fn latency(backend: &Backend) {
     const RUNS: u64 = 2_000;
     const RATE: u64 = 500; // runs per second
-    let mut bench = Bench::new(64).await;
+    let mut bench = Bench::new(backend, 64).await;
     let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; RUNS as usize]));
     let mut delays = Vec::with_capacity(RUNS as usize);
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
@@ -235,14 +312,15 @@ async fn latency() {
     delays.sort();
     let pct = |p: f64| delays[((delays.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e3;
     println!(
-        "enqueue-to-start latency at {RATE} runs/s: p50 {:.2} ms, p99 {:.2} ms",
+        "[{}] enqueue-to-start latency at {RATE} runs/s: p50 {:.2} ms, p99 {:.2} ms",
+        backend.name(),
         pct(0.50),
         pct(0.99)
     );
 }
 
-async fn timed_runs(name: &str, workflow: &str, repeat: usize) {
-    let mut bench = Bench::new(64).await;
+async fn timed_runs(backend: &Backend, name: &str, workflow: &str, repeat: usize) {
+    let mut bench = Bench::new(backend, 64).await;
     let mut times = Vec::with_capacity(repeat);
     for _ in 0..repeat {
         let run = bench.plan(workflow, Value::Null);
@@ -263,34 +341,58 @@ async fn timed_runs(name: &str, workflow: &str, repeat: usize) {
     times.sort();
     let median = times[times.len() / 2].as_secs_f64() * 1e3;
     let best = times[0].as_secs_f64() * 1e3;
-    println!("{name}: median {median:.1} ms, best {best:.1} ms over {repeat} runs");
+    println!(
+        "[{}] {name}: median {median:.1} ms, best {best:.1} ms over {repeat} runs",
+        backend.name()
+    );
 }
 
 fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     println!(
-        "switchyard queue benchmarks, SQLite durable (WAL, synchronous=FULL), {} cores",
+        "switchyard queue benchmarks, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let only = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let wants = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
+    let postgres = std::env::var("SWITCHYARD_BENCH_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let backends: Vec<Backend> = std::env::var("SWITCHYARD_BENCH_STORES")
+        .unwrap_or_else(|_| "sqlite,postgres".to_owned())
+        .split(',')
+        .map(|name| match name.trim() {
+            "sqlite" => Backend::Sqlite,
+            "postgres" => Backend::Postgres(postgres.clone()),
+            other => panic!("unknown store {other:?}: sqlite or postgres"),
+        })
+        .collect();
     runtime.block_on(async {
-        if wants("sequential") {
-            timed_runs("one run of 40 sequential no-op steps", "seq40", 20).await;
-        }
-        if wants("fanout") {
-            timed_runs(
-                "master fanning out to 7 children x 3 steps, aggregated",
-                "master",
-                20,
-            )
-            .await;
-        }
-        if wants("latency") {
-            latency().await;
-        }
-        if wants("drain") {
-            drain().await;
+        for backend in &backends {
+            if wants("sequential") {
+                timed_runs(backend, "one run of 40 sequential no-op steps", "seq40", 20).await;
+            }
+            if wants("fanout") {
+                timed_runs(
+                    backend,
+                    "master fanning out to 7 children x 3 steps, aggregated",
+                    "master",
+                    20,
+                )
+                .await;
+            }
+            if wants("latency") {
+                latency(backend).await;
+            }
+            if wants("drain") {
+                drain(backend, 1, 1_000).await;
+                if matches!(backend, Backend::Postgres(_)) {
+                    drain(backend, 4, 250).await;
+                }
+            }
+            if wants("claim") {
+                claim_time(backend, 10_000).await;
+                claim_time(backend, 1_000_000).await;
+            }
         }
     });
     println!(

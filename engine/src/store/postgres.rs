@@ -738,6 +738,61 @@ async fn settle_parents(
     Ok((succeeded, failed))
 }
 
+/// Leases up to `params.limit` due jobs in one statement: takes the oldest rows no other claim
+/// holds, leases them, and reads what their workers need.
+async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<ClaimedJob>> {
+    if params.limit == 0 {
+        return Ok(Vec::new());
+    }
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    // Waking from a parked state continues the same attempt; anything else starts a new one.
+    let rows = sqlx::query(
+        "WITH next AS MATERIALIZED ( \
+             SELECT id FROM jobs \
+             WHERE state IN ('available', 'retrying', 'parked') AND run_after <= $3 \
+             ORDER BY run_after, id LIMIT $4 FOR UPDATE SKIP LOCKED), \
+         claimed AS ( \
+             UPDATE jobs SET state = 'running', \
+                 attempt = jobs.attempt + (jobs.state <> 'parked')::int, \
+                 lease_token = $1, lease_expires_at = $2, \
+                 started_at = CASE WHEN jobs.state = 'parked' THEN jobs.started_at ELSE $3 END \
+             FROM next WHERE jobs.id = next.id \
+             RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.attempt, jobs.checkpoint) \
+         SELECT c.id, c.run_id, c.step_id, c.attempt, c.checkpoint, r.workflow_id, \
+             r.version, r.input, r.scheduled_at, \
+             (SELECT jsonb_object_agg(j.step_id, j.output) FROM jobs AS j \
+              WHERE j.run_id = c.run_id AND j.state = 'succeeded') AS outputs \
+         FROM claimed AS c JOIN runs AS r ON r.id = c.run_id",
+    )
+    .bind(&token)
+    .bind(params.lease_until)
+    .bind(params.now)
+    .bind(i64::from(params.limit))
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| ClaimedJob {
+            lease: Lease {
+                job_id: row.get("id"),
+                attempt: attempt_of(row),
+                token: token.clone(),
+            },
+            run_id: row.get("run_id"),
+            step_id: row.get("step_id"),
+            workflow_id: row.get("workflow_id"),
+            version: row.get("version"),
+            input: row.get("input"),
+            scheduled_at: row.get("scheduled_at"),
+            checkpoint: row.get("checkpoint"),
+            outputs: match row.get::<Option<Value>, _>("outputs") {
+                Some(Value::Object(map)) => map,
+                _ => serde_json::Map::new(),
+            },
+        })
+        .collect())
+}
+
 fn summary_from_row(row: &PgRow) -> Result<RunSummary> {
     Ok(RunSummary {
         id: row.get("id"),
@@ -994,58 +1049,8 @@ impl Store for PostgresStore {
     }
 
     async fn claim(&self, params: ClaimParams) -> Result<Vec<ClaimedJob>> {
-        if params.limit == 0 {
-            return Ok(Vec::new());
-        }
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        // One statement: take the oldest due rows no other claim holds, lease them, and read
-        // what their workers need. Waking from a parked state continues the same attempt;
-        // anything else starts a new one.
-        let rows = sqlx::query(
-            "WITH next AS MATERIALIZED ( \
-                 SELECT id FROM jobs \
-                 WHERE state IN ('available', 'retrying', 'parked') AND run_after <= $3 \
-                 ORDER BY run_after, id LIMIT $4 FOR UPDATE SKIP LOCKED), \
-             claimed AS ( \
-                 UPDATE jobs SET state = 'running', \
-                     attempt = jobs.attempt + (jobs.state <> 'parked')::int, \
-                     lease_token = $1, lease_expires_at = $2, \
-                     started_at = CASE WHEN jobs.state = 'parked' THEN jobs.started_at ELSE $3 END \
-                 FROM next WHERE jobs.id = next.id \
-                 RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.attempt, jobs.checkpoint) \
-             SELECT c.id, c.run_id, c.step_id, c.attempt, c.checkpoint, r.workflow_id, \
-                 r.version, r.input, r.scheduled_at, \
-                 (SELECT jsonb_object_agg(j.step_id, j.output) FROM jobs AS j \
-                  WHERE j.run_id = c.run_id AND j.state = 'succeeded') AS outputs \
-             FROM claimed AS c JOIN runs AS r ON r.id = c.run_id",
-        )
-        .bind(&token)
-        .bind(params.lease_until)
-        .bind(params.now)
-        .bind(i64::from(params.limit))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|row| ClaimedJob {
-                lease: Lease {
-                    job_id: row.get("id"),
-                    attempt: attempt_of(row),
-                    token: token.clone(),
-                },
-                run_id: row.get("run_id"),
-                step_id: row.get("step_id"),
-                workflow_id: row.get("workflow_id"),
-                version: row.get("version"),
-                input: row.get("input"),
-                scheduled_at: row.get("scheduled_at"),
-                checkpoint: row.get("checkpoint"),
-                outputs: match row.get::<Option<Value>, _>("outputs") {
-                    Some(Value::Object(map)) => map,
-                    _ => serde_json::Map::new(),
-                },
-            })
-            .collect())
+        let mut conn = self.pool.acquire().await?;
+        claim_in(&mut conn, params).await
     }
 
     async fn heartbeat(&self, leases: &[Lease], lease_until: Millis) -> Result<Vec<JobId>> {
@@ -1082,6 +1087,26 @@ impl Store for PostgresStore {
             self.wakeup.notify_one();
         }
         Ok(accepted)
+    }
+
+    async fn complete_and_claim(
+        &self,
+        completions: Vec<Completion>,
+        claim: ClaimParams,
+        now: Millis,
+    ) -> Result<(Vec<JobId>, Vec<ClaimedJob>)> {
+        let mut tx = self.pool.begin().await?;
+        let mut effects = Effects::default();
+        let accepted = complete_in(&mut tx, completions, now, &mut effects).await?;
+        let claimed = claim_in(&mut tx, claim).await?;
+        if effects.woke {
+            self.notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        if effects.woke {
+            self.wakeup.notify_one();
+        }
+        Ok((accepted, claimed))
     }
 
     async fn sweep(&self, now: Millis) -> Result<Swept> {
