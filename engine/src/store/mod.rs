@@ -63,6 +63,53 @@ impl From<sqlx::Error> for StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// JSON as text, the form both stores pass batches in.
+fn to_json(value: &impl Serialize) -> String {
+    serde_json::to_string(value).expect("store payloads serialize")
+}
+
+fn parse_state<T: std::str::FromStr>(text: &str) -> Result<T> {
+    text.parse()
+        .map_err(|_| StoreError::Database(format!("unknown state {text:?} in database")))
+}
+
+/// A run that just finished, and what it may settle next.
+struct FinishedRun {
+    id: RunId,
+    status: RunStatus,
+    parent_job_id: Option<JobId>,
+    concurrency_key: Option<String>,
+}
+
+/// One JSON row per completion, the batch both stores' fenced update reads. JSON values travel
+/// as text, so a `null` output stays a JSON null rather than becoming NULL.
+fn completion_rows(completions: &[Completion], now: Millis) -> Value {
+    completions
+        .iter()
+        .map(|c| {
+            let (output, error, run_after, checkpoint) = match &c.settlement {
+                Settlement::Succeed { output } => (Some(to_json(output)), None, None, None),
+                Settlement::Retry { at, error } => (None, Some(error.clone()), Some(*at), None),
+                Settlement::Fail { error } => (None, Some(error.clone()), None, None),
+                Settlement::Park { until, checkpoint } => {
+                    (None, None, *until, Some(to_json(checkpoint)))
+                }
+                Settlement::Release => (None, None, Some(now), None),
+            };
+            serde_json::json!({
+                "id": c.lease.job_id,
+                "attempt": c.lease.attempt,
+                "token": c.lease.token,
+                "state": c.settlement.target().as_str(),
+                "output": output,
+                "error": error,
+                "run_after": run_after,
+                "checkpoint": checkpoint,
+            })
+        })
+        .collect()
+}
+
 /// A run to create, with its jobs, in one transaction.
 #[derive(Debug, Clone, Serialize)]
 pub struct NewRun {

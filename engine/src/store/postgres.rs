@@ -21,7 +21,7 @@ use sqlx::{PgConnection, QueryBuilder, Row};
 use tokio::sync::Notify;
 
 use super::*;
-use crate::state::{JobState, Millis, RunStatus, Settlement, settle_lost_lease};
+use crate::state::{JobState, Millis, RunStatus, settle_lost_lease};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
@@ -142,15 +142,6 @@ async fn listen(pool: PgPool, channel: String, wakeup: Arc<Notify>) {
     }
 }
 
-fn parse_state<T: FromStr>(text: &str) -> Result<T> {
-    text.parse()
-        .map_err(|_| StoreError::Database(format!("unknown state {text:?} in database")))
-}
-
-fn to_json(value: &impl serde::Serialize) -> String {
-    serde_json::to_string(value).expect("store payloads serialize")
-}
-
 /// Serialises transactions that touch the same key (a concurrency gate, a workflow's versions)
 /// until they end.
 async fn lock_key(conn: &mut PgConnection, key: &str) -> Result<()> {
@@ -171,14 +162,6 @@ async fn lock_runs_of_jobs(conn: &mut PgConnection, jobs: &[JobId]) -> Result<()
     .fetch_all(&mut *conn)
     .await?;
     Ok(())
-}
-
-/// A run that just finished, and what it may settle next.
-struct FinishedRun {
-    id: RunId,
-    status: RunStatus,
-    parent_job_id: Option<JobId>,
-    concurrency_key: Option<String>,
 }
 
 fn finished_from_row(row: &PgRow) -> Result<FinishedRun> {
@@ -379,31 +362,7 @@ async fn complete_in(
     }
     let ids: Vec<JobId> = completions.iter().map(|c| c.lease.job_id).collect();
     lock_runs_of_jobs(conn, &ids).await?;
-    let payload: Vec<Value> = completions
-        .iter()
-        .map(|c| {
-            let (output, error, run_after, checkpoint) = match &c.settlement {
-                Settlement::Succeed { output } => (Some(output.clone()), None, None, None),
-                Settlement::Retry { at, error } => (None, Some(error.clone()), Some(*at), None),
-                Settlement::Fail { error } => (None, Some(error.clone()), None, None),
-                Settlement::Park { until, checkpoint } => {
-                    (None, None, *until, Some(checkpoint.clone()))
-                }
-                Settlement::Release => (None, None, Some(now), None),
-            };
-            // JSON values travel as text so that a `null` output stays a JSON null, not NULL.
-            json!({
-                "id": c.lease.job_id,
-                "attempt": c.lease.attempt,
-                "token": c.lease.token,
-                "state": c.settlement.target().as_str(),
-                "output": output.map(|o| to_json(&o)),
-                "error": error,
-                "run_after": run_after,
-                "checkpoint": checkpoint.map(|o| to_json(&o)),
-            })
-        })
-        .collect();
+    let payload = completion_rows(&completions, now);
     // Only rows still `running` under the same attempt and token change: a late answer from a
     // worker whose lease expired matches nothing. The attempt history records unsuccessful
     // attempts only; the succeeding one is the row's own timings.
@@ -429,7 +388,7 @@ async fn complete_in(
              AND jobs.lease_token = c.token AND jobs.state = 'running' \
          RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error",
     )
-    .bind(Value::Array(payload))
+    .bind(payload)
     .bind(now)
     .fetch_all(&mut *conn)
     .await?;

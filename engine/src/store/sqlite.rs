@@ -19,7 +19,7 @@ use sqlx::{Row, SqliteConnection};
 use tokio::sync::Notify;
 
 use super::*;
-use crate::state::{JobState, Millis, RunStatus, Settlement, settle_lost_lease};
+use crate::state::{JobState, Millis, RunStatus, settle_lost_lease};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
@@ -173,25 +173,8 @@ impl SqliteStore {
     }
 }
 
-fn to_json(value: &impl serde::Serialize) -> String {
-    serde_json::to_string(value).expect("store payloads serialize")
-}
-
 fn parse_json(text: Option<String>) -> Option<Value> {
     text.and_then(|t| serde_json::from_str(&t).ok())
-}
-
-fn parse_state<T: FromStr>(text: &str) -> Result<T> {
-    text.parse()
-        .map_err(|_| StoreError::Database(format!("unknown state {text:?} in database")))
-}
-
-/// A run that just finished, and what it may settle next.
-struct FinishedRun {
-    id: RunId,
-    status: RunStatus,
-    parent_job_id: Option<JobId>,
-    concurrency_key: Option<String>,
 }
 
 fn finished_from_row(row: &SqliteRow) -> Result<FinishedRun> {
@@ -339,30 +322,7 @@ async fn complete_in(
     if completions.is_empty() {
         return Ok(Vec::new());
     }
-    let payload: Vec<Value> = completions
-        .iter()
-        .map(|c| {
-            let (output, error, run_after, checkpoint) = match &c.settlement {
-                Settlement::Succeed { output } => (Some(output.clone()), None, None, None),
-                Settlement::Retry { at, error } => (None, Some(error.clone()), Some(*at), None),
-                Settlement::Fail { error } => (None, Some(error.clone()), None, None),
-                Settlement::Park { until, checkpoint } => {
-                    (None, None, *until, Some(to_json(checkpoint)))
-                }
-                Settlement::Release => (None, None, Some(now), None),
-            };
-            json!({
-                "id": c.lease.job_id,
-                "attempt": c.lease.attempt,
-                "token": c.lease.token,
-                "state": c.settlement.target().as_str(),
-                "output": output.map(|o| to_json(&o)),
-                "error": error,
-                "run_after": run_after,
-                "checkpoint": checkpoint,
-            })
-        })
-        .collect();
+    let payload = completion_rows(&completions, now);
     // Only rows still `running` under the same attempt and token change: a late answer from a
     // worker whose lease expired matches nothing.
     let accepted = sqlx::query(
