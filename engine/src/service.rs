@@ -12,7 +12,7 @@ use crate::plan::{PlanError, Trigger, plan_run};
 use crate::state::RunStatus;
 use crate::store::{
     FireOutcome, FireParams, FireRecord, NewRun, RunDetail, RunFilter, RunId, RunSummary, Store,
-    StoreError, WorkflowState,
+    StoreError, WorkflowState, retry_transient,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -164,15 +164,13 @@ impl Engine {
     }
 
     pub async fn cancel(&self, run_id: &str) -> Result<RunStatus> {
-        self.store
-            .cancel_run(run_id, self.now())
+        retry_transient("cancel", || self.store.cancel_run(run_id, self.now()))
             .await
             .map_err(|e| not_found_as_run(e, run_id))
     }
 
     pub async fn retry(&self, run_id: &str) -> Result<()> {
-        self.store
-            .retry_run(run_id, self.now())
+        retry_transient("retry", || self.store.retry_run(run_id, self.now()))
             .await
             .map_err(|e| not_found_as_run(e, run_id))
     }

@@ -45,14 +45,7 @@ fn planned(store_version: i64, wf: &Workflow) -> NewRun {
 }
 
 async fn claim(store: &dyn Store, now: Millis, limit: u32) -> Vec<ClaimedJob> {
-    store
-        .claim(ClaimParams {
-            limit,
-            now,
-            lease_until: now + LEASE,
-        })
-        .await
-        .unwrap()
+    store.claim(params(limit, now)).await.unwrap()
 }
 
 fn done(job: &ClaimedJob, output: Value) -> Completion {
@@ -705,6 +698,139 @@ pub async fn children_finishing_at_once_settle_their_parent(store: Arc<dyn Store
     }
 }
 
+fn two_steps() -> Workflow {
+    workflow("id: two\nsteps:\n  - {id: a, type: noop}\n  - {id: b, type: noop, needs: [a]}\n")
+}
+
+fn params(limit: u32, now: Millis) -> ClaimParams {
+    ClaimParams {
+        limit,
+        now,
+        lease_until: now + LEASE,
+    }
+}
+
+pub async fn complete_and_claim_commits_completions_and_claims_the_dependent(
+    store: Arc<dyn Store>,
+) {
+    let run = start(&*store, &two_steps(), Trigger::default()).await;
+    let a = claim(&*store, T0, 10).await.remove(0);
+    assert_eq!(a.step_id, "a");
+
+    let (accepted, claimed) = store
+        .complete_and_claim(vec![done(&a, json!(42))], params(10, T0), T0)
+        .await
+        .unwrap();
+    assert_eq!(accepted, vec![a.lease.job_id]);
+    assert_eq!(claimed.len(), 1, "b became available and was claimed");
+    let b = &claimed[0];
+    assert_eq!(b.step_id, "b");
+    assert_eq!(b.run_id, run);
+    assert_eq!(b.outputs.get("a"), Some(&json!(42)), "b sees a's output");
+    assert_eq!(job_state(&*store, &run, "a").await, JobState::Succeeded);
+    assert_eq!(job_state(&*store, &run, "b").await, JobState::Running);
+
+    // The claim's lease is a real one: completing b with it finishes the run.
+    let (accepted, claimed) = store
+        .complete_and_claim(vec![done(b, json!(7))], params(10, T0 + 1), T0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(accepted, vec![b.lease.job_id]);
+    assert!(claimed.is_empty());
+    let detail = store.run(&run).await.unwrap();
+    assert_eq!(detail.summary.status, RunStatus::Succeeded);
+    assert_eq!(detail.output, Some(json!({ "b": 7 })));
+}
+
+pub async fn complete_and_claim_rejects_a_stale_lease_but_still_claims(store: Arc<dyn Store>) {
+    let first_run = start(&*store, &two_steps(), Trigger::default()).await;
+    let first = claim(&*store, T0, 1).await.remove(0);
+    // The lease runs out and another worker takes the job over.
+    assert_eq!(store.sweep(T0 + LEASE + 1).await.unwrap().reclaimed_jobs, 1);
+    let second = claim(&*store, T0 + LEASE + 2, 1).await.remove(0);
+    assert_eq!(second.lease.job_id, first.lease.job_id);
+    let other_run = start(&*store, &two_steps(), Trigger::default()).await;
+
+    let now = T0 + LEASE + 3;
+    let (accepted, claimed) = store
+        .complete_and_claim(vec![done(&first, json!("stale"))], params(10, now), now)
+        .await
+        .unwrap();
+    assert!(accepted.is_empty(), "late completion was accepted");
+    assert_eq!(
+        job_state(&*store, &first_run, "a").await,
+        JobState::Running,
+        "the current attempt keeps the job"
+    );
+    let claimed: Vec<(&str, &str)> = claimed
+        .iter()
+        .map(|j| (j.run_id.as_str(), j.step_id.as_str()))
+        .collect();
+    assert_eq!(claimed, vec![(other_run.as_str(), "a")]);
+}
+
+pub async fn complete_and_claim_with_limit_zero_only_completes(store: Arc<dyn Store>) {
+    let run = start(&*store, &two_steps(), Trigger::default()).await;
+    let a = claim(&*store, T0, 10).await.remove(0);
+
+    let (accepted, claimed) = store
+        .complete_and_claim(vec![done(&a, Value::Null)], params(0, T0), T0)
+        .await
+        .unwrap();
+    assert_eq!(accepted, vec![a.lease.job_id]);
+    assert!(claimed.is_empty());
+    assert_eq!(job_state(&*store, &run, "b").await, JobState::Available);
+    assert_eq!(claim(&*store, T0, 10).await[0].step_id, "b");
+}
+
+pub async fn complete_and_claim_with_nothing_to_complete_is_a_claim(store: Arc<dyn Store>) {
+    let run = start(&*store, &two_steps(), Trigger::default()).await;
+
+    let (accepted, claimed) = store
+        .complete_and_claim(Vec::new(), params(10, T0), T0)
+        .await
+        .unwrap();
+    assert!(accepted.is_empty());
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].step_id, "a");
+    assert_eq!(job_state(&*store, &run, "a").await, JobState::Running);
+}
+
+/// Completing a keyed run opens its gate and starts the next pending run, while that pending run
+/// is being cancelled: both calls succeed (no deadlock between gate and run locks) and the gate
+/// ends consistent, round after round.
+pub async fn cancelling_a_pending_run_while_its_gate_opens_never_fails(store: Arc<dyn Store>) {
+    let wf = workflow(
+        "id: keyed\nconcurrency: {limit: 1, key: \"{{ input.region }}\"}\nsteps:\n  - {id: a, type: noop}\n",
+    );
+    let version = install(&*store, &wf).await;
+    for round in 0..20 {
+        let make =
+            || plan_run(&wf, version, json!({ "region": "us" }), Trigger::default()).unwrap();
+        let now = T0 + round;
+        let ids = store.create_runs(vec![make(), make()], now).await.unwrap();
+        let holder = claim(&*store, now, 10).await.remove(0);
+        assert_eq!(holder.run_id, ids[0]);
+        let completing = {
+            let store = store.clone();
+            let c = done(&holder, Value::Null);
+            tokio::spawn(async move { store.complete(vec![c], now).await })
+        };
+        let cancelling = {
+            let store = store.clone();
+            let pending = ids[1].clone();
+            tokio::spawn(async move { store.cancel_run(&pending, now).await })
+        };
+        let completed = completing.await.unwrap();
+        let cancelled = cancelling.await.unwrap();
+        assert_eq!(completed.unwrap().len(), 1, "round {round}");
+        assert_eq!(cancelled.unwrap(), RunStatus::Cancelled, "round {round}");
+        assert_eq!(run_status(&*store, &ids[0]).await, RunStatus::Succeeded);
+        assert_eq!(run_status(&*store, &ids[1]).await, RunStatus::Cancelled);
+        assert!(claim(&*store, now, 10).await.is_empty(), "round {round}");
+    }
+}
+
 macro_rules! conformance {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -735,6 +861,11 @@ macro_rules! conformance {
                 parallel_last_steps_completed_at_once_still_finish_the_run,
                 concurrent_claims_never_hand_out_a_job_twice,
                 children_finishing_at_once_settle_their_parent,
+                complete_and_claim_commits_completions_and_claims_the_dependent,
+                complete_and_claim_rejects_a_stale_lease_but_still_claims,
+                complete_and_claim_with_limit_zero_only_completes,
+                complete_and_claim_with_nothing_to_complete_is_a_claim,
+                cancelling_a_pending_run_while_its_gate_opens_never_fails,
             );
         }
     };

@@ -213,9 +213,8 @@ async fn complete_and_claim_with_retry(
     limit: u32,
     lease_ms: i64,
 ) -> Result<Vec<ClaimedJob>, switchyard_engine::store::StoreError> {
-    use backon::{ExponentialBuilder, Retryable};
     let store = engine.store();
-    (|| async {
+    switchyard_engine::store::retry_transient("completion", || async {
         let now = engine.now();
         let claim = ClaimParams {
             limit,
@@ -224,13 +223,6 @@ async fn complete_and_claim_with_retry(
         };
         store.complete_and_claim(batch.clone(), claim, now).await
     })
-    .retry(
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(5))
-            .with_max_times(8),
-    )
-    .notify(|e, wait| tracing::warn!(error = %e, ?wait, "completion failed; retrying"))
     .await
     .map(|(_, claimed)| claimed)
 }

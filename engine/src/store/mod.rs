@@ -56,12 +56,51 @@ impl From<sqlx::Error> for StoreError {
             {
                 StoreError::Unavailable(db.message().to_owned())
             }
+            // SQLite busy or locked past its busy timeout: another writer held the database.
+            sqlx::Error::Database(db)
+                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+                    && db
+                        .code()
+                        .and_then(|c| c.parse::<i32>().ok())
+                        .is_some_and(|c| matches!(c & 0xff, 5 | 6)) =>
+            {
+                StoreError::Unavailable(db.message().to_owned())
+            }
             _ => StoreError::Database(e.to_string()),
         }
     }
 }
 
+impl StoreError {
+    /// Whether the same call may succeed if tried again: the database was away for a moment, or
+    /// chose this transaction as the victim of a deadlock or a serialisation conflict.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Calls `op` again while it fails with a transient error, with jittered exponential backoff
+/// (50 ms up to 5 s, 8 times), then returns its last result. Only for writes that are safe to
+/// repeat: fenced completions, cancels, retries.
+pub async fn retry_transient<T, F, Fut>(what: &'static str, op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    op.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(50))
+            .with_max_delay(std::time::Duration::from_secs(5))
+            .with_max_times(8)
+            .with_jitter(),
+    )
+    .when(StoreError::is_transient)
+    .notify(|e, wait| tracing::warn!(error = %e, ?wait, "{what} failed; retrying"))
+    .await
+}
 
 /// JSON as text, the form both stores pass batches in.
 fn to_json(value: &impl Serialize) -> String {

@@ -1162,6 +1162,18 @@ impl Store for PostgresStore {
 
     async fn cancel_run(&self, run_id: &str, now: Millis) -> Result<RunStatus> {
         let mut tx = self.pool.begin().await?;
+        // Opening a gate locks the gate, then its pending runs; cancelling a pending run takes
+        // them in the same order, so the two never deadlock.
+        let gated: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT status, concurrency_key FROM runs WHERE id = $1")
+                .bind(run_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some((status, Some(key))) = &gated
+            && status == "pending"
+        {
+            lock_key(&mut tx, &format!("gate/{key}")).await?;
+        }
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
                 .bind(run_id)
