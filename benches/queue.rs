@@ -9,7 +9,7 @@
 //!
 //! `SWITCHYARD_BENCH_STORES` (default `sqlite,postgres`) picks the stores;
 //! `SWITCHYARD_BENCH_POSTGRES` (default the local `test` database) is where PostgreSQL runs, in
-//! the schema `bench_queue`, emptied before each measurement.
+//! a schema `bench_queue_N` per measurement, all dropped when the bench ends.
 //!
 //! Timing comes from a `probe` step kind (also an example of a custom step kind) that reports the
 //! instant it runs, so the figures include no polling by the benchmark itself.
@@ -101,18 +101,36 @@ impl Backend {
         let url = match self {
             Backend::Sqlite => format!("sqlite://{}/bench.db", dir.display()),
             Backend::Postgres(base) => {
-                let admin = sqlx::PgPool::connect(base).await.unwrap();
-                sqlx::query("DROP SCHEMA IF EXISTS bench_queue CASCADE")
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-                admin.close().await;
-                format!("{base}?options[search_path]=bench_queue")
+                // A schema per measurement: the last one's tasks may still be winding down.
+                use std::sync::atomic::{AtomicUsize, Ordering};
+                static NEXT: AtomicUsize = AtomicUsize::new(0);
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                format!("{base}?options[search_path]=bench_queue_{n}")
             }
         };
         let store = switchyard_engine::store::connect(&url).await.unwrap();
         store.migrate().await.unwrap();
         store
+    }
+
+    /// Drops the schemas of earlier measurements, and of earlier runs of the bench.
+    async fn clean_up(&self) {
+        if let Backend::Postgres(base) = self {
+            let admin = sqlx::PgPool::connect(base).await.unwrap();
+            let schemas: Vec<String> = sqlx::query_scalar(
+                "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench\\_queue\\_%'",
+            )
+            .fetch_all(&admin)
+            .await
+            .unwrap();
+            for schema in schemas {
+                sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+            }
+            admin.close().await;
+        }
     }
 }
 
@@ -130,6 +148,13 @@ mod tempdir {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+}
+
+/// Stops the bench's worker and maintenance tasks, so they do not load the next measurement.
+impl Drop for Bench {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
     }
 }
 
@@ -229,7 +254,7 @@ async fn drain(backend: &Backend, loops: usize, slots: usize) {
     // Enqueue first with no worker running, then measure the drain alone.
     let bench = Bench::queued(backend, JOBS).await;
     let rss_queued = peak_rss_mib();
-    let (_stop, stopped) = watch::channel(false);
+    let (stop, stopped) = watch::channel(false);
     let started = Instant::now();
     for _ in 0..loops {
         tokio::spawn(switchyard_workers::run_worker(
@@ -246,6 +271,7 @@ async fn drain(backend: &Backend, loops: usize, slots: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = started.elapsed().as_secs_f64();
+    stop.send_replace(true);
     println!(
         "[{}] drain 100k queued no-op jobs, {loops} worker loop(s) x {slots} slots: {:.0} jobs/s ({secs:.2} s); peak RSS of the process so far: {rss_queued:.1} MiB",
         backend.name(),
@@ -368,6 +394,7 @@ fn main() {
         .collect();
     runtime.block_on(async {
         for backend in &backends {
+            backend.clean_up().await;
             if wants("sequential") {
                 timed_runs(backend, "one run of 40 sequential no-op steps", "seq40", 20).await;
             }
@@ -393,6 +420,8 @@ fn main() {
                 claim_time(backend, 10_000).await;
                 claim_time(backend, 1_000_000).await;
             }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            backend.clean_up().await;
         }
     });
     println!(

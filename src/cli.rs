@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use switchyard_engine::auth::Role;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -121,6 +122,47 @@ pub enum Command {
     },
     /// Apply database migrations.
     Migrate,
+    /// API tokens.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// API users, who log in with `POST /api/auth/login`.
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Print a new bearer token as the last line of standard output.
+    Create {
+        /// viewer (read), operator (start, cancel, retry, pause) or admin (everything).
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// How long the token is valid, e.g. `30m`, `12h`, `30days`.
+        #[arg(long, default_value = "12h", value_parser = humantime_duration)]
+        ttl: Duration,
+        /// Who or what the token is for; it appears in the server's logs.
+        #[arg(long, default_value = "cli")]
+        subject: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserAction {
+    /// Add a user, or replace its password and role. The password is read from standard input
+    /// (or `SWITCHYARD_PASSWORD`).
+    Add {
+        name: String,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+    },
+}
+
+fn parse_role(text: &str) -> Result<Role, String> {
+    text.parse()
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use switchyard_engine::api::{Heartbeats, router, serve_http};
+use switchyard_engine::api::{AppState, Heartbeats, router, serve_http};
+use switchyard_engine::auth::{TokenKeys, put_user};
 use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{WorkflowMap, json_schema, load_paths};
 use switchyard_engine::maintenance::run_maintenance;
@@ -20,7 +21,7 @@ use switchyard_workers::{Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::cli::{Cli, Command, Global, StatusArg, WorkerArgs};
+use crate::cli::{Cli, Command, Global, StatusArg, TokenAction, UserAction, WorkerArgs};
 
 /// Exit codes of `run --wait` beyond 0 (succeeded) and 1 (failed or error).
 const EXIT_CANCELLED: u8 = 3;
@@ -45,6 +46,35 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate { paths } => validate(&global, paths),
         Command::Schema => {
             println!("{}", serde_json::to_string_pretty(&json_schema())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            action: TokenAction::Create { role, ttl, subject },
+        } => {
+            let engine = open(&global).await?;
+            let keys = TokenKeys::load(
+                &**engine.store(),
+                std::env::var("SWITCHYARD_JWT_SECRET").ok().as_deref(),
+                engine.now(),
+            )
+            .await?;
+            let (token, claims) = keys.issue(&subject, role, ttl, engine.now())?;
+            eprintln!(
+                "token for {} with role {}, valid until {}",
+                claims.sub,
+                claims.role,
+                time(claims.exp * 1000)
+            );
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::User {
+            action: UserAction::Add { name, role },
+        } => {
+            let engine = open(&global).await?;
+            let password = read_password()?;
+            put_user(&**engine.store(), &name, &password, role, engine.now()).await?;
+            eprintln!("user {name} stored with role {role}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
@@ -199,6 +229,20 @@ fn validate(global: &Global, paths: Vec<std::path::PathBuf>) -> anyhow::Result<E
     }
 }
 
+/// A new user's password: `SWITCHYARD_PASSWORD` when set (scripts), else the first line of
+/// standard input, so it never appears in the process list or shell history.
+fn read_password() -> anyhow::Result<String> {
+    if let Ok(password) = std::env::var("SWITCHYARD_PASSWORD") {
+        return Ok(password);
+    }
+    eprintln!("password (one line on standard input):");
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+}
+
 /// Secrets and variables for templates, from `SWITCHYARD_SECRET_<NAME>` and `SWITCHYARD_VAR_<NAME>`
 /// (the name lower-cased).
 fn env_values(prefix: &str) -> BTreeMap<String, String> {
@@ -234,7 +278,25 @@ async fn serve(
             .await
             .with_context(|| format!("listening on {addr}"))?;
         tracing::info!(%addr, "HTTP listening");
-        let app = router(engine.clone(), heartbeats.clone());
+        let keys = TokenKeys::load(
+            &**engine.store(),
+            std::env::var("SWITCHYARD_JWT_SECRET").ok().as_deref(),
+            engine.now(),
+        )
+        .await
+        .context("loading the token signing key")?;
+        let app = router(AppState {
+            engine: engine.clone(),
+            heartbeats: heartbeats.clone(),
+            keys,
+            step_kinds: Arc::new(
+                Registry::builtin()
+                    .names()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+        });
         let http_stopped = stopped.clone();
         tasks.spawn(async move {
             if let Err(e) = serve_http(listener, app, http_stopped).await {

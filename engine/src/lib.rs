@@ -3,11 +3,13 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod clock;
 pub mod definition;
 pub mod maintenance;
 pub mod plan;
 pub mod scheduler;
 pub mod service;
+pub mod settings;
 pub mod state;
 pub mod store;

@@ -45,11 +45,12 @@ pub async fn run_maintenance(engine: Arc<Engine>, mut shutdown: watch::Receiver<
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(SWEEP_EVERY) => {}
-            _ = shutdown.changed() => {}
-        }
-        if *shutdown.borrow() {
+        // A dropped sender means no one can ask us to stop any more: stop now.
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(SWEEP_EVERY) => false,
+            changed = shutdown.changed() => changed.is_err(),
+        };
+        if stopped || *shutdown.borrow() {
             return;
         }
     }

@@ -139,11 +139,12 @@ pub async fn run_scheduler(
                 1_000
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
-            _ = shutdown.changed() => {}
-        }
-        if *shutdown.borrow() {
+        // A dropped sender means no one can ask us to stop any more: stop now.
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => false,
+            changed = shutdown.changed() => changed.is_err(),
+        };
+        if stopped || *shutdown.borrow() {
             return;
         }
     }

@@ -50,6 +50,7 @@ pub struct Engine {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     versions: VersionCache,
+    settings: crate::settings::SettingsCache,
 }
 
 impl Engine {
@@ -58,11 +59,16 @@ impl Engine {
             store,
             clock,
             versions: VersionCache::default(),
+            settings: Default::default(),
         }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub(crate) fn settings_cache(&self) -> &crate::settings::SettingsCache {
+        &self.settings
     }
 
     pub fn clock(&self) -> &Arc<dyn Clock> {

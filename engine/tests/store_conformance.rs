@@ -831,6 +831,77 @@ pub async fn cancelling_a_pending_run_while_its_gate_opens_never_fails(store: Ar
     }
 }
 
+pub async fn settings_are_stored_replaced_listed_and_deleted(store: Arc<dyn Store>) {
+    assert_eq!(store.setting("vars", "region").await.unwrap(), None);
+    store
+        .put_setting("vars", "region", &json!("eu"), T0)
+        .await
+        .unwrap();
+    store
+        .put_setting("vars", "region", &json!({"id": "de"}), T0 + 1)
+        .await
+        .unwrap();
+    store
+        .put_setting("vars", "amazon", &json!(["a", "b"]), T0)
+        .await
+        .unwrap();
+    store
+        .put_setting("secrets", "region", &json!("hidden"), T0)
+        .await
+        .unwrap();
+    let region = store.setting("vars", "region").await.unwrap().unwrap();
+    assert_eq!(region.value, json!({"id": "de"}));
+    assert_eq!(region.updated_at, T0 + 1);
+    let names: Vec<String> = store
+        .settings("vars")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["amazon", "region"], "one namespace, by name");
+    assert!(store.delete_setting("vars", "region").await.unwrap());
+    assert!(!store.delete_setting("vars", "region").await.unwrap());
+    assert_eq!(
+        store
+            .setting("secrets", "region")
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        json!("hidden"),
+        "namespaces are apart"
+    );
+}
+
+pub async fn racing_initialisations_of_a_setting_agree_on_one_value(store: Arc<dyn Store>) {
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .init_setting("system", "signing_key", &json!(format!("key-{i}")), T0)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for racer in racers {
+        seen.push(racer.await.unwrap());
+    }
+    assert!(seen.iter().all(|v| *v == seen[0]), "{seen:?}");
+    assert_eq!(
+        store
+            .setting("system", "signing_key")
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        seen[0]
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -866,6 +937,8 @@ macro_rules! conformance {
                 complete_and_claim_with_limit_zero_only_completes,
                 complete_and_claim_with_nothing_to_complete_is_a_claim,
                 cancelling_a_pending_run_while_its_gate_opens_never_fails,
+                settings_are_stored_replaced_listed_and_deleted,
+                racing_initialisations_of_a_setting_agree_on_one_value,
             );
         }
     };

@@ -291,11 +291,20 @@ async fn attempt(
             format!("this worker has no step kind {:?}", step.kind),
         ));
     };
+    let (vars, secrets) = match template_values(engine, config).await {
+        Ok(values) => values,
+        Err(e) => {
+            return failed(StepFailure::transient(
+                "settings",
+                format!("variables and secrets could not be read: {e}"),
+            ));
+        }
+    };
     let ctx = TemplateContext {
         input: job.input.clone(),
         steps: job.outputs.clone(),
-        vars: config.vars.clone(),
-        secrets: config.secrets.clone(),
+        vars,
+        secrets: secrets.clone(),
         run: json!({
             "id": job.run_id,
             "workflow": job.workflow_id,
@@ -335,7 +344,7 @@ async fn attempt(
     };
     match outcome {
         Ok(StepOutcome::Output(mut output)) => {
-            redact_secrets(&mut output, &config.secrets);
+            redact_secrets(&mut output, &secrets);
             let size = serde_json::to_vec(&output).map_or(0, |v| v.len());
             if size > config.max_output_bytes {
                 return failed(StepFailure::permanent(
@@ -365,11 +374,28 @@ async fn attempt(
         }
         Err(mut failure) => {
             let mut message = Value::String(failure.message);
-            redact_secrets(&mut message, &config.secrets);
+            redact_secrets(&mut message, &secrets);
             failure.message = message.as_str().unwrap_or_default().to_owned();
             failed(failure)
         }
     }
+}
+
+/// The variables and secrets a step's templates see: this process's own (from its environment),
+/// with the ones stored over the API taking precedence.
+async fn template_values(
+    engine: &Engine,
+    config: &WorkerConfig,
+) -> Result<(Value, BTreeMap<String, String>), switchyard_engine::store::StoreError> {
+    let stored = switchyard_engine::settings::template_values(engine).await?;
+    let mut vars = match &config.vars {
+        Value::Object(map) => map.clone(),
+        _ => serde_json::Map::new(),
+    };
+    vars.extend(stored.vars.clone());
+    let mut secrets = config.secrets.clone();
+    secrets.extend(stored.secrets.clone());
+    Ok((Value::Object(vars), secrets))
 }
 
 async fn plan_children(

@@ -1,17 +1,32 @@
-//! The HTTP surface. Only this module serves HTTP and owns the JSON shapes it answers with.
+//! The HTTP surface: `/health` and `/metrics` at the root, the admin API under `/api`, and its
+//! OpenAPI 3.1 document at `/api/openapi.json`, generated from the handlers' types. Only this
+//! module serves HTTP and owns the JSON shapes it answers with.
+//!
+//! Who may call what is in each handler's signature: its role extractor (`Viewer`, `Operator`,
+//! `Admin` in `auth.rs`); public handlers have none.
+
+mod admin;
+mod auth;
+mod error;
+mod public;
+mod runs;
+mod workflows;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json};
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
 use axum::{Router, serve};
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+pub use auth::{Admin, Operator, Viewer};
+pub use error::{ApiError, ErrorBody};
+
+use crate::auth::TokenKeys;
 use crate::service::Engine;
 
 /// Liveness facts other tasks publish for `/health`.
@@ -21,41 +36,118 @@ pub struct Heartbeats {
     pub scheduler_tick_at: AtomicI64,
 }
 
+/// Requests larger than this are refused with 413 before a handler sees them. Definitions are
+/// capped lower by their parser.
+const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
 #[derive(Clone)]
-struct AppState {
-    engine: Arc<Engine>,
-    heartbeats: Arc<Heartbeats>,
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub heartbeats: Arc<Heartbeats>,
+    pub keys: TokenKeys,
+    /// The step kinds this deployment's workers run, for validating definitions.
+    pub step_kinds: Arc<Vec<String>>,
 }
 
-pub fn router(engine: Arc<Engine>, heartbeats: Arc<Heartbeats>) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .with_state(AppState { engine, heartbeats })
-}
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Switchyard admin API",
+        description = "Workflows, runs, schedules, variables, secrets and users of a Switchyard \
+            deployment. Send `Authorization: Bearer <token>`; roles are viewer (read), operator \
+            (start, cancel, retry, pause) and admin (everything). Errors are `{code, message}`."
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "public", description = "No token needed"),
+        (name = "auth", description = "Tokens"),
+        (name = "workflows", description = "Definitions, starts and schedules"),
+        (name = "runs", description = "Run history and control"),
+        (name = "admin", description = "Admin role only"),
+    )
+)]
+struct ApiDoc;
 
-/// `GET /health`: 200 when the database answers, 503 otherwise.
-async fn health(State(state): State<AppState>) -> impl IntoResponse {
-    let now = state.engine.now();
-    let tick = state.heartbeats.scheduler_tick_at.load(Ordering::Relaxed);
-    let scheduler = if tick == 0 {
-        json!({"running": false})
-    } else {
-        json!({"running": true, "last_tick_ms_ago": now - tick, "alive": now - tick < 120_000})
-    };
-    match state.engine.store().queue_depth(now).await {
-        Ok(depth) => (
-            StatusCode::OK,
-            Json(
-                json!({"status": "ok", "database": "ok", "scheduler": scheduler, "queue_depth": depth}),
-            ),
-        ),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                json!({"status": "unavailable", "database": e.to_string(), "scheduler": scheduler}),
-            ),
-        ),
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .bearer_format("JWT")
+                        .build(),
+                ),
+            );
     }
+}
+
+/// Every route with its OpenAPI operation.
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(public::health))
+        .routes(routes!(public::stats))
+        .routes(routes!(workflows::public_workflows))
+        .routes(routes!(auth::login))
+        .routes(routes!(workflows::list_workflows))
+        .routes(routes!(
+            workflows::show_workflow,
+            workflows::update_workflow
+        ))
+        .routes(routes!(workflows::start_workflow))
+        .routes(routes!(workflows::pause_workflow))
+        .routes(routes!(workflows::resume_workflow))
+        .routes(routes!(workflows::list_fires))
+        .routes(routes!(runs::list_runs))
+        .routes(routes!(runs::show_run))
+        .routes(routes!(runs::cancel_run))
+        .routes(routes!(runs::retry_run))
+        .routes(routes!(admin::system_metrics))
+        .routes(routes!(workflows::create_workflows))
+        .routes(routes!(admin::list_variables))
+        .routes(routes!(admin::put_variable, admin::delete_variable))
+        .routes(routes!(admin::put_amazon_tracking))
+        .routes(routes!(admin::list_secrets))
+        .routes(routes!(admin::put_secret, admin::delete_secret))
+        .routes(routes!(admin::list_users, admin::add_user))
+        .routes(routes!(admin::remove_user))
+        .routes(routes!(admin::issue_token))
+}
+
+/// The OpenAPI document, as served at `/api/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
+pub fn router(state: AppState) -> Router {
+    let (router, doc) = api().split_for_parts();
+    let doc = Arc::new(doc);
+    router
+        .route(
+            "/api/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async {
+            ApiError::not_found("no such endpoint; the API is described at /api/openapi.json")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
 }
 
 /// Serves `router` on `listener` until `shutdown` turns true.
@@ -64,13 +156,16 @@ pub async fn serve_http(
     router: Router,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    serve(listener, router)
-        .with_graceful_shutdown(async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    return;
-                }
+    serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
             }
-        })
-        .await
+        }
+    })
+    .await
 }

@@ -247,7 +247,7 @@ pub struct FireParams {
     pub run: NewRun,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FireRecord {
     pub workflow_id: String,
     pub fire_at: Millis,
@@ -271,10 +271,13 @@ pub struct RunFilter {
     pub status: Option<RunStatus>,
     pub created_after: Option<Millis>,
     pub created_before: Option<Millis>,
+    /// Only runs after this one in the listing order (newest first): `(created_at, id)` of the
+    /// last run of the previous page.
+    pub after_cursor: Option<(Millis, RunId)>,
     pub limit: u32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RunSummary {
     pub id: RunId,
     pub workflow_id: String,
@@ -287,22 +290,25 @@ pub struct RunSummary {
     pub finished_at: Option<Millis>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RunDetail {
     #[serde(flatten)]
     pub summary: RunSummary,
+    #[schema(value_type = Object)]
     pub input: Value,
+    #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
     pub scheduled_at: Option<Millis>,
     pub steps: Vec<JobDetail>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct JobDetail {
     pub id: JobId,
     pub step_id: String,
     pub state: JobState,
     pub attempt: u32,
+    #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
     pub error: Option<String>,
     pub run_after: Option<Millis>,
@@ -310,6 +316,7 @@ pub struct JobDetail {
     pub finished_at: Option<Millis>,
     /// One entry per unsuccessful attempt: `{attempt, started_at, finished_at, outcome, error}`;
     /// a succeeding attempt is the job's own `started_at`/`finished_at`.
+    #[schema(value_type = Vec<Object>)]
     pub attempts: Value,
 }
 
@@ -390,9 +397,42 @@ pub trait Store: Send + Sync + 'static {
     async fn retry_run(&self, run_id: &str, now: Millis) -> Result<()>;
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>>;
+    /// Runs in `status`, created at or after `created_after` when given.
+    async fn count_runs(&self, status: RunStatus, created_after: Option<Millis>) -> Result<i64>;
     async fn run(&self, run_id: &str) -> Result<RunDetail>;
     /// Deletes finished runs whose retention has passed, at most `limit`; returns how many.
     async fn prune(&self, now: Millis, limit: u32) -> Result<u64>;
+
+    /// Stores a setting, replacing any earlier value.
+    async fn put_setting(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &Value,
+        now: Millis,
+    ) -> Result<()>;
+    /// Stores `value` unless the setting exists, and returns the stored value either way: processes
+    /// racing to initialise a setting all end up with the same one.
+    async fn init_setting(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &Value,
+        now: Millis,
+    ) -> Result<Value>;
+    async fn setting(&self, namespace: &str, name: &str) -> Result<Option<Setting>>;
+    /// Every setting of a namespace, by name.
+    async fn settings(&self, namespace: &str) -> Result<Vec<Setting>>;
+    /// Returns whether the setting existed.
+    async fn delete_setting(&self, namespace: &str, name: &str) -> Result<bool>;
+}
+
+/// One value operators set at runtime, in a namespace (`vars`, `secrets`, `users`, `system`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Setting {
+    pub name: String,
+    pub value: Value,
+    pub updated_at: Millis,
 }
 
 /// How a process connects: what `--db-connections` sets.

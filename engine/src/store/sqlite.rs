@@ -173,6 +173,17 @@ impl SqliteStore {
     }
 }
 
+fn setting_from_row(row: &SqliteRow) -> Result<Setting> {
+    let name: String = row.get("name");
+    let value = parse_json(row.get("value"))
+        .ok_or_else(|| StoreError::Database(format!("setting {name} is not JSON")))?;
+    Ok(Setting {
+        name,
+        value,
+        updated_at: row.get("updated_at"),
+    })
+}
+
 fn parse_json(text: Option<String>) -> Option<Value> {
     text.and_then(|t| serde_json::from_str(&t).ok())
 }
@@ -1074,6 +1085,7 @@ impl Store for SqliteStore {
             "SELECT {SUMMARY_COLUMNS} FROM runs \
              WHERE (?1 IS NULL OR workflow_id = ?1) AND (?2 IS NULL OR status = ?2) \
                  AND (?3 IS NULL OR created_at >= ?3) AND (?4 IS NULL OR created_at < ?4) \
+                 AND (?6 IS NULL OR (created_at, id) < (?6, ?7)) \
              ORDER BY created_at DESC, id DESC LIMIT ?5"
         ))
         .bind(&filter.workflow_id)
@@ -1081,9 +1093,21 @@ impl Store for SqliteStore {
         .bind(filter.created_after)
         .bind(filter.created_before)
         .bind(filter.limit)
+        .bind(filter.after_cursor.as_ref().map(|(at, _)| *at))
+        .bind(filter.after_cursor.as_ref().map(|(_, id)| id.as_str()))
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(summary_from_row).collect()
+    }
+
+    async fn count_runs(&self, status: RunStatus, created_after: Option<Millis>) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM runs WHERE status = ?1 AND (?2 IS NULL OR created_at >= ?2)",
+        )
+        .bind(status.as_str())
+        .bind(created_after)
+        .fetch_one(&self.reader)
+        .await?)
     }
 
     async fn run(&self, run_id: &str) -> Result<RunDetail> {
@@ -1160,5 +1184,90 @@ impl Store for SqliteStore {
             .rows_affected();
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    async fn put_setting(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &Value,
+        now: Millis,
+    ) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO settings (namespace, name, value, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (namespace, name) DO UPDATE SET value = excluded.value, \
+                 updated_at = excluded.updated_at",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(to_json(value))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn init_setting(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &Value,
+        now: Millis,
+    ) -> Result<Value> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO settings (namespace, name, value, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (namespace, name) DO NOTHING",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(to_json(value))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let stored: String =
+            sqlx::query_scalar("SELECT value FROM settings WHERE namespace = ? AND name = ?")
+                .bind(namespace)
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        parse_json(Some(stored))
+            .ok_or_else(|| StoreError::Database(format!("setting {namespace}/{name} is not JSON")))
+    }
+
+    async fn setting(&self, namespace: &str, name: &str) -> Result<Option<Setting>> {
+        let row = sqlx::query(
+            "SELECT name, value, updated_at FROM settings WHERE namespace = ? AND name = ?",
+        )
+        .bind(namespace)
+        .bind(name)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(setting_from_row).transpose()
+    }
+
+    async fn settings(&self, namespace: &str) -> Result<Vec<Setting>> {
+        let rows = sqlx::query(
+            "SELECT name, value, updated_at FROM settings WHERE namespace = ? ORDER BY name",
+        )
+        .bind(namespace)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(setting_from_row).collect()
+    }
+
+    async fn delete_setting(&self, namespace: &str, name: &str) -> Result<bool> {
+        let mut tx = self.write_tx().await?;
+        let deleted = sqlx::query("DELETE FROM settings WHERE namespace = ? AND name = ?")
+            .bind(namespace)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(deleted > 0)
     }
 }

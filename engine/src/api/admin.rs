@@ -1,0 +1,461 @@
+//! Admin endpoints: system metrics, variables (the Amazon tracking ids among them), write-only
+//! secrets, users and tokens.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::AppState;
+use super::auth::{Admin, TokenResponse};
+use super::error::{ApiError, ErrorBody, Json, Path};
+use crate::auth::{Role, User, delete_user, put_user, users};
+use crate::settings::{self, SECRETS, VARS};
+use crate::state::{Millis, RunStatus};
+use crate::store::{RunFilter, Setting};
+
+/// Variable and secret names: what a template can reach as `vars.NAME` or `secrets.NAME`.
+fn check_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_path",
+            format!(
+                "path: {name:?} is not a name: 1 to 64 lower-case letters, digits and '_', not starting with a digit"
+            ),
+        ))
+    }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Variable {
+    pub name: String,
+    #[schema(value_type = Object)]
+    pub value: Value,
+    pub updated_at: Millis,
+}
+
+impl From<Setting> for Variable {
+    fn from(s: Setting) -> Self {
+        Variable {
+            name: s.name,
+            value: s.value,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
+/// Every variable; templates read them as `vars.NAME`.
+#[utoipa::path(
+    get,
+    path = "/api/admin/variables",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every variable", body = Vec<Variable>),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+    )
+)]
+pub async fn list_variables(
+    _: Admin,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<Variable>>, ApiError> {
+    let vars = state.engine.store().settings(VARS).await?;
+    Ok(Json(vars.into_iter().map(Variable::from).collect()))
+}
+
+/// Sets a variable to any JSON value. Runs read variables when their steps start.
+#[utoipa::path(
+    put,
+    path = "/api/admin/variables/{name}",
+    tag = "admin",
+    params(("name" = String, Path, description = "Variable name")),
+    request_body(content = Object, description = "The value, any JSON"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The stored variable", body = Variable),
+        (status = 400, description = "A bad name or body", body = ErrorBody),
+    )
+)]
+pub async fn put_variable(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Json(value): Json<Value>,
+) -> Result<Json<Variable>, ApiError> {
+    check_name(&name)?;
+    let now = state.engine.now();
+    settings::put(&state.engine, VARS, &name, &value).await?;
+    tracing::info!(variable = %name, by = %caller.sub, "variable set over the API");
+    Ok(Json(Variable {
+        name,
+        value,
+        updated_at: now,
+    }))
+}
+
+/// Deletes a variable.
+#[utoipa::path(
+    delete,
+    path = "/api/admin/variables/{name}",
+    tag = "admin",
+    params(("name" = String, Path, description = "Variable name")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such variable", body = ErrorBody),
+    )
+)]
+pub async fn delete_variable(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if !settings::delete(&state.engine, VARS, &name).await? {
+        return Err(ApiError::not_found(format!("no variable {name:?}")));
+    }
+    tracing::info!(variable = %name, by = %caller.sub, "variable deleted over the API");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The variable the Amazon tracking ids live in: `vars.amazon_tracking_ids.<region>`.
+pub const AMAZON_TRACKING: &str = "amazon_tracking_ids";
+
+/// Replaces the regional Amazon Associates tracking ids, e.g. `{"us": "shop-20", "de":
+/// "shop-21"}`; templates read them as `vars.amazon_tracking_ids.us`.
+#[utoipa::path(
+    put,
+    path = "/api/admin/amazon-tracking",
+    tag = "admin",
+    request_body(content = std::collections::BTreeMap<String, String>, description = "Tracking id by region code"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The stored tracking ids", body = Variable),
+        (status = 422, description = "A region or tracking id is malformed", body = ErrorBody),
+    )
+)]
+pub async fn put_amazon_tracking(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    Json(ids): Json<std::collections::BTreeMap<String, String>>,
+) -> Result<Json<Variable>, ApiError> {
+    for (region, id) in &ids {
+        if !(2..=8).contains(&region.len()) || !region.chars().all(|c| c.is_ascii_lowercase()) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                format!(
+                    "request body: region {region:?} is not a lower-case region code such as \"us\""
+                ),
+            ));
+        }
+        if id.is_empty()
+            || id.len() > 64
+            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                format!(
+                    "request body: the tracking id of {region:?} must be 1 to 64 letters, digits or '-'"
+                ),
+            ));
+        }
+    }
+    let value = serde_json::to_value(&ids).expect("a map serializes");
+    let now = state.engine.now();
+    settings::put(&state.engine, VARS, AMAZON_TRACKING, &value).await?;
+    tracing::info!(regions = ids.len(), by = %caller.sub, "Amazon tracking ids replaced over the API");
+    Ok(Json(Variable {
+        name: AMAZON_TRACKING.to_owned(),
+        value,
+        updated_at: now,
+    }))
+}
+
+/// A secret as listed: its name and when it was set, never its value.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SecretInfo {
+    pub name: String,
+    pub updated_at: Millis,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretValue {
+    pub value: String,
+}
+
+/// The names of every secret; values are never returned.
+#[utoipa::path(
+    get,
+    path = "/api/admin/secrets",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses((status = 200, description = "Secret names", body = Vec<SecretInfo>))
+)]
+pub async fn list_secrets(
+    _: Admin,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<SecretInfo>>, ApiError> {
+    let secrets = state.engine.store().settings(SECRETS).await?;
+    Ok(Json(
+        secrets
+            .into_iter()
+            .map(|s| SecretInfo {
+                name: s.name,
+                updated_at: s.updated_at,
+            })
+            .collect(),
+    ))
+}
+
+/// Sets a secret; templates read it as `secrets.NAME`, and its value is redacted from outputs,
+/// errors and logs.
+#[utoipa::path(
+    put,
+    path = "/api/admin/secrets/{name}",
+    tag = "admin",
+    params(("name" = String, Path, description = "Secret name")),
+    request_body = SecretValue,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Stored; the answer holds no value", body = SecretInfo),
+        (status = 400, description = "A bad name or body", body = ErrorBody),
+    )
+)]
+pub async fn put_secret(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Json(secret): Json<SecretValue>,
+) -> Result<Json<SecretInfo>, ApiError> {
+    check_name(&name)?;
+    let now = state.engine.now();
+    settings::put(&state.engine, SECRETS, &name, &Value::String(secret.value)).await?;
+    tracing::info!(secret = %name, by = %caller.sub, "secret set over the API");
+    Ok(Json(SecretInfo {
+        name,
+        updated_at: now,
+    }))
+}
+
+/// Deletes a secret.
+#[utoipa::path(
+    delete,
+    path = "/api/admin/secrets/{name}",
+    tag = "admin",
+    params(("name" = String, Path, description = "Secret name")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such secret", body = ErrorBody),
+    )
+)]
+pub async fn delete_secret(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if !settings::delete(&state.engine, SECRETS, &name).await? {
+        return Err(ApiError::not_found(format!("no secret {name:?}")));
+    }
+    tracing::info!(secret = %name, by = %caller.sub, "secret deleted over the API");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Every API user with its role.
+#[utoipa::path(
+    get,
+    path = "/api/admin/users",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses((status = 200, description = "Users", body = Vec<User>))
+)]
+pub async fn list_users(
+    _: Admin,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<User>>, ApiError> {
+    Ok(Json(users(&**state.engine.store()).await?))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    pub name: String,
+    /// At least 8 characters; stored as an argon2id hash.
+    pub password: String,
+    pub role: Role,
+}
+
+/// Adds a user, or replaces an existing user's password and role.
+#[utoipa::path(
+    post,
+    path = "/api/admin/users",
+    tag = "admin",
+    request_body = NewUser,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Stored", body = User),
+        (status = 400, description = "A bad name or a short password", body = ErrorBody),
+    )
+)]
+pub async fn add_user(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    Json(user): Json<NewUser>,
+) -> Result<(StatusCode, Json<User>), ApiError> {
+    let now = state.engine.now();
+    put_user(
+        &**state.engine.store(),
+        &user.name,
+        &user.password,
+        user.role,
+        now,
+    )
+    .await?;
+    tracing::info!(user = %user.name, role = %user.role, by = %caller.sub, "user stored over the API");
+    Ok((
+        StatusCode::CREATED,
+        Json(User {
+            name: user.name,
+            role: user.role,
+            updated_at: now,
+        }),
+    ))
+}
+
+/// Deletes a user. Tokens already issued to it stay valid until they expire.
+#[utoipa::path(
+    delete,
+    path = "/api/admin/users/{name}",
+    tag = "admin",
+    params(("name" = String, Path, description = "User name")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such user", body = ErrorBody),
+    )
+)]
+pub async fn remove_user(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if !delete_user(&**state.engine.store(), &name).await? {
+        return Err(ApiError::not_found(format!("no user {name:?}")));
+    }
+    tracing::info!(user = %name, by = %caller.sub, "user deleted over the API");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// Who or what the token is for, e.g. `ci-deploy`.
+    pub subject: String,
+    pub role: Role,
+    /// Lifetime in seconds, 60 to 31 536 000 (a year); default 30 days.
+    pub ttl_secs: Option<u64>,
+}
+
+/// Issues a token, e.g. for a script. It cannot be revoked before it expires: keep lifetimes short.
+#[utoipa::path(
+    post,
+    path = "/api/admin/tokens",
+    tag = "admin",
+    request_body = NewToken,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The token", body = TokenResponse),
+        (status = 400, description = "A bad subject or lifetime", body = ErrorBody),
+    )
+)]
+pub async fn issue_token(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    Json(request): Json<NewToken>,
+) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
+    let ttl = request.ttl_secs.unwrap_or(30 * 86_400);
+    if !(60..=31_536_000).contains(&ttl) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!("request body: `ttl_secs` must be 60 to 31536000, not {ttl}"),
+        ));
+    }
+    if request.subject.is_empty() || request.subject.len() > 128 {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "request body: `subject` must be 1 to 128 characters",
+        ));
+    }
+    let (token, claims) = state.keys.issue(
+        &request.subject,
+        request.role,
+        std::time::Duration::from_secs(ttl),
+        state.engine.now(),
+    )?;
+    tracing::info!(subject = %claims.sub, role = %claims.role, jti = %claims.jti, by = %caller.sub, "token issued over the API");
+    Ok((StatusCode::CREATED, Json(TokenResponse::new(token, claims))))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SystemMetrics {
+    /// Jobs claimable now that no worker has taken.
+    pub queue_depth: i64,
+    pub workflows: usize,
+    pub paused_workflows: usize,
+    /// Runs currently in each active state.
+    pub runs_pending: usize,
+    pub runs_running: usize,
+    /// When the scheduler in this process last ticked (ms since the epoch), if one runs here.
+    pub scheduler_tick_at: Option<Millis>,
+}
+
+/// Counts every active run is part of, so the answer is capped at this many per state.
+const ACTIVE_SCAN: u32 = 100_000;
+
+/// Queue depth, workflows and active runs, as JSON; `/metrics` has the same in Prometheus form.
+#[utoipa::path(
+    get,
+    path = "/api/admin/metrics",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses((status = 200, description = "System metrics", body = SystemMetrics))
+)]
+pub async fn system_metrics(
+    _: Admin,
+    State(state): State<AppState>,
+) -> Result<Json<SystemMetrics>, ApiError> {
+    let engine = &state.engine;
+    let workflows = engine.workflows().await?;
+    let count = |status| async move {
+        engine
+            .runs(&RunFilter {
+                status: Some(status),
+                limit: ACTIVE_SCAN,
+                ..RunFilter::default()
+            })
+            .await
+            .map(|runs| runs.len())
+    };
+    let tick = state
+        .heartbeats
+        .scheduler_tick_at
+        .load(std::sync::atomic::Ordering::Relaxed);
+    Ok(Json(SystemMetrics {
+        queue_depth: engine.store().queue_depth(engine.now()).await?,
+        workflows: workflows.len(),
+        paused_workflows: workflows.iter().filter(|w| w.paused).count(),
+        runs_pending: count(RunStatus::Pending).await?,
+        runs_running: count(RunStatus::Running).await?,
+        scheduler_tick_at: (tick != 0).then_some(tick),
+    }))
+}

@@ -1,0 +1,131 @@
+//! Bearer-token extractors, one per role, so each handler's signature says who may call it, and
+//! the login endpoint.
+
+use axum::extract::{FromRef, FromRequestParts, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::error::{ApiError, Json};
+use crate::auth::{Claims, Role, TokenKeys, check_password};
+
+/// The verified claims of the caller's bearer token, whatever its role.
+pub fn bearer_claims(parts: &Parts, keys: &TokenKeys, now: i64) -> Result<Claims, ApiError> {
+    let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+        ApiError::unauthorized("this endpoint needs an `Authorization: Bearer <token>` header")
+    })?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+        })?;
+    Ok(keys.verify(token.trim(), now)?)
+}
+
+macro_rules! role_extractor {
+    ($(#[$doc:meta])* $name:ident, $role:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        pub struct $name(pub Claims);
+
+        impl<S> FromRequestParts<S> for $name
+        where
+            AppState: FromRef<S>,
+            S: Send + Sync,
+        {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+                let state = AppState::from_ref(state);
+                let claims = bearer_claims(parts, &state.keys, state.engine.now())?;
+                if !claims.role.allows($role) {
+                    return Err(ApiError::forbidden(format!(
+                        "this needs the {} role; the token has {}",
+                        $role, claims.role
+                    )));
+                }
+                Ok($name(claims))
+            }
+        }
+    };
+}
+
+role_extractor!(
+    /// A caller with any valid token.
+    Viewer,
+    Role::Viewer
+);
+role_extractor!(
+    /// A caller who may start, cancel and retry runs and pause schedules.
+    Operator,
+    Role::Operator
+);
+role_extractor!(
+    /// A caller who may change definitions, variables, secrets and users.
+    Admin,
+    Role::Admin
+);
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenResponse {
+    /// The bearer token: send it as `Authorization: Bearer <token>`.
+    pub token: String,
+    pub subject: String,
+    pub role: Role,
+    /// Seconds since the epoch.
+    pub expires_at: i64,
+}
+
+impl TokenResponse {
+    pub fn new(token: String, claims: Claims) -> Self {
+        TokenResponse {
+            token,
+            subject: claims.sub,
+            role: claims.role,
+            expires_at: claims.exp,
+        }
+    }
+}
+
+/// How long a login's token lives.
+const LOGIN_TTL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+/// Exchanges a user's name and password for a token with the user's role.
+#[utoipa::path(
+    post,
+    path = "/api/auth/login",
+    tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "A token for the user", body = TokenResponse),
+        (status = 401, description = "Unknown user or wrong password", body = super::error::ErrorBody),
+    )
+)]
+pub async fn login(
+    State(state): State<AppState>,
+    Json(request): Json<LoginRequest>,
+) -> Result<Json<TokenResponse>, ApiError> {
+    let role = check_password(
+        &**state.engine.store(),
+        &request.username,
+        &request.password,
+    )
+    .await
+    .inspect_err(|_| tracing::info!(user = %request.username, "login refused"))?;
+    let (token, claims) =
+        state
+            .keys
+            .issue(&request.username, role, LOGIN_TTL, state.engine.now())?;
+    tracing::info!(user = %claims.sub, role = %claims.role, jti = %claims.jti, "login");
+    Ok(Json(TokenResponse::new(token, claims)))
+}

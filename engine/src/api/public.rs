@@ -1,0 +1,133 @@
+//! What anyone may ask: health and public statistics.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Serialize;
+
+use super::AppState;
+use super::error::{ApiError, Json};
+use crate::state::{Millis, RunStatus};
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok`, or `unavailable` when the database does not answer.
+    pub status: &'static str,
+    /// `ok`, or why the database did not answer.
+    pub database: String,
+    pub scheduler: SchedulerHealth,
+    /// Jobs claimable now that no worker has taken; absent when the database did not answer.
+    pub queue_depth: Option<i64>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SchedulerHealth {
+    /// Whether this process runs a scheduler.
+    pub running: bool,
+    /// Milliseconds since its last tick.
+    pub last_tick_ms_ago: Option<Millis>,
+    /// False when it has not ticked for two minutes.
+    pub alive: Option<bool>,
+}
+
+/// A scheduler ticks at least once a minute; twice that without a tick means it is stuck.
+const SCHEDULER_STALE_MS: Millis = 120_000;
+
+/// 200 when the database answers, 503 otherwise; with the scheduler's liveness and the queue
+/// depth.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "public",
+    responses(
+        (status = 200, description = "Healthy", body = Health),
+        (status = 503, description = "The database does not answer", body = Health),
+    )
+)]
+pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    let now = state.engine.now();
+    let tick = state.heartbeats.scheduler_tick_at.load(Ordering::Relaxed);
+    let scheduler = if tick == 0 {
+        SchedulerHealth {
+            running: false,
+            last_tick_ms_ago: None,
+            alive: None,
+        }
+    } else {
+        SchedulerHealth {
+            running: true,
+            last_tick_ms_ago: Some(now - tick),
+            alive: Some(now - tick < SCHEDULER_STALE_MS),
+        }
+    };
+    match state.engine.store().queue_depth(now).await {
+        Ok(depth) => (
+            StatusCode::OK,
+            Json(Health {
+                status: "ok",
+                database: "ok".into(),
+                scheduler,
+                queue_depth: Some(depth),
+            }),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "unavailable",
+                database: e.to_string(),
+                scheduler,
+                queue_depth: None,
+            }),
+        ),
+    }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Stats {
+    pub workflows: usize,
+    pub scheduled_workflows: usize,
+    /// Runs going now.
+    pub runs_running: i64,
+    pub runs_pending: i64,
+    /// Runs created in the last 24 hours that ended, by how.
+    pub runs_succeeded_24h: i64,
+    pub runs_failed_24h: i64,
+}
+
+const DAY_MS: Millis = 86_400_000;
+
+/// Public statistics: how many workflows there are and how runs went in the last day.
+#[utoipa::path(
+    get,
+    path = "/api/stats",
+    tag = "public",
+    responses((status = 200, description = "Statistics", body = Stats))
+)]
+pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiError> {
+    let engine = &state.engine;
+    let store = engine.store();
+    let day_ago = engine.now() - DAY_MS;
+    let workflows = engine.workflows().await?;
+    let mut scheduled = 0;
+    for w in &workflows {
+        if engine
+            .version(&w.id, w.latest_version)
+            .await?
+            .schedule
+            .is_some()
+        {
+            scheduled += 1;
+        }
+    }
+    Ok(Json(Stats {
+        workflows: workflows.len(),
+        scheduled_workflows: scheduled,
+        runs_running: store.count_runs(RunStatus::Running, None).await?,
+        runs_pending: store.count_runs(RunStatus::Pending, None).await?,
+        runs_succeeded_24h: store
+            .count_runs(RunStatus::Succeeded, Some(day_ago))
+            .await?,
+        runs_failed_24h: store.count_runs(RunStatus::Failed, Some(day_ago)).await?,
+    }))
+}

@@ -1,0 +1,173 @@
+//! Runs: list and filter with cursor pagination, show with steps and attempts, cancel, retry.
+
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::auth::{Operator, Viewer};
+use super::error::{ApiError, ErrorBody, Json, Path, Query};
+use crate::state::{Millis, RunStatus};
+use crate::store::{RunDetail, RunFilter, RunSummary};
+
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct RunQuery {
+    /// Only runs of this workflow.
+    pub workflow: Option<String>,
+    /// Only runs in this state.
+    pub status: Option<RunStatus>,
+    /// Only runs created at or after this time (ms since the epoch).
+    pub created_after: Option<Millis>,
+    /// Only runs created before this time (ms since the epoch).
+    pub created_before: Option<Millis>,
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RunPage {
+    /// Newest first.
+    pub runs: Vec<RunSummary>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A cursor names the last run of a page, by its place in the order (creation time, id).
+fn encode_cursor(run: &RunSummary) -> String {
+    format!("{}.{}", run.created_at, run.id)
+}
+
+fn decode_cursor(cursor: &str) -> Result<(Millis, String), ApiError> {
+    cursor
+        .split_once('.')
+        .and_then(|(at, id)| Some((at.parse().ok()?, id.to_owned())))
+        .filter(|(_, id)| !id.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                "query string: `cursor` is not a cursor this API returned",
+            )
+        })
+}
+
+/// Lists runs, newest first, filtered by workflow, status and creation time.
+#[utoipa::path(
+    get,
+    path = "/api/runs",
+    tag = "runs",
+    params(RunQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "One page of runs", body = RunPage),
+        (status = 400, description = "A bad filter or cursor", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+    )
+)]
+pub async fn list_runs(
+    _: Viewer,
+    State(state): State<AppState>,
+    Query(query): Query<RunQuery>,
+) -> Result<Json<RunPage>, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("query string: `limit` must be 1 to {MAX_PAGE}, not {limit}"),
+        ));
+    }
+    let filter = RunFilter {
+        workflow_id: query.workflow,
+        status: query.status,
+        created_after: query.created_after,
+        created_before: query.created_before,
+        after_cursor: query.cursor.as_deref().map(decode_cursor).transpose()?,
+        limit,
+    };
+    let runs = state.engine.runs(&filter).await?;
+    let next_cursor = (runs.len() == limit as usize)
+        .then(|| runs.last().map(encode_cursor))
+        .flatten();
+    Ok(Json(RunPage { runs, next_cursor }))
+}
+
+/// A run with its steps, their attempts, errors and timings.
+#[utoipa::path(
+    get,
+    path = "/api/runs/{id}",
+    tag = "runs",
+    params(("id" = String, Path, description = "Run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The run", body = RunDetail),
+        (status = 404, description = "No such run", body = ErrorBody),
+    )
+)]
+pub async fn show_run(
+    _: Viewer,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunDetail>, ApiError> {
+    Ok(Json(state.engine.run(&id).await?))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RunState {
+    pub run_id: String,
+    pub status: RunStatus,
+}
+
+/// Cancels a run and its child runs; running steps stop within one heartbeat.
+#[utoipa::path(
+    post,
+    path = "/api/runs/{id}/cancel",
+    tag = "runs",
+    params(("id" = String, Path, description = "Run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The run's status: cancelled, or how it had already ended", body = RunState),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No such run", body = ErrorBody),
+    )
+)]
+pub async fn cancel_run(
+    Operator(caller): Operator,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunState>, ApiError> {
+    let status = state.engine.cancel(&id).await?;
+    tracing::info!(run = %id, by = %caller.sub, "run cancelled over the API");
+    Ok(Json(RunState { run_id: id, status }))
+}
+
+/// Re-runs a failed, cancelled or timed-out run's unsuccessful steps; succeeded steps keep
+/// their outputs.
+#[utoipa::path(
+    post,
+    path = "/api/runs/{id}/retry",
+    tag = "runs",
+    params(("id" = String, Path, description = "Run id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The run is running again", body = RunState),
+        (status = 404, description = "No such run", body = ErrorBody),
+        (status = 409, description = "The run has not ended unsuccessfully", body = ErrorBody),
+    )
+)]
+pub async fn retry_run(
+    Operator(caller): Operator,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunState>, ApiError> {
+    state.engine.retry(&id).await?;
+    tracing::info!(run = %id, by = %caller.sub, "run retried over the API");
+    Ok(Json(RunState {
+        run_id: id,
+        status: RunStatus::Running,
+    }))
+}

@@ -1,0 +1,568 @@
+//! Workflows: the public listing, list and show, start, update (a new version), create, pause and
+//! resume, and the record of fires.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::AppState;
+use super::auth::{Admin, Operator, Viewer};
+use super::error::{ApiError, ErrorBody, Json, Path, Query};
+use crate::definition::{Format, Workflow, WorkflowMap, check_str};
+use crate::plan::Trigger;
+use crate::scheduler::CronSchedule;
+use crate::state::Millis;
+use crate::store::{FireRecord, WorkflowState};
+
+/// How many upcoming fires a workflow listing shows.
+const NEXT_FIRES: usize = 3;
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PublicWorkflow {
+    pub id: String,
+    pub name: Option<String>,
+    pub category: Option<String>,
+    pub description: Option<String>,
+    pub scheduled: bool,
+    pub paused: bool,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WorkflowInfo {
+    pub id: String,
+    pub name: Option<String>,
+    pub category: Option<String>,
+    pub description: Option<String>,
+    /// The version new runs start with.
+    pub version: i64,
+    pub paused: bool,
+    pub schedule: Option<ScheduleInfo>,
+    pub created_at: Millis,
+    pub last_fire_at: Option<Millis>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ScheduleInfo {
+    pub cron: String,
+    pub timezone: String,
+    /// `skip`, `queue` or `allow`.
+    #[schema(value_type = String)]
+    pub overlap: crate::definition::Overlap,
+    /// `none`, `latest` or `all`.
+    #[schema(value_type = String)]
+    pub catch_up: crate::definition::CatchUp,
+    /// The next fire times (ms since the epoch); none while paused.
+    pub next_fires: Vec<Millis>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WorkflowDetail {
+    #[serde(flatten)]
+    pub info: WorkflowInfo,
+    /// The definition of `version`, in the shape of the definition format.
+    #[schema(value_type = Object)]
+    pub definition: Value,
+}
+
+fn info(state: &WorkflowState, workflow: &Workflow, now: Millis) -> WorkflowInfo {
+    let schedule = workflow.schedule.as_ref().map(|s| ScheduleInfo {
+        cron: s.cron.clone(),
+        timezone: s.timezone.clone(),
+        overlap: s.overlap,
+        catch_up: s.catch_up,
+        next_fires: match CronSchedule::parse(s) {
+            Ok(cron) if !state.paused => {
+                let mut fires = Vec::with_capacity(NEXT_FIRES);
+                let mut after = now;
+                while fires.len() < NEXT_FIRES {
+                    let Some(next) = cron.next_after(after) else {
+                        break;
+                    };
+                    fires.push(next);
+                    after = next;
+                }
+                fires
+            }
+            _ => Vec::new(),
+        },
+    });
+    WorkflowInfo {
+        id: state.id.clone(),
+        name: workflow.name.clone(),
+        category: workflow.category.clone(),
+        description: workflow.description.clone(),
+        version: state.latest_version,
+        paused: state.paused,
+        schedule,
+        created_at: state.created_at,
+        last_fire_at: state.last_fire_at,
+    }
+}
+
+async fn all(state: &AppState) -> Result<Vec<(WorkflowState, std::sync::Arc<Workflow>)>, ApiError> {
+    let mut out = Vec::new();
+    for ws in state.engine.workflows().await? {
+        let workflow = state.engine.version(&ws.id, ws.latest_version).await?;
+        out.push((ws, workflow));
+    }
+    Ok(out)
+}
+
+/// Names and descriptions of every workflow; no definitions, no runs.
+#[utoipa::path(
+    get,
+    path = "/api/workflows/public",
+    tag = "public",
+    responses((status = 200, description = "Every workflow", body = Vec<PublicWorkflow>))
+)]
+pub async fn public_workflows(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<PublicWorkflow>>, ApiError> {
+    Ok(Json(
+        all(&state)
+            .await?
+            .into_iter()
+            .map(|(ws, wf)| PublicWorkflow {
+                id: ws.id,
+                name: wf.name.clone(),
+                category: wf.category.clone(),
+                description: wf.description.clone(),
+                scheduled: wf.schedule.is_some(),
+                paused: ws.paused,
+            })
+            .collect(),
+    ))
+}
+
+/// Every workflow with its version, schedule, next fires and pause state.
+#[utoipa::path(
+    get,
+    path = "/api/workflows",
+    tag = "workflows",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every workflow", body = Vec<WorkflowInfo>),
+        (status = 401, description = "No valid token", body = ErrorBody),
+    )
+)]
+pub async fn list_workflows(
+    _: Viewer,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<WorkflowInfo>>, ApiError> {
+    let now = state.engine.now();
+    Ok(Json(
+        all(&state)
+            .await?
+            .iter()
+            .map(|(ws, wf)| info(ws, wf, now))
+            .collect(),
+    ))
+}
+
+/// One workflow with the definition of its current version.
+#[utoipa::path(
+    get,
+    path = "/api/workflows/{id}",
+    tag = "workflows",
+    params(("id" = String, Path, description = "Workflow id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The workflow", body = WorkflowDetail),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+    )
+)]
+pub async fn show_workflow(
+    _: Viewer,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<WorkflowDetail>, ApiError> {
+    let ws = state.engine.workflow_state(&id).await?;
+    let workflow = state.engine.version(&id, ws.latest_version).await?;
+    Ok(Json(WorkflowDetail {
+        info: info(&ws, &workflow, state.engine.now()),
+        definition: serde_json::to_value(workflow.as_ref()).expect("definitions serialize"),
+    }))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// The run's `input`; `null` when absent.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub input: Value,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StartedRun {
+    pub run_id: String,
+    pub workflow_id: String,
+    /// False when the `Idempotency-Key` had started this run before.
+    pub created: bool,
+}
+
+/// The longest idempotency key accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Starts a run of the workflow's current version. With an `Idempotency-Key` header already
+/// used, returns the run that key started (200) instead of starting another (201).
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/start",
+    tag = "workflows",
+    params(
+        ("id" = String, Path, description = "Workflow id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Starts at most one run per key"),
+    ),
+    request_body = StartRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "A run started", body = StartedRun),
+        (status = 200, description = "The run this idempotency key started before", body = StartedRun),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+        (status = 422, description = "The input does not fit the workflow", body = ErrorBody),
+    )
+)]
+pub async fn start_workflow(
+    Operator(caller): Operator,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(request): Json<StartRequest>,
+) -> Result<(StatusCode, Json<StartedRun>), ApiError> {
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => {
+            let key = value
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_header",
+                        format!(
+                            "header Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+                        ),
+                    )
+                })?;
+            // Keys are per workflow, so two workflows may use the same one.
+            Some(format!("api/{id}/{key}"))
+        }
+    };
+    let run = state
+        .engine
+        .plan(
+            &id,
+            request.input,
+            Trigger {
+                idempotency_key,
+                ..Trigger::default()
+            },
+        )
+        .await?;
+    let planned = run.id.clone();
+    let run_id = state
+        .engine
+        .store()
+        .create_runs(vec![run], state.engine.now())
+        .await?
+        .remove(0);
+    let created = run_id == planned;
+    if created {
+        tracing::info!(run = %run_id, workflow = %id, by = %caller.sub, "run started over the API");
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(StartedRun {
+            run_id,
+            workflow_id: id,
+            created,
+        }),
+    ))
+}
+
+/// The definition format of a body, from its `Content-Type`: JSON, or YAML (which also reads
+/// JSON) when the type says YAML or nothing.
+fn body_format(headers: &HeaderMap) -> Result<Format, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/yaml");
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Ok(Format::Json),
+        "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml" | "text/plain" => {
+            Ok(Format::Yaml)
+        }
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "header Content-Type: {other:?} is not a definition; send application/json or application/yaml"
+            ),
+        )),
+    }
+}
+
+/// Parses and validates a definition body against the stored workflows, with the CLI's errors.
+async fn checked_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Vec<Workflow>, ApiError> {
+    let format = body_format(headers)?;
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_definition",
+            format!("request body: not UTF-8 text ({e})"),
+        )
+    })?;
+    let mut existing = WorkflowMap::new();
+    for (ws, wf) in all(state).await? {
+        existing.insert(ws.id, wf);
+    }
+    let kinds: Vec<&str> = state.step_kinds.iter().map(String::as_str).collect();
+    check_str("request body", text, format, &existing, &kinds).map_err(|errors| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_definition",
+            errors.to_string(),
+        )
+    })
+}
+
+async fn install(state: &AppState, workflows: Vec<Workflow>) -> Result<Vec<Installed>, ApiError> {
+    let map: WorkflowMap = workflows
+        .into_iter()
+        .map(|wf| (wf.id.clone(), std::sync::Arc::new(wf)))
+        .collect();
+    Ok(state
+        .engine
+        .install(&map)
+        .await?
+        .into_iter()
+        .map(|(id, version)| Installed { id, version })
+        .collect())
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Installed {
+    pub id: String,
+    /// The version new runs use; unchanged when the definition was the same.
+    pub version: i64,
+}
+
+/// Replaces a workflow's definition: a new version for new runs; runs going keep theirs. The
+/// body is one workflow in YAML or JSON, checked as the CLI checks files.
+#[utoipa::path(
+    put,
+    path = "/api/workflows/{id}",
+    tag = "workflows",
+    params(("id" = String, Path, description = "Workflow id")),
+    request_body(content = String, description = "One workflow definition", content_type = "application/yaml"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The version new runs use", body = Installed),
+        (status = 400, description = "The body names another workflow", body = ErrorBody),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+        (status = 422, description = "The definition is invalid; every problem as body:line:column", body = ErrorBody),
+    )
+)]
+pub async fn update_workflow(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Installed>, ApiError> {
+    state.engine.workflow_state(&id).await?;
+    let workflows = checked_body(&state, &headers, &body).await?;
+    match workflows.as_slice() {
+        [one] if one.id == id => {}
+        [one] => {
+            return Err(ApiError::bad_request(
+                "id_mismatch",
+                format!(
+                    "request body: defines workflow {:?}, but the path names {id:?}",
+                    one.id
+                ),
+            ));
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_definition",
+                format!(
+                    "request body: holds {} workflows; PUT takes exactly one",
+                    workflows.len()
+                ),
+            ));
+        }
+    }
+    let installed = install(&state, workflows).await?.remove(0);
+    tracing::info!(workflow = %id, version = installed.version, by = %caller.sub, "workflow updated over the API");
+    Ok(Json(installed))
+}
+
+/// Creates workflows from a definition body (one workflow, or a `workflows:` map) in YAML or
+/// JSON. Ids already stored are refused: change those with `PUT /api/workflows/{id}`.
+#[utoipa::path(
+    post,
+    path = "/api/admin/workflows",
+    tag = "admin",
+    request_body(content = String, description = "A definition file's content", content_type = "application/yaml"),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The workflows created", body = Vec<Installed>),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+        (status = 409, description = "A workflow with this id exists", body = ErrorBody),
+        (status = 422, description = "The definition is invalid; every problem as body:line:column", body = ErrorBody),
+    )
+)]
+pub async fn create_workflows(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Vec<Installed>>), ApiError> {
+    let workflows = checked_body(&state, &headers, &body).await?;
+    let existing: std::collections::HashSet<String> = state
+        .engine
+        .workflows()
+        .await?
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    if let Some(taken) = workflows.iter().find(|w| existing.contains(&w.id)) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "workflow {:?} exists; change it with PUT /api/workflows/{}",
+                taken.id, taken.id
+            ),
+        ));
+    }
+    let installed = install(&state, workflows).await?;
+    for w in &installed {
+        tracing::info!(workflow = %w.id, by = %caller.sub, "workflow created over the API");
+    }
+    Ok((StatusCode::CREATED, Json(installed)))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PauseState {
+    pub workflow_id: String,
+    pub paused: bool,
+}
+
+async fn set_paused(
+    state: &AppState,
+    id: String,
+    paused: bool,
+    by: &str,
+) -> Result<Json<PauseState>, ApiError> {
+    state.engine.set_paused(&id, paused).await?;
+    tracing::info!(workflow = %id, paused, by, "schedule pause changed over the API");
+    Ok(Json(PauseState {
+        workflow_id: id,
+        paused,
+    }))
+}
+
+/// Pauses the workflow's schedule: its fires are recorded as skipped until it is resumed.
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/pause",
+    tag = "workflows",
+    params(("id" = String, Path, description = "Workflow id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Paused", body = PauseState),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+    )
+)]
+pub async fn pause_workflow(
+    Operator(caller): Operator,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<PauseState>, ApiError> {
+    set_paused(&state, id, true, &caller.sub).await
+}
+
+/// Resumes the workflow's schedule.
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/resume",
+    tag = "workflows",
+    params(("id" = String, Path, description = "Workflow id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Resumed", body = PauseState),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+    )
+)]
+pub async fn resume_workflow(
+    Operator(caller): Operator,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<PauseState>, ApiError> {
+    set_paused(&state, id, false, &caller.sub).await
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct FireQuery {
+    /// Only fires of this workflow.
+    pub workflow: Option<String>,
+    /// Only fires that did not start a run (default false).
+    #[serde(default)]
+    pub skipped: bool,
+    /// At most this many, newest first, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+}
+
+/// Schedule fires, newest first: the run each started, or why it was skipped.
+#[utoipa::path(
+    get,
+    path = "/api/fires",
+    tag = "workflows",
+    params(FireQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Fires", body = Vec<FireRecord>),
+        (status = 400, description = "A bad filter", body = ErrorBody),
+    )
+)]
+pub async fn list_fires(
+    _: Viewer,
+    State(state): State<AppState>,
+    Query(query): Query<FireQuery>,
+) -> Result<Json<Vec<FireRecord>>, ApiError> {
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("query string: `limit` must be 1 to 500, not {limit}"),
+        ));
+    }
+    let mut fires = state.engine.fires(query.workflow.as_deref(), limit).await?;
+    if query.skipped {
+        fires.retain(|f| f.skipped_reason.is_some());
+    }
+    Ok(Json(fires))
+}
