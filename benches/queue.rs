@@ -105,7 +105,8 @@ impl Backend {
                 use std::sync::atomic::{AtomicUsize, Ordering};
                 static NEXT: AtomicUsize = AtomicUsize::new(0);
                 let n = NEXT.fetch_add(1, Ordering::Relaxed);
-                format!("{base}?options[search_path]=bench_queue_{n}")
+                let sep = if base.contains('?') { '&' } else { '?' };
+                format!("{base}{sep}options[search_path]=bench_queue_{n}")
             }
         };
         let store = switchyard_engine::store::connect(&url).await.unwrap();

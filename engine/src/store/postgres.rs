@@ -3,6 +3,12 @@
 //! every statement handles a whole batch (`unnest` of column arrays or `jsonb_to_recordset`);
 //! `LISTEN/NOTIFY` wakes workers in every process, with polling as the fallback.
 //!
+//! A queue's tables change faster than autovacuum re-analyses them (100k runs can go from
+//! `running` to `succeeded` in seconds), so statements start from the batch and reach rows by
+//! primary or unique key (joins from `unnest`, `LATERAL` lookups): their plans stay right whatever
+//! the statistics say. A join the planner may turn into a scan of `runs` or `jobs` by `status`
+//! costs tens of milliseconds per batch once statistics are stale.
+//!
 //! Under READ COMMITTED two transactions that each settle one of a run's last two steps would each
 //! see the other step unfinished, and the run would never finish. So a transaction locks the runs
 //! it settles (in id order) before it looks at their jobs, and the parent runs of the child runs it
@@ -471,7 +477,8 @@ async fn cascade(
 }
 
 /// One statement: every waiting job counts down the needs that just succeeded, and becomes
-/// available at zero. Returns whether any did.
+/// available at zero. Returns whether any did. `OFFSET 0` keeps the lookup a per-step index probe;
+/// flattened into a join, it becomes a scan of every job.
 async fn promote_dependents(
     conn: &mut PgConnection,
     succeeded: &[(RunId, String)],
@@ -490,8 +497,8 @@ async fn promote_dependents(
              run_after = $3 \
          FROM (SELECT j.id, count(*) AS n \
                FROM unnest($1::text[], $2::text[]) AS c(run_id, step_id) \
-               JOIN jobs AS j ON j.run_id = c.run_id AND j.state = 'waiting' \
-                   AND j.needs ? c.step_id \
+               CROSS JOIN LATERAL (SELECT id FROM jobs WHERE run_id = c.run_id \
+                   AND state = 'waiting' AND needs ? c.step_id OFFSET 0) AS j \
                GROUP BY j.id) AS d \
          WHERE jobs.id = d.id \
          RETURNING jobs.state = 'available'",
@@ -516,9 +523,10 @@ async fn finish_succeeded_runs(
         "UPDATE runs SET status = 'succeeded', finished_at = $2, expires_at = $2 + retention_ms, \
              output = (SELECT coalesce(jsonb_object_agg(step_id, output), '{}') FROM jobs \
                        WHERE run_id = runs.id AND is_sink) \
-         WHERE id = ANY($1::text[]) AND status = 'running' \
+         FROM unnest($1::text[]) AS c(id) \
+         WHERE runs.id = c.id AND runs.status = 'running' \
              AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = runs.id AND state <> 'succeeded') \
-         RETURNING id, status, parent_job_id, concurrency_key",
+         RETURNING runs.id, runs.status, runs.parent_job_id, runs.concurrency_key",
     )
     .bind(&ids)
     .bind(now)
