@@ -1,6 +1,7 @@
 //! Command-line arguments (clap derive).
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -57,6 +58,16 @@ pub struct WorkerArgs {
     pub grace: Duration,
 }
 
+#[derive(Debug, Clone, Copy, Args)]
+pub struct ApiArgs {
+    /// API requests per second allowed to each token, and to each client address without one.
+    #[arg(long, default_value_t = NonZeroU32::new(50).expect("non-zero"))]
+    pub api_rate: NonZeroU32,
+    /// Requests a caller may send at once above that rate.
+    #[arg(long, default_value_t = NonZeroU32::new(100).expect("non-zero"))]
+    pub api_burst: NonZeroU32,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Scheduler, workers and the HTTP listener in one process.
@@ -64,6 +75,8 @@ pub enum Command {
         /// Address of the HTTP listener (`/health`).
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        #[command(flatten)]
+        api: ApiArgs,
         #[command(flatten)]
         worker: WorkerArgs,
     },

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use switchyard_engine::api::{AppState, Heartbeats, router, serve_http};
+use switchyard_engine::api::{AppState, Heartbeats, RateLimit, RateLimiter, router, serve_http};
 use switchyard_engine::auth::{TokenKeys, put_user};
 use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{WorkflowMap, json_schema, load_paths};
@@ -21,7 +21,7 @@ use switchyard_workers::{Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::cli::{Cli, Command, Global, StatusArg, TokenAction, UserAction, WorkerArgs};
+use crate::cli::{ApiArgs, Cli, Command, Global, StatusArg, TokenAction, UserAction, WorkerArgs};
 
 /// Exit codes of `run --wait` beyond 0 (succeeded) and 1 (failed or error).
 const EXIT_CANCELLED: u8 = 3;
@@ -82,7 +82,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("migrations applied to {}", global.database);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { listen, worker } => serve(&global, Some(listen), worker).await,
+        Command::Serve {
+            listen,
+            api,
+            worker,
+        } => serve(&global, Some((listen, api)), worker).await,
         Command::Worker { worker } => serve(&global, None, worker).await,
         Command::Run {
             workflow,
@@ -253,7 +257,7 @@ fn env_values(prefix: &str) -> BTreeMap<String, String> {
 
 async fn serve(
     global: &Global,
-    listen: Option<std::net::SocketAddr>,
+    listen: Option<(std::net::SocketAddr, ApiArgs)>,
     args: WorkerArgs,
 ) -> anyhow::Result<ExitCode> {
     let control_plane = listen.is_some();
@@ -273,7 +277,7 @@ async fn serve(
     let heartbeats = Arc::new(Heartbeats::default());
     let mut tasks = JoinSet::new();
     tasks.spawn(run_maintenance(engine.clone(), stopped.clone()));
-    if let Some(addr) = listen {
+    if let Some((addr, api)) = listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;
@@ -296,6 +300,10 @@ async fn serve(
                     .map(str::to_owned)
                     .collect(),
             ),
+            limiter: RateLimiter::new(RateLimit {
+                per_second: api.api_rate,
+                burst: api.api_burst,
+            }),
         });
         let http_stopped = stopped.clone();
         tasks.spawn(async move {

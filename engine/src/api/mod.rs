@@ -8,6 +8,7 @@
 mod admin;
 mod auth;
 mod error;
+mod limits;
 mod public;
 mod runs;
 mod workflows;
@@ -25,6 +26,7 @@ use utoipa_axum::routes;
 
 pub use auth::{Admin, Operator, Viewer};
 pub use error::{ApiError, ErrorBody};
+pub use limits::{RateLimit, RateLimiter};
 
 use crate::auth::TokenKeys;
 use crate::service::Engine;
@@ -47,6 +49,7 @@ pub struct AppState {
     pub keys: TokenKeys,
     /// The step kinds this deployment's workers run, for validating definitions.
     pub step_kinds: Arc<Vec<String>>,
+    pub limiter: Arc<RateLimiter>,
 }
 
 #[derive(OpenApi)]
@@ -147,6 +150,10 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::limit,
+        ))
         .with_state(state)
 }
 
