@@ -304,6 +304,7 @@ async fn serve(
                 per_second: api.api_rate,
                 burst: api.api_burst,
             }),
+            metrics: Some(install_metrics(&mut tasks, stopped.clone())?),
         });
         let http_stopped = stopped.clone();
         tasks.spawn(async move {
@@ -344,6 +345,33 @@ async fn serve(
     .ok();
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Installs the Prometheus recorder that `/metrics` renders, with a task that keeps its
+/// histograms from growing without bound.
+fn install_metrics(
+    tasks: &mut JoinSet<()>,
+    mut stopped: watch::Receiver<bool>,
+) -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            switchyard_engine::metrics::BUCKETS,
+        )?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    switchyard_engine::metrics::describe();
+    let upkeep = handle.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
+                changed = stopped.changed() => if changed.is_err() || *stopped.borrow() { return },
+            }
+        }
+    });
+    Ok(handle)
 }
 
 async fn shutdown_signal() {
@@ -388,7 +416,7 @@ async fn run(
     if let Some(definitions) = &definitions {
         engine.install(definitions).await?;
     }
-    let run_id = engine.start(workflow, input, Trigger::default()).await?;
+    let (run_id, _) = engine.start(workflow, input, Trigger::default()).await?;
     println!("{run_id}");
     if !wait {
         return Ok(ExitCode::SUCCESS);

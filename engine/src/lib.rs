@@ -7,6 +7,7 @@ pub mod auth;
 pub mod clock;
 pub mod definition;
 pub mod maintenance;
+pub mod metrics;
 pub mod plan;
 pub mod scheduler;
 pub mod service;

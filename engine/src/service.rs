@@ -157,16 +157,29 @@ impl Engine {
         Ok(plan_run(&workflow, version, input, trigger)?)
     }
 
-    /// Starts a run of the latest version of `id`; with an idempotency key already used, returns
-    /// the run that key started.
-    pub async fn start(&self, id: &str, input: Value, trigger: Trigger) -> Result<RunId> {
+    /// Starts a run of the latest version of `id`. Returns its id, and whether it is new: with
+    /// an idempotency key already used, it is the run that key started.
+    pub async fn start(&self, id: &str, input: Value, trigger: Trigger) -> Result<(RunId, bool)> {
         let run = self.plan(id, input, trigger).await?;
+        let planned = run.id.clone();
         let ids = self.store.create_runs(vec![run], self.now()).await?;
-        Ok(ids.into_iter().next().expect("one run in, one id out"))
+        let run_id = ids.into_iter().next().expect("one run in, one id out");
+        let created = run_id == planned;
+        if created {
+            crate::metrics::run_started(id);
+        }
+        Ok((run_id, created))
     }
 
     pub async fn fire(&self, params: FireParams) -> Result<FireOutcome> {
-        Ok(self.store.fire(params, self.now()).await?)
+        let (workflow, fire_at) = (params.workflow_id.clone(), params.fire_at);
+        let outcome = self.store.fire(params, self.now()).await?;
+        if let FireOutcome::Started(_) = outcome {
+            crate::metrics::run_started(&workflow);
+            let late = (self.now() - fire_at).max(0) as u64;
+            crate::metrics::fire_recorded(std::time::Duration::from_millis(late));
+        }
+        Ok(outcome)
     }
 
     pub async fn cancel(&self, run_id: &str) -> Result<RunStatus> {

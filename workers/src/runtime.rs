@@ -111,13 +111,16 @@ pub async fn run_worker(
                 Some(jobs) => Ok(jobs),
                 None => {
                     let now = engine.now();
-                    store
+                    let started = std::time::Instant::now();
+                    let claimed = store
                         .claim(ClaimParams {
                             limit: limit as u32,
                             now,
                             lease_until: now + lease_ms,
                         })
-                        .await
+                        .await;
+                    switchyard_engine::metrics::claimed(started.elapsed());
+                    claimed
                 }
             };
             match claimed {
@@ -221,10 +224,21 @@ async fn complete_and_claim_with_retry(
             now,
             lease_until: now + lease_ms,
         };
-        store.complete_and_claim(batch.clone(), claim, now).await
+        let started = std::time::Instant::now();
+        let done = store.complete_and_claim(batch.clone(), claim, now).await;
+        switchyard_engine::metrics::claimed(started.elapsed());
+        done
     })
     .await
-    .map(|(_, claimed)| claimed)
+    .map(|(accepted, claimed)| {
+        // Child runs exist once their parent's parking committed.
+        for c in batch.iter().filter(|c| accepted.contains(&c.lease.job_id)) {
+            for child in &c.children {
+                switchyard_engine::metrics::run_started(&child.workflow_id);
+            }
+        }
+        claimed
+    })
 }
 
 async fn execute(shared: Arc<Shared>, job: ClaimedJob) -> Completion {
@@ -242,6 +256,12 @@ async fn execute(shared: Arc<Shared>, job: ClaimedJob) -> Completion {
             Err(_) => Default::default(),
         };
         let settlement = settle(job.lease.attempt, &policy, result, now, rand::random());
+        switchyard_engine::metrics::step_finished(
+            &job.workflow_id,
+            &job.step_id,
+            settlement.target().as_str(),
+            started.elapsed(),
+        );
         match &settlement {
             Settlement::Succeed { .. } => tracing::info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,

@@ -50,6 +50,8 @@ pub struct AppState {
     /// The step kinds this deployment's workers run, for validating definitions.
     pub step_kinds: Arc<Vec<String>>,
     pub limiter: Arc<RateLimiter>,
+    /// The Prometheus recorder's handle, when the process installed one.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 #[derive(OpenApi)]
@@ -95,6 +97,7 @@ impl utoipa::Modify for BearerAuth {
 fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(public::health))
+        .routes(routes!(public::metrics))
         .routes(routes!(public::stats))
         .routes(routes!(workflows::public_workflows))
         .routes(routes!(auth::login))

@@ -131,3 +131,32 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiErro
         runs_failed_24h: store.count_runs(RunStatus::Failed, Some(day_ago)).await?,
     }))
 }
+
+/// Prometheus text format: runs started, finished and failed (`workflow_failures_total`), step
+/// durations, queue depth, claim latency and scheduler lag, as this process saw them.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "public",
+    responses(
+        (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain"),
+        (status = 404, description = "This process exports no metrics", body = super::error::ErrorBody),
+    )
+)]
+pub async fn metrics(State(state): State<AppState>) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let Some(handle) = &state.metrics else {
+        return Err(ApiError::not_found("this process exports no metrics"));
+    };
+    if let Ok(depth) = state.engine.store().queue_depth(state.engine.now()).await {
+        crate::metrics::queue_depth(depth);
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response())
+}

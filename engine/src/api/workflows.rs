@@ -252,9 +252,9 @@ pub async fn start_workflow(
             Some(format!("api/{id}/{key}"))
         }
     };
-    let run = state
+    let (run_id, created) = state
         .engine
-        .plan(
+        .start(
             &id,
             request.input,
             Trigger {
@@ -263,14 +263,6 @@ pub async fn start_workflow(
             },
         )
         .await?;
-    let planned = run.id.clone();
-    let run_id = state
-        .engine
-        .store()
-        .create_runs(vec![run], state.engine.now())
-        .await?
-        .remove(0);
-    let created = run_id == planned;
     if created {
         tracing::info!(run = %run_id, workflow = %id, by = %caller.sub, "run started over the API");
     }

@@ -185,6 +185,7 @@ fn setting_from_row(row: &PgRow) -> Setting {
 fn finished_from_row(row: &PgRow) -> Result<FinishedRun> {
     Ok(FinishedRun {
         id: row.get("id"),
+        workflow_id: row.get("workflow_id"),
         status: parse_state(row.get::<&str, _>("status"))?,
         parent_job_id: row.get("parent_job_id"),
         concurrency_key: row.get("concurrency_key"),
@@ -196,6 +197,7 @@ fn finished_from_row(row: &PgRow) -> Result<FinishedRun> {
 struct Effects {
     /// Jobs became claimable.
     woke: bool,
+    finished: FinishedRuns,
 }
 
 /// Inserts runs and their jobs: a constant number of statements however many runs. Returns the
@@ -466,6 +468,7 @@ async fn cascade(
         if !ended.is_empty() {
             finished.extend(end_runs(conn, &ended, ended_as, now).await?);
         }
+        effects.finished.add(&finished);
         effects.woke |= open_gates(conn, &finished, now).await?;
         (succeeded, ended) = settle_parents(conn, &finished, now).await?;
         // a parent whose child did not succeed fails like any step
@@ -526,7 +529,8 @@ async fn finish_succeeded_runs(
          FROM unnest($1::text[]) AS c(id) \
          WHERE runs.id = c.id AND runs.status = 'running' \
              AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = runs.id AND state <> 'succeeded') \
-         RETURNING runs.id, runs.status, runs.parent_job_id, runs.concurrency_key",
+         RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
+             runs.concurrency_key",
     )
     .bind(&ids)
     .bind(now)
@@ -550,7 +554,8 @@ async fn end_runs(
              expires_at = $4 + retention_ms \
          FROM unnest($1::text[], $2::text[]) AS c(id, error) \
          WHERE runs.id = c.id AND runs.status IN {ACTIVE_RUN} \
-         RETURNING runs.id, runs.status, runs.parent_job_id, runs.concurrency_key"
+         RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
+             runs.concurrency_key"
     ))
     .bind(&ids)
     .bind(&errors)
@@ -571,7 +576,7 @@ async fn end_runs(
          UPDATE runs SET status = 'cancelled', error = 'its parent run ended', \
              finished_at = $2, expires_at = $2 + retention_ms \
          WHERE id IN (SELECT id FROM tree) AND status IN {ACTIVE_RUN} \
-         RETURNING id, status, NULL::bigint AS parent_job_id, concurrency_key"
+         RETURNING id, workflow_id, status, NULL::bigint AS parent_job_id, concurrency_key"
     ))
     .bind(&roots)
     .bind(now)
@@ -1062,6 +1067,7 @@ impl Store for PostgresStore {
             self.notify(&mut tx).await?;
         }
         tx.commit().await?;
+        effects.finished.publish();
         if effects.woke {
             self.wakeup.notify_one();
         }
@@ -1082,6 +1088,7 @@ impl Store for PostgresStore {
             self.notify(&mut tx).await?;
         }
         tx.commit().await?;
+        effects.finished.publish();
         if effects.woke {
             self.wakeup.notify_one();
         }
@@ -1148,6 +1155,7 @@ impl Store for PostgresStore {
             self.notify(&mut tx).await?;
         }
         tx.commit().await?;
+        effects.finished.publish();
         if effects.woke || reclaimed > 0 {
             self.wakeup.notify_one();
         }
@@ -1218,6 +1226,7 @@ impl Store for PostgresStore {
             self.notify(&mut tx).await?;
         }
         tx.commit().await?;
+        effects.finished.publish();
         Ok(RunStatus::Cancelled)
     }
 

@@ -191,6 +191,7 @@ fn parse_json(text: Option<String>) -> Option<Value> {
 fn finished_from_row(row: &SqliteRow) -> Result<FinishedRun> {
     Ok(FinishedRun {
         id: row.get("id"),
+        workflow_id: row.get("workflow_id"),
         status: parse_state(row.get::<&str, _>("status"))?,
         parent_job_id: row.get("parent_job_id"),
         concurrency_key: row.get("concurrency_key"),
@@ -329,6 +330,7 @@ async fn complete_in(
     conn: &mut SqliteConnection,
     completions: Vec<Completion>,
     now: Millis,
+    finished_runs: &mut FinishedRuns,
 ) -> Result<Vec<JobId>> {
     if completions.is_empty() {
         return Ok(Vec::new());
@@ -401,7 +403,15 @@ async fn complete_in(
     if !children.is_empty() {
         insert_runs(conn, children, now).await?;
     }
-    cascade(conn, succeeded, failed, RunStatus::Failed, now).await?;
+    cascade(
+        conn,
+        succeeded,
+        failed,
+        RunStatus::Failed,
+        now,
+        finished_runs,
+    )
+    .await?;
     Ok(accepted_ids)
 }
 
@@ -414,6 +424,7 @@ async fn cascade(
     mut ended: Vec<(RunId, String)>,
     mut ended_as: RunStatus,
     now: Millis,
+    finished_runs: &mut FinishedRuns,
 ) -> Result<()> {
     loop {
         let mut finished = Vec::new();
@@ -425,6 +436,7 @@ async fn cascade(
         if !ended.is_empty() {
             finished.extend(end_runs(conn, &ended, ended_as, now).await?);
         }
+        finished_runs.add(&finished);
         open_gates(conn, &finished, now).await?;
         (succeeded, ended) = settle_parents(conn, &finished, now).await?;
         // a parent whose child did not succeed fails like any step
@@ -475,7 +487,7 @@ async fn finish_succeeded_runs(
                        WHERE run_id = runs.id AND is_sink = 1) \
          WHERE id IN (SELECT value FROM json_each(?1)) AND +status = 'running' \
              AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = runs.id AND state != 'succeeded') \
-         RETURNING id, status, parent_job_id, concurrency_key",
+         RETURNING id, workflow_id, status, parent_job_id, concurrency_key",
     )
     .bind(to_json(&runs))
     .bind(now)
@@ -498,7 +510,8 @@ async fn end_runs(
              expires_at = ?3 + retention_ms \
          FROM json_each(?1) AS c \
          WHERE runs.id = c.value->>0 AND +runs.status IN {ACTIVE_RUN} \
-         RETURNING runs.id, runs.status, runs.parent_job_id, runs.concurrency_key"
+         RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
+             runs.concurrency_key"
     ))
     .bind(to_json(&runs))
     .bind(status.as_str())
@@ -518,7 +531,7 @@ async fn end_runs(
          UPDATE runs SET status = 'cancelled', error = 'its parent run ended', \
              finished_at = ?2, expires_at = ?2 + retention_ms \
          WHERE id IN (SELECT id FROM tree) AND status IN {ACTIVE_RUN} \
-         RETURNING id, status, NULL AS parent_job_id, concurrency_key"
+         RETURNING id, workflow_id, status, NULL AS parent_job_id, concurrency_key"
     ))
     .bind(to_json(&roots))
     .bind(now)
@@ -903,8 +916,10 @@ impl Store for SqliteStore {
 
     async fn complete(&self, completions: Vec<Completion>, now: Millis) -> Result<Vec<JobId>> {
         let mut tx = self.write_tx().await?;
-        let accepted = complete_in(&mut tx, completions, now).await?;
+        let mut finished = FinishedRuns::default();
+        let accepted = complete_in(&mut tx, completions, now, &mut finished).await?;
         tx.commit().await?;
+        finished.publish();
         if !accepted.is_empty() {
             self.wakeup.notify_one();
         }
@@ -918,13 +933,15 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<(Vec<JobId>, Vec<ClaimedJob>)> {
         let mut tx = self.write_tx().await?;
-        let accepted = complete_in(&mut tx, completions, now).await?;
+        let mut finished = FinishedRuns::default();
+        let accepted = complete_in(&mut tx, completions, now, &mut finished).await?;
         let leased = if claim.limit == 0 {
             Leased::default()
         } else {
             lease_jobs(&mut tx, &claim).await?
         };
         tx.commit().await?;
+        finished.publish();
         if !accepted.is_empty() {
             self.wakeup.notify_one();
         }
@@ -952,7 +969,8 @@ impl Store for SqliteStore {
                 children: Vec::new(),
             })
             .collect();
-        let reclaimed = complete_in(&mut tx, lost, now).await?.len() as u64;
+        let mut finished = FinishedRuns::default();
+        let reclaimed = complete_in(&mut tx, lost, now, &mut finished).await?.len() as u64;
 
         let late: Vec<(String, Option<i64>)> = sqlx::query_as(&format!(
             "SELECT id, timeout_ms FROM runs WHERE status IN {ACTIVE_RUN} AND deadline_at <= ? \
@@ -971,8 +989,17 @@ impl Store for SqliteStore {
             })
             .collect();
         let timed_out = late.len() as u64;
-        cascade(&mut tx, Vec::new(), late, RunStatus::TimedOut, now).await?;
+        cascade(
+            &mut tx,
+            Vec::new(),
+            late,
+            RunStatus::TimedOut,
+            now,
+            &mut finished,
+        )
+        .await?;
         tx.commit().await?;
+        finished.publish();
         if reclaimed > 0 {
             self.wakeup.notify_one();
         }
@@ -1017,15 +1044,18 @@ impl Store for SqliteStore {
         if status.is_finished() {
             return Ok(status);
         }
+        let mut finished = FinishedRuns::default();
         cascade(
             &mut tx,
             Vec::new(),
             vec![(run_id.to_owned(), "cancelled".to_owned())],
             RunStatus::Cancelled,
             now,
+            &mut finished,
         )
         .await?;
         tx.commit().await?;
+        finished.publish();
         Ok(RunStatus::Cancelled)
     }
 
