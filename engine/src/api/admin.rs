@@ -37,7 +37,6 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Variable {
     pub name: String,
-    #[schema(value_type = Object)]
     pub value: Value,
     pub updated_at: Millis,
 }
@@ -76,8 +75,8 @@ pub async fn list_variables(
     put,
     path = "/api/admin/variables/{name}",
     tag = "admin",
-    params(("name" = String, Path, description = "Variable name")),
-    request_body(content = Object, description = "The value, any JSON"),
+    params(("name" = String, Path, pattern = "^[a-z_][a-z0-9_]{0,63}$", description = "Variable name")),
+    request_body(content = serde_json::Value, description = "The value, any JSON"),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The stored variable", body = Variable),
@@ -106,7 +105,7 @@ pub async fn put_variable(
     delete,
     path = "/api/admin/variables/{name}",
     tag = "admin",
-    params(("name" = String, Path, description = "Variable name")),
+    params(("name" = String, Path, pattern = "^[a-z_][a-z0-9_]{0,63}$", description = "Variable name")),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted"),
@@ -223,7 +222,7 @@ pub async fn list_secrets(
     put,
     path = "/api/admin/secrets/{name}",
     tag = "admin",
-    params(("name" = String, Path, description = "Secret name")),
+    params(("name" = String, Path, pattern = "^[a-z_][a-z0-9_]{0,63}$", description = "Secret name")),
     request_body = SecretValue,
     security(("bearer" = [])),
     responses(
@@ -252,7 +251,7 @@ pub async fn put_secret(
     delete,
     path = "/api/admin/secrets/{name}",
     tag = "admin",
-    params(("name" = String, Path, description = "Secret name")),
+    params(("name" = String, Path, pattern = "^[a-z_][a-z0-9_]{0,63}$", description = "Secret name")),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted"),
@@ -289,8 +288,10 @@ pub async fn list_users(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,64}$")]
     pub name: String,
     /// At least 8 characters; stored as an argon2id hash.
+    #[schema(min_length = 8)]
     pub password: String,
     pub role: Role,
 }
@@ -360,9 +361,11 @@ pub async fn remove_user(
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
     /// Who or what the token is for, e.g. `ci-deploy`.
+    #[schema(min_length = 1, max_length = 128)]
     pub subject: String,
     pub role: Role,
     /// Lifetime in seconds, 60 to 31 536 000 (a year); default 30 days.
+    #[schema(minimum = 60, maximum = 31_536_000)]
     pub ttl_secs: Option<u64>,
 }
 
@@ -390,7 +393,7 @@ pub async fn issue_token(
             format!("request body: `ttl_secs` must be 60 to 31536000, not {ttl}"),
         ));
     }
-    if request.subject.is_empty() || request.subject.len() > 128 {
+    if request.subject.is_empty() || request.subject.chars().count() > 128 {
         return Err(ApiError::bad_request(
             "invalid_body",
             "request body: `subject` must be 1 to 128 characters",

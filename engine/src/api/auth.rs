@@ -10,19 +10,26 @@ use super::AppState;
 use super::error::{ApiError, Json};
 use crate::auth::{Claims, Role, TokenKeys, check_password};
 
+/// The token of an `Authorization: Bearer <token>` header (the scheme in any case).
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
 /// The verified claims of the caller's bearer token, whatever its role.
 pub fn bearer_claims(parts: &Parts, keys: &TokenKeys, now: i64) -> Result<Claims, ApiError> {
-    let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
-        ApiError::unauthorized("this endpoint needs an `Authorization: Bearer <token>` header")
+    if !parts.headers.contains_key(AUTHORIZATION) {
+        return Err(ApiError::unauthorized(
+            "this endpoint needs an `Authorization: Bearer <token>` header",
+        ));
+    }
+    let token = bearer_token(&parts.headers).ok_or_else(|| {
+        ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
     })?;
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
-        })?;
-    Ok(keys.verify(token.trim(), now)?)
+    Ok(keys.verify(token, now)?)
 }
 
 macro_rules! role_extractor {

@@ -2,7 +2,7 @@
 //! problem. Extractor rejections (malformed JSON, wrong types, bad paths and queries, oversize
 //! bodies) are turned into the same shape, so no request reaches a handler half-understood.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -167,6 +167,20 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        ApiError::new(
+            e.status(),
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                "body_too_large"
+            } else {
+                "invalid_body"
+            },
+            format!("request body: {}", e.body_text()),
+        )
+    }
+}
+
 impl From<PathRejection> for ApiError {
     fn from(e: PathRejection) -> Self {
         ApiError::bad_request("invalid_path", format!("path: {}", e.body_text()))
@@ -199,3 +213,17 @@ pub struct Path<T>(pub T);
 #[derive(Debug, axum::extract::FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct Query<T>(pub T);
+
+/// The raw body, whose rejection (too large, unreadable) is an [`ApiError`].
+#[derive(Debug)]
+pub struct Bytes(pub axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Bytes {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        Ok(Bytes(
+            axum::body::Bytes::from_request(request, state).await?,
+        ))
+    }
+}

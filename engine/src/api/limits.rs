@@ -60,12 +60,8 @@ const SWEEP_EVERY: usize = 4096;
 pub async fn limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limiter = &state.limiter;
     // A token names the caller only when it verifies; a made-up one counts against its address.
-    let token_id = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .and_then(|t| state.keys.verify(t.trim(), state.engine.now()).ok())
+    let token_id = super::auth::bearer_token(request.headers())
+        .and_then(|t| state.keys.verify(t, state.engine.now()).ok())
         .map(|claims| claims.jti);
     let caller = match token_id {
         Some(id) => Caller::Token(id),

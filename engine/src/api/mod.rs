@@ -93,6 +93,42 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Every operation may answer with an error body (bad input, auth, limits, an unavailable
+/// database); the specific codes an operation documents come first.
+struct ErrorResponses;
+
+impl utoipa::Modify for ErrorResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = ResponseBuilder::new()
+            .description("An error: `{code, message}` names the problem")
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                operation
+                    .responses
+                    .responses
+                    .entry("default".to_owned())
+                    .or_insert_with(|| error.clone().into());
+            }
+        }
+    }
+}
+
 /// Every route with its OpenAPI operation.
 fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -126,13 +162,10 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::issue_token))
 }
 
-/// The OpenAPI document, as served at `/api/openapi.json`.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    api().into_openapi()
-}
-
 pub fn router(state: AppState) -> Router {
-    let (router, doc) = api().split_for_parts();
+    let (router, mut doc) = api().split_for_parts();
+    // After the routes are in: the derive's modifiers run before there are any.
+    utoipa::Modify::modify(&ErrorResponses, &mut doc);
     let doc = Arc::new(doc);
     router
         .route(

@@ -25,6 +25,7 @@ pub struct RunQuery {
     /// Only runs created before this time (ms since the epoch).
     pub created_before: Option<Millis>,
     /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -87,12 +88,16 @@ pub async fn list_runs(
         created_after: query.created_after,
         created_before: query.created_before,
         after_cursor: query.cursor.as_deref().map(decode_cursor).transpose()?,
-        limit,
+        // One more than the page tells whether another page follows.
+        limit: limit + 1,
     };
-    let runs = state.engine.runs(&filter).await?;
-    let next_cursor = (runs.len() == limit as usize)
-        .then(|| runs.last().map(encode_cursor))
-        .flatten();
+    let mut runs = state.engine.runs(&filter).await?;
+    let next_cursor = if runs.len() > limit as usize {
+        runs.truncate(limit as usize);
+        runs.last().map(encode_cursor)
+    } else {
+        None
+    };
     Ok(Json(RunPage { runs, next_cursor }))
 }
 

@@ -1,7 +1,6 @@
 //! Workflows: the public listing, list and show, start, update (a new version), create, pause and
 //! resume, and the record of fires.
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::{Deserialize, Serialize};
@@ -9,7 +8,7 @@ use serde_json::Value;
 
 use super::AppState;
 use super::auth::{Admin, Operator, Viewer};
-use super::error::{ApiError, ErrorBody, Json, Path, Query};
+use super::error::{ApiError, Bytes, ErrorBody, Json, Path, Query};
 use crate::definition::{Format, Workflow, WorkflowMap, check_str};
 use crate::plan::Trigger;
 use crate::scheduler::CronSchedule;
@@ -191,7 +190,6 @@ pub async fn show_workflow(
 pub struct StartRequest {
     /// The run's `input`; `null` when absent.
     #[serde(default)]
-    #[schema(value_type = Object)]
     pub input: Value,
 }
 
@@ -214,7 +212,8 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
     tag = "workflows",
     params(
         ("id" = String, Path, description = "Workflow id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Starts at most one run per key"),
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+            description = "Starts at most one run per key"),
     ),
     request_body = StartRequest,
     security(("bearer" = [])),
@@ -313,7 +312,7 @@ fn body_format(headers: &HeaderMap) -> Result<Format, ApiError> {
 async fn checked_body(
     state: &AppState,
     headers: &HeaderMap,
-    body: &Bytes,
+    body: &[u8],
 ) -> Result<Vec<Workflow>, ApiError> {
     let format = body_format(headers)?;
     let text = std::str::from_utf8(body).map_err(|e| {
@@ -379,7 +378,7 @@ pub async fn update_workflow(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    Bytes(body): Bytes,
 ) -> Result<Json<Installed>, ApiError> {
     state.engine.workflow_state(&id).await?;
     let workflows = checked_body(&state, &headers, &body).await?;
@@ -428,7 +427,7 @@ pub async fn create_workflows(
     Admin(caller): Admin,
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    Bytes(body): Bytes,
 ) -> Result<(StatusCode, Json<Vec<Installed>>), ApiError> {
     let workflows = checked_body(&state, &headers, &body).await?;
     let existing: std::collections::HashSet<String> = state
@@ -525,6 +524,7 @@ pub struct FireQuery {
     #[serde(default)]
     pub skipped: bool,
     /// At most this many, newest first, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 

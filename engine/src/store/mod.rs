@@ -313,9 +313,7 @@ pub struct RunSummary {
 pub struct RunDetail {
     #[serde(flatten)]
     pub summary: RunSummary,
-    #[schema(value_type = Object)]
     pub input: Value,
-    #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
     pub scheduled_at: Option<Millis>,
     pub steps: Vec<JobDetail>,
@@ -327,7 +325,6 @@ pub struct JobDetail {
     pub step_id: String,
     pub state: JobState,
     pub attempt: u32,
-    #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
     pub error: Option<String>,
     pub run_after: Option<Millis>,
