@@ -23,7 +23,7 @@ use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{Format, Workflow, WorkflowMap, parse_str};
 use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::service::Engine;
-use switchyard_engine::store::{ClaimParams, NewRun, RunFilter, Store};
+use switchyard_engine::store::{ClaimParams, DefinitionOrigin, NewRun, RunFilter, Store};
 use switchyard_workers::{Registry, StepCall, StepKind, StepOutcome, StepResult, WorkerConfig};
 use tokio::sync::{mpsc, watch};
 
@@ -173,7 +173,7 @@ impl Bench {
             }
         }
         let versions = engine
-            .install(&workflows)
+            .install(&workflows, DefinitionOrigin::Files)
             .await
             .unwrap()
             .into_iter()

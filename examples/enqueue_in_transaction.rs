@@ -15,7 +15,7 @@ use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{Format, WorkflowMap, parse_str};
 use switchyard_engine::plan::Trigger;
 use switchyard_engine::service::{Engine, EngineError};
-use switchyard_engine::store::{PostgresStore, Store};
+use switchyard_engine::store::{DefinitionOrigin, PostgresStore, Store};
 
 const WORKFLOW: &str = r#"
 id: fulfil_order
@@ -39,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     for workflow in parse_str("fulfil_order.yaml", WORKFLOW, Format::Yaml)? {
         workflows.insert(workflow.id.clone(), Arc::new(workflow));
     }
-    engine.install(&workflows).await?;
+    engine.install(&workflows, DefinitionOrigin::Files).await?;
 
     // The application's side: its own pool and table.
     let app = sqlx::PgPool::connect(&url).await?;

@@ -16,7 +16,7 @@ use switchyard_engine::plan::Trigger;
 use switchyard_engine::scheduler::run_scheduler;
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::{Millis, RunStatus};
-use switchyard_engine::store::{self, RunDetail, RunFilter};
+use switchyard_engine::store::{self, DefinitionOrigin, RunDetail, RunFilter};
 use switchyard_workers::{Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -269,7 +269,7 @@ async fn serve(
     };
     let engine = open(global).await?;
     if let Some(definitions) = &definitions {
-        for (id, version) in engine.install(definitions).await? {
+        for (id, version) in engine.install(definitions, DefinitionOrigin::Files).await? {
             tracing::info!(workflow = %id, version, "definition loaded");
         }
     }
@@ -414,7 +414,7 @@ async fn run(
     };
     let engine = open(global).await?;
     if let Some(definitions) = &definitions {
-        engine.install(definitions).await?;
+        engine.install(definitions, DefinitionOrigin::Files).await?;
     }
     let (run_id, _) = engine.start(workflow, input, Trigger::default()).await?;
     println!("{run_id}");

@@ -11,8 +11,8 @@ use crate::definition::{Workflow, WorkflowMap};
 use crate::plan::{PlanError, Trigger, plan_run};
 use crate::state::RunStatus;
 use crate::store::{
-    FireOutcome, FireParams, FireRecord, NewRun, RunDetail, RunFilter, RunId, RunSummary, Store,
-    StoreError, WorkflowState, retry_transient,
+    DefinitionOrigin, FireOutcome, FireParams, FireRecord, NewRun, RunDetail, RunFilter, RunId,
+    RunSummary, Store, StoreError, WorkflowState, retry_transient,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -80,14 +80,18 @@ impl Engine {
     }
 
     /// Stores each workflow as a new version where it changed. Runs already going keep theirs.
-    pub async fn install(&self, workflows: &WorkflowMap) -> Result<Vec<(String, i64)>> {
+    pub async fn install(
+        &self,
+        workflows: &WorkflowMap,
+        origin: DefinitionOrigin,
+    ) -> Result<Vec<(String, i64)>> {
         let mut installed = Vec::with_capacity(workflows.len());
         for (id, workflow) in workflows {
             let definition =
                 serde_json::to_value(workflow.as_ref()).expect("definitions serialize to JSON");
             let version = self
                 .store
-                .upsert_workflow(id, &definition, self.now())
+                .upsert_workflow(id, &definition, origin, self.now())
                 .await?;
             self.versions
                 .0

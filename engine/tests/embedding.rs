@@ -9,7 +9,7 @@ use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{Format, WorkflowMap, parse_str};
 use switchyard_engine::plan::Trigger;
 use switchyard_engine::service::{Engine, EngineError};
-use switchyard_engine::store::{ClaimParams, PostgresStore, Store};
+use switchyard_engine::store::{ClaimParams, DefinitionOrigin, PostgresStore, Store};
 
 struct Db {
     store: Arc<PostgresStore>,
@@ -45,7 +45,10 @@ async fn open() -> Option<Db> {
     {
         workflows.insert(wf.id.clone(), Arc::new(wf));
     }
-    engine.install(&workflows).await.unwrap();
+    engine
+        .install(&workflows, DefinitionOrigin::Files)
+        .await
+        .unwrap();
     let app = sqlx::PgPool::connect(&url).await.unwrap();
     sqlx::query("CREATE TABLE orders (id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL)")
         .execute(&app)

@@ -8,8 +8,8 @@ use switchyard_engine::definition::{Format, Workflow, parse_str};
 use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::state::{JobState, Millis, RunStatus, Settlement};
 use switchyard_engine::store::{
-    ClaimParams, ClaimedJob, Completion, FireOutcome, FireParams, NewRun, RunFilter, Store,
-    StoreError,
+    ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, NewRun,
+    RunFilter, Store, StoreError,
 };
 
 const T0: Millis = 1_800_000_000_000;
@@ -29,7 +29,12 @@ fn linear() -> Workflow {
 
 async fn install(store: &dyn Store, wf: &Workflow) -> i64 {
     store
-        .upsert_workflow(&wf.id, &serde_json::to_value(wf).unwrap(), T0)
+        .upsert_workflow(
+            &wf.id,
+            &serde_json::to_value(wf).unwrap(),
+            DefinitionOrigin::Files,
+            T0,
+        )
         .await
         .unwrap()
 }
@@ -902,6 +907,34 @@ pub async fn racing_initialisations_of_a_setting_agree_on_one_value(store: Arc<d
     );
 }
 
+pub async fn an_unchanged_definition_file_keeps_a_newer_version_from_the_api(
+    store: Arc<dyn Store>,
+) {
+    let def = |n: i64| json!({ "id": "flow", "steps": [{ "id": "a", "type": "noop", "with": { "n": n } }] });
+    let put = |n: i64, origin| {
+        let store = store.clone();
+        async move {
+            store
+                .upsert_workflow("flow", &def(n), origin, T0)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(put(1, DefinitionOrigin::Files).await, 1);
+    assert_eq!(put(2, DefinitionOrigin::Api).await, 2);
+    // A restart installs the same file again: the API's version stays current.
+    assert_eq!(put(1, DefinitionOrigin::Files).await, 2);
+    assert_eq!(store.workflow_version("flow", 2).await.unwrap(), def(2));
+    // The file changed since: it wins.
+    assert_eq!(put(3, DefinitionOrigin::Files).await, 3);
+    assert_eq!(
+        put(3, DefinitionOrigin::Api).await,
+        3,
+        "equal to the latest"
+    );
+    assert_eq!(put(3, DefinitionOrigin::Files).await, 3);
+}
+
 macro_rules! conformance {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -939,6 +972,7 @@ macro_rules! conformance {
                 cancelling_a_pending_run_while_its_gate_opens_never_fails,
                 settings_are_stored_replaced_listed_and_deleted,
                 racing_initialisations_of_a_setting_agree_on_one_value,
+                an_unchanged_definition_file_keeps_a_newer_version_from_the_api,
             );
         }
     };

@@ -13,7 +13,7 @@ use crate::definition::{Format, Workflow, WorkflowMap, check_str};
 use crate::plan::Trigger;
 use crate::scheduler::CronSchedule;
 use crate::state::Millis;
-use crate::store::{FireRecord, WorkflowState};
+use crate::store::{DefinitionOrigin, FireRecord, WorkflowState};
 
 /// How many upcoming fires a workflow listing shows.
 const NEXT_FIRES: usize = 3;
@@ -342,7 +342,7 @@ async fn install(state: &AppState, workflows: Vec<Workflow>) -> Result<Vec<Insta
         .collect();
     Ok(state
         .engine
-        .install(&map)
+        .install(&map, DefinitionOrigin::Api)
         .await?
         .into_iter()
         .map(|(id, version)| Installed { id, version })

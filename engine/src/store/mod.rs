@@ -352,8 +352,15 @@ pub trait Store: Send + Sync + 'static {
     fn wakeup(&self) -> Arc<Notify>;
 
     /// Stores `definition` as a new version when it differs from the latest one; returns the
-    /// version new runs of the workflow use.
-    async fn upsert_workflow(&self, id: &str, definition: &Value, now: Millis) -> Result<i64>;
+    /// version new runs of the workflow use. From files, a definition equal to the last one
+    /// installed from files changes nothing, so a newer version from the API survives a restart.
+    async fn upsert_workflow(
+        &self,
+        id: &str,
+        definition: &Value,
+        origin: DefinitionOrigin,
+        now: Millis,
+    ) -> Result<i64>;
     async fn workflow_version(&self, id: &str, version: i64) -> Result<Value>;
     async fn workflows(&self) -> Result<Vec<WorkflowState>>;
     async fn set_paused(&self, id: &str, paused: bool, now: Millis) -> Result<()>;
@@ -441,6 +448,24 @@ pub trait Store: Send + Sync + 'static {
     async fn settings(&self, namespace: &str) -> Result<Vec<Setting>>;
     /// Returns whether the setting existed.
     async fn delete_setting(&self, namespace: &str, name: &str) -> Result<bool>;
+}
+
+/// Where a definition version came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefinitionOrigin {
+    /// Definition files, installed when a control plane starts (or `run` is used).
+    Files,
+    /// `PUT /api/workflows/{id}` or `POST /api/admin/workflows`.
+    Api,
+}
+
+impl DefinitionOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DefinitionOrigin::Files => "file",
+            DefinitionOrigin::Api => "api",
+        }
+    }
 }
 
 /// One value operators set at runtime, in a namespace (`vars`, `secrets`, `users`, `system`).

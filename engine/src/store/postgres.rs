@@ -837,9 +837,30 @@ impl Store for PostgresStore {
         self.wakeup.clone()
     }
 
-    async fn upsert_workflow(&self, id: &str, definition: &Value, now: Millis) -> Result<i64> {
+    async fn upsert_workflow(
+        &self,
+        id: &str,
+        definition: &Value,
+        origin: DefinitionOrigin,
+        now: Millis,
+    ) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
         lock_key(&mut tx, &format!("workflow/{id}")).await?;
+        if origin == DefinitionOrigin::Files {
+            let unchanged: Option<i64> = sqlx::query_scalar(
+                "SELECT w.latest_version FROM workflows w \
+                 WHERE w.id = $1 AND (SELECT definition FROM workflow_versions \
+                     WHERE workflow_id = $1 AND origin = 'file' \
+                     ORDER BY version DESC LIMIT 1) = $2",
+            )
+            .bind(id)
+            .bind(definition)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(version) = unchanged {
+                return Ok(version);
+            }
+        }
         let latest: Option<(i64, bool)> = sqlx::query_as(
             "SELECT v.version, v.definition = $2 FROM workflows w \
              JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version \
@@ -855,13 +876,14 @@ impl Store for PostgresStore {
             None => 1,
         };
         sqlx::query(
-            "INSERT INTO workflow_versions (workflow_id, version, definition, created_at) \
-             VALUES ($1, $2, $3, $4)",
+            "INSERT INTO workflow_versions (workflow_id, version, definition, created_at, origin) \
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(id)
         .bind(version)
         .bind(definition)
         .bind(now)
+        .bind(origin.as_str())
         .execute(&mut *tx)
         .await?;
         sqlx::query(

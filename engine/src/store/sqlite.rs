@@ -702,9 +702,30 @@ impl Store for SqliteStore {
         self.wakeup.clone()
     }
 
-    async fn upsert_workflow(&self, id: &str, definition: &Value, now: Millis) -> Result<i64> {
+    async fn upsert_workflow(
+        &self,
+        id: &str,
+        definition: &Value,
+        origin: DefinitionOrigin,
+        now: Millis,
+    ) -> Result<i64> {
         let text = to_json(definition);
         let mut tx = self.write_tx().await?;
+        if origin == DefinitionOrigin::Files {
+            let unchanged: Option<i64> = sqlx::query_scalar(
+                "SELECT w.latest_version FROM workflows w \
+                 WHERE w.id = ?1 AND (SELECT definition FROM workflow_versions \
+                     WHERE workflow_id = ?1 AND origin = 'file' \
+                     ORDER BY version DESC LIMIT 1) = ?2",
+            )
+            .bind(id)
+            .bind(&text)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(version) = unchanged {
+                return Ok(version);
+            }
+        }
         let latest = sqlx::query(
             "SELECT v.version, v.definition FROM workflows w \
              JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version \
@@ -719,13 +740,14 @@ impl Store for SqliteStore {
             None => 1,
         };
         sqlx::query(
-            "INSERT INTO workflow_versions (workflow_id, version, definition, created_at) \
-             VALUES (?, ?, ?, ?)",
+            "INSERT INTO workflow_versions (workflow_id, version, definition, created_at, origin) \
+             VALUES (?, ?, ?, ?, ?)",
         )
         .bind(id)
         .bind(version)
         .bind(&text)
         .bind(now)
+        .bind(origin.as_str())
         .execute(&mut *tx)
         .await?;
         sqlx::query(
