@@ -23,17 +23,33 @@ pub struct TemplateValues {
     pub secrets: BTreeMap<String, String>,
 }
 
+/// Every step reads it, so the fresh case takes only a shared lock; a refresh is serialised
+/// separately, so one caller queries while the others wait for its answer.
 #[derive(Default)]
-pub(crate) struct SettingsCache(tokio::sync::Mutex<Option<(Instant, Arc<TemplateValues>)>>);
+pub(crate) struct SettingsCache {
+    current: std::sync::RwLock<Option<(Instant, Arc<TemplateValues>)>>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl SettingsCache {
+    fn fresh(&self) -> Option<Arc<TemplateValues>> {
+        let current = self.current.read().expect("settings cache poisoned");
+        match current.as_ref() {
+            Some((at, values)) if at.elapsed() < FRESH_FOR => Some(values.clone()),
+            _ => None,
+        }
+    }
+}
 
 /// The stored variables and secrets, at most a second old.
 pub async fn template_values(engine: &Engine) -> Result<Arc<TemplateValues>, StoreError> {
-    // One caller refreshes while the others wait for its answer instead of querying too.
-    let mut cached = engine.settings_cache().0.lock().await;
-    if let Some((at, values)) = cached.as_ref()
-        && at.elapsed() < FRESH_FOR
-    {
-        return Ok(values.clone());
+    let cache = engine.settings_cache();
+    if let Some(values) = cache.fresh() {
+        return Ok(values);
+    }
+    let _refreshing = cache.refresh.lock().await;
+    if let Some(values) = cache.fresh() {
+        return Ok(values);
     }
     let store = engine.store();
     let vars = store
@@ -52,7 +68,8 @@ pub async fn template_values(engine: &Engine) -> Result<Arc<TemplateValues>, Sto
         })
         .collect();
     let values = Arc::new(TemplateValues { vars, secrets });
-    *cached = Some((Instant::now(), values.clone()));
+    *cache.current.write().expect("settings cache poisoned") =
+        Some((Instant::now(), values.clone()));
     Ok(values)
 }
 
@@ -78,5 +95,7 @@ pub async fn delete(engine: &Engine, namespace: &str, name: &str) -> Result<bool
 }
 
 async fn forget(engine: &Engine) {
-    *engine.settings_cache().0.lock().await = None;
+    let cache = engine.settings_cache();
+    let _refreshing = cache.refresh.lock().await;
+    *cache.current.write().expect("settings cache poisoned") = None;
 }
