@@ -12,7 +12,7 @@ use super::error::{ApiError, ErrorBody, Json, Path};
 use crate::auth::{Role, User, delete_user, put_user, users};
 use crate::settings::{self, SECRETS, VARS};
 use crate::state::{Millis, RunStatus};
-use crate::store::{RunFilter, Setting};
+use crate::store::Setting;
 
 /// Variable and secret names: what a template can reach as `vars.NAME` or `secrets.NAME`.
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -416,14 +416,11 @@ pub struct SystemMetrics {
     pub workflows: usize,
     pub paused_workflows: usize,
     /// Runs currently in each active state.
-    pub runs_pending: usize,
-    pub runs_running: usize,
+    pub runs_pending: i64,
+    pub runs_running: i64,
     /// When the scheduler in this process last ticked (ms since the epoch), if one runs here.
     pub scheduler_tick_at: Option<Millis>,
 }
-
-/// Counts every active run is part of, so the answer is capped at this many per state.
-const ACTIVE_SCAN: u32 = 100_000;
 
 /// Queue depth, workflows and active runs, as JSON; `/metrics` has the same in Prometheus form.
 #[utoipa::path(
@@ -439,16 +436,7 @@ pub async fn system_metrics(
 ) -> Result<Json<SystemMetrics>, ApiError> {
     let engine = &state.engine;
     let workflows = engine.workflows().await?;
-    let count = |status| async move {
-        engine
-            .runs(&RunFilter {
-                status: Some(status),
-                limit: ACTIVE_SCAN,
-                ..RunFilter::default()
-            })
-            .await
-            .map(|runs| runs.len())
-    };
+    let count = |status| engine.store().count_runs(status, None);
     let tick = state
         .heartbeats
         .scheduler_tick_at
