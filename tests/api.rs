@@ -907,6 +907,28 @@ workflows:
 ";
 
 #[tokio::test]
+async fn a_failed_run_is_listed_as_an_alert() {
+    let api = Api::with_definition("alerts", OUTCOMES).await;
+    let viewer = api.token("viewer", &[]);
+    let operator = api.token("operator", &[]);
+    let mut runs = Vec::new();
+    for workflow in ["greet", "boom"] {
+        let run = api.start_run(workflow, &operator).await;
+        api.finished_run(&run, &operator).await;
+        runs.push(run);
+    }
+    let alerts = api.get("/api/alerts", &viewer).await;
+    assert_eq!(alerts.status, 200, "{alerts}");
+    let listed = alerts.body.as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{alerts}");
+    assert_eq!(listed[0]["run_id"], runs[1].as_str(), "{alerts}");
+    assert_eq!(listed[0]["workflow_id"], "boom");
+    assert_eq!(listed[0]["kind"], "failed");
+    let none = api.get("/api/alerts?workflow=greet", &viewer).await;
+    assert_eq!(none.body, json!([]), "{none}");
+}
+
+#[tokio::test]
 async fn metrics_count_runs_started_finished_and_failed() {
     let api = Api::with_definition("metrics", OUTCOMES).await;
     let operator = api.token("operator", &[]);

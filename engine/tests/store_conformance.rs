@@ -324,6 +324,12 @@ pub async fn run_past_its_deadline_times_out(store: Arc<dyn Store>) {
     assert_eq!(store.sweep(T0 + 9_999).await.unwrap().timed_out_runs, 0);
     assert_eq!(store.sweep(T0 + 10_000).await.unwrap().timed_out_runs, 1);
     assert_eq!(run_status(&*store, &run).await, RunStatus::TimedOut);
+    let alerts = store.alerts(Some("slow"), 10).await.unwrap();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(
+        (alerts[0].run_id.as_str(), alerts[0].kind.as_str()),
+        (run.as_str(), "timed_out")
+    );
     assert!(
         store
             .heartbeat(std::slice::from_ref(&job.lease), T0 + LEASE)
@@ -935,6 +941,29 @@ pub async fn an_unchanged_definition_file_keeps_a_newer_version_from_the_api(
     assert_eq!(put(3, DefinitionOrigin::Files).await, 3);
 }
 
+pub async fn failed_runs_raise_alerts_and_cancelled_ones_do_not(store: Arc<dyn Store>) {
+    let failing = start(&*store, &linear(), Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    let fail = Completion {
+        lease: job.lease.clone(),
+        settlement: Settlement::Fail {
+            error: "boom".into(),
+        },
+        children: Vec::new(),
+    };
+    store.complete(vec![fail], T0).await.unwrap();
+    let cancelled = start(&*store, &linear(), Trigger::default()).await;
+    store.cancel_run(&cancelled, T0).await.unwrap();
+
+    let alerts = store.alerts(None, 10).await.unwrap();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0].run_id, failing);
+    assert_eq!(alerts[0].workflow_id, "linear");
+    assert_eq!(alerts[0].kind, "failed");
+    assert!(alerts[0].message.contains("boom"), "{alerts:?}");
+    assert!(store.alerts(Some("other"), 10).await.unwrap().is_empty());
+}
+
 macro_rules! conformance {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -973,6 +1002,7 @@ macro_rules! conformance {
                 settings_are_stored_replaced_listed_and_deleted,
                 racing_initialisations_of_a_setting_agree_on_one_value,
                 an_unchanged_definition_file_keeps_a_newer_version_from_the_api,
+                failed_runs_raise_alerts_and_cancelled_ones_do_not,
             );
         }
     };

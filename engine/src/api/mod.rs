@@ -150,6 +150,7 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::show_run))
         .routes(routes!(runs::cancel_run))
         .routes(routes!(runs::retry_run))
+        .routes(routes!(runs::list_alerts))
         .routes(routes!(admin::system_metrics))
         .routes(routes!(workflows::create_workflows))
         .routes(routes!(admin::list_variables))

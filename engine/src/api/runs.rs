@@ -7,7 +7,7 @@ use super::AppState;
 use super::auth::{Operator, Viewer};
 use super::error::{ApiError, ErrorBody, Json, Path, Query};
 use crate::state::{Millis, RunStatus};
-use crate::store::{RunDetail, RunFilter, RunSummary};
+use crate::store::{Alert, RunDetail, RunFilter, RunSummary};
 
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 500;
@@ -175,4 +175,48 @@ pub async fn retry_run(
         run_id: id,
         status: RunStatus::Running,
     }))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AlertQuery {
+    /// Only alerts of this workflow.
+    pub workflow: Option<String>,
+    /// At most this many, newest first, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+}
+
+/// Runs that failed or timed out, newest first, kept for 30 days.
+#[utoipa::path(
+    get,
+    path = "/api/alerts",
+    tag = "runs",
+    params(AlertQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Alerts", body = Vec<Alert>),
+        (status = 400, description = "A bad filter", body = ErrorBody),
+    )
+)]
+pub async fn list_alerts(
+    _: Viewer,
+    State(state): State<AppState>,
+    Query(query): Query<AlertQuery>,
+) -> Result<Json<Vec<Alert>>, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("query string: `limit` must be 1 to {MAX_PAGE}, not {limit}"),
+        ));
+    }
+    Ok(Json(
+        state
+            .engine
+            .store()
+            .alerts(query.workflow.as_deref(), limit)
+            .await?,
+    ))
 }

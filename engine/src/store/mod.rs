@@ -426,6 +426,9 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes finished runs whose retention has passed, at most `limit`; returns how many.
     async fn prune(&self, now: Millis, limit: u32) -> Result<u64>;
 
+    /// Alerts of failed and timed-out runs, newest first.
+    async fn alerts(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<Alert>>;
+
     /// Stores a setting, replacing any earlier value.
     async fn put_setting(
         &self,
@@ -448,6 +451,19 @@ pub trait Store: Send + Sync + 'static {
     async fn settings(&self, namespace: &str) -> Result<Vec<Setting>>;
     /// Returns whether the setting existed.
     async fn delete_setting(&self, namespace: &str, name: &str) -> Result<bool>;
+}
+
+/// A run that failed or timed out, recorded in the transaction that ended it.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Alert {
+    pub id: i64,
+    pub workflow_id: String,
+    pub run_id: RunId,
+    /// `failed` or `timed_out`.
+    pub kind: String,
+    /// The run's error.
+    pub message: String,
+    pub created_at: Millis,
 }
 
 /// Where a definition version came from.

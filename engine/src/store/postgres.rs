@@ -569,6 +569,17 @@ async fn end_runs(
         return Ok(finished);
     }
     let roots: Vec<&str> = finished.iter().map(|r| r.id.as_str()).collect();
+    if matches!(status, RunStatus::Failed | RunStatus::TimedOut) {
+        sqlx::query(
+            "INSERT INTO alerts (workflow_id, run_id, kind, message, created_at) \
+             SELECT runs.workflow_id, runs.id, runs.status, coalesce(runs.error, ''), $2 \
+             FROM unnest($1::text[]) AS c(id) JOIN runs ON runs.id = c.id",
+        )
+        .bind(&roots)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
     let descendants = sqlx::query(&format!(
         "WITH RECURSIVE tree(id) AS ( \
              SELECT unnest($1::text[]) \
@@ -1398,6 +1409,10 @@ impl Store for PostgresStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        sqlx::query("DELETE FROM alerts WHERE created_at < $1 - 2592000000")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM runs WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED",
         )
@@ -1420,6 +1435,29 @@ impl Store for PostgresStore {
             .rows_affected();
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    async fn alerts(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<Alert>> {
+        let rows = sqlx::query(
+            "SELECT id, workflow_id, run_id, kind, message, created_at FROM alerts \
+             WHERE ($1::text IS NULL OR workflow_id = $1) \
+             ORDER BY created_at DESC, id DESC LIMIT $2",
+        )
+        .bind(workflow_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| Alert {
+                id: row.get("id"),
+                workflow_id: row.get("workflow_id"),
+                run_id: row.get("run_id"),
+                kind: row.get("kind"),
+                message: row.get("message"),
+                created_at: row.get("created_at"),
+            })
+            .collect())
     }
 
     async fn put_setting(

@@ -173,6 +173,17 @@ impl SqliteStore {
     }
 }
 
+fn alert_from_row(row: &SqliteRow) -> Alert {
+    Alert {
+        id: row.get("id"),
+        workflow_id: row.get("workflow_id"),
+        run_id: row.get("run_id"),
+        kind: row.get("kind"),
+        message: row.get("message"),
+        created_at: row.get("created_at"),
+    }
+}
+
 fn setting_from_row(row: &SqliteRow) -> Result<Setting> {
     let name: String = row.get("name");
     let value = parse_json(row.get("value"))
@@ -524,6 +535,17 @@ async fn end_runs(
         return Ok(finished);
     }
     let roots: Vec<&RunId> = finished.iter().map(|r| &r.id).collect();
+    if matches!(status, RunStatus::Failed | RunStatus::TimedOut) {
+        sqlx::query(
+            "INSERT INTO alerts (workflow_id, run_id, kind, message, created_at) \
+             SELECT workflow_id, id, status, coalesce(error, ''), ?2 FROM runs \
+             WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(to_json(&roots))
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
     let descendants = sqlx::query(&format!(
         "WITH RECURSIVE tree(id) AS ( \
              SELECT value FROM json_each(?1) \
@@ -1220,6 +1242,10 @@ impl Store for SqliteStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        sqlx::query("DELETE FROM alerts WHERE created_at < ?1 - 2592000000")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         if ids.is_empty() {
             tx.commit().await?;
             return Ok(0);
@@ -1236,6 +1262,18 @@ impl Store for SqliteStore {
             .rows_affected();
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    async fn alerts(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<Alert>> {
+        let rows = sqlx::query(
+            "SELECT id, workflow_id, run_id, kind, message, created_at FROM alerts \
+             WHERE (?1 IS NULL OR workflow_id = ?1) ORDER BY created_at DESC, id DESC LIMIT ?2",
+        )
+        .bind(workflow_id)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.iter().map(alert_from_row).collect())
     }
 
     async fn put_setting(
