@@ -41,6 +41,7 @@ enum Caller {
 pub struct RateLimiter {
     buckets: DefaultKeyedRateLimiter<Caller>,
     clock: DefaultClock,
+    requests: std::sync::atomic::AtomicUsize,
 }
 
 impl RateLimiter {
@@ -49,6 +50,7 @@ impl RateLimiter {
         Arc::new(RateLimiter {
             buckets: governor::RateLimiter::keyed(quota),
             clock: DefaultClock::default(),
+            requests: Default::default(),
         })
     }
 }
@@ -72,7 +74,10 @@ pub async fn limit(State(state): State<AppState>, request: Request, next: Next) 
                 .map(|ConnectInfo(addr)| addr.ip()),
         ),
     };
-    if limiter.buckets.len() > SWEEP_EVERY {
+    let seen = limiter
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if seen % SWEEP_EVERY == SWEEP_EVERY - 1 {
         limiter.buckets.retain_recent();
     }
     match limiter.buckets.check_key(&caller) {
