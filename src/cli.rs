@@ -82,6 +82,9 @@ pub enum Command {
     },
     /// Workers only: claim and run jobs from the database.
     Worker {
+        /// Serve `/health` and `/metrics` (Prometheus) on this address; nothing else.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         #[command(flatten)]
         worker: WorkerArgs,
     },

@@ -1,13 +1,17 @@
 //! What each command does, in terms of the engine and workers libraries.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use switchyard_engine::api::{AppState, Heartbeats, RateLimit, RateLimiter, router, serve_http};
+use switchyard_engine::api::{
+    AppState, Heartbeats, Observability, RateLimit, RateLimiter, observability_router, router,
+    serve_http,
+};
 use switchyard_engine::auth::{TokenKeys, put_user};
 use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{WorkflowMap, json_schema, load_paths};
@@ -86,8 +90,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             api,
             worker,
-        } => serve(&global, Some((listen, api)), worker).await,
-        Command::Worker { worker } => serve(&global, None, worker).await,
+        } => serve(&global, Some(Http::Api(listen, api)), worker).await,
+        Command::Worker { listen, worker } => {
+            serve(&global, listen.map(Http::Metrics), worker).await
+        }
         Command::Run {
             workflow,
             input,
@@ -255,12 +261,16 @@ fn env_values(prefix: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-async fn serve(
-    global: &Global,
-    listen: Option<(std::net::SocketAddr, ApiArgs)>,
-    args: WorkerArgs,
-) -> anyhow::Result<ExitCode> {
-    let control_plane = listen.is_some();
+/// What a long-running process serves over HTTP.
+enum Http {
+    /// `serve`: the admin API, `/health` and `/metrics`; and the scheduler runs here.
+    Api(SocketAddr, ApiArgs),
+    /// `worker --listen`: `/health` and `/metrics` only.
+    Metrics(SocketAddr),
+}
+
+async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let control_plane = matches!(http, Some(Http::Api(..)));
     // A control plane with a broken definition refuses to start: better than running half of them.
     let definitions = if control_plane {
         Some(load_definitions(&global.definitions)?)
@@ -277,11 +287,16 @@ async fn serve(
     let heartbeats = Arc::new(Heartbeats::default());
     let mut tasks = JoinSet::new();
     tasks.spawn(run_maintenance(engine.clone(), stopped.clone()));
-    if let Some((addr, api)) = listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on {addr}"))?;
-        tracing::info!(%addr, "HTTP listening");
+    if let Some(Http::Metrics(addr)) = http {
+        let listener = bind(addr).await?;
+        let app = observability_router(Observability {
+            engine: engine.clone(),
+            heartbeats: heartbeats.clone(),
+            metrics: Some(install_metrics(&mut tasks, stopped.clone())?),
+        });
+        spawn_http(&mut tasks, serve_http(listener, app, stopped.clone()));
+    } else if let Some(Http::Api(addr, api)) = http {
+        let listener = bind(addr).await?;
         let keys = TokenKeys::load(
             &**engine.store(),
             std::env::var("SWITCHYARD_JWT_SECRET").ok().as_deref(),
@@ -306,12 +321,7 @@ async fn serve(
             }),
             metrics: Some(install_metrics(&mut tasks, stopped.clone())?),
         });
-        let http_stopped = stopped.clone();
-        tasks.spawn(async move {
-            if let Err(e) = serve_http(listener, app, http_stopped).await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        spawn_http(&mut tasks, serve_http(listener, app, stopped.clone()));
         tasks.spawn(run_scheduler(engine.clone(), heartbeats, stopped.clone()));
     }
     if args.workers > 0 {
@@ -345,6 +355,25 @@ async fn serve(
     .ok();
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    tracing::info!(%addr, "HTTP listening");
+    Ok(listener)
+}
+
+fn spawn_http(
+    tasks: &mut JoinSet<()>,
+    serving: impl Future<Output = std::io::Result<()>> + Send + 'static,
+) {
+    tasks.spawn(async move {
+        if let Err(e) = serving.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
 }
 
 /// Installs the Prometheus recorder that `/metrics` renders, with a task that keeps its

@@ -1032,3 +1032,47 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_schema() {
         api.sandbox.server_logs()
     );
 }
+
+#[tokio::test]
+async fn a_worker_serves_its_own_metrics_and_no_api() {
+    let mut sandbox = Sandbox::new("worker-metrics", OUTCOMES);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    sandbox.spawn(&[
+        "worker",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--workers",
+        "2",
+    ]);
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{base}/health")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "{}", sandbox.server_logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Only this worker can run the step: no `serve` runs here.
+    let out = sandbox.output_within(&["run", "greet", "--wait"]);
+    assert!(out.status.success(), "{}", sandbox.server_logs());
+
+    let metrics = send(http.get(format!("{base}/metrics"))).await;
+    assert_eq!(metrics.status, 200, "{metrics}");
+    assert!(
+        metrics.text.contains(
+            "workflow_step_duration_seconds_count{workflow=\"greet\",step=\"hi\",outcome=\"succeeded\"} 1"
+        ),
+        "{}",
+        metrics.text
+    );
+    assert!(
+        metrics
+            .text
+            .contains("workflow_runs_finished_total{workflow=\"greet\",status=\"succeeded\"} 1")
+    );
+    let api = send(http.get(format!("{base}/api/runs"))).await;
+    assert_eq!(api.status, 404, "{api}");
+}

@@ -54,6 +54,32 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
+/// What `/health` and `/metrics` need: all a `worker` process serves.
+#[derive(Clone)]
+pub struct Observability {
+    pub engine: Arc<Engine>,
+    pub heartbeats: Arc<Heartbeats>,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+impl axum::extract::FromRef<AppState> for Observability {
+    fn from_ref(state: &AppState) -> Self {
+        Observability {
+            engine: state.engine.clone(),
+            heartbeats: state.heartbeats.clone(),
+            metrics: state.metrics.clone(),
+        }
+    }
+}
+
+/// `/health` and `/metrics` alone, for `worker --listen`: no API, so no tokens to check.
+pub fn observability_router(state: Observability) -> Router {
+    Router::new()
+        .route("/health", axum::routing::get(public::health))
+        .route("/metrics", axum::routing::get(public::metrics))
+        .with_state(state)
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(

@@ -6,8 +6,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Serialize;
 
-use super::AppState;
 use super::error::{ApiError, Json};
+use super::{AppState, Observability};
 use crate::state::{Millis, RunStatus};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -45,7 +45,7 @@ const SCHEDULER_STALE_MS: Millis = 120_000;
         (status = 503, description = "The database does not answer", body = Health),
     )
 )]
-pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+pub async fn health(State(state): State<Observability>) -> (StatusCode, Json<Health>) {
     let now = state.engine.now();
     let tick = state.heartbeats.scheduler_tick_at.load(Ordering::Relaxed);
     let scheduler = if tick == 0 {
@@ -143,7 +143,9 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiErro
         (status = 404, description = "This process exports no metrics", body = super::error::ErrorBody),
     )
 )]
-pub async fn metrics(State(state): State<AppState>) -> Result<axum::response::Response, ApiError> {
+pub async fn metrics(
+    State(state): State<Observability>,
+) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     let Some(handle) = &state.metrics else {
         return Err(ApiError::not_found("this process exports no metrics"));
