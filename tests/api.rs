@@ -1021,6 +1021,8 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_schema() {
             "10",
         ])
         .env("NO_COLOR", "1")
+        // Its cache of found crashes goes in the sandbox, not the repository.
+        .current_dir(&api.sandbox.dir)
         .output()
         .await
         .unwrap();
