@@ -89,7 +89,10 @@ fn runs_finish_across_processes_when_a_worker_and_a_scheduler_die() {
         "{duplicates} steps ran twice, only {lost_attempts} were held by the dead worker"
     );
 
-    // Exactly one fire per second, before and after the deaths, and one run per fire.
+    // Exactly one fire per second, before and after the deaths, and one run per fire. The
+    // schedulers stop first, so the fires and the runs are read from the same history (a fire and
+    // its run commit together).
+    sandbox.kill_all();
     let fires = json(
         &sandbox,
         &["fires", "--workflow", "tick", "--limit", "1000", "--json"],
