@@ -454,7 +454,7 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// A run that failed or timed out, recorded in the transaction that ended it.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Alert {
     pub id: i64,
     pub workflow_id: String,

@@ -1438,7 +1438,7 @@ impl Store for PostgresStore {
     }
 
     async fn alerts(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<Alert>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT id, workflow_id, run_id, kind, message, created_at FROM alerts \
              WHERE ($1::text IS NULL OR workflow_id = $1) \
              ORDER BY created_at DESC, id DESC LIMIT $2",
@@ -1446,18 +1446,7 @@ impl Store for PostgresStore {
         .bind(workflow_id)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|row| Alert {
-                id: row.get("id"),
-                workflow_id: row.get("workflow_id"),
-                run_id: row.get("run_id"),
-                kind: row.get("kind"),
-                message: row.get("message"),
-                created_at: row.get("created_at"),
-            })
-            .collect())
+        .await?)
     }
 
     async fn put_setting(

@@ -173,17 +173,6 @@ impl SqliteStore {
     }
 }
 
-fn alert_from_row(row: &SqliteRow) -> Alert {
-    Alert {
-        id: row.get("id"),
-        workflow_id: row.get("workflow_id"),
-        run_id: row.get("run_id"),
-        kind: row.get("kind"),
-        message: row.get("message"),
-        created_at: row.get("created_at"),
-    }
-}
-
 fn setting_from_row(row: &SqliteRow) -> Result<Setting> {
     let name: String = row.get("name");
     let value = parse_json(row.get("value"))
@@ -1265,15 +1254,14 @@ impl Store for SqliteStore {
     }
 
     async fn alerts(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<Alert>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT id, workflow_id, run_id, kind, message, created_at FROM alerts \
              WHERE (?1 IS NULL OR workflow_id = ?1) ORDER BY created_at DESC, id DESC LIMIT ?2",
         )
         .bind(workflow_id)
         .bind(limit)
         .fetch_all(&self.reader)
-        .await?;
-        Ok(rows.iter().map(alert_from_row).collect())
+        .await?)
     }
 
     async fn put_setting(
