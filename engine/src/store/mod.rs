@@ -389,23 +389,22 @@ pub trait Store: Send + Sync + 'static {
     async fn heartbeat(&self, leases: &[Lease], lease_until: Millis) -> Result<Vec<JobId>>;
     /// Applies settlements whose lease still holds; returns the accepted job ids. Also settles
     /// what follows in the same transaction: dependents become available, runs finish, parents
-    /// of finished child runs settle, concurrency gates open.
-    async fn complete(&self, completions: Vec<Completion>, now: Millis) -> Result<Vec<JobId>>;
-    /// `complete`, then `claim` up to `claim.limit` jobs (none at 0). A store overrides it to do
-    /// both in one transaction: a worker cycle then pays one commit, not two. The default is two.
+    /// of finished child runs settle, concurrency gates open. Then, in the same transaction,
+    /// claims up to `claim.limit` jobs (none at 0): a worker cycle pays one commit, not two.
     async fn complete_and_claim(
         &self,
         completions: Vec<Completion>,
         claim: ClaimParams,
         now: Millis,
-    ) -> Result<(Vec<JobId>, Vec<ClaimedJob>)> {
-        let accepted = self.complete(completions, now).await?;
-        let claimed = if claim.limit == 0 {
-            Vec::new()
-        } else {
-            self.claim(claim).await?
+    ) -> Result<(Vec<JobId>, Vec<ClaimedJob>)>;
+    /// `complete_and_claim` without the claim.
+    async fn complete(&self, completions: Vec<Completion>, now: Millis) -> Result<Vec<JobId>> {
+        let nothing = ClaimParams {
+            limit: 0,
+            now,
+            lease_until: now,
         };
-        Ok((accepted, claimed))
+        Ok(self.complete_and_claim(completions, nothing, now).await?.0)
     }
 
     /// Settles expired leases as lost attempts and times out runs past their deadline.

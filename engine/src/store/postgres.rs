@@ -1092,21 +1092,6 @@ impl Store for PostgresStore {
         .await?)
     }
 
-    async fn complete(&self, completions: Vec<Completion>, now: Millis) -> Result<Vec<JobId>> {
-        let mut tx = self.pool.begin().await?;
-        let mut effects = Effects::default();
-        let accepted = complete_in(&mut tx, completions, now, &mut effects).await?;
-        if effects.woke {
-            self.notify(&mut tx).await?;
-        }
-        tx.commit().await?;
-        effects.finished.publish();
-        if effects.woke {
-            self.wakeup.notify_one();
-        }
-        Ok(accepted)
-    }
-
     async fn complete_and_claim(
         &self,
         completions: Vec<Completion>,

@@ -947,18 +947,6 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn complete(&self, completions: Vec<Completion>, now: Millis) -> Result<Vec<JobId>> {
-        let mut tx = self.write_tx().await?;
-        let mut finished = FinishedRuns::default();
-        let accepted = complete_in(&mut tx, completions, now, &mut finished).await?;
-        tx.commit().await?;
-        finished.publish();
-        if !accepted.is_empty() {
-            self.wakeup.notify_one();
-        }
-        Ok(accepted)
-    }
-
     async fn complete_and_claim(
         &self,
         completions: Vec<Completion>,
