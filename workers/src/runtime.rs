@@ -1,6 +1,7 @@
 //! The worker runtime. One loop per process claims jobs in batches up to its free slots, runs each
 //! in its own task under the step's timeout, heartbeats every held lease in one statement, and
-//! completes finished attempts in one batch, in the transaction that claims the next. A job whose
+//! completes finished attempts in one batch, in the transaction that claims the next; two such
+//! transactions may be in flight at once. A job whose
 //! lease is not extended (its run was cancelled or timed out, or the lease was lost) has its task
 //! aborted: dropping the future is what stops the step.
 
@@ -8,6 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::{Value, json};
 use switchyard_engine::definition::{TemplateContext, redact_secrets, render_value};
 use switchyard_engine::plan::{Trigger, plan_run};
@@ -56,6 +59,17 @@ struct Shared {
     config: WorkerConfig,
 }
 
+/// Store calls one loop keeps in flight. While one transaction completes and claims, the steps it
+/// handed out finish and the next batch is already on its way, so neither the database nor the
+/// steps wait for the other.
+const STORE_CALLS_IN_FLIGHT: usize = 2;
+
+/// What a store call gives back: the jobs it claimed and how many it asked for.
+struct Claimed {
+    asked: usize,
+    jobs: Result<Vec<ClaimedJob>, switchyard_engine::store::StoreError>,
+}
+
 /// Runs jobs until `shutdown` turns true, then stops claiming, lets running steps finish for the
 /// grace period, and gives back what is still running.
 pub async fn run_worker(
@@ -78,81 +92,54 @@ pub async fn run_worker(
     let mut tasks: JoinSet<Completion> = JoinSet::new();
     let mut held: HashMap<JobId, (Lease, AbortHandle)> = HashMap::new();
     let mut finished: Vec<Completion> = Vec::new();
+    let mut calls: FuturesUnordered<BoxFuture<'static, Claimed>> = FuturesUnordered::new();
+    // Slots promised to claims in flight.
+    let mut reserved = 0usize;
     let mut heartbeat = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(1) as u64));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping: Option<tokio::time::Instant> = None;
-    let mut idle_wait = Duration::ZERO;
+    let mut want_claim = true;
+    let mut lone_claim_in_flight = false;
+    let mut claim_at: Option<tokio::time::Instant> = None;
+    // After a short claim: when the next job falls due. Asked after the claimed jobs started.
+    // Counted so that the answer is dropped when a later call went out meanwhile: that call's
+    // own result tells what to do next.
+    let mut calls_sent = 0u64;
+    let mut next_due: Option<BoxFuture<'static, (u64, Option<i64>)>> = None;
 
     loop {
-        let batch = std::mem::take(&mut finished);
-        for c in &batch {
-            held.remove(&c.lease.job_id);
-        }
-        let limit = match stopping {
-            None => slots.saturating_sub(held.len()),
+        let free = match stopping {
+            None => slots - held.len() - reserved,
             Some(_) => 0,
         };
-        // Finished attempts are completed in the transaction that claims the next jobs.
-        let mut claimed = None;
-        if !batch.is_empty() {
-            match complete_and_claim_with_retry(&engine, batch, limit as u32, lease_ms).await {
-                Ok(jobs) => claimed = Some(jobs),
-                Err(e) => {
-                    tracing::error!(error = %e, "could not record completions; their leases will expire and the jobs run again")
-                }
-            }
+        // Finished attempts always carry a claim for the free slots: it costs no extra commit.
+        let asked = if want_claim || !finished.is_empty() {
+            free
+        } else {
+            0
+        };
+        // Only completions overlap. A claim alone waits for the call in flight, and is waited
+        // for: two claims at once would split the free slots between them, and a claim for one
+        // slot that comes back full says nothing about what else is waiting.
+        let send = if finished.is_empty() {
+            asked > 0 && calls.is_empty()
+        } else {
+            calls.len() < STORE_CALLS_IN_FLIGHT && !lone_claim_in_flight
+        };
+        if send {
+            let batch = std::mem::take(&mut finished);
+            lone_claim_in_flight = batch.is_empty();
+            reserved += asked;
+            want_claim = false;
+            claim_at = None;
+            calls.push(Box::pin(store_call(engine.clone(), batch, asked, lease_ms)));
+            calls_sent += 1;
         }
-        if stopping.is_some() && held.is_empty() {
+        if stopping.is_some() && held.is_empty() && calls.is_empty() && finished.is_empty() {
             return;
         }
 
-        if limit > 0 {
-            let claimed = match claimed {
-                Some(jobs) => Ok(jobs),
-                None => {
-                    let now = engine.now();
-                    let started = std::time::Instant::now();
-                    let claimed = store
-                        .claim(ClaimParams {
-                            limit: limit as u32,
-                            now,
-                            lease_until: now + lease_ms,
-                        })
-                        .await;
-                    switchyard_engine::metrics::claimed(started.elapsed());
-                    claimed
-                }
-            };
-            match claimed {
-                Ok(jobs) => {
-                    let got = jobs.len();
-                    for job in jobs {
-                        let lease = job.lease.clone();
-                        let handle = tasks.spawn(execute(shared.clone(), job));
-                        held.insert(lease.job_id, (lease, handle));
-                    }
-                    idle_wait = if got == limit {
-                        Duration::ZERO
-                    } else {
-                        match store.next_due().await {
-                            // Never zero: a job that fell due between the claim and this
-                            // query has no wake-up to wait for, so claim again soon.
-                            Ok(Some(due)) => {
-                                Duration::from_millis((due - engine.now()).max(0) as u64)
-                                    .clamp(Duration::from_millis(5), poll)
-                            }
-                            _ => poll,
-                        }
-                    };
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "claim failed; backing off");
-                    idle_wait = poll;
-                }
-            }
-        }
-
-        let can_claim = stopping.is_none() && held.len() < slots;
+        let can_claim = stopping.is_none() && held.len() + reserved < slots;
         tokio::select! {
             biased;
             changed = shutdown.changed(), if stopping.is_none() => {
@@ -161,13 +148,61 @@ pub async fn run_worker(
                     stopping = Some(tokio::time::Instant::now() + grace);
                 }
             }
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Ok(c) = done {
-                    finished.push(c);
+            Some(claimed) = calls.next(), if !calls.is_empty() => {
+                reserved -= claimed.asked;
+                lone_claim_in_flight = false;
+                match claimed.jobs {
+                    Ok(jobs) => {
+                        let got = jobs.len();
+                        for job in jobs {
+                            let lease = job.lease.clone();
+                            let handle = tasks.spawn(execute(shared.clone(), job));
+                            held.insert(lease.job_id, (lease, handle));
+                        }
+                        if claimed.asked > 0 && got == claimed.asked {
+                            // A full claim: more may be waiting.
+                            want_claim = true;
+                        } else if claimed.asked > 0 {
+                            let store = store.clone();
+                            let sent = calls_sent;
+                            next_due = Some(Box::pin(async move {
+                                (sent, store.next_due().await.ok().flatten())
+                            }));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claim failed; backing off");
+                        claim_at = Some(tokio::time::Instant::now() + poll);
+                    }
                 }
-                while let Some(done) = tasks.try_join_next() {
-                    if let Ok(c) = done {
-                        finished.push(c);
+            }
+            (sent, due) = async { next_due.as_mut().expect("guarded").await }, if next_due.is_some() => {
+                next_due = None;
+                if sent != calls_sent {
+                    continue;
+                }
+                // Never zero: a job that fell due between the claim and the query has no
+                // wake-up to wait for, so claim again soon.
+                let wait = due.map_or(poll, |due| {
+                    Duration::from_millis((due - engine.now()).max(0) as u64)
+                        .clamp(Duration::from_millis(5), poll)
+                });
+                claim_at = Some(tokio::time::Instant::now() + wait);
+            }
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                for done in std::iter::once(done).chain(std::iter::from_fn(|| tasks.try_join_next())) {
+                    match done {
+                        Ok(c) => {
+                            held.remove(&c.lease.job_id);
+                            finished.push(c);
+                        }
+                        // Aborted tasks have left `held` already. A step that panicked keeps no
+                        // slot and no heartbeat: its lease runs out and the sweeper reclaims it.
+                        Err(e) if e.is_panic() => {
+                            tracing::error!(error = %e, "step panicked");
+                            held.retain(|_, (_, handle)| handle.id() != e.id());
+                        }
+                        Err(_) => {}
                     }
                 }
             }
@@ -201,44 +236,67 @@ pub async fn run_worker(
                 tracing::info!(released = released.len(), "grace period over: released running jobs");
                 finished.extend(released);
             }
-            _ = wakeup.notified(), if can_claim => {}
-            _ = tokio::time::sleep(idle_wait), if can_claim && idle_wait > Duration::ZERO => {}
+            _ = wakeup.notified(), if can_claim => want_claim = true,
+            _ = async { tokio::time::sleep_until(claim_at.expect("guarded")).await },
+                if can_claim && claim_at.is_some() => want_claim = true,
         }
     }
 }
 
-/// Completions are the one write that must not be dropped on a passing database error: retried
-/// with backoff, and still fenced, so a retry after an unnoticed commit changes nothing. Claims up
-/// to `limit` jobs in the same transaction; a claim from a retried call is as good as any.
-async fn complete_and_claim_with_retry(
-    engine: &Engine,
+/// Completes `batch` and claims up to `asked` jobs in one transaction. Completions are the one
+/// write that must not be dropped on a passing database error: retried with backoff, and still
+/// fenced, so a retry after an unnoticed commit changes nothing. A claim from a retried call is as
+/// good as any.
+async fn store_call(
+    engine: Arc<Engine>,
     batch: Vec<Completion>,
-    limit: u32,
+    asked: usize,
     lease_ms: i64,
-) -> Result<Vec<ClaimedJob>, switchyard_engine::store::StoreError> {
+) -> Claimed {
     let store = engine.store();
-    switchyard_engine::store::retry_transient("completion", || async {
+    let jobs = if batch.is_empty() {
         let now = engine.now();
-        let claim = ClaimParams {
-            limit,
-            now,
-            lease_until: now + lease_ms,
-        };
         let started = std::time::Instant::now();
-        let done = store.complete_and_claim(batch.clone(), claim, now).await;
+        let claimed = store
+            .claim(ClaimParams {
+                limit: asked as u32,
+                now,
+                lease_until: now + lease_ms,
+            })
+            .await;
         switchyard_engine::metrics::claimed(started.elapsed());
-        done
-    })
-    .await
-    .map(|(accepted, claimed)| {
-        // Child runs exist once their parent's parking committed.
-        for c in batch.iter().filter(|c| accepted.contains(&c.lease.job_id)) {
-            for child in &c.children {
-                switchyard_engine::metrics::run_started(&child.workflow_id);
+        claimed
+    } else {
+        let done = switchyard_engine::store::retry_transient("completion", || async {
+            let now = engine.now();
+            let claim = ClaimParams {
+                limit: asked as u32,
+                now,
+                lease_until: now + lease_ms,
+            };
+            let started = std::time::Instant::now();
+            let done = store.complete_and_claim(batch.clone(), claim, now).await;
+            switchyard_engine::metrics::claimed(started.elapsed());
+            done
+        })
+        .await;
+        match done {
+            Ok((accepted, claimed)) => {
+                // Child runs exist once their parent's parking committed.
+                for c in batch.iter().filter(|c| accepted.contains(&c.lease.job_id)) {
+                    for child in &c.children {
+                        switchyard_engine::metrics::run_started(&child.workflow_id);
+                    }
+                }
+                Ok(claimed)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not record completions; their leases will expire and the jobs run again");
+                Err(e)
             }
         }
-        claimed
-    })
+    };
+    Claimed { asked, jobs }
 }
 
 async fn execute(shared: Arc<Shared>, job: ClaimedJob) -> Completion {

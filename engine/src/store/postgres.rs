@@ -62,6 +62,10 @@ impl PostgresStore {
             .options([("jit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
+            // A ping before every use is a round trip on every transaction of the job cycle. A
+            // connection that died idle (the server restarted) fails its first statement instead,
+            // as a transient error that the callers retry, and is not returned to the pool.
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await?;
@@ -195,9 +199,30 @@ fn finished_from_row(row: &PgRow) -> Result<FinishedRun> {
 /// What a transaction changed that workers elsewhere should hear about.
 #[derive(Default)]
 struct Effects {
-    /// Jobs became claimable.
+    /// Jobs became claimable: these, and others when `woke`.
+    ready: Vec<JobId>,
     woke: bool,
     finished: FinishedRuns,
+}
+
+impl Effects {
+    /// Whether other workers may find jobs this transaction made claimable and did not claim
+    /// itself.
+    fn wakes_others(&self, claimed: &[ClaimedJob]) -> bool {
+        self.woke
+            || self
+                .ready
+                .iter()
+                .any(|id| !claimed.iter().any(|c| c.lease.job_id == *id))
+    }
+}
+
+/// A step whose job just succeeded. Only a sink's success can finish its run: every other step
+/// has a dependent that has not run yet.
+struct Succeeded {
+    run_id: RunId,
+    step_id: String,
+    is_sink: bool,
 }
 
 /// Inserts runs and their jobs: a constant number of statements however many runs. Returns the
@@ -319,7 +344,7 @@ async fn insert_runs(
                  child_index bigint, concurrency_key text, concurrency_limit bigint, \
                  idempotency_key text, timeout_ms bigint, deadline_at bigint, retention_ms bigint, \
                  scheduled_at bigint, started_at bigint) \
-             ON CONFLICT (idempotency_key) DO NOTHING \
+             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
              RETURNING id",
         )
         .bind(Value::Array(rows))
@@ -381,48 +406,77 @@ async fn complete_in(
         return Ok(Vec::new());
     }
     let ids: Vec<JobId> = completions.iter().map(|c| c.lease.job_id).collect();
-    lock_runs_of_jobs(conn, &ids).await?;
     let payload = completion_rows(&completions, now);
-    // Only rows still `running` under the same attempt and token change: a late answer from a
-    // worker whose lease expired matches nothing. The attempt history records unsuccessful
-    // attempts only; the succeeding one is the row's own timings.
-    let accepted = sqlx::query(
-        "UPDATE jobs SET \
-             state = c.state, \
-             output = c.output::jsonb, \
-             error = c.error, \
-             run_after = c.run_after, \
-             checkpoint = coalesce(c.checkpoint::jsonb, jobs.checkpoint), \
-             attempt = jobs.attempt - (c.state = 'available')::int, \
-             lease_token = NULL, \
-             lease_expires_at = NULL, \
-             finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN $2 END, \
-             attempts = CASE WHEN c.state IN ('failed', 'retrying') \
-                 THEN jobs.attempts || jsonb_build_array(jsonb_build_object('attempt', jobs.attempt, \
-                     'started_at', jobs.started_at, 'finished_at', $2::bigint, \
-                     'outcome', c.state, 'error', c.error)) \
-                 ELSE jobs.attempts END \
-         FROM jsonb_to_recordset($1) AS c(id bigint, attempt int, token text, state text, \
-             output text, error text, run_after bigint, checkpoint text) \
-         WHERE jobs.id = c.id AND jobs.attempt = c.attempt \
-             AND jobs.lease_token = c.token AND jobs.state = 'running' \
-         RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error",
-    )
+    // One statement, one round trip, in three parts:
+    // - `locked` takes the runs' locks first, in id order (see `lock_runs_of_jobs`); the
+    //   uncorrelated subquery in `settled`'s filter runs once, before any job is written.
+    // - `settled`: only rows still `running` under the same attempt and token change, so a late
+    //   answer from a worker whose lease expired matches nothing. The attempt history records
+    //   unsuccessful attempts only; the succeeding one is the row's own timings.
+    // - `promoted`: the dependents of the steps that succeeded. It writes `waiting` rows,
+    //   `settled` writes `running` ones, so the two never touch the same row.
+    let rows = sqlx::query(&format!(
+        "WITH locked AS MATERIALIZED ( \
+             SELECT id FROM runs WHERE id IN (SELECT run_id FROM jobs WHERE id = ANY($3)) \
+             ORDER BY id FOR UPDATE), \
+         settled AS ( \
+             UPDATE jobs SET \
+                 state = c.state, \
+                 output = c.output::jsonb, \
+                 error = c.error, \
+                 run_after = c.run_after, \
+                 checkpoint = coalesce(c.checkpoint::jsonb, jobs.checkpoint), \
+                 attempt = jobs.attempt - (c.state = 'available')::int, \
+                 lease_token = NULL, \
+                 lease_expires_at = NULL, \
+                 finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN $2 END, \
+                 attempts = CASE WHEN c.state IN ('failed', 'retrying') \
+                     THEN jobs.attempts || jsonb_build_array(jsonb_build_object( \
+                         'attempt', jobs.attempt, 'started_at', jobs.started_at, \
+                         'finished_at', $2::bigint, 'outcome', c.state, 'error', c.error)) \
+                     ELSE jobs.attempts END \
+             FROM jsonb_to_recordset($1) AS c(id bigint, attempt int, token text, state text, \
+                 output text, error text, run_after bigint, checkpoint text) \
+             WHERE jobs.id = c.id AND jobs.attempt = c.attempt \
+                 AND jobs.lease_token = c.token AND jobs.state = 'running' \
+                 AND (SELECT count(*) FROM locked) >= 0 \
+             RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error, jobs.is_sink), \
+         succeeded AS ( \
+             SELECT run_id, step_id FROM settled WHERE state = 'succeeded' AND NOT is_sink), \
+         {PROMOTE_DEPENDENTS} \
+         SELECT id, run_id, step_id, state, error, is_sink, false AS promoted FROM settled \
+         UNION ALL \
+         SELECT id, NULL, NULL, state, NULL, NULL, true FROM promoted"
+    ))
     .bind(payload)
     .bind(now)
+    .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
 
-    let mut accepted_ids = Vec::with_capacity(accepted.len());
-    let mut succeeded = Vec::new();
+    let mut accepted_ids = Vec::with_capacity(rows.len());
+    let mut sinks_succeeded = Vec::new();
     let mut failed = Vec::new();
-    for row in &accepted {
+    for row in &rows {
         let id: JobId = row.get("id");
+        let state = parse_state::<JobState>(row.get::<&str, _>("state"))?;
+        if row.get("promoted") {
+            if state == JobState::Available {
+                effects.ready.push(id);
+            }
+            continue;
+        }
         accepted_ids.push(id);
         let run_id: String = row.get("run_id");
         let step_id: String = row.get("step_id");
-        match parse_state::<JobState>(row.get::<&str, _>("state"))? {
-            JobState::Succeeded => succeeded.push((run_id, step_id)),
+        match state {
+            JobState::Succeeded if row.get::<bool, _>("is_sink") => {
+                sinks_succeeded.push(Succeeded {
+                    run_id,
+                    step_id,
+                    is_sink: true,
+                })
+            }
             JobState::Failed => {
                 let error: Option<String> = row.get("error");
                 failed.push((
@@ -430,7 +484,7 @@ async fn complete_in(
                     format!("step {step_id} failed: {}", error.unwrap_or_default()),
                 ));
             }
-            JobState::Available | JobState::Retrying => effects.woke = true,
+            JobState::Available | JobState::Retrying => effects.ready.push(id),
             _ => {}
         }
     }
@@ -443,7 +497,16 @@ async fn complete_in(
         insert_runs(conn, children, now).await?;
         effects.woke = true;
     }
-    cascade(conn, succeeded, failed, RunStatus::Failed, now, effects).await?;
+    // The other steps that succeeded have promoted their dependents above.
+    cascade(
+        conn,
+        sinks_succeeded,
+        failed,
+        RunStatus::Failed,
+        now,
+        effects,
+    )
+    .await?;
     Ok(accepted_ids)
 }
 
@@ -452,7 +515,7 @@ async fn complete_in(
 /// finish the parent run in turn), and gates open for waiting runs.
 async fn cascade(
     conn: &mut PgConnection,
-    mut succeeded: Vec<(RunId, String)>,
+    mut succeeded: Vec<Succeeded>,
     mut ended: Vec<(RunId, String)>,
     mut ended_as: RunStatus,
     now: Millis,
@@ -460,9 +523,15 @@ async fn cascade(
 ) -> Result<()> {
     loop {
         let mut finished = Vec::new();
-        if !succeeded.is_empty() {
-            effects.woke |= promote_dependents(conn, &succeeded, now).await?;
-            let runs: BTreeSet<&RunId> = succeeded.iter().map(|(r, _)| r).collect();
+        let (sinks, inner): (Vec<&Succeeded>, Vec<&Succeeded>) =
+            succeeded.iter().partition(|s| s.is_sink);
+        if !inner.is_empty() {
+            effects
+                .ready
+                .extend(promote_dependents(conn, &inner, now).await?);
+        }
+        if !sinks.is_empty() {
+            let runs: BTreeSet<&RunId> = sinks.iter().map(|s| &s.run_id).collect();
             finished.extend(finish_succeeded_runs(conn, &runs, now).await?);
         }
         if !ended.is_empty() {
@@ -479,39 +548,45 @@ async fn cascade(
     }
 }
 
-/// One statement: every waiting job counts down the needs that just succeeded, and becomes
-/// available at zero. Returns whether any did. `OFFSET 0` keeps the lookup a per-step index probe;
-/// flattened into a join, it becomes a scan of every job.
+/// Every waiting job counts down the needs that just succeeded, and becomes available at zero.
+/// `OFFSET 0` keeps the lookup a per-step index probe; flattened into a join, it becomes a scan of
+/// every job. Selects the ids of the jobs that became available, from `succeeded(run_id, step_id)`,
+/// which the caller defines.
+const PROMOTE_DEPENDENTS: &str = "promoted AS ( \
+     UPDATE jobs SET \
+         pending_needs = jobs.pending_needs - d.n, \
+         state = CASE WHEN jobs.pending_needs - d.n <= 0 \
+             AND (SELECT status FROM runs WHERE id = jobs.run_id) = 'running' \
+             THEN 'available' ELSE 'waiting' END, \
+         run_after = $2 \
+     FROM (SELECT j.id, count(*) AS n FROM succeeded AS s \
+           CROSS JOIN LATERAL (SELECT id FROM jobs WHERE run_id = s.run_id \
+               AND state = 'waiting' AND needs ? s.step_id OFFSET 0) AS j \
+           GROUP BY j.id) AS d \
+     WHERE jobs.id = d.id \
+     RETURNING jobs.id, jobs.state)";
+
+/// Promotes the dependents of steps that succeeded (see `PROMOTE_DEPENDENTS`); returns the jobs
+/// that became available.
 async fn promote_dependents(
     conn: &mut PgConnection,
-    succeeded: &[(RunId, String)],
+    succeeded: &[&Succeeded],
     now: Millis,
-) -> Result<bool> {
+) -> Result<Vec<JobId>> {
     let (runs, steps): (Vec<&str>, Vec<&str>) = succeeded
         .iter()
-        .map(|(r, s)| (r.as_str(), s.as_str()))
+        .map(|s| (s.run_id.as_str(), s.step_id.as_str()))
         .unzip();
-    let ready: Vec<bool> = sqlx::query_scalar(
-        "UPDATE jobs SET \
-             pending_needs = jobs.pending_needs - d.n, \
-             state = CASE WHEN jobs.pending_needs - d.n <= 0 \
-                 AND (SELECT status FROM runs WHERE id = jobs.run_id) = 'running' \
-                 THEN 'available' ELSE 'waiting' END, \
-             run_after = $3 \
-         FROM (SELECT j.id, count(*) AS n \
-               FROM unnest($1::text[], $2::text[]) AS c(run_id, step_id) \
-               CROSS JOIN LATERAL (SELECT id FROM jobs WHERE run_id = c.run_id \
-                   AND state = 'waiting' AND needs ? c.step_id OFFSET 0) AS j \
-               GROUP BY j.id) AS d \
-         WHERE jobs.id = d.id \
-         RETURNING jobs.state = 'available'",
-    )
+    Ok(sqlx::query_scalar(&format!(
+        "WITH succeeded AS (SELECT * FROM unnest($1::text[], $3::text[]) AS c(run_id, step_id)), \
+         {PROMOTE_DEPENDENTS} \
+         SELECT id FROM promoted WHERE state = 'available'"
+    ))
     .bind(&runs)
-    .bind(&steps)
     .bind(now)
+    .bind(&steps)
     .fetch_all(&mut *conn)
-    .await?;
-    Ok(ready.into_iter().any(|r| r))
+    .await?)
 }
 
 /// Marks `succeeded` the runs among `runs` whose every job succeeded; the output maps each sink
@@ -582,7 +657,7 @@ async fn end_runs(
     }
     let descendants = sqlx::query(&format!(
         "WITH RECURSIVE tree(id) AS ( \
-             SELECT unnest($1::text[]) \
+             SELECT unnest($1::text[]) COLLATE \"C\" \
              UNION SELECT runs.id FROM runs JOIN tree ON runs.parent_run_id = tree.id) \
          UPDATE runs SET status = 'cancelled', error = 'its parent run ended', \
              finished_at = $2, expires_at = $2 + retention_ms \
@@ -673,7 +748,7 @@ async fn settle_parents(
     conn: &mut PgConnection,
     finished: &[FinishedRun],
     now: Millis,
-) -> Result<(Vec<(RunId, String)>, Vec<(RunId, String)>)> {
+) -> Result<(Vec<Succeeded>, Vec<(RunId, String)>)> {
     let mut succeeded = Vec::new();
     let mut failed = Vec::new();
     let mut parents: BTreeMap<JobId, Option<&FinishedRun>> = BTreeMap::new();
@@ -719,14 +794,18 @@ async fn settle_parents(
                  WHERE id = $1 AND state = 'parked' \
                      AND NOT EXISTS (SELECT 1 FROM runs \
                          WHERE parent_job_id = $1 AND status <> 'succeeded') \
-                 RETURNING run_id, step_id",
+                 RETURNING run_id, step_id, is_sink",
             )
             .bind(parent)
             .bind(now)
             .fetch_optional(&mut *conn)
             .await?;
             if let Some(row) = row {
-                succeeded.push((row.get("run_id"), row.get("step_id")));
+                succeeded.push(Succeeded {
+                    run_id: row.get("run_id"),
+                    step_id: row.get("step_id"),
+                    is_sink: row.get("is_sink"),
+                });
             }
         }
     }
@@ -1102,12 +1181,13 @@ impl Store for PostgresStore {
         let mut effects = Effects::default();
         let accepted = complete_in(&mut tx, completions, now, &mut effects).await?;
         let claimed = claim_in(&mut tx, claim).await?;
-        if effects.woke {
+        let wake_others = effects.wakes_others(&claimed);
+        if wake_others {
             self.notify(&mut tx).await?;
         }
         tx.commit().await?;
         effects.finished.publish();
-        if effects.woke {
+        if wake_others {
             self.wakeup.notify_one();
         }
         Ok((accepted, claimed))
@@ -1169,12 +1249,13 @@ impl Store for PostgresStore {
             &mut effects,
         )
         .await?;
-        if effects.woke || reclaimed > 0 {
+        let woke = effects.wakes_others(&[]) || reclaimed > 0;
+        if woke {
             self.notify(&mut tx).await?;
         }
         tx.commit().await?;
         effects.finished.publish();
-        if effects.woke || reclaimed > 0 {
+        if woke {
             self.wakeup.notify_one();
         }
         Ok(Swept {
@@ -1240,7 +1321,7 @@ impl Store for PostgresStore {
             &mut effects,
         )
         .await?;
-        if effects.woke {
+        if effects.wakes_others(&[]) {
             self.notify(&mut tx).await?;
         }
         tx.commit().await?;
@@ -1310,7 +1391,9 @@ impl Store for PostgresStore {
             query.push(" AND workflow_id = ").push_bind(workflow);
         }
         if let Some(status) = filter.status {
-            query.push(" AND status = ").push_bind(status.as_str());
+            // A literal, not a parameter: only then can a plan use the status indexes, which
+            // leave succeeded runs out.
+            query.push(format_args!(" AND status = '{}'", status.as_str()));
         }
         if let Some(after) = filter.created_after {
             query.push(" AND created_at >= ").push_bind(after);
@@ -1334,10 +1417,12 @@ impl Store for PostgresStore {
     }
 
     async fn count_runs(&self, status: RunStatus, created_after: Option<Millis>) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM runs WHERE status = $1 AND ($2::bigint IS NULL OR created_at >= $2)",
-        )
-        .bind(status.as_str())
+        // The status is a literal for the same reason as in `list_runs`.
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM runs WHERE status = '{}' \
+             AND ($1::bigint IS NULL OR created_at >= $1)",
+            status.as_str()
+        ))
         .bind(created_after)
         .fetch_one(&self.pool)
         .await?)

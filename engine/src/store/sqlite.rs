@@ -963,7 +963,8 @@ impl Store for SqliteStore {
         };
         tx.commit().await?;
         finished.publish();
-        if !accepted.is_empty() {
+        // A claim that came back short took every due job these completions made claimable.
+        if !accepted.is_empty() && leased.rows.len() == claim.limit as usize {
             self.wakeup.notify_one();
         }
         Ok((accepted, self.claimed_jobs(leased).await?))
