@@ -48,6 +48,16 @@ async fn main() {
             "status = 'failed'".into(),
         ),
         (
+            "succeeded (the status the status indexes leave out)",
+            filter(None, Some(RunStatus::Succeeded), None),
+            "status = 'succeeded'".into(),
+        ),
+        (
+            "one workflow, succeeded",
+            filter(Some("wf_07"), Some(RunStatus::Succeeded), None),
+            "workflow_id = 'wf_07' AND status = 'succeeded'".into(),
+        ),
+        (
             "one workflow, failed",
             filter(Some("wf_07"), Some(RunStatus::Failed), None),
             "workflow_id = 'wf_07' AND status = 'failed'".into(),

@@ -5,7 +5,7 @@
 //! lease is not extended (its run was cancelled or timed out, or the lease was lost) has its task
 //! aborted: dropping the future is what stops the step.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,6 +64,12 @@ struct Shared {
 /// steps wait for the other.
 const STORE_CALLS_IN_FLIGHT: usize = 2;
 
+/// The leases a heartbeat carried, and those the store extended.
+type HeartbeatResult = (
+    Vec<Lease>,
+    Result<Vec<JobId>, switchyard_engine::store::StoreError>,
+);
+
 /// What a store call gives back: the jobs it claimed and how many it asked for.
 struct Claimed {
     asked: usize,
@@ -95,6 +101,7 @@ pub async fn run_worker(
     let mut calls: FuturesUnordered<BoxFuture<'static, Claimed>> = FuturesUnordered::new();
     // Slots promised to claims in flight.
     let mut reserved = 0usize;
+    let mut beating: Option<BoxFuture<'static, HeartbeatResult>> = None;
     let mut heartbeat = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(1) as u64));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping: Option<tokio::time::Instant> = None;
@@ -206,20 +213,32 @@ pub async fn run_worker(
                     }
                 }
             }
-            _ = heartbeat.tick(), if !held.is_empty() => {
+            _ = heartbeat.tick(), if !held.is_empty() && beating.is_none() => {
+                // In flight like the other store calls, never awaited here: the loop must keep
+                // driving the calls that hold connections the heartbeat may be waiting for.
                 let leases: Vec<Lease> = held.values().map(|(l, _)| l.clone()).collect();
                 let until = engine.now() + lease_ms;
-                match store.heartbeat(&leases, until).await {
+                let store = store.clone();
+                beating = Some(Box::pin(async move {
+                    let kept = store.heartbeat(&leases, until).await;
+                    (leases, kept)
+                }));
+            }
+            (leases, kept) = async { beating.as_mut().expect("guarded").await }, if beating.is_some() => {
+                beating = None;
+                match kept {
                     Ok(kept) => {
-                        let kept: std::collections::HashSet<JobId> = kept.into_iter().collect();
-                        held.retain(|id, (_, handle)| {
-                            let keep = kept.contains(id);
-                            if !keep {
-                                tracing::info!(job = id, "lease gone (cancelled, timed out or reclaimed): stopping the step");
+                        let kept: HashSet<JobId> = kept.into_iter().collect();
+                        // Only the leases this heartbeat carried: jobs claimed since are not in
+                        // it, nor is a later lease on the same job.
+                        for lease in leases.iter().filter(|l| !kept.contains(&l.job_id)) {
+                            if held.get(&lease.job_id).is_some_and(|(held, _)| held == lease)
+                                && let Some((_, handle)) = held.remove(&lease.job_id)
+                            {
+                                tracing::info!(job = lease.job_id, "lease gone (cancelled, timed out or reclaimed): stopping the step");
                                 handle.abort();
                             }
-                            keep
-                        });
+                        }
                     }
                     Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                 }
