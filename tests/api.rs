@@ -573,6 +573,55 @@ async fn a_user_logs_in_with_the_password_set_on_the_command_line() {
 }
 
 #[tokio::test]
+async fn changing_or_deleting_a_user_ends_its_sessions() {
+    let api = Api::start("sessions").await;
+    let admin = api.token("admin", &[]);
+    let login = |password: &'static str| {
+        send(
+            api.request(Method::POST, "/api/auth/login")
+                .json(&json!({"username": "bob", "password": password})),
+        )
+    };
+    let add_bob = |password: &str, role: &str| {
+        api.post(
+            "/api/admin/users",
+            &admin,
+            json!({"name": "bob", "password": password, "role": role}),
+        )
+    };
+    assert_eq!(add_bob("first password", "operator").await.status, 201);
+    let reply = login("first password").await;
+    assert_eq!(reply.status, 200, "{reply}");
+    let first = reply.body["token"].as_str().unwrap().to_owned();
+    assert_eq!(api.get("/api/workflows", &first).await.status, 200);
+
+    // A new password (the same role) ends the session of the old one.
+    assert_eq!(add_bob("second password", "operator").await.status, 201);
+    let message = api
+        .get("/api/workflows", &first)
+        .await
+        .assert_error(401, "unauthorized")
+        .to_owned();
+    assert!(message.contains("log in again"), "{message}");
+    let reply = login("second password").await;
+    assert_eq!(reply.status, 200, "{reply}");
+    let second = reply.body["token"].as_str().unwrap().to_owned();
+    assert_eq!(api.get("/api/workflows", &second).await.status, 200);
+
+    let deleted = api
+        .authed(Method::DELETE, "/api/admin/users/bob", &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    api.get("/api/workflows", &second)
+        .await
+        .assert_error(401, "unauthorized");
+    // Tokens made on the command line belong to no user and are not affected.
+    assert_eq!(api.get("/api/workflows", &admin).await.status, 200);
+}
+
+#[tokio::test]
 async fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
     let api = Api::start("bad-input").await;
     let admin = api.token("admin", &[]);

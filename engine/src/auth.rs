@@ -89,6 +89,10 @@ pub struct Claims {
     pub exp: i64,
     /// Distinguishes tokens issued in the same second, and names one in logs.
     pub jti: String,
+    /// On a login's token: when the user was last changed, as it was at login. Changing or
+    /// deleting the user ends every session it had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_version: Option<Millis>,
 }
 
 /// Signs and checks tokens with one HS256 key.
@@ -149,14 +153,34 @@ impl TokenKeys {
         ttl: std::time::Duration,
         now: Millis,
     ) -> Result<(String, Claims), AuthError> {
+        self.issue_claims(Self::claims(subject, role, ttl, now))
+    }
+
+    /// A token for a user who just logged in: it lives while the user stays as it is now.
+    pub fn issue_session(
+        &self,
+        user: &UserSession,
+        ttl: std::time::Duration,
+        now: Millis,
+    ) -> Result<(String, Claims), AuthError> {
+        let mut claims = Self::claims(&user.name, user.role, ttl, now);
+        claims.user_version = Some(user.version);
+        self.issue_claims(claims)
+    }
+
+    fn claims(subject: &str, role: Role, ttl: std::time::Duration, now: Millis) -> Claims {
         let iat = now.div_euclid(1000);
-        let claims = Claims {
+        Claims {
             sub: subject.to_owned(),
             role,
             iat,
             exp: iat + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2),
             jti: uuid::Uuid::new_v4().to_string(),
-        };
+            user_version: None,
+        }
+    }
+
+    fn issue_claims(&self, claims: Claims) -> Result<(String, Claims), AuthError> {
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AuthError::Signing(e.to_string()))?;
         Ok((token, claims))
@@ -250,29 +274,58 @@ pub async fn delete_user(store: &dyn Store, name: &str) -> Result<bool, AuthErro
     Ok(store.delete_setting(USERS, name).await?)
 }
 
-/// The user's role when `password` is theirs. An unknown user costs as much time as a wrong
-/// password, so the answer does not tell which names exist.
+/// Who logged in: the user's name, role and version (when it was last changed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSession {
+    pub name: String,
+    pub role: Role,
+    pub version: Millis,
+}
+
+/// The user, when `password` is theirs. An unknown user costs as much time as a wrong password,
+/// so the answer does not tell which names exist.
 pub async fn check_password(
     store: &dyn Store,
     name: &str,
     password: &str,
-) -> Result<Role, AuthError> {
-    let stored: Option<StoredUser> = store
-        .setting(USERS, name)
-        .await?
-        .and_then(|s| serde_json::from_value::<StoredUser>(s.value).ok());
-    let (hash, role) = match stored {
-        Some(user) => (user.password_hash, Some(user.role)),
+) -> Result<UserSession, AuthError> {
+    let stored = store.setting(USERS, name).await?.and_then(|s| {
+        let version = s.updated_at;
+        serde_json::from_value::<StoredUser>(s.value)
+            .ok()
+            .map(|user| (user, version))
+    });
+    let (hash, session) = match stored {
+        Some((user, version)) => (
+            user.password_hash,
+            Some(UserSession {
+                name: name.to_owned(),
+                role: user.role,
+                version,
+            }),
+        ),
         None => (decoy_hash().to_owned(), None),
     };
     let password = password.to_owned();
     let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
         .await
         .unwrap_or(false);
-    match role {
-        Some(role) if matches => Ok(role),
+    match session {
+        Some(session) if matches => Ok(session),
         _ => Err(AuthError::BadCredentials),
     }
+}
+
+/// Whether a token's session still stands: a login's token ends when its user is changed or
+/// deleted. Tokens from `switchyard token create` belong to no user and stand until they expire.
+pub async fn session_stands(store: &dyn Store, claims: &Claims) -> Result<bool, AuthError> {
+    let Some(version) = claims.user_version else {
+        return Ok(true);
+    };
+    Ok(store
+        .setting(USERS, &claims.sub)
+        .await?
+        .is_some_and(|user| user.updated_at == version))
 }
 
 fn hash_password(password: &str) -> Result<String, AuthError> {

@@ -296,7 +296,8 @@ pub struct NewUser {
     pub role: Role,
 }
 
-/// Adds a user, or replaces an existing user's password and role.
+/// Adds a user, or replaces an existing user's password and role; a replaced user's sessions
+/// end, so its tokens from earlier logins stop working.
 #[utoipa::path(
     post,
     path = "/api/admin/users",
@@ -333,7 +334,7 @@ pub async fn add_user(
     ))
 }
 
-/// Deletes a user. Tokens already issued to it stay valid until they expire.
+/// Deletes a user, and with it every session it had: tokens from its logins stop working.
 #[utoipa::path(
     delete,
     path = "/api/admin/users/{name}",

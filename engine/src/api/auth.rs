@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::error::{ApiError, Json};
-use crate::auth::{Claims, Role, TokenKeys, check_password};
+use crate::auth::{Claims, Role, TokenKeys, check_password, session_stands};
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme in any case).
 pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
@@ -48,6 +48,11 @@ macro_rules! role_extractor {
             async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
                 let state = AppState::from_ref(state);
                 let claims = bearer_claims(parts, &state.keys, state.engine.now())?;
+                if !session_stands(&**state.engine.store(), &claims).await? {
+                    return Err(ApiError::unauthorized(
+                        "this login's user was changed or deleted since; log in again",
+                    ));
+                }
                 if !claims.role.allows($role) {
                     return Err(ApiError::forbidden(format!(
                         "this needs the {} role; the token has {}",
@@ -122,17 +127,16 @@ pub async fn login(
     State(state): State<AppState>,
     Json(request): Json<LoginRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
-    let role = check_password(
+    let user = check_password(
         &**state.engine.store(),
         &request.username,
         &request.password,
     )
     .await
     .inspect_err(|_| tracing::info!(user = %request.username, "login refused"))?;
-    let (token, claims) =
-        state
-            .keys
-            .issue(&request.username, role, LOGIN_TTL, state.engine.now())?;
+    let (token, claims) = state
+        .keys
+        .issue_session(&user, LOGIN_TTL, state.engine.now())?;
     tracing::info!(user = %claims.sub, role = %claims.role, jti = %claims.jti, "login");
     Ok(Json(TokenResponse::new(token, claims)))
 }
