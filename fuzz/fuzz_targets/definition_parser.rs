@@ -1,5 +1,6 @@
 //! Definitions arrive from the API, so parsing and validation must survive any input:
-//! `cargo +nightly fuzz run definition_parser` (from the repository root).
+//! `cargo +nightly fuzz run definition_parser` (from `fuzz/`; with only stable installed,
+//! `RUSTC_BOOTSTRAP=1 cargo fuzz run definition_parser`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
