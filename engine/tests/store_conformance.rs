@@ -412,6 +412,91 @@ pub async fn workflow_step_succeeds_with_child_outputs_in_order(store: Arc<dyn S
     );
 }
 
+pub async fn retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones(store: Arc<dyn Store>) {
+    let child = workflow("id: child\nsteps:\n  - {id: only, type: noop}\n");
+    let parent = workflow(
+        "id: parent\nsteps:\n  - {id: fan, type: workflow, with: {workflows: [child, child]}}\n  - {id: after, type: noop, needs: [fan]}\n",
+    );
+    let child_version = install(&*store, &child).await;
+    let run = start(&*store, &parent, Trigger::default()).await;
+    let fan = claim(&*store, T0, 1).await.remove(0);
+    let children: Vec<NewRun> = (0..2)
+        .map(|index| {
+            let mut r = planned(child_version, &child);
+            r.parent = Some(switchyard_engine::store::ParentLink {
+                run_id: run.clone(),
+                job_id: fan.lease.job_id,
+                index,
+            });
+            r
+        })
+        .collect();
+    let (first_child, second_child) = (children[0].id.clone(), children[1].id.clone());
+    store
+        .complete(
+            vec![Completion {
+                lease: fan.lease.clone(),
+                settlement: Settlement::Park {
+                    until: None,
+                    checkpoint: json!({}),
+                },
+                children,
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+    let jobs = claim(&*store, T0, 10).await;
+    let job_of = |run: &str| jobs.iter().find(|j| j.run_id == run).unwrap();
+    store
+        .complete(vec![done(job_of(&first_child), json!("first"))], T0)
+        .await
+        .unwrap();
+    store
+        .complete(
+            vec![Completion {
+                lease: job_of(&second_child).lease.clone(),
+                settlement: Settlement::Fail {
+                    error: "boom".into(),
+                },
+                children: Vec::new(),
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(run_status(&*store, &run).await, RunStatus::Failed);
+
+    store.retry_run(&run, T0 + 1).await.unwrap();
+    assert_eq!(run_status(&*store, &run).await, RunStatus::Running);
+    assert_eq!(job_state(&*store, &run, "fan").await, JobState::Parked);
+    assert_eq!(
+        run_status(&*store, &first_child).await,
+        RunStatus::Succeeded
+    );
+    assert_eq!(run_status(&*store, &second_child).await, RunStatus::Running);
+    // Only the failed child's step runs again; the `workflow` step starts no new children.
+    let again = claim(&*store, T0 + 1, 10).await;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].run_id, second_child);
+    store
+        .complete(vec![done(&again[0], json!("second"))], T0 + 2)
+        .await
+        .unwrap();
+    let after = claim(&*store, T0 + 2, 10).await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].step_id, "after");
+    assert_eq!(
+        after[0].outputs.get("fan"),
+        Some(&json!([{ "only": "first" }, { "only": "second" }]))
+    );
+    store
+        .complete(vec![done(&after[0], json!(null))], T0 + 2)
+        .await
+        .unwrap();
+    assert_eq!(run_status(&*store, &run).await, RunStatus::Succeeded);
+}
+
 pub async fn a_fire_creates_exactly_one_run_with_two_schedulers(store: Arc<dyn Store>) {
     let wf = linear();
     let version = install(&*store, &wf).await;
@@ -982,6 +1067,7 @@ macro_rules! conformance {
                 run_past_its_deadline_times_out,
                 parked_job_wakes_at_its_time_with_its_checkpoint,
                 workflow_step_succeeds_with_child_outputs_in_order,
+                retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones,
                 a_fire_creates_exactly_one_run_with_two_schedulers,
                 overlapping_fire_is_skipped_with_its_reason,
                 paused_workflow_fires_are_recorded_as_skipped,

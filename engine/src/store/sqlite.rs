@@ -1097,14 +1097,41 @@ impl Store for SqliteStore {
                 "run {run_id} is {status}; only failed, cancelled or timed-out runs can be retried"
             )));
         }
+        // A `workflow` step that started child runs waits for them again instead of starting new
+        // ones: its children that did not succeed are retried with it, down the tree, and the
+        // succeeded ones keep their outputs.
+        let mut runs = vec![run_id.to_owned()];
+        let mut waiting_parents: Vec<JobId> = Vec::new();
+        let mut level = runs.clone();
+        while !level.is_empty() {
+            let rows: Vec<(JobId, String)> = sqlx::query_as(
+                "SELECT j.id, c.id FROM jobs AS j JOIN runs AS c ON c.parent_job_id = j.id \
+                 WHERE j.run_id IN (SELECT value FROM json_each(?1)) \
+                     AND j.state IN ('failed', 'cancelled') AND c.status != 'succeeded'",
+            )
+            .bind(json!(level))
+            .fetch_all(&mut *tx)
+            .await?;
+            waiting_parents.extend(rows.iter().map(|(job, _)| *job));
+            level = rows.into_iter().map(|(_, child)| child).collect();
+            runs.extend(level.iter().cloned());
+        }
+        let runs = json!(runs);
         sqlx::query(
             "UPDATE runs SET status = 'running', error = NULL, output = NULL, finished_at = NULL, \
                  expires_at = NULL, \
                  deadline_at = CASE WHEN timeout_ms IS NOT NULL THEN ?2 + timeout_ms END \
-             WHERE id = ?1",
+             WHERE id IN (SELECT value FROM json_each(?1))",
         )
-        .bind(run_id)
+        .bind(&runs)
         .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE jobs SET state = 'parked', error = NULL, finished_at = NULL, run_after = NULL \
+             WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(json!(waiting_parents))
         .execute(&mut *tx)
         .await?;
         // Succeeded steps keep their outputs; the rest wait for their needs again.
@@ -1114,16 +1141,17 @@ impl Store for SqliteStore {
                  pending_needs = (SELECT count(*) FROM json_each(jobs.needs) AS nd \
                      JOIN jobs AS up ON up.run_id = jobs.run_id AND up.step_id = nd.value \
                      WHERE up.state != 'succeeded') \
-             WHERE run_id = ?1 AND state IN ('failed', 'cancelled')",
+             WHERE run_id IN (SELECT value FROM json_each(?1)) AND state IN ('failed', 'cancelled')",
         )
-        .bind(run_id)
+        .bind(&runs)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
             "UPDATE jobs SET state = 'available', run_after = ?2 \
-             WHERE run_id = ?1 AND state = 'waiting' AND pending_needs = 0",
+             WHERE run_id IN (SELECT value FROM json_each(?1)) AND state = 'waiting' \
+                 AND pending_needs = 0",
         )
-        .bind(run_id)
+        .bind(&runs)
         .bind(now)
         .execute(&mut *tx)
         .await?;
