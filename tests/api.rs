@@ -572,6 +572,91 @@ async fn a_user_logs_in_with_the_password_set_on_the_command_line() {
     assert!(!wrong.text.contains("token"), "{wrong}");
 }
 
+/// `sha256=` and the hex HMAC-SHA256 of `body` under `secret`, as n8n's HTTP Request node sends it.
+fn n8n_signature(secret: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[tokio::test]
+async fn n8n_starts_one_run_per_signed_event_and_every_event_is_logged() {
+    let api = Api::start("n8n-webhook").await;
+    let admin = api.token("admin", &[]);
+    let viewer = api.token("viewer", &[]);
+    const SECRET: &str = "shared with n8n";
+    let deliver = |body: Vec<u8>, signature: String| {
+        send(
+            api.request(Method::POST, "/api/webhooks/n8n")
+                .header(CONTENT_TYPE, "application/json")
+                .header("X-Switchyard-Signature", signature)
+                .body(body),
+        )
+    };
+    let body = serde_json::to_vec(
+        &json!({"event_id": "exec-41", "workflow": "hello", "input": {"name": "n8n"}}),
+    )
+    .unwrap();
+
+    // Before the secret is set no signature can match, and nothing is logged.
+    let reply = deliver(body.clone(), n8n_signature(SECRET, &body)).await;
+    let message = reply.assert_error(401, "unauthorized");
+    assert!(message.contains("n8n_webhook_secret"), "{message}");
+    let reply = api
+        .put(
+            "/api/admin/secrets/n8n_webhook_secret",
+            &admin,
+            json!({"value": SECRET}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{reply}");
+
+    let reply = deliver(body.clone(), n8n_signature("another secret", &body)).await;
+    reply.assert_error(401, "unauthorized");
+    let reply = deliver(body.clone(), n8n_signature(SECRET, &body)).await;
+    assert_eq!(reply.status, 201, "{reply}");
+    let run = reply.body["run_id"].as_str().unwrap().to_owned();
+    assert_eq!(reply.body["duplicate"], false, "{reply}");
+    let started = api.run(&run, &viewer).await;
+    assert_eq!(started.body["workflow_id"], "hello", "{started}");
+    assert_eq!(started.body["input"], json!({"name": "n8n"}), "{started}");
+
+    // n8n retries a delivery it did not see answered: the same event starts nothing new.
+    let reply = deliver(body.clone(), n8n_signature(SECRET, &body)).await;
+    assert_eq!(reply.status, 200, "{reply}");
+    assert_eq!(reply.body["run_id"], run.as_str(), "{reply}");
+    assert_eq!(reply.body["duplicate"], true, "{reply}");
+
+    let unknown = serde_json::to_vec(&json!({"event_id": "exec-42", "workflow": "nope"})).unwrap();
+    let reply = deliver(unknown.clone(), n8n_signature(SECRET, &unknown)).await;
+    reply.assert_error(404, "not_found");
+    let reply = deliver(unknown.clone(), n8n_signature(SECRET, &unknown)).await;
+    reply.assert_error(400, "refused_before");
+
+    let reply = api.get("/api/webhook-events?source=n8n", &viewer).await;
+    assert_eq!(reply.status, 200, "{reply}");
+    let events = reply.body.as_array().unwrap();
+    assert_eq!(
+        events.len(),
+        2,
+        "only authenticated deliveries, once each: {reply}"
+    );
+    assert_eq!(events[0]["event_id"], "exec-42", "{reply}");
+    assert!(
+        events[0]["error"].as_str().unwrap().contains("nope"),
+        "{reply}"
+    );
+    assert_eq!(events[1]["event_id"], "exec-41", "{reply}");
+    assert_eq!(events[1]["run_id"], run.as_str(), "{reply}");
+    assert_eq!(
+        events[1]["payload"]["input"],
+        json!({"name": "n8n"}),
+        "{reply}"
+    );
+    assert_eq!(api.run_ids(&viewer).await, vec![run], "one run in all");
+}
+
 #[tokio::test]
 async fn changing_or_deleting_a_user_ends_its_sessions() {
     let api = Api::start("sessions").await;

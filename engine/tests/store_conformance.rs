@@ -9,7 +9,7 @@ use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::state::{JobState, Millis, RunStatus, Settlement};
 use switchyard_engine::store::{
     ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, NewRun,
-    RunFilter, Store, StoreError,
+    NewWebhookEvent, RunFilter, Store, StoreError,
 };
 
 const T0: Millis = 1_800_000_000_000;
@@ -495,6 +495,54 @@ pub async fn retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones(store:
         .await
         .unwrap();
     assert_eq!(run_status(&*store, &run).await, RunStatus::Succeeded);
+}
+
+pub async fn a_webhook_event_is_logged_once_per_source_and_id(store: Arc<dyn Store>) {
+    let event = |id: &str, source: &str| NewWebhookEvent {
+        source: source.into(),
+        event_id: id.into(),
+        workflow_id: Some("hello".into()),
+        payload: json!({ "event_id": id }),
+    };
+    let (first, fresh) = store
+        .record_webhook_event(event("e-1", "n8n"), T0)
+        .await
+        .unwrap();
+    assert!(fresh);
+    assert_eq!(first.payload, json!({ "event_id": "e-1" }));
+    store
+        .settle_webhook_event(first.id, Some("run-1"), None)
+        .await
+        .unwrap();
+    let (again, fresh) = store
+        .record_webhook_event(event("e-1", "n8n"), T0 + 1)
+        .await
+        .unwrap();
+    assert!(!fresh, "a repeated delivery is not logged again");
+    assert_eq!(again.id, first.id);
+    assert_eq!(again.run_id.as_deref(), Some("run-1"));
+    assert_eq!(again.received_at, T0);
+    // The same id from another source is another event.
+    let (other, fresh) = store
+        .record_webhook_event(event("e-1", "stripe"), T0 + 2)
+        .await
+        .unwrap();
+    assert!(fresh);
+    store
+        .settle_webhook_event(other.id, None, Some("no such workflow"))
+        .await
+        .unwrap();
+    let all = store.webhook_events(None, 10).await.unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.source.as_str()).collect::<Vec<_>>(),
+        ["stripe", "n8n"],
+        "newest first"
+    );
+    assert_eq!(all[0].error.as_deref(), Some("no such workflow"));
+    assert_eq!(
+        store.webhook_events(Some("n8n"), 10).await.unwrap().len(),
+        1
+    );
 }
 
 pub async fn a_fire_creates_exactly_one_run_with_two_schedulers(store: Arc<dyn Store>) {
@@ -1068,6 +1116,7 @@ macro_rules! conformance {
                 parked_job_wakes_at_its_time_with_its_checkpoint,
                 workflow_step_succeeds_with_child_outputs_in_order,
                 retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones,
+                a_webhook_event_is_logged_once_per_source_and_id,
                 a_fire_creates_exactly_one_run_with_two_schedulers,
                 overlapping_fire_is_skipped_with_its_reason,
                 paused_workflow_fires_are_recorded_as_skipped,

@@ -2,6 +2,7 @@
 //! the login endpoint.
 
 use axum::extract::{FromRef, FromRequestParts, State};
+use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};
@@ -20,16 +21,37 @@ pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
 }
 
 /// The verified claims of the caller's bearer token, whatever its role.
-pub fn bearer_claims(parts: &Parts, keys: &TokenKeys, now: i64) -> Result<Claims, ApiError> {
-    if !parts.headers.contains_key(AUTHORIZATION) {
+pub fn bearer_claims(headers: &HeaderMap, keys: &TokenKeys, now: i64) -> Result<Claims, ApiError> {
+    if !headers.contains_key(AUTHORIZATION) {
         return Err(ApiError::unauthorized(
             "this endpoint needs an `Authorization: Bearer <token>` header",
         ));
     }
-    let token = bearer_token(&parts.headers).ok_or_else(|| {
+    let token = bearer_token(headers).ok_or_else(|| {
         ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
     })?;
     Ok(keys.verify(token, now)?)
+}
+
+/// The caller's claims, when its token is valid, its session stands and its role allows `role`.
+pub async fn caller_with_role(
+    state: &AppState,
+    headers: &HeaderMap,
+    role: Role,
+) -> Result<Claims, ApiError> {
+    let claims = bearer_claims(headers, &state.keys, state.engine.now())?;
+    if !session_stands(&**state.engine.store(), &claims).await? {
+        return Err(ApiError::unauthorized(
+            "this login's user was changed or deleted since; log in again",
+        ));
+    }
+    if !claims.role.allows(role) {
+        return Err(ApiError::forbidden(format!(
+            "this needs the {role} role; the token has {}",
+            claims.role
+        )));
+    }
+    Ok(claims)
 }
 
 macro_rules! role_extractor {
@@ -47,19 +69,7 @@ macro_rules! role_extractor {
 
             async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
                 let state = AppState::from_ref(state);
-                let claims = bearer_claims(parts, &state.keys, state.engine.now())?;
-                if !session_stands(&**state.engine.store(), &claims).await? {
-                    return Err(ApiError::unauthorized(
-                        "this login's user was changed or deleted since; log in again",
-                    ));
-                }
-                if !claims.role.allows($role) {
-                    return Err(ApiError::forbidden(format!(
-                        "this needs the {} role; the token has {}",
-                        $role, claims.role
-                    )));
-                }
-                Ok($name(claims))
+                Ok($name(caller_with_role(&state, &parts.headers, $role).await?))
             }
         }
     };

@@ -95,6 +95,10 @@ impl From<StoreError> for ApiError {
                     format!("the database is unavailable: {message}"),
                 )
             },
+            StoreError::Rejected(message) => ApiError::bad_request(
+                "invalid_value",
+                format!("the database cannot store a value of this request: {message}"),
+            ),
             other => {
                 tracing::error!(error = %other, "store error");
                 ApiError::new(

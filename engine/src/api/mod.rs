@@ -11,6 +11,7 @@ mod error;
 mod limits;
 mod public;
 mod runs;
+mod webhooks;
 mod workflows;
 
 use std::sync::Arc;
@@ -94,6 +95,7 @@ pub fn observability_router(state: Observability) -> Router {
         (name = "auth", description = "Tokens"),
         (name = "workflows", description = "Definitions, starts and schedules"),
         (name = "runs", description = "Run history and control"),
+        (name = "webhooks", description = "Inbound webhooks (n8n) and their log"),
         (name = "admin", description = "Admin role only"),
     )
 )]
@@ -177,6 +179,8 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::cancel_run))
         .routes(routes!(runs::retry_run))
         .routes(routes!(runs::list_alerts))
+        .routes(routes!(webhooks::n8n_webhook))
+        .routes(routes!(webhooks::list_webhook_events))
         .routes(routes!(admin::system_metrics))
         .routes(routes!(workflows::create_workflows))
         .routes(routes!(admin::list_variables))

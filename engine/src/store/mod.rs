@@ -33,6 +33,9 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("migration failed: {0}")]
     Migration(String),
+    /// A value the database cannot hold, such as a NUL character in PostgreSQL text.
+    #[error("the database cannot store this value: {0}")]
+    Rejected(String),
     #[error("database error: {0}")]
     Database(String),
 }
@@ -55,6 +58,15 @@ impl From<sqlx::Error> for StoreError {
                 }) =>
             {
                 StoreError::Unavailable(db.message().to_owned())
+            }
+            // PostgreSQL data exceptions (22...): the value, not the database, is at fault.
+            sqlx::Error::Database(db)
+                if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some()
+                    && db.code().is_some_and(|c| c.starts_with("22")) =>
+            {
+                StoreError::Rejected(db.message().to_owned())
             }
             // SQLite busy or locked past its busy timeout: another writer held the database.
             sqlx::Error::Database(db)
@@ -450,6 +462,50 @@ pub trait Store: Send + Sync + 'static {
     async fn settings(&self, namespace: &str) -> Result<Vec<Setting>>;
     /// Returns whether the setting existed.
     async fn delete_setting(&self, namespace: &str, name: &str) -> Result<bool>;
+
+    /// Logs an inbound webhook event once per (source, event id). Returns the event as stored,
+    /// and whether this call stored it: `false` for a repeated delivery, which changes nothing.
+    async fn record_webhook_event(
+        &self,
+        event: NewWebhookEvent,
+        now: Millis,
+    ) -> Result<(WebhookEvent, bool)>;
+    /// Records what an event did: the run it started, or why it was refused.
+    async fn settle_webhook_event(
+        &self,
+        id: i64,
+        run_id: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<()>;
+    /// Newest first.
+    async fn webhook_events(&self, source: Option<&str>, limit: u32) -> Result<Vec<WebhookEvent>>;
+}
+
+/// An inbound webhook event to log.
+#[derive(Debug, Clone)]
+pub struct NewWebhookEvent {
+    /// Who sent it, such as `n8n`.
+    pub source: String,
+    /// The sender's id of the delivery.
+    pub event_id: String,
+    pub workflow_id: Option<String>,
+    pub payload: Value,
+}
+
+/// An inbound webhook event as logged, with what it did.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct WebhookEvent {
+    pub id: i64,
+    pub source: String,
+    pub event_id: String,
+    pub workflow_id: Option<String>,
+    /// The request body.
+    pub payload: Value,
+    /// The run it started.
+    pub run_id: Option<RunId>,
+    /// Why it was refused.
+    pub error: Option<String>,
+    pub received_at: Millis,
 }
 
 /// A run that failed or timed out, recorded in the transaction that ended it.

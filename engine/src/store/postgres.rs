@@ -881,6 +881,9 @@ fn summary_from_row(row: &PgRow) -> Result<RunSummary> {
     })
 }
 
+const WEBHOOK_EVENT_COLUMNS: &str =
+    "id, source, event_id, workflow_id, payload, run_id, error, received_at";
+
 const SUMMARY_COLUMNS: &str =
     "id, workflow_id, version, status, parent_run_id, error, created_at, started_at, finished_at";
 
@@ -1510,6 +1513,10 @@ impl Store for PostgresStore {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM webhook_events WHERE received_at < $1 - 2592000000")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM runs WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED",
         )
@@ -1618,5 +1625,64 @@ impl Store for PostgresStore {
             .await?
             .rows_affected();
         Ok(deleted > 0)
+    }
+
+    async fn record_webhook_event(
+        &self,
+        event: NewWebhookEvent,
+        now: Millis,
+    ) -> Result<(WebhookEvent, bool)> {
+        let inserted: Option<WebhookEvent> = sqlx::query_as(&format!(
+            "INSERT INTO webhook_events (source, event_id, workflow_id, payload, received_at) \
+             VALUES ($1, $2, $3, $5::jsonb, $4) \
+             ON CONFLICT (source, event_id) DO NOTHING \
+             RETURNING {WEBHOOK_EVENT_COLUMNS}"
+        ))
+        .bind(&event.source)
+        .bind(&event.event_id)
+        .bind(&event.workflow_id)
+        .bind(now)
+        .bind(&event.payload)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(stored) = inserted {
+            return Ok((stored, true));
+        }
+        let first = sqlx::query_as(&format!(
+            "SELECT {WEBHOOK_EVENT_COLUMNS} FROM webhook_events \
+             WHERE source = $1 AND event_id = $2"
+        ))
+        .bind(&event.source)
+        .bind(&event.event_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((first, false))
+    }
+
+    async fn settle_webhook_event(
+        &self,
+        id: i64,
+        run_id: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query("UPDATE webhook_events SET run_id = $2, error = $3 WHERE id = $1")
+            .bind(id)
+            .bind(run_id)
+            .bind(error)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn webhook_events(&self, source: Option<&str>, limit: u32) -> Result<Vec<WebhookEvent>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {WEBHOOK_EVENT_COLUMNS} FROM webhook_events \
+             WHERE ($1::text IS NULL OR source = $1) \
+             ORDER BY received_at DESC, id DESC LIMIT $2"
+        ))
+        .bind(source)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
     }
 }

@@ -1,0 +1,233 @@
+//! Inbound webhooks: n8n starts runs through `POST /api/webhooks/n8n` (DESIGN §5), and every
+//! authenticated delivery is logged in `webhook_events` before it takes effect.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::Sha256;
+
+use super::AppState;
+use super::auth::{Viewer, caller_with_role};
+use super::error::{ApiError, Bytes, ErrorBody, Json, Query};
+use crate::auth::Role;
+use crate::plan::Trigger;
+use crate::settings;
+use crate::store::{NewWebhookEvent, WebhookEvent};
+
+/// The secret, set with `PUT /api/admin/secrets/n8n_webhook_secret`, that signs n8n's requests.
+pub const N8N_SECRET: &str = "n8n_webhook_secret";
+/// `sha256=` and the hex HMAC-SHA256 of the raw body under [`N8N_SECRET`].
+pub const SIGNATURE_HEADER: &str = "x-switchyard-signature";
+const MAX_EVENT_ID: usize = 200;
+
+/// A delivery from n8n's HTTP Request node.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct N8nEvent {
+    /// Unique per delivery. A repeated id is answered with what the first delivery did, and
+    /// starts nothing.
+    #[schema(min_length = 1, max_length = 200)]
+    pub event_id: String,
+    /// The workflow to start.
+    #[schema(min_length = 1)]
+    pub workflow: String,
+    /// The run's input.
+    #[serde(default)]
+    pub input: Value,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WebhookReceipt {
+    pub event_id: String,
+    /// The run the event started.
+    pub run_id: String,
+    /// Whether an earlier delivery with this id started it.
+    pub duplicate: bool,
+}
+
+/// Starts a run for n8n. Authenticated by an `X-Switchyard-Signature: sha256=<hex>` header (the
+/// HMAC-SHA256 of the body under the secret `n8n_webhook_secret`) or an operator's bearer token.
+#[utoipa::path(
+    post,
+    path = "/api/webhooks/n8n",
+    tag = "webhooks",
+    request_body = N8nEvent,
+    params(("x-switchyard-signature" = Option<String>, Header,
+        description = "`sha256=` and the hex HMAC-SHA256 of the body under the secret `n8n_webhook_secret`")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 201, description = "The run it started", body = WebhookReceipt),
+        (status = 200, description = "A repeated delivery: the run the first one started", body = WebhookReceipt),
+        (status = 400, description = "A body that is not an event", body = ErrorBody),
+        (status = 401, description = "No valid signature or token", body = ErrorBody),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+    )
+)]
+pub async fn n8n_webhook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Bytes(body): Bytes,
+) -> Result<(StatusCode, Json<WebhookReceipt>), ApiError> {
+    authenticate(&state, &headers, &body).await?;
+    let event: N8nEvent = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("request body: {e} (expected {{event_id, workflow, input}})"),
+        )
+    })?;
+    if event.event_id.is_empty() || event.event_id.len() > MAX_EVENT_ID {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!("request body: `event_id` must be 1 to {MAX_EVENT_ID} bytes"),
+        ));
+    }
+    let payload: Value = serde_json::from_slice(&body).expect("parsed above");
+    let store = state.engine.store();
+    let (logged, fresh) = store
+        .record_webhook_event(
+            NewWebhookEvent {
+                source: "n8n".into(),
+                event_id: event.event_id.clone(),
+                workflow_id: Some(event.workflow.clone()),
+                payload,
+            },
+            state.engine.now(),
+        )
+        .await?;
+    if !fresh && let Some(error) = logged.error {
+        return Err(ApiError::bad_request(
+            "refused_before",
+            format!(
+                "event {} was refused when first delivered: {error}",
+                event.event_id
+            ),
+        ));
+    }
+    // A repeated delivery whose first has no run yet (still in flight, or it failed on the way)
+    // asks for the same run: the key makes it the first's, or starts it now.
+    let trigger = Trigger {
+        idempotency_key: Some(format!("n8n/{}", event.event_id)),
+        ..Trigger::default()
+    };
+    let run_id = match logged.run_id {
+        Some(run_id) => run_id,
+        None => match state
+            .engine
+            .start(&event.workflow, event.input, trigger)
+            .await
+        {
+            Ok((run_id, _)) => {
+                store
+                    .settle_webhook_event(logged.id, Some(&run_id), None)
+                    .await?;
+                tracing::info!(run = %run_id, workflow = %event.workflow, event = %event.event_id, "run started by n8n");
+                run_id
+            }
+            Err(e) => {
+                let error = ApiError::from(e);
+                if error.status.is_client_error() {
+                    store
+                        .settle_webhook_event(logged.id, None, Some(&error.message))
+                        .await?;
+                }
+                return Err(error);
+            }
+        },
+    };
+    let status = if fresh {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(WebhookReceipt {
+            event_id: event.event_id,
+            run_id,
+            duplicate: !fresh,
+        }),
+    ))
+}
+
+/// A signature checks the body itself; a token is the other way in, for callers that cannot sign.
+async fn authenticate(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+    let Some(signature) = headers.get(SIGNATURE_HEADER) else {
+        if headers.contains_key(axum::http::header::AUTHORIZATION) {
+            return caller_with_role(state, headers, Role::Operator)
+                .await
+                .map(|_| ());
+        }
+        return Err(ApiError::unauthorized(format!(
+            "this endpoint needs an `X-Switchyard-Signature: sha256=<hex>` header \
+             (HMAC-SHA256 of the body under the secret {N8N_SECRET}) or a bearer token"
+        )));
+    };
+    let signature = signature
+        .to_str()
+        .ok()
+        .and_then(|s| s.strip_prefix("sha256="))
+        .and_then(|hex| hex::decode(hex).ok())
+        .ok_or_else(|| {
+            ApiError::unauthorized("header X-Switchyard-Signature: expected `sha256=<hex>`")
+        })?;
+    let values = settings::template_values(&state.engine).await?;
+    let secret = values.secrets.get(N8N_SECRET).ok_or_else(|| {
+        ApiError::unauthorized(format!(
+            "no signature can match: the secret {N8N_SECRET} is not set \
+             (PUT /api/admin/secrets/{N8N_SECRET})"
+        ))
+    })?;
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(body);
+    mac.verify_slice(&signature).map_err(|_| {
+        ApiError::unauthorized("header X-Switchyard-Signature: does not match the body")
+    })
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEventQuery {
+    /// Only events from this source, such as `n8n`.
+    pub source: Option<String>,
+    /// At most this many, newest first, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+}
+
+/// Inbound webhook deliveries, newest first, with the run each started or why it was refused;
+/// kept for 30 days.
+#[utoipa::path(
+    get,
+    path = "/api/webhook-events",
+    tag = "webhooks",
+    params(WebhookEventQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Events", body = Vec<WebhookEvent>),
+        (status = 400, description = "A bad filter", body = ErrorBody),
+    )
+)]
+pub async fn list_webhook_events(
+    _: Viewer,
+    State(state): State<AppState>,
+    Query(query): Query<WebhookEventQuery>,
+) -> Result<Json<Vec<WebhookEvent>>, ApiError> {
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("query string: `limit` must be 1 to 500, not {limit}"),
+        ));
+    }
+    Ok(Json(
+        state
+            .engine
+            .store()
+            .webhook_events(query.source.as_deref(), limit)
+            .await?,
+    ))
+}
