@@ -27,6 +27,21 @@ use tokio::task::JoinSet;
 
 use crate::cli::{ApiArgs, Cli, Command, Global, StatusArg, TokenAction, UserAction, WorkerArgs};
 
+/// Writes a line to stdout. A reader that went away (`switchyard runs | head`) ends the command
+/// quietly, as it would any Unix tool, instead of a panic on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 /// Exit codes of `run --wait` beyond 0 (succeeded) and 1 (failed or error).
 const EXIT_CANCELLED: u8 = 3;
 const EXIT_TIMED_OUT: u8 = 4;
@@ -49,7 +64,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match command {
         Command::Validate { paths } => validate(&global, paths),
         Command::Schema => {
-            println!("{}", serde_json::to_string_pretty(&json_schema())?);
+            out!("{}", serde_json::to_string_pretty(&json_schema())?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Token {
@@ -69,7 +84,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 claims.role,
                 time(claims.exp * 1000)
             );
-            println!("{token}");
+            out!("{token}");
             Ok(ExitCode::SUCCESS)
         }
         Command::User {
@@ -115,14 +130,18 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 })
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&runs)?);
+                out!("{}", serde_json::to_string_pretty(&runs)?);
             } else {
-                println!(
+                out!(
                     "{:<36}  {:<20}  {:<9}  {:<20}  {:>9}",
-                    "RUN", "WORKFLOW", "STATUS", "CREATED", "DURATION"
+                    "RUN",
+                    "WORKFLOW",
+                    "STATUS",
+                    "CREATED",
+                    "DURATION"
                 );
                 for r in runs {
-                    println!(
+                    out!(
                         "{:<36}  {:<20}  {:<9}  {:<20}  {:>9}",
                         r.id,
                         r.workflow_id,
@@ -138,7 +157,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let engine = open(&global).await?;
             let detail = engine.run(&run).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&detail)?);
+                out!("{}", serde_json::to_string_pretty(&detail)?);
             } else {
                 print_run(&detail);
             }
@@ -147,25 +166,25 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel { run } => {
             let engine = open(&global).await?;
             let status = engine.cancel(&run).await?;
-            println!("run {run} is {status}");
+            out!("run {run} is {status}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Retry { run } => {
             let engine = open(&global).await?;
             engine.retry(&run).await?;
-            println!("run {run} is running again from its unsuccessful steps");
+            out!("run {run} is running again from its unsuccessful steps");
             Ok(ExitCode::SUCCESS)
         }
         Command::Pause { workflow } => {
             let engine = open(&global).await?;
             engine.set_paused(&workflow, true).await?;
-            println!("workflow {workflow} paused: its fires are recorded as skipped");
+            out!("workflow {workflow} paused: its fires are recorded as skipped");
             Ok(ExitCode::SUCCESS)
         }
         Command::Resume { workflow } => {
             let engine = open(&global).await?;
             engine.set_paused(&workflow, false).await?;
-            println!("workflow {workflow} resumed");
+            out!("workflow {workflow} resumed");
             Ok(ExitCode::SUCCESS)
         }
         Command::Fires {
@@ -176,16 +195,16 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let engine = open(&global).await?;
             let fires = engine.fires(workflow.as_deref(), limit).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&fires)?);
+                out!("{}", serde_json::to_string_pretty(&fires)?);
             } else {
-                println!("{:<20}  {:<20}  OUTCOME", "WORKFLOW", "FIRE TIME");
+                out!("{:<20}  {:<20}  OUTCOME", "WORKFLOW", "FIRE TIME");
                 for f in fires {
                     let outcome = match (&f.run_id, &f.skipped_reason) {
                         (Some(run), _) => format!("run {run}"),
                         (None, Some(reason)) => format!("skipped: {reason}"),
                         (None, None) => "recorded".to_owned(),
                     };
-                    println!("{:<20}  {:<20}  {outcome}", f.workflow_id, time(f.fire_at));
+                    out!("{:<20}  {:<20}  {outcome}", f.workflow_id, time(f.fire_at));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -228,7 +247,7 @@ fn validate(global: &Global, paths: Vec<std::path::PathBuf>) -> anyhow::Result<E
     };
     match load_paths(&paths, &Registry::builtin().names()) {
         Ok(workflows) => {
-            println!("ok: {} workflows", workflows.len());
+            out!("ok: {} workflows", workflows.len());
             Ok(ExitCode::SUCCESS)
         }
         Err(errors) => {
@@ -446,7 +465,7 @@ async fn run(
         engine.install(definitions, DefinitionOrigin::Files).await?;
     }
     let (run_id, _) = engine.start(workflow, input, Trigger::default()).await?;
-    println!("{run_id}");
+    out!("{run_id}");
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
@@ -506,27 +525,27 @@ fn duration(from: Option<Millis>, to: Option<Millis>) -> String {
 
 fn print_run(detail: &RunDetail) {
     let r = &detail.summary;
-    println!("run       {}", r.id);
-    println!("workflow  {} v{}", r.workflow_id, r.version);
-    println!("status    {}", r.status);
-    println!("created   {}", time(r.created_at));
-    println!(
+    out!("run       {}", r.id);
+    out!("workflow  {} v{}", r.workflow_id, r.version);
+    out!("status    {}", r.status);
+    out!("created   {}", time(r.created_at));
+    out!(
         "duration  {}",
         duration(r.started_at.or(Some(r.created_at)), r.finished_at)
     );
     if let Some(parent) = &r.parent_run_id {
-        println!("parent    {parent}");
+        out!("parent    {parent}");
     }
     if let Some(error) = &r.error {
-        println!("error     {error}");
+        out!("error     {error}");
     }
-    println!("input     {}", detail.input);
+    out!("input     {}", detail.input);
     if let Some(output) = &detail.output {
-        println!("output    {output}");
+        out!("output    {output}");
     }
-    println!("steps");
+    out!("steps");
     for s in &detail.steps {
-        println!(
+        out!(
             "  {:<24} {:<10} attempt {:<2} {}",
             s.step_id,
             s.state.as_str(),
@@ -535,7 +554,7 @@ fn print_run(detail: &RunDetail) {
         );
         if let Some(attempts) = s.attempts.as_array() {
             for a in attempts.iter().filter(|a| a["outcome"] != "succeeded") {
-                println!(
+                out!(
                     "      attempt {} {}: {}",
                     a["attempt"],
                     a["outcome"].as_str().unwrap_or("?"),
@@ -544,7 +563,7 @@ fn print_run(detail: &RunDetail) {
             }
         }
         if let Some(error) = &s.error {
-            println!("      error: {error}");
+            out!("      error: {error}");
         }
     }
 }

@@ -185,3 +185,21 @@ fn fanout_demo_aggregates_seven_children() {
         "amazon_influencer-item"
     );
 }
+
+#[test]
+fn output_to_a_reader_that_went_away_ends_quietly() {
+    let sandbox = Sandbox::new("pipe", "id: fine\nsteps:\n  - {id: a, type: noop}\n");
+    // `switchyard schema | head -1`, with the reader gone before the first write.
+    let mut child = sandbox
+        .command()
+        .arg("schema")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
