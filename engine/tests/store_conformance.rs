@@ -61,6 +61,55 @@ fn done(job: &ClaimedJob, output: Value) -> Completion {
     }
 }
 
+fn failed(job: &ClaimedJob, error: &str) -> Completion {
+    Completion {
+        lease: job.lease.clone(),
+        settlement: Settlement::Fail {
+            error: error.into(),
+        },
+        children: Vec::new(),
+    }
+}
+
+/// Parks the claimed `workflow` step `fan` of `run` with `count` child runs of `child`, as a
+/// worker does; returns the children's run ids in order.
+async fn park_with_children(
+    store: &dyn Store,
+    run: &str,
+    fan: &ClaimedJob,
+    child: &Workflow,
+    child_version: i64,
+    count: i64,
+) -> Vec<String> {
+    let children: Vec<NewRun> = (0..count)
+        .map(|index| {
+            let mut r = planned(child_version, child);
+            r.parent = Some(switchyard_engine::store::ParentLink {
+                run_id: run.to_owned(),
+                job_id: fan.lease.job_id,
+                index,
+            });
+            r
+        })
+        .collect();
+    let ids = children.iter().map(|r| r.id.clone()).collect();
+    store
+        .complete(
+            vec![Completion {
+                lease: fan.lease.clone(),
+                settlement: Settlement::Park {
+                    until: None,
+                    checkpoint: json!({}),
+                },
+                children,
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+    ids
+}
+
 async fn run_status(store: &dyn Store, id: &str) -> RunStatus {
     store.run(id).await.unwrap().summary.status
 }
@@ -226,19 +275,7 @@ pub async fn failed_step_fails_the_run_and_cancels_the_rest(store: Arc<dyn Store
     let run = start(&*store, &wf, Trigger::default()).await;
     let jobs = claim(&*store, T0, 10).await;
     let a = jobs.iter().find(|j| j.step_id == "a").unwrap();
-    store
-        .complete(
-            vec![Completion {
-                lease: a.lease.clone(),
-                settlement: Settlement::Fail {
-                    error: "bad".into(),
-                },
-                children: Vec::new(),
-            }],
-            T0,
-        )
-        .await
-        .unwrap();
+    store.complete(vec![failed(a, "bad")], T0).await.unwrap();
     let detail = store.run(&run).await.unwrap();
     assert_eq!(detail.summary.status, RunStatus::Failed);
     assert!(detail.summary.error.unwrap().contains("step a failed: bad"));
@@ -262,17 +299,7 @@ pub async fn retry_run_reruns_only_unsuccessful_steps(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let b = claim(&*store, T0, 1).await.remove(0);
-    store
-        .complete(
-            vec![Completion {
-                lease: b.lease.clone(),
-                settlement: Settlement::Fail { error: "x".into() },
-                children: Vec::new(),
-            }],
-            T0,
-        )
-        .await
-        .unwrap();
+    store.complete(vec![failed(&b, "x")], T0).await.unwrap();
     assert_eq!(run_status(&*store, &run).await, RunStatus::Failed);
     store.retry_run(&run, T0 + 1).await.unwrap();
     let next = claim(&*store, T0 + 1, 10).await;
@@ -370,31 +397,7 @@ pub async fn workflow_step_succeeds_with_child_outputs_in_order(store: Arc<dyn S
     let child_version = install(&*store, &child).await;
     let run = start(&*store, &parent, Trigger::default()).await;
     let fan = claim(&*store, T0, 1).await.remove(0);
-    let children: Vec<NewRun> = (0..2)
-        .map(|index| {
-            let mut r = planned(child_version, &child);
-            r.parent = Some(switchyard_engine::store::ParentLink {
-                run_id: run.clone(),
-                job_id: fan.lease.job_id,
-                index,
-            });
-            r
-        })
-        .collect();
-    store
-        .complete(
-            vec![Completion {
-                lease: fan.lease.clone(),
-                settlement: Settlement::Park {
-                    until: None,
-                    checkpoint: json!({}),
-                },
-                children,
-            }],
-            T0,
-        )
-        .await
-        .unwrap();
+    park_with_children(&*store, &run, &fan, &child, child_version, 2).await;
     let jobs = claim(&*store, T0, 10).await;
     assert_eq!(jobs.len(), 2);
     // Finish them out of order: the output keeps the children's order.
@@ -420,32 +423,8 @@ pub async fn retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones(store:
     let child_version = install(&*store, &child).await;
     let run = start(&*store, &parent, Trigger::default()).await;
     let fan = claim(&*store, T0, 1).await.remove(0);
-    let children: Vec<NewRun> = (0..2)
-        .map(|index| {
-            let mut r = planned(child_version, &child);
-            r.parent = Some(switchyard_engine::store::ParentLink {
-                run_id: run.clone(),
-                job_id: fan.lease.job_id,
-                index,
-            });
-            r
-        })
-        .collect();
-    let (first_child, second_child) = (children[0].id.clone(), children[1].id.clone());
-    store
-        .complete(
-            vec![Completion {
-                lease: fan.lease.clone(),
-                settlement: Settlement::Park {
-                    until: None,
-                    checkpoint: json!({}),
-                },
-                children,
-            }],
-            T0,
-        )
-        .await
-        .unwrap();
+    let children = park_with_children(&*store, &run, &fan, &child, child_version, 2).await;
+    let (first_child, second_child) = (children[0].clone(), children[1].clone());
     let jobs = claim(&*store, T0, 10).await;
     let job_of = |run: &str| jobs.iter().find(|j| j.run_id == run).unwrap();
     store
@@ -453,16 +432,7 @@ pub async fn retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones(store:
         .await
         .unwrap();
     store
-        .complete(
-            vec![Completion {
-                lease: job_of(&second_child).lease.clone(),
-                settlement: Settlement::Fail {
-                    error: "boom".into(),
-                },
-                children: Vec::new(),
-            }],
-            T0,
-        )
+        .complete(vec![failed(job_of(&second_child), "boom")], T0)
         .await
         .unwrap();
     assert_eq!(run_status(&*store, &run).await, RunStatus::Failed);
@@ -792,32 +762,7 @@ pub async fn children_finishing_at_once_settle_their_parent(store: Arc<dyn Store
     for _ in 0..10 {
         let run = start(&*store, &parent, Trigger::default()).await;
         let fan = claim(&*store, T0, 1).await.remove(0);
-        let children: Vec<NewRun> = (0..2)
-            .map(|index| {
-                let mut r = planned(child_version, &child);
-                r.parent = Some(switchyard_engine::store::ParentLink {
-                    run_id: run.clone(),
-                    job_id: fan.lease.job_id,
-                    index,
-                });
-                r
-            })
-            .collect();
-        let park = Settlement::Park {
-            until: None,
-            checkpoint: json!({}),
-        };
-        store
-            .complete(
-                vec![Completion {
-                    lease: fan.lease.clone(),
-                    settlement: park,
-                    children,
-                }],
-                T0,
-            )
-            .await
-            .unwrap();
+        park_with_children(&*store, &run, &fan, &child, child_version, 2).await;
         parents.push(run);
     }
     let jobs = claim(&*store, T0, 100).await;
@@ -1077,14 +1022,10 @@ pub async fn an_unchanged_definition_file_keeps_a_newer_version_from_the_api(
 pub async fn failed_runs_raise_alerts_and_cancelled_ones_do_not(store: Arc<dyn Store>) {
     let failing = start(&*store, &linear(), Trigger::default()).await;
     let job = claim(&*store, T0, 1).await.remove(0);
-    let fail = Completion {
-        lease: job.lease.clone(),
-        settlement: Settlement::Fail {
-            error: "boom".into(),
-        },
-        children: Vec::new(),
-    };
-    store.complete(vec![fail], T0).await.unwrap();
+    store
+        .complete(vec![failed(&job, "boom")], T0)
+        .await
+        .unwrap();
     let cancelled = start(&*store, &linear(), Trigger::default()).await;
     store.cancel_run(&cancelled, T0).await.unwrap();
 

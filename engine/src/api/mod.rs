@@ -157,6 +157,19 @@ impl utoipa::Modify for ErrorResponses {
     }
 }
 
+/// The page size of a list: `limit` from the query string, 50 unless given, 1 to 500.
+fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    const MAX_PAGE: u32 = 500;
+    let limit = limit.unwrap_or(50);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("query string: `limit` must be 1 to {MAX_PAGE}, not {limit}"),
+        ));
+    }
+    Ok(limit)
+}
+
 /// Every route with its OpenAPI operation.
 fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())

@@ -9,9 +9,6 @@ use super::error::{ApiError, ErrorBody, Json, Path, Query};
 use crate::state::{Millis, RunStatus};
 use crate::store::{Alert, RunDetail, RunFilter, RunSummary};
 
-const DEFAULT_PAGE: u32 = 50;
-const MAX_PAGE: u32 = 500;
-
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
@@ -75,13 +72,7 @@ pub async fn list_runs(
     State(state): State<AppState>,
     Query(query): Query<RunQuery>,
 ) -> Result<Json<RunPage>, ApiError> {
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("query string: `limit` must be 1 to {MAX_PAGE}, not {limit}"),
-        ));
-    }
+    let limit = super::page_limit(query.limit)?;
     let filter = RunFilter {
         workflow_id: query.workflow,
         status: query.status,
@@ -205,13 +196,7 @@ pub async fn list_alerts(
     State(state): State<AppState>,
     Query(query): Query<AlertQuery>,
 ) -> Result<Json<Vec<Alert>>, ApiError> {
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("query string: `limit` must be 1 to {MAX_PAGE}, not {limit}"),
-        ));
-    }
+    let limit = super::page_limit(query.limit)?;
     Ok(Json(
         state
             .engine

@@ -216,13 +216,7 @@ pub async fn list_webhook_events(
     State(state): State<AppState>,
     Query(query): Query<WebhookEventQuery>,
 ) -> Result<Json<Vec<WebhookEvent>>, ApiError> {
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("query string: `limit` must be 1 to 500, not {limit}"),
-        ));
-    }
+    let limit = super::page_limit(query.limit)?;
     Ok(Json(
         state
             .engine

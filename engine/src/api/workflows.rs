@@ -545,13 +545,7 @@ pub async fn list_fires(
     State(state): State<AppState>,
     Query(query): Query<FireQuery>,
 ) -> Result<Json<Vec<FireRecord>>, ApiError> {
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("query string: `limit` must be 1 to 500, not {limit}"),
-        ));
-    }
+    let limit = super::page_limit(query.limit)?;
     let mut fires = state.engine.fires(query.workflow.as_deref(), limit).await?;
     if query.skipped {
         fires.retain(|f| f.skipped_reason.is_some());
