@@ -634,9 +634,23 @@ async fn n8n_starts_one_run_per_signed_event_and_every_event_is_logged() {
     let reply = deliver(unknown.clone(), n8n_signature(SECRET, &unknown)).await;
     reply.assert_error(400, "refused_before");
 
+    // Without a signature, an operator's token is the way in; a viewer's is not enough.
+    let by_token = json!({"event_id": "exec-43", "workflow": "hello"});
+    api.post("/api/webhooks/n8n", &viewer, by_token.clone())
+        .await
+        .assert_error(403, "forbidden");
+    let operator = api.token("operator", &[]);
+    let reply = api.post("/api/webhooks/n8n", &operator, by_token).await;
+    assert_eq!(reply.status, 201, "{reply}");
+    let second_run = reply.body["run_id"].as_str().unwrap().to_owned();
+    send(api.request(Method::GET, "/api/webhook-events"))
+        .await
+        .assert_error(401, "unauthorized");
+
     let reply = api.get("/api/webhook-events?source=n8n", &viewer).await;
     assert_eq!(reply.status, 200, "{reply}");
-    let events = reply.body.as_array().unwrap();
+    assert_eq!(reply.body[0]["event_id"], "exec-43", "{reply}");
+    let events = &reply.body.as_array().unwrap()[1..];
     assert_eq!(
         events.len(),
         2,
@@ -654,7 +668,11 @@ async fn n8n_starts_one_run_per_signed_event_and_every_event_is_logged() {
         json!({"name": "n8n"}),
         "{reply}"
     );
-    assert_eq!(api.run_ids(&viewer).await, vec![run], "one run in all");
+    assert_eq!(
+        api.run_ids(&viewer).await,
+        vec![second_run, run],
+        "one run per event"
+    );
 }
 
 #[tokio::test]
