@@ -116,7 +116,7 @@ pub async fn run_worker(
 
     loop {
         let free = match stopping {
-            None => slots - held.len() - reserved,
+            None => slots.saturating_sub(held.len() + reserved),
             Some(_) => 0,
         };
         // Finished attempts always carry a claim for the free slots: it costs no extra commit.
