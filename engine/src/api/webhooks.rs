@@ -71,9 +71,12 @@ pub async fn n8n_webhook(
     Bytes(body): Bytes,
 ) -> Result<(StatusCode, Json<WebhookReceipt>), ApiError> {
     authenticate(&state, &headers, &body).await?;
-    let event: N8nEvent = serde_json::from_slice(&body).map_err(|e| {
+    // Parsed once: the value is what the log keeps, the event what it says.
+    let payload: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("request body: {e}")))?;
+    let event = N8nEvent::deserialize(&payload).map_err(|e| {
         ApiError::bad_request(
-            "invalid_json",
+            "invalid_body",
             format!("request body: {e} (expected {{event_id, workflow, input}})"),
         )
     })?;
@@ -83,7 +86,6 @@ pub async fn n8n_webhook(
             format!("request body: `event_id` must be 1 to {MAX_EVENT_ID} bytes"),
         ));
     }
-    let payload: Value = serde_json::from_slice(&body).expect("parsed above");
     let store = state.engine.store();
     let (logged, fresh) = store
         .record_webhook_event(
