@@ -389,6 +389,41 @@ pub async fn parked_job_wakes_at_its_time_with_its_checkpoint(store: Arc<dyn Sto
     assert_eq!(woken.checkpoint, Some(json!({ "until": T0 + 60_000 })));
 }
 
+/// Cancelling leaves nothing of a run to claim: neither its queued jobs nor its sleeping ones,
+/// and the queue depth and next due time forget them.
+pub async fn cancelled_runs_leave_nothing_claimable(store: Arc<dyn Store>) {
+    let sleeping = start(&*store, &linear(), Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(
+            vec![Completion {
+                lease: job.lease.clone(),
+                settlement: Settlement::Park {
+                    until: Some(T0 + 60_000),
+                    checkpoint: json!({}),
+                },
+                children: Vec::new(),
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+    let queued = start(&*store, &linear(), Trigger::default()).await;
+    let kept = start(&*store, &linear(), Trigger::default()).await;
+    assert_eq!(store.queue_depth(T0 + 60_000).await.unwrap(), 3);
+    for run in [&queued, &sleeping] {
+        store.cancel_run(run, T0).await.unwrap();
+    }
+    assert_eq!(store.queue_depth(T0 + 60_000).await.unwrap(), 1);
+    assert_eq!(store.next_due().await.unwrap(), Some(T0));
+    let left = claim(&*store, T0 + 60_000, 10).await;
+    assert_eq!(
+        left.iter().map(|j| &j.run_id).collect::<Vec<_>>(),
+        vec![&kept]
+    );
+    assert_eq!(store.next_due().await.unwrap(), None);
+}
+
 pub async fn workflow_step_succeeds_with_child_outputs_in_order(store: Arc<dyn Store>) {
     let child = workflow("id: child\nsteps:\n  - {id: only, type: noop}\n");
     let parent = workflow(
@@ -1055,6 +1090,7 @@ macro_rules! conformance {
                 cancel_ends_the_run_and_drops_held_leases,
                 run_past_its_deadline_times_out,
                 parked_job_wakes_at_its_time_with_its_checkpoint,
+                cancelled_runs_leave_nothing_claimable,
                 workflow_step_succeeds_with_child_outputs_in_order,
                 retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones,
                 a_webhook_event_is_logged_once_per_source_and_id,

@@ -423,7 +423,8 @@ pub trait Store: Send + Sync + 'static {
     async fn sweep(&self, now: Millis) -> Result<Swept>;
     /// Jobs claimable now: the backlog workers have not taken yet.
     async fn queue_depth(&self, now: Millis) -> Result<i64>;
-    /// The earliest time a job becomes claimable or a run times out, if any.
+    /// The earliest time a job becomes claimable or a run times out, if any. An expiring lease
+    /// is not one: the sweep settles it, and wakes the workers if that made a job claimable.
     async fn next_due(&self) -> Result<Option<Millis>>;
 
     async fn cancel_run(&self, run_id: &str, now: Millis) -> Result<RunStatus>;

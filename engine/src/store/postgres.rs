@@ -35,6 +35,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgre
 const ACTIVE_RUN: &str = "('pending', 'running')";
 /// The states a job is not finished in.
 const OPEN_JOB: &str = "('waiting', 'available', 'running', 'retrying', 'parked')";
+/// States a job is claimed from; such a job has a `job_queue` row exactly when it has a
+/// `run_after` (a parked job without one waits for its children, not for a time).
+const CLAIMABLE_JOB: &str = "('available', 'retrying', 'parked')";
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -357,12 +360,17 @@ async fn insert_runs(
     }
     if !jobs.is_empty() {
         sqlx::query(
-            "INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
-                 attempt_budget, max_attempts, run_after) \
-             SELECT j.run_id, j.step_id, CASE WHEN j.ready THEN 'available' ELSE 'waiting' END, \
-                 j.needs, j.pending, j.is_sink, j.budget, j.budget, $2 \
-             FROM jsonb_to_recordset($1) AS j(run_id text, step_id text, needs jsonb, \
-                 pending int, is_sink boolean, budget int, ready boolean)",
+            "WITH made AS ( \
+                 INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
+                     attempt_budget, max_attempts, run_after) \
+                 SELECT j.run_id, j.step_id, \
+                     CASE WHEN j.ready THEN 'available' ELSE 'waiting' END, \
+                     j.needs, j.pending, j.is_sink, j.budget, j.budget, $2 \
+                 FROM jsonb_to_recordset($1) AS j(run_id text, step_id text, needs jsonb, \
+                     pending int, is_sink boolean, budget int, ready boolean) \
+                 RETURNING id, state, run_after) \
+             INSERT INTO job_queue (run_after, job_id) \
+             SELECT run_after, id FROM made WHERE state = 'available' ON CONFLICT DO NOTHING",
         )
         .bind(Value::Array(jobs))
         .bind(now)
@@ -411,7 +419,8 @@ async fn complete_in(
     // - `locked` takes the runs' locks first, in id order (see `lock_runs_of_jobs`); the
     //   uncorrelated subquery in `settled`'s filter runs once, before any job is written.
     // - `settled`: only rows still `running` under the same attempt and token change, so a late
-    //   answer from a worker whose lease expired matches nothing. The attempt history records
+    //   answer from a worker whose lease expired matches nothing. `id = ANY($3)` keeps the lookup
+    //   on the primary key whatever the statistics say. Jobs it leaves claimable join the queue. The attempt history records
     //   unsuccessful attempts only; the succeeding one is the row's own timings.
     // - `promoted`: the dependents of the steps that succeeded. It writes `waiting` rows,
     //   `settled` writes `running` ones, so the two never touch the same row.
@@ -428,7 +437,6 @@ async fn complete_in(
                  checkpoint = coalesce(c.checkpoint::jsonb, jobs.checkpoint), \
                  attempt = jobs.attempt - (c.state = 'available')::int, \
                  lease_token = NULL, \
-                 lease_expires_at = NULL, \
                  finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN $2 END, \
                  attempts = CASE WHEN c.state IN ('failed', 'retrying') \
                      THEN jobs.attempts || jsonb_build_array(jsonb_build_object( \
@@ -437,10 +445,15 @@ async fn complete_in(
                      ELSE jobs.attempts END \
              FROM jsonb_to_recordset($1) AS c(id bigint, attempt int, token text, state text, \
                  output text, error text, run_after bigint, checkpoint text) \
-             WHERE jobs.id = c.id AND jobs.attempt = c.attempt \
+             WHERE jobs.id = ANY($3) AND jobs.id = c.id AND jobs.attempt = c.attempt \
                  AND jobs.lease_token = c.token AND jobs.state = 'running' \
                  AND (SELECT count(*) FROM locked) >= 0 \
-             RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error, jobs.is_sink), \
+             RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error, jobs.is_sink, \
+                 jobs.run_after), \
+         requeued AS ( \
+             INSERT INTO job_queue (run_after, job_id) SELECT run_after, id FROM settled \
+             WHERE state IN ('available', 'retrying', 'parked') AND run_after IS NOT NULL \
+             ON CONFLICT DO NOTHING), \
          succeeded AS ( \
              SELECT run_id, step_id FROM settled WHERE state = 'succeeded' AND NOT is_sink), \
          {PROMOTE_DEPENDENTS} \
@@ -548,7 +561,8 @@ async fn cascade(
     }
 }
 
-/// Every waiting job counts down the needs that just succeeded, and becomes available at zero.
+/// Every waiting job counts down the needs that just succeeded, and becomes available (and
+/// queued) at zero.
 /// `OFFSET 0` keeps the lookup a per-step index probe; flattened into a join, it becomes a scan of
 /// every job. Selects the ids of the jobs that became available, from `succeeded(run_id, step_id)`,
 /// which the caller defines.
@@ -564,7 +578,11 @@ const PROMOTE_DEPENDENTS: &str = "promoted AS ( \
                AND state = 'waiting' AND needs ? s.step_id OFFSET 0) AS j \
            GROUP BY j.id) AS d \
      WHERE jobs.id = d.id \
-     RETURNING jobs.id, jobs.state)";
+     RETURNING jobs.id, jobs.state, jobs.run_after), \
+ promoted_queued AS ( \
+     INSERT INTO job_queue (run_after, job_id) \
+     SELECT run_after, id FROM promoted WHERE state = 'available' \
+     ON CONFLICT DO NOTHING)";
 
 /// Promotes the dependents of steps that succeeded (see `PROMOTE_DEPENDENTS`); returns the jobs
 /// that became available.
@@ -590,7 +608,7 @@ async fn promote_dependents(
 }
 
 /// Marks `succeeded` the runs among `runs` whose every job succeeded; the output maps each sink
-/// step to its output.
+/// step to its output. One read of each run's jobs answers both.
 async fn finish_succeeded_runs(
     conn: &mut PgConnection,
     runs: &BTreeSet<&RunId>,
@@ -599,11 +617,14 @@ async fn finish_succeeded_runs(
     let ids: Vec<&str> = runs.iter().map(|r| r.as_str()).collect();
     let rows = sqlx::query(
         "UPDATE runs SET status = 'succeeded', finished_at = $2, expires_at = $2 + retention_ms, \
-             output = (SELECT coalesce(jsonb_object_agg(step_id, output), '{}') FROM jobs \
-                       WHERE run_id = runs.id AND is_sink) \
+             output = s.output \
          FROM unnest($1::text[]) AS c(id) \
-         WHERE runs.id = c.id AND runs.status = 'running' \
-             AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = runs.id AND state <> 'succeeded') \
+         CROSS JOIN LATERAL ( \
+             SELECT bool_and(state = 'succeeded') AS done, \
+                 coalesce(jsonb_object_agg(step_id, output) FILTER (WHERE is_sink), '{}') \
+                     AS output \
+             FROM jobs WHERE run_id = c.id) AS s \
+         WHERE runs.id = c.id AND runs.status = 'running' AND s.done \
          RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
              runs.concurrency_key",
     )
@@ -677,8 +698,11 @@ async fn end_runs(
     );
     let all: Vec<&str> = finished.iter().map(|r| r.id.as_str()).collect();
     sqlx::query(&format!(
-        "UPDATE jobs SET state = 'cancelled', lease_token = NULL, lease_expires_at = NULL, \
-             finished_at = $2 \
+        "WITH dequeued AS ( \
+             DELETE FROM job_queue AS q USING jobs AS j \
+             WHERE j.run_id = ANY($1::text[]) AND j.state IN {CLAIMABLE_JOB} \
+                 AND q.run_after = j.run_after AND q.job_id = j.id) \
+         UPDATE jobs SET state = 'cancelled', lease_token = NULL, finished_at = $2 \
          WHERE run_id = ANY($1::text[]) AND state IN {OPEN_JOB}"
     ))
     .bind(&all)
@@ -728,18 +752,27 @@ async fn open_gates(
         .fetch_all(&mut *conn)
         .await?;
         if !started.is_empty() {
-            let made = sqlx::query(
-                "UPDATE jobs SET state = 'available', run_after = $2 \
-                 WHERE run_id = ANY($1::text[]) AND state = 'waiting' AND pending_needs = 0",
-            )
-            .bind(&started)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-            woke |= made.rows_affected() > 0;
+            woke |= make_ready(conn, &started, now).await? > 0;
         }
     }
     Ok(woke)
+}
+
+/// Makes the jobs of `runs` that wait for nothing available, and queues them; returns how many.
+async fn make_ready(conn: &mut PgConnection, runs: &[String], now: Millis) -> Result<u64> {
+    Ok(sqlx::query(
+        "WITH made AS ( \
+             UPDATE jobs SET state = 'available', run_after = $2 \
+             WHERE run_id = ANY($1::text[]) AND state = 'waiting' AND pending_needs = 0 \
+             RETURNING id, run_after) \
+         INSERT INTO job_queue (run_after, job_id) \
+         SELECT run_after, id FROM made ON CONFLICT DO NOTHING",
+    )
+    .bind(runs)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected())
 }
 
 /// Settles the parked `workflow` steps whose child runs just finished: failed when a child did not
@@ -820,22 +853,35 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
     }
     let token = uuid::Uuid::new_v4().simple().to_string();
     // Waking from a parked state continues the same attempt; anything else starts a new one.
+    // The claim takes the queue's first rows no other claim holds and deletes them; the jobs are
+    // reached by primary key (`= ANY`), whatever the statistics say, and their state is checked
+    // again as a guard. One lease row covers the whole claim. Templates reference only steps
+    // upstream of their own (definition validation), so a step without needs is given no outputs
+    // and costs no lookup.
     let rows = sqlx::query(
         "WITH next AS MATERIALIZED ( \
-             SELECT id FROM jobs \
-             WHERE state IN ('available', 'retrying', 'parked') AND run_after <= $3 \
-             ORDER BY run_after, id LIMIT $4 FOR UPDATE SKIP LOCKED), \
+             SELECT run_after, job_id FROM job_queue WHERE run_after <= $3 \
+             ORDER BY run_after, job_id LIMIT $4 FOR UPDATE SKIP LOCKED), \
+         dequeued AS ( \
+             DELETE FROM job_queue AS q USING next \
+             WHERE q.run_after = next.run_after AND q.job_id = next.job_id), \
          claimed AS ( \
              UPDATE jobs SET state = 'running', \
                  attempt = jobs.attempt + (jobs.state <> 'parked')::int, \
-                 lease_token = $1, lease_expires_at = $2, \
+                 lease_token = $1, \
                  started_at = CASE WHEN jobs.state = 'parked' THEN jobs.started_at ELSE $3 END \
-             FROM next WHERE jobs.id = next.id \
-             RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.attempt, jobs.checkpoint) \
+             WHERE jobs.id = ANY(ARRAY(SELECT job_id FROM next)) \
+                 AND jobs.state IN ('available', 'retrying', 'parked') \
+             RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.attempt, jobs.checkpoint, \
+                 jobs.needs), \
+         leased AS ( \
+             INSERT INTO leases (token, expires_at, job_ids) \
+             SELECT $1, $2, array_agg(id) FROM claimed HAVING count(*) > 0) \
          SELECT c.id, c.run_id, c.step_id, c.attempt, c.checkpoint, r.workflow_id, \
              r.version, r.input, r.scheduled_at, \
-             (SELECT jsonb_object_agg(j.step_id, j.output) FROM jobs AS j \
-              WHERE j.run_id = c.run_id AND j.state = 'succeeded') AS outputs \
+             CASE WHEN c.needs <> '[]' THEN (SELECT jsonb_object_agg(j.step_id, j.output) \
+                 FROM jobs AS j WHERE j.run_id = c.run_id AND j.state = 'succeeded') \
+             END AS outputs \
          FROM claimed AS c JOIN runs AS r ON r.id = c.run_id",
     )
     .bind(&token)
@@ -1159,12 +1205,16 @@ impl Store for PostgresStore {
         let ids: Vec<JobId> = leases.iter().map(|l| l.job_id).collect();
         let attempts: Vec<i32> = leases.iter().map(|l| l.attempt as i32).collect();
         let tokens: Vec<&str> = leases.iter().map(|l| l.token.as_str()).collect();
+        // A claim's lease row covers all its jobs: extending it for one extends it for the rest,
+        // which the same worker holds (or has settled, or lost to a reclaim that changed their
+        // token).
         Ok(sqlx::query_scalar(
-            "UPDATE jobs SET lease_expires_at = $4 \
+            "WITH extended AS ( \
+                 UPDATE leases SET expires_at = $4 WHERE token = ANY($3::text[])) \
+             SELECT jobs.id \
              FROM unnest($1::bigint[], $2::int[], $3::text[]) AS c(id, attempt, token) \
-             WHERE jobs.id = c.id AND jobs.attempt = c.attempt \
-                 AND jobs.lease_token = c.token AND jobs.state = 'running' \
-             RETURNING jobs.id",
+             JOIN jobs ON jobs.id = c.id AND jobs.attempt = c.attempt \
+                 AND jobs.lease_token = c.token AND jobs.state = 'running'",
         )
         .bind(&ids)
         .bind(&attempts)
@@ -1201,8 +1251,10 @@ impl Store for PostgresStore {
         // No row locks here: the fenced completion decides, should a worker or another sweeper
         // settle the same attempt at the same time.
         let expired = sqlx::query(
-            "SELECT id, attempt, lease_token, max_attempts FROM jobs \
-             WHERE state = 'running' AND lease_expires_at <= $1 LIMIT 1000",
+            "SELECT j.id, j.attempt, j.lease_token, j.max_attempts \
+             FROM leases AS l JOIN jobs AS j ON j.id = ANY(l.job_ids) \
+             WHERE l.expires_at <= $1 AND j.lease_token = l.token AND j.state = 'running' \
+             LIMIT 1000",
         )
         .bind(now)
         .fetch_all(&mut *tx)
@@ -1225,6 +1277,16 @@ impl Store for PostgresStore {
             .collect();
         let mut effects = Effects::default();
         let reclaimed = complete_in(&mut tx, lost, now, &mut effects).await?.len() as u64;
+        // Expired leases none of whose jobs still runs under them (a claim's lease outlives its
+        // jobs until it expires, so most have none) are done with.
+        sqlx::query(
+            "DELETE FROM leases AS l WHERE l.expires_at <= $1 \
+                 AND NOT EXISTS (SELECT 1 FROM jobs AS j WHERE j.id = ANY(l.job_ids) \
+                     AND j.lease_token = l.token AND j.state = 'running')",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
 
         let late: Vec<(String, Option<i64>)> = sqlx::query_as(&format!(
             "SELECT id, timeout_ms FROM runs WHERE status IN {ACTIVE_RUN} AND deadline_at <= $1 \
@@ -1268,23 +1330,20 @@ impl Store for PostgresStore {
     }
 
     async fn queue_depth(&self, now: Millis) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM jobs \
-             WHERE state IN ('available', 'retrying', 'parked') AND run_after <= $1",
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM job_queue WHERE run_after <= $1")
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await?,
         )
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await?)
     }
 
     async fn next_due(&self) -> Result<Option<Millis>> {
         Ok(sqlx::query_scalar(&format!(
             "SELECT least( \
-                 (SELECT min(run_after) FROM jobs \
-                     WHERE state IN ('available', 'retrying', 'parked')), \
+                 (SELECT min(run_after) FROM job_queue), \
                  (SELECT min(deadline_at) FROM runs \
-                     WHERE status IN {ACTIVE_RUN} AND deadline_at IS NOT NULL), \
-                 (SELECT min(lease_expires_at) FROM jobs WHERE state = 'running'))"
+                     WHERE status IN {ACTIVE_RUN} AND deadline_at IS NOT NULL))"
         ))
         .fetch_one(&self.pool)
         .await?)
@@ -1399,14 +1458,7 @@ impl Store for PostgresStore {
         .bind(&runs)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE jobs SET state = 'available', run_after = $2 \
-             WHERE run_id = ANY($1::text[]) AND state = 'waiting' AND pending_needs = 0",
-        )
-        .bind(&runs)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        make_ready(&mut tx, &runs, now).await?;
         self.notify(&mut tx).await?;
         tx.commit().await?;
         self.wakeup.notify_one();

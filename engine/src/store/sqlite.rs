@@ -1050,8 +1050,7 @@ impl Store for SqliteStore {
                  coalesce((SELECT min(run_after) FROM jobs \
                      WHERE state IN ('available', 'retrying', 'parked')), 9000000000000000000), \
                  coalesce((SELECT min(deadline_at) FROM runs \
-                     WHERE status IN {ACTIVE_RUN} AND deadline_at IS NOT NULL), 9000000000000000000), \
-                 coalesce((SELECT min(lease_expires_at) FROM jobs WHERE state = 'running'), 9000000000000000000))"
+                     WHERE status IN {ACTIVE_RUN} AND deadline_at IS NOT NULL), 9000000000000000000))"
         ))
         .fetch_one(&self.reader)
         .await
