@@ -62,7 +62,10 @@ impl PostgresStore {
             // Queue statements touch a few rows by index but are costed on the whole table: with
             // a large backlog the planner JIT-compiles them, which costs hundreds of
             // milliseconds per statement (a claim with 1M queued: 5 ms without, 520 ms with).
-            .options([("jit", "off")]);
+            // Every statement here has an index to follow, and a plan built while a table was
+            // small, or without statistics (autovacuum may be off), must not scan it whole once
+            // it has grown: a prepared statement keeps its plan.
+            .options([("jit", "off"), ("enable_seqscan", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             // A ping before every use is a round trip on every transaction of the job cycle. A
@@ -853,18 +856,17 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
     }
     let token = uuid::Uuid::new_v4().simple().to_string();
     // Waking from a parked state continues the same attempt; anything else starts a new one.
-    // The claim takes the queue's first rows no other claim holds and deletes them; the jobs are
-    // reached by primary key (`= ANY`), whatever the statistics say, and their state is checked
-    // again as a guard. One lease row covers the whole claim. Templates reference only steps
+    // The claim takes the queue's first rows no other claim holds and deletes them by their
+    // address (stable while locked); the jobs are reached by primary key, and their state is
+    // checked again as a guard. One lease row covers the whole claim. Templates reference only steps
     // upstream of their own (definition validation), so a step without needs is given no outputs
     // and costs no lookup.
     let rows = sqlx::query(
         "WITH next AS MATERIALIZED ( \
-             SELECT run_after, job_id FROM job_queue WHERE run_after <= $3 \
+             SELECT ctid, job_id FROM job_queue WHERE run_after <= $3 \
              ORDER BY run_after, job_id LIMIT $4 FOR UPDATE SKIP LOCKED), \
          dequeued AS ( \
-             DELETE FROM job_queue AS q USING next \
-             WHERE q.run_after = next.run_after AND q.job_id = next.job_id), \
+             DELETE FROM job_queue WHERE ctid = ANY(ARRAY(SELECT ctid FROM next))), \
          claimed AS ( \
              UPDATE jobs SET state = 'running', \
                  attempt = jobs.attempt + (jobs.state <> 'parked')::int, \
