@@ -56,6 +56,10 @@ pub struct WorkerArgs {
     /// On SIGTERM or Ctrl-C, how long running steps may take to finish.
     #[arg(long, default_value = "10s", value_parser = humantime_duration)]
     pub grace: Duration,
+    /// The HTTP API's address as n8n reaches it, such as https://switchyard.example.com: `n8n`
+    /// steps with `wait: true` give n8n this address to call back.
+    #[arg(long, env = "SWITCHYARD_PUBLIC_URL")]
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Args)]

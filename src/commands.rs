@@ -21,7 +21,7 @@ use switchyard_engine::scheduler::run_scheduler;
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::{Millis, RunStatus};
 use switchyard_engine::store::{self, DefinitionOrigin, RunDetail, RunFilter};
-use switchyard_workers::{Registry, WorkerConfig, run_worker};
+use switchyard_workers::{N8n, Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -353,12 +353,9 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
             ..WorkerConfig::default()
         };
         tracing::info!(slots = config.slots, "workers running");
-        tasks.spawn(run_worker(
-            engine.clone(),
-            Registry::builtin(),
-            config,
-            stopped,
-        ));
+        let mut registry = Registry::builtin();
+        registry.add(N8n::new(args.public_url.clone()));
+        tasks.spawn(run_worker(engine.clone(), registry, config, stopped));
     } else if !control_plane {
         bail!("`worker --workers 0` would run nothing");
     }

@@ -86,10 +86,13 @@ impl Api {
                 .unwrap()
                 .port();
             let listen = format!("127.0.0.1:{port}");
+            let public_url = format!("http://{listen}");
             sandbox.spawn(&[
                 "serve",
                 "--listen",
                 &listen,
+                "--public-url",
+                &public_url,
                 "--workers",
                 "4",
                 "--lease",
@@ -673,6 +676,87 @@ async fn n8n_starts_one_run_per_signed_event_and_every_event_is_logged() {
         vec![second_run, run],
         "one run per event"
     );
+}
+
+/// Waits for a step to call n8n: answers every POST to `/webhook/enrich` with `{accepted: true}`
+/// and passes its body on.
+async fn start_fake_n8n() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    use axum::routing::post;
+    let (calls, received) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/webhook/enrich",
+        post(move |axum::Json(body): axum::Json<Value>| {
+            let calls = calls.clone();
+            async move {
+                calls.send(body).unwrap();
+                axum::Json(json!({"accepted": true}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, received)
+}
+
+#[tokio::test]
+async fn an_n8n_step_waits_for_n8n_to_call_back_with_its_result() {
+    let (n8n, mut calls) = start_fake_n8n().await;
+    let definition = format!(
+        "id: enrich\n\
+         steps:\n  \
+           - {{id: ask, type: n8n, with: {{url: \"{n8n}/webhook/enrich\", input: {{rows: 3}}, wait: true, timeout: 1m}}}}\n  \
+           - {{id: done, type: transform, needs: [ask], with: {{output: \"{{{{ steps.ask.output.total }}}}\"}}}}\n"
+    );
+    let api = Api::with_definition("n8n-callback", &definition).await;
+    let operator = api.token("operator", &[]);
+    let run = api.start_run("enrich", &operator).await;
+
+    let call = tokio::time::timeout(Duration::from_secs(30), calls.recv())
+        .await
+        .expect("the step calls n8n")
+        .unwrap();
+    assert_eq!(call["run_id"], run.as_str(), "{call}");
+    assert_eq!(call["input"], json!({"rows": 3}), "{call}");
+    let url = call["callback"]["url"].as_str().unwrap();
+    assert_eq!(url, format!("{}/api/webhooks/n8n", api.base));
+    let token = call["callback"]["token"].as_str().unwrap();
+    let reply = api.run(&run, &operator).await;
+    assert_eq!(reply.body["status"], "running", "{reply}");
+
+    let forged = format!("{run}.ask.0000");
+    let reply = api
+        .post(
+            "/api/webhooks/n8n",
+            &operator,
+            json!({"event_id": "e-1", "callback": forged, "output": {}}),
+        )
+        .await;
+    reply.assert_error(409, "not_waiting");
+    let answer = json!({"event_id": "e-2", "callback": token, "output": {"total": 42}});
+    let reply = send(
+        api.authed(Method::POST, "/api/webhooks/n8n", &operator)
+            .json(&answer),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply}");
+    assert_eq!(reply.body["run_id"], run.as_str(), "{reply}");
+    assert_eq!(reply.body["duplicate"], false, "{reply}");
+    let reply = api.post("/api/webhooks/n8n", &operator, answer).await;
+    assert_eq!(
+        reply.body["duplicate"], true,
+        "n8n retrying is answered, not applied: {reply}"
+    );
+    let again = json!({"event_id": "e-3", "callback": token, "output": {"total": 0}});
+    api.post("/api/webhooks/n8n", &operator, again)
+        .await
+        .assert_error(409, "not_waiting");
+
+    let finished = api.finished_run(&run, &operator).await;
+    assert_eq!(finished.body["status"], "succeeded", "{finished}");
+    let done = &finished.body["output"]["done"];
+    assert!(*done == json!(42) || *done == json!("42"), "{finished}");
+    assert!(calls.try_recv().is_err(), "n8n was called once");
 }
 
 #[tokio::test]

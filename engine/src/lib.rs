@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod callback;
 pub mod clock;
 pub mod definition;
 pub mod maintenance;

@@ -8,8 +8,8 @@ use crate::store::{ConcurrencyGate, NewJob, NewRun, ParentLink, RunId};
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error(
-        "workflow {0} has no steps: it is meant to run in n8n through the n8n bridge, which this \
-         version of Switchyard does not provide yet"
+        "workflow {0} has no steps: its work lives in n8n; give it a step `type: n8n` with the \
+         URL of the n8n workflow's Webhook trigger"
     )]
     NoSteps(String),
     #[error("input of workflow {workflow} must be a JSON object, got {got}")]

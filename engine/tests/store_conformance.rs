@@ -424,6 +424,93 @@ pub async fn cancelled_runs_leave_nothing_claimable(store: Arc<dyn Store>) {
     assert_eq!(store.next_due().await.unwrap(), None);
 }
 
+fn park_for_callback(job: &ClaimedJob, token: &str, until: Millis) -> Completion {
+    Completion {
+        lease: job.lease.clone(),
+        settlement: Settlement::Park {
+            until: Some(until),
+            checkpoint: json!({ "callback_token": token }),
+        },
+        children: Vec::new(),
+    }
+}
+
+pub async fn callback_wakes_a_parked_step_once_with_its_result(store: Arc<dyn Store>) {
+    let run = start(&*store, &linear(), Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    let parked = park_for_callback(&job, "t1", T0 + 60_000);
+    store.complete(vec![parked], T0).await.unwrap();
+    let result = json!({ "output": { "rows": 3 } });
+    for (run_id, step, token) in [(&*run, "a", "t2"), (&*run, "b", "t1"), ("nope", "a", "t1")] {
+        assert!(
+            !store
+                .deliver_callback(run_id, step, token, result.clone(), T0 + 1)
+                .await
+                .unwrap(),
+            "{run_id}/{step} under {token}"
+        );
+    }
+    assert!(claim(&*store, T0 + 1, 1).await.is_empty());
+    assert!(
+        store
+            .deliver_callback(&run, "a", "t1", result.clone(), T0 + 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .deliver_callback(&run, "a", "t1", json!({ "output": "again" }), T0 + 2)
+            .await
+            .unwrap(),
+        "a token takes one result"
+    );
+    let woken = claim(&*store, T0 + 1, 1).await.remove(0);
+    assert_eq!(woken.lease.attempt, 1, "waking is not a new attempt");
+    assert_eq!(
+        woken.checkpoint,
+        Some(json!({ "callback_token": "t1", "callback": result }))
+    );
+    assert_eq!(
+        store.next_due().await.unwrap(),
+        None,
+        "the deadline is gone"
+    );
+}
+
+/// The outside system may answer before its caller has parked: the result waits in the running
+/// step and wakes it as it parks.
+pub async fn callback_before_the_step_parks_wakes_it_as_it_parks(store: Arc<dyn Store>) {
+    let run = start(&*store, &linear(), Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![park_for_callback(&job, "t1", T0)], T0)
+        .await
+        .unwrap();
+    let running = claim(&*store, T0, 1).await.remove(0);
+    let result = json!({ "output": 42 });
+    assert!(
+        store
+            .deliver_callback(&run, "a", "t1", result.clone(), T0 + 1)
+            .await
+            .unwrap()
+    );
+    store
+        .complete(vec![park_for_callback(&running, "t1", T0 + 60_000)], T0 + 2)
+        .await
+        .unwrap();
+    let woken = claim(&*store, T0 + 2, 1).await.remove(0);
+    assert_eq!(
+        woken.checkpoint,
+        Some(json!({ "callback_token": "t1", "callback": result }))
+    );
+    // Parked under another token (a new attempt's), the step does not take an old result.
+    store
+        .complete(vec![park_for_callback(&woken, "t2", T0 + 60_000)], T0 + 3)
+        .await
+        .unwrap();
+    assert!(claim(&*store, T0 + 3, 1).await.is_empty());
+}
+
 pub async fn workflow_step_succeeds_with_child_outputs_in_order(store: Arc<dyn Store>) {
     let child = workflow("id: child\nsteps:\n  - {id: only, type: noop}\n");
     let parent = workflow(
@@ -1091,6 +1178,8 @@ macro_rules! conformance {
                 run_past_its_deadline_times_out,
                 parked_job_wakes_at_its_time_with_its_checkpoint,
                 cancelled_runs_leave_nothing_claimable,
+                callback_wakes_a_parked_step_once_with_its_result,
+                callback_before_the_step_parks_wakes_it_as_it_parks,
                 workflow_step_succeeds_with_child_outputs_in_order,
                 retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones,
                 a_webhook_event_is_logged_once_per_source_and_id,

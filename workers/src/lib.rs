@@ -6,4 +6,4 @@ pub mod runtime;
 pub mod steps;
 
 pub use runtime::{WorkerConfig, run_worker};
-pub use steps::{Registry, StepCall, StepKind, StepOutcome, StepResult};
+pub use steps::{N8n, Registry, StepCall, StepKind, StepOutcome, StepResult};

@@ -1,5 +1,6 @@
-//! Inbound webhooks: n8n starts runs through `POST /api/webhooks/n8n` (DESIGN §5), and every
-//! authenticated delivery is logged in `webhook_events` before it takes effect.
+//! Inbound webhooks: through `POST /api/webhooks/n8n` (DESIGN §5) n8n starts runs and answers
+//! the `n8n` steps that wait for it, and every authenticated delivery is logged in
+//! `webhook_events` before it takes effect.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -12,6 +13,7 @@ use super::AppState;
 use super::auth::{Viewer, caller_with_role};
 use super::error::{ApiError, Bytes, ErrorBody, Json, Query};
 use crate::auth::Role;
+use crate::callback;
 use crate::plan::Trigger;
 use crate::settings;
 use crate::store::{NewWebhookEvent, WebhookEvent};
@@ -22,33 +24,44 @@ pub const N8N_SECRET: &str = "n8n_webhook_secret";
 pub const SIGNATURE_HEADER: &str = "x-switchyard-signature";
 const MAX_EVENT_ID: usize = 200;
 
-/// A delivery from n8n's HTTP Request node.
+/// A delivery from n8n's HTTP Request node: either `workflow` (start a run with `input`) or
+/// `callback` (answer an `n8n` step that waits, with `output` or `error`).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct N8nEvent {
     /// Unique per delivery. A repeated id is answered with what the first delivery did, and
-    /// starts nothing.
+    /// does nothing again.
     #[schema(min_length = 1, max_length = 200)]
     pub event_id: String,
     /// The workflow to start.
     #[schema(min_length = 1)]
-    pub workflow: String,
+    pub workflow: Option<String>,
     /// The run's input.
     #[serde(default)]
     pub input: Value,
+    /// The token an `n8n` step sent as `callback.token`.
+    #[schema(min_length = 1)]
+    pub callback: Option<String>,
+    /// With `callback`: what the step succeeds with.
+    #[serde(default)]
+    pub output: Value,
+    /// With `callback`: the step fails with this error instead (and is retried if its policy
+    /// allows, calling n8n again).
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct WebhookReceipt {
     pub event_id: String,
-    /// The run the event started.
+    /// The run the event started, or whose step it answered.
     pub run_id: String,
-    /// Whether an earlier delivery with this id started it.
+    /// Whether an earlier delivery with this id did it.
     pub duplicate: bool,
 }
 
-/// Starts a run for n8n. Authenticated by an `X-Switchyard-Signature: sha256=<hex>` header (the
-/// HMAC-SHA256 of the body under the secret `n8n_webhook_secret`) or an operator's bearer token.
+/// Starts a run for n8n, or hands n8n's result to the `n8n` step that waits for it.
+/// Authenticated by an `X-Switchyard-Signature: sha256=<hex>` header (the HMAC-SHA256 of the
+/// body under the secret `n8n_webhook_secret`) or an operator's bearer token.
 #[utoipa::path(
     post,
     path = "/api/webhooks/n8n",
@@ -59,10 +72,11 @@ pub struct WebhookReceipt {
     security((), ("bearer" = [])),
     responses(
         (status = 201, description = "The run it started", body = WebhookReceipt),
-        (status = 200, description = "A repeated delivery: the run the first one started", body = WebhookReceipt),
+        (status = 200, description = "A result the waiting step took, or a repeated delivery: what the first one did", body = WebhookReceipt),
         (status = 400, description = "A body that is not an event", body = ErrorBody),
         (status = 401, description = "No valid signature or token", body = ErrorBody),
         (status = 404, description = "No such workflow", body = ErrorBody),
+        (status = 409, description = "No step waits under this callback token (it timed out, was cancelled, or has its result)", body = ErrorBody),
     )
 )]
 pub async fn n8n_webhook(
@@ -77,7 +91,10 @@ pub async fn n8n_webhook(
     let event = N8nEvent::deserialize(&payload).map_err(|e| {
         ApiError::bad_request(
             "invalid_body",
-            format!("request body: {e} (expected {{event_id, workflow, input}})"),
+            format!(
+                "request body: {e} (expected {{event_id, workflow, input}} or \
+                 {{event_id, callback, output or error}})"
+            ),
         )
     })?;
     if event.event_id.is_empty() || event.event_id.len() > MAX_EVENT_ID {
@@ -86,13 +103,33 @@ pub async fn n8n_webhook(
             format!("request body: `event_id` must be 1 to {MAX_EVENT_ID} bytes"),
         ));
     }
+    let workflow = match (&event.workflow, &event.callback) {
+        (Some(workflow), None) => Some(workflow.clone()),
+        (None, Some(_)) => None,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "request body: give either `workflow` (to start a run) or `callback` (to answer \
+                 a waiting step)",
+            ));
+        }
+    };
+    let step = match &event.callback {
+        Some(token) => Some(callback::parse_token(token).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_body",
+                "request body: `callback` is not a token an n8n step sent",
+            )
+        })?),
+        None => None,
+    };
     let store = state.engine.store();
     let (logged, fresh) = store
         .record_webhook_event(
             NewWebhookEvent {
                 source: "n8n".into(),
                 event_id: event.event_id.clone(),
-                workflow_id: Some(event.workflow.clone()),
+                workflow_id: workflow.clone(),
                 payload,
             },
             state.engine.now(),
@@ -107,6 +144,48 @@ pub async fn n8n_webhook(
             ),
         ));
     }
+    if let Some((run_id, step_id, secret)) = step {
+        if let Some(run_id) = logged.run_id {
+            return Ok((
+                StatusCode::OK,
+                Json(WebhookReceipt {
+                    event_id: event.event_id,
+                    run_id,
+                    duplicate: true,
+                }),
+            ));
+        }
+        let result = match event.error {
+            Some(error) => serde_json::json!({ "error": error }),
+            None => serde_json::json!({ "output": event.output }),
+        };
+        if !store
+            .deliver_callback(run_id, step_id, secret, result, state.engine.now())
+            .await?
+        {
+            let message = format!(
+                "no step {step_id} of run {run_id} waits under this callback token: it timed \
+                 out, was cancelled, or has its result"
+            );
+            store
+                .settle_webhook_event(logged.id, None, Some(&message))
+                .await?;
+            return Err(ApiError::new(StatusCode::CONFLICT, "not_waiting", message));
+        }
+        store
+            .settle_webhook_event(logged.id, Some(run_id), None)
+            .await?;
+        tracing::info!(run = %run_id, step = %step_id, event = %event.event_id, "n8n answered a step");
+        return Ok((
+            StatusCode::OK,
+            Json(WebhookReceipt {
+                event_id: event.event_id,
+                run_id: run_id.to_owned(),
+                duplicate: !fresh,
+            }),
+        ));
+    }
+    let workflow = workflow.expect("an event without a callback names its workflow");
     // A repeated delivery whose first has no run yet (still in flight, or it failed on the way)
     // asks for the same run: the key makes it the first's, or starts it now.
     let trigger = Trigger {
@@ -115,16 +194,12 @@ pub async fn n8n_webhook(
     };
     let run_id = match logged.run_id {
         Some(run_id) => run_id,
-        None => match state
-            .engine
-            .start(&event.workflow, event.input, trigger)
-            .await
-        {
+        None => match state.engine.start(&workflow, event.input, trigger).await {
             Ok((run_id, _)) => {
                 store
                     .settle_webhook_event(logged.id, Some(&run_id), None)
                     .await?;
-                tracing::info!(run = %run_id, workflow = %event.workflow, event = %event.event_id, "run started by n8n");
+                tracing::info!(run = %run_id, workflow = %workflow, event = %event.event_id, "run started by n8n");
                 run_id
             }
             Err(e) => {

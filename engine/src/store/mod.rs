@@ -419,6 +419,20 @@ pub trait Store: Send + Sync + 'static {
         Ok(self.complete_and_claim(completions, nothing, now).await?.0)
     }
 
+    /// Hands an outside result (such as n8n calling back) to the step `step_id` of `run_id` that
+    /// waits for it: the step whose checkpoint holds `callback_token: token` and no result yet.
+    /// The result joins the checkpoint as `callback`. A parked step wakes now; a step still
+    /// running (it has not parked yet) keeps the result, and wakes as soon as it parks under the
+    /// same token. Returns whether a step took the result.
+    async fn deliver_callback(
+        &self,
+        run_id: &str,
+        step_id: &str,
+        token: &str,
+        result: Value,
+        now: Millis,
+    ) -> Result<bool>;
+
     /// Settles expired leases as lost attempts and times out runs past their deadline.
     async fn sweep(&self, now: Millis) -> Result<Swept>;
     /// Jobs claimable now: the backlog workers have not taken yet.

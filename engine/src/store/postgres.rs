@@ -436,8 +436,11 @@ async fn complete_in(
                  state = c.state, \
                  output = c.output::jsonb, \
                  error = c.error, \
-                 run_after = c.run_after, \
-                 checkpoint = coalesce(c.checkpoint::jsonb, jobs.checkpoint), \
+                 run_after = CASE WHEN c.state = 'parked' AND {CALLBACK_WAITING} THEN $2 \
+                     ELSE c.run_after END, \
+                 checkpoint = CASE WHEN {CALLBACK_WAITING} THEN c.checkpoint::jsonb \
+                         || jsonb_build_object('callback', jobs.checkpoint->'callback') \
+                     ELSE coalesce(c.checkpoint::jsonb, jobs.checkpoint) END, \
                  attempt = jobs.attempt - (c.state = 'available')::int, \
                  lease_token = NULL, \
                  finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN $2 END, \
@@ -525,6 +528,11 @@ async fn complete_in(
     .await?;
     Ok(accepted_ids)
 }
+
+/// In a settlement (`c`) of a job: a result delivered while the step ran, under the token it
+/// parks with now (see `Store::deliver_callback`). The step keeps it and wakes at once.
+const CALLBACK_WAITING: &str = "(jobs.checkpoint ? 'callback' \
+     AND c.checkpoint::jsonb->>'callback_token' = jobs.checkpoint->>'callback_token')";
 
 /// Follows settled jobs to their consequences until nothing more changes: dependents become
 /// available, runs finish, a finished child run settles its parent's `workflow` step (which may
@@ -1246,6 +1254,55 @@ impl Store for PostgresStore {
             self.wakeup.notify_one();
         }
         Ok((accepted, claimed))
+    }
+
+    async fn deliver_callback(
+        &self,
+        run_id: &str,
+        step_id: &str,
+        token: &str,
+        result: Value,
+        now: Millis,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        // The lock waits out a claim or a settlement of the step in flight, and the row is then
+        // read again: a step that parked meanwhile is woken, one claimed meanwhile keeps the
+        // result until it parks.
+        let given: Option<bool> = sqlx::query_scalar(
+            "WITH target AS MATERIALIZED ( \
+                 SELECT id, state, run_after FROM jobs \
+                 WHERE run_id = $1 AND step_id = $2 AND state IN ('parked', 'running') \
+                     AND checkpoint->>'callback_token' = $3 AND NOT checkpoint ? 'callback' \
+                 FOR UPDATE), \
+             dequeued AS ( \
+                 DELETE FROM job_queue AS q USING target AS t \
+                 WHERE t.state = 'parked' AND q.run_after = t.run_after AND q.job_id = t.id), \
+             given AS ( \
+                 UPDATE jobs SET \
+                     checkpoint = jobs.checkpoint || jsonb_build_object('callback', $4::jsonb), \
+                     run_after = CASE WHEN t.state = 'parked' THEN $5 ELSE jobs.run_after END \
+                 FROM target AS t WHERE jobs.id = t.id \
+                 RETURNING jobs.id, t.state = 'parked' AS woken), \
+             queued AS ( \
+                 INSERT INTO job_queue (run_after, job_id) SELECT $5, id FROM given WHERE woken \
+                 ON CONFLICT DO NOTHING) \
+             SELECT woken FROM given",
+        )
+        .bind(run_id)
+        .bind(step_id)
+        .bind(token)
+        .bind(&result)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if given == Some(true) {
+            self.notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        if given == Some(true) {
+            self.wakeup.notify_one();
+        }
+        Ok(given.is_some())
     }
 
     async fn sweep(&self, now: Millis) -> Result<Swept> {

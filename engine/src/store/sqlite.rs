@@ -344,7 +344,8 @@ async fn complete_in(
         // out of the array once (`e`) too: every `value` of `json_each` renders the element
         // anew, while the fields of one `v` share one parse (about 25% of this statement). The
         // attempt history records unsuccessful attempts only; the succeeding one is the row's
-        // own timings.
+        // own timings. A result delivered while the step ran, under the token it parks with now,
+        // stays in its checkpoint and wakes it at once (see `Store::deliver_callback`).
         "WITH e AS MATERIALIZED (SELECT value AS v FROM json_each(?1)), \
          c AS MATERIALIZED (SELECT v->>'id' AS id, v->>'attempt' AS attempt, \
              v->>'token' AS token, v->>'state' AS state, v->>'output' AS output, \
@@ -354,8 +355,13 @@ async fn complete_in(
              state = c.state, \
              output = c.output, \
              error = c.error, \
-             run_after = c.run_after, \
-             checkpoint = coalesce(c.checkpoint, jobs.checkpoint), \
+             run_after = CASE WHEN c.state = 'parked' AND jobs.checkpoint->'callback' IS NOT NULL \
+                     AND c.checkpoint->>'callback_token' = jobs.checkpoint->>'callback_token' \
+                 THEN ?2 ELSE c.run_after END, \
+             checkpoint = CASE WHEN jobs.checkpoint->'callback' IS NOT NULL \
+                     AND c.checkpoint->>'callback_token' = jobs.checkpoint->>'callback_token' \
+                 THEN json_set(c.checkpoint, '$.callback', json(jobs.checkpoint->'callback')) \
+                 ELSE coalesce(c.checkpoint, jobs.checkpoint) END, \
              attempt = jobs.attempt - (c.state = 'available'), \
              lease_token = NULL, \
              lease_expires_at = NULL, \
@@ -971,6 +977,36 @@ impl Store for SqliteStore {
             self.wakeup.notify_one();
         }
         Ok((accepted, self.claimed_jobs(leased).await?))
+    }
+
+    async fn deliver_callback(
+        &self,
+        run_id: &str,
+        step_id: &str,
+        token: &str,
+        result: Value,
+        now: Millis,
+    ) -> Result<bool> {
+        let mut tx = self.write_tx().await?;
+        let woken: Option<bool> = sqlx::query_scalar(
+            "UPDATE jobs SET checkpoint = json_set(checkpoint, '$.callback', json(?4)), \
+                 run_after = CASE WHEN state = 'parked' THEN ?5 ELSE run_after END \
+             WHERE run_id = ?1 AND step_id = ?2 AND state IN ('parked', 'running') \
+                 AND checkpoint->>'callback_token' = ?3 AND checkpoint->'callback' IS NULL \
+             RETURNING state = 'parked'",
+        )
+        .bind(run_id)
+        .bind(step_id)
+        .bind(token)
+        .bind(to_json(&result))
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if woken == Some(true) {
+            self.wakeup.notify_one();
+        }
+        Ok(woken.is_some())
     }
 
     async fn sweep(&self, now: Millis) -> Result<Swept> {

@@ -2,6 +2,7 @@
 //! and returns an outcome; it never touches the store.
 
 mod http;
+mod n8n;
 mod noop;
 mod sleep;
 mod transform;
@@ -15,6 +16,7 @@ use serde_json::Value;
 use switchyard_engine::state::{Millis, StepFailure};
 
 pub use http::Http;
+pub use n8n::N8n;
 pub use noop::Noop;
 pub use sleep::Sleep;
 pub use transform::Transform;
@@ -71,6 +73,8 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut registry = Registry::default();
         registry.add(Http::new());
+        // Without the API's public address; `serve` and `worker` add one given `--public-url`.
+        registry.add(N8n::new(None));
         registry.add(Transform);
         registry.add(Sleep);
         registry.add(Noop);

@@ -1,0 +1,159 @@
+//! `n8n`: the outbound half of the n8n bridge (DESIGN §5). Posts to an n8n Webhook-trigger URL
+//! `{run_id, step_id, input}` (`with: { url, input, headers, wait, timeout }`).
+//!
+//! Without `wait`, the step succeeds with the body n8n answers. With `wait: true` the body also
+//! carries `callback: {url, token}`, and the step parks, its worker slot free, until n8n posts
+//! `{event_id, callback: TOKEN, output}` (or `error`) to `/api/webhooks/n8n`, or until `timeout`
+//! (default 1h) has passed. The step then succeeds with `output`, or fails, retryably, with the
+//! error or the timeout; a retry calls n8n again under a new token.
+//!
+//! The token is stored before n8n is called (a first, instant park), so that an answer arriving
+//! before the step has parked is kept (`Store::deliver_callback`). n8n is called at least once per
+//! attempt: a worker that dies between the call and the park calls again on the next attempt.
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use switchyard_engine::callback::{self, N8N_CALLBACK_PATH};
+use switchyard_engine::state::StepFailure;
+
+use super::{Http, StepCall, StepKind, StepOutcome, StepResult, str_field};
+
+const DEFAULT_TIMEOUT: &str = "1h";
+
+pub struct N8n {
+    http: Http,
+    /// The API's address as n8n reaches it (`--public-url`), for the callback URL.
+    public_url: Option<String>,
+}
+
+impl N8n {
+    pub fn new(public_url: Option<String>) -> Self {
+        N8n {
+            http: Http::new(),
+            public_url: public_url.map(|u| u.trim_end_matches('/').to_owned()),
+        }
+    }
+
+    fn callback_url(&self, with: &Value) -> Result<String, StepFailure> {
+        if let Some(url) = with.get("callback_url").and_then(Value::as_str) {
+            return Ok(url.to_owned());
+        }
+        match &self.public_url {
+            Some(base) => Ok(format!("{base}{N8N_CALLBACK_PATH}")),
+            None => Err(invalid(
+                "n8n step: `wait: true` needs the address n8n calls back: start the worker with \
+                 --public-url (SWITCHYARD_PUBLIC_URL) or set `with.callback_url`",
+            )),
+        }
+    }
+
+    /// One POST through the `http` step kind; its failures (retryable or not) are this step's.
+    async fn post(&self, call: &StepCall, body: Value) -> Result<Value, StepFailure> {
+        let url = str_field(&call.with, "n8n", "url")?;
+        let mut with = json!({ "method": "POST", "url": url, "body": body, "timeout": "30s" });
+        if let Some(headers) = call.with.get("headers") {
+            with["headers"] = headers.clone();
+        }
+        let request = StepCall {
+            with,
+            ..call.clone()
+        };
+        match self.http.run(request).await? {
+            StepOutcome::Output(mut answer) => Ok(answer["body"].take()),
+            other => unreachable!("the http step kind only answers with output, not {other:?}"),
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> StepFailure {
+    StepFailure::permanent("invalid_parameters", message)
+}
+
+#[async_trait]
+impl StepKind for N8n {
+    fn name(&self) -> &'static str {
+        "n8n"
+    }
+
+    async fn run(&self, call: StepCall) -> StepResult {
+        let wait = match call.with.get("wait") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "n8n step: `with.wait` must be true or false, not {other}"
+                )));
+            }
+        };
+        let mut body = json!({
+            "run_id": call.run_id,
+            "step_id": call.step_id,
+            "input": call.with.get("input").cloned().unwrap_or(Value::Null),
+        });
+        if !wait {
+            return self.post(&call, body).await.map(StepOutcome::Output);
+        }
+        // What this attempt stored so far; an earlier attempt's token is not this one's.
+        let state = call
+            .checkpoint
+            .clone()
+            .filter(|c| c["attempt"].as_u64() == Some(u64::from(call.attempt)));
+        let Some(mut state) = state else {
+            let text = call
+                .with
+                .get("timeout")
+                .and_then(Value::as_str)
+                .unwrap_or(DEFAULT_TIMEOUT);
+            let timeout = humantime::parse_duration(text)
+                .map_err(|e| invalid(format!("n8n step: `with.timeout` {text:?}: {e}")))?;
+            self.callback_url(&call.with)?;
+            return Ok(StepOutcome::Park {
+                until: Some(call.now),
+                checkpoint: json!({
+                    "callback_token": format!("{:032x}", rand::random::<u128>()),
+                    "attempt": call.attempt,
+                    "deadline": call.now.saturating_add(timeout.as_millis() as i64),
+                    "timeout": text,
+                }),
+            });
+        };
+        if let Some(answer) = state.get("callback") {
+            return match answer.get("error").filter(|e| !e.is_null()) {
+                Some(error) => Err(StepFailure::transient(
+                    "n8n",
+                    format!(
+                        "n8n reported an error: {}",
+                        error
+                            .as_str()
+                            .map_or_else(|| error.to_string(), str::to_owned)
+                    ),
+                )),
+                None => Ok(StepOutcome::Output(
+                    answer.get("output").cloned().unwrap_or(Value::Null),
+                )),
+            };
+        }
+        let deadline = state["deadline"].as_i64().unwrap_or(call.now);
+        if state["called"] != Value::Bool(true) {
+            let secret = state["callback_token"].as_str().unwrap_or_default();
+            body["callback"] = json!({
+                "url": self.callback_url(&call.with)?,
+                "token": callback::token(&call.run_id, &call.step_id, secret),
+            });
+            self.post(&call, body).await?;
+            state["called"] = Value::Bool(true);
+        } else if call.now >= deadline {
+            return Err(StepFailure::transient(
+                "timeout",
+                format!(
+                    "n8n did not call back within {}",
+                    state["timeout"].as_str().unwrap_or(DEFAULT_TIMEOUT)
+                ),
+            ));
+        }
+        Ok(StepOutcome::Park {
+            until: Some(deadline),
+            checkpoint: state,
+        })
+    }
+}

@@ -1,0 +1,142 @@
+//! The `n8n` step kind against a real HTTP server standing in for n8n's Webhook trigger.
+
+use std::sync::{Arc, Mutex};
+
+use axum::routing::post;
+use serde_json::{Value, json};
+use switchyard_workers::{N8n, StepCall, StepKind, StepOutcome};
+
+/// Answers every POST to `/webhook/flow` with `{"rows": 7}` and keeps the bodies it got.
+async fn fake_n8n() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    let app = axum::Router::new().route(
+        "/webhook/flow",
+        post(move |axum::Json(body): axum::Json<Value>| {
+            kept.lock().unwrap().push(body);
+            async { axum::Json(json!({ "rows": 7 })) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, bodies)
+}
+
+fn call(with: Value, checkpoint: Option<Value>, now: i64) -> StepCall {
+    StepCall {
+        with,
+        checkpoint,
+        idempotency_key: "run-1:ask".into(),
+        run_id: "run-1".into(),
+        step_id: "ask".into(),
+        attempt: 1,
+        now,
+    }
+}
+
+fn parked(outcome: StepOutcome) -> (Option<i64>, Value) {
+    match outcome {
+        StepOutcome::Park { until, checkpoint } => (until, checkpoint),
+        other => panic!("expected the step to park, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn without_wait_the_step_succeeds_with_the_answer_of_n8n() {
+    let (n8n, bodies) = fake_n8n().await;
+    let with = json!({ "url": format!("{n8n}/webhook/flow"), "input": { "q": 1 } });
+    let outcome = N8n::new(None).run(call(with, None, 0)).await.unwrap();
+    assert_eq!(outcome, StepOutcome::Output(json!({ "rows": 7 })));
+    assert_eq!(
+        *bodies.lock().unwrap(),
+        vec![json!({ "run_id": "run-1", "step_id": "ask", "input": { "q": 1 } })]
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_step_stores_its_token_then_calls_n8n_then_waits_until_its_deadline() {
+    let (n8n, bodies) = fake_n8n().await;
+    let step = N8n::new(Some("https://switchyard.example/".into()));
+    let with = json!({ "url": format!("{n8n}/webhook/flow"), "wait": true, "timeout": "10s" });
+
+    let (until, first) = parked(step.run(call(with.clone(), None, 1_000)).await.unwrap());
+    assert_eq!(
+        until,
+        Some(1_000),
+        "the token is stored before n8n hears of it"
+    );
+    assert!(bodies.lock().unwrap().is_empty());
+    let secret = first["callback_token"].as_str().unwrap().to_owned();
+    assert_eq!(secret.len(), 32);
+
+    let (until, waiting) = parked(
+        step.run(call(with.clone(), Some(first), 1_005))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        until,
+        Some(11_000),
+        "the deadline counts from the first call"
+    );
+    let sent = bodies.lock().unwrap()[0].clone();
+    assert_eq!(
+        sent["callback"],
+        json!({
+            "url": "https://switchyard.example/api/webhooks/n8n",
+            "token": format!("run-1.ask.{secret}"),
+        })
+    );
+
+    // Woken early (nothing to read yet): wait on. Woken at the deadline: time out, retryably.
+    let (until, _) = parked(
+        step.run(call(with.clone(), Some(waiting.clone()), 5_000))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(until, Some(11_000));
+    let late = step
+        .run(call(with.clone(), Some(waiting.clone()), 11_000))
+        .await
+        .unwrap_err();
+    assert!(late.retryable && late.message.contains("10s"), "{late:?}");
+    assert_eq!(bodies.lock().unwrap().len(), 1, "n8n is called once");
+
+    let mut answered = waiting.clone();
+    answered["callback"] = json!({ "output": { "total": 3 } });
+    let outcome = step
+        .run(call(with.clone(), Some(answered), 6_000))
+        .await
+        .unwrap();
+    assert_eq!(outcome, StepOutcome::Output(json!({ "total": 3 })));
+    let mut failed = waiting.clone();
+    failed["callback"] = json!({ "error": "sheet not found" });
+    let error = step
+        .run(call(with.clone(), Some(failed), 6_000))
+        .await
+        .unwrap_err();
+    assert!(
+        error.retryable && error.message.contains("sheet not found"),
+        "{error:?}"
+    );
+
+    // A new attempt starts over under a new token.
+    let mut retry = call(with, Some(waiting), 20_000);
+    retry.attempt = 2;
+    let (until, fresh) = parked(step.run(retry).await.unwrap());
+    assert_eq!(until, Some(20_000));
+    assert_ne!(fresh["callback_token"].as_str().unwrap(), secret);
+}
+
+#[tokio::test]
+async fn a_waiting_step_without_a_public_address_fails_and_calls_nothing() {
+    let (n8n, bodies) = fake_n8n().await;
+    let with = json!({ "url": format!("{n8n}/webhook/flow"), "wait": true });
+    let error = N8n::new(None).run(call(with, None, 0)).await.unwrap_err();
+    assert!(
+        !error.retryable && error.message.contains("--public-url"),
+        "{error:?}"
+    );
+    assert!(bodies.lock().unwrap().is_empty());
+}
