@@ -53,6 +53,17 @@ async fn claim(store: &dyn Store, now: Millis, limit: u32) -> Vec<ClaimedJob> {
     store.claim(params(limit, now)).await.unwrap()
 }
 
+fn park(job: &ClaimedJob, until: Millis, checkpoint: Value) -> Completion {
+    Completion {
+        lease: job.lease.clone(),
+        settlement: Settlement::Park {
+            until: Some(until),
+            checkpoint,
+        },
+        children: Vec::new(),
+    }
+}
+
 fn done(job: &ClaimedJob, output: Value) -> Completion {
     Completion {
         lease: job.lease.clone(),
@@ -371,14 +382,7 @@ pub async fn parked_job_wakes_at_its_time_with_its_checkpoint(store: Arc<dyn Sto
     let job = claim(&*store, T0, 1).await.remove(0);
     store
         .complete(
-            vec![Completion {
-                lease: job.lease.clone(),
-                settlement: Settlement::Park {
-                    until: Some(T0 + 60_000),
-                    checkpoint: json!({ "until": T0 + 60_000 }),
-                },
-                children: Vec::new(),
-            }],
+            vec![park(&job, T0 + 60_000, json!({ "until": T0 + 60_000 }))],
             T0,
         )
         .await
@@ -395,17 +399,7 @@ pub async fn cancelled_runs_leave_nothing_claimable(store: Arc<dyn Store>) {
     let sleeping = start(&*store, &linear(), Trigger::default()).await;
     let job = claim(&*store, T0, 1).await.remove(0);
     store
-        .complete(
-            vec![Completion {
-                lease: job.lease.clone(),
-                settlement: Settlement::Park {
-                    until: Some(T0 + 60_000),
-                    checkpoint: json!({}),
-                },
-                children: Vec::new(),
-            }],
-            T0,
-        )
+        .complete(vec![park(&job, T0 + 60_000, json!({}))], T0)
         .await
         .unwrap();
     let queued = start(&*store, &linear(), Trigger::default()).await;
@@ -425,14 +419,7 @@ pub async fn cancelled_runs_leave_nothing_claimable(store: Arc<dyn Store>) {
 }
 
 fn park_for_callback(job: &ClaimedJob, token: &str, until: Millis) -> Completion {
-    Completion {
-        lease: job.lease.clone(),
-        settlement: Settlement::Park {
-            until: Some(until),
-            checkpoint: json!({ "callback_token": token }),
-        },
-        children: Vec::new(),
-    }
+    park(job, until, json!({ "callback_token": token }))
 }
 
 pub async fn callback_wakes_a_parked_step_once_with_its_result(store: Arc<dyn Store>) {
