@@ -498,6 +498,36 @@ pub async fn callback_before_the_step_parks_wakes_it_as_it_parks(store: Arc<dyn 
     assert!(claim(&*store, T0 + 3, 1).await.is_empty());
 }
 
+/// A token belongs to one attempt: once the attempt ends another way than parking, a late
+/// answer is refused, and the next attempt does not find it.
+pub async fn callback_for_an_attempt_that_ended_is_refused(store: Arc<dyn Store>) {
+    let run = start(&*store, &linear(), Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![park_for_callback(&job, "t1", T0)], T0)
+        .await
+        .unwrap();
+    let running = claim(&*store, T0, 1).await.remove(0);
+    let retry = Completion {
+        lease: running.lease.clone(),
+        settlement: Settlement::Retry {
+            at: T0 + 1_000,
+            error: "n8n answered 502".into(),
+        },
+        children: Vec::new(),
+    };
+    store.complete(vec![retry], T0).await.unwrap();
+    assert!(
+        !store
+            .deliver_callback(&run, "a", "t1", json!({ "output": 1 }), T0 + 1)
+            .await
+            .unwrap()
+    );
+    let next = claim(&*store, T0 + 1_000, 1).await.remove(0);
+    assert_eq!(next.lease.attempt, 2);
+    assert_eq!(next.checkpoint, Some(json!({})));
+}
+
 pub async fn workflow_step_succeeds_with_child_outputs_in_order(store: Arc<dyn Store>) {
     let child = workflow("id: child\nsteps:\n  - {id: only, type: noop}\n");
     let parent = workflow(
@@ -1167,6 +1197,7 @@ macro_rules! conformance {
                 cancelled_runs_leave_nothing_claimable,
                 callback_wakes_a_parked_step_once_with_its_result,
                 callback_before_the_step_parks_wakes_it_as_it_parks,
+                callback_for_an_attempt_that_ended_is_refused,
                 workflow_step_succeeds_with_child_outputs_in_order,
                 retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones,
                 a_webhook_event_is_logged_once_per_source_and_id,

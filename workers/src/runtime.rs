@@ -6,9 +6,11 @@
 //! aborted: dropping the future is what stops the step.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::{Value, json};
@@ -209,8 +211,9 @@ pub async fn run_worker(
                             held.remove(&c.lease.job_id);
                             finished.push(c);
                         }
-                        // Aborted tasks have left `held` already. A step that panicked keeps no
-                        // slot and no heartbeat: its lease runs out and the sweeper reclaims it.
+                        // Aborted tasks have left `held` already. A panic outside the step kind
+                        // (a step kind's own is its attempt's failure) keeps no slot and no
+                        // heartbeat: once its claim's lease runs out, the sweeper reclaims it.
                         Err(e) if e.is_panic() => {
                             tracing::error!(error = %e, "step panicked");
                             held.retain(|_, (_, handle)| handle.id() != e.id());
@@ -431,7 +434,24 @@ async fn attempt(
         attempt: job.lease.attempt,
         now: engine.now(),
     };
-    let run = kind.run(call);
+    // A step kind that panics fails its attempt like any error, under the step's retry policy:
+    // the job is settled now, not when a lease its claim shares with other jobs runs out.
+    let run = async {
+        AssertUnwindSafe(kind.run(call))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                Err(StepFailure::transient(
+                    "panic",
+                    format!("step kind {} panicked: {message}", step.kind),
+                ))
+            })
+    };
     let outcome = match step.timeout {
         Some(limit) => match tokio::time::timeout(limit.0, run).await {
             Ok(outcome) => outcome,

@@ -485,7 +485,8 @@ pub trait Store: Send + Sync + 'static {
         event: NewWebhookEvent,
         now: Millis,
     ) -> Result<(WebhookEvent, bool)>;
-    /// Records what an event did: the run it started, or why it was refused.
+    /// Records what an event did: the run it started, or why it was refused. The first record
+    /// stands: a concurrent repeat of the delivery does not overwrite it.
     async fn settle_webhook_event(
         &self,
         id: i64,

@@ -67,7 +67,8 @@ impl PostgresStore {
             // it has grown: a prepared statement keeps its plan.
             .options([("jit", "off"), ("enable_seqscan", "off")]);
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
+            // `PgListener` holds one of the pool's connections for as long as it listens.
+            .max_connections(max_connections.max(1) + 1)
             // A ping before every use is a round trip on every transaction of the job cycle. A
             // connection that died idle (the server restarted) fails its first statement instead,
             // as a transient error that the callers retry, and is not returned to the pool.
@@ -440,7 +441,9 @@ async fn complete_in(
                      ELSE c.run_after END, \
                  checkpoint = CASE WHEN {CALLBACK_WAITING} THEN c.checkpoint::jsonb \
                          || jsonb_build_object('callback', jobs.checkpoint->'callback') \
-                     ELSE coalesce(c.checkpoint::jsonb, jobs.checkpoint) END, \
+                     WHEN c.state = 'parked' THEN coalesce(c.checkpoint::jsonb, jobs.checkpoint) \
+                     ELSE coalesce(c.checkpoint::jsonb, jobs.checkpoint) \
+                         - 'callback_token' - 'callback' END, \
                  attempt = jobs.attempt - (c.state = 'available')::int, \
                  lease_token = NULL, \
                  finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN $2 END, \
@@ -530,7 +533,9 @@ async fn complete_in(
 }
 
 /// In a settlement (`c`) of a job: a result delivered while the step ran, under the token it
-/// parks with now (see `Store::deliver_callback`). The step keeps it and wakes at once.
+/// parks with now (see `Store::deliver_callback`). The step keeps it and wakes at once. A callback
+/// token lives while its step parks or runs: any other settlement drops it, so a late answer to
+/// an attempt that ended is refused rather than kept for the next one.
 const CALLBACK_WAITING: &str = "(jobs.checkpoint ? 'callback' \
      AND c.checkpoint::jsonb->>'callback_token' = jobs.checkpoint->>'callback_token')";
 
@@ -708,12 +713,18 @@ async fn end_runs(
             .collect::<Result<Vec<_>>>()?,
     );
     let all: Vec<&str> = finished.iter().map(|r| r.id.as_str()).collect();
+    // Queue rows first, as a claim takes them: a claim holding one finishes, and its job is
+    // then running (and cancelled below), without waiting for the job rows this holds.
     sqlx::query(&format!(
-        "WITH dequeued AS ( \
-             DELETE FROM job_queue AS q USING jobs AS j \
-             WHERE j.run_id = ANY($1::text[]) AND j.state IN {CLAIMABLE_JOB} \
-                 AND q.run_after = j.run_after AND q.job_id = j.id) \
-         UPDATE jobs SET state = 'cancelled', lease_token = NULL, finished_at = $2 \
+        "DELETE FROM job_queue AS q USING jobs AS j \
+         WHERE j.run_id = ANY($1::text[]) AND j.state IN {CLAIMABLE_JOB} \
+             AND q.run_after = j.run_after AND q.job_id = j.id"
+    ))
+    .bind(&all)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(&format!(
+        "UPDATE jobs SET state = 'cancelled', lease_token = NULL, finished_at = $2 \
          WHERE run_id = ANY($1::text[]) AND state IN {OPEN_JOB}"
     ))
     .bind(&all)
@@ -864,9 +875,11 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
     }
     let token = uuid::Uuid::new_v4().simple().to_string();
     // Waking from a parked state continues the same attempt; anything else starts a new one.
-    // The claim takes the queue's first rows no other claim holds and deletes them by their
-    // address (stable while locked); the jobs are reached by primary key, and their state is
-    // checked again as a guard. One lease row covers the whole claim. Templates reference only steps
+    // The claim takes the queue's first rows no other claim holds and deletes them by address
+    // (stable while locked); their jobs, reached by primary key, are claimed if they are still
+    // claimable and due, since a race may leave a row behind (see `deliver_callback`). Whoever
+    // else takes a claimable job (a cancel, a callback) locks its queue row first, as the claim
+    // does, so the two never deadlock. One lease row covers the whole claim. Templates reference only steps
     // upstream of their own (definition validation), so a step without needs is given no outputs
     // and costs no lookup.
     let rows = sqlx::query(
@@ -881,7 +894,7 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
                  lease_token = $1, \
                  started_at = CASE WHEN jobs.state = 'parked' THEN jobs.started_at ELSE $3 END \
              WHERE jobs.id = ANY(ARRAY(SELECT job_id FROM next)) \
-                 AND jobs.state IN ('available', 'retrying', 'parked') \
+                 AND jobs.state IN ('available', 'retrying', 'parked') AND jobs.run_after <= $3 \
              RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.attempt, jobs.checkpoint, \
                  jobs.needs), \
          leased AS ( \
@@ -1265,9 +1278,22 @@ impl Store for PostgresStore {
         now: Millis,
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
+        // The queue row of a parked step first, as a claim takes it (see `claim_in`).
+        sqlx::query(
+            "SELECT 1 FROM job_queue AS q JOIN jobs AS j \
+                 ON q.run_after = j.run_after AND q.job_id = j.id \
+             WHERE j.run_id = $1 AND j.step_id = $2 AND j.state = 'parked' \
+             FOR UPDATE OF q",
+        )
+        .bind(run_id)
+        .bind(step_id)
+        .execute(&mut *tx)
+        .await?;
         // The lock waits out a claim or a settlement of the step in flight, and the row is then
         // read again: a step that parked meanwhile is woken, one claimed meanwhile keeps the
-        // result until it parks.
+        // result until it parks. A queue row already keyed by now stays: the insert below finds
+        // it. One left behind by a park that committed after this statement began (invisible to
+        // its delete) is dropped by the claim that meets it.
         let given: Option<bool> = sqlx::query_scalar(
             "WITH target AS MATERIALIZED ( \
                  SELECT id, state, run_after FROM jobs \
@@ -1276,7 +1302,8 @@ impl Store for PostgresStore {
                  FOR UPDATE), \
              dequeued AS ( \
                  DELETE FROM job_queue AS q USING target AS t \
-                 WHERE t.state = 'parked' AND q.run_after = t.run_after AND q.job_id = t.id), \
+                 WHERE t.state = 'parked' AND t.run_after <> $5 \
+                     AND q.run_after = t.run_after AND q.job_id = t.id), \
              given AS ( \
                  UPDATE jobs SET \
                      checkpoint = jobs.checkpoint || jsonb_build_object('callback', $4::jsonb), \
@@ -1776,12 +1803,15 @@ impl Store for PostgresStore {
         run_id: Option<&str>,
         error: Option<&str>,
     ) -> Result<()> {
-        sqlx::query("UPDATE webhook_events SET run_id = $2, error = $3 WHERE id = $1")
-            .bind(id)
-            .bind(run_id)
-            .bind(error)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE webhook_events SET run_id = $2, error = $3 \
+             WHERE id = $1 AND run_id IS NULL AND error IS NULL",
+        )
+        .bind(id)
+        .bind(run_id)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -345,7 +345,8 @@ async fn complete_in(
         // anew, while the fields of one `v` share one parse (about 25% of this statement). The
         // attempt history records unsuccessful attempts only; the succeeding one is the row's
         // own timings. A result delivered while the step ran, under the token it parks with now,
-        // stays in its checkpoint and wakes it at once (see `Store::deliver_callback`).
+        // stays in its checkpoint and wakes it at once; settled any other way than parked, a
+        // step drops its callback token (see `CALLBACK_WAITING` in postgres.rs).
         "WITH e AS MATERIALIZED (SELECT value AS v FROM json_each(?1)), \
          c AS MATERIALIZED (SELECT v->>'id' AS id, v->>'attempt' AS attempt, \
              v->>'token' AS token, v->>'state' AS state, v->>'output' AS output, \
@@ -361,7 +362,9 @@ async fn complete_in(
              checkpoint = CASE WHEN jobs.checkpoint->'callback' IS NOT NULL \
                      AND c.checkpoint->>'callback_token' = jobs.checkpoint->>'callback_token' \
                  THEN json_set(c.checkpoint, '$.callback', json(jobs.checkpoint->'callback')) \
-                 ELSE coalesce(c.checkpoint, jobs.checkpoint) END, \
+                 WHEN c.state = 'parked' THEN coalesce(c.checkpoint, jobs.checkpoint) \
+                 ELSE json_remove(coalesce(c.checkpoint, jobs.checkpoint), \
+                     '$.callback_token', '$.callback') END, \
              attempt = jobs.attempt - (c.state = 'available'), \
              lease_token = NULL, \
              lease_expires_at = NULL, \
@@ -1446,12 +1449,15 @@ impl Store for SqliteStore {
         run_id: Option<&str>,
         error: Option<&str>,
     ) -> Result<()> {
-        sqlx::query("UPDATE webhook_events SET run_id = ?2, error = ?3 WHERE id = ?1")
-            .bind(id)
-            .bind(run_id)
-            .bind(error)
-            .execute(&self.writer)
-            .await?;
+        sqlx::query(
+            "UPDATE webhook_events SET run_id = ?2, error = ?3 \
+             WHERE id = ?1 AND run_id IS NULL AND error IS NULL",
+        )
+        .bind(id)
+        .bind(run_id)
+        .bind(error)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 

@@ -93,11 +93,13 @@ impl StepKind for N8n {
         if !wait {
             return self.post(&call, body).await.map(StepOutcome::Output);
         }
-        // What this attempt stored so far; an earlier attempt's token is not this one's.
-        let state = call
-            .checkpoint
-            .clone()
-            .filter(|c| c["attempt"].as_u64() == Some(u64::from(call.attempt)));
+        // What this attempt stored so far. An earlier attempt's token is not this one's, and the
+        // store drops the token when an attempt is given back (a worker shutting down): then
+        // start over.
+        let state = call.checkpoint.clone().filter(|c| {
+            c["attempt"].as_u64() == Some(u64::from(call.attempt))
+                && c["callback_token"].is_string()
+        });
         let Some(mut state) = state else {
             let text = call
                 .with

@@ -1,0 +1,49 @@
+//! Encrypted connections to PostgreSQL: `sslmode=require` in the database URL makes the store
+//! connect over TLS (and refuse to connect without it).
+
+use switchyard_engine::store::{PostgresStore, Store};
+
+#[tokio::test]
+async fn sslmode_require_connects_the_store_over_tls() {
+    let base = std::env::var("SWITCHYARD_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let plain = match sqlx::PgPool::connect(&base).await {
+        Ok(pool) => pool,
+        Err(e) if std::env::var_os("SWITCHYARD_REQUIRE_POSTGRES").is_none() => {
+            eprintln!("skipped: PostgreSQL at {base} is not reachable ({e})");
+            return;
+        }
+        Err(e) => panic!("PostgreSQL at {base} is required: {e}"),
+    };
+    let offered: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&plain)
+        .await
+        .unwrap();
+    if offered != "on" {
+        eprintln!("skipped: PostgreSQL at {base} does not offer TLS (ssl = {offered})");
+        return;
+    }
+    let schema = format!("tls_{}", std::process::id());
+    let url = format!("{base}?sslmode=require&options[search_path]={schema}");
+    // One pooled connection, and the LISTEN one beside it.
+    let store = PostgresStore::connect(&url, 1)
+        .await
+        .expect("the store connects with sslmode=require");
+    store.migrate().await.unwrap();
+    assert_eq!(store.queue_depth(0).await.unwrap(), 0);
+
+    let over_tls: bool = sqlx::query_scalar(
+        "SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND query LIKE '%job_queue%'",
+    )
+    .fetch_one(&plain)
+    .await
+    .unwrap();
+    assert!(over_tls, "the store's connection is encrypted");
+    drop(store);
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&plain)
+        .await
+        .unwrap();
+}
