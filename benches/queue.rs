@@ -8,8 +8,8 @@
 //! - peak RSS (SQLite)
 //!
 //! `SWITCHYARD_BENCH_STORES` (default `sqlite,postgres`) picks the stores;
-//! `SWITCHYARD_BENCH_POSTGRES` (default the local `test` database) is where PostgreSQL runs, in
-//! a schema `bench_queue_N` per measurement, all dropped when the bench ends.
+//! `SWITCHYARD_BENCH_POSTGRES` (default the local `test` database, without TLS) is where
+//! PostgreSQL runs, in a schema `bench_queue_N` per measurement, all dropped when the bench ends.
 //!
 //! Timing comes from a `probe` step kind (also an example of a custom step kind) that reports the
 //! instant it runs, so the figures include no polling by the benchmark itself.
@@ -383,7 +383,9 @@ fn main() {
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let wants = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
     let postgres = std::env::var("SWITCHYARD_BENCH_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        // Loopback: no TLS, which the server offers and sqlx would otherwise negotiate
+        // (`sslmode=prefer`); it costs a few percent (README).
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test?sslmode=disable".to_owned());
     let backends: Vec<Backend> = std::env::var("SWITCHYARD_BENCH_STORES")
         .unwrap_or_else(|_| "sqlite,postgres".to_owned())
         .split(',')
