@@ -427,7 +427,7 @@ pub async fn callback_wakes_a_parked_step_once_with_its_result(store: Arc<dyn St
     let job = claim(&*store, T0, 1).await.remove(0);
     let parked = park_for_callback(&job, "t1", T0 + 60_000);
     store.complete(vec![parked], T0).await.unwrap();
-    let result = json!({ "output": { "rows": 3 } });
+    let result = json!({ "event_id": "e1", "output": { "rows": 3 } });
     for (run_id, step, token) in [(&*run, "a", "t2"), (&*run, "b", "t1"), ("nope", "a", "t1")] {
         assert!(
             !store
@@ -446,10 +446,17 @@ pub async fn callback_wakes_a_parked_step_once_with_its_result(store: Arc<dyn St
     );
     assert!(
         !store
-            .deliver_callback(&run, "a", "t1", json!({ "output": "again" }), T0 + 2)
+            .deliver_callback(&run, "a", "t1", json!({ "event_id": "e2" }), T0 + 2)
             .await
             .unwrap(),
         "a token takes one result"
+    );
+    assert!(
+        store
+            .deliver_callback(&run, "a", "t1", result.clone(), T0 + 2)
+            .await
+            .unwrap(),
+        "the same delivery again counts as taken"
     );
     let woken = claim(&*store, T0 + 1, 1).await.remove(0);
     assert_eq!(woken.lease.attempt, 1, "waking is not a new attempt");

@@ -156,8 +156,8 @@ pub async fn n8n_webhook(
             ));
         }
         let result = match event.error {
-            Some(error) => serde_json::json!({ "error": error }),
-            None => serde_json::json!({ "output": event.output }),
+            Some(error) => serde_json::json!({ "event_id": event.event_id, "error": error }),
+            None => serde_json::json!({ "event_id": event.event_id, "output": event.output }),
         };
         if !store
             .deliver_callback(run_id, step_id, secret, result, state.engine.now())

@@ -423,7 +423,8 @@ pub trait Store: Send + Sync + 'static {
     /// waits for it: the step whose checkpoint holds `callback_token: token` and no result yet.
     /// The result joins the checkpoint as `callback`. A parked step wakes now; a step still
     /// running (it has not parked yet) keeps the result, and wakes as soon as it parks under the
-    /// same token. Returns whether a step took the result.
+    /// same token. Returns whether a step took the result. A result with the same `event_id` as
+    /// the one the step took already counts as taken: a repeated delivery.
     async fn deliver_callback(
         &self,
         run_id: &str,

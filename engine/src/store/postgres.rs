@@ -1294,26 +1294,28 @@ impl Store for PostgresStore {
         // result until it parks. A queue row already keyed by now stays: the insert below finds
         // it. One left behind by a park that committed after this statement began (invisible to
         // its delete) is dropped by the claim that meets it.
-        let given: Option<bool> = sqlx::query_scalar(
+        let given: Option<Option<bool>> = sqlx::query_scalar(
             "WITH target AS MATERIALIZED ( \
-                 SELECT id, state, run_after FROM jobs \
+                 SELECT id, state, run_after, checkpoint ? 'callback' AS answered FROM jobs \
                  WHERE run_id = $1 AND step_id = $2 AND state IN ('parked', 'running') \
-                     AND checkpoint->>'callback_token' = $3 AND NOT checkpoint ? 'callback' \
+                     AND checkpoint->>'callback_token' = $3 \
+                     AND (NOT checkpoint ? 'callback' \
+                         OR checkpoint->'callback'->'event_id' = $4::jsonb->'event_id') \
                  FOR UPDATE), \
              dequeued AS ( \
                  DELETE FROM job_queue AS q USING target AS t \
-                 WHERE t.state = 'parked' AND t.run_after <> $5 \
+                 WHERE NOT t.answered AND t.state = 'parked' AND t.run_after <> $5 \
                      AND q.run_after = t.run_after AND q.job_id = t.id), \
              given AS ( \
                  UPDATE jobs SET \
                      checkpoint = jobs.checkpoint || jsonb_build_object('callback', $4::jsonb), \
                      run_after = CASE WHEN t.state = 'parked' THEN $5 ELSE jobs.run_after END \
-                 FROM target AS t WHERE jobs.id = t.id \
+                 FROM target AS t WHERE jobs.id = t.id AND NOT t.answered \
                  RETURNING jobs.id, t.state = 'parked' AS woken), \
              queued AS ( \
                  INSERT INTO job_queue (run_after, job_id) SELECT $5, id FROM given WHERE woken \
                  ON CONFLICT DO NOTHING) \
-             SELECT woken FROM given",
+             SELECT g.woken FROM target AS t LEFT JOIN given AS g ON g.id = t.id",
         )
         .bind(run_id)
         .bind(step_id)
@@ -1322,11 +1324,12 @@ impl Store for PostgresStore {
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?;
-        if given == Some(true) {
+        let woken = given == Some(Some(true));
+        if woken {
             self.notify(&mut tx).await?;
         }
         tx.commit().await?;
-        if given == Some(true) {
+        if woken {
             self.wakeup.notify_one();
         }
         Ok(given.is_some())

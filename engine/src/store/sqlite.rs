@@ -1005,11 +1005,26 @@ impl Store for SqliteStore {
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?;
+        // The same delivery again (n8n retrying) finds its result taken already.
+        let repeated = woken.is_none()
+            && sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM jobs \
+                 WHERE run_id = ?1 AND step_id = ?2 AND state IN ('parked', 'running') \
+                     AND checkpoint->>'callback_token' = ?3 \
+                     AND checkpoint->'callback'->'event_id' = json(?4)->'event_id'",
+            )
+            .bind(run_id)
+            .bind(step_id)
+            .bind(token)
+            .bind(to_json(&result))
+            .fetch_one(&mut *tx)
+            .await?
+                > 0;
         tx.commit().await?;
         if woken == Some(true) {
             self.wakeup.notify_one();
         }
-        Ok(woken.is_some())
+        Ok(woken.is_some() || repeated)
     }
 
     async fn sweep(&self, now: Millis) -> Result<Swept> {
