@@ -24,7 +24,8 @@ async fn sslmode_require_connects_the_store_over_tls() {
         return;
     }
     let schema = format!("tls_{}", std::process::id());
-    let url = format!("{base}?sslmode=require&options[search_path]={schema}");
+    let url =
+        format!("{base}?sslmode=require&application_name={schema}&options[search_path]={schema}");
     // One pooled connection, and the LISTEN one beside it.
     let store = PostgresStore::connect(&url, 1)
         .await
@@ -32,15 +33,16 @@ async fn sslmode_require_connects_the_store_over_tls() {
     store.migrate().await.unwrap();
     assert_eq!(store.queue_depth(0).await.unwrap(), 0);
 
-    let over_tls: bool = sqlx::query_scalar(
-        "SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
-         WHERE datname = current_database() AND pid <> pg_backend_pid() \
-             AND query LIKE '%job_queue%'",
+    let (connections, encrypted): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE ssl) \
+         FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE application_name = $1",
     )
+    .bind(&schema)
     .fetch_one(&plain)
     .await
     .unwrap();
-    assert!(over_tls, "the store's connection is encrypted");
+    assert!(connections > 0, "the store's connections are open");
+    assert_eq!(encrypted, connections, "every one of them is encrypted");
     drop(store);
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&plain)

@@ -535,6 +535,57 @@ pub async fn callback_for_an_attempt_that_ended_is_refused(store: Arc<dyn Store>
     assert_eq!(next.checkpoint, Some(json!({})));
 }
 
+/// A worker shutting down gives its step back within the same attempt: the step keeps an answer
+/// it got meanwhile, and its token.
+pub async fn a_step_given_back_keeps_its_callback(store: Arc<dyn Store>) {
+    let run = start(&*store, &linear(), Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![park_for_callback(&job, "t1", T0)], T0)
+        .await
+        .unwrap();
+    let running = claim(&*store, T0, 1).await.remove(0);
+    let result = json!({ "event_id": "e1", "output": 7 });
+    assert!(
+        store
+            .deliver_callback(&run, "a", "t1", result.clone(), T0 + 1)
+            .await
+            .unwrap()
+    );
+    let released = Completion {
+        lease: running.lease.clone(),
+        settlement: Settlement::Release,
+        children: Vec::new(),
+    };
+    store.complete(vec![released], T0 + 2).await.unwrap();
+    let again = claim(&*store, T0 + 2, 1).await.remove(0);
+    assert_eq!(again.lease.attempt, 1);
+    assert_eq!(
+        again.checkpoint,
+        Some(json!({ "callback_token": "t1", "callback": result }))
+    );
+}
+
+/// A checkpoint may be any JSON value, not only an object.
+pub async fn a_step_parked_with_a_scalar_checkpoint_settles(store: Arc<dyn Store>) {
+    let run = start(&*store, &linear(), Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![park(&job, T0, json!(null))], T0)
+        .await
+        .unwrap();
+    let woken = claim(&*store, T0, 1).await.remove(0);
+    assert_eq!(
+        store
+            .complete(vec![done(&woken, json!(1))], T0)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(job_state(&*store, &run, "a").await, JobState::Succeeded);
+}
+
 pub async fn workflow_step_succeeds_with_child_outputs_in_order(store: Arc<dyn Store>) {
     let child = workflow("id: child\nsteps:\n  - {id: only, type: noop}\n");
     let parent = workflow(
@@ -659,6 +710,30 @@ pub async fn a_webhook_event_is_logged_once_per_source_and_id(store: Arc<dyn Sto
         store.webhook_events(Some("n8n"), 10).await.unwrap().len(),
         1
     );
+    // Repeats of one delivery may record in any order: a run stands, and clears an error.
+    for (first, second) in [
+        ((None, Some("not waiting")), (Some("run-2"), None)),
+        ((Some("run-2"), None), (None, Some("not waiting"))),
+    ] {
+        let id = store
+            .record_webhook_event(event(&format!("e-{first:?}"), "n8n"), T0 + 3)
+            .await
+            .unwrap()
+            .0
+            .id;
+        for (run, error) in [first, second] {
+            store.settle_webhook_event(id, run, error).await.unwrap();
+        }
+        let logged = store
+            .webhook_events(Some("n8n"), 1)
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(
+            (logged.run_id.as_deref(), logged.error.as_deref()),
+            (Some("run-2"), None)
+        );
+    }
 }
 
 pub async fn a_fire_creates_exactly_one_run_with_two_schedulers(store: Arc<dyn Store>) {
@@ -1205,6 +1280,8 @@ macro_rules! conformance {
                 callback_wakes_a_parked_step_once_with_its_result,
                 callback_before_the_step_parks_wakes_it_as_it_parks,
                 callback_for_an_attempt_that_ended_is_refused,
+                a_step_given_back_keeps_its_callback,
+                a_step_parked_with_a_scalar_checkpoint_settles,
                 workflow_step_succeeds_with_child_outputs_in_order,
                 retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones,
                 a_webhook_event_is_logged_once_per_source_and_id,

@@ -437,7 +437,8 @@ async fn attempt(
     // A step kind that panics fails its attempt like any error, under the step's retry policy:
     // the job is settled now, not when a lease its claim shares with other jobs runs out.
     let run = async {
-        AssertUnwindSafe(kind.run(call))
+        // The call itself inside the guarded future: a kind may panic before its future exists.
+        AssertUnwindSafe(async { kind.run(call).await })
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| {

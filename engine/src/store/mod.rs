@@ -422,8 +422,8 @@ pub trait Store: Send + Sync + 'static {
     /// Hands an outside result (such as n8n calling back) to the step `step_id` of `run_id` that
     /// waits for it: the step whose checkpoint holds `callback_token: token` and no result yet.
     /// The result joins the checkpoint as `callback`. A parked step wakes now; a step still
-    /// running (it has not parked yet) keeps the result, and wakes as soon as it parks under the
-    /// same token. Returns whether a step took the result. A result with the same `event_id` as
+    /// running (it has not parked yet), or given back to run again, keeps the result, and wakes
+    /// as soon as it parks under the same token. Returns whether a step took the result. A result with the same `event_id` as
     /// the one the step took already counts as taken: a repeated delivery.
     async fn deliver_callback(
         &self,
@@ -486,8 +486,9 @@ pub trait Store: Send + Sync + 'static {
         event: NewWebhookEvent,
         now: Millis,
     ) -> Result<(WebhookEvent, bool)>;
-    /// Records what an event did: the run it started, or why it was refused. The first record
-    /// stands: a concurrent repeat of the delivery does not overwrite it.
+    /// Records what an event did: the run it started, or why it was refused. Concurrent repeats
+    /// of a delivery may record in any order: a run, once recorded, stands (and clears an error
+    /// a repeat recorded first); otherwise the first error stands.
     async fn settle_webhook_event(
         &self,
         id: i64,

@@ -441,7 +441,10 @@ async fn complete_in(
                      ELSE c.run_after END, \
                  checkpoint = CASE WHEN {CALLBACK_WAITING} THEN c.checkpoint::jsonb \
                          || jsonb_build_object('callback', jobs.checkpoint->'callback') \
-                     WHEN c.state = 'parked' THEN coalesce(c.checkpoint::jsonb, jobs.checkpoint) \
+                     WHEN c.state IN ('parked', 'available') \
+                         OR jsonb_typeof(coalesce(c.checkpoint::jsonb, jobs.checkpoint)) \
+                             IS DISTINCT FROM 'object' \
+                     THEN coalesce(c.checkpoint::jsonb, jobs.checkpoint) \
                      ELSE coalesce(c.checkpoint::jsonb, jobs.checkpoint) \
                          - 'callback_token' - 'callback' END, \
                  attempt = jobs.attempt - (c.state = 'available')::int, \
@@ -534,8 +537,9 @@ async fn complete_in(
 
 /// In a settlement (`c`) of a job: a result delivered while the step ran, under the token it
 /// parks with now (see `Store::deliver_callback`). The step keeps it and wakes at once. A callback
-/// token lives while its step parks or runs: any other settlement drops it, so a late answer to
-/// an attempt that ended is refused rather than kept for the next one.
+/// token lives as long as its attempt (parked, running, or given back by a worker shutting down):
+/// any other settlement drops it, so a late answer to an attempt that ended is refused rather than
+/// kept for the next one.
 const CALLBACK_WAITING: &str = "(jobs.checkpoint ? 'callback' \
      AND c.checkpoint::jsonb->>'callback_token' = jobs.checkpoint->>'callback_token')";
 
@@ -713,12 +717,15 @@ async fn end_runs(
             .collect::<Result<Vec<_>>>()?,
     );
     let all: Vec<&str> = finished.iter().map(|r| r.id.as_str()).collect();
-    // Queue rows first, as a claim takes them: a claim holding one finishes, and its job is
-    // then running (and cancelled below), without waiting for the job rows this holds.
+    // Queue rows that no claim holds, never waiting for one (it may be waiting for a job row
+    // this transaction holds): a claim that holds one takes its job, which is cancelled below
+    // once that claim commits, and its worker learns so at its next heartbeat.
     sqlx::query(&format!(
-        "DELETE FROM job_queue AS q USING jobs AS j \
-         WHERE j.run_id = ANY($1::text[]) AND j.state IN {CLAIMABLE_JOB} \
-             AND q.run_after = j.run_after AND q.job_id = j.id"
+        "DELETE FROM job_queue WHERE ctid = ANY(ARRAY( \
+             SELECT q.ctid FROM job_queue AS q JOIN jobs AS j \
+                 ON q.run_after = j.run_after AND q.job_id = j.id \
+             WHERE j.run_id = ANY($1::text[]) AND j.state IN {CLAIMABLE_JOB} \
+             FOR UPDATE OF q SKIP LOCKED))"
     ))
     .bind(&all)
     .execute(&mut *conn)
@@ -878,8 +885,8 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
     // The claim takes the queue's first rows no other claim holds and deletes them by address
     // (stable while locked); their jobs, reached by primary key, are claimed if they are still
     // claimable and due, since a race may leave a row behind (see `deliver_callback`). Whoever
-    // else takes a claimable job (a cancel, a callback) locks its queue row first, as the claim
-    // does, so the two never deadlock. One lease row covers the whole claim. Templates reference only steps
+    // else removes a queue row (a cancel, a callback) skips those a claim holds, so neither
+    // waits for the other. One lease row covers the whole claim. Templates reference only steps
     // upstream of their own (definition validation), so a step without needs is given no outputs
     // and costs no lookup.
     let rows = sqlx::query(
@@ -1278,34 +1285,28 @@ impl Store for PostgresStore {
         now: Millis,
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        // The queue row of a parked step first, as a claim takes it (see `claim_in`).
-        sqlx::query(
-            "SELECT 1 FROM job_queue AS q JOIN jobs AS j \
-                 ON q.run_after = j.run_after AND q.job_id = j.id \
-             WHERE j.run_id = $1 AND j.step_id = $2 AND j.state = 'parked' \
-             FOR UPDATE OF q",
-        )
-        .bind(run_id)
-        .bind(step_id)
-        .execute(&mut *tx)
-        .await?;
-        // The lock waits out a claim or a settlement of the step in flight, and the row is then
-        // read again: a step that parked meanwhile is woken, one claimed meanwhile keeps the
-        // result until it parks. A queue row already keyed by now stays: the insert below finds
-        // it. One left behind by a park that committed after this statement began (invisible to
-        // its delete) is dropped by the claim that meets it.
+        // The job's lock waits out a claim or a settlement of the step in flight, and the row is
+        // then read again: a step that parked meanwhile is woken, one claimed meanwhile keeps the
+        // result until it parks. Its old queue row goes only if no claim holds it (never waiting
+        // for one, which may be waiting for this job): a claim that holds it takes the woken job
+        // after this commits. A row left behind (held, or keyed by a park that committed after
+        // this statement began) is dropped by the claim that meets it; one already keyed by now
+        // stays, and the insert below finds it.
         let given: Option<Option<bool>> = sqlx::query_scalar(
             "WITH target AS MATERIALIZED ( \
                  SELECT id, state, run_after, checkpoint ? 'callback' AS answered FROM jobs \
-                 WHERE run_id = $1 AND step_id = $2 AND state IN ('parked', 'running') \
+                 WHERE run_id = $1 AND step_id = $2 \
+                     AND state IN ('parked', 'running', 'available') \
                      AND checkpoint->>'callback_token' = $3 \
                      AND (NOT checkpoint ? 'callback' \
                          OR checkpoint->'callback'->'event_id' = $4::jsonb->'event_id') \
                  FOR UPDATE), \
              dequeued AS ( \
-                 DELETE FROM job_queue AS q USING target AS t \
-                 WHERE NOT t.answered AND t.state = 'parked' AND t.run_after <> $5 \
-                     AND q.run_after = t.run_after AND q.job_id = t.id), \
+                 DELETE FROM job_queue WHERE ctid = ANY(ARRAY( \
+                     SELECT q.ctid FROM job_queue AS q JOIN target AS t \
+                         ON q.run_after = t.run_after AND q.job_id = t.id \
+                     WHERE NOT t.answered AND t.state = 'parked' AND t.run_after <> $5 \
+                     FOR UPDATE OF q SKIP LOCKED))), \
              given AS ( \
                  UPDATE jobs SET \
                      checkpoint = jobs.checkpoint || jsonb_build_object('callback', $4::jsonb), \
@@ -1807,8 +1808,9 @@ impl Store for PostgresStore {
         error: Option<&str>,
     ) -> Result<()> {
         sqlx::query(
-            "UPDATE webhook_events SET run_id = $2, error = $3 \
-             WHERE id = $1 AND run_id IS NULL AND error IS NULL",
+            "UPDATE webhook_events SET run_id = coalesce(run_id, $2), \
+                 error = CASE WHEN coalesce(run_id, $2) IS NULL THEN coalesce(error, $3) END \
+             WHERE id = $1",
         )
         .bind(id)
         .bind(run_id)

@@ -362,7 +362,7 @@ async fn complete_in(
              checkpoint = CASE WHEN jobs.checkpoint->'callback' IS NOT NULL \
                      AND c.checkpoint->>'callback_token' = jobs.checkpoint->>'callback_token' \
                  THEN json_set(c.checkpoint, '$.callback', json(jobs.checkpoint->'callback')) \
-                 WHEN c.state = 'parked' THEN coalesce(c.checkpoint, jobs.checkpoint) \
+                 WHEN c.state IN ('parked', 'available') THEN coalesce(c.checkpoint, jobs.checkpoint) \
                  ELSE json_remove(coalesce(c.checkpoint, jobs.checkpoint), \
                      '$.callback_token', '$.callback') END, \
              attempt = jobs.attempt - (c.state = 'available'), \
@@ -994,7 +994,7 @@ impl Store for SqliteStore {
         let woken: Option<bool> = sqlx::query_scalar(
             "UPDATE jobs SET checkpoint = json_set(checkpoint, '$.callback', json(?4)), \
                  run_after = CASE WHEN state = 'parked' THEN ?5 ELSE run_after END \
-             WHERE run_id = ?1 AND step_id = ?2 AND state IN ('parked', 'running') \
+             WHERE run_id = ?1 AND step_id = ?2 AND state IN ('parked', 'running', 'available') \
                  AND checkpoint->>'callback_token' = ?3 AND checkpoint->'callback' IS NULL \
              RETURNING state = 'parked'",
         )
@@ -1009,9 +1009,10 @@ impl Store for SqliteStore {
         let repeated = woken.is_none()
             && sqlx::query_scalar::<_, i64>(
                 "SELECT count(*) FROM jobs \
-                 WHERE run_id = ?1 AND step_id = ?2 AND state IN ('parked', 'running') \
+                 WHERE run_id = ?1 AND step_id = ?2 \
+                     AND state IN ('parked', 'running', 'available') \
                      AND checkpoint->>'callback_token' = ?3 \
-                     AND checkpoint->'callback'->'event_id' = json(?4)->'event_id'",
+                     AND checkpoint->'callback'->>'event_id' = json(?4)->>'event_id'",
             )
             .bind(run_id)
             .bind(step_id)
@@ -1465,8 +1466,9 @@ impl Store for SqliteStore {
         error: Option<&str>,
     ) -> Result<()> {
         sqlx::query(
-            "UPDATE webhook_events SET run_id = ?2, error = ?3 \
-             WHERE id = ?1 AND run_id IS NULL AND error IS NULL",
+            "UPDATE webhook_events SET run_id = coalesce(run_id, ?2), \
+                 error = CASE WHEN coalesce(run_id, ?2) IS NULL THEN coalesce(error, ?3) END \
+             WHERE id = ?1",
         )
         .bind(id)
         .bind(run_id)
