@@ -422,6 +422,18 @@ fn park_for_callback(job: &ClaimedJob, token: &str, until: Millis) -> Completion
     park(job, until, json!({ "callback_token": token }))
 }
 
+/// A run whose first step stored callback token `token` (parking for no time, as the `n8n` step
+/// does) and runs again, about to call out.
+async fn running_under_token(store: &dyn Store, token: &str) -> (String, ClaimedJob) {
+    let run = start(store, &linear(), Trigger::default()).await;
+    let job = claim(store, T0, 1).await.remove(0);
+    store
+        .complete(vec![park_for_callback(&job, token, T0)], T0)
+        .await
+        .unwrap();
+    (run, claim(store, T0, 1).await.remove(0))
+}
+
 pub async fn callback_wakes_a_parked_step_once_with_its_result(store: Arc<dyn Store>) {
     let run = start(&*store, &linear(), Trigger::default()).await;
     let job = claim(&*store, T0, 1).await.remove(0);
@@ -474,13 +486,7 @@ pub async fn callback_wakes_a_parked_step_once_with_its_result(store: Arc<dyn St
 /// The outside system may answer before its caller has parked: the result waits in the running
 /// step and wakes it as it parks.
 pub async fn callback_before_the_step_parks_wakes_it_as_it_parks(store: Arc<dyn Store>) {
-    let run = start(&*store, &linear(), Trigger::default()).await;
-    let job = claim(&*store, T0, 1).await.remove(0);
-    store
-        .complete(vec![park_for_callback(&job, "t1", T0)], T0)
-        .await
-        .unwrap();
-    let running = claim(&*store, T0, 1).await.remove(0);
+    let (run, running) = running_under_token(&*store, "t1").await;
     let result = json!({ "output": 42 });
     assert!(
         store
@@ -508,13 +514,7 @@ pub async fn callback_before_the_step_parks_wakes_it_as_it_parks(store: Arc<dyn 
 /// A token belongs to one attempt: once the attempt ends another way than parking, a late
 /// answer is refused, and the next attempt does not find it.
 pub async fn callback_for_an_attempt_that_ended_is_refused(store: Arc<dyn Store>) {
-    let run = start(&*store, &linear(), Trigger::default()).await;
-    let job = claim(&*store, T0, 1).await.remove(0);
-    store
-        .complete(vec![park_for_callback(&job, "t1", T0)], T0)
-        .await
-        .unwrap();
-    let running = claim(&*store, T0, 1).await.remove(0);
+    let (run, running) = running_under_token(&*store, "t1").await;
     let retry = Completion {
         lease: running.lease.clone(),
         settlement: Settlement::Retry {
@@ -538,13 +538,7 @@ pub async fn callback_for_an_attempt_that_ended_is_refused(store: Arc<dyn Store>
 /// A worker shutting down gives its step back within the same attempt: the step keeps an answer
 /// it got meanwhile, and its token.
 pub async fn a_step_given_back_keeps_its_callback(store: Arc<dyn Store>) {
-    let run = start(&*store, &linear(), Trigger::default()).await;
-    let job = claim(&*store, T0, 1).await.remove(0);
-    store
-        .complete(vec![park_for_callback(&job, "t1", T0)], T0)
-        .await
-        .unwrap();
-    let running = claim(&*store, T0, 1).await.remove(0);
+    let (run, running) = running_under_token(&*store, "t1").await;
     let result = json!({ "event_id": "e1", "output": 7 });
     assert!(
         store
