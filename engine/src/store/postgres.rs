@@ -464,7 +464,7 @@ async fn complete_in(
                  jobs.run_after), \
          requeued AS ( \
              INSERT INTO job_queue (run_after, job_id) SELECT run_after, id FROM settled \
-             WHERE state IN ('available', 'retrying', 'parked') AND run_after IS NOT NULL \
+             WHERE state IN {CLAIMABLE_JOB} AND run_after IS NOT NULL \
              ON CONFLICT DO NOTHING), \
          succeeded AS ( \
              SELECT run_id, step_id FROM settled WHERE state = 'succeeded' AND NOT is_sink), \
@@ -889,7 +889,7 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
     // waits for the other. One lease row covers the whole claim. Templates reference only steps
     // upstream of their own (definition validation), so a step without needs is given no outputs
     // and costs no lookup.
-    let rows = sqlx::query(
+    let rows = sqlx::query(&format!(
         "WITH next AS MATERIALIZED ( \
              SELECT ctid, job_id FROM job_queue WHERE run_after <= $3 \
              ORDER BY run_after, job_id LIMIT $4 FOR UPDATE SKIP LOCKED), \
@@ -901,7 +901,7 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
                  lease_token = $1, \
                  started_at = CASE WHEN jobs.state = 'parked' THEN jobs.started_at ELSE $3 END \
              WHERE jobs.id = ANY(ARRAY(SELECT job_id FROM next)) \
-                 AND jobs.state IN ('available', 'retrying', 'parked') AND jobs.run_after <= $3 \
+                 AND jobs.state IN {CLAIMABLE_JOB} AND jobs.run_after <= $3 \
              RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.attempt, jobs.checkpoint, \
                  jobs.needs), \
          leased AS ( \
@@ -912,8 +912,8 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
              CASE WHEN c.needs <> '[]' THEN (SELECT jsonb_object_agg(j.step_id, j.output) \
                  FROM jobs AS j WHERE j.run_id = c.run_id AND j.state = 'succeeded') \
              END AS outputs \
-         FROM claimed AS c JOIN runs AS r ON r.id = c.run_id",
-    )
+         FROM claimed AS c JOIN runs AS r ON r.id = c.run_id"
+    ))
     .bind(&token)
     .bind(params.lease_until)
     .bind(params.now)
