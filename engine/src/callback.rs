@@ -1,6 +1,6 @@
-//! Tokens for results that outside systems hand back to a parked step (the n8n bridge, DESIGN
-//! §5): the step that waits stores a secret in its checkpoint (`callback_token`), the outside
-//! system gets it with the step's address, and `Store::deliver_callback` takes the result.
+//! Tokens for results that outside systems hand back to a parked step (the n8n bridge): the step
+//! that waits stores a secret in its checkpoint (`callback_token`), the outside system gets it
+//! with the step's address, and `Store::deliver_callback` takes the result.
 
 /// Where n8n posts results, under the public address of the API.
 pub const N8N_CALLBACK_PATH: &str = "/api/webhooks/n8n";

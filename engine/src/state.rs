@@ -1,4 +1,4 @@
-//! The run and job state machine (DESIGN §3). It decides; it does no IO. Stores persist its
+//! The run and job state machine. It decides; it does no IO. Stores persist its
 //! decisions with guarded updates (expected state, attempt, lease token), so a decision taken on
 //! stale information is rejected by the database rather than applied.
 //!

@@ -1,4 +1,4 @@
-//! Workflow definition format (DESIGN §2): parsing, validation with `file:line:column` errors,
+//! Workflow definition format: parsing, validation with `file:line:column` errors,
 //! JSON Schema, templates and secret redaction.
 
 use std::collections::BTreeMap;
@@ -52,9 +52,10 @@ fn assert_one_error(yaml: &str, line: usize, column: usize, needle: &str) {
 
 #[test]
 fn seed_configuration_loads_unchanged() {
+    // The seed's file ships in `definitions/` byte for byte as the business wrote it.
     let path = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/seed/workflow-config.json"
+        "/../definitions/workflow-config.json"
     ));
     let map = definition::load_paths(&[path], KINDS).unwrap_or_else(|e| panic!("{e}"));
     let wf = &map["amazon_influencer"];
@@ -73,6 +74,19 @@ fn seed_configuration_loads_unchanged() {
     let n = wf.notifications.as_ref().expect("notifications");
     assert!(n.on_success && n.on_failure);
     assert_eq!(n.webhook_url.as_deref(), Some("/api/webhooks/n8n"));
+}
+
+#[test]
+fn shipped_definitions_load_together() {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../definitions"));
+    let map = definition::load_paths(
+        &[dir],
+        &["http", "n8n", "transform", "sleep", "noop", "workflow"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for id in ["hello", "fanout_demo", "amazon_influencer"] {
+        assert!(map.contains_key(id), "{id} missing from definitions/");
+    }
 }
 
 #[test]

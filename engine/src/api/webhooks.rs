@@ -1,4 +1,4 @@
-//! Inbound webhooks: through `POST /api/webhooks/n8n` (DESIGN §5) n8n starts runs and answers
+//! Inbound webhooks: through `POST /api/webhooks/n8n` n8n starts runs and answers
 //! the `n8n` steps that wait for it, and every authenticated delivery is logged in
 //! `webhook_events` before it takes effect.
 

@@ -1,4 +1,4 @@
-//! Workflow definitions (DESIGN §2): the format, its parsing with source locations, load-time
+//! Workflow definitions: the format, its parsing with source locations, load-time
 //! validation, the JSON Schema, and `{{ ... }}` templates.
 //!
 //! Loading is two-phase so that the HTTP API can reuse it: [`parse_source`] turns one file or

@@ -1,4 +1,4 @@
-//! The workflow definition as users write it (DESIGN §2). These types are the format: the JSON
+//! The workflow definition as users write it. These types are the format: the JSON
 //! Schema is generated from them and the store keeps them, serialized, as a workflow version.
 
 use std::collections::BTreeMap;

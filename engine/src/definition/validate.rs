@@ -1,4 +1,4 @@
-//! Load-time checks of parsed workflows (DESIGN §2): everything that is not a syntax or type
+//! Load-time checks of parsed workflows: everything that is not a syntax or type
 //! error. All problems are collected, each pinned to the key or value it concerns.
 
 use std::collections::{BTreeSet, HashMap, HashSet};

@@ -1,4 +1,4 @@
-//! `n8n`: the outbound half of the n8n bridge (DESIGN §5). Posts to an n8n Webhook-trigger URL
+//! `n8n`: the outbound half of the n8n bridge. Posts to an n8n Webhook-trigger URL
 //! `{run_id, step_id, input}` (`with: { url, input, headers, wait, timeout }`).
 //!
 //! Without `wait`, the step succeeds with the body n8n answers. With `wait: true` the body also
