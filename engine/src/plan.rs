@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use crate::definition::{TemplateContext, Workflow, render_str};
-use crate::store::{ConcurrencyGate, NewJob, NewRun, ParentLink, RunId};
+use crate::store::{ConcurrencyGate, NewJob, NewRun, ParentLink, RunId, check_storable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -16,6 +16,11 @@ pub enum PlanError {
     InputNotObject { workflow: String, got: &'static str },
     #[error("concurrency key of workflow {workflow}: {message}")]
     ConcurrencyKey { workflow: String, message: String },
+    #[error("input of workflow {workflow}: {problem}")]
+    Unstorable {
+        workflow: String,
+        problem: crate::store::Unstorable,
+    },
 }
 
 /// How a run came to be.
@@ -63,6 +68,10 @@ pub fn plan_run(
         }
     }
     let input = Value::Object(merged);
+    check_storable(&input).map_err(|problem| PlanError::Unstorable {
+        workflow: workflow.id.clone(),
+        problem,
+    })?;
     let concurrency = match &workflow.concurrency {
         None => None,
         Some(c) => {

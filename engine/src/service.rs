@@ -9,10 +9,11 @@ use serde_json::Value;
 use crate::clock::Clock;
 use crate::definition::{Workflow, WorkflowMap};
 use crate::plan::{PlanError, Trigger, plan_run};
-use crate::state::RunStatus;
+use crate::state::{RunStatus, Settlement};
 use crate::store::{
-    DefinitionOrigin, FireOutcome, FireParams, FireRecord, NewRun, RunDetail, RunFilter, RunId,
-    RunSummary, Store, StoreError, WorkflowState, retry_transient,
+    ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, FireRecord,
+    JobId, NewRun, RunDetail, RunFilter, RunId, RunSummary, Store, StoreError, WorkflowState,
+    retry_transient,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +185,92 @@ impl Engine {
             crate::metrics::fire_recorded(std::time::Duration::from_millis(late));
         }
         Ok(outcome)
+    }
+
+    /// Records finished attempts and claims up to `limit` jobs leased for `lease_ms`, in one
+    /// transaction: a worker cycle pays one commit. Transient database errors are retried (the
+    /// completions are fenced, so a retry after an unnoticed commit changes nothing). A batch
+    /// the database refuses for another reason is split until the completions it can hold are
+    /// recorded, and each one it cannot hold fails its step with the database's reason, so one
+    /// bad value never costs the other steps of the batch their results. A claim that fails is
+    /// an error; the caller tries again.
+    pub async fn complete_and_claim(
+        &self,
+        batch: Vec<Completion>,
+        limit: u32,
+        lease_ms: i64,
+    ) -> Result<(Vec<JobId>, Vec<ClaimedJob>), StoreError> {
+        let claim = || {
+            let now = self.now();
+            ClaimParams {
+                limit,
+                now,
+                lease_until: now + lease_ms,
+            }
+        };
+        if batch.is_empty() {
+            return self
+                .store
+                .claim(claim())
+                .await
+                .map(|jobs| (Vec::new(), jobs));
+        }
+        let whole = retry_transient("completion", || {
+            self.store
+                .complete_and_claim(batch.clone(), claim(), self.now())
+        })
+        .await;
+        match whole {
+            Err(e) if !e.is_transient() => {
+                tracing::warn!(error = %e, jobs = batch.len(), "the database refused a batch of completions; recording them apart");
+                Ok((self.complete_apart(batch).await, Vec::new()))
+            }
+            other => other,
+        }
+    }
+
+    /// Halves a refused batch until each part commits or is one completion; such a one is
+    /// recorded as its step's failure instead.
+    async fn complete_apart(&self, batch: Vec<Completion>) -> Vec<JobId> {
+        let mut accepted = Vec::new();
+        let mut parts = vec![batch];
+        while let Some(mut part) = parts.pop() {
+            let done = retry_transient("completion", || {
+                self.store.complete(part.clone(), self.now())
+            })
+            .await;
+            match done {
+                Ok(ids) => accepted.extend(ids),
+                Err(e) if part.len() > 1 => {
+                    tracing::debug!(error = %e, jobs = part.len(), "part of a batch refused; halving it");
+                    let second = part.split_off(part.len() / 2);
+                    parts.push(part);
+                    parts.push(second);
+                }
+                Err(e) => {
+                    let refused = part.remove(0);
+                    tracing::error!(job = refused.lease.job_id, error = %e, "the database refused an attempt's result; failing its step");
+                    let failure = Completion {
+                        lease: refused.lease,
+                        settlement: Settlement::Fail {
+                            error: format!("the database refused this attempt's result: {e}"),
+                        },
+                        children: Vec::new(),
+                    };
+                    match retry_transient("completion", || {
+                        self.store.complete(vec![failure.clone()], self.now())
+                    })
+                    .await
+                    {
+                        Ok(ids) => accepted.extend(ids),
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not record that failure either; the lease will expire and the step run again")
+                        }
+                    }
+                }
+            }
+        }
+        accepted
     }
 
     pub async fn cancel(&self, run_id: &str) -> Result<RunStatus> {

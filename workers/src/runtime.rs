@@ -18,7 +18,7 @@ use switchyard_engine::definition::{TemplateContext, redact_secrets, render_valu
 use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::{AttemptResult, Settlement, StepFailure, settle};
-use switchyard_engine::store::{ClaimParams, ClaimedJob, Completion, JobId, Lease, ParentLink};
+use switchyard_engine::store::{ClaimedJob, Completion, JobId, Lease, ParentLink, check_storable};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument;
@@ -271,58 +271,34 @@ pub async fn run_worker(
     }
 }
 
-/// Completes `batch` and claims up to `asked` jobs in one transaction. Completions are the one
-/// write that must not be dropped on a passing database error: retried with backoff, and still
-/// fenced, so a retry after an unnoticed commit changes nothing. A claim from a retried call is as
-/// good as any.
+/// Completes `batch` and claims up to `asked` jobs in one transaction
+/// ([`Engine::complete_and_claim`]).
 async fn store_call(
     engine: Arc<Engine>,
     batch: Vec<Completion>,
     asked: usize,
     lease_ms: i64,
 ) -> Claimed {
-    let store = engine.store();
-    let jobs = if batch.is_empty() {
-        let now = engine.now();
-        let started = std::time::Instant::now();
-        let claimed = store
-            .claim(ClaimParams {
-                limit: asked as u32,
-                now,
-                lease_until: now + lease_ms,
-            })
-            .await;
-        switchyard_engine::metrics::claimed(started.elapsed());
-        claimed
-    } else {
-        let done = switchyard_engine::store::retry_transient("completion", || async {
-            let now = engine.now();
-            let claim = ClaimParams {
-                limit: asked as u32,
-                now,
-                lease_until: now + lease_ms,
-            };
-            let started = std::time::Instant::now();
-            let done = store.complete_and_claim(batch.clone(), claim, now).await;
-            switchyard_engine::metrics::claimed(started.elapsed());
-            done
-        })
+    let started = std::time::Instant::now();
+    let done = engine
+        .complete_and_claim(batch.clone(), asked as u32, lease_ms)
         .await;
-        match done {
-            Ok((accepted, claimed)) => {
-                // Child runs exist once their parent's parking committed.
-                for c in batch.iter().filter(|c| accepted.contains(&c.lease.job_id)) {
-                    for child in &c.children {
-                        switchyard_engine::metrics::run_started(&child.workflow_id);
-                    }
+    switchyard_engine::metrics::claimed(started.elapsed());
+    let jobs = match done {
+        Ok((accepted, claimed)) => {
+            // Child runs exist once their parent's parking committed.
+            for c in batch.iter().filter(|c| accepted.contains(&c.lease.job_id)) {
+                for child in &c.children {
+                    switchyard_engine::metrics::run_started(&child.workflow_id);
                 }
-                Ok(claimed)
             }
-            Err(e) => {
-                tracing::error!(error = %e, "could not record completions; their leases will expire and the jobs run again");
-                Err(e)
-            }
+            Ok(claimed)
         }
+        Err(e) if !batch.is_empty() => {
+            tracing::error!(error = %e, "could not record completions; their leases will expire and the jobs run again");
+            Err(e)
+        }
+        Err(e) => Err(e),
     };
     Claimed { asked, jobs }
 }
@@ -479,11 +455,23 @@ async fn attempt(
                     ),
                 ));
             }
+            // Refused here, the value fails only this attempt; in the batch, it would fail
+            // every completion beside it.
+            if let Err(problem) = check_storable(&output) {
+                return failed(StepFailure::permanent(
+                    "output_unstorable",
+                    format!("output {problem}"),
+                ));
+            }
             (AttemptResult::Succeeded { output }, Vec::new())
         }
-        Ok(StepOutcome::Park { until, checkpoint }) => {
-            (AttemptResult::Parked { until, checkpoint }, Vec::new())
-        }
+        Ok(StepOutcome::Park { until, checkpoint }) => match check_storable(&checkpoint) {
+            Ok(()) => (AttemptResult::Parked { until, checkpoint }, Vec::new()),
+            Err(problem) => failed(StepFailure::permanent(
+                "checkpoint_unstorable",
+                format!("checkpoint {problem}"),
+            )),
+        },
         Ok(StepOutcome::StartChildren(children)) => {
             match plan_children(engine, job, children).await {
                 Ok(runs) => (

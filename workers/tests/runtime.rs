@@ -10,7 +10,7 @@ use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{Format, WorkflowMap, parse_str};
 use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::service::Engine;
-use switchyard_engine::state::RunStatus;
+use switchyard_engine::state::{RunStatus, StepFailure};
 use switchyard_engine::store::{DefinitionOrigin, RunFilter};
 use switchyard_workers::{
     Registry, StepCall, StepKind, StepOutcome, StepResult, WorkerConfig, run_worker,
@@ -34,10 +34,12 @@ impl Drop for TempDir {
 /// the engine, the workflows and `id`'s version.
 async fn engine_with(dir: &TempDir, yaml: &str, id: &str) -> (Arc<Engine>, WorkflowMap, i64) {
     std::fs::create_dir_all(&dir.0).unwrap();
-    let store =
-        switchyard_engine::store::connect(&format!("sqlite://{}/store.db", dir.0.display()))
-            .await
-            .unwrap();
+    engine_on(&format!("sqlite://{}/store.db", dir.0.display()), yaml, id).await
+}
+
+/// An engine on the store at `url`, with `yaml` installed as workflow `id`.
+async fn engine_on(url: &str, yaml: &str, id: &str) -> (Arc<Engine>, WorkflowMap, i64) {
+    let store = switchyard_engine::store::connect(url).await.unwrap();
     store.migrate().await.unwrap();
     let engine = Arc::new(Engine::new(store, Arc::new(SystemClock)));
     let mut workflows = WorkflowMap::new();
@@ -199,4 +201,170 @@ async fn a_step_kind_that_panics_fails_its_attempt_and_is_retried() {
     assert_eq!(step.attempt, 2);
     let error = step.attempts[0]["error"].as_str().unwrap();
     assert!(error.contains("panicked: first attempt"), "{error}");
+}
+
+/// A PostgreSQL schema of a test's own, dropped when the test ends. `None` (the test says it is
+/// skipped) without a server, unless `SWITCHYARD_REQUIRE_POSTGRES` is set, as in CI.
+struct PgSchema {
+    base: String,
+    schema: String,
+}
+
+impl PgSchema {
+    async fn new(name: &str) -> Option<PgSchema> {
+        let base = std::env::var("SWITCHYARD_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        if let Err(e) = switchyard_engine::store::connect(&base).await {
+            assert!(
+                std::env::var_os("SWITCHYARD_REQUIRE_POSTGRES").is_none(),
+                "PostgreSQL at {base} is required: {e}"
+            );
+            eprintln!("skipped: PostgreSQL at {base} is not reachable ({e})");
+            return None;
+        }
+        let schema = format!("runtime_{name}_{}", std::process::id());
+        Some(PgSchema { base, schema })
+    }
+
+    fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options[search_path]={}", self.base, self.schema)
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("psql")
+            .args([
+                &self.base,
+                "-qc",
+                &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
+            ])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Puts a NUL character (which PostgreSQL cannot store) where its input says: in its output
+/// (`poison: output`) or its error message (`poison: error`); otherwise succeeds.
+struct Poison;
+
+#[async_trait]
+impl StepKind for Poison {
+    fn name(&self) -> &'static str {
+        "poison"
+    }
+    async fn run(&self, call: StepCall) -> StepResult {
+        match call.with["poison"].as_str() {
+            Some("output") => Ok(StepOutcome::Output(serde_json::json!({ "text": "a\0b" }))),
+            Some("error") => Err(StepFailure::permanent("poison", "a bad \0 byte")),
+            _ => Ok(StepOutcome::Output(Value::from("fine"))),
+        }
+    }
+}
+
+const POISON: &str = "\
+id: mixed
+inputs: {poison: none}
+retry: {max_retries: 0}
+steps:
+  - {id: a, type: poison, with: {poison: \"{{ input.poison }}\"}}
+";
+
+/// Forty runs complete in one batch; two of them carry a NUL character. The two fail on their
+/// own with a reason, and the other thirty-eight succeed at their first attempt: nothing waits
+/// for a lease (an hour here) to run out and nothing runs twice.
+async fn a_value_the_database_cannot_hold_fails_only_its_own_step(url: &str) {
+    let (engine, workflows, version) = engine_on(url, POISON, "mixed").await;
+    let input = |poison: &str| serde_json::json!({ "poison": poison });
+    let mut runs = vec![
+        plan_run(
+            &workflows["mixed"],
+            version,
+            input("output"),
+            Trigger::default(),
+        )
+        .unwrap(),
+        plan_run(
+            &workflows["mixed"],
+            version,
+            input("error"),
+            Trigger::default(),
+        )
+        .unwrap(),
+    ];
+    runs.extend((0..38).map(|_| {
+        plan_run(
+            &workflows["mixed"],
+            version,
+            Value::Null,
+            Trigger::default(),
+        )
+        .unwrap()
+    }));
+    let ids = engine
+        .store()
+        .create_runs(runs, engine.now())
+        .await
+        .unwrap();
+    let mut registry = Registry::builtin();
+    registry.add(Poison);
+    let (stop, stopped) = watch::channel(false);
+    let worker = tokio::spawn(run_worker(
+        engine.clone(),
+        registry,
+        WorkerConfig {
+            slots: 64,
+            lease: Duration::from_secs(3_600),
+            ..WorkerConfig::default()
+        },
+        stopped,
+    ));
+    let running = RunFilter {
+        status: Some(RunStatus::Running),
+        limit: 1,
+        ..RunFilter::default()
+    };
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while !engine.runs(&running).await.unwrap().is_empty() {
+        assert!(Instant::now() < give_up, "the runs never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send_replace(true);
+    worker.await.unwrap();
+
+    let output_run = engine.run(&ids[0]).await.unwrap();
+    assert_eq!(output_run.summary.status, RunStatus::Failed);
+    let error = output_run.steps[0].error.as_deref().unwrap();
+    assert!(error.contains("$.text") && error.contains("NUL"), "{error}");
+    let error_run = engine.run(&ids[1]).await.unwrap();
+    assert_eq!(error_run.summary.status, RunStatus::Failed);
+    let error = error_run.steps[0].error.as_deref().unwrap();
+    assert!(error.contains("a bad \u{fffd} byte"), "{error}");
+    for id in &ids[2..] {
+        let run = engine.run(id).await.unwrap();
+        assert_eq!(run.summary.status, RunStatus::Succeeded, "{run:?}");
+        assert_eq!(run.steps[0].attempt, 1, "{run:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_sqlite_cannot_hold_fails_only_its_own_step() {
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("switchyard-poison-test-{}", std::process::id())),
+    );
+    std::fs::create_dir_all(&dir.0).unwrap();
+    a_value_the_database_cannot_hold_fails_only_its_own_step(&format!(
+        "sqlite://{}/store.db",
+        dir.0.display()
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_postgres_cannot_hold_fails_only_its_own_step() {
+    let Some(schema) = PgSchema::new("poison").await else {
+        return;
+    };
+    a_value_the_database_cannot_hold_fails_only_its_own_step(&schema.url()).await;
 }

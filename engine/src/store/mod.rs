@@ -114,6 +114,69 @@ where
     .await
 }
 
+/// Nesting deeper than this is refused: serde_json reads no deeper back, so such a value would
+/// be stored and then never read again (and PostgreSQL's parser gives up not far beyond).
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Why a JSON value cannot be stored, with where in it the problem is (`$.body.name`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {problem}")]
+pub struct Unstorable {
+    pub path: String,
+    pub problem: &'static str,
+}
+
+/// Checks that both stores can hold `value` and give it back unchanged: PostgreSQL refuses
+/// NUL characters (U+0000) in text and `jsonb`, and nothing reads nesting deeper than
+/// [`MAX_JSON_DEPTH`] back. Portable on purpose: a definition behaves the same on every store.
+pub fn check_storable(value: &Value) -> std::result::Result<(), Unstorable> {
+    // An explicit stack: the value may be as deep as whoever made it wanted.
+    let mut stack: Vec<(&Value, String, usize)> = vec![(value, "$".to_owned(), 0)];
+    while let Some((value, path, depth)) = stack.pop() {
+        let fail = |problem| {
+            Err(Unstorable {
+                path: path.clone(),
+                problem,
+            })
+        };
+        match value {
+            Value::String(s) if s.contains('\0') => {
+                return fail("contains a NUL character (U+0000), which the database cannot store");
+            }
+            Value::Array(_) | Value::Object(_) if depth >= MAX_JSON_DEPTH => {
+                return fail("is nested more than 128 levels deep");
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    stack.push((item, format!("{path}[{i}]"), depth + 1));
+                }
+            }
+            Value::Object(map) => {
+                for (key, item) in map {
+                    if key.contains('\0') {
+                        return fail(
+                            "has a key with a NUL character (U+0000), which the database cannot store",
+                        );
+                    }
+                    stack.push((item, format!("{path}.{key}"), depth + 1));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Text for a text column: NUL characters, which PostgreSQL refuses, become U+FFFD. For
+/// diagnostics (errors), where losing that one character beats losing the whole message.
+pub fn storable_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        text.replace('\0', "\u{fffd}").into()
+    } else {
+        text.into()
+    }
+}
+
 /// JSON as text, the form both stores pass batches in.
 fn to_json(value: &impl Serialize) -> String {
     serde_json::to_string(value).expect("store payloads serialize")
@@ -159,8 +222,10 @@ fn completion_rows(completions: &[Completion], now: Millis) -> Value {
         .map(|c| {
             let (output, error, run_after, checkpoint) = match &c.settlement {
                 Settlement::Succeed { output } => (Some(to_json(output)), None, None, None),
-                Settlement::Retry { at, error } => (None, Some(error.clone()), Some(*at), None),
-                Settlement::Fail { error } => (None, Some(error.clone()), None, None),
+                Settlement::Retry { at, error } => {
+                    (None, Some(storable_text(error)), Some(*at), None)
+                }
+                Settlement::Fail { error } => (None, Some(storable_text(error)), None, None),
                 Settlement::Park { until, checkpoint } => {
                     (None, None, *until, Some(to_json(checkpoint)))
                 }
@@ -607,5 +672,32 @@ pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Arc<dyn
         ))
     } else {
         Err(StoreError::UnsupportedUrl(redact_url(url)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn values_a_store_cannot_hold_are_named_with_their_path() {
+        assert!(check_storable(&json!({"a": [1, "two", {"b": null}]})).is_ok());
+        let nul = check_storable(&json!({"body": {"items": ["ok", "a\u{0}b"]}})).unwrap_err();
+        assert_eq!(nul.path, "$.body.items[1]");
+        assert!(nul.to_string().contains("NUL"), "{nul}");
+        let key = check_storable(&json!({"x": {"k\u{0}": 1}})).unwrap_err();
+        assert_eq!(key.path, "$.x");
+        let mut deep = json!(1);
+        for _ in 0..=MAX_JSON_DEPTH {
+            deep = json!([deep]);
+        }
+        assert!(check_storable(&deep).unwrap_err().problem.contains("128 levels"));
+    }
+
+    #[test]
+    fn diagnostic_text_keeps_everything_but_nul() {
+        assert_eq!(storable_text("a\u{0}b"), "a\u{fffd}b");
+        assert!(matches!(storable_text("plain"), std::borrow::Cow::Borrowed("plain")));
     }
 }
