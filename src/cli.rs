@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchyard_engine::auth::Role;
+use switchyard_workers::Destination;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,6 +61,15 @@ pub struct WorkerArgs {
     /// steps with `wait: true` give n8n this address to call back.
     #[arg(long, env = "SWITCHYARD_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Destinations steps may reach even where a deny rule says otherwise: address ranges
+    /// (10.0.0.0/8), addresses, host names (api.example.com, *.example.com). Repeatable or
+    /// comma-separated.
+    #[arg(long, env = "SWITCHYARD_EGRESS_ALLOW", value_delimiter = ',')]
+    pub egress_allow: Vec<Destination>,
+    /// Destinations no step may reach, in the same forms. URLs rendered from a run's input or
+    /// step outputs may never reach loopback, link-local or metadata addresses unless allowed.
+    #[arg(long, env = "SWITCHYARD_EGRESS_DENY", value_delimiter = ',')]
+    pub egress_deny: Vec<Destination>,
 }
 
 #[derive(Debug, Clone, Copy, Args)]

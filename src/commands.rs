@@ -21,7 +21,7 @@ use switchyard_engine::scheduler::run_scheduler;
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::{Millis, RunStatus};
 use switchyard_engine::store::{self, DefinitionOrigin, RunDetail, RunFilter};
-use switchyard_workers::{N8n, Registry, WorkerConfig, run_worker};
+use switchyard_workers::{EgressPolicy, Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -353,8 +353,11 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
             ..WorkerConfig::default()
         };
         tracing::info!(slots = config.slots, "workers running");
-        let mut registry = Registry::builtin();
-        registry.add(N8n::new(args.public_url.clone()));
+        let egress = Arc::new(EgressPolicy {
+            allow: args.egress_allow.clone(),
+            deny: args.egress_deny.clone(),
+        });
+        let registry = Registry::builtin_with(args.public_url.clone(), egress);
         tasks.spawn(run_worker(engine.clone(), registry, config, stopped));
     } else if !control_plane {
         bail!("`worker --workers 0` would run nothing");

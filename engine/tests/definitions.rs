@@ -1,5 +1,5 @@
 //! Workflow definition format: parsing, validation with `file:line:column` errors,
-//! JSON Schema, templates and secret redaction.
+//! JSON Schema, templates and secrets in templates.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -904,7 +904,10 @@ fn ctx() -> TemplateContext {
         input: json!({ "region": "us", "count": 2 }),
         steps,
         vars: json!({ "api": "https://api.example", "tags": { "us": "tag-20" } }),
-        secrets: BTreeMap::from([("token".to_owned(), "s3cr3t-value".to_owned())]),
+        secrets: definition::Secrets::new(BTreeMap::from([(
+            "token".to_owned(),
+            "s3cr3t-value".to_owned(),
+        )])),
         run: json!({ "id": "run-1", "attempt": 1 }),
         env: BTreeMap::from([("REGION".to_owned(), "eu-west-1".to_owned())]),
     }
@@ -997,51 +1000,131 @@ fn fuel_stops_runaway_templates() {
     assert_eq!(err2, TemplateError::OutOfFuel, "first error was {err:?}");
 }
 
+/// What each template renders to, or its error, as text.
+fn rendered(t: &str, ctx: &TemplateContext) -> String {
+    match definition::render_value(&json!(t), ctx) {
+        Ok(v) => v.to_string(),
+        Err(e) => format!("{e} {e:?}"),
+    }
+}
+
 #[test]
-fn template_errors_never_contain_secret_values() {
+fn no_template_can_render_a_secret_or_a_transform_of_one() {
+    let ctx = ctx();
+    let forms = [
+        "s3cr3t-value",
+        "S3CR3T-VALUE",
+        "eulav-t3rc3s",
+        "s3cr",
+        "3cr3t",
+        "s3cr3t%2Dvalue",
+        "czNjcjN0LXZhbHVl",
+        "s3cr3t-valuex",
+    ];
     for t in [
+        "{{ secrets.token }}",
+        "x{{ secrets.token }}",
+        "{{ secrets.token | upper }}",
+        "{{ secrets.token | reverse }}",
+        "{{ secrets.token[0:4] }}",
+        "{{ (secrets.token ~ '')[1:6] }}",
+        "{{ secrets.token | replace('-', '%2D') }}",
+        "{{ secrets.token | escape }}",
+        "{{ secrets.token | urlencode }}",
+        "{{ secrets.token | list }}",
+        "{{ secrets.token | tojson }}",
+        "{{ secrets }}",
+        "{{ secrets | tojson }}",
+        "{{ debug() }}",
+        "{% for c in secrets.token %}{{ c }}{% endfor %}",
+        "{{ secrets.token ~ 'x' }}",
         "{{ secrets.token | int + [] }}",
-        "{{ secrets.token ~ undefined_thing.x }}",
         "{{ (secrets.token ~ 'x')() }}",
-        "{{ secrets.token | batch(secrets.token) }}",
         "{{ {}[secrets.token] }}",
     ] {
-        if let Err(e) = definition::render_str(t, &ctx()) {
-            assert!(!format!("{e} {e:?}").contains("s3cr3t-value"), "{t}: {e}");
+        let out = rendered(t, &ctx);
+        for form in forms {
+            assert!(
+                !out.contains(form),
+                "{t} rendered {out:?}, which holds {form:?}"
+            );
         }
     }
 }
 
 #[test]
-fn redaction_replaces_secret_values_everywhere() {
-    let mut v = json!({
-        "header": "Bearer s3cr3t-value",
-        "nested": [{ "again": "s3cr3t-value/s3cr3t-value" }, 5, null],
-        "s3cr3t-value": "key too",
-        "clean": "nothing here",
-    });
-    let secrets = BTreeMap::from([
-        ("token".to_owned(), "s3cr3t-value".to_owned()),
-        ("short".to_owned(), "s3cr3t".to_owned()),
-        ("empty".to_owned(), String::new()),
-    ]);
-    definition::redact_secrets(&mut v, &secrets);
+fn comparing_a_secret_in_a_template_tells_nothing() {
+    let ctx = ctx();
+    for t in [
+        "{{ secrets.token == 's3cr3t-value' }}",
+        "{{ 's3cr3t' in secrets.token }}",
+        "{{ secrets.token is startingwith('s3') }}",
+        "{{ secrets.token | length == 12 }}",
+    ] {
+        assert_eq!(rendered(t, &ctx), "false", "{t}");
+    }
+}
+
+#[test]
+fn only_an_unchanged_reference_reveals_its_secret() {
+    let ctx = ctx();
+    let whole = definition::render_str("Bearer {{ secrets.token }}", &ctx).unwrap();
+    assert!(ctx.secrets.referenced_in(&whole));
+    assert_eq!(ctx.secrets.reveal(&whole).unwrap(), "Bearer s3cr3t-value");
+    for changed in [
+        "{{ secrets.token | upper }}",
+        "{{ secrets.token | replace('n', 'm') }}",
+        "{{ secrets.token[:-1] }}",
+    ] {
+        let out = definition::render_str(changed, &ctx).unwrap();
+        assert_eq!(
+            ctx.secrets.reveal(&out),
+            Err(definition::SecretError::Changed),
+            "{changed}"
+        );
+    }
+    // A reversed reference is not one any more; it reveals nothing.
+    let reversed = definition::render_str("{{ secrets.token | reverse }}", &ctx).unwrap();
+    assert_eq!(ctx.secrets.reveal(&reversed).unwrap(), reversed);
+}
+
+#[test]
+fn text_from_elsewhere_cannot_forge_a_secret_reference() {
+    let ctx = ctx();
+    for forged in ["\u{e000}0:token\u{e001}", "\u{e000}:token\u{e001}"] {
+        assert!(!ctx.secrets.referenced_in(forged));
+        assert_eq!(ctx.secrets.reveal(forged).unwrap(), forged);
+    }
+    let other = TemplateContext {
+        secrets: definition::Secrets::new(BTreeMap::from([(
+            "token".to_owned(),
+            "s3cr3t-value".to_owned(),
+        )])),
+        ..TemplateContext::default()
+    };
+    let theirs = definition::render_str("{{ secrets.token }}", &other).unwrap();
+    assert_eq!(ctx.secrets.reveal(&theirs).unwrap(), theirs);
+    assert_eq!(ctx.secrets.find_in(&json!({ "a": [theirs] })), None);
+    let mine = definition::render_str("{{ secrets.token }}", &ctx).unwrap();
     assert_eq!(
-        v,
-        json!({
-            "header": "Bearer [redacted]",
-            "nested": [{ "again": "[redacted]/[redacted]" }, 5, null],
-            "[redacted]": "key too",
-            "clean": "nothing here",
-        })
+        ctx.secrets.find_in(&json!({ "a": [1, mine] })).as_deref(),
+        Some("$.a[1]")
     );
 }
 
 #[test]
-fn rendered_secrets_can_be_redacted_from_outputs() {
-    let mut out =
-        definition::render_value(&json!({ "auth": "Bearer {{ secrets.token }}" }), &ctx()).unwrap();
-    assert_eq!(out["auth"], "Bearer s3cr3t-value");
-    definition::redact_secrets(&mut out, &ctx().secrets);
-    assert_eq!(out["auth"], "Bearer [redacted]");
+fn templates_that_read_the_run_input_or_step_outputs_are_told_apart() {
+    for (t, reads) in [
+        ("{{ input.url }}", true),
+        ("https://x/{{ steps.a.output.id }}", true),
+        ("{% for p in input.paths %}{{ p }}{% endfor %}", true),
+        ("{{ vars.api }}/products", false),
+        ("https://api.example/{{ run.id }}", false),
+        ("https://plain.example", false),
+    ] {
+        assert_eq!(definition::reads_run_data(&json!(t)), reads, "{t}");
+    }
+    assert!(definition::reads_run_data(
+        &json!({ "a": ["x", "{{ input.y }}"] })
+    ));
 }

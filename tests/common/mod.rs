@@ -104,6 +104,8 @@ pub struct Sandbox {
     children: Vec<Child>,
     /// Processes started so far: names each one's log file.
     started: usize,
+    /// More environment for every process of this sandbox.
+    pub env: Vec<(String, String)>,
 }
 
 /// The database PostgreSQL tests use (each in a schema of its own).
@@ -125,6 +127,7 @@ impl Sandbox {
             schema: None,
             children: Vec::new(),
             started: 0,
+            env: Vec::new(),
         }
     }
 
@@ -155,7 +158,8 @@ impl Sandbox {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
         cmd.current_dir(&self.dir)
             .env("SWITCHYARD_DATABASE_URL", &self.database)
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

@@ -2,8 +2,10 @@
 //! timeouts and cancellation, and completes them in batches; and the step kinds it runs.
 #![forbid(unsafe_code)]
 
+pub mod egress;
 pub mod runtime;
 pub mod steps;
 
+pub use egress::{Destination, EgressPolicy};
 pub use runtime::{WorkerConfig, run_worker};
 pub use steps::{N8n, Registry, StepCall, StepKind, StepOutcome, StepResult};

@@ -14,7 +14,9 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::{Value, json};
-use switchyard_engine::definition::{TemplateContext, redact_secrets, render_value};
+use switchyard_engine::definition::{
+    Secrets, TemplateContext, TemplateError, has_template, reads_run_data, render_value,
+};
 use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::{AttemptResult, Settlement, StepFailure, settle};
@@ -382,6 +384,7 @@ async fn attempt(
             ));
         }
     };
+    let secrets = Secrets::new(secrets);
     let ctx = TemplateContext {
         input: job.input.clone(),
         steps: job.outputs.clone(),
@@ -397,12 +400,58 @@ async fn attempt(
         }),
         env: BTreeMap::new(),
     };
-    let with = match render_value(&step.with, &ctx) {
+    // A template may sort or search long lists within its fuel for seconds: off the async
+    // threads, where it would stall every other step of this worker.
+    let rendered = if has_template(&step.with) {
+        let template = step.with.clone();
+        tokio::task::spawn_blocking(move || render_value(&template, &ctx))
+            .await
+            .unwrap_or_else(|e| Err(TemplateError::Render(format!("the render stopped: {e}"))))
+    } else {
+        Ok(step.with.clone())
+    };
+    let with = match rendered {
         Ok(with) => with,
         Err(e) => return failed(StepFailure::permanent("template", e.to_string())),
     };
+    // A reference anywhere else would be sent, stored or shown as it is: refuse the attempt.
+    let allowed = kind.secret_fields();
+    let misplaced = match &with {
+        Value::Object(fields) => fields
+            .iter()
+            .filter(|(field, _)| !allowed.contains(&field.as_str()))
+            .find_map(|(field, value)| Some((field.as_str(), secrets.find_in(value)?))),
+        other => secrets.find_in(other).map(|path| ("", path)),
+    };
+    if let Some((field, path)) = misplaced {
+        let where_ = match allowed {
+            [] => "nowhere".to_owned(),
+            fields => fields
+                .iter()
+                .map(|f| format!("`with.{f}`"))
+                .collect::<Vec<_>>()
+                .join(" and "),
+        };
+        return failed(StepFailure::permanent(
+            "secret_misplaced",
+            format!(
+                "`with.{field}` uses a secret (at {path}); {} steps take secrets in {where_}",
+                step.kind
+            ),
+        ));
+    }
+    let reads_run_data = match &step.with {
+        Value::Object(fields) => fields
+            .iter()
+            .filter(|(_, template)| reads_run_data(template))
+            .map(|(field, _)| field.clone())
+            .collect(),
+        _ => Vec::new(),
+    };
     let call = StepCall {
         with,
+        secrets,
+        reads_run_data,
         checkpoint: job.checkpoint.clone(),
         idempotency_key: format!("{}:{}", job.run_id, job.step_id),
         run_id: job.run_id.clone(),
@@ -443,8 +492,7 @@ async fn attempt(
         None => run.await,
     };
     match outcome {
-        Ok(StepOutcome::Output(mut output)) => {
-            redact_secrets(&mut output, &secrets);
+        Ok(StepOutcome::Output(output)) => {
             let size = serde_json::to_vec(&output).map_or(0, |v| v.len());
             if size > config.max_output_bytes {
                 return failed(StepFailure::permanent(
@@ -484,12 +532,7 @@ async fn attempt(
                 Err(f) => failed(f),
             }
         }
-        Err(mut failure) => {
-            let mut message = Value::String(failure.message);
-            redact_secrets(&mut message, &secrets);
-            failure.message = message.as_str().unwrap_or_default().to_owned();
-            failed(failure)
-        }
+        Err(failure) => failed(failure),
     }
 }
 

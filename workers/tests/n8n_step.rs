@@ -26,6 +26,8 @@ async fn fake_n8n() -> (String, Arc<Mutex<Vec<Value>>>) {
 fn call(with: Value, checkpoint: Option<Value>, now: i64) -> StepCall {
     StepCall {
         with,
+        secrets: Default::default(),
+        reads_run_data: Vec::new(),
         checkpoint,
         idempotency_key: "run-1:ask".into(),
         run_id: "run-1".into(),

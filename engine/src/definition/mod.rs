@@ -20,5 +20,8 @@ pub use parse::{
     Format, MAX_DEFINITION_BYTES, ParsedSource, load_paths, parse_bytes, parse_source, parse_str,
 };
 pub use schema::{DefinitionFile, WorkflowsFile, json_schema};
-pub use template::{TemplateContext, TemplateError, redact_secrets, render_str, render_value};
+pub use template::{
+    SecretError, Secrets, TemplateContext, TemplateError, has_template, reads_run_data, render_str,
+    render_value,
+};
 pub use validate::{TEMPLATE_ROOTS, check_str, validate};

@@ -1,11 +1,13 @@
 //! `{{ ... }}` templates in step parameters (minijinja).
 //!
-//! Templates come from definitions anyone with API access may upload, and see secrets, so: no
-//! loader (no file access), strict undefined (a typo fails instead of rendering ""), fuel (bounded
-//! time and memory per render), and error messages scrubbed of secret values.
+//! Templates come from definitions anyone with API access may upload, so: no loader (no file
+//! access), strict undefined (a typo fails instead of rendering ""), fuel (bounded time and
+//! memory per render). Templates never see a secret's value: `secrets.NAME` renders as a
+//! reference that only the fields a step kind sends secrets in resolve ([`Secrets`]), so no
+//! filter, output, error or log can hold a secret or any transform of one.
 
 use std::collections::BTreeMap;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 use serde::Serialize;
@@ -16,6 +18,118 @@ use serde_json::Value;
 /// the headroom.
 const FUEL: u64 = 200_000;
 
+/// Marks a secret reference in rendered text: `\u{E000}<nonce>:<name>\u{E001}`. Private-use
+/// characters, which no filter changes; the nonce is drawn for each attempt and never stored, so
+/// text from elsewhere (an input, a step output) cannot forge a reference.
+const OPEN: char = '\u{E000}';
+const CLOSE: char = '\u{E001}';
+
+/// The secrets of one attempt. A template sees only references; [`Secrets::reveal`] turns
+/// them back into values, and only step kinds call it, for the fields they send secrets in.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    values: Arc<BTreeMap<String, String>>,
+    nonce: u64,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Secrets")
+            .field(&self.values.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Why a rendered field's secret references cannot be resolved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error(
+        "a secret was changed by a template (a filter, a slice, a concatenation inside a \
+         filter): secrets can only be inserted whole"
+    )]
+    Changed,
+}
+
+impl Secrets {
+    pub fn new(values: BTreeMap<String, String>) -> Self {
+        Secrets {
+            values: Arc::new(values),
+            nonce: rand::random(),
+        }
+    }
+
+    fn reference(&self, name: &str) -> String {
+        format!("{OPEN}{}:{name}{CLOSE}", self.nonce)
+    }
+
+    fn opening(&self) -> String {
+        format!("{OPEN}{}", self.nonce)
+    }
+
+    /// What templates see as `secrets`: each name with its reference.
+    fn references(&self) -> BTreeMap<&str, String> {
+        self.values
+            .keys()
+            .map(|name| (name.as_str(), self.reference(name)))
+            .collect()
+    }
+
+    /// Whether `text` holds a reference of this attempt, whole or changed.
+    pub fn referenced_in(&self, text: &str) -> bool {
+        text.contains(&self.opening())
+    }
+
+    /// Where in `value` (a path such as `$.body.token`) a reference of this attempt stands.
+    pub fn find_in(&self, value: &Value) -> Option<String> {
+        let opening = self.opening();
+        let mut stack = vec![(value, "$".to_owned())];
+        while let Some((value, path)) = stack.pop() {
+            match value {
+                Value::String(s) if s.contains(&opening) => return Some(path),
+                Value::Array(items) => stack.extend(
+                    items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| (v, format!("{path}[{i}]"))),
+                ),
+                Value::Object(map) => {
+                    if map.keys().any(|k| k.contains(&opening)) {
+                        return Some(path);
+                    }
+                    stack.extend(map.iter().map(|(k, v)| (v, format!("{path}.{k}"))));
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// `text` with each reference replaced by its secret's value. A reference a filter changed
+    /// is an error, never sent as it is.
+    pub fn reveal(&self, text: &str) -> Result<String, SecretError> {
+        if !self.referenced_in(text) {
+            return Ok(text.to_owned());
+        }
+        let opening = self.opening();
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = rest.find(&opening) {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + opening.len()..];
+            let named = after.strip_prefix(':').and_then(|a| a.split_once(CLOSE));
+            match named.and_then(|(name, tail)| Some((self.values.get(name)?, tail))) {
+                Some((value, tail)) => {
+                    out.push_str(value);
+                    rest = tail;
+                }
+                None => return Err(SecretError::Changed),
+            }
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
 /// What a template sees. In templates a step's result is `steps.<id>.output`.
 #[derive(Debug, Clone, Default)]
 pub struct TemplateContext {
@@ -23,17 +137,15 @@ pub struct TemplateContext {
     /// Step id -> that step's output.
     pub steps: serde_json::Map<String, Value>,
     pub vars: Value,
-    /// Never logged, never stored: rendered results that end up in outputs or events should go
-    /// through [`redact_secrets`].
-    pub secrets: BTreeMap<String, String>,
+    /// Rendered as references, never as values.
+    pub secrets: Secrets,
     /// Run id, attempt, scheduled time.
     pub run: Value,
     /// Only the environment variables the operator allows.
     pub env: BTreeMap<String, String>,
 }
 
-/// Why a template failed. Messages never contain secret values (they are replaced with
-/// `[redacted]`).
+/// Why a template failed. Messages cannot contain secret values: templates never see them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
     #[error("template syntax error: {0}")]
@@ -55,15 +167,121 @@ pub(crate) static ENV: LazyLock<Environment<'static>> = LazyLock::new(|| {
     env.set_fuel(Some(FUEL));
     // Deep recursion costs stack, not fuel.
     env.set_recursion_limit(100);
+    // Fuel pays for text as it is made; text made from a list or map at once (printing it,
+    // joining it, serializing it) is paid for only afterwards, and a list can hold the same
+    // long string thousands of times (a list doubled in a loop). These check first.
+    env.set_formatter(|out, state, value| {
+        fits(value, 0)?;
+        minijinja::escape_formatter(out, state, value)
+    });
+    env.add_function("__concat", concat);
+    env.add_filter("join", bounded::join);
+    env.add_filter("string", bounded::string);
+    env.add_filter("pprint", bounded::pprint);
+    env.add_filter("format", bounded::format);
     env
 });
+
+/// The most text a list or map may turn into in one step: a step's output is capped at 1 MiB
+/// anyway, and the input it is rendered from at 2 MiB.
+const MAX_TEXT_BYTES: usize = 2 * 1024 * 1024;
+
+/// Refuses a value whose text (printed or serialized, with `per_item` more bytes for each item
+/// of a list) would exceed [`MAX_TEXT_BYTES`]. Counts only up to the limit, so it costs at most
+/// a walk of that many bytes' worth of items.
+fn fits(value: &minijinja::Value, per_item: usize) -> Result<(), minijinja::Error> {
+    use minijinja::value::ValueKind;
+    if !matches!(
+        value.kind(),
+        ValueKind::Seq | ValueKind::Map | ValueKind::Iterable
+    ) {
+        return Ok(());
+    }
+    let mut size = 0usize;
+    let mut stack = vec![value.clone()];
+    while let Some(v) = stack.pop() {
+        size = size.saturating_add(match v.kind() {
+            ValueKind::String => v.as_str().map_or(0, str::len) + 2,
+            ValueKind::Bytes => v.as_bytes().map_or(0, <[u8]>::len),
+            ValueKind::Seq | ValueKind::Iterable => {
+                for item in v.try_iter().into_iter().flatten() {
+                    size = size.saturating_add(per_item + 2);
+                    stack.push(item);
+                    if size > MAX_TEXT_BYTES {
+                        break;
+                    }
+                }
+                2
+            }
+            ValueKind::Map => {
+                for key in v.try_iter().into_iter().flatten() {
+                    size = size.saturating_add(4);
+                    stack.push(v.get_item(&key).unwrap_or_default());
+                    stack.push(key);
+                    if size > MAX_TEXT_BYTES {
+                        break;
+                    }
+                }
+                2
+            }
+            _ => 24,
+        });
+        if size > MAX_TEXT_BYTES {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("this would make more than {MAX_TEXT_BYTES} bytes of text"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Built-in filters that turn a whole list or map into text, each after [`fits`] allows it.
+mod bounded {
+    use minijinja::value::{Kwargs, Rest, StringInput, ValueOrKwargs};
+    use minijinja::{Error, State, Value, filters};
+
+    use super::fits;
+
+    pub fn join(
+        state: &mut State,
+        value: &Value,
+        joiner: Option<StringInput<'_>>,
+        attribute: Option<&str>,
+        kwargs: Kwargs,
+    ) -> Result<Value, Error> {
+        fits(value, joiner.as_ref().map_or(0, |j| j.as_str().len()))?;
+        filters::join(state, value, joiner, attribute, kwargs)
+    }
+
+    pub fn string(state: &State, value: &Value) -> Result<Value, Error> {
+        fits(value, 0)?;
+        filters::string(state, value)
+    }
+
+    pub fn pprint(value: &Value) -> Result<String, Error> {
+        fits(value, 8)?;
+        Ok(filters::pprint(value))
+    }
+
+    pub fn format(
+        state: &mut State,
+        format_str: &Value,
+        args: Rest<ValueOrKwargs>,
+    ) -> Result<Value, Error> {
+        for arg in args.iter() {
+            fits(arg, 0)?;
+        }
+        filters::format(state, format_str, args)
+    }
+}
 
 #[derive(Serialize)]
 struct Scope<'a> {
     input: &'a Value,
     steps: BTreeMap<&'a str, StepScope<'a>>,
     vars: &'a Value,
-    secrets: &'a BTreeMap<String, String>,
+    secrets: BTreeMap<&'a str, String>,
     run: &'a Value,
     env: &'a BTreeMap<String, String>,
 }
@@ -82,7 +300,7 @@ fn scope(ctx: &TemplateContext) -> minijinja::Value {
             .map(|(k, v)| (k.as_str(), StepScope { output: v }))
             .collect(),
         vars: &ctx.vars,
-        secrets: &ctx.secrets,
+        secrets: ctx.secrets.references(),
         run: &ctx.run,
         env: &ctx.env,
     }))
@@ -98,10 +316,33 @@ pub fn render_value(template: &Value, ctx: &TemplateContext) -> Result<Value, Te
         return Ok(template.clone());
     }
     let scope = scope(ctx);
-    render_tree(template, &scope).map_err(|e| scrub(e, &ctx.secrets))
+    render_tree(template, &scope)
 }
 
-fn has_template(value: &Value) -> bool {
+/// Whether rendering `template` reads the run's input or step outputs: data that whoever
+/// starts a run, or a service a step called, chose. A template that does not parse counts as
+/// reading them: it is refused when rendered anyway.
+pub fn reads_run_data(template: &Value) -> bool {
+    let reads = |variables: std::collections::HashSet<String>| {
+        variables.contains("input") || variables.contains("steps")
+    };
+    match template {
+        Value::String(s) if is_template(s) => match whole_expression(s) {
+            Some(expr) => ENV
+                .compile_expression(expr)
+                .map_or(true, |e| reads(e.undeclared_variables(false))),
+            None => ENV
+                .template_from_str(s)
+                .map_or(true, |t| reads(t.undeclared_variables(false))),
+        },
+        Value::Array(items) => items.iter().any(reads_run_data),
+        Value::Object(map) => map.values().any(reads_run_data),
+        _ => false,
+    }
+}
+
+/// Whether any string in `value` is a template: one that is not renders to itself.
+pub fn has_template(value: &Value) -> bool {
     match value {
         Value::String(s) => is_template(s),
         Value::Array(items) => items.iter().any(has_template),
@@ -112,7 +353,7 @@ fn has_template(value: &Value) -> bool {
 
 /// Renders one template string.
 pub fn render_str(template: &str, ctx: &TemplateContext) -> Result<String, TemplateError> {
-    render_text(template, &scope(ctx)).map_err(|e| scrub(e, &ctx.secrets))
+    render_text(template, &scope(ctx))
 }
 
 fn render_tree(template: &Value, scope: &minijinja::Value) -> Result<Value, TemplateError> {
@@ -140,8 +381,11 @@ fn render_string(s: &str, scope: &minijinja::Value) -> Result<Value, TemplateErr
     let Some(expr) = whole_expression(s) else {
         return render_text(s, scope).map(Value::String);
     };
-    let compiled = ENV.compile_expression(expr).map_err(from_minijinja)?;
-    let value = compiled.eval(scope.clone()).map_err(from_minijinja)?;
+    let mut discarded = String::new();
+    let value = eval(expr, true, scope, &mut discarded)
+        .map_err(from_minijinja)?
+        .unwrap_or_default();
+    fits(&value, 0).map_err(from_minijinja)?;
     // Strict mode only refuses undefined where it is printed or iterated; `[input.typo]` would
     // otherwise slip through as `[null]`.
     if contains_undefined(&value) {
@@ -179,8 +423,72 @@ fn render_text(s: &str, scope: &minijinja::Value) -> Result<String, TemplateErro
     if !is_template(s) {
         return Ok(s.to_owned());
     }
-    let tmpl = ENV.template_from_str(s).map_err(from_minijinja)?;
-    tmpl.render(scope).map_err(from_minijinja)
+    let mut text = String::new();
+    eval(s, false, scope, &mut text).map_err(from_minijinja)?;
+    Ok(text)
+}
+
+/// Compiles and runs a template (or, with `expression`, one expression) writing into `text`.
+/// Compiled here rather than by the environment to route `~` through `__concat`: the
+/// built-in operator turns a list or map into text before fuel can refuse it, and a list can
+/// hold one long string thousands of times. The instruction is swapped in place for a call of
+/// the same arity, so no jump moves.
+fn eval(
+    source: &str,
+    expression: bool,
+    scope: &minijinja::Value,
+    text: &mut String,
+) -> Result<Option<minijinja::Value>, minijinja::Error> {
+    use minijinja::machinery::{CodeGenerator, Instruction, Instructions, parse, parse_expr};
+    let (mut instructions, mut blocks) = if expression {
+        let ast = parse_expr(source)?;
+        let mut generator = CodeGenerator::new("<expression>", source);
+        generator.compile_expr(&ast);
+        generator.finish()
+    } else {
+        let ast = parse(source, "<template>", Default::default())?;
+        let mut generator = CodeGenerator::new("<template>", source);
+        generator.compile_stmt(&ast);
+        generator.finish()
+    };
+    let route_concat = |instructions: &mut Instructions<'_>| {
+        let mut at = 0;
+        while let Some(instruction) = instructions.get_mut(at) {
+            if matches!(instruction, Instruction::StringConcat) {
+                *instruction = Instruction::CallFunction("__concat", Some(2));
+            }
+            at += 1;
+        }
+    };
+    route_concat(&mut instructions);
+    blocks.values_mut().for_each(route_concat);
+    let mut out = minijinja::machinery::make_string_output(text);
+    minijinja::machinery::eval(
+        &ENV,
+        &instructions,
+        scope.clone(),
+        &blocks,
+        &mut out,
+        minijinja::AutoEscape::None,
+    )
+    .map(|(value, _)| value)
+}
+
+/// `a ~ b`, once both sides are known to fit.
+fn concat(a: minijinja::Value, b: minijinja::Value) -> Result<minijinja::Value, minijinja::Error> {
+    fits(&a, 0)?;
+    fits(&b, 0)?;
+    let text = match (a.as_str(), b.as_str()) {
+        (Some(a), Some(b)) => [a, b].concat(),
+        _ => format!("{a}{b}"),
+    };
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("this would make more than {MAX_TEXT_BYTES} bytes of text"),
+        ));
+    }
+    Ok(minijinja::Value::from(text))
 }
 
 /// Cheap pre-check: most parameter strings hold no template at all.
@@ -207,63 +515,4 @@ fn from_minijinja(e: minijinja::Error) -> TemplateError {
         ErrorKind::SyntaxError => TemplateError::Syntax(e.to_string()),
         _ => TemplateError::Render(e.to_string()),
     }
-}
-
-/// Error texts can quote values (a failed filter, a bad conversion); never let a secret through.
-fn scrub(e: TemplateError, secrets: &BTreeMap<String, String>) -> TemplateError {
-    let r = |s: String| redact_str(&s, secrets);
-    match e {
-        TemplateError::Syntax(s) => TemplateError::Syntax(r(s)),
-        TemplateError::Render(s) => TemplateError::Render(r(s)),
-        TemplateError::Undefined(s) => TemplateError::Undefined(r(s)),
-        TemplateError::NotJson(s) => TemplateError::NotJson(r(s)),
-        TemplateError::OutOfFuel => TemplateError::OutOfFuel,
-    }
-}
-
-const REDACTED: &str = "[redacted]";
-
-/// Replaces every occurrence of a secret value, in every string and object key of `value`, with
-/// `[redacted]`. Empty secrets are ignored (they would match everywhere).
-pub fn redact_secrets(value: &mut Value, secrets: &BTreeMap<String, String>) {
-    if secrets.values().all(String::is_empty) {
-        return;
-    }
-    match value {
-        Value::String(s) if contains_secret(s, secrets) => *s = redact_str(s, secrets),
-        Value::Array(items) => items.iter_mut().for_each(|v| redact_secrets(v, secrets)),
-        Value::Object(map) => {
-            if map.keys().any(|k| contains_secret(k, secrets)) {
-                *map = std::mem::take(map)
-                    .into_iter()
-                    .map(|(k, v)| (redact_str(&k, secrets), v))
-                    .collect();
-            }
-            map.values_mut().for_each(|v| redact_secrets(v, secrets));
-        }
-        _ => {}
-    }
-}
-
-fn contains_secret(s: &str, secrets: &BTreeMap<String, String>) -> bool {
-    secrets
-        .values()
-        .any(|secret| !secret.is_empty() && s.contains(secret.as_str()))
-}
-
-fn redact_str(s: &str, secrets: &BTreeMap<String, String>) -> String {
-    // Longest first, so a secret that contains another is redacted whole.
-    let mut values: Vec<&str> = secrets
-        .values()
-        .map(String::as_str)
-        .filter(|v| !v.is_empty())
-        .collect();
-    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-    let mut out = s.to_owned();
-    for secret in values {
-        if out.contains(secret) {
-            out = out.replace(secret, REDACTED);
-        }
-    }
-    out
 }

@@ -692,12 +692,20 @@ mod tests {
         for _ in 0..=MAX_JSON_DEPTH {
             deep = json!([deep]);
         }
-        assert!(check_storable(&deep).unwrap_err().problem.contains("128 levels"));
+        assert!(
+            check_storable(&deep)
+                .unwrap_err()
+                .problem
+                .contains("128 levels")
+        );
     }
 
     #[test]
     fn diagnostic_text_keeps_everything_but_nul() {
         assert_eq!(storable_text("a\u{0}b"), "a\u{fffd}b");
-        assert!(matches!(storable_text("plain"), std::borrow::Cow::Borrowed("plain")));
+        assert!(matches!(
+            storable_text("plain"),
+            std::borrow::Cow::Borrowed("plain")
+        ));
     }
 }

@@ -1,34 +1,69 @@
-//! `http`: one request with reqwest. `with: { method, url, headers, query, body, timeout }`.
+//! `http`: one request with reqwest. `with: { method, url, headers, auth, query, body, timeout }`.
 //! A 2xx answer succeeds with `{status, headers, body}` (JSON when it parses, text otherwise);
-//! anything else fails with the status and an excerpt of the body. 5xx, 408, 425, 429 and
+//! anything else fails with the status and a short excerpt of the body. 5xx, 408, 425, 429 and
 //! network errors are worth retrying; other 4xx are not. The run-and-step idempotency key goes out
 //! as `Idempotency-Key`, so APIs that honour one (Stripe) do the work once across retries.
+//!
+//! Secrets go only into `headers` and `auth`. Redirects are followed here, not by reqwest, so
+//! that every hop passes the egress policy and a redirect to another origin loses every header
+//! that carried a secret, not only the few reqwest knows. Bodies are read in chunks up to a
+//! limit: a huge answer is refused, never buffered whole.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
-use reqwest::{Method, StatusCode};
+use base64::Engine as _;
+use reqwest::header::{
+    AUTHORIZATION, COOKIE, HeaderMap, HeaderName, HeaderValue, LOCATION, PROXY_AUTHORIZATION,
+    RETRY_AFTER,
+};
+use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
 use switchyard_engine::state::StepFailure;
 
 use super::{StepCall, StepKind, StepOutcome, StepResult, str_field};
+use crate::egress::{CheckedResolver, EgressPolicy, Refused};
 
-/// Bytes of a failed answer's body quoted in the error.
-const EXCERPT: usize = 512;
+/// Characters of a failed answer's body quoted in the error: enough to tell what went wrong,
+/// too little to carry an internal API's answer to whoever reads the run.
+const EXCERPT: usize = 256;
+/// The largest body read; a bigger one fails the attempt. Outputs are capped at 1 MiB anyway.
+const MAX_BODY: usize = 1024 * 1024;
+const MAX_REDIRECTS: usize = 10;
 
 pub struct Http {
+    policy: Arc<EgressPolicy>,
+    /// For URLs written by the definition's author (and `vars`).
     client: reqwest::Client,
+    /// For URLs rendered from a run's input or step outputs: internal addresses refused.
+    from_input_client: reqwest::Client,
 }
 
 impl Http {
     pub fn new() -> Self {
-        Http {
-            client: reqwest::Client::builder()
+        Http::with_policy(Arc::new(EgressPolicy::default()))
+    }
+
+    pub fn with_policy(policy: Arc<EgressPolicy>) -> Self {
+        let client = |from_input| {
+            reqwest::Client::builder()
                 .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
+                // A proxy would resolve names itself, out of the policy's sight.
+                .no_proxy()
+                .dns_resolver(Arc::new(CheckedResolver {
+                    policy: policy.clone(),
+                    from_input,
+                }))
                 .build()
-                .expect("TLS backend initialises"),
+                .expect("TLS backend initialises")
+        };
+        Http {
+            client: client(false),
+            from_input_client: client(true),
+            policy,
         }
     }
 }
@@ -43,9 +78,32 @@ fn invalid(message: impl Into<String>) -> StepFailure {
     StepFailure::permanent("invalid_parameters", message)
 }
 
-fn headers(with: &Value, idempotency_key: &str) -> Result<HeaderMap, StepFailure> {
+fn refused(why: Refused) -> StepFailure {
+    StepFailure::permanent(
+        "egress",
+        format!("http step: refused by the egress policy: {why}"),
+    )
+}
+
+/// The request's headers, and the names of those that carry a secret.
+fn headers(call: &StepCall) -> Result<(HeaderMap, Vec<HeaderName>), StepFailure> {
     let mut map = HeaderMap::new();
-    if let Some(given) = with.get("headers") {
+    let mut secret = Vec::new();
+    let mut add = |name: HeaderName, text: &str| -> Result<(), StepFailure> {
+        let revealed = call
+            .secrets
+            .reveal(text)
+            .map_err(|e| invalid(format!("http step: header {name}: {e}")))?;
+        // The value may hold a secret: name only the header.
+        let value = HeaderValue::from_str(&revealed)
+            .map_err(|_| invalid(format!("http step: bad value for header {name}")))?;
+        if call.secrets.referenced_in(text) {
+            secret.push(name.clone());
+        }
+        map.insert(name, value);
+        Ok(())
+    };
+    if let Some(given) = call.with.get("headers") {
         let given = given
             .as_object()
             .ok_or_else(|| invalid("http step: `with.headers` must be a map"))?;
@@ -56,19 +114,51 @@ fn headers(with: &Value, idempotency_key: &str) -> Result<HeaderMap, StepFailure
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            // The value may hold a secret: name only the header.
-            let value = HeaderValue::from_str(&text)
-                .map_err(|_| invalid(format!("http step: bad value for header {name}")))?;
-            map.insert(name, value);
+            add(name, &text)?;
         }
+    }
+    if let Some(auth) = call.with.get("auth") {
+        add(AUTHORIZATION, &authorization(call, auth)?)?;
     }
     if !map.contains_key("idempotency-key") {
         map.insert(
             "idempotency-key",
-            HeaderValue::from_str(idempotency_key).map_err(|_| invalid("bad idempotency key"))?,
+            HeaderValue::from_str(&call.idempotency_key)
+                .map_err(|_| invalid("bad idempotency key"))?,
         );
     }
-    Ok(map)
+    Ok((map, secret))
+}
+
+/// `auth: {bearer: TOKEN}` or `auth: {basic: {username, password}}` as an `Authorization`
+/// value, with its secret references still in it for [`headers`] to resolve. Basic credentials
+/// are encoded after they are resolved: a template could not encode a secret it never sees.
+fn authorization(call: &StepCall, auth: &Value) -> Result<String, StepFailure> {
+    let text = |v: Option<&Value>, what: &str| {
+        v.and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| invalid(format!("http step: `with.auth.{what}` must be a string")))
+    };
+    if let Some(token) = auth.get("bearer") {
+        return Ok(format!("Bearer {}", text(Some(token), "bearer")?));
+    }
+    if let Some(basic) = auth.get("basic") {
+        let user = text(basic.get("username"), "basic.username")?;
+        let password = text(basic.get("password"), "basic.password")?;
+        let reveal = |s: &str| {
+            call.secrets
+                .reveal(s)
+                .map_err(|e| invalid(format!("http step: `with.auth.basic`: {e}")))
+        };
+        let pair = format!("{}:{}", reveal(&user)?, reveal(&password)?);
+        return Ok(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        ));
+    }
+    Err(invalid(
+        "http step: `with.auth` must be {bearer: TOKEN} or {basic: {username, password}}",
+    ))
 }
 
 /// `Retry-After` as seconds or as an HTTP date.
@@ -93,45 +183,147 @@ fn excerpt(body: &str) -> &str {
     }
 }
 
+/// What a failed send says; a refusal by the egress policy, found among the causes, is final.
+fn send_error(target: &str, e: reqwest::Error) -> StepFailure {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(why) = c.downcast_ref::<Refused>() {
+            return refused(why.clone());
+        }
+        cause = c.source();
+    }
+    let kind = if e.is_timeout() { "timeout" } else { "http" };
+    StepFailure::transient(kind, format!("{target}: {}", e.without_url()))
+}
+
+/// Reads up to `limit` bytes of the body; `Ok(None)` when it is longer.
+async fn read_body(
+    response: &mut reqwest::Response,
+    limit: usize,
+    target: &str,
+) -> Result<Option<Vec<u8>>, StepFailure> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| StepFailure::transient("http", format!("{target}: reading body: {e}")))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
 #[async_trait]
 impl StepKind for Http {
     fn name(&self) -> &'static str {
         "http"
     }
 
+    fn secret_fields(&self) -> &'static [&'static str] {
+        &["headers", "auth"]
+    }
+
     async fn run(&self, call: StepCall) -> StepResult {
         let with = &call.with;
-        let url = str_field(with, "http", "url")?;
-        let method = with.get("method").and_then(Value::as_str).unwrap_or("GET");
-        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
-            .map_err(|_| invalid(format!("http step: unknown method {method:?}")))?;
-        let mut request = self
-            .client
-            .request(method.clone(), url)
-            .headers(headers(with, &call.idempotency_key)?);
+        let text = str_field(with, "http", "url")?;
+        let given = with.get("method").and_then(Value::as_str).unwrap_or("GET");
+        let mut method = Method::from_bytes(given.to_ascii_uppercase().as_bytes())
+            .map_err(|_| invalid(format!("http step: unknown method {given:?}")))?;
+        let from_input = call.reads_run_data("url");
+        let client = if from_input {
+            &self.from_input_client
+        } else {
+            &self.client
+        };
+        let (mut headers, secret_headers) = headers(&call)?;
+        let timeout = match with.get("timeout").and_then(Value::as_str) {
+            Some(t) => Some(
+                humantime::parse_duration(t)
+                    .map_err(|e| invalid(format!("http step: `with.timeout` {t:?}: {e}")))?,
+            ),
+            None => None,
+        };
+        let mut body = with.get("body").filter(|b| !b.is_null()).cloned();
+        // The query joins the URL once, as reqwest encodes it; a redirect's Location is whole.
+        let mut request = client.request(method.clone(), text);
         if let Some(query) = with.get("query") {
             request = request.query(query);
         }
-        if let Some(body) = with.get("body").filter(|b| !b.is_null()) {
-            request = request.json(body);
-        }
-        if let Some(timeout) = with.get("timeout").and_then(Value::as_str) {
-            let timeout = humantime::parse_duration(timeout)
-                .map_err(|e| invalid(format!("http step: `with.timeout` {timeout:?}: {e}")))?;
-            request = request.timeout(timeout);
-        }
-        let target = format!("{method} {}", url.split('?').next().unwrap_or(url));
-        let response = request.send().await.map_err(|e| {
-            let kind = if e.is_timeout() { "timeout" } else { "http" };
-            StepFailure::transient(kind, format!("{target}: {}", e.without_url()))
-        })?;
+        let mut url = request
+            .build()
+            .map_err(|e| invalid(format!("http step: `with.url`: {}", e.without_url())))?
+            .url()
+            .clone();
+        let mut hops = 0;
+        let (target, mut response) = loop {
+            let target = format!("{method} {}", url.as_str().split('?').next().unwrap_or(""));
+            self.policy
+                .check_host(url.host_str().unwrap_or(""), from_input)
+                .map_err(refused)?;
+            let mut request = client
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
+            if let Some(body) = &body {
+                request = request.json(body);
+            }
+            if let Some(timeout) = timeout {
+                request = request.timeout(timeout);
+            }
+            let response = request.send().await.map_err(|e| send_error(&target, e))?;
+            let location = response
+                .headers()
+                .get(LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .filter(|_| response.status().is_redirection());
+            let Some(location) = location else {
+                break (target, response);
+            };
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                return Err(StepFailure::permanent(
+                    "http",
+                    format!("{target}: more than {MAX_REDIRECTS} redirects"),
+                ));
+            }
+            let next = url.join(location).map_err(|e| {
+                StepFailure::permanent("http", format!("{target}: bad redirect: {e}"))
+            })?;
+            if !same_origin(&url, &next) {
+                for name in
+                    secret_headers
+                        .iter()
+                        .chain([&AUTHORIZATION, &COOKIE, &PROXY_AUTHORIZATION])
+                {
+                    headers.remove(name);
+                }
+            }
+            // As browsers do: 303 always, and 301/302 after a POST, continue as a GET.
+            let status = response.status().as_u16();
+            if status == 303 || (matches!(status, 301 | 302) && method == Method::POST) {
+                method = Method::GET;
+                body = None;
+            }
+            url = next;
+        };
         let status = response.status();
         let response_headers = response.headers().clone();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| StepFailure::transient("http", format!("{target}: reading body: {e}")))?;
         if !status.is_success() {
+            let text = match read_body(&mut response, EXCERPT * 4, &target).await {
+                Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+                _ => String::new(),
+            };
             return Err(StepFailure {
                 kind: "http".into(),
                 message: format!("{target}: HTTP {status}: {}", excerpt(&text)),
@@ -140,7 +332,16 @@ impl StepKind for Http {
                 retry_after: retry_after(&response_headers, call.now),
             });
         }
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let bytes = read_body(&mut response, MAX_BODY, &target)
+            .await?
+            .ok_or_else(|| {
+                StepFailure::permanent(
+                    "response_too_large",
+                    format!("{target}: the response body is over {MAX_BODY} bytes"),
+                )
+            })?;
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         let headers: Map<String, Value> = response_headers
             .iter()
             .filter_map(|(k, v)| Some((k.to_string(), Value::String(v.to_str().ok()?.to_owned()))))
@@ -156,6 +357,21 @@ impl StepKind for Http {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_engine::definition::Secrets;
+
+    fn call(with: Value) -> StepCall {
+        StepCall {
+            with,
+            secrets: Secrets::default(),
+            reads_run_data: Vec::new(),
+            checkpoint: None,
+            idempotency_key: "run:step".into(),
+            run_id: "run".into(),
+            step_id: "step".into(),
+            attempt: 1,
+            now: 0,
+        }
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_http_dates() {
@@ -183,13 +399,18 @@ mod tests {
 
     #[test]
     fn idempotency_key_is_sent_unless_the_step_sets_one() {
-        let h = headers(&json!({}), "run:step").unwrap();
+        let (h, _) = headers(&call(json!({}))).unwrap();
         assert_eq!(h["idempotency-key"], "run:step");
-        let h = headers(
-            &json!({ "headers": { "Idempotency-Key": "mine" } }),
-            "run:step",
-        )
-        .unwrap();
+        let (h, _) = headers(&call(json!({ "headers": { "Idempotency-Key": "mine" } }))).unwrap();
         assert_eq!(h["idempotency-key"], "mine");
+    }
+
+    #[test]
+    fn basic_auth_encodes_the_resolved_credentials() {
+        let (h, _) = headers(&call(
+            json!({ "auth": { "basic": { "username": "ann", "password": "pw" } } }),
+        ))
+        .unwrap();
+        assert_eq!(h[AUTHORIZATION], "Basic YW5uOnB3");
     }
 }

@@ -13,6 +13,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::Value;
+use switchyard_engine::definition::Secrets;
+
+use crate::egress::EgressPolicy;
 use switchyard_engine::state::{Millis, StepFailure};
 
 pub use http::Http;
@@ -26,6 +29,12 @@ pub use workflow::StartWorkflows;
 #[derive(Debug, Clone)]
 pub struct StepCall {
     pub with: Value,
+    /// Resolves the secret references in the fields named by [`StepKind::secret_fields`]:
+    /// elsewhere `with` holds none.
+    pub secrets: Secrets,
+    /// The top-level `with` fields whose templates read the run's input or step outputs: values
+    /// whoever started the run, or a service a step called, chose.
+    pub reads_run_data: Vec<String>,
     /// What the step saved when it last parked, if it did.
     pub checkpoint: Option<Value>,
     /// Stable across attempts of the same step of the same run: pass it to APIs that honour one.
@@ -34,6 +43,13 @@ pub struct StepCall {
     pub step_id: String,
     pub attempt: u32,
     pub now: Millis,
+}
+
+impl StepCall {
+    /// Whether `with.<field>` was rendered from the run's input or step outputs.
+    pub fn reads_run_data(&self, field: &str) -> bool {
+        self.reads_run_data.iter().any(|f| f == field)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +77,11 @@ pub type StepResult = Result<StepOutcome, StepFailure>;
 pub trait StepKind: Send + Sync + 'static {
     /// The `type:` that selects this kind in a definition.
     fn name(&self) -> &'static str;
+    /// The top-level `with` fields this kind sends secrets in, and resolves with
+    /// [`StepCall::secrets`]. A secret anywhere else fails the attempt before the kind runs.
+    fn secret_fields(&self) -> &'static [&'static str] {
+        &[]
+    }
     async fn run(&self, call: StepCall) -> StepResult;
 }
 
@@ -69,12 +90,18 @@ pub trait StepKind: Send + Sync + 'static {
 pub struct Registry(HashMap<&'static str, Arc<dyn StepKind>>);
 
 impl Registry {
-    /// Every kind that ships with Switchyard.
+    /// Every kind that ships with Switchyard, with no egress rules beyond the default and no
+    /// public address for n8n to call back.
     pub fn builtin() -> Self {
+        Registry::builtin_with(None, Default::default())
+    }
+
+    /// Every kind that ships with Switchyard: outbound requests under `egress`, n8n steps that
+    /// wait given `public_url` (`--public-url`) to call back.
+    pub fn builtin_with(public_url: Option<String>, egress: Arc<EgressPolicy>) -> Self {
         let mut registry = Registry::default();
-        registry.add(Http::new());
-        // Without the API's public address; `serve` and `worker` add one given `--public-url`.
-        registry.add(N8n::new(None));
+        registry.add(Http::with_policy(egress.clone()));
+        registry.add(N8n::with_policy(public_url, egress));
         registry.add(Transform);
         registry.add(Sleep);
         registry.add(Noop);

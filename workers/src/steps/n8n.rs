@@ -16,7 +16,10 @@ use serde_json::{Value, json};
 use switchyard_engine::callback::{self, N8N_CALLBACK_PATH};
 use switchyard_engine::state::StepFailure;
 
+use std::sync::Arc;
+
 use super::{Http, StepCall, StepKind, StepOutcome, StepResult, str_field};
+use crate::egress::EgressPolicy;
 
 const DEFAULT_TIMEOUT: &str = "1h";
 
@@ -28,8 +31,13 @@ pub struct N8n {
 
 impl N8n {
     pub fn new(public_url: Option<String>) -> Self {
+        N8n::with_policy(public_url, Default::default())
+    }
+
+    /// Calls n8n under the egress policy `policy`, like the `http` kind.
+    pub fn with_policy(public_url: Option<String>, policy: Arc<EgressPolicy>) -> Self {
         N8n {
-            http: Http::new(),
+            http: Http::with_policy(policy),
             public_url: public_url.map(|u| u.trim_end_matches('/').to_owned()),
         }
     }
@@ -73,6 +81,10 @@ fn invalid(message: impl Into<String>) -> StepFailure {
 impl StepKind for N8n {
     fn name(&self) -> &'static str {
         "n8n"
+    }
+
+    fn secret_fields(&self) -> &'static [&'static str] {
+        &["headers"]
     }
 
     async fn run(&self, call: StepCall) -> StepResult {

@@ -52,6 +52,8 @@ mod tests {
     fn call(now: i64, checkpoint: Option<serde_json::Value>) -> StepCall {
         StepCall {
             with: json!({ "duration": "10s" }),
+            secrets: Default::default(),
+            reads_run_data: Vec::new(),
             checkpoint,
             idempotency_key: "r:s".into(),
             run_id: "r".into(),

@@ -1,0 +1,188 @@
+//! The `http` step kind against real servers on 127.0.0.1: where it may send requests, what a
+//! redirect to another origin keeps, and how secrets reach the wire.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Redirect};
+use axum::routing::get;
+use serde_json::{Value, json};
+use switchyard_engine::definition::{Secrets, TemplateContext, render_value};
+use switchyard_workers::steps::Http;
+use switchyard_workers::{EgressPolicy, StepCall, StepKind, StepOutcome};
+
+type Seen = Arc<Mutex<Vec<HeaderMap>>>;
+
+/// `/seen` records its request's headers; `/hop?to=URL` redirects there (302).
+async fn server() -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let kept = seen.clone();
+    let app = axum::Router::new()
+        .route(
+            "/seen",
+            get(move |headers: HeaderMap| {
+                kept.lock().unwrap().push(headers);
+                async { axum::Json(json!({ "ok": true })) }
+            }),
+        )
+        .route(
+            "/hop",
+            get(
+                |axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>| async move {
+                    Redirect::to(&q["to"]).into_response()
+                },
+            ),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, seen)
+}
+
+/// A call with `with` rendered as the worker renders it, with the secret `token`.
+fn call(with: Value, reads_run_data: &[&str]) -> StepCall {
+    let secrets = Secrets::new(BTreeMap::from([("token".to_owned(), "tok-123".to_owned())]));
+    let ctx = TemplateContext {
+        secrets: secrets.clone(),
+        ..TemplateContext::default()
+    };
+    StepCall {
+        with: render_value(&with, &ctx).unwrap(),
+        secrets,
+        reads_run_data: reads_run_data.iter().map(|f| (*f).to_owned()).collect(),
+        checkpoint: None,
+        idempotency_key: "run:step".into(),
+        run_id: "run".into(),
+        step_id: "step".into(),
+        attempt: 1,
+        now: 0,
+    }
+}
+
+fn policy(allow: &[&str], deny: &[&str]) -> Http {
+    Http::with_policy(Arc::new(EgressPolicy {
+        allow: allow.iter().map(|d| d.parse().unwrap()).collect(),
+        deny: deny.iter().map(|d| d.parse().unwrap()).collect(),
+    }))
+}
+
+#[tokio::test]
+async fn a_url_from_the_run_input_may_not_reach_loopback_unless_allowed() {
+    let (base, seen) = server().await;
+    let localhost = base.replace("127.0.0.1", "localhost");
+    for url in [format!("{base}/seen"), format!("{localhost}/seen")] {
+        let err = Http::new()
+            .run(call(json!({ "url": url }), &["url"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, "egress", "{err}");
+        assert!(!err.retryable);
+        assert!(err.message.contains("loopback"), "{err}");
+    }
+    assert!(seen.lock().unwrap().is_empty(), "nothing was sent");
+    // Written by the definition's author, or allowed by the operator: sent.
+    Http::new()
+        .run(call(json!({ "url": format!("{base}/seen") }), &[]))
+        .await
+        .unwrap();
+    policy(&["127.0.0.1"], &[])
+        .run(call(json!({ "url": format!("{base}/seen") }), &["url"]))
+        .await
+        .unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_redirect_from_input_to_loopback_is_refused() {
+    let (base, seen) = server().await;
+    let (other, _) = server().await;
+    // The first hop is allowed by name; the second, to a loopback address, is not.
+    let url = format!(
+        "{}/hop?to={base}/seen",
+        other.replace("127.0.0.1", "localhost")
+    );
+    let err = policy(&["localhost"], &[])
+        .run(call(json!({ "url": url }), &["url"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, "egress", "{err}");
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn deny_rules_bind_every_step() {
+    let (base, seen) = server().await;
+    let err = policy(&[], &["127.0.0.0/8"])
+        .run(call(json!({ "url": format!("{base}/seen") }), &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, "egress", "{err}");
+    assert!(err.message.contains("--egress-deny 127.0.0.0/8"), "{err}");
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn secrets_reach_the_wire_only_through_headers_and_auth() {
+    let (base, seen) = server().await;
+    let outcome = Http::new()
+        .run(call(
+            json!({
+                "url": format!("{base}/seen"),
+                "headers": { "X-Api-Key": "key {{ secrets.token }}" },
+                "auth": { "basic": { "username": "ann", "password": "{{ secrets.token }}" } },
+            }),
+            &[],
+        ))
+        .await
+        .unwrap();
+    let headers = seen.lock().unwrap().pop().unwrap();
+    assert_eq!(headers["x-api-key"], "key tok-123");
+    // base64("ann:tok-123")
+    assert_eq!(headers["authorization"], "Basic YW5uOnRvay0xMjM=");
+    let StepOutcome::Output(output) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(!output.to_string().contains("tok-123"), "{output}");
+}
+
+#[tokio::test]
+async fn a_secret_changed_by_a_template_is_never_sent() {
+    let (base, seen) = server().await;
+    let err = Http::new()
+        .run(call(
+            json!({
+                "url": format!("{base}/seen"),
+                "headers": { "X-Api-Key": "{{ secrets.token | upper }}" },
+            }),
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("changed by a template"), "{err}");
+    assert!(!err.retryable);
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_redirect_to_another_origin_drops_every_header_that_carried_a_secret() {
+    let (first, first_seen) = server().await;
+    let (second, second_seen) = server().await;
+    let with = |to: &str| {
+        json!({
+            "url": format!("{first}/hop?to={to}/seen"),
+            "headers": { "X-Api-Key": "{{ secrets.token }}", "X-Plain": "visible" },
+            "auth": { "bearer": "{{ secrets.token }}" },
+        })
+    };
+    Http::new().run(call(with(&second), &[])).await.unwrap();
+    let crossed = second_seen.lock().unwrap().pop().unwrap();
+    assert_eq!(crossed["x-plain"], "visible");
+    assert!(crossed.get("x-api-key").is_none(), "{crossed:?}");
+    assert!(crossed.get("authorization").is_none(), "{crossed:?}");
+    // To the same origin, the request keeps them.
+    Http::new().run(call(with(&first), &[])).await.unwrap();
+    let kept = first_seen.lock().unwrap().pop().unwrap();
+    assert_eq!(kept["x-api-key"], "tok-123");
+    assert_eq!(kept["authorization"], "Bearer tok-123");
+}
