@@ -141,6 +141,14 @@ pub enum Command {
     Pause { workflow: String },
     /// Let a paused schedule fire again.
     Resume { workflow: String },
+    /// Remove a workflow: its schedule stops and it can no longer be started; its runs stay.
+    /// A definition file that provides it installs it again on the next start.
+    Remove {
+        workflow: String,
+        /// Remove it although runs of it have not ended (they finish with their version).
+        #[arg(long)]
+        force: bool,
+    },
     /// List schedule fires, with the reason of each skipped one.
     Fires {
         #[arg(long)]

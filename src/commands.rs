@@ -15,6 +15,7 @@ use switchyard_engine::api::{
 use switchyard_engine::auth::{TokenKeys, put_user};
 use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{WorkflowMap, json_schema, load_paths};
+use switchyard_engine::health::watch_database;
 use switchyard_engine::maintenance::run_maintenance;
 use switchyard_engine::plan::Trigger;
 use switchyard_engine::scheduler::run_scheduler;
@@ -187,6 +188,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             out!("workflow {workflow} resumed");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Remove { workflow, force } => {
+            let engine = open(&global).await?;
+            engine.remove(&workflow, force).await?;
+            out!("workflow {workflow} removed: it no longer fires or starts; its runs stay");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Fires {
             workflow,
             limit,
@@ -301,11 +308,16 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
         for (id, version) in engine.install(definitions, DefinitionOrigin::Files).await? {
             tracing::info!(workflow = %id, version, "definition loaded");
         }
+        for id in engine.schedules_without_files(definitions).await? {
+            tracing::warn!(workflow = %id, "no definition file provides this scheduled workflow, \
+                yet it fires from the database; `switchyard remove {id}` stops it");
+        }
     }
     let (stop, stopped) = watch::channel(false);
     let heartbeats = Arc::new(Heartbeats::default());
     let mut tasks = JoinSet::new();
     tasks.spawn(run_maintenance(engine.clone(), stopped.clone()));
+    tasks.spawn(watch_database(engine.clone(), stopped.clone()));
     if let Some(Http::Metrics(addr)) = http {
         let listener = bind(addr).await?;
         let app = observability_router(Observability {
@@ -342,6 +354,11 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
         });
         spawn_http(&mut tasks, serve_http(listener, app, stopped.clone()));
         tasks.spawn(run_scheduler(engine.clone(), heartbeats, stopped.clone()));
+    }
+    // Counters at zero from the start (now that the recorder is installed), so alert rules see
+    // a series for every workflow.
+    for workflow in engine.workflows().await? {
+        switchyard_engine::metrics::workflow_known(&workflow.id);
     }
     if args.workers > 0 {
         let config = WorkerConfig {

@@ -1211,7 +1211,11 @@ async fn metrics_count_runs_started_finished_and_failed() {
         value("workflow_failures_total{workflow=\"boom\"}"),
         Some(1.0)
     );
-    assert_eq!(value("workflow_failures_total{workflow=\"greet\"}"), None);
+    // Published at zero from the start, so an alert rule sees the series.
+    assert_eq!(
+        value("workflow_failures_total{workflow=\"greet\"}"),
+        Some(0.0)
+    );
     assert_eq!(value("workflow_queue_depth"), Some(0.0));
     assert!(metrics.text.contains(
         "workflow_step_duration_seconds_bucket{workflow=\"greet\",step=\"hi\",outcome=\"succeeded\""
@@ -1316,4 +1320,72 @@ async fn a_worker_serves_its_own_metrics_and_no_api() {
     );
     let api = send(http.get(format!("{base}/api/runs"))).await;
     assert_eq!(api.status, 404, "{api}");
+}
+
+#[tokio::test]
+async fn removing_a_workflow_over_the_api_needs_admin_and_force_while_runs_go_on() {
+    let api = Api::start("remove").await;
+    let admin = api.token("admin", &[]);
+    let operator = api.token("operator", &[]);
+    api.start_run("hello", &operator).await;
+    let path = "/api/workflows/hello";
+    send(api.authed(Method::DELETE, path, &operator))
+        .await
+        .assert_error(403, "forbidden");
+    let busy = send(api.authed(Method::DELETE, path, &admin)).await;
+    assert!(
+        busy.assert_error(409, "conflict").contains("--force"),
+        "{busy}"
+    );
+    let removed = send(api.authed(Method::DELETE, &format!("{path}?force=true"), &admin)).await;
+    assert_eq!(removed.status, 204, "{removed}");
+    api.get(path, &admin).await.assert_error(404, "not_found");
+    api.post(&format!("{path}/start"), &operator, json!({"input": {}}))
+        .await
+        .assert_error(404, "not_found");
+    send(api.authed(Method::DELETE, path, &admin))
+        .await
+        .assert_error(404, "not_found");
+    // Its runs stay readable.
+    assert_eq!(api.run_ids(&admin).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_definition_body_stores_none_of_its_workflows() {
+    let api = Api::start("atomic-create").await;
+    let admin = api.token("admin", &[]);
+    // The second workflow holds a NUL character, which no store keeps as it is.
+    let body = json!({ "workflows": {
+        "first": { "steps": [{ "id": "a", "type": "noop" }] },
+        "second": { "description": "a\u{0}b", "steps": [{ "id": "a", "type": "noop" }] },
+    }});
+    let reply = send(
+        api.authed(Method::POST, "/api/admin/workflows", &admin)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.to_string()),
+    )
+    .await;
+    let message = reply.assert_error(422, "invalid_definition");
+    assert!(message.contains("NUL"), "{reply}");
+    api.get("/api/workflows/first", &admin)
+        .await
+        .assert_error(404, "not_found");
+}
+
+#[tokio::test]
+async fn failure_counters_are_published_at_zero_before_any_run() {
+    let api = Api::start("zero-metrics").await;
+    let metrics = send(api.request(Method::GET, "/metrics")).await;
+    assert_eq!(metrics.status, 200, "{metrics}");
+    for series in [
+        "workflow_failures_total{workflow=\"hello\"} 0",
+        "workflow_runs_started_total{workflow=\"hello\"} 0",
+        "workflow_runs_finished_total{workflow=\"hello\",status=\"failed\"} 0",
+    ] {
+        assert!(
+            metrics.text.contains(series),
+            "{series} in {}",
+            metrics.text
+        );
+    }
 }

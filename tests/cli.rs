@@ -203,3 +203,65 @@ fn output_to_a_reader_that_went_away_ends_quietly() {
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A schedule every second that never fires during the test's setup, with a step that stays
+/// running (a durable sleep), so a run of it is active until cancelled.
+const TICKING: &str = "\
+id: ticking
+schedule: {cron: \"* * * * * *\", timezone: UTC, catch_up: none}
+steps:
+  - {id: nap, type: sleep, with: {duration: 1h}}
+";
+
+#[test]
+fn a_removed_workflow_stops_firing_and_serve_warns_about_a_schedule_without_its_file() {
+    let mut sandbox = Sandbox::new("remove", TICKING);
+    sandbox.serve();
+    sandbox.wait_for("a fire", || {
+        sandbox.cli(&["fires", "--json"]).contains("run_id\": \"")
+    });
+    // Its file goes; a new start says the schedule still fires from the database.
+    sandbox.kill_all();
+    std::fs::remove_file(sandbox.dir.join("definitions/test.yaml")).unwrap();
+    std::fs::write(
+        sandbox.dir.join("definitions/other.yaml"),
+        "id: other\nsteps:\n  - {id: a, type: noop}\n",
+    )
+    .unwrap();
+    sandbox.serve();
+    sandbox.wait_for("the warning", || {
+        sandbox
+            .server_logs()
+            .contains("no definition file provides this scheduled workflow")
+    });
+    // Runs of it are going: removing it needs --force.
+    let refused = sandbox
+        .command()
+        .args(["remove", "ticking"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("have not ended") && why.contains("--force"),
+        "{why}"
+    );
+    sandbox.cli(&["remove", "ticking", "--force"]);
+    let fires = |s: &Sandbox| {
+        serde_json::from_str::<serde_json::Value>(&s.cli(&["fires", "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let after_removal = fires(&sandbox);
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    assert_eq!(fires(&sandbox), after_removal, "no fire after removal");
+    let unknown = sandbox.command().args(["run", "ticking"]).output().unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("unknown workflow"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+}

@@ -45,6 +45,17 @@ pub fn describe() {
     );
 }
 
+/// Publishes a workflow's run counters at zero, so that alert expressions over them (the
+/// failure rate) see a series from the start, not only after the first failure.
+pub fn workflow_known(workflow: &str) {
+    counter!(RUNS_STARTED, "workflow" => workflow.to_owned()).increment(0);
+    counter!(FAILURES, "workflow" => workflow.to_owned()).increment(0);
+    for status in RunStatus::ALL.iter().filter(|s| s.is_finished()) {
+        counter!(RUNS_FINISHED, "workflow" => workflow.to_owned(), "status" => status.as_str())
+            .increment(0);
+    }
+}
+
 pub fn run_started(workflow: &str) {
     counter!(RUNS_STARTED, "workflow" => workflow.to_owned()).increment(1);
 }

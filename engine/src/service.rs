@@ -13,7 +13,7 @@ use crate::state::{RunStatus, Settlement};
 use crate::store::{
     ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, FireRecord,
     JobId, NewRun, RunDetail, RunFilter, RunId, RunSummary, Store, StoreError, WorkflowState,
-    retry_transient,
+    check_storable, retry_transient,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,11 @@ pub enum EngineError {
         id: String,
         version: i64,
         message: String,
+    },
+    #[error("definition of {id}: {problem}")]
+    UnstorableDefinition {
+        id: String,
+        problem: crate::store::Unstorable,
     },
     #[error(transparent)]
     Store(StoreError),
@@ -52,6 +57,7 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     versions: VersionCache,
     settings: crate::settings::SettingsCache,
+    health: crate::health::DatabaseHealth,
 }
 
 impl Engine {
@@ -61,6 +67,7 @@ impl Engine {
             clock,
             versions: VersionCache::default(),
             settings: Default::default(),
+            health: Default::default(),
         }
     }
 
@@ -72,6 +79,10 @@ impl Engine {
         &self.settings
     }
 
+    pub(crate) fn database_health(&self) -> &crate::health::DatabaseHealth {
+        &self.health
+    }
+
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
     }
@@ -80,28 +91,81 @@ impl Engine {
         self.clock.now()
     }
 
-    /// Stores each workflow as a new version where it changed. Runs already going keep theirs.
+    /// Stores each workflow as a new version where it changed, all or none. Runs already going
+    /// keep theirs.
     pub async fn install(
         &self,
         workflows: &WorkflowMap,
         origin: DefinitionOrigin,
     ) -> Result<Vec<(String, i64)>> {
-        let mut installed = Vec::with_capacity(workflows.len());
+        self.store_definitions(workflows, origin, false).await
+    }
+
+    /// Stores workflows that do not exist yet, all or none: one that exists is a conflict.
+    pub async fn create(&self, workflows: &WorkflowMap) -> Result<Vec<(String, i64)>> {
+        self.store_definitions(workflows, DefinitionOrigin::Api, true)
+            .await
+    }
+
+    async fn store_definitions(
+        &self,
+        workflows: &WorkflowMap,
+        origin: DefinitionOrigin,
+        create_only: bool,
+    ) -> Result<Vec<(String, i64)>> {
+        let mut definitions = Vec::with_capacity(workflows.len());
         for (id, workflow) in workflows {
             let definition =
                 serde_json::to_value(workflow.as_ref()).expect("definitions serialize to JSON");
-            let version = self
-                .store
-                .upsert_workflow(id, &definition, origin, self.now())
-                .await?;
-            self.versions
-                .0
-                .lock()
-                .expect("version cache poisoned")
-                .insert((id.clone(), version), workflow.clone());
+            check_storable(&definition).map_err(|problem| EngineError::UnstorableDefinition {
+                id: id.clone(),
+                problem,
+            })?;
+            definitions.push((id.clone(), definition));
+        }
+        let versions = self
+            .store
+            .upsert_workflows(&definitions, origin, create_only, self.now())
+            .await?;
+        let mut installed = Vec::with_capacity(versions.len());
+        let mut cache = self.versions.0.lock().expect("version cache poisoned");
+        for ((id, workflow), version) in workflows.iter().zip(versions) {
+            cache.insert((id.clone(), version), workflow.clone());
+            crate::metrics::workflow_known(id);
             installed.push((id.clone(), version));
         }
         Ok(installed)
+    }
+
+    /// Removes a workflow: no more fires or starts; its runs stay. While runs of it have not
+    /// ended, a conflict unless `force`.
+    pub async fn remove(&self, id: &str, force: bool) -> Result<()> {
+        self.store
+            .remove_workflow(id, force)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => EngineError::UnknownWorkflow(id.to_owned()),
+                other => other.into(),
+            })
+    }
+
+    /// Workflows that fire from the database although `files` no longer provide them: their
+    /// latest version came from a file, and they have a schedule.
+    pub async fn schedules_without_files(&self, files: &WorkflowMap) -> Result<Vec<String>> {
+        let mut orphans = Vec::new();
+        for state in self.workflows().await? {
+            if state.origin == DefinitionOrigin::Files
+                && !files.contains_key(&state.id)
+                && self
+                    .version(&state.id, state.latest_version)
+                    .await?
+                    .schedule
+                    .is_some()
+            {
+                orphans.push(state.id);
+            }
+        }
+        Ok(orphans)
     }
 
     /// The definition a run of `id` at `version` follows.
@@ -145,10 +209,8 @@ impl Engine {
 
     pub async fn workflow_state(&self, id: &str) -> Result<WorkflowState> {
         self.store
-            .workflows()
+            .workflow(id)
             .await?
-            .into_iter()
-            .find(|w| w.id == id)
             .ok_or_else(|| EngineError::UnknownWorkflow(id.to_owned()))
     }
 

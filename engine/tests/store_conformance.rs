@@ -29,14 +29,14 @@ fn linear() -> Workflow {
 
 async fn install(store: &dyn Store, wf: &Workflow) -> i64 {
     store
-        .upsert_workflow(
-            &wf.id,
-            &serde_json::to_value(wf).unwrap(),
+        .upsert_workflows(
+            &[(wf.id.clone(), serde_json::to_value(wf).unwrap())],
             DefinitionOrigin::Files,
+            false,
             T0,
         )
         .await
-        .unwrap()
+        .unwrap()[0]
 }
 
 async fn start(store: &dyn Store, wf: &Workflow, trigger: Trigger) -> String {
@@ -1214,9 +1214,9 @@ pub async fn an_unchanged_definition_file_keeps_a_newer_version_from_the_api(
         let store = store.clone();
         async move {
             store
-                .upsert_workflow("flow", &def(n), origin, T0)
+                .upsert_workflows(&[("flow".to_owned(), def(n))], origin, false, T0)
                 .await
-                .unwrap()
+                .unwrap()[0]
         }
     };
     assert_eq!(put(1, DefinitionOrigin::Files).await, 1);
@@ -1232,6 +1232,66 @@ pub async fn an_unchanged_definition_file_keeps_a_newer_version_from_the_api(
         "equal to the latest"
     );
     assert_eq!(put(3, DefinitionOrigin::Files).await, 3);
+}
+
+pub async fn creating_workflows_stores_all_of_them_or_none(store: Arc<dyn Store>) {
+    let def = |id: &str| json!({ "id": id, "steps": [{ "id": "a", "type": "noop" }] });
+    install(&*store, &linear()).await;
+    let batch = [
+        ("fresh".to_owned(), def("fresh")),
+        ("linear".to_owned(), def("linear")),
+    ];
+    let refused = store
+        .upsert_workflows(&batch, DefinitionOrigin::Api, true, T0)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    assert!(
+        store.workflow("fresh").await.unwrap().is_none(),
+        "nothing stored"
+    );
+    let created = store
+        .upsert_workflows(&batch[..1], DefinitionOrigin::Api, true, T0)
+        .await
+        .unwrap();
+    assert_eq!(created, [1]);
+    let fresh = store.workflow("fresh").await.unwrap().unwrap();
+    assert_eq!(fresh.origin, DefinitionOrigin::Api);
+    assert_eq!(fresh.latest_version, 1);
+}
+
+pub async fn a_removed_workflow_is_gone_until_installed_again_with_a_new_version(
+    store: Arc<dyn Store>,
+) {
+    let wf = linear();
+    start(&*store, &wf, Trigger::default()).await;
+    let refused = store.remove_workflow("linear", false).await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    assert!(store.workflow("linear").await.unwrap().is_some());
+    store.remove_workflow("linear", true).await.unwrap();
+    assert!(store.workflow("linear").await.unwrap().is_none());
+    assert!(store.workflows().await.unwrap().is_empty());
+    assert!(matches!(
+        store.remove_workflow("linear", true).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // Its run still reads its version; installed again, the same file is a new version.
+    assert!(store.workflow_version("linear", 1).await.is_ok());
+    assert_eq!(install(&*store, &wf).await, 2);
+    assert_eq!(
+        store
+            .workflow("linear")
+            .await
+            .unwrap()
+            .unwrap()
+            .latest_version,
+        2
+    );
 }
 
 pub async fn failed_runs_raise_alerts_and_cancelled_ones_do_not(store: Arc<dyn Store>) {
@@ -1300,6 +1360,8 @@ macro_rules! conformance {
                 racing_initialisations_of_a_setting_agree_on_one_value,
                 an_unchanged_definition_file_keeps_a_newer_version_from_the_api,
                 failed_runs_raise_alerts_and_cancelled_ones_do_not,
+                creating_workflows_stores_all_of_them_or_none,
+                a_removed_workflow_is_gone_until_installed_again_with_a_new_version,
             );
         }
     };

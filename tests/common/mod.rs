@@ -199,6 +199,51 @@ impl Sandbox {
         ]);
     }
 
+    /// Starts `serve` with the API on a free port, plus `extra` arguments, and waits until it
+    /// answers `/health`; returns its base URL.
+    pub fn serve_api(&mut self, extra: &[&str]) -> String {
+        // A port picked here may be taken before `serve` binds it: then try another.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let listen = format!("127.0.0.1:{port}");
+            let mut args = vec![
+                "serve",
+                "--listen",
+                &listen,
+                "--workers",
+                "4",
+                "--lease",
+                "2s",
+            ];
+            args.extend_from_slice(extra);
+            self.spawn(&args);
+            let base = format!("http://{listen}");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if std::net::TcpStream::connect(&listen).is_ok() {
+                    return base;
+                }
+                if self
+                    .server_logs()
+                    .contains(&format!("listening on {listen}"))
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "serve did not answer on {listen}\n{}",
+                    self.server_logs()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("no free port for serve\n{}", self.server_logs());
+    }
+
     /// `kill -9` one process this sandbox started.
     pub fn kill(&mut self, process: usize) {
         let child = &mut self.children[process];
@@ -309,7 +354,9 @@ impl Drop for Sandbox {
         if let Some(schema) = &self.schema {
             drop_schema(schema);
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("SWITCHYARD_KEEP_SANDBOX").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -331,4 +378,26 @@ pub fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
         .iter()
         .find(|s| s["step_id"] == id)
         .unwrap()
+}
+
+/// The last line of a command's output: where `token create` prints the token.
+pub fn last_line(out: &str) -> String {
+    out.lines().last().unwrap_or_default().trim().to_owned()
+}
+
+/// Says that a test did not run what it is for, and why: on stderr, and in the file named by
+/// `SWITCHYARD_SKIPPED` (CI lists it in its closing summary), so a skip never reads as a pass.
+pub fn skipped(reason: &str) {
+    eprintln!("skipped: {reason}");
+    if let Some(path) = std::env::var_os("SWITCHYARD_SKIPPED") {
+        use std::io::Write as _;
+        let test = std::thread::current().name().unwrap_or("?").to_owned();
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(file, "{test}: {reason}");
+        }
+    }
 }

@@ -123,6 +123,11 @@ impl From<EngineError> for ApiError {
                 "invalid_input",
                 e.to_string(),
             ),
+            EngineError::UnstorableDefinition { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_definition",
+                format!("request body: {e}"),
+            ),
             EngineError::Store(e) => e.into(),
             other @ EngineError::CorruptDefinition { .. } => {
                 tracing::error!(error = %other, "engine error");

@@ -8,6 +8,7 @@
 mod admin;
 mod auth;
 mod error;
+mod gate;
 mod limits;
 mod public;
 mod runs;
@@ -181,7 +182,8 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(workflows::list_workflows))
         .routes(routes!(
             workflows::show_workflow,
-            workflows::update_workflow
+            workflows::update_workflow,
+            workflows::remove_workflow
         ))
         .routes(routes!(workflows::start_workflow))
         .routes(routes!(workflows::pause_workflow))
@@ -230,6 +232,10 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            gate::database,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::limit,

@@ -8,13 +8,14 @@ use serde::Serialize;
 
 use super::error::{ApiError, Json};
 use super::{AppState, Observability};
+use crate::health::DatabaseState;
 use crate::state::{Millis, RunStatus};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Health {
-    /// `ok`, or `unavailable` when the database does not answer.
+    /// `ok`, or `unavailable` when the database does not answer or cannot write.
     pub status: &'static str,
-    /// `ok`, or why the database did not answer.
+    /// `ok`, or what is wrong with the database: `does not answer: ...`, `cannot write: ...`.
     pub database: String,
     pub scheduler: SchedulerHealth,
     /// Jobs claimable now that no worker has taken; absent when the database did not answer.
@@ -34,15 +35,15 @@ pub struct SchedulerHealth {
 /// A scheduler ticks at least once a minute; twice that without a tick means it is stuck.
 const SCHEDULER_STALE_MS: Millis = 120_000;
 
-/// 200 when the database answers, 503 otherwise; with the scheduler's liveness and the queue
-/// depth.
+/// 200 when the database answers and takes writes, 503 with the cause otherwise (within about
+/// a second, whatever the database does); with the scheduler's liveness and the queue depth.
 #[utoipa::path(
     get,
     path = "/health",
     tag = "public",
     responses(
         (status = 200, description = "Healthy", body = Health),
-        (status = 503, description = "The database does not answer", body = Health),
+        (status = 503, description = "The database does not answer or cannot write", body = Health),
     )
 )]
 pub async fn health(State(state): State<Observability>) -> (StatusCode, Json<Health>) {
@@ -61,26 +62,26 @@ pub async fn health(State(state): State<Observability>) -> (StatusCode, Json<Hea
             alive: Some(now - tick < SCHEDULER_STALE_MS),
         }
     };
-    match state.engine.store().queue_depth(now).await {
-        Ok(depth) => (
-            StatusCode::OK,
-            Json(Health {
-                status: "ok",
-                database: "ok".into(),
-                scheduler,
-                queue_depth: Some(depth),
-            }),
-        ),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Health {
-                status: "unavailable",
-                database: e.to_string(),
-                scheduler,
-                queue_depth: None,
-            }),
-        ),
-    }
+    let database = state.engine.database().await;
+    let queue_depth = match &database {
+        DatabaseState::Ok { queue_depth } | DatabaseState::CannotWrite { queue_depth, .. } => {
+            Some(*queue_depth)
+        }
+        DatabaseState::Unreachable { .. } | DatabaseState::Unknown => None,
+    };
+    let (status, code, database) = match database.problem() {
+        None => (StatusCode::OK, "ok", "ok".to_owned()),
+        Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", problem),
+    };
+    (
+        status,
+        Json(Health {
+            status: code,
+            database,
+            scheduler,
+            queue_depth,
+        }),
+    )
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

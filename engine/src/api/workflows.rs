@@ -335,15 +335,22 @@ async fn checked_body(
     })
 }
 
-async fn install(state: &AppState, workflows: Vec<Workflow>) -> Result<Vec<Installed>, ApiError> {
+/// Stores `workflows` in one transaction: all of them or, when the store refuses one, none.
+async fn install(
+    state: &AppState,
+    workflows: Vec<Workflow>,
+    create_only: bool,
+) -> Result<Vec<Installed>, ApiError> {
     let map: WorkflowMap = workflows
         .into_iter()
         .map(|wf| (wf.id.clone(), std::sync::Arc::new(wf)))
         .collect();
-    Ok(state
-        .engine
-        .install(&map, DefinitionOrigin::Api)
-        .await?
+    let installed = if create_only {
+        state.engine.create(&map).await?
+    } else {
+        state.engine.install(&map, DefinitionOrigin::Api).await?
+    };
+    Ok(installed
         .into_iter()
         .map(|(id, version)| Installed { id, version })
         .collect())
@@ -403,7 +410,7 @@ pub async fn update_workflow(
             ));
         }
     }
-    let installed = install(&state, workflows).await?.remove(0);
+    let installed = install(&state, workflows, false).await?.remove(0);
     tracing::info!(workflow = %id, version = installed.version, by = %caller.sub, "workflow updated over the API");
     Ok(Json(installed))
 }
@@ -447,11 +454,51 @@ pub async fn create_workflows(
             ),
         ));
     }
-    let installed = install(&state, workflows).await?;
+    // The check above answers the common case with a clear message; the store refuses a
+    // workflow created meanwhile, and then stores none of them.
+    let installed = install(&state, workflows, true).await?;
     for w in &installed {
         tracing::info!(workflow = %w.id, by = %caller.sub, "workflow created over the API");
     }
     Ok((StatusCode::CREATED, Json(installed)))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveQuery {
+    /// Remove it although runs of it have not ended; they finish with their version.
+    pub force: Option<bool>,
+}
+
+/// Removes a workflow: its schedule stops, and it can no longer be started; its runs, their
+/// history and its fires stay. Refused while runs of it have not ended, unless `force=true`.
+/// Installing it again (a file, `POST /api/admin/workflows`) brings it back with a new version.
+#[utoipa::path(
+    delete,
+    path = "/api/workflows/{id}",
+    tag = "workflows",
+    params(("id" = String, Path, description = "Workflow id"), RemoveQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+        (status = 409, description = "Runs of it have not ended", body = ErrorBody),
+    )
+)]
+pub async fn remove_workflow(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<RemoveQuery>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .engine
+        .remove(&id, query.force.unwrap_or(false))
+        .await?;
+    tracing::info!(workflow = %id, by = %caller.sub, "workflow removed over the API");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

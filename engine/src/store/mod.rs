@@ -68,13 +68,15 @@ impl From<sqlx::Error> for StoreError {
             {
                 StoreError::Rejected(db.message().to_owned())
             }
-            // SQLite busy or locked past its busy timeout: another writer held the database.
+            // SQLite busy or locked past its busy timeout (another writer held the database), out
+            // of disk space (13) or failing to read or write its files (10): worth trying again,
+            // once the writer is done or space is free.
             sqlx::Error::Database(db)
                 if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
                     && db
                         .code()
                         .and_then(|c| c.parse::<i32>().ok())
-                        .is_some_and(|c| matches!(c & 0xff, 5 | 6)) =>
+                        .is_some_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13)) =>
             {
                 StoreError::Unavailable(db.message().to_owned())
             }
@@ -356,9 +358,57 @@ pub struct FireRecord {
 pub struct WorkflowState {
     pub id: String,
     pub latest_version: i64,
+    /// Where the latest version came from.
+    pub origin: DefinitionOrigin,
     pub paused: bool,
     pub created_at: Millis,
     pub last_fire_at: Option<Millis>,
+}
+
+/// What the store holds of a workflow about to be installed, read in the install's transaction.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoredDefinition {
+    /// The version new runs use; `None` when the workflow does not exist (or was removed).
+    pub latest: Option<i64>,
+    /// The latest version's definition is the one being installed.
+    pub latest_is_same: bool,
+    /// The last version installed from files is the one being installed.
+    pub last_file_is_same: bool,
+    /// The highest version ever stored, 0 for none: a removed workflow installed again goes on
+    /// counting, since its runs keep their versions.
+    pub highest: i64,
+}
+
+/// What an install does with one workflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Install {
+    /// Nothing: runs keep using this version.
+    Keep(i64),
+    /// Store the definition as this version, the one new runs use.
+    Add(i64),
+}
+
+/// Decides an install, for both stores. From files, a definition equal to the last one installed
+/// from files changes nothing, so a newer version from the API survives a restart; a definition
+/// equal to the latest changes nothing either way.
+pub fn decide_install(
+    stored: StoredDefinition,
+    origin: DefinitionOrigin,
+    create_only: bool,
+    id: &str,
+) -> Result<Install> {
+    match stored.latest {
+        Some(_) if create_only => Err(StoreError::Conflict(format!(
+            "workflow {id:?} exists; change it with PUT /api/workflows/{id}"
+        ))),
+        Some(latest)
+            if stored.latest_is_same
+                || (origin == DefinitionOrigin::Files && stored.last_file_is_same) =>
+        {
+            Ok(Install::Keep(latest))
+        }
+        _ => Ok(Install::Add(stored.highest + 1)),
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -428,16 +478,22 @@ pub trait Store: Send + Sync + 'static {
     /// Signalled after a commit that made jobs claimable in this process.
     fn wakeup(&self) -> Arc<Notify>;
 
-    /// Stores `definition` as a new version when it differs from the latest one; returns the
-    /// version new runs of the workflow use. From files, a definition equal to the last one
-    /// installed from files changes nothing, so a newer version from the API survives a restart.
-    async fn upsert_workflow(
+    /// Stores each `(id, definition)` as a new version where [`decide_install`] says so, all in
+    /// one transaction; returns the version new runs of each use. With `create_only`, a
+    /// workflow that exists already is a `Conflict`, and nothing is stored.
+    async fn upsert_workflows(
         &self,
-        id: &str,
-        definition: &Value,
+        workflows: &[(String, Value)],
         origin: DefinitionOrigin,
+        create_only: bool,
         now: Millis,
-    ) -> Result<i64>;
+    ) -> Result<Vec<i64>>;
+    /// One workflow's state, if it exists (was installed and not removed).
+    async fn workflow(&self, id: &str) -> Result<Option<WorkflowState>>;
+    /// Removes a workflow: it stops being listed, scheduled and startable; its runs, fires and
+    /// versions stay (runs keep the version they started with). While it has runs that have not
+    /// ended, a `Conflict`, unless `force`.
+    async fn remove_workflow(&self, id: &str, force: bool) -> Result<()>;
     async fn workflow_version(&self, id: &str, version: i64) -> Result<Value>;
     async fn workflows(&self) -> Result<Vec<WorkflowState>>;
     async fn set_paused(&self, id: &str, paused: bool, now: Millis) -> Result<()>;
@@ -562,6 +618,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     /// Newest first.
     async fn webhook_events(&self, source: Option<&str>, limit: u32) -> Result<Vec<WebhookEvent>>;
+
+    /// Commits one small write, to learn whether the database can write at all (a full disk
+    /// fails it); see `health.rs`.
+    async fn probe_write(&self, now: Millis) -> Result<()>;
 }
 
 /// An inbound webhook event to log.
@@ -605,11 +665,13 @@ pub struct Alert {
 }
 
 /// Where a definition version came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum DefinitionOrigin {
     /// Definition files, installed when a control plane starts (or `run` is used).
+    #[serde(rename = "file")]
     Files,
     /// `PUT /api/workflows/{id}` or `POST /api/admin/workflows`.
+    #[serde(rename = "api")]
     Api,
 }
 
@@ -618,6 +680,14 @@ impl DefinitionOrigin {
         match self {
             DefinitionOrigin::Files => "file",
             DefinitionOrigin::Api => "api",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Self {
+        if text == "api" {
+            DefinitionOrigin::Api
+        } else {
+            DefinitionOrigin::Files
         }
     }
 }

@@ -43,8 +43,8 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30))
             .pragma("cache_size", "-16384");
-        let writer = open_pool(options.clone(), 1).await?;
-        let reader = open_pool(options.read_only(true), 4).await?;
+        let writer = open_pool(options.clone(), 1, true).await?;
+        let reader = open_pool(options.read_only(true), 4, false).await?;
         Ok(SqliteStore {
             writer,
             reader,
@@ -55,15 +55,22 @@ impl SqliteStore {
 
 /// Switching a new file to WAL needs a moment of exclusive access; a second process starting at
 /// the same time gets `database is locked` and tries again.
-async fn open_pool(options: SqliteConnectOptions, size: u32) -> Result<SqlitePool> {
+async fn open_pool(options: SqliteConnectOptions, size: u32, writer: bool) -> Result<SqlitePool> {
     let mut tries = 0;
     loop {
-        match SqlitePoolOptions::new()
+        let mut pool = SqlitePoolOptions::new()
             .max_connections(size)
-            .acquire_timeout(Duration::from_secs(60))
-            .connect_with(options.clone())
-            .await
-        {
+            .acquire_timeout(Duration::from_secs(60));
+        if writer {
+            // When a COMMIT fails on a full disk, SQLite has rolled the transaction back
+            // already; sqlx's ROLLBACK then fails and leaves the connection counting an open
+            // transaction, so every later BEGIN on it fails. Such a connection (or one whose
+            // dropped transaction is still rolling back) is closed, not reused: the next is new.
+            pool = pool.before_acquire(|conn, _| {
+                Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+            });
+        }
+        match pool.connect_with(options.clone()).await {
             Ok(pool) => return Ok(pool),
             Err(e) if tries < 20 && e.to_string().contains("locked") => {
                 tries += 1;
@@ -697,6 +704,27 @@ fn summary_from_row(row: &SqliteRow) -> Result<RunSummary> {
     })
 }
 
+/// A row of its own in a namespace nothing lists: the write `probe_write` commits.
+const PROBE_WRITE: &str = "INSERT INTO settings (namespace, name, value, updated_at) \
+     VALUES ('probe', 'write', '0', ?1) \
+     ON CONFLICT (namespace, name) DO UPDATE SET updated_at = excluded.updated_at";
+
+const WORKFLOW_STATE: &str = "SELECT w.id, w.latest_version, w.paused, w.created_at, v.origin, \
+         (SELECT max(fire_at) FROM fires WHERE workflow_id = w.id) AS last_fire_at \
+     FROM workflows AS w \
+     JOIN workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.latest_version";
+
+fn workflow_from_row(row: &SqliteRow) -> WorkflowState {
+    WorkflowState {
+        id: row.get("id"),
+        latest_version: row.get("latest_version"),
+        origin: DefinitionOrigin::parse(row.get("origin")),
+        paused: row.get("paused"),
+        created_at: row.get("created_at"),
+        last_fire_at: row.get("last_fire_at"),
+    }
+}
+
 const WEBHOOK_EVENT_COLUMNS: &str =
     "id, source, event_id, workflow_id, payload, run_id, error, received_at";
 
@@ -725,65 +753,109 @@ impl Store for SqliteStore {
         self.wakeup.clone()
     }
 
-    async fn upsert_workflow(
+    async fn upsert_workflows(
         &self,
-        id: &str,
-        definition: &Value,
+        workflows: &[(String, Value)],
         origin: DefinitionOrigin,
+        create_only: bool,
         now: Millis,
-    ) -> Result<i64> {
-        let text = to_json(definition);
+    ) -> Result<Vec<i64>> {
         let mut tx = self.write_tx().await?;
-        if origin == DefinitionOrigin::Files {
-            let unchanged: Option<i64> = sqlx::query_scalar(
-                "SELECT w.latest_version FROM workflows w \
-                 WHERE w.id = ?1 AND (SELECT definition FROM workflow_versions \
-                     WHERE workflow_id = ?1 AND origin = 'file' \
-                     ORDER BY version DESC LIMIT 1) = ?2",
+        let mut versions = Vec::with_capacity(workflows.len());
+        for (id, definition) in workflows {
+            let text = to_json(definition);
+            let row = sqlx::query(
+                "SELECT w.latest_version AS latest, \
+                     (SELECT definition = ?2 FROM workflow_versions \
+                      WHERE workflow_id = ?1 AND version = w.latest_version) AS latest_is_same, \
+                     (SELECT definition = ?2 FROM workflow_versions \
+                      WHERE workflow_id = ?1 AND origin = 'file' \
+                      ORDER BY version DESC LIMIT 1) AS last_file_is_same, \
+                     (SELECT coalesce(max(version), 0) FROM workflow_versions \
+                      WHERE workflow_id = ?1) AS highest \
+                 FROM (SELECT 1) LEFT JOIN workflows AS w ON w.id = ?1",
             )
             .bind(id)
             .bind(&text)
-            .fetch_optional(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
-            if let Some(version) = unchanged {
-                return Ok(version);
-            }
+            let stored = StoredDefinition {
+                latest: row.get("latest"),
+                latest_is_same: row
+                    .get::<Option<bool>, _>("latest_is_same")
+                    .unwrap_or(false),
+                last_file_is_same: row
+                    .get::<Option<bool>, _>("last_file_is_same")
+                    .unwrap_or(false),
+                highest: row.get("highest"),
+            };
+            let version = match decide_install(stored, origin, create_only, id)? {
+                Install::Keep(version) => version,
+                Install::Add(version) => {
+                    sqlx::query(
+                        "INSERT INTO workflow_versions \
+                             (workflow_id, version, definition, created_at, origin) \
+                         VALUES (?, ?, ?, ?, ?)",
+                    )
+                    .bind(id)
+                    .bind(version)
+                    .bind(&text)
+                    .bind(now)
+                    .bind(origin.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "INSERT INTO workflows (id, latest_version, created_at, updated_at) \
+                         VALUES (?1, ?2, ?3, ?3) \
+                         ON CONFLICT (id) DO UPDATE SET latest_version = ?2, updated_at = ?3",
+                    )
+                    .bind(id)
+                    .bind(version)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    version
+                }
+            };
+            versions.push(version);
         }
-        let latest = sqlx::query(
-            "SELECT v.version, v.definition FROM workflows w \
-             JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version \
-             WHERE w.id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let version = match latest {
-            Some(row) if row.get::<&str, _>("definition") == text => return Ok(row.get("version")),
-            Some(row) => row.get::<i64, _>("version") + 1,
-            None => 1,
-        };
-        sqlx::query(
-            "INSERT INTO workflow_versions (workflow_id, version, definition, created_at, origin) \
-             VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(version)
-        .bind(&text)
-        .bind(now)
-        .bind(origin.as_str())
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO workflows (id, latest_version, created_at, updated_at) VALUES (?1, ?2, ?3, ?3) \
-             ON CONFLICT (id) DO UPDATE SET latest_version = ?2, updated_at = ?3",
-        )
-        .bind(id)
-        .bind(version)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
-        Ok(version)
+        Ok(versions)
+    }
+
+    async fn workflow(&self, id: &str) -> Result<Option<WorkflowState>> {
+        let row = sqlx::query(&format!("{WORKFLOW_STATE} WHERE w.id = ?"))
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.as_ref().map(workflow_from_row))
+    }
+
+    async fn remove_workflow(&self, id: &str, force: bool) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        let removed = sqlx::query("DELETE FROM workflows WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if removed == 0 {
+            return Err(StoreError::NotFound(format!("workflow {id}")));
+        }
+        // Refused, the transaction ends without its delete.
+        let active: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM runs WHERE workflow_id = ? AND status IN {ACTIVE_RUN}"
+        ))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if active > 0 && !force {
+            return Err(StoreError::Conflict(format!(
+                "workflow {id} has {active} runs that have not ended; cancel them, or remove it \
+                 anyway (--force), and they finish with the version they started with"
+            )));
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn workflow_version(&self, id: &str, version: i64) -> Result<Value> {
@@ -798,23 +870,10 @@ impl Store for SqliteStore {
     }
 
     async fn workflows(&self) -> Result<Vec<WorkflowState>> {
-        let rows = sqlx::query(
-            "SELECT id, latest_version, paused, created_at, \
-                 (SELECT max(fire_at) FROM fires WHERE workflow_id = workflows.id) AS last_fire_at \
-             FROM workflows ORDER BY id",
-        )
-        .fetch_all(&self.reader)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|row| WorkflowState {
-                id: row.get("id"),
-                latest_version: row.get("latest_version"),
-                paused: row.get("paused"),
-                created_at: row.get("created_at"),
-                last_fire_at: row.get("last_fire_at"),
-            })
-            .collect())
+        let rows = sqlx::query(&format!("{WORKFLOW_STATE} ORDER BY w.id"))
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows.iter().map(workflow_from_row).collect())
     }
 
     async fn set_paused(&self, id: &str, paused: bool, now: Millis) -> Result<()> {
@@ -1488,5 +1547,11 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?)
+    }
+    async fn probe_write(&self, now: Millis) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(PROBE_WRITE).bind(now).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
     }
 }

@@ -1,0 +1,139 @@
+//! Whether this process can reach its database and write to it. A background task probes once a
+//! second with a deadline ([`watch_database`]), so `/health` and the API answer at once while the
+//! database is away, instead of each request waiting out the connection pool's timeout; and a
+//! database that answers but cannot write (a full disk) is told apart from one that is gone.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::service::Engine;
+use crate::state::Millis;
+
+/// How long a probe may take before the database counts as not answering.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(1);
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// A probe older than this is taken again before it is reported.
+const FRESH_FOR_MS: Millis = 2_000;
+
+/// What the last probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseState {
+    /// Not probed yet.
+    Unknown,
+    /// It answered and took a write; with the jobs claimable now.
+    Ok { queue_depth: i64 },
+    /// It answers, but a write failed (a full disk, a read-only file).
+    CannotWrite { queue_depth: i64, cause: String },
+    /// It did not answer within the deadline, or refused the connection.
+    Unreachable { cause: String },
+}
+
+impl DatabaseState {
+    /// Why the database cannot serve, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            DatabaseState::Ok { .. } | DatabaseState::Unknown => None,
+            DatabaseState::CannotWrite { cause, .. } => Some(format!("cannot write: {cause}")),
+            DatabaseState::Unreachable { cause } => Some(format!("does not answer: {cause}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Probe {
+    at: Millis,
+    state: DatabaseState,
+}
+
+/// The last probe, shared by the probing task and whoever reports it.
+#[derive(Debug, Default)]
+pub(crate) struct DatabaseHealth(RwLock<Option<Probe>>);
+
+impl Engine {
+    /// Probes the database now: a read (the queue's depth), then a small write, each within
+    /// [`PROBE_DEADLINE`].
+    pub async fn probe_database(&self) -> DatabaseState {
+        let now = self.now();
+        let store = self.store();
+        let read = || async {
+            match tokio::time::timeout(PROBE_DEADLINE, store.queue_depth(now)).await {
+                Err(_) => Err(format!("no answer within {PROBE_DEADLINE:?}")),
+                Ok(read) => read.map_err(|e| e.to_string()),
+            }
+        };
+        let state = match read().await {
+            Err(cause) => DatabaseState::Unreachable { cause },
+            Ok(queue_depth) => {
+                let written =
+                    match tokio::time::timeout(PROBE_DEADLINE, store.probe_write(now)).await {
+                        Ok(written) => written.map_err(|e| e.to_string()),
+                        Err(_) => Err(format!("a write took over {PROBE_DEADLINE:?}")),
+                    };
+                match written {
+                    Ok(()) => DatabaseState::Ok { queue_depth },
+                    // A write that failed because the server went away is not a full disk.
+                    Err(cause) => match read().await {
+                        Err(cause) => DatabaseState::Unreachable { cause },
+                        Ok(_) => DatabaseState::CannotWrite { queue_depth, cause },
+                    },
+                }
+            }
+        };
+        let previous = self
+            .database_health()
+            .0
+            .write()
+            .expect("health lock poisoned")
+            .replace(Probe {
+                at: now,
+                state: state.clone(),
+            });
+        let was = previous.map(|p| p.state.problem());
+        match (was.flatten(), state.problem()) {
+            (None, Some(problem)) => tracing::error!(%problem, "the database fails"),
+            (Some(_), None) => tracing::info!("the database is back"),
+            _ => {}
+        }
+        state
+    }
+
+    /// The database's state as last probed, probing again when that is over two seconds old.
+    pub async fn database(&self) -> DatabaseState {
+        match self.last_probe() {
+            Some(probe) if self.now() - probe.at < FRESH_FOR_MS => probe.state,
+            _ => self.probe_database().await,
+        }
+    }
+
+    /// Why requests should not wait for the database: it did not answer its last probe.
+    pub fn database_unreachable(&self) -> Option<String> {
+        match self.last_probe()?.state {
+            state @ DatabaseState::Unreachable { .. } => state.problem(),
+            _ => None,
+        }
+    }
+
+    fn last_probe(&self) -> Option<Probe> {
+        self.database_health()
+            .0
+            .read()
+            .expect("health lock poisoned")
+            .clone()
+    }
+}
+
+/// Probes the database every second until `shutdown` turns true.
+pub async fn watch_database(engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        engine.probe_database().await;
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(PROBE_EVERY) => false,
+            changed = shutdown.changed() => changed.is_err(),
+        };
+        if stopped || *shutdown.borrow() {
+            return;
+        }
+    }
+}
