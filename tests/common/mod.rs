@@ -195,6 +195,11 @@ impl Sandbox {
         ]);
     }
 
+    /// The process id of one process this sandbox started.
+    pub fn pid(&self, process: usize) -> u32 {
+        self.children[process].id()
+    }
+
     /// `kill -9` one process this sandbox started.
     pub fn kill(&mut self, process: usize) {
         let child = &mut self.children[process];

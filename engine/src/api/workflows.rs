@@ -263,7 +263,7 @@ pub async fn start_workflow(
         )
         .await?;
     if created {
-        tracing::info!(run = %run_id, workflow = %id, by = %caller.sub, "run started over the API");
+        tracing::info!(run = %run_id, workflow = %super::Logged(&id), by = %super::Logged(&caller.sub), "run started over the API");
     }
     let status = if created {
         StatusCode::CREATED
@@ -335,15 +335,32 @@ async fn checked_body(
     })
 }
 
-async fn install(state: &AppState, workflows: Vec<Workflow>) -> Result<Vec<Installed>, ApiError> {
+/// Installs `workflows` and records each in the audit log for `actor` (after the install: the
+/// store writes a version in a transaction of its own).
+async fn install(
+    state: &AppState,
+    workflows: Vec<Workflow>,
+    actor: &str,
+) -> Result<Vec<Installed>, ApiError> {
     let map: WorkflowMap = workflows
         .into_iter()
         .map(|wf| (wf.id.clone(), std::sync::Arc::new(wf)))
         .collect();
-    Ok(state
-        .engine
-        .install(&map, DefinitionOrigin::Api)
-        .await?
+    let installed = state.engine.install(&map, DefinitionOrigin::Api).await?;
+    for (id, version) in &installed {
+        let entry = crate::store::NewAuditEntry {
+            actor: actor.to_owned(),
+            action: "workflow.install".into(),
+            target: id.clone(),
+            detail: serde_json::json!({ "version": version }),
+        };
+        state
+            .engine
+            .store()
+            .record_audit(entry, state.engine.now())
+            .await?;
+    }
+    Ok(installed
         .into_iter()
         .map(|(id, version)| Installed { id, version })
         .collect())
@@ -403,8 +420,8 @@ pub async fn update_workflow(
             ));
         }
     }
-    let installed = install(&state, workflows).await?.remove(0);
-    tracing::info!(workflow = %id, version = installed.version, by = %caller.sub, "workflow updated over the API");
+    let installed = install(&state, workflows, &caller.sub).await?.remove(0);
+    tracing::info!(workflow = %super::Logged(&id), version = installed.version, by = %super::Logged(&caller.sub), "workflow updated over the API");
     Ok(Json(installed))
 }
 
@@ -447,9 +464,9 @@ pub async fn create_workflows(
             ),
         ));
     }
-    let installed = install(&state, workflows).await?;
+    let installed = install(&state, workflows, &caller.sub).await?;
     for w in &installed {
-        tracing::info!(workflow = %w.id, by = %caller.sub, "workflow created over the API");
+        tracing::info!(workflow = %super::Logged(&w.id), by = %super::Logged(&caller.sub), "workflow created over the API");
     }
     Ok((StatusCode::CREATED, Json(installed)))
 }
@@ -467,7 +484,7 @@ async fn set_paused(
     by: &str,
 ) -> Result<Json<PauseState>, ApiError> {
     state.engine.set_paused(&id, paused).await?;
-    tracing::info!(workflow = %id, paused, by, "schedule pause changed over the API");
+    tracing::info!(workflow = %super::Logged(&id), paused, by = %super::Logged(by), "schedule pause changed over the API");
     Ok(Json(PauseState {
         workflow_id: id,
         paused,
