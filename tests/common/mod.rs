@@ -162,9 +162,15 @@ impl Sandbox {
     /// Starts a long-running process (`serve`, `worker`) with its stderr in `proc-<n>.log`;
     /// returns its number for [`Sandbox::kill`].
     pub fn spawn(&mut self, args: &[&str]) -> usize {
+        self.spawn_env(args, &[])
+    }
+
+    /// [`Sandbox::spawn`] with more environment variables (`RUST_LOG`, keys).
+    pub fn spawn_env(&mut self, args: &[&str], env: &[(&str, &str)]) -> usize {
         let log = self.dir.join(format!("proc-{}.log", self.started));
         let child = self
             .command()
+            .envs(env.iter().copied())
             .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())

@@ -281,9 +281,9 @@ impl TokenKeys {
         if let Some(kid) = &kid
             && !set.knows(kid)
         {
-            set = self.reload(UNKNOWN_KEY_RELOAD, true, now).await?;
+            set = self.reload_for(kid, now).await?;
         } else if loaded_at.elapsed() >= KEYS_FRESH_FOR {
-            set = self.reload(KEYS_FRESH_FOR, false, now).await?;
+            set = self.reload_stale(now).await?;
         }
         let claims = set.verify(token, now)?;
         if self.is_revoked(&claims.jti, now).await? {
@@ -292,29 +292,41 @@ impl TokenKeys {
         Ok(claims)
     }
 
-    /// Reads the keys again unless they were read less than `after` ago. Only one caller reads;
-    /// the others wait for it when `wait`, else go on with the keys they have.
-    async fn reload(
-        &self,
-        after: Duration,
-        wait: bool,
-        now: Millis,
-    ) -> Result<Arc<KeySet>, AuthError> {
-        let Some(master) = &self.0.master else {
+    /// The keys read again for a token naming `kid`, which this process does not know (a key
+    /// made since). One caller reads, the others wait for it; reads are a second apart at least,
+    /// so tokens naming made-up keys cost the database one read a second.
+    async fn reload_for(&self, kid: &str, now: Millis) -> Result<Arc<KeySet>, AuthError> {
+        if self.0.master.is_none() {
             return Ok(self.current().1);
-        };
-        let _reloading = if wait {
-            self.0.reloading.lock().await
-        } else {
-            match self.0.reloading.try_lock() {
-                Ok(guard) => guard,
-                Err(_) => return Ok(self.current().1),
-            }
-        };
+        }
+        let _reloading = self.0.reloading.lock().await;
         let (loaded_at, set) = self.current();
-        if loaded_at.elapsed() < after {
+        if set.knows(kid) {
             return Ok(set);
         }
+        tokio::time::sleep(UNKNOWN_KEY_RELOAD.saturating_sub(loaded_at.elapsed())).await;
+        self.load_now(now).await
+    }
+
+    /// The keys read again when they are older than [`KEYS_FRESH_FOR`], unless another caller is
+    /// reading them: then the ones at hand.
+    async fn reload_stale(&self, now: Millis) -> Result<Arc<KeySet>, AuthError> {
+        let (loaded_at, set) = self.current();
+        if self.0.master.is_none() || loaded_at.elapsed() < KEYS_FRESH_FOR {
+            return Ok(set);
+        }
+        let Ok(_reloading) = self.0.reloading.try_lock() else {
+            return Ok(set);
+        };
+        self.load_now(now).await
+    }
+
+    async fn load_now(&self, now: Millis) -> Result<Arc<KeySet>, AuthError> {
+        let master = self
+            .0
+            .master
+            .as_ref()
+            .expect("stored keys have a master key");
         let (_, stored) = read_stored(&*self.0.store, master, now).await?;
         let set = Arc::new(KeySet::from_stored(&stored)?);
         *self.0.set.write().expect("key set lock poisoned") = (Instant::now(), set.clone());
