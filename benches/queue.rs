@@ -173,7 +173,7 @@ impl Bench {
             }
         }
         let versions = engine
-            .install(&workflows, DefinitionOrigin::Files)
+            .install(&workflows, DefinitionOrigin::Files, None)
             .await
             .unwrap()
             .into_iter()

@@ -39,7 +39,9 @@ async fn main() -> anyhow::Result<()> {
     for workflow in parse_str("fulfil_order.yaml", WORKFLOW, Format::Yaml)? {
         workflows.insert(workflow.id.clone(), Arc::new(workflow));
     }
-    engine.install(&workflows, DefinitionOrigin::Files).await?;
+    engine
+        .install(&workflows, DefinitionOrigin::Files, None)
+        .await?;
 
     // The application's side: its own pool and table.
     let app = sqlx::PgPool::connect(&url).await?;

@@ -44,6 +44,21 @@ pub struct Global {
     /// Workflow definition files or folders.
     #[arg(long, global = true, default_value = "./definitions")]
     pub definitions: Vec<PathBuf>,
+    /// A file holding the master key (64 hex characters; several separated by commas, the first
+    /// encrypting) that secrets and signing keys are encrypted under. `SWITCHYARD_MASTER_KEY`
+    /// takes precedence; with neither, `<database file>.key` beside a SQLite database (or
+    /// `./switchyard.key` for PostgreSQL), created on first use.
+    #[arg(long, global = true, env = "SWITCHYARD_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// Log lines as text (the default) or as JSON objects, one a line, for log pipelines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -72,14 +87,27 @@ pub struct WorkerArgs {
     pub egress_deny: Vec<Destination>,
 }
 
-#[derive(Debug, Clone, Copy, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ApiArgs {
-    /// API requests per second allowed to each token, and to each client address without one.
+    /// API requests per second allowed to each user, each other token, and each client address
+    /// without one.
     #[arg(long, default_value_t = NonZeroU32::new(50).expect("non-zero"))]
     pub api_rate: NonZeroU32,
     /// Requests a caller may send at once above that rate.
     #[arg(long, default_value_t = NonZeroU32::new(100).expect("non-zero"))]
     pub api_burst: NonZeroU32,
+    /// Login attempts a minute for each user name.
+    #[arg(long, default_value_t = NonZeroU32::new(10).expect("non-zero"))]
+    pub login_rate: NonZeroU32,
+    /// Login attempts a minute from each client address.
+    #[arg(long, default_value_t = NonZeroU32::new(60).expect("non-zero"))]
+    pub login_address_rate: NonZeroU32,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,6 +198,23 @@ pub enum Command {
         #[command(subcommand)]
         action: UserAction,
     },
+    /// The master key and the token signing keys.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Re-encrypt every secret and signing key under the first master key, in one transaction.
+    Rotate,
+    /// Make a new token signing key; tokens signed with the old ones stay valid for `--grace`.
+    RotateSigning {
+        /// How long tokens signed with the old keys stay valid; 0 ends them at once (a leak).
+        #[arg(long, default_value = "24h", value_parser = humantime_duration)]
+        grace: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,13 +224,16 @@ pub enum TokenAction {
         /// viewer (read), operator (start, cancel, retry, pause) or admin (everything).
         #[arg(long, value_parser = parse_role)]
         role: Role,
-        /// How long the token is valid, e.g. `30m`, `12h`, `30days`.
+        /// How long the token is valid, e.g. `30m`, `12h`, `30days`; at most 365 days.
         #[arg(long, default_value = "12h", value_parser = humantime_duration)]
         ttl: Duration,
         /// Who or what the token is for; it appears in the server's logs.
         #[arg(long, default_value = "cli")]
         subject: String,
     },
+    /// Revoke a token by its id (`jti`, printed when it was made, and in the audit log): every
+    /// server refuses it within a second.
+    Revoke { jti: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,24 +9,28 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 use switchyard_engine::api::{
-    AppState, Heartbeats, Observability, RateLimit, RateLimiter, observability_router, router,
-    serve_http,
+    AppState, Heartbeats, LoginLimit, Observability, RateLimit, RateLimiter, TlsFiles,
+    observability_router, router, serve_http, tls_config,
 };
-use switchyard_engine::auth::{TokenKeys, put_user};
+use switchyard_engine::auth::{TokenKeys, cli_actor, put_user};
 use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{WorkflowMap, json_schema, load_paths};
 use switchyard_engine::health::watch_database;
+use switchyard_engine::keys::{self, MasterKeys};
 use switchyard_engine::maintenance::run_maintenance;
 use switchyard_engine::plan::Trigger;
 use switchyard_engine::scheduler::run_scheduler;
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::{Millis, RunStatus};
-use switchyard_engine::store::{self, DefinitionOrigin, RunDetail, RunFilter};
+use switchyard_engine::store::{self, DefinitionOrigin, NewAuditEntry, RunDetail, RunFilter};
 use switchyard_workers::{EgressPolicy, Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::cli::{ApiArgs, Cli, Command, Global, StatusArg, TokenAction, UserAction, WorkerArgs};
+use crate::cli::{
+    ApiArgs, Cli, Command, Global, KeysAction, LogFormat, StatusArg, TokenAction, UserAction,
+    WorkerArgs,
+};
 
 /// Writes a line to stdout. A reader that went away (`switchyard runs | head`) ends the command
 /// quietly, as it would any Unix tool, instead of a panic on the broken pipe.
@@ -47,17 +51,23 @@ macro_rules! out {
 const EXIT_CANCELLED: u8 = 3;
 const EXIT_TIMED_OUT: u8 = 4;
 
-pub fn init_logging(command: &Command) {
-    let default = match command {
+pub fn init_logging(cli: &Cli) {
+    use std::io::IsTerminal;
+    let default = match cli.command {
         Command::Serve { .. } | Command::Worker { .. } => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        // Colour codes only for a person at a terminal, never into a file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal());
+    match cli.global.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -71,30 +81,86 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token {
             action: TokenAction::Create { role, ttl, subject },
         } => {
-            let engine = open(&global).await?;
-            let keys = TokenKeys::load(
-                &**engine.store(),
-                std::env::var("SWITCHYARD_JWT_SECRET").ok().as_deref(),
-                engine.now(),
-            )
-            .await?;
+            let (engine, master) = open(&global).await?;
+            let keys = token_keys(&engine, &master).await?;
             let (token, claims) = keys.issue(&subject, role, ttl, engine.now())?;
+            engine
+                .store()
+                .record_audit(
+                    NewAuditEntry {
+                        actor: cli_actor(),
+                        action: "token.issue".into(),
+                        target: claims.jti.clone(),
+                        detail: serde_json::json!({
+                            "subject": claims.sub,
+                            "role": claims.role,
+                            "expires_at": claims.exp,
+                        }),
+                    },
+                    engine.now(),
+                )
+                .await?;
             eprintln!(
-                "token for {} with role {}, valid until {}",
+                "token for {} with role {}, valid until {}; its id (to revoke it): {}",
                 claims.sub,
                 claims.role,
-                time(claims.exp * 1000)
+                time(claims.exp * 1000),
+                claims.jti
             );
             out!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            action: TokenAction::Revoke { jti },
+        } => {
+            let (engine, master) = open(&global).await?;
+            let keys = token_keys(&engine, &master).await?;
+            if keys.revoke(&jti, &cli_actor(), engine.now()).await? {
+                out!("token {jti} revoked: servers refuse it within a second");
+            } else {
+                out!("token {jti} was revoked already");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::User {
             action: UserAction::Add { name, role },
         } => {
-            let engine = open(&global).await?;
+            let (engine, _) = open(&global).await?;
             let password = read_password()?;
-            put_user(&**engine.store(), &name, &password, role, engine.now()).await?;
+            put_user(
+                &**engine.store(),
+                &name,
+                &password,
+                role,
+                &cli_actor(),
+                engine.now(),
+            )
+            .await?;
             eprintln!("user {name} stored with role {role}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys {
+            action: KeysAction::Rotate,
+        } => {
+            let (engine, master) = open(&global).await?;
+            let rows =
+                keys::reseal(&**engine.store(), &master, true, &cli_actor(), engine.now()).await?;
+            out!(
+                "{rows} secrets and signing keys re-encrypted under master key {}",
+                master.ids()[0]
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys {
+            action: KeysAction::RotateSigning { grace },
+        } => {
+            let (engine, master) = open(&global).await?;
+            let keys = token_keys(&engine, &master).await?;
+            let kid = keys.rotate(grace, &cli_actor(), engine.now()).await?;
+            out!(
+                "signing key {kid} is current; tokens signed before stay valid for {}",
+                humantime::format_duration(grace)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
@@ -121,7 +187,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             limit,
             json,
         } => {
-            let engine = open(&global).await?;
+            let (engine, _) = open(&global).await?;
             let runs = engine
                 .runs(&RunFilter {
                     workflow_id: workflow,
@@ -155,7 +221,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Show { run, json } => {
-            let engine = open(&global).await?;
+            let (engine, _) = open(&global).await?;
             let detail = engine.run(&run).await?;
             if json {
                 out!("{}", serde_json::to_string_pretty(&detail)?);
@@ -165,31 +231,31 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { run } => {
-            let engine = open(&global).await?;
+            let (engine, _) = open(&global).await?;
             let status = engine.cancel(&run).await?;
             out!("run {run} is {status}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Retry { run } => {
-            let engine = open(&global).await?;
+            let (engine, _) = open(&global).await?;
             engine.retry(&run).await?;
             out!("run {run} is running again from its unsuccessful steps");
             Ok(ExitCode::SUCCESS)
         }
         Command::Pause { workflow } => {
-            let engine = open(&global).await?;
+            let (engine, _) = open(&global).await?;
             engine.set_paused(&workflow, true).await?;
             out!("workflow {workflow} paused: its fires are recorded as skipped");
             Ok(ExitCode::SUCCESS)
         }
         Command::Resume { workflow } => {
-            let engine = open(&global).await?;
+            let (engine, _) = open(&global).await?;
             engine.set_paused(&workflow, false).await?;
             out!("workflow {workflow} resumed");
             Ok(ExitCode::SUCCESS)
         }
         Command::Remove { workflow, force } => {
-            let engine = open(&global).await?;
+            let (engine, _) = open(&global).await?;
             engine.remove(&workflow, force).await?;
             out!("workflow {workflow} removed: it no longer fires or starts; its runs stay");
             Ok(ExitCode::SUCCESS)
@@ -199,7 +265,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             limit,
             json,
         } => {
-            let engine = open(&global).await?;
+            let (engine, _) = open(&global).await?;
             let fires = engine.fires(workflow.as_deref(), limit).await?;
             if json {
                 out!("{}", serde_json::to_string_pretty(&fires)?);
@@ -230,7 +296,9 @@ fn run_status(s: StatusArg) -> RunStatus {
     }
 }
 
-async fn open(global: &Global) -> anyhow::Result<Arc<Engine>> {
+/// Connects, migrates, loads the master keys and encrypts any value stored before encryption:
+/// every command that opens the database leaves none in plaintext.
+async fn open(global: &Global) -> anyhow::Result<(Arc<Engine>, MasterKeys)> {
     let options = store::ConnectOptions {
         max_connections: global.db_connections,
     };
@@ -238,7 +306,35 @@ async fn open(global: &Global) -> anyhow::Result<Arc<Engine>> {
         .await
         .with_context(|| format!("opening {}", store::redact_url(&global.database)))?;
     store.migrate().await?;
-    Ok(Arc::new(Engine::new(store, Arc::new(SystemClock))))
+    let master = MasterKeys::load(
+        std::env::var(keys::KEY_ENV).ok().as_deref(),
+        global.master_key_file.as_deref(),
+        keys::default_key_file(&global.database).as_deref(),
+    )
+    .context("loading the master key")?;
+    let engine = Arc::new(Engine::new(store, Arc::new(SystemClock)));
+    let sealed = keys::reseal(&**engine.store(), &master, false, "system", engine.now())
+        .await
+        .context("encrypting the secrets stored before encryption")?;
+    if sealed > 0 {
+        tracing::info!(
+            rows = sealed,
+            "secrets stored in plaintext are now encrypted"
+        );
+    }
+    switchyard_engine::settings::use_master_keys(&engine, master.clone());
+    Ok((engine, master))
+}
+
+async fn token_keys(engine: &Engine, master: &MasterKeys) -> anyhow::Result<TokenKeys> {
+    TokenKeys::load(
+        engine.store().clone(),
+        master,
+        std::env::var("SWITCHYARD_JWT_SECRET").ok().as_deref(),
+        engine.now(),
+    )
+    .await
+    .context("loading the token signing keys")
 }
 
 fn load_definitions(paths: &[std::path::PathBuf]) -> anyhow::Result<WorkflowMap> {
@@ -303,9 +399,12 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
     } else {
         None
     };
-    let engine = open(global).await?;
+    let (engine, master) = open(global).await?;
     if let Some(definitions) = &definitions {
-        for (id, version) in engine.install(definitions, DefinitionOrigin::Files).await? {
+        for (id, version) in engine
+            .install(definitions, DefinitionOrigin::Files, None)
+            .await?
+        {
             tracing::info!(workflow = %id, version, "definition loaded");
         }
         for id in engine.schedules_without_files(definitions).await? {
@@ -318,23 +417,39 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
     let mut tasks = JoinSet::new();
     tasks.spawn(run_maintenance(engine.clone(), stopped.clone()));
     tasks.spawn(watch_database(engine.clone(), stopped.clone()));
+    let metrics = match &http {
+        Some(_) => {
+            let handle = install_metrics(&mut tasks, stopped.clone())?;
+            // Counters at zero before the first scrape, so alert rules see a series for every
+            // workflow from the start.
+            for workflow in engine.workflows().await? {
+                switchyard_engine::metrics::workflow_known(&workflow.id);
+            }
+            Some(handle)
+        }
+        None => None,
+    };
     if let Some(Http::Metrics(addr)) = http {
         let listener = bind(addr).await?;
         let app = observability_router(Observability {
             engine: engine.clone(),
             heartbeats: heartbeats.clone(),
-            metrics: Some(install_metrics(&mut tasks, stopped.clone())?),
+            metrics,
         });
-        spawn_http(&mut tasks, serve_http(listener, app, stopped.clone()));
+        spawn_http(&mut tasks, serve_http(listener, None, app, stopped.clone()));
     } else if let Some(Http::Api(addr, api)) = http {
+        let tls = match (&api.tls_cert, &api.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                tls_config(&TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                })
+                .await?,
+            ),
+            _ => None,
+        };
         let listener = bind(addr).await?;
-        let keys = TokenKeys::load(
-            &**engine.store(),
-            std::env::var("SWITCHYARD_JWT_SECRET").ok().as_deref(),
-            engine.now(),
-        )
-        .await
-        .context("loading the token signing key")?;
+        let keys = token_keys(&engine, &master).await?;
         let app = router(AppState {
             engine: engine.clone(),
             heartbeats: heartbeats.clone(),
@@ -349,16 +464,15 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
             limiter: RateLimiter::new(RateLimit {
                 per_second: api.api_rate,
                 burst: api.api_burst,
+                login: LoginLimit {
+                    per_user: api.login_rate,
+                    per_address: api.login_address_rate,
+                },
             }),
-            metrics: Some(install_metrics(&mut tasks, stopped.clone())?),
+            metrics,
         });
-        spawn_http(&mut tasks, serve_http(listener, app, stopped.clone()));
+        spawn_http(&mut tasks, serve_http(listener, tls, app, stopped.clone()));
         tasks.spawn(run_scheduler(engine.clone(), heartbeats, stopped.clone()));
-    }
-    // Counters at zero from the start (now that the recorder is installed), so alert rules see
-    // a series for every workflow.
-    for workflow in engine.workflows().await? {
-        switchyard_engine::metrics::workflow_known(&workflow.id);
     }
     if args.workers > 0 {
         let config = WorkerConfig {
@@ -393,12 +507,12 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
     Ok(ExitCode::SUCCESS)
 }
 
-async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+async fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr}"))?;
     tracing::info!(%addr, "HTTP listening");
-    Ok(listener)
+    Ok(listener.into_std()?)
 }
 
 fn spawn_http(
@@ -477,9 +591,11 @@ async fn run(
     } else {
         None
     };
-    let engine = open(global).await?;
+    let (engine, _) = open(global).await?;
     if let Some(definitions) = &definitions {
-        engine.install(definitions, DefinitionOrigin::Files).await?;
+        engine
+            .install(definitions, DefinitionOrigin::Files, None)
+            .await?;
     }
     let (run_id, _) = engine.start(workflow, input, Trigger::default()).await?;
     out!("{run_id}");

@@ -76,6 +76,17 @@ impl Api {
     }
 
     async fn with_rate_limit(name: &str, definition: &str, rate: &str, burst: &str) -> Api {
+        Api::launch(
+            name,
+            definition,
+            &["--api-rate", rate, "--api-burst", burst],
+            &[],
+        )
+        .await
+    }
+
+    /// `serve` with more arguments and environment variables.
+    async fn launch(name: &str, definition: &str, extra: &[&str], env: &[(&str, &str)]) -> Api {
         let mut sandbox = Sandbox::new(&format!("api-{name}"), definition);
         let http = reqwest::Client::new();
         // A port picked here may be taken before `serve` binds it: then try another.
@@ -87,7 +98,7 @@ impl Api {
                 .port();
             let listen = format!("127.0.0.1:{port}");
             let public_url = format!("http://{listen}");
-            sandbox.spawn(&[
+            let mut args = vec![
                 "serve",
                 "--listen",
                 &listen,
@@ -99,11 +110,9 @@ impl Api {
                 "2s",
                 "--grace",
                 "1s",
-                "--api-rate",
-                rate,
-                "--api-burst",
-                burst,
-            ]);
+            ];
+            args.extend_from_slice(extra);
+            sandbox.spawn_env(&args, env);
             let base = format!("http://{listen}");
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
@@ -1388,4 +1397,337 @@ async fn failure_counters_are_published_at_zero_before_any_run() {
             metrics.text
         );
     }
+}
+
+/// The claims of a token, read without checking it.
+fn claims_of(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT has three parts");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// Waits until `path` with `token` answers `status`, for up to 5 s.
+async fn eventually(api: &Api, path: &str, token: &str, status: u16) -> Reply {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = api.get(path, token).await;
+        if reply.status == status || Instant::now() > deadline {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_refused_at_once() {
+    let api = Api::start("revoke").await;
+    let out = api
+        .sandbox
+        .command()
+        .args(["token", "create", "--role", "admin"])
+        .output()
+        .unwrap();
+    let admin = last_line(&String::from_utf8(out.stdout).unwrap());
+    let jti = claims_of(&admin)["jti"].as_str().unwrap().to_owned();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&jti),
+        "token create names the token's id on stderr"
+    );
+    let issued = api
+        .post(
+            "/api/admin/tokens",
+            &admin,
+            json!({"subject": "ci", "role": "viewer", "ttl_secs": 3600}),
+        )
+        .await;
+    let viewer = issued.body["token"].as_str().unwrap().to_owned();
+    let viewer_jti = claims_of(&viewer)["jti"].as_str().unwrap().to_owned();
+    assert_eq!(api.get("/api/runs", &viewer).await.status, 200);
+
+    let path = format!("/api/admin/tokens/{viewer_jti}");
+    for _ in 0..2 {
+        let reply = send(api.authed(Method::DELETE, &path, &admin)).await;
+        assert_eq!(reply.status, 204, "revoking, and revoking again: {reply}");
+    }
+    let message = api
+        .get("/api/runs", &viewer)
+        .await
+        .assert_error(401, "unauthorized")
+        .to_owned();
+    assert!(message.contains("revoked"), "{message}");
+    api.authed(Method::DELETE, &path, &viewer)
+        .send()
+        .await
+        .unwrap();
+
+    // A login's token, revoked from the command line (another process): refused within a second.
+    api.post(
+        "/api/admin/users",
+        &admin,
+        json!({"name": "bob", "password": "a long password", "role": "viewer"}),
+    )
+    .await;
+    let login = send(
+        api.request(Method::POST, "/api/auth/login")
+            .json(&json!({"username": "bob", "password": "a long password"})),
+    )
+    .await;
+    let session = login.body["token"].as_str().unwrap().to_owned();
+    assert_eq!(api.get("/api/runs", &session).await.status, 200);
+    let session_jti = claims_of(&session)["jti"].as_str().unwrap().to_owned();
+    let said = api.sandbox.cli(&["token", "revoke", &session_jti]);
+    assert!(said.contains("revoked"), "{said}");
+    eventually(&api, "/api/runs", &session, 401)
+        .await
+        .assert_error(401, "unauthorized");
+
+    send(api.authed(Method::DELETE, &format!("/api/admin/tokens/{jti}"), &viewer))
+        .await
+        .assert_error(401, "unauthorized");
+    assert_eq!(
+        api.get("/api/runs", &admin).await.status,
+        200,
+        "others stand"
+    );
+}
+
+#[tokio::test]
+async fn admin_changes_are_listed_in_the_audit_log_newest_first() {
+    const SECRET: &str = "sk-audit-4711";
+    let api = Api::start("audit").await;
+    let admin = api.token("admin", &[]);
+    api.put("/api/admin/variables/region", &admin, json!("eu"))
+        .await;
+    api.put("/api/admin/secrets/key", &admin, json!({"value": SECRET}))
+        .await;
+    api.post(
+        "/api/admin/users",
+        &admin,
+        json!({"name": "carol", "password": "a long password", "role": "operator"}),
+    )
+    .await;
+    api.send_yaml(Method::PUT, "/api/workflows/hello", &admin, HELLO_V2)
+        .await;
+    let issued = api
+        .post(
+            "/api/admin/tokens",
+            &admin,
+            json!({"subject": "ci", "role": "viewer", "ttl_secs": 3600}),
+        )
+        .await;
+    let jti = claims_of(issued.body["token"].as_str().unwrap())["jti"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    send(api.authed(Method::DELETE, &format!("/api/admin/tokens/{jti}"), &admin)).await;
+    send(api.authed(Method::DELETE, "/api/admin/variables/region", &admin)).await;
+
+    let reply = api.get("/api/admin/audit?limit=500", &admin).await;
+    assert_eq!(reply.status, 200, "{reply}");
+    assert!(!reply.text.contains(SECRET), "{reply}");
+    assert!(!reply.text.contains("a long password"), "{reply}");
+    let entries = reply.body["entries"].as_array().unwrap();
+    let seen: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["target"].as_str().unwrap()))
+        .collect();
+    let issued_at = seen.iter().position(|s| s.0 == "token.issue" && s.1 == jti);
+    assert_eq!(
+        &seen[..7],
+        [
+            ("variable.delete", "region"),
+            ("token.revoke", jti.as_str()),
+            ("token.issue", jti.as_str()),
+            ("workflow.install", "hello"),
+            ("user.set", "carol"),
+            ("secret.set", "key"),
+            ("variable.set", "region"),
+        ],
+        "{reply}"
+    );
+    assert_eq!(issued_at, Some(2));
+    assert!(entries[..7].iter().all(|e| e["actor"] == "cli"), "{reply}");
+    assert_eq!(entries[3]["detail"]["version"], 2, "{reply}");
+    assert_eq!(entries[4]["detail"]["role"], "operator", "{reply}");
+
+    // Pages follow the cursor; the last page has none.
+    let first = api.get("/api/admin/audit?limit=4", &admin).await;
+    let cursor = first.body["next_cursor"].as_str().unwrap();
+    let second = api
+        .get(&format!("/api/admin/audit?limit=4&cursor={cursor}"), &admin)
+        .await;
+    let second_actions: Vec<&str> = second.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        second_actions[..3],
+        ["user.set", "secret.set", "variable.set"]
+    );
+    api.get("/api/admin/audit?cursor=x", &admin)
+        .await
+        .assert_error(400, "invalid_query");
+    let operator = api.token("operator", &[]);
+    api.get("/api/admin/audit", &operator)
+        .await
+        .assert_error(403, "forbidden");
+}
+
+#[tokio::test]
+async fn a_path_over_the_limit_gets_a_json_414() {
+    let api = Api::start("long-path").await;
+    let admin = api.token("admin", &[]);
+    let path = format!("/api/runs/{}", "r".repeat(20_000));
+    api.get(&path, &admin)
+        .await
+        .assert_error(414, "uri_too_long");
+}
+
+#[tokio::test]
+async fn probes_and_each_user_have_rate_buckets_of_their_own() {
+    let api = Api::with_rate_limit("probe-buckets", HELLO, "1", "3").await;
+    let admin = api.token("admin", &[]);
+    api.post(
+        "/api/admin/users",
+        &admin,
+        json!({"name": "dave", "password": "a long password", "role": "viewer"}),
+    )
+    .await;
+    let login = || {
+        send(
+            api.request(Method::POST, "/api/auth/login")
+                .json(&json!({"username": "dave", "password": "a long password"})),
+        )
+    };
+    let first = login().await;
+    let second = login().await;
+    let (first, second) = (
+        first.body["token"].as_str().unwrap().to_owned(),
+        second.body["token"].as_str().unwrap().to_owned(),
+    );
+    // The address's bucket runs dry; its probes still pass.
+    let mut public = 0;
+    while send(api.request(Method::GET, "/api/stats")).await.status == 200 {
+        public += 1;
+        assert!(public <= 4, "the address is never limited");
+    }
+    for _ in 0..3 {
+        let health = send(api.request(Method::GET, "/health")).await;
+        assert_eq!(health.status, 200, "probes keep their allowance: {health}");
+    }
+    // Both sessions of one user draw on one bucket.
+    for token in [&first, &second, &first] {
+        assert_eq!(api.get("/api/runs", token).await.status, 200);
+    }
+    api.get("/api/runs", &second)
+        .await
+        .assert_error(429, "rate_limited");
+    assert_eq!(api.get("/api/runs", &admin).await.status, 200);
+}
+
+#[tokio::test]
+async fn logins_are_limited_per_user_name_and_per_address() {
+    let api = Api::launch(
+        "login-limits",
+        HELLO,
+        &["--login-rate", "1", "--login-address-rate", "4"],
+        &[],
+    )
+    .await;
+    let login = |username: &'static str| {
+        send(
+            api.request(Method::POST, "/api/auth/login")
+                .json(&json!({"username": username, "password": "not the password"})),
+        )
+    };
+    // Sent together: the limits are counted before any password is hashed, so which request
+    // is refused may vary, but not how many.
+    let (a, b) = tokio::join!(login("alice"), login("alice"));
+    let mut replies = [a, b];
+    replies.sort_by_key(|r| r.status);
+    replies[0].assert_error(401, "unauthorized");
+    let message = replies[1].assert_error(429, "rate_limited");
+    assert!(message.contains("this user"), "{message}");
+    assert!(replies[1].headers.contains_key("retry-after"));
+    // Two attempts of the address's four are used: of three more, one is refused.
+    let (a, b, c) = tokio::join!(login("bob"), login("carol"), login("dave"));
+    let mut replies = [a, b, c];
+    replies.sort_by_key(|r| r.status);
+    replies[0].assert_error(401, "unauthorized");
+    replies[1].assert_error(401, "unauthorized");
+    let message = replies[2].assert_error(429, "rate_limited");
+    assert!(message.contains("this address"), "{message}");
+}
+
+#[tokio::test]
+async fn values_a_caller_sends_are_logged_escaped_and_truncated() {
+    let api = Api::launch("log-escape", HELLO, &[], &[("RUST_LOG", "info")]).await;
+    let forged = format!(
+        "mallory\n2026-01-01T00:00:00Z  INFO login user=admin\u{1b}[2J{}",
+        "x".repeat(3000)
+    );
+    let reply = send(
+        api.request(Method::POST, "/api/auth/login")
+            .json(&json!({"username": forged, "password": "whatever you like"})),
+    )
+    .await;
+    reply.assert_error(401, "unauthorized");
+    let logs = api.sandbox.server_logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("login refused"))
+        .unwrap_or_else(|| panic!("no login line in\n{logs}"));
+    assert!(line.contains(r"mallory\n2026"), "{line}");
+    assert!(line.contains(r"\u{1b}"), "{line}");
+    assert!(line.contains("bytes)"), "{line}");
+    assert!(line.len() < 600, "{} bytes: {line}", line.len());
+    assert!(!logs.contains('\u{1b}'), "an escape byte reached the log");
+    assert!(
+        !logs.lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")),
+        "a forged line"
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_signing_key_keeps_earlier_tokens_valid_for_its_grace_period() {
+    let api = Api::start("signing-rotation").await;
+    let earlier = api.token("viewer", &[]);
+    let earlier_kid = header_kid(&earlier);
+    let said = api
+        .sandbox
+        .cli(&["keys", "rotate-signing", "--grace", "3s"]);
+    let rotated = Instant::now();
+    assert!(said.contains("is current"), "{said}");
+    let later = api.token("viewer", &[]);
+    assert_ne!(header_kid(&later), earlier_kid, "the new key signs");
+    // The running server learns the new key from the first token that names it.
+    assert_eq!(api.get("/api/runs", &later).await.status, 200);
+    assert_eq!(
+        api.get("/api/runs", &earlier).await.status,
+        200,
+        "in its grace period"
+    );
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(rotated.elapsed())).await;
+    api.get("/api/runs", &earlier)
+        .await
+        .assert_error(401, "unauthorized");
+    assert_eq!(api.get("/api/runs", &later).await.status, 200);
+}
+
+/// The `kid` of a token's header.
+fn header_kid(token: &str) -> String {
+    use base64::Engine;
+    let header = token.split('.').next().unwrap();
+    let header: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap(),
+    )
+    .unwrap();
+    header["kid"].as_str().expect("a kid").to_owned()
 }

@@ -8,6 +8,7 @@ pub mod callback;
 pub mod clock;
 pub mod definition;
 pub mod health;
+pub mod keys;
 pub mod maintenance;
 pub mod metrics;
 pub mod plan;

@@ -93,17 +93,20 @@ impl Engine {
 
     /// Stores each workflow as a new version where it changed, all or none. Runs already going
     /// keep theirs.
+    /// With `actor`, each new version is in the audit log, in the same transaction.
     pub async fn install(
         &self,
         workflows: &WorkflowMap,
         origin: DefinitionOrigin,
+        actor: Option<&str>,
     ) -> Result<Vec<(String, i64)>> {
-        self.store_definitions(workflows, origin, false).await
+        self.store_definitions(workflows, origin, false, actor)
+            .await
     }
 
     /// Stores workflows that do not exist yet, all or none: one that exists is a conflict.
-    pub async fn create(&self, workflows: &WorkflowMap) -> Result<Vec<(String, i64)>> {
-        self.store_definitions(workflows, DefinitionOrigin::Api, true)
+    pub async fn create(&self, workflows: &WorkflowMap, actor: &str) -> Result<Vec<(String, i64)>> {
+        self.store_definitions(workflows, DefinitionOrigin::Api, true, Some(actor))
             .await
     }
 
@@ -112,6 +115,7 @@ impl Engine {
         workflows: &WorkflowMap,
         origin: DefinitionOrigin,
         create_only: bool,
+        actor: Option<&str>,
     ) -> Result<Vec<(String, i64)>> {
         let mut definitions = Vec::with_capacity(workflows.len());
         for (id, workflow) in workflows {
@@ -125,7 +129,7 @@ impl Engine {
         }
         let versions = self
             .store
-            .upsert_workflows(&definitions, origin, create_only, self.now())
+            .upsert_workflows(&definitions, origin, create_only, actor, self.now())
             .await?;
         let mut installed = Vec::with_capacity(versions.len());
         let mut cache = self.versions.0.lock().expect("version cache poisoned");

@@ -1,16 +1,18 @@
 //! Template variables and secrets that operators set at runtime (over the API), stored in the
-//! `vars` and `secrets` settings namespaces. Workers read them through a per-process cache,
-//! refreshed at most once a second and dropped as soon as this process changes a setting: a
-//! change made through another process reaches new steps here within a second.
+//! `vars` and `secrets` settings namespaces, secrets encrypted under the master key
+//! (`crate::keys`). Workers read them through a per-process cache, refreshed at most once a second
+//! and dropped as soon as this process changes a setting: a change made through another process
+//! reaches new steps here within a second. Every change is written with its audit log entry.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
+use crate::keys::MasterKeys;
 use crate::service::Engine;
-use crate::store::StoreError;
+use crate::store::{NewAuditEntry, SettingChange, StoreError};
 
 pub const VARS: &str = "vars";
 pub const SECRETS: &str = "secrets";
@@ -29,6 +31,22 @@ pub struct TemplateValues {
 pub(crate) struct SettingsCache {
     current: std::sync::RwLock<Option<(Instant, Arc<TemplateValues>)>>,
     refresh: tokio::sync::Mutex<()>,
+    /// What secrets are encrypted with; given once, when the process opens its database.
+    keys: std::sync::OnceLock<MasterKeys>,
+}
+
+/// Gives the engine the master keys its secrets are encrypted under. Once per engine; a second
+/// call changes nothing.
+pub fn use_master_keys(engine: &Engine, keys: MasterKeys) {
+    let _ = engine.settings_cache().keys.set(keys);
+}
+
+fn master_keys(engine: &Engine) -> Result<&MasterKeys, StoreError> {
+    engine.settings_cache().keys.get().ok_or_else(|| {
+        StoreError::Unreadable(
+            "secrets are encrypted, and this engine was given no master key".into(),
+        )
+    })
 }
 
 impl SettingsCache {
@@ -58,40 +76,92 @@ pub async fn template_values(engine: &Engine) -> Result<Arc<TemplateValues>, Sto
         .into_iter()
         .map(|s| (s.name, s.value))
         .collect();
-    let secrets = store
-        .settings(SECRETS)
-        .await?
-        .into_iter()
-        .filter_map(|s| match s.value {
-            Value::String(v) => Some((s.name, v)),
-            _ => None,
-        })
-        .collect();
+    let mut secrets = BTreeMap::new();
+    let stored = store.settings(SECRETS).await?;
+    if !stored.is_empty() {
+        let keys = master_keys(engine)?;
+        for s in stored {
+            if let Value::String(v) = keys.open(SECRETS, &s.name, &s.value)? {
+                secrets.insert(s.name, v);
+            }
+        }
+    }
     let values = Arc::new(TemplateValues { vars, secrets });
     *cache.current.write().expect("settings cache poisoned") =
         Some((Instant::now(), values.clone()));
     Ok(values)
 }
 
+/// Sets a variable or a secret (encrypted) for `actor`.
 pub async fn put(
     engine: &Engine,
     namespace: &str,
     name: &str,
     value: &Value,
+    actor: &str,
 ) -> Result<(), StoreError> {
-    engine
-        .store()
-        .put_setting(namespace, name, value, engine.now())
-        .await?;
-    forget(engine).await;
+    let value = if namespace == SECRETS {
+        master_keys(engine)?.seal(namespace, name, value)
+    } else {
+        value.clone()
+    };
+    let change = SettingChange::Put {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        value,
+    };
+    write(engine, change, "set", actor).await?;
     Ok(())
 }
 
 /// Returns whether the setting existed.
-pub async fn delete(engine: &Engine, namespace: &str, name: &str) -> Result<bool, StoreError> {
-    let existed = engine.store().delete_setting(namespace, name).await?;
+pub async fn delete(
+    engine: &Engine,
+    namespace: &str,
+    name: &str,
+    actor: &str,
+) -> Result<bool, StoreError> {
+    let change = SettingChange::Delete {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    write(engine, change, "delete", actor).await
+}
+
+/// Writes one change with its audit entry (`variable.set`, `secret.delete`, ...), which never
+/// holds the value.
+async fn write(
+    engine: &Engine,
+    change: SettingChange,
+    verb: &str,
+    actor: &str,
+) -> Result<bool, StoreError> {
+    let (namespace, name) = match &change {
+        SettingChange::Put {
+            namespace, name, ..
+        }
+        | SettingChange::Delete { namespace, name }
+        | SettingChange::Swap {
+            namespace, name, ..
+        } => (namespace, name),
+    };
+    let kind = if namespace == SECRETS {
+        "secret"
+    } else {
+        "variable"
+    };
+    let audit = NewAuditEntry {
+        actor: actor.to_owned(),
+        action: format!("{kind}.{verb}"),
+        target: name.clone(),
+        detail: json!({}),
+    };
+    let applied = engine
+        .store()
+        .change_settings(vec![change], Some(audit), engine.now())
+        .await?;
     forget(engine).await;
-    Ok(existed)
+    Ok(applied == [true])
 }
 
 async fn forget(engine: &Engine) {

@@ -46,7 +46,7 @@ async fn open() -> Option<Db> {
         workflows.insert(wf.id.clone(), Arc::new(wf));
     }
     engine
-        .install(&workflows, DefinitionOrigin::Files)
+        .install(&workflows, DefinitionOrigin::Files, None)
         .await
         .unwrap();
     let app = sqlx::PgPool::connect(&url).await.unwrap();

@@ -28,7 +28,7 @@ async fn a_refused_completion_fails_only_its_step(store: Arc<dyn Store>) {
         workflows.insert(wf.id.clone(), Arc::new(wf));
     }
     let version = engine
-        .install(&workflows, DefinitionOrigin::Files)
+        .install(&workflows, DefinitionOrigin::Files, None)
         .await
         .unwrap()[0]
         .1;

@@ -8,8 +8,8 @@ use switchyard_engine::definition::{Format, Workflow, parse_str};
 use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::state::{JobState, Millis, RunStatus, Settlement};
 use switchyard_engine::store::{
-    ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, NewRun,
-    NewWebhookEvent, RunFilter, Store, StoreError,
+    ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, NewAuditEntry,
+    NewRun, NewWebhookEvent, RunFilter, SettingChange, Store, StoreError, TokenRevocation,
 };
 
 const T0: Millis = 1_800_000_000_000;
@@ -33,6 +33,7 @@ async fn install(store: &dyn Store, wf: &Workflow) -> i64 {
             &[(wf.id.clone(), serde_json::to_value(wf).unwrap())],
             DefinitionOrigin::Files,
             false,
+            None,
             T0,
         )
         .await
@@ -1214,7 +1215,7 @@ pub async fn an_unchanged_definition_file_keeps_a_newer_version_from_the_api(
         let store = store.clone();
         async move {
             store
-                .upsert_workflows(&[("flow".to_owned(), def(n))], origin, false, T0)
+                .upsert_workflows(&[("flow".to_owned(), def(n))], origin, false, None, T0)
                 .await
                 .unwrap()[0]
         }
@@ -1242,7 +1243,7 @@ pub async fn creating_workflows_stores_all_of_them_or_none(store: Arc<dyn Store>
         ("linear".to_owned(), def("linear")),
     ];
     let refused = store
-        .upsert_workflows(&batch, DefinitionOrigin::Api, true, T0)
+        .upsert_workflows(&batch, DefinitionOrigin::Api, true, None, T0)
         .await;
     assert!(
         matches!(refused, Err(StoreError::Conflict(_))),
@@ -1253,7 +1254,7 @@ pub async fn creating_workflows_stores_all_of_them_or_none(store: Arc<dyn Store>
         "nothing stored"
     );
     let created = store
-        .upsert_workflows(&batch[..1], DefinitionOrigin::Api, true, T0)
+        .upsert_workflows(&batch[..1], DefinitionOrigin::Api, true, None, T0)
         .await
         .unwrap();
     assert_eq!(created, [1]);
@@ -1313,6 +1314,186 @@ pub async fn failed_runs_raise_alerts_and_cancelled_ones_do_not(store: Arc<dyn S
     assert!(store.alerts(Some("other"), 10).await.unwrap().is_empty());
 }
 
+fn audit(action: &str, target: &str) -> NewAuditEntry {
+    NewAuditEntry {
+        actor: "alice".into(),
+        action: action.into(),
+        target: target.into(),
+        detail: json!({"n": 1}),
+    }
+}
+
+fn put(name: &str, value: Value) -> SettingChange {
+    SettingChange::Put {
+        namespace: "secrets".into(),
+        name: name.into(),
+        value,
+    }
+}
+
+fn swap(name: &str, old: Value, new: Value) -> SettingChange {
+    SettingChange::Swap {
+        namespace: "secrets".into(),
+        name: name.into(),
+        old,
+        new,
+    }
+}
+
+pub async fn setting_changes_apply_with_their_audit_entry_and_swaps_only_over_the_value_seen(
+    store: Arc<dyn Store>,
+) {
+    let applied = store
+        .change_settings(
+            vec![
+                put("a", json!("plain")),
+                swap("b", json!("x"), json!("y")),
+                SettingChange::Delete {
+                    namespace: "secrets".into(),
+                    name: "c".into(),
+                },
+            ],
+            Some(audit("secret.set", "a")),
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        applied,
+        [true, false, false],
+        "a swap or delete of nothing applies nothing"
+    );
+    let sealed = json!({"enc": "test", "ct": "..."});
+    let stale = store
+        .change_settings(
+            vec![swap("a", json!("other"), sealed.clone())],
+            None,
+            T0 + 5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stale, [false], "a value changed since it was read is kept");
+    let swapped = store
+        .change_settings(
+            vec![swap("a", json!("plain"), sealed.clone())],
+            Some(audit("keys.rotate", "secrets")),
+            T0 + 5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(swapped, [true]);
+    let a = store.setting("secrets", "a").await.unwrap().unwrap();
+    assert_eq!(a.value, sealed);
+    assert_eq!(a.updated_at, T0, "a swap is the same value in another form");
+    let again = store
+        .change_settings(
+            vec![swap("a", json!("plain"), json!("late"))],
+            Some(audit("keys.rotate", "secrets")),
+            T0 + 6,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        [false],
+        "a second process making the same swap changes nothing"
+    );
+    let deleted = store
+        .change_settings(
+            vec![SettingChange::Delete {
+                namespace: "secrets".into(),
+                name: "a".into(),
+            }],
+            Some(audit("secret.delete", "a")),
+            T0 + 7,
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, [true]);
+    assert_eq!(store.setting("secrets", "a").await.unwrap(), None);
+
+    let log = store.audit_log(None, 10).await.unwrap();
+    let actions: Vec<(&str, Millis)> = log.iter().map(|e| (e.action.as_str(), e.at)).collect();
+    assert_eq!(
+        actions,
+        [
+            ("secret.delete", T0 + 7),
+            ("keys.rotate", T0 + 5),
+            ("secret.set", T0)
+        ],
+        "one entry per change that applied, newest first"
+    );
+    assert_eq!(log[0].actor, "alice");
+    assert_eq!(log[0].target, "a");
+    assert_eq!(log[0].detail, json!({"n": 1}));
+}
+
+pub async fn the_audit_log_pages_newest_first_and_forgets_after_90_days(store: Arc<dyn Store>) {
+    const DAY: Millis = 86_400_000;
+    for n in 0..5 {
+        store
+            .record_audit(audit("variable.set", &format!("v{n}")), T0 + n)
+            .await
+            .unwrap();
+    }
+    let first = store.audit_log(None, 2).await.unwrap();
+    let targets = |page: &[switchyard_engine::store::AuditEntry]| -> Vec<String> {
+        page.iter().map(|e| e.target.clone()).collect()
+    };
+    assert_eq!(targets(&first), ["v4", "v3"]);
+    let second = store.audit_log(Some(first[1].id), 2).await.unwrap();
+    assert_eq!(targets(&second), ["v2", "v1"]);
+    let last = store.audit_log(Some(second[1].id), 2).await.unwrap();
+    assert_eq!(targets(&last), ["v0"]);
+
+    store
+        .record_audit(audit("user.set", "late"), T0 + 10 * DAY)
+        .await
+        .unwrap();
+    store.prune(T0 + 90 * DAY + 3, 100).await.unwrap();
+    let kept = store.audit_log(None, 10).await.unwrap();
+    assert_eq!(
+        targets(&kept),
+        ["late", "v4", "v3"],
+        "entries of 90 days and more go"
+    );
+}
+
+pub async fn a_revoked_token_is_listed_until_it_would_have_expired(store: Arc<dyn Store>) {
+    let revoke = |jti: &str, expires_at: Millis| {
+        let store = store.clone();
+        let revocation = TokenRevocation {
+            jti: jti.into(),
+            expires_at,
+            revoked_by: "alice".into(),
+        };
+        async move {
+            store
+                .revoke_token(revocation, audit("token.revoke", "t"), T0)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(revoke("t1", T0 + 1_000).await);
+    assert!(
+        !revoke("t1", T0 + 1_000).await,
+        "revoking twice changes nothing"
+    );
+    assert!(revoke("t2", T0 + 5_000).await);
+    let mut listed = store.revoked_tokens(T0).await.unwrap();
+    listed.sort();
+    assert_eq!(listed, ["t1", "t2"]);
+    assert_eq!(store.revoked_tokens(T0 + 1_000).await.unwrap(), ["t2"]);
+    let audited = store.audit_log(None, 10).await.unwrap();
+    assert_eq!(audited.len(), 2, "one entry per revocation: {audited:?}");
+
+    store.prune(T0 + 1_000, 100).await.unwrap();
+    assert!(
+        revoke("t1", T0 + 1_000).await,
+        "the expired revocation was pruned"
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -1362,6 +1543,9 @@ macro_rules! conformance {
                 failed_runs_raise_alerts_and_cancelled_ones_do_not,
                 creating_workflows_stores_all_of_them_or_none,
                 a_removed_workflow_is_gone_until_installed_again_with_a_new_version,
+                setting_changes_apply_with_their_audit_entry_and_swaps_only_over_the_value_seen,
+                the_audit_log_pages_newest_first_and_forgets_after_90_days,
+                a_revoked_token_is_listed_until_it_would_have_expired,
             );
         }
     };

@@ -20,6 +20,8 @@ pub type Hits = Arc<Mutex<HashMap<String, u32>>>;
 /// `/status/<code>` with that status, `/<name>` at once. `/flaky/<name>` counts each request as
 /// `flaky/<name>/<Idempotency-Key header>` and answers 503 to the first request, 200 after.
 /// `/brief/<name>` answers after 300 ms, counted as `<name>`, to keep work in flight.
+/// `/expect/<header>/<sha256 hex>` answers 200 when the request has that header with a value of
+/// that SHA-256 (a secret's value stays out of the URL), 403 otherwise.
 pub fn start_counter() -> (String, Hits) {
     let hits: Hits = Arc::default();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -72,6 +74,20 @@ pub fn start_counter() -> (String, Hits) {
                     axum::http::StatusCode::OK
                 }
             }
+            async fn expect(
+                UrlPath((header, digest)): UrlPath<(String, String)>,
+                headers: axum::http::HeaderMap,
+            ) -> axum::http::StatusCode {
+                use sha2::Digest;
+                let seen = headers
+                    .get(&header)
+                    .map(|v| hex::encode(sha2::Sha256::digest(v.as_bytes())));
+                if seen.as_deref() == Some(digest.as_str()) {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::FORBIDDEN
+                }
+            }
             async fn hang() -> &'static str {
                 tokio::time::sleep(Duration::from_secs(120)).await;
                 "late"
@@ -79,6 +95,7 @@ pub fn start_counter() -> (String, Hits) {
             let app = Router::new()
                 .route("/status/{code}", get(status))
                 .route("/hang/{name}", get(hang))
+                .route("/expect/{header}/{value}", get(expect))
                 .route("/flaky/{name}", get(flaky))
                 .route("/slow/{name}", get(slow))
                 .route("/brief/{name}", get(brief))
@@ -166,9 +183,15 @@ impl Sandbox {
     /// Starts a long-running process (`serve`, `worker`) with its stderr in `proc-<n>.log`;
     /// returns its number for [`Sandbox::kill`].
     pub fn spawn(&mut self, args: &[&str]) -> usize {
+        self.spawn_env(args, &[])
+    }
+
+    /// [`Sandbox::spawn`] with more environment variables (`RUST_LOG`, keys).
+    pub fn spawn_env(&mut self, args: &[&str], env: &[(&str, &str)]) -> usize {
         let log = self.dir.join(format!("proc-{}.log", self.started));
         let child = self
             .command()
+            .envs(env.iter().copied())
             .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
@@ -242,6 +265,11 @@ impl Sandbox {
             }
         }
         panic!("no free port for serve\n{}", self.server_logs());
+    }
+
+    /// The process id of one process this sandbox started.
+    pub fn pid(&self, process: usize) -> u32 {
+        self.children[process].id()
     }
 
     /// `kill -9` one process this sandbox started.

@@ -47,7 +47,7 @@ async fn engine_on(url: &str, yaml: &str, id: &str) -> (Arc<Engine>, WorkflowMap
         workflows.insert(wf.id.clone(), Arc::new(wf));
     }
     let versions = engine
-        .install(&workflows, DefinitionOrigin::Files)
+        .install(&workflows, DefinitionOrigin::Files, None)
         .await
         .unwrap();
     let (_, version) = versions.into_iter().find(|(w, _)| w == id).unwrap();

@@ -1,18 +1,18 @@
 //! Admin endpoints: system metrics, variables (the Amazon tracking ids among them), write-only
-//! secrets, users and tokens.
+//! secrets, users, tokens and the audit log of all of these.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::AppState;
 use super::auth::{Admin, TokenResponse};
-use super::error::{ApiError, ErrorBody, Json, Path};
+use super::error::{ApiError, ErrorBody, Json, Path, Query};
+use super::{AppState, Logged};
 use crate::auth::{Role, User, delete_user, put_user, users};
 use crate::settings::{self, SECRETS, VARS};
 use crate::state::{Millis, RunStatus};
-use crate::store::Setting;
+use crate::store::{AuditEntry, NewAuditEntry, Setting};
 
 /// Variable and secret names: what a template can reach as `vars.NAME` or `secrets.NAME`.
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -91,8 +91,8 @@ pub async fn put_variable(
 ) -> Result<Json<Variable>, ApiError> {
     check_name(&name)?;
     let now = state.engine.now();
-    settings::put(&state.engine, VARS, &name, &value).await?;
-    tracing::info!(variable = %name, by = %caller.sub, "variable set over the API");
+    settings::put(&state.engine, VARS, &name, &value, &caller.sub).await?;
+    tracing::info!(variable = %Logged(&name), by = %Logged(&caller.sub), "variable set over the API");
     Ok(Json(Variable {
         name,
         value,
@@ -117,10 +117,10 @@ pub async fn delete_variable(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if !settings::delete(&state.engine, VARS, &name).await? {
+    if !settings::delete(&state.engine, VARS, &name, &caller.sub).await? {
         return Err(ApiError::not_found(format!("no variable {name:?}")));
     }
-    tracing::info!(variable = %name, by = %caller.sub, "variable deleted over the API");
+    tracing::info!(variable = %Logged(&name), by = %Logged(&caller.sub), "variable deleted over the API");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -170,8 +170,8 @@ pub async fn put_amazon_tracking(
     }
     let value = serde_json::to_value(&ids).expect("a map serializes");
     let now = state.engine.now();
-    settings::put(&state.engine, VARS, AMAZON_TRACKING, &value).await?;
-    tracing::info!(regions = ids.len(), by = %caller.sub, "Amazon tracking ids replaced over the API");
+    settings::put(&state.engine, VARS, AMAZON_TRACKING, &value, &caller.sub).await?;
+    tracing::info!(regions = ids.len(), by = %Logged(&caller.sub), "Amazon tracking ids replaced over the API");
     Ok(Json(Variable {
         name: AMAZON_TRACKING.to_owned(),
         value,
@@ -238,8 +238,15 @@ pub async fn put_secret(
 ) -> Result<Json<SecretInfo>, ApiError> {
     check_name(&name)?;
     let now = state.engine.now();
-    settings::put(&state.engine, SECRETS, &name, &Value::String(secret.value)).await?;
-    tracing::info!(secret = %name, by = %caller.sub, "secret set over the API");
+    settings::put(
+        &state.engine,
+        SECRETS,
+        &name,
+        &Value::String(secret.value),
+        &caller.sub,
+    )
+    .await?;
+    tracing::info!(secret = %Logged(&name), by = %Logged(&caller.sub), "secret set over the API");
     Ok(Json(SecretInfo {
         name,
         updated_at: now,
@@ -263,10 +270,10 @@ pub async fn delete_secret(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if !settings::delete(&state.engine, SECRETS, &name).await? {
+    if !settings::delete(&state.engine, SECRETS, &name, &caller.sub).await? {
         return Err(ApiError::not_found(format!("no secret {name:?}")));
     }
-    tracing::info!(secret = %name, by = %caller.sub, "secret deleted over the API");
+    tracing::info!(secret = %Logged(&name), by = %Logged(&caller.sub), "secret deleted over the API");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -320,10 +327,11 @@ pub async fn add_user(
         &user.name,
         &user.password,
         user.role,
+        &caller.sub,
         now,
     )
     .await?;
-    tracing::info!(user = %user.name, role = %user.role, by = %caller.sub, "user stored over the API");
+    tracing::info!(user = %Logged(&user.name), role = %user.role, by = %Logged(&caller.sub), "user stored over the API");
     Ok((
         StatusCode::CREATED,
         Json(User {
@@ -351,10 +359,17 @@ pub async fn remove_user(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if !delete_user(&**state.engine.store(), &name).await? {
+    if !delete_user(
+        &**state.engine.store(),
+        &name,
+        &caller.sub,
+        state.engine.now(),
+    )
+    .await?
+    {
         return Err(ApiError::not_found(format!("no user {name:?}")));
     }
-    tracing::info!(user = %name, by = %caller.sub, "user deleted over the API");
+    tracing::info!(user = %Logged(&name), by = %Logged(&caller.sub), "user deleted over the API");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -370,7 +385,8 @@ pub struct NewToken {
     pub ttl_secs: Option<u64>,
 }
 
-/// Issues a token, e.g. for a script. It cannot be revoked before it expires: keep lifetimes short.
+/// Issues a token, e.g. for a script. Its `jti` (in the token's claims, and in the audit log)
+/// revokes it with `DELETE /api/admin/tokens/{jti}`.
 #[utoipa::path(
     post,
     path = "/api/admin/tokens",
@@ -406,8 +422,113 @@ pub async fn issue_token(
         std::time::Duration::from_secs(ttl),
         state.engine.now(),
     )?;
-    tracing::info!(subject = %claims.sub, role = %claims.role, jti = %claims.jti, by = %caller.sub, "token issued over the API");
+    state
+        .engine
+        .store()
+        .record_audit(
+            NewAuditEntry {
+                actor: caller.sub.clone(),
+                action: "token.issue".into(),
+                target: claims.jti.clone(),
+                detail: serde_json::json!({
+                    "subject": claims.sub,
+                    "role": claims.role,
+                    "expires_at": claims.exp,
+                }),
+            },
+            state.engine.now(),
+        )
+        .await?;
+    tracing::info!(subject = %Logged(&claims.sub), role = %claims.role, jti = %claims.jti, by = %Logged(&caller.sub), "token issued over the API");
     Ok((StatusCode::CREATED, Json(TokenResponse::new(token, claims))))
+}
+
+/// Revokes a token by its id (`jti`): a token from a login, `POST /api/admin/tokens` or
+/// `switchyard token create`. This server refuses it at once, every other process within a
+/// second. Revoking it again changes nothing.
+#[utoipa::path(
+    delete,
+    path = "/api/admin/tokens/{jti}",
+    tag = "admin",
+    params(("jti" = String, Path, description = "The token's id (its `jti` claim)")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 400, description = "Not a token id", body = ErrorBody),
+    )
+)]
+pub async fn revoke_token(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    Path(jti): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if jti.is_empty() || jti.len() > 128 || jti.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_path",
+            "path: a token id is 1 to 128 printable characters",
+        ));
+    }
+    let now = state.engine.now();
+    if state.keys.revoke(&jti, &caller.sub, now).await? {
+        tracing::info!(jti = %Logged(&jti), by = %Logged(&caller.sub), "token revoked over the API");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// At most this many, newest first, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntry>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Who changed a definition, variable, secret, user, token or key, and when, newest first; kept
+/// for 90 days. Never a secret's value or a password.
+#[utoipa::path(
+    get,
+    path = "/api/admin/audit",
+    tag = "admin",
+    params(AuditQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of the audit log", body = AuditPage),
+        (status = 400, description = "A bad limit or cursor", body = ErrorBody),
+    )
+)]
+pub async fn list_audit(
+    _: Admin,
+    State(state): State<AppState>,
+    Query(query): Query<AuditQuery>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let limit = super::page_limit(query.limit)?;
+    let before = match &query.cursor {
+        None => None,
+        Some(cursor) => Some(cursor.parse::<i64>().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_query",
+                "query string: `cursor` is not a cursor this API returned",
+            )
+        })?),
+    };
+    let entries = state.engine.store().audit_log(before, limit).await?;
+    let next_cursor = (entries.len() == limit as usize)
+        .then(|| entries.last().map(|e| e.id.to_string()))
+        .flatten();
+    Ok(Json(AuditPage {
+        entries,
+        next_cursor,
+    }))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

@@ -7,8 +7,9 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::error::{ApiError, Json};
+use super::limits::ClientAddr;
+use super::{AppState, Logged};
 use crate::auth::{Claims, Role, TokenKeys, check_password, session_stands};
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme in any case).
@@ -21,7 +22,11 @@ pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
 }
 
 /// The verified claims of the caller's bearer token, whatever its role.
-pub fn bearer_claims(headers: &HeaderMap, keys: &TokenKeys, now: i64) -> Result<Claims, ApiError> {
+pub async fn bearer_claims(
+    headers: &HeaderMap,
+    keys: &TokenKeys,
+    now: i64,
+) -> Result<Claims, ApiError> {
     if !headers.contains_key(AUTHORIZATION) {
         return Err(ApiError::unauthorized(
             "this endpoint needs an `Authorization: Bearer <token>` header",
@@ -30,7 +35,7 @@ pub fn bearer_claims(headers: &HeaderMap, keys: &TokenKeys, now: i64) -> Result<
     let token = bearer_token(headers).ok_or_else(|| {
         ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
     })?;
-    Ok(keys.verify(token, now)?)
+    Ok(keys.verify(token, now).await?)
 }
 
 /// The caller's claims, when its token is valid, its session stands and its role allows `role`.
@@ -39,7 +44,7 @@ pub async fn caller_with_role(
     headers: &HeaderMap,
     role: Role,
 ) -> Result<Claims, ApiError> {
-    let claims = bearer_claims(headers, &state.keys, state.engine.now())?;
+    let claims = bearer_claims(headers, &state.keys, state.engine.now()).await?;
     if !session_stands(&**state.engine.store(), &claims).await? {
         return Err(ApiError::unauthorized(
             "this login's user was changed or deleted since; log in again",
@@ -122,7 +127,9 @@ impl TokenResponse {
 /// How long a login's token lives.
 const LOGIN_TTL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
-/// Exchanges a user's name and password for a token with the user's role.
+/// Exchanges a user's name and password for a token with the user's role. Attempts are limited
+/// per user name and per client address; when every password-hashing thread is busy the answer
+/// is 503 with `Retry-After`.
 #[utoipa::path(
     post,
     path = "/api/auth/login",
@@ -131,22 +138,30 @@ const LOGIN_TTL: std::time::Duration = std::time::Duration::from_secs(12 * 3600)
     responses(
         (status = 200, description = "A token for the user", body = TokenResponse),
         (status = 401, description = "Unknown user or wrong password", body = super::error::ErrorBody),
+        (status = 429, description = "Too many attempts for this user or from this address", body = super::error::ErrorBody),
+        (status = 503, description = "Too many logins at once", body = super::error::ErrorBody),
     )
 )]
 pub async fn login(
     State(state): State<AppState>,
+    ClientAddr(address): ClientAddr,
     Json(request): Json<LoginRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
-    let user = check_password(
+    let user = Logged(&request.username);
+    state
+        .limiter
+        .check_login(&request.username, address)
+        .inspect_err(|_| tracing::info!(%user, "login refused: rate limited"))?;
+    let session = check_password(
         &**state.engine.store(),
         &request.username,
         &request.password,
     )
     .await
-    .inspect_err(|_| tracing::info!(user = %request.username, "login refused"))?;
+    .inspect_err(|e| tracing::info!(%user, error = %e, "login refused"))?;
     let (token, claims) = state
         .keys
-        .issue_session(&user, LOGIN_TTL, state.engine.now())?;
-    tracing::info!(user = %claims.sub, role = %claims.role, jti = %claims.jti, "login");
+        .issue_session(&session, LOGIN_TTL, state.engine.now())?;
+    tracing::info!(%user, role = %claims.role, jti = %claims.jti, "login");
     Ok(Json(TokenResponse::new(token, claims)))
 }

@@ -144,10 +144,15 @@ impl From<EngineError> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
-            AuthError::InvalidToken | AuthError::BadCredentials => {
+            AuthError::InvalidToken | AuthError::BadCredentials | AuthError::Revoked => {
                 ApiError::unauthorized(e.to_string())
             }
             AuthError::InvalidUser(message) => ApiError::bad_request("invalid_user", message),
+            AuthError::TtlTooLong => ApiError::bad_request("invalid_body", e.to_string()),
+            AuthError::Busy => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
+            },
             AuthError::Store(e) => e.into(),
             other => {
                 tracing::error!(error = %other, "auth error");

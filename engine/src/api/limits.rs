@@ -1,26 +1,38 @@
-//! Rate limits: each bearer token, and each client address without one, gets its own bucket
-//! (governor's GCRA). Over the limit, a request gets 429 with `Retry-After` and never reaches a
-//! handler; tokens are told apart by their id, so one busy script cannot starve the others.
+//! Rate limits (governor's GCRA buckets). Each user who logged in, each other token (by its id)
+//! and each client address without a valid token gets its own bucket; `/health` and `/metrics`
+//! get a separate bucket per address, so a flood from an address cannot make its probes fail.
+//! Logins also count, before any password is hashed, against a bucket per user name and one per
+//! client address. Over a limit, a request gets 429 with `Retry-After` and never reaches a
+//! handler.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota};
+use governor::{DefaultKeyedRateLimiter, NotUntil, Quota};
 
 use super::AppState;
 use super::error::ApiError;
 
-/// Requests per second and burst, per token and per client address.
+/// Requests per second and burst, per caller.
 #[derive(Debug, Clone, Copy)]
 pub struct RateLimit {
     pub per_second: NonZeroU32,
     pub burst: NonZeroU32,
+    pub login: LoginLimit,
+}
+
+/// Login attempts per minute (also the burst), per user name and per client address.
+#[derive(Debug, Clone, Copy)]
+pub struct LoginLimit {
+    pub per_user: NonZeroU32,
+    pub per_address: NonZeroU32,
 }
 
 impl Default for RateLimit {
@@ -28,18 +40,32 @@ impl Default for RateLimit {
         RateLimit {
             per_second: NonZeroU32::new(50).expect("non-zero"),
             burst: NonZeroU32::new(100).expect("non-zero"),
+            login: LoginLimit::default(),
+        }
+    }
+}
+
+impl Default for LoginLimit {
+    fn default() -> Self {
+        LoginLimit {
+            per_user: NonZeroU32::new(10).expect("non-zero"),
+            per_address: NonZeroU32::new(60).expect("non-zero"),
         }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Caller {
+    User(String),
     Token(String),
     Address(Option<IpAddr>),
+    Probe(Option<IpAddr>),
 }
 
 pub struct RateLimiter {
     buckets: DefaultKeyedRateLimiter<Caller>,
+    login_users: DefaultKeyedRateLimiter<String>,
+    login_addresses: DefaultKeyedRateLimiter<Option<IpAddr>>,
     clock: DefaultClock,
     requests: std::sync::atomic::AtomicUsize,
 }
@@ -47,11 +73,44 @@ pub struct RateLimiter {
 impl RateLimiter {
     pub fn new(limit: RateLimit) -> Arc<Self> {
         let quota = Quota::per_second(limit.per_second).allow_burst(limit.burst);
+        let per_minute = |n: NonZeroU32| Quota::per_minute(n).allow_burst(n);
         Arc::new(RateLimiter {
             buckets: governor::RateLimiter::keyed(quota),
+            login_users: governor::RateLimiter::keyed(per_minute(limit.login.per_user)),
+            login_addresses: governor::RateLimiter::keyed(per_minute(limit.login.per_address)),
             clock: DefaultClock::default(),
             requests: Default::default(),
         })
+    }
+
+    /// Counts a login attempt for `username` from `address`: its address first, so one address
+    /// trying many names cannot use up the buckets of those names beyond its own allowance.
+    pub fn check_login(&self, username: &str, address: Option<IpAddr>) -> Result<(), ApiError> {
+        self.login_addresses
+            .check_key(&address)
+            .map_err(|not_until| self.too_many(not_until, "login attempts from this address"))?;
+        // Names longer than any user's are cut, so they cannot grow the table without bound.
+        let name: String = username.chars().take(64).collect();
+        self.login_users
+            .check_key(&name)
+            .map_err(|not_until| self.too_many(not_until, "login attempts for this user"))
+    }
+
+    fn too_many(
+        &self,
+        not_until: NotUntil<governor::clock::QuantaInstant>,
+        what: &str,
+    ) -> ApiError {
+        let wait = not_until.wait_time_from(self.clock.now());
+        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        ApiError {
+            retry_after: Some(secs),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many {what}; retry in {secs} s"),
+            )
+        }
     }
 }
 
@@ -59,41 +118,77 @@ impl RateLimiter {
 /// callers of the last moments rather than every caller ever seen.
 const SWEEP_EVERY: usize = 4096;
 
-pub async fn limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let limiter = &state.limiter;
-    // A token names the caller only when it verifies; a made-up one counts against its address.
-    let token_id = super::auth::bearer_token(request.headers())
-        .and_then(|t| state.keys.verify(t, state.engine.now()).ok())
-        .map(|claims| claims.jti);
-    let caller = match token_id {
-        Some(id) => Caller::Token(id),
-        None => Caller::Address(
-            request
-                .extensions()
+/// The client's address, when the server recorded it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(
+            parts
+                .extensions
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|ConnectInfo(addr)| addr.ip()),
-        ),
+        ))
+    }
+}
+
+pub async fn limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limiter = &state.limiter;
+    let address = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    let caller = if matches!(request.uri().path(), "/health" | "/metrics") {
+        Caller::Probe(address)
+    } else {
+        // A token names the caller only when it verifies; a made-up one counts against its
+        // address. A user's logins share one bucket.
+        let token = super::auth::bearer_token(request.headers());
+        let claims = match token {
+            Some(token) => state.keys.verify(token, state.engine.now()).await.ok(),
+            None => None,
+        };
+        match claims {
+            Some(claims) if claims.user_version.is_some() => Caller::User(claims.sub),
+            Some(claims) => Caller::Token(claims.jti),
+            None => Caller::Address(address),
+        }
     };
     let seen = limiter
         .requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if seen % SWEEP_EVERY == SWEEP_EVERY - 1 {
         limiter.buckets.retain_recent();
+        limiter.login_users.retain_recent();
+        limiter.login_addresses.retain_recent();
     }
     match limiter.buckets.check_key(&caller) {
         Ok(()) => next.run(request).await,
-        Err(not_until) => {
-            let wait = not_until.wait_time_from(limiter.clock.now());
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            ApiError {
-                retry_after: Some(secs.max(1)),
-                ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!("too many requests from this caller; retry in {secs} s"),
-                )
-            }
-            .into_response()
-        }
+        Err(not_until) => limiter
+            .too_many(not_until, "requests from this caller")
+            .into_response(),
     }
+}
+
+/// The longest path and query string served; a longer one gets 414 with the usual JSON body.
+/// (Request lines over 64 KiB are refused by the HTTP layer itself, with a bare 414.)
+const MAX_URI_BYTES: usize = 8 * 1024;
+
+pub async fn uri_length(request: Request, next: Next) -> Response {
+    let length = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if length > MAX_URI_BYTES {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the path and query are {length} bytes; at most {MAX_URI_BYTES} are served"),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }

@@ -18,9 +18,8 @@ mod workflows;
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
+use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::{Router, serve};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -28,7 +27,7 @@ use utoipa_axum::routes;
 
 pub use auth::{Admin, Operator, Viewer};
 pub use error::{ApiError, ErrorBody};
-pub use limits::{RateLimit, RateLimiter};
+pub use limits::{LoginLimit, RateLimit, RateLimiter};
 
 use crate::auth::TokenKeys;
 use crate::service::Engine;
@@ -158,6 +157,26 @@ impl utoipa::Modify for ErrorResponses {
     }
 }
 
+/// A value a caller sent, as a log line shows it: control characters, quotes and backslashes
+/// escaped (a forged line or a terminal escape stays visible text), and at most
+/// [`LOGGED_CHARS`] characters with the length of the rest: a 2 MB id writes a short line.
+pub(crate) struct Logged<'a>(pub &'a str);
+
+const LOGGED_CHARS: usize = 64;
+
+impl std::fmt::Display for Logged<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut chars = self.0.char_indices();
+        for (_, c) in chars.by_ref().take(LOGGED_CHARS) {
+            write!(f, "{}", c.escape_debug())?;
+        }
+        if let Some((at, _)) = chars.next() {
+            write!(f, "...(+{} bytes)", self.0.len() - at)?;
+        }
+        Ok(())
+    }
+}
+
 /// The page size of a list: `limit` from the query string, 50 unless given, 1 to 500.
 fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     const MAX_PAGE: u32 = 500;
@@ -206,6 +225,8 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::list_users, admin::add_user))
         .routes(routes!(admin::remove_user))
         .routes(routes!(admin::issue_token))
+        .routes(routes!(admin::revoke_token))
+        .routes(routes!(admin::list_audit))
 }
 
 pub fn router(state: AppState) -> Router {
@@ -234,31 +255,74 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            gate::database,
+            limits::limit,
         ))
+        .layer(axum::middleware::from_fn(limits::uri_length))
+        // Outermost: the rate limiter reads revocations from the database, and nothing may wait
+        // for a database that does not answer.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            limits::limit,
+            gate::database,
         ))
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` turns true.
+/// The API's certificate chain and private key, both PEM files (`--tls-cert`, `--tls-key`).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// The rustls configuration of `files`, with the ring provider the HTTP client also uses; a file
+/// that does not load is named in the error.
+pub async fn tls_config(
+    files: &TlsFiles,
+) -> std::io::Result<axum_server::tls_rustls::RustlsConfig> {
+    let named = |path: &std::path::Path, what: &str| {
+        let path = path.display().to_string();
+        let what = what.to_owned();
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{path}: {what}: {e}"))
+    };
+    axum_server::tls_rustls::RustlsConfig::from_pem_file(&files.cert, &files.key)
+        .await
+        .map_err(named(
+            &files.cert,
+            "the TLS certificate chain or its key (--tls-key) does not load",
+        ))
+}
+
+/// Serves `router` on `listener`, over TLS when given, until `shutdown` turns true; requests in
+/// flight then get a few seconds to finish.
 pub async fn serve_http(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    serve(
-        listener,
-        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let handle = axum_server::Handle::new();
+    let stopping = handle.clone();
+    tokio::spawn(async move {
         while !*shutdown.borrow() {
             if shutdown.changed().await.is_err() {
-                return;
+                break;
             }
         }
-    })
-    .await
+        stopping.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+    });
+    let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    match tls {
+        Some(config) => {
+            axum_server::from_tcp_rustls(listener, config)?
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+        None => {
+            axum_server::from_tcp(listener)?
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+    }
 }

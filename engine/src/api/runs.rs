@@ -137,7 +137,7 @@ pub async fn cancel_run(
     Path(id): Path<String>,
 ) -> Result<Json<RunState>, ApiError> {
     let status = state.engine.cancel(&id).await?;
-    tracing::info!(run = %id, by = %caller.sub, "run cancelled over the API");
+    tracing::info!(run = %super::Logged(&id), by = %super::Logged(&caller.sub), "run cancelled over the API");
     Ok(Json(RunState { run_id: id, status }))
 }
 
@@ -161,7 +161,7 @@ pub async fn retry_run(
     Path(id): Path<String>,
 ) -> Result<Json<RunState>, ApiError> {
     state.engine.retry(&id).await?;
-    tracing::info!(run = %id, by = %caller.sub, "run retried over the API");
+    tracing::info!(run = %super::Logged(&id), by = %super::Logged(&caller.sub), "run retried over the API");
     Ok(Json(RunState {
         run_id: id,
         status: RunStatus::Running,

@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Sha256;
 
-use super::AppState;
 use super::auth::{Viewer, caller_with_role};
 use super::error::{ApiError, Bytes, ErrorBody, Json, Query};
+use super::{AppState, Logged};
 use crate::auth::Role;
 use crate::callback;
 use crate::plan::Trigger;
@@ -175,7 +175,7 @@ pub async fn n8n_webhook(
         store
             .settle_webhook_event(logged.id, Some(run_id), None)
             .await?;
-        tracing::info!(run = %run_id, step = %step_id, event = %event.event_id, "n8n answered a step");
+        tracing::info!(run = %Logged(run_id), step = %Logged(step_id), event = %Logged(&event.event_id), "n8n answered a step");
         return Ok((
             StatusCode::OK,
             Json(WebhookReceipt {
@@ -199,7 +199,7 @@ pub async fn n8n_webhook(
                 store
                     .settle_webhook_event(logged.id, Some(&run_id), None)
                     .await?;
-                tracing::info!(run = %run_id, workflow = %workflow, event = %event.event_id, "run started by n8n");
+                tracing::info!(run = %run_id, workflow = %Logged(&workflow), event = %Logged(&event.event_id), "run started by n8n");
                 run_id
             }
             Err(e) => {

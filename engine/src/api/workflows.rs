@@ -263,7 +263,7 @@ pub async fn start_workflow(
         )
         .await?;
     if created {
-        tracing::info!(run = %run_id, workflow = %id, by = %caller.sub, "run started over the API");
+        tracing::info!(run = %run_id, workflow = %super::Logged(&id), by = %super::Logged(&caller.sub), "run started over the API");
     }
     let status = if created {
         StatusCode::CREATED
@@ -335,20 +335,25 @@ async fn checked_body(
     })
 }
 
-/// Stores `workflows` in one transaction: all of them or, when the store refuses one, none.
+/// Stores `workflows` in one transaction, all of them or, when the store refuses one, none,
+/// with an audit entry for `actor` for each new version.
 async fn install(
     state: &AppState,
     workflows: Vec<Workflow>,
     create_only: bool,
+    actor: &str,
 ) -> Result<Vec<Installed>, ApiError> {
     let map: WorkflowMap = workflows
         .into_iter()
         .map(|wf| (wf.id.clone(), std::sync::Arc::new(wf)))
         .collect();
     let installed = if create_only {
-        state.engine.create(&map).await?
+        state.engine.create(&map, actor).await?
     } else {
-        state.engine.install(&map, DefinitionOrigin::Api).await?
+        state
+            .engine
+            .install(&map, DefinitionOrigin::Api, Some(actor))
+            .await?
     };
     Ok(installed
         .into_iter()
@@ -410,8 +415,10 @@ pub async fn update_workflow(
             ));
         }
     }
-    let installed = install(&state, workflows, false).await?.remove(0);
-    tracing::info!(workflow = %id, version = installed.version, by = %caller.sub, "workflow updated over the API");
+    let installed = install(&state, workflows, false, &caller.sub)
+        .await?
+        .remove(0);
+    tracing::info!(workflow = %super::Logged(&id), version = installed.version, by = %super::Logged(&caller.sub), "workflow updated over the API");
     Ok(Json(installed))
 }
 
@@ -456,9 +463,9 @@ pub async fn create_workflows(
     }
     // The check above answers the common case with a clear message; the store refuses a
     // workflow created meanwhile, and then stores none of them.
-    let installed = install(&state, workflows, true).await?;
+    let installed = install(&state, workflows, true, &caller.sub).await?;
     for w in &installed {
-        tracing::info!(workflow = %w.id, by = %caller.sub, "workflow created over the API");
+        tracing::info!(workflow = %super::Logged(&w.id), by = %super::Logged(&caller.sub), "workflow created over the API");
     }
     Ok((StatusCode::CREATED, Json(installed)))
 }
@@ -514,7 +521,7 @@ async fn set_paused(
     by: &str,
 ) -> Result<Json<PauseState>, ApiError> {
     state.engine.set_paused(&id, paused).await?;
-    tracing::info!(workflow = %id, paused, by, "schedule pause changed over the API");
+    tracing::info!(workflow = %super::Logged(&id), paused, by = %super::Logged(by), "schedule pause changed over the API");
     Ok(Json(PauseState {
         workflow_id: id,
         paused,

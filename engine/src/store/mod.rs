@@ -38,6 +38,10 @@ pub enum StoreError {
     Rejected(String),
     #[error("database error: {0}")]
     Database(String),
+    /// A stored value this process cannot read: encrypted under a master key it was not given,
+    /// or altered. The message names the row and what to do.
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -388,6 +392,16 @@ pub enum Install {
     Add(i64),
 }
 
+/// The audit entry of a new version installed by `actor`.
+pub(crate) fn install_audit(actor: &str, id: &str, version: i64) -> NewAuditEntry {
+    NewAuditEntry {
+        actor: actor.to_owned(),
+        action: "workflow.install".into(),
+        target: id.to_owned(),
+        detail: serde_json::json!({ "version": version }),
+    }
+}
+
 /// Decides an install, for both stores. From files, a definition equal to the last one installed
 /// from files changes nothing, so a newer version from the API survives a restart; a definition
 /// equal to the latest changes nothing either way.
@@ -480,12 +494,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores each `(id, definition)` as a new version where [`decide_install`] says so, all in
     /// one transaction; returns the version new runs of each use. With `create_only`, a
-    /// workflow that exists already is a `Conflict`, and nothing is stored.
+    /// workflow that exists already is a `Conflict`, and nothing is stored. With `actor`, each
+    /// new version is in the audit log (`workflow.install`), in the same transaction.
     async fn upsert_workflows(
         &self,
         workflows: &[(String, Value)],
         origin: DefinitionOrigin,
         create_only: bool,
+        actor: Option<&str>,
         now: Millis,
     ) -> Result<Vec<i64>>;
     /// One workflow's state, if it exists (was installed and not removed).
@@ -622,6 +638,84 @@ pub trait Store: Send + Sync + 'static {
     /// Commits one small write, to learn whether the database can write at all (a full disk
     /// fails it); see `health.rs`.
     async fn probe_write(&self, now: Millis) -> Result<()>;
+    /// Applies `changes` in one transaction, with `audit` recorded in it when any change applied.
+    /// Returns, per change, whether it applied: a put always does, a delete when the setting
+    /// existed, a swap when the stored value still equals its `old`. So a concurrent write wins
+    /// over a re-encryption, and processes racing to make the same swap make it once.
+    async fn change_settings(
+        &self,
+        changes: Vec<SettingChange>,
+        audit: Option<NewAuditEntry>,
+        now: Millis,
+    ) -> Result<Vec<bool>>;
+    async fn record_audit(&self, entry: NewAuditEntry, now: Millis) -> Result<()>;
+    /// Newest first; with `before`, only entries older than that entry id.
+    async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>>;
+    /// Revokes a token by its id, with `audit` in the same transaction. Returns whether this call
+    /// revoked it: revoking it again changes nothing.
+    async fn revoke_token(
+        &self,
+        revocation: TokenRevocation,
+        audit: NewAuditEntry,
+        now: Millis,
+    ) -> Result<bool>;
+    /// The ids of revoked tokens that would still be valid at `now`.
+    async fn revoked_tokens(&self, now: Millis) -> Result<Vec<String>>;
+}
+
+/// One change of [`Store::change_settings`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum SettingChange {
+    Put {
+        namespace: String,
+        name: String,
+        value: Value,
+    },
+    Delete {
+        namespace: String,
+        name: String,
+    },
+    /// Replaces the value only while it is still `old`, keeping `updated_at`: the same value in
+    /// another form (encrypted, or under another key).
+    Swap {
+        namespace: String,
+        name: String,
+        old: Value,
+        new: Value,
+    },
+}
+
+/// An entry for the audit log: who changed what. Never a secret's value or a password.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAuditEntry {
+    /// A user, a token's subject, or `cli:<OS user>` for the command line.
+    pub actor: String,
+    /// Such as `secret.set` or `token.revoke`.
+    pub action: String,
+    /// What was changed: a variable's, secret's, user's or workflow's name, a token's id.
+    pub target: String,
+    pub detail: Value,
+}
+
+/// An entry of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct AuditEntry {
+    pub id: i64,
+    /// When (ms since the epoch).
+    pub at: Millis,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: Value,
+}
+
+/// A token revoked before it expires.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRevocation {
+    pub jti: String,
+    /// When the revocation may be forgotten: the token would have expired by then.
+    pub expires_at: Millis,
+    pub revoked_by: String,
 }
 
 /// An inbound webhook event to log.
@@ -735,6 +829,9 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
 
 pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
+        if let Some(file) = sqlite_file(url) {
+            keep_private(&file)?;
+        }
         Ok(Arc::new(SqliteStore::connect(url).await?))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         Ok(Arc::new(
@@ -743,6 +840,50 @@ pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Arc<dyn
     } else {
         Err(StoreError::UnsupportedUrl(redact_url(url)))
     }
+}
+
+/// The file of a `sqlite:` URL; `None` for an in-memory database.
+pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    use std::str::FromStr;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+    let file = options.get_filename();
+    (!file.as_os_str().is_empty() && file != std::path::Path::new(":memory:"))
+        .then(|| file.to_path_buf())
+}
+
+/// A SQLite database holds every secret's ciphertext, the password hashes and the run history:
+/// its files are created readable by their owner only, and files created before that are made so.
+/// SQLite gives the `-wal` and `-shm` files the database file's mode.
+fn keep_private(file: &std::path::Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let failed = |e: std::io::Error| StoreError::Database(format!("{}: {e}", file.display()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(file)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(failed(e)),
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = file.as_os_str().to_owned();
+            name.push(suffix);
+            let path = std::path::PathBuf::from(name);
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if meta.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(failed)?;
+                tracing::warn!(path = %path.display(), "database file was readable by other users; now 0600");
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

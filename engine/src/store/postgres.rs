@@ -1032,6 +1032,7 @@ impl Store for PostgresStore {
         workflows: &[(String, Value)],
         origin: DefinitionOrigin,
         create_only: bool,
+        actor: Option<&str>,
         now: Millis,
     ) -> Result<Vec<i64>> {
         let mut tx = self.pool.begin().await?;
@@ -1093,6 +1094,9 @@ impl Store for PostgresStore {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
+                    if let Some(actor) = actor {
+                        insert_audit(&mut tx, &install_audit(actor, id, version), now).await?;
+                    }
                     version
                 }
             };
@@ -1716,6 +1720,14 @@ impl Store for PostgresStore {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM revoked_tokens WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM audit_log WHERE at < $1 - 7776000000")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM runs WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED",
         )
@@ -1895,4 +1907,126 @@ impl Store for PostgresStore {
             .await?;
         Ok(())
     }
+
+    async fn change_settings(
+        &self,
+        changes: Vec<SettingChange>,
+        audit: Option<NewAuditEntry>,
+        now: Millis,
+    ) -> Result<Vec<bool>> {
+        let mut tx = self.pool.begin().await?;
+        let mut applied = Vec::with_capacity(changes.len());
+        for change in &changes {
+            let rows = match change {
+                SettingChange::Put {
+                    namespace,
+                    name,
+                    value,
+                } => sqlx::query(
+                    "INSERT INTO settings (namespace, name, value, updated_at) \
+                     VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (namespace, name) DO UPDATE SET value = excluded.value, \
+                         updated_at = excluded.updated_at",
+                )
+                .bind(namespace)
+                .bind(name)
+                .bind(value)
+                .bind(now),
+                SettingChange::Delete { namespace, name } => {
+                    sqlx::query("DELETE FROM settings WHERE namespace = $1 AND name = $2")
+                        .bind(namespace)
+                        .bind(name)
+                }
+                SettingChange::Swap {
+                    namespace,
+                    name,
+                    old,
+                    new,
+                } => sqlx::query(
+                    "UPDATE settings SET value = $1 \
+                     WHERE namespace = $2 AND name = $3 AND value = $4::jsonb",
+                )
+                .bind(new)
+                .bind(namespace)
+                .bind(name)
+                .bind(old),
+            }
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            applied.push(rows > 0);
+        }
+        if let Some(entry) = audit
+            && applied.iter().any(|a| *a)
+        {
+            insert_audit(&mut tx, &entry, now).await?;
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn record_audit(&self, entry: NewAuditEntry, now: Millis) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        insert_audit(&mut conn, &entry, now).await
+    }
+
+    async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>> {
+        Ok(sqlx::query_as(
+            "SELECT id, at, actor, action, target, detail FROM audit_log \
+             WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn revoke_token(
+        &self,
+        revocation: TokenRevocation,
+        audit: NewAuditEntry,
+        now: Millis,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let revoked = sqlx::query(
+            "INSERT INTO revoked_tokens (jti, expires_at, revoked_at, revoked_by) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (jti) DO NOTHING",
+        )
+        .bind(&revocation.jti)
+        .bind(revocation.expires_at)
+        .bind(now)
+        .bind(&revocation.revoked_by)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if revoked {
+            insert_audit(&mut tx, &audit, now).await?;
+        }
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    async fn revoked_tokens(&self, now: Millis) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT jti FROM revoked_tokens WHERE expires_at > $1")
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+}
+
+async fn insert_audit(conn: &mut PgConnection, entry: &NewAuditEntry, now: Millis) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (at, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(now)
+    .bind(&entry.actor)
+    .bind(&entry.action)
+    .bind(&entry.target)
+    .bind(&entry.detail)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

@@ -758,6 +758,7 @@ impl Store for SqliteStore {
         workflows: &[(String, Value)],
         origin: DefinitionOrigin,
         create_only: bool,
+        actor: Option<&str>,
         now: Millis,
     ) -> Result<Vec<i64>> {
         let mut tx = self.write_tx().await?;
@@ -814,6 +815,9 @@ impl Store for SqliteStore {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
+                    if let Some(actor) = actor {
+                        insert_audit(&mut tx, &install_audit(actor, id, version), now).await?;
+                    }
                     version
                 }
             };
@@ -1372,6 +1376,14 @@ impl Store for SqliteStore {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM revoked_tokens WHERE expires_at <= ?1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM audit_log WHERE at < ?1 - 7776000000")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         if ids.is_empty() {
             tx.commit().await?;
             return Ok(0);
@@ -1554,4 +1566,129 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok(())
     }
+
+    async fn change_settings(
+        &self,
+        changes: Vec<SettingChange>,
+        audit: Option<NewAuditEntry>,
+        now: Millis,
+    ) -> Result<Vec<bool>> {
+        let mut tx = self.write_tx().await?;
+        let mut applied = Vec::with_capacity(changes.len());
+        for change in &changes {
+            let rows = match change {
+                SettingChange::Put {
+                    namespace,
+                    name,
+                    value,
+                } => sqlx::query(
+                    "INSERT INTO settings (namespace, name, value, updated_at) VALUES (?, ?, ?, ?) \
+                     ON CONFLICT (namespace, name) DO UPDATE SET value = excluded.value, \
+                         updated_at = excluded.updated_at",
+                )
+                .bind(namespace)
+                .bind(name)
+                .bind(to_json(value))
+                .bind(now),
+                SettingChange::Delete { namespace, name } => {
+                    sqlx::query("DELETE FROM settings WHERE namespace = ? AND name = ?")
+                        .bind(namespace)
+                        .bind(name)
+                }
+                // Stored text is what `to_json` made of the value, so the text compares.
+                SettingChange::Swap {
+                    namespace,
+                    name,
+                    old,
+                    new,
+                } => sqlx::query(
+                    "UPDATE settings SET value = ? WHERE namespace = ? AND name = ? AND value = ?",
+                )
+                .bind(to_json(new))
+                .bind(namespace)
+                .bind(name)
+                .bind(to_json(old)),
+            }
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            applied.push(rows > 0);
+        }
+        if let Some(entry) = audit
+            && applied.iter().any(|a| *a)
+        {
+            insert_audit(&mut tx, &entry, now).await?;
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn record_audit(&self, entry: NewAuditEntry, now: Millis) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        insert_audit(&mut tx, &entry, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>> {
+        Ok(sqlx::query_as(
+            "SELECT id, at, actor, action, target, detail FROM audit_log \
+             WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    async fn revoke_token(
+        &self,
+        revocation: TokenRevocation,
+        audit: NewAuditEntry,
+        now: Millis,
+    ) -> Result<bool> {
+        let mut tx = self.write_tx().await?;
+        let revoked = sqlx::query(
+            "INSERT INTO revoked_tokens (jti, expires_at, revoked_at, revoked_by) \
+             VALUES (?, ?, ?, ?) ON CONFLICT (jti) DO NOTHING",
+        )
+        .bind(&revocation.jti)
+        .bind(revocation.expires_at)
+        .bind(now)
+        .bind(&revocation.revoked_by)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if revoked {
+            insert_audit(&mut tx, &audit, now).await?;
+        }
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    async fn revoked_tokens(&self, now: Millis) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT jti FROM revoked_tokens WHERE expires_at > ?")
+                .bind(now)
+                .fetch_all(&self.reader)
+                .await?,
+        )
+    }
+}
+
+async fn insert_audit(
+    conn: &mut SqliteConnection,
+    entry: &NewAuditEntry,
+    now: Millis,
+) -> Result<()> {
+    sqlx::query("INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)")
+        .bind(now)
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(&entry.target)
+        .bind(to_json(&entry.detail))
+        .execute(conn)
+        .await?;
+    Ok(())
 }
