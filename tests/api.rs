@@ -1252,7 +1252,10 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_schema() {
             required.is_none(),
             "SWITCHYARD_SCHEMATHESIS={program} does not run: {e}"
         );
-        eprintln!("skipped: schemathesis is not installed (pip install schemathesis)");
+        switchyard_engine::testing::skipped(
+            "SWITCHYARD_SCHEMATHESIS",
+            "schemathesis is not installed (pip install schemathesis)",
+        );
         return;
     }
     let api = Api::start("schemathesis").await;

@@ -30,14 +30,20 @@ impl Tmpfs {
         match mounted {
             Ok(out) if out.status.success() => Some(Tmpfs(dir.to_owned())),
             Ok(out) => {
-                common::skipped(&format!(
-                    "a full disk needs a small file system, and mount failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
+                switchyard_engine::testing::skipped(
+                    "SWITCHYARD_REQUIRE_MOUNT",
+                    &format!(
+                        "a full disk needs a small file system, and mount failed: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                );
                 None
             }
             Err(e) => {
-                common::skipped(&format!("a full disk needs `mount`: {e}"));
+                switchyard_engine::testing::skipped(
+                    "SWITCHYARD_REQUIRE_MOUNT",
+                    &format!("a full disk needs `mount`: {e}"),
+                );
                 None
             }
         }

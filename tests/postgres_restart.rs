@@ -28,7 +28,7 @@ fn restart_postgres() {
 fn postmaster_started() -> String {
     let out = Command::new("psql")
         .args([
-            &common::postgres_base(),
+            &switchyard_engine::testing::postgres_url(),
             "-Atc",
             "SELECT pg_postmaster_start_time()",
         ])

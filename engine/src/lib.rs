@@ -17,3 +17,5 @@ pub mod service;
 pub mod settings;
 pub mod state;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;

@@ -21,17 +21,15 @@ struct Db {
 /// A migrated schema of its own, or `None` (said to be skipped) without a server, unless
 /// `SWITCHYARD_REQUIRE_POSTGRES` is set, as in CI.
 async fn open() -> Option<Db> {
-    let base = std::env::var("SWITCHYARD_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let base = switchyard_engine::testing::postgres_url();
     let schema = format!("embedding_{}_{}", std::process::id(), rand_suffix());
     let url = format!("{base}?options[search_path]={schema}");
     let store = match PostgresStore::connect(&url, 2).await {
         Ok(store) => Arc::new(store),
-        Err(e) if std::env::var_os("SWITCHYARD_REQUIRE_POSTGRES").is_none() => {
-            eprintln!("skipped: PostgreSQL at {base} is not reachable ({e})");
+        Err(e) => {
+            switchyard_engine::testing::postgres_unreachable(e);
             return None;
         }
-        Err(e) => panic!("PostgreSQL at {base} is required: {e}"),
     };
     store.migrate().await.unwrap();
     let engine = Engine::new(store.clone(), Arc::new(SystemClock));

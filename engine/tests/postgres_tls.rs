@@ -5,22 +5,24 @@ use switchyard_engine::store::{PostgresStore, Store};
 
 #[tokio::test]
 async fn sslmode_require_connects_the_store_over_tls() {
-    let base = std::env::var("SWITCHYARD_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let base = switchyard_engine::testing::postgres_url();
     let plain = match sqlx::PgPool::connect(&base).await {
         Ok(pool) => pool,
-        Err(e) if std::env::var_os("SWITCHYARD_REQUIRE_POSTGRES").is_none() => {
-            eprintln!("skipped: PostgreSQL at {base} is not reachable ({e})");
+        Err(e) => {
+            switchyard_engine::testing::postgres_unreachable(e);
             return;
         }
-        Err(e) => panic!("PostgreSQL at {base} is required: {e}"),
     };
     let offered: String = sqlx::query_scalar("SHOW ssl")
         .fetch_one(&plain)
         .await
         .unwrap();
     if offered != "on" {
-        eprintln!("skipped: PostgreSQL at {base} does not offer TLS (ssl = {offered})");
+        // CI turns TLS on for its server, and sets this.
+        switchyard_engine::testing::skipped(
+            "SWITCHYARD_REQUIRE_TLS",
+            &format!("PostgreSQL at {base} does not offer TLS (ssl = {offered})"),
+        );
         return;
     }
     let schema = format!("tls_{}", std::process::id());

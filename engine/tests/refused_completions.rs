@@ -102,15 +102,13 @@ async fn sqlite_batch_with_a_refused_completion_commits_the_others() {
 
 #[tokio::test]
 async fn postgres_batch_with_a_refused_completion_commits_the_others() {
-    let base = std::env::var("SWITCHYARD_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let base = switchyard_engine::testing::postgres_url();
     let raw = match sqlx::PgPool::connect(&base).await {
         Ok(pool) => pool,
-        Err(e) if std::env::var_os("SWITCHYARD_REQUIRE_POSTGRES").is_none() => {
-            eprintln!("skipped: PostgreSQL at {base} is not reachable ({e})");
+        Err(e) => {
+            switchyard_engine::testing::postgres_unreachable(e);
             return;
         }
-        Err(e) => panic!("PostgreSQL at {base} is required: {e}"),
     };
     let schema = format!("refused_{}", std::process::id());
     let store = switchyard_engine::store::connect(&format!("{base}?options[search_path]={schema}"))

@@ -1606,19 +1606,17 @@ async fn open_sqlite() -> Option<(Arc<dyn Store>, TestDb)> {
 /// The database the PostgreSQL tests use; each test migrates its own schema in it. Without a
 /// server the tests say they are skipped, unless `SWITCHYARD_REQUIRE_POSTGRES` is set (CI).
 async fn open_postgres() -> Option<(Arc<dyn Store>, TestDb)> {
-    let base = std::env::var("SWITCHYARD_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let base = switchyard_engine::testing::postgres_url();
     let admin = match sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(&base)
         .await
     {
         Ok(pool) => pool,
-        Err(e) if std::env::var_os("SWITCHYARD_REQUIRE_POSTGRES").is_none() => {
-            eprintln!("skipped: PostgreSQL at {base} is not reachable ({e})");
+        Err(e) => {
+            switchyard_engine::testing::postgres_unreachable(e);
             return None;
         }
-        Err(e) => panic!("PostgreSQL at {base} is required: {e}"),
     };
     let schema = format!("conformance_{}", unique_name());
     let sep = if base.contains('?') { '&' } else { '?' };

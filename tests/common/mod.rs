@@ -125,12 +125,6 @@ pub struct Sandbox {
     pub env: Vec<(String, String)>,
 }
 
-/// The database PostgreSQL tests use (each in a schema of its own).
-pub fn postgres_base() -> String {
-    std::env::var("SWITCHYARD_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
 impl Sandbox {
     pub fn new(name: &str, definition: &str) -> Sandbox {
         let dir =
@@ -153,18 +147,13 @@ impl Sandbox {
     pub fn postgres(name: &str, definition: &str) -> Option<Sandbox> {
         let mut sandbox = Sandbox::new(name, definition);
         let schema = format!("e2e_{}_{}", name.replace('-', "_"), std::process::id());
-        let base = postgres_base();
+        let base = switchyard_engine::testing::postgres_url();
         let sep = if base.contains('?') { '&' } else { '?' };
         sandbox.database = format!("{base}{sep}options[search_path]={schema}");
         drop_schema(&schema);
         let out = sandbox.command().arg("migrate").output().unwrap();
         if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                std::env::var_os("SWITCHYARD_REQUIRE_POSTGRES").is_none(),
-                "PostgreSQL is required: {why}"
-            );
-            eprintln!("skipped: PostgreSQL at {base} is not reachable ({why})");
+            switchyard_engine::testing::postgres_unreachable(String::from_utf8_lossy(&out.stderr));
             return None;
         }
         sandbox.schema = Some(schema);
@@ -391,7 +380,7 @@ impl Drop for Sandbox {
 fn drop_schema(schema: &str) {
     let _ = Command::new("psql")
         .args([
-            &postgres_base(),
+            &switchyard_engine::testing::postgres_url(),
             "-qc",
             &format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
         ])
@@ -411,21 +400,4 @@ pub fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
 /// The last line of a command's output: where `token create` prints the token.
 pub fn last_line(out: &str) -> String {
     out.lines().last().unwrap_or_default().trim().to_owned()
-}
-
-/// Says that a test did not run what it is for, and why: on stderr, and in the file named by
-/// `SWITCHYARD_SKIPPED` (CI lists it in its closing summary), so a skip never reads as a pass.
-pub fn skipped(reason: &str) {
-    eprintln!("skipped: {reason}");
-    if let Some(path) = std::env::var_os("SWITCHYARD_SKIPPED") {
-        use std::io::Write as _;
-        let test = std::thread::current().name().unwrap_or("?").to_owned();
-        if let Ok(mut file) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(file, "{test}: {reason}");
-        }
-    }
 }

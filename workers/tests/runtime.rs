@@ -212,14 +212,9 @@ struct PgSchema {
 
 impl PgSchema {
     async fn new(name: &str) -> Option<PgSchema> {
-        let base = std::env::var("SWITCHYARD_TEST_POSTGRES")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let base = switchyard_engine::testing::postgres_url();
         if let Err(e) = switchyard_engine::store::connect(&base).await {
-            assert!(
-                std::env::var_os("SWITCHYARD_REQUIRE_POSTGRES").is_none(),
-                "PostgreSQL at {base} is required: {e}"
-            );
-            eprintln!("skipped: PostgreSQL at {base} is not reachable ({e})");
+            switchyard_engine::testing::postgres_unreachable(e);
             return None;
         }
         let schema = format!("runtime_{name}_{}", std::process::id());
