@@ -1,106 +1,148 @@
-//! The run and job state machine. It decides; it does no IO. Stores persist its
-//! decisions with guarded updates (expected state, attempt, lease token), so a decision taken on
-//! stale information is rejected by the database rather than applied.
+//! The run and job state machine: the states, which transitions are allowed, and the pure
+//! decisions (`settle` an attempt, what a fire does, how many runs a gate lets through, what a
+//! finished child run does to its parent's step). It does no IO. `store/machine.rs` applies these
+//! decisions through a database transaction, once for every store; the drivers' SQL is guarded by
+//! the state sets defined here (`store/sql.rs` writes them into the statements), so a decision
+//! taken on stale information is rejected by the database rather than applied.
 //!
 //! Job (one step's series of attempts):
 //! `waiting → available → running → succeeded | retrying | parked | failed | cancelled`,
 //! `retrying → running`, `parked → running` (a durable sleep wakes) or `parked → succeeded | failed`
 //! (child runs finished), and any unfinished state `→ cancelled` when its run ends.
-//! Run: `pending → running → succeeded | failed | cancelled | timed_out`.
+//! Run: `pending → running → succeeded | failed | cancelled | timed_out`, and a run that did not
+//! succeed `→ running` again when retried.
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use strum::{Display, EnumString, IntoStaticStr, VariantArray};
 
 use crate::definition::{Backoff, NonRetryable, RetryPolicy};
 
 /// Milliseconds since the Unix epoch: the only time the store sees.
 pub type Millis = i64;
 
-macro_rules! string_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-        #[serde(rename_all = "snake_case")]
-        pub enum $name { $($variant),+ }
-
-        impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = UnknownState;
-            fn from_str(s: &str) -> Result<Self, UnknownState> {
-                match s {
-                    $($text => Ok($name::$variant),)+
-                    _ => Err(UnknownState(s.to_owned())),
-                }
-            }
-        }
-    };
+/// The state of a run.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    Display,
+    EnumString,
+    IntoStaticStr,
+    VariantArray,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum RunStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("unknown state {0:?}")]
-pub struct UnknownState(pub String);
-
-string_enum!(
-    /// The state of a run.
-    RunStatus {
-        Pending = "pending",
-        Running = "running",
-        Succeeded = "succeeded",
-        Failed = "failed",
-        Cancelled = "cancelled",
-        TimedOut = "timed_out",
-    }
-);
-
-string_enum!(
-    /// The state of a job: one step of one run, across its attempts.
-    JobState {
-        Waiting = "waiting",
-        Available = "available",
-        Running = "running",
-        Retrying = "retrying",
-        Parked = "parked",
-        Succeeded = "succeeded",
-        Failed = "failed",
-        Cancelled = "cancelled",
-    }
-);
+/// The state of a job: one step of one run, across its attempts.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    Display,
+    EnumString,
+    IntoStaticStr,
+    VariantArray,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum JobState {
+    Waiting,
+    Available,
+    Running,
+    Retrying,
+    Parked,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
 
 impl RunStatus {
+    pub const ALL: &'static [RunStatus] = RunStatus::VARIANTS;
+    /// A run still going: it may start jobs, and its jobs may be claimed.
+    pub const ACTIVE: &'static [RunStatus] = &[RunStatus::Pending, RunStatus::Running];
+    /// A run that ended unsuccessfully: `retry` puts it back to work.
+    pub const RETRYABLE: &'static [RunStatus] =
+        &[RunStatus::Failed, RunStatus::Cancelled, RunStatus::TimedOut];
+
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+
     pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled | RunStatus::TimedOut
-        )
+        !RunStatus::ACTIVE.contains(&self)
+    }
+
+    /// Whether ending a run so records an alert for operators.
+    pub fn raises_alert(self) -> bool {
+        matches!(self, RunStatus::Failed | RunStatus::TimedOut)
+    }
+
+    /// Whether the machine allows `self → to`.
+    pub fn can_become(self, to: RunStatus) -> bool {
+        use RunStatus::*;
+        match (self, to) {
+            // a gate opens
+            (Pending, Running) => true,
+            // every job succeeded, or one failed, or the run was cancelled or ran out of time
+            (Running, Succeeded | Failed | TimedOut) => true,
+            (Pending | Running, Cancelled | Failed | TimedOut) => true,
+            // retried
+            (Failed | Cancelled | TimedOut, Running) => true,
+            _ => false,
+        }
     }
 }
 
 impl JobState {
-    pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled
-        )
-    }
-
+    pub const ALL: &'static [JobState] = JobState::VARIANTS;
     /// States a worker may claim from (once `run_after` has passed).
     pub const CLAIMABLE: &'static [JobState] =
         &[JobState::Available, JobState::Retrying, JobState::Parked];
+    /// States a job has not finished in: its run's end cancels it.
+    pub const OPEN: &'static [JobState] = &[
+        JobState::Waiting,
+        JobState::Available,
+        JobState::Running,
+        JobState::Retrying,
+        JobState::Parked,
+    ];
+    /// States a run's retry puts back in line.
+    pub const UNSUCCESSFUL: &'static [JobState] = &[JobState::Failed, JobState::Cancelled];
+    /// States an attempt of the step is in while an outside answer to it may arrive (its
+    /// callback token lives): parked, running, or given back by a worker shutting down.
+    pub const AWAITING_ANSWER: &'static [JobState] =
+        &[JobState::Parked, JobState::Running, JobState::Available];
+
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+
+    pub fn is_finished(self) -> bool {
+        !JobState::OPEN.contains(&self)
+    }
 
     /// Whether the machine allows `self → to`. Every SQL update that changes a job's state is
     /// guarded by the `from` side of one of these edges.
@@ -110,8 +152,9 @@ impl JobState {
             (Waiting, Available) => true,
             (Available | Retrying | Parked, Running) => true,
             (Running, Succeeded | Retrying | Parked | Failed) => true,
-            // a run's retry puts its failed and cancelled steps back in line
-            (Failed | Cancelled, Waiting) => true,
+            // a run's retry puts its failed and cancelled steps back in line, or a `workflow`
+            // step back to waiting for its children
+            (Failed | Cancelled, Waiting | Parked) => true,
             // children of a parked `workflow` step finished
             (Parked, Succeeded | Failed) => true,
             // the worker lost its lease or shut down: the attempt is given back
@@ -248,6 +291,33 @@ pub fn settle_lost_lease(attempt: u32, max_attempts: u32, now: Millis) -> Settle
     }
 }
 
+/// Why a fire starts no run, if it starts one: its workflow is paused, or (with `overlap:
+/// skip`) a run of it started by an earlier fire is still going.
+pub fn fire_skip_reason(paused: bool, active_run: Option<&str>) -> Option<String> {
+    if paused {
+        return Some("paused".to_owned());
+    }
+    active_run.map(|run| format!("overlap: run {run} is still going"))
+}
+
+/// How many new runs a concurrency gate lets start now: none while one waits ahead of them (first
+/// come, first served), else its limit less the runs it holds.
+pub fn gate_room(limit: i64, running: i64, pending: i64) -> i64 {
+    if pending > 0 { 0 } else { limit - running }
+}
+
+/// How many waiting runs a gate starts when runs of it finish: the limit the oldest waiting run
+/// was started under, less the runs still holding a slot.
+pub fn gate_opening(oldest_pending_limit: Option<i64>, running: i64) -> i64 {
+    oldest_pending_limit.unwrap_or(0) - running
+}
+
+/// The error of a run that ran past its deadline.
+pub fn timeout_error(timeout_ms: Option<i64>) -> String {
+    let limit = Duration::from_millis(timeout_ms.unwrap_or(0).max(0) as u64);
+    format!("run timed out after {}", humantime::format_duration(limit))
+}
+
 /// Delay before retry number `attempt` (the attempt that failed, 1-based). With jitter the delay
 /// is drawn from [d/2, d) ("equal jitter"): spread out, yet never much shorter than the policy.
 pub fn backoff_delay(policy: &RetryPolicy, attempt: u32, jitter: f64) -> Duration {
@@ -304,6 +374,8 @@ mod tests {
             (Running, Available),
             (Failed, Waiting),
             (Cancelled, Waiting),
+            (Failed, Parked),
+            (Cancelled, Parked),
             (Parked, Succeeded),
             (Parked, Failed),
             (Waiting, Cancelled),
@@ -340,6 +412,63 @@ mod tests {
             assert_eq!(s.as_str().parse::<RunStatus>().unwrap(), *s);
         }
         assert!("paused".parse::<RunStatus>().is_err());
+        assert_eq!(RunStatus::TimedOut.to_string(), "timed_out");
+    }
+
+    #[test]
+    fn every_run_status_pair_is_decided_by_the_transition_table() {
+        use RunStatus::*;
+        let allowed = [
+            (Pending, Running),
+            (Running, Succeeded),
+            (Running, Failed),
+            (Running, TimedOut),
+            (Running, Cancelled),
+            (Pending, Cancelled),
+            (Pending, Failed),
+            (Pending, TimedOut),
+            (Failed, Running),
+            (Cancelled, Running),
+            (TimedOut, Running),
+        ];
+        for &from in RunStatus::ALL {
+            for &to in RunStatus::ALL {
+                assert_eq!(
+                    from.can_become(to),
+                    allowed.contains(&(from, to)),
+                    "{from} → {to}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn state_sets_agree_with_the_transition_tables() {
+        for &s in JobState::CLAIMABLE {
+            assert!(s.can_become(JobState::Running), "{s}");
+        }
+        for &s in JobState::ALL {
+            assert_eq!(
+                s.can_become(JobState::Cancelled),
+                JobState::OPEN.contains(&s),
+                "{s}"
+            );
+        }
+        for &s in JobState::UNSUCCESSFUL {
+            assert!(s.can_become(JobState::Waiting), "{s}");
+        }
+        for &s in RunStatus::ALL {
+            assert_eq!(
+                s.can_become(RunStatus::Cancelled),
+                RunStatus::ACTIVE.contains(&s),
+                "{s}"
+            );
+            assert_eq!(
+                s.can_become(RunStatus::Running) && s != RunStatus::Pending,
+                RunStatus::RETRYABLE.contains(&s),
+                "{s}"
+            );
+        }
     }
 
     #[test]
@@ -442,6 +571,24 @@ mod tests {
         assert_eq!(backoff_delay(&p, 3, 0.0), Duration::from_secs(2));
         let high = backoff_delay(&p, 3, 0.999);
         assert!(high < Duration::from_secs(4) && high > Duration::from_millis(3_990));
+    }
+
+    #[test]
+    fn a_fire_is_skipped_while_paused_or_while_its_last_run_goes_on() {
+        assert_eq!(fire_skip_reason(true, Some("r")).as_deref(), Some("paused"));
+        assert_eq!(
+            fire_skip_reason(false, Some("r")).as_deref(),
+            Some("overlap: run r is still going")
+        );
+        assert_eq!(fire_skip_reason(false, None), None);
+    }
+
+    #[test]
+    fn a_gate_lets_runs_through_up_to_its_limit_and_never_past_one_waiting() {
+        assert_eq!(gate_room(2, 1, 0), 1);
+        assert_eq!(gate_room(2, 0, 1), 0);
+        assert_eq!(gate_opening(Some(3), 1), 2);
+        assert_eq!(gate_opening(None, 0), 0);
     }
 
     #[test]

@@ -837,6 +837,47 @@ pub async fn concurrency_key_holds_runs_until_a_slot_frees(store: Arc<dyn Store>
     assert_eq!(claim(&*store, T0, 10).await[0].run_id, ids[1]);
 }
 
+/// Whether the store's wake-up fires within a second; consumes it.
+async fn woken(store: &dyn Store) -> bool {
+    tokio::time::timeout(std::time::Duration::from_secs(1), store.wakeup().notified())
+        .await
+        .is_ok()
+}
+
+pub async fn a_gate_that_opens_wakes_the_workers(store: Arc<dyn Store>) {
+    let wf = workflow("id: gated\ntimeout: 1s\nconcurrency: 1\nsteps:\n  - {id: a, type: noop}\n");
+    let version = install(&*store, &wf).await;
+    // (A run's timeout counts from its creation, waiting included.)
+    let mut ids = store
+        .create_runs(vec![planned(version, &wf), planned(version, &wf)], T0)
+        .await
+        .unwrap();
+    assert_eq!(run_status(&*store, &ids[1]).await, RunStatus::Pending);
+    while woken(&*store).await {}
+    // A cancel frees the slot: the next run starts, and workers hear of its job.
+    store.cancel_run(&ids[0], T0 + 500).await.unwrap();
+    assert_eq!(run_status(&*store, &ids[1]).await, RunStatus::Running);
+    assert!(
+        woken(&*store).await,
+        "a cancel that opened the gate woke no one"
+    );
+    // So does a run that times out.
+    ids.extend(
+        store
+            .create_runs(vec![planned(version, &wf)], T0 + 1_000)
+            .await
+            .unwrap(),
+    );
+    while woken(&*store).await {}
+    store.sweep(T0 + 1_600).await.unwrap();
+    assert_eq!(run_status(&*store, &ids[1]).await, RunStatus::TimedOut);
+    assert_eq!(run_status(&*store, &ids[2]).await, RunStatus::Running);
+    assert!(
+        woken(&*store).await,
+        "a timeout that opened the gate woke no one"
+    );
+}
+
 pub async fn idempotency_key_returns_the_first_run(store: Arc<dyn Store>) {
     let trigger = Trigger {
         idempotency_key: Some("order-7".into()),
@@ -1543,6 +1584,7 @@ macro_rules! conformance {
                 failed_runs_raise_alerts_and_cancelled_ones_do_not,
                 creating_workflows_stores_all_of_them_or_none,
                 a_removed_workflow_is_gone_until_installed_again_with_a_new_version,
+                a_gate_that_opens_wakes_the_workers,
                 setting_changes_apply_with_their_audit_entry_and_swaps_only_over_the_value_seen,
                 the_audit_log_pages_newest_first_and_forgets_after_90_days,
                 a_revoked_token_is_listed_until_it_would_have_expired,

@@ -3,7 +3,9 @@
 //! of jobs in a constant number of statements, and every state change is guarded by the state it
 //! expects (and, for jobs, by attempt and lease token).
 
+mod machine;
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::sync::Arc;
@@ -193,36 +195,9 @@ fn parse_state<T: std::str::FromStr>(text: &str) -> Result<T> {
         .map_err(|_| StoreError::Database(format!("unknown state {text:?} in database")))
 }
 
-/// A run that just finished, and what it may settle next.
-struct FinishedRun {
-    id: RunId,
-    workflow_id: String,
-    status: RunStatus,
-    parent_job_id: Option<JobId>,
-    concurrency_key: Option<String>,
-}
-
-/// The runs a transaction finished, counted in the metrics once it has committed.
-#[derive(Debug, Default)]
-struct FinishedRuns(Vec<(String, RunStatus)>);
-
-impl FinishedRuns {
-    fn add(&mut self, runs: &[FinishedRun]) {
-        self.0
-            .extend(runs.iter().map(|r| (r.workflow_id.clone(), r.status)));
-    }
-
-    /// Only after the commit: a rolled-back transaction finished nothing.
-    fn publish(self) {
-        for (workflow, status) in self.0 {
-            crate::metrics::run_finished(&workflow, status);
-        }
-    }
-}
-
 /// One JSON row per completion, the batch both stores' fenced update reads. JSON values travel
 /// as text, so a `null` output stays a JSON null rather than becoming NULL.
-fn completion_rows(completions: &[Completion], now: Millis) -> Value {
+pub(crate) fn completion_rows(completions: &[Completion], now: Millis) -> Value {
     completions
         .iter()
         .map(|c| {

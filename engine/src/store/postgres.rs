@@ -15,29 +15,23 @@
 //! finishes; concurrency gates are serialised per key with transaction-scoped advisory locks, which
 //! a dead process cannot hold (its transaction ends with its connection).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, QueryBuilder, Row};
 use tokio::sync::Notify;
 
+use super::machine::{self, Effects, FinishedRun, GateLoad, Settled, SettledJob, Succeeded, Tx};
+use super::sql::statement;
 use super::*;
-use crate::state::{JobState, Millis, RunStatus, settle_lost_lease};
+use crate::state::{JobState, Millis, RunStatus};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
-
-/// The states a run is still going in.
-const ACTIVE_RUN: &str = "('pending', 'running')";
-/// The states a job is not finished in.
-const OPEN_JOB: &str = "('waiting', 'available', 'running', 'retrying', 'parked')";
-/// States a job is claimed from; such a job has a `job_queue` row exactly when it has a
-/// `run_after` (a parked job without one waits for its children, not for a time).
-const CLAIMABLE_JOB: &str = "('available', 'retrying', 'parked')";
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -98,9 +92,30 @@ impl PostgresStore {
         runs: Vec<NewRun>,
         now: Millis,
     ) -> Result<Vec<RunId>> {
-        let ids = insert_runs(conn, runs, now).await?;
+        let ids = machine::insert_runs(&mut PgTx(conn), runs, now).await?;
         self.notify(conn).await?;
         Ok(ids)
+    }
+
+    /// Commits `tx` and acts on what it did: workers in every process hear of jobs it made
+    /// claimable that its own claim (`claimed`) did not take, through a `NOTIFY` delivered at
+    /// the commit; the runs it finished are counted once it has committed.
+    async fn commit(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        effects: Effects,
+        claimed: &[JobId],
+    ) -> Result<()> {
+        let wake = effects.wakes_others(claimed);
+        if wake {
+            self.notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        effects.publish();
+        if wake {
+            self.wakeup.notify_one();
+        }
+        Ok(())
     }
 
     async fn notify(&self, conn: &mut PgConnection) -> Result<()> {
@@ -173,18 +188,6 @@ async fn lock_key(conn: &mut PgConnection, key: &str) -> Result<()> {
     Ok(())
 }
 
-/// Locks runs in id order, so transactions locking overlapping sets never deadlock each other.
-async fn lock_runs_of_jobs(conn: &mut PgConnection, jobs: &[JobId]) -> Result<()> {
-    sqlx::query(
-        "SELECT id FROM runs WHERE id IN (SELECT run_id FROM jobs WHERE id = ANY($1)) \
-         ORDER BY id FOR UPDATE",
-    )
-    .bind(jobs)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(())
-}
-
 fn setting_from_row(row: &PgRow) -> Setting {
     Setting {
         name: row.get("name"),
@@ -203,142 +206,87 @@ fn finished_from_row(row: &PgRow) -> Result<FinishedRun> {
     })
 }
 
-/// What a transaction changed that workers elsewhere should hear about.
-#[derive(Default)]
-struct Effects {
-    /// Jobs became claimable: these, and others when `woke`.
-    ready: Vec<JobId>,
-    woke: bool,
-    finished: FinishedRuns,
-}
+/// Every waiting job counts down the needs that just succeeded, and becomes available (and
+/// queued) at zero. `OFFSET 0` keeps the lookup a per-step index probe; flattened into a join, it
+/// becomes a scan of every job. Selects the jobs it changed from `succeeded(run_id, step_id)`,
+/// which the statement around it defines.
+const PROMOTE_DEPENDENTS: &str = "promoted AS ( \
+     UPDATE jobs SET \
+         pending_needs = jobs.pending_needs - d.n, \
+         state = CASE WHEN jobs.pending_needs - d.n <= 0 \
+             AND (SELECT status FROM runs WHERE id = jobs.run_id) = {run:running} \
+             THEN {job:available} ELSE {job:waiting} END, \
+         run_after = $2 \
+     FROM (SELECT j.id, count(*) AS n FROM succeeded AS s \
+           CROSS JOIN LATERAL (SELECT id FROM jobs WHERE run_id = s.run_id \
+               AND state = {job:waiting} AND needs ? s.step_id OFFSET 0) AS j \
+           GROUP BY j.id) AS d \
+     WHERE jobs.id = d.id \
+     RETURNING jobs.id, jobs.state, jobs.run_after), \
+ promoted_queued AS ( \
+     INSERT INTO job_queue (run_after, job_id) \
+     SELECT run_after, id FROM promoted WHERE state = {job:available} \
+     ON CONFLICT DO NOTHING)";
 
-impl Effects {
-    /// Whether other workers may find jobs this transaction made claimable and did not claim
-    /// itself.
-    fn wakes_others(&self, claimed: &[ClaimedJob]) -> bool {
-        self.woke
-            || self
-                .ready
-                .iter()
-                .any(|id| !claimed.iter().any(|c| c.lease.job_id == *id))
+/// In a settlement (`c`) of a job: a result delivered while the step ran, under the token it
+/// parks with now (see `Store::deliver_callback`). The step keeps it and wakes at once. A callback
+/// token lives as long as its attempt (parked, running, or given back by a worker shutting down):
+/// any other settlement drops it, so a late answer to an attempt that ended is refused rather than
+/// kept for the next one.
+const CALLBACK_WAITING: &str = "(jobs.checkpoint ? 'callback' \
+     AND c.checkpoint::jsonb->>'callback_token' = jobs.checkpoint->>'callback_token')";
+
+/// A transaction's connection, as the state machine drives it: the caller's own too
+/// (`enqueue_in`).
+struct PgTx<'c>(&'c mut PgConnection);
+
+#[async_trait]
+impl Tx for PgTx<'_> {
+    async fn lock_key(&mut self, key: &str) -> Result<()> {
+        lock_key(self.0, key).await
     }
-}
 
-/// A step whose job just succeeded. Only a sink's success can finish its run: every other step
-/// has a dependent that has not run yet.
-struct Succeeded {
-    run_id: RunId,
-    step_id: String,
-    is_sink: bool,
-}
+    async fn lock_runs_of_jobs(&mut self, jobs: &[JobId]) -> Result<()> {
+        sqlx::query(
+            "SELECT id FROM runs WHERE id IN (SELECT run_id FROM jobs WHERE id = ANY($1)) \
+             ORDER BY id FOR UPDATE",
+        )
+        .bind(jobs)
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(())
+    }
 
-/// Inserts runs and their jobs: a constant number of statements however many runs. Returns the
-/// run ids, in order, with an earlier run's id where its idempotency key was already used.
-async fn insert_runs(
-    conn: &mut PgConnection,
-    runs: Vec<NewRun>,
-    now: Millis,
-) -> Result<Vec<RunId>> {
-    let keys: Vec<&String> = runs
-        .iter()
-        .filter_map(|r| r.idempotency_key.as_ref())
-        .collect();
-    let mut known: BTreeMap<String, RunId> = if keys.is_empty() {
-        BTreeMap::new()
-    } else {
-        sqlx::query_as(
+    async fn runs_by_idempotency_key(&mut self, keys: &[&str]) -> Result<Vec<(String, RunId)>> {
+        Ok(sqlx::query_as(
             "SELECT idempotency_key, id FROM runs WHERE idempotency_key = ANY($1::text[])",
         )
-        .bind(&keys)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .collect()
-    };
-    let fresh: Vec<NewRun> = runs
-        .iter()
-        .filter(|r| {
-            r.idempotency_key
-                .as_ref()
-                .is_none_or(|k| !known.contains_key(k))
-        })
-        .cloned()
-        .collect();
+        .bind(keys)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
 
-    // A gated run starts only while fewer than `limit` runs with its key are running and none
-    // waits ahead of it.
-    let gates: BTreeSet<&String> = fresh
-        .iter()
-        .filter_map(|r| r.concurrency.as_ref().map(|c| &c.key))
-        .collect();
-    let mut room: BTreeMap<String, i64> = BTreeMap::new();
-    for key in gates {
-        lock_key(conn, &format!("gate/{key}")).await?;
-        let (running, pending): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE status = 'running'), \
-                    count(*) FILTER (WHERE status = 'pending') \
-             FROM runs WHERE concurrency_key = $1 AND status IN ('pending', 'running')",
-        )
+    async fn gate_load(&mut self, key: &str) -> Result<GateLoad> {
+        let (running, pending, oldest_pending_limit) = sqlx::query_as(statement!(
+            "SELECT count(*) FILTER (WHERE status = {run:running}), \
+                 count(*) FILTER (WHERE status = {run:pending}), \
+                 (SELECT concurrency_limit FROM runs \
+                  WHERE concurrency_key = $1 AND status = {run:pending} \
+                  ORDER BY created_at, id LIMIT 1) \
+             FROM runs WHERE concurrency_key = $1 AND status IN {runs:active}"
+        ))
         .bind(key)
-        .fetch_one(&mut *conn)
+        .fetch_one(&mut *self.0)
         .await?;
-        let limit = fresh
-            .iter()
-            .find_map(|r| r.concurrency.as_ref().filter(|c| &c.key == key))
-            .map_or(0, |c| c.limit);
-        room.insert(key.clone(), if pending > 0 { 0 } else { limit - running });
+        Ok(GateLoad {
+            running,
+            pending,
+            oldest_pending_limit,
+        })
     }
 
-    let mut rows = Vec::with_capacity(fresh.len());
-    let mut jobs = Vec::new();
-    for run in &fresh {
-        let gated = match &run.concurrency {
-            None => false,
-            Some(gate) => {
-                let free = room.get_mut(&gate.key).expect("counted above");
-                *free -= 1;
-                *free < 0
-            }
-        };
-        let status = if gated {
-            RunStatus::Pending
-        } else {
-            RunStatus::Running
-        };
-        rows.push(json!({
-            "id": run.id,
-            "workflow_id": run.workflow_id,
-            "version": run.version,
-            "status": status.as_str(),
-            "input": run.input,
-            "parent_run_id": run.parent.as_ref().map(|p| &p.run_id),
-            "parent_job_id": run.parent.as_ref().map(|p| p.job_id),
-            "child_index": run.parent.as_ref().map(|p| p.index),
-            "concurrency_key": run.concurrency.as_ref().map(|c| &c.key),
-            "concurrency_limit": run.concurrency.as_ref().map(|c| c.limit),
-            "idempotency_key": run.idempotency_key,
-            "timeout_ms": run.timeout_ms,
-            "deadline_at": run.timeout_ms.map(|t| now + t),
-            "retention_ms": run.retention_ms,
-            "scheduled_at": run.scheduled_at,
-            "started_at": (!gated).then_some(now),
-        }));
-        for job in &run.jobs {
-            jobs.push(json!({
-                "run_id": run.id,
-                "step_id": job.step_id,
-                "needs": job.needs,
-                "pending": job.needs.len(),
-                "is_sink": job.is_sink,
-                "budget": job.max_attempts,
-                "ready": !gated && job.needs.is_empty(),
-            }));
-        }
-    }
-    let mut inserted: BTreeSet<RunId> = BTreeSet::new();
-    if !rows.is_empty() {
-        // A concurrent start with the same idempotency key may commit first: its run wins.
-        inserted = sqlx::query_scalar(
+    async fn insert_run_rows(&mut self, runs: Value, now: Millis) -> Result<BTreeSet<RunId>> {
+        let inserted: Vec<String> = sqlx::query_scalar(
             "INSERT INTO runs (id, workflow_id, version, status, input, parent_run_id, \
                  parent_job_id, child_index, concurrency_key, concurrency_limit, idempotency_key, \
                  timeout_ms, deadline_at, retention_ms, scheduled_at, created_at, started_at) \
@@ -354,524 +302,559 @@ async fn insert_runs(
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
              RETURNING id",
         )
-        .bind(Value::Array(rows))
+        .bind(runs)
         .bind(now)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .collect();
-        jobs.retain(|j| inserted.contains(j["run_id"].as_str().unwrap_or_default()));
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(inserted.into_iter().collect())
     }
-    if !jobs.is_empty() {
-        sqlx::query(
+
+    async fn insert_job_rows(&mut self, jobs: Value, now: Millis) -> Result<()> {
+        sqlx::query(statement!(
             "WITH made AS ( \
                  INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
                      attempt_budget, max_attempts, run_after) \
                  SELECT j.run_id, j.step_id, \
-                     CASE WHEN j.ready THEN 'available' ELSE 'waiting' END, \
+                     CASE WHEN j.ready THEN {job:available} ELSE {job:waiting} END, \
                      j.needs, j.pending, j.is_sink, j.budget, j.budget, $2 \
                  FROM jsonb_to_recordset($1) AS j(run_id text, step_id text, needs jsonb, \
                      pending int, is_sink boolean, budget int, ready boolean) \
                  RETURNING id, state, run_after) \
              INSERT INTO job_queue (run_after, job_id) \
-             SELECT run_after, id FROM made WHERE state = 'available' ON CONFLICT DO NOTHING",
-        )
-        .bind(Value::Array(jobs))
+             SELECT run_after, id FROM made WHERE state = {job:available} ON CONFLICT DO NOTHING"
+        ))
+        .bind(jobs)
         .bind(now)
-        .execute(&mut *conn)
+        .execute(&mut *self.0)
         .await?;
+        Ok(())
     }
-    // Keys that lost a race to a concurrent start: look up the winner.
-    let lost: Vec<&String> = fresh
-        .iter()
-        .filter(|r| !inserted.contains(&r.id))
-        .filter_map(|r| r.idempotency_key.as_ref())
-        .collect();
-    if !lost.is_empty() {
-        let winners: Vec<(String, RunId)> = sqlx::query_as(
-            "SELECT idempotency_key, id FROM runs WHERE idempotency_key = ANY($1::text[])",
-        )
-        .bind(&lost)
-        .fetch_all(&mut *conn)
+
+    async fn settle_jobs(&mut self, rows: Value, ids: &[JobId], now: Millis) -> Result<Settled> {
+        // One statement, one round trip, in three parts:
+        // - `locked` takes the runs' locks first, in id order (see `lock_runs_of_jobs`); the
+        //   uncorrelated subquery in `settled`'s filter runs once, before any job is written.
+        // - `settled`: only rows still `running` under the same attempt and token change, so a
+        //   late answer from a worker whose lease expired matches nothing. `id = ANY($3)` keeps
+        //   the lookup on the primary key whatever the statistics say. Jobs it leaves claimable
+        //   join the queue. The attempt history records unsuccessful attempts only; the
+        //   succeeding one is the row's own timings.
+        // - `promoted`: the dependents of the steps that succeeded. It writes `waiting` rows,
+        //   `settled` writes `running` ones, so the two never touch the same row.
+        let rows = sqlx::query(statement!(&format!(
+            "WITH locked AS MATERIALIZED ( \
+                 SELECT id FROM runs WHERE id IN (SELECT run_id FROM jobs WHERE id = ANY($3)) \
+                 ORDER BY id FOR UPDATE), \
+             settled AS ( \
+                 UPDATE jobs SET \
+                     state = c.state, \
+                     output = c.output::jsonb, \
+                     error = c.error, \
+                     run_after = CASE WHEN c.state = {{job:parked}} AND {CALLBACK_WAITING} \
+                         THEN $2 ELSE c.run_after END, \
+                     checkpoint = CASE WHEN {CALLBACK_WAITING} THEN c.checkpoint::jsonb \
+                             || jsonb_build_object('callback', jobs.checkpoint->'callback') \
+                         WHEN c.state IN ({{job:parked}}, {{job:available}}) \
+                             OR jsonb_typeof(coalesce(c.checkpoint::jsonb, jobs.checkpoint)) \
+                                 IS DISTINCT FROM 'object' \
+                         THEN coalesce(c.checkpoint::jsonb, jobs.checkpoint) \
+                         ELSE coalesce(c.checkpoint::jsonb, jobs.checkpoint) \
+                             - 'callback_token' - 'callback' END, \
+                     attempt = jobs.attempt - (c.state = {{job:available}})::int, \
+                     lease_token = NULL, \
+                     finished_at = CASE WHEN c.state IN {{jobs:finishing}} THEN $2 END, \
+                     attempts = CASE WHEN c.state IN {{jobs:counted}} \
+                         THEN jobs.attempts || jsonb_build_array(jsonb_build_object( \
+                             'attempt', jobs.attempt, 'started_at', jobs.started_at, \
+                             'finished_at', $2::bigint, 'outcome', c.state, 'error', c.error)) \
+                         ELSE jobs.attempts END \
+                 FROM jsonb_to_recordset($1) AS c(id bigint, attempt int, token text, \
+                     state text, output text, error text, run_after bigint, checkpoint text) \
+                 WHERE jobs.id = ANY($3) AND jobs.id = c.id AND jobs.attempt = c.attempt \
+                     AND jobs.lease_token = c.token AND jobs.state = {{job:running}} \
+                     AND (SELECT count(*) FROM locked) >= 0 \
+                 RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error, \
+                     jobs.is_sink, jobs.run_after), \
+             requeued AS ( \
+                 INSERT INTO job_queue (run_after, job_id) SELECT run_after, id FROM settled \
+                 WHERE state IN {{jobs:claimable}} AND run_after IS NOT NULL \
+                 ON CONFLICT DO NOTHING), \
+             succeeded AS ( \
+                 SELECT run_id, step_id FROM settled \
+                 WHERE state = {{job:succeeded}} AND NOT is_sink), \
+             {PROMOTE_DEPENDENTS} \
+             SELECT id, run_id, step_id, state, error, is_sink, false AS promoted FROM settled \
+             UNION ALL \
+             SELECT id, NULL, NULL, state, NULL, NULL, true FROM promoted"
+        )))
+        .bind(rows)
+        .bind(now)
+        .bind(ids)
+        .fetch_all(&mut *self.0)
         .await?;
-        known.extend(winners);
-    }
-    Ok(runs
-        .iter()
-        .map(|r| match &r.idempotency_key {
-            Some(key) if !inserted.contains(&r.id) => {
-                known.get(key).cloned().unwrap_or_else(|| r.id.clone())
+        let mut settled = Settled::default();
+        for row in &rows {
+            let id: JobId = row.get("id");
+            let state = parse_state::<JobState>(row.get::<&str, _>("state"))?;
+            if row.get("promoted") {
+                settled.promoted.push((id, state));
+            } else {
+                settled.jobs.push(SettledJob {
+                    id,
+                    run_id: row.get("run_id"),
+                    step_id: row.get("step_id"),
+                    state,
+                    error: row.get("error"),
+                    is_sink: row.get("is_sink"),
+                });
             }
-            _ => r.id.clone(),
-        })
-        .collect())
-}
-
-/// Applies settlements fenced by their leases, then everything that follows from them.
-async fn complete_in(
-    conn: &mut PgConnection,
-    completions: Vec<Completion>,
-    now: Millis,
-    effects: &mut Effects,
-) -> Result<Vec<JobId>> {
-    if completions.is_empty() {
-        return Ok(Vec::new());
+        }
+        Ok(settled)
     }
-    let ids: Vec<JobId> = completions.iter().map(|c| c.lease.job_id).collect();
-    let payload = completion_rows(&completions, now);
-    // One statement, one round trip, in three parts:
-    // - `locked` takes the runs' locks first, in id order (see `lock_runs_of_jobs`); the
-    //   uncorrelated subquery in `settled`'s filter runs once, before any job is written.
-    // - `settled`: only rows still `running` under the same attempt and token change, so a late
-    //   answer from a worker whose lease expired matches nothing. `id = ANY($3)` keeps the lookup
-    //   on the primary key whatever the statistics say. Jobs it leaves claimable join the queue. The attempt history records
-    //   unsuccessful attempts only; the succeeding one is the row's own timings.
-    // - `promoted`: the dependents of the steps that succeeded. It writes `waiting` rows,
-    //   `settled` writes `running` ones, so the two never touch the same row.
-    let rows = sqlx::query(&format!(
-        "WITH locked AS MATERIALIZED ( \
-             SELECT id FROM runs WHERE id IN (SELECT run_id FROM jobs WHERE id = ANY($3)) \
-             ORDER BY id FOR UPDATE), \
-         settled AS ( \
-             UPDATE jobs SET \
-                 state = c.state, \
-                 output = c.output::jsonb, \
-                 error = c.error, \
-                 run_after = CASE WHEN c.state = 'parked' AND {CALLBACK_WAITING} THEN $2 \
-                     ELSE c.run_after END, \
-                 checkpoint = CASE WHEN {CALLBACK_WAITING} THEN c.checkpoint::jsonb \
-                         || jsonb_build_object('callback', jobs.checkpoint->'callback') \
-                     WHEN c.state IN ('parked', 'available') \
-                         OR jsonb_typeof(coalesce(c.checkpoint::jsonb, jobs.checkpoint)) \
-                             IS DISTINCT FROM 'object' \
-                     THEN coalesce(c.checkpoint::jsonb, jobs.checkpoint) \
-                     ELSE coalesce(c.checkpoint::jsonb, jobs.checkpoint) \
-                         - 'callback_token' - 'callback' END, \
-                 attempt = jobs.attempt - (c.state = 'available')::int, \
-                 lease_token = NULL, \
-                 finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN $2 END, \
-                 attempts = CASE WHEN c.state IN ('failed', 'retrying') \
-                     THEN jobs.attempts || jsonb_build_array(jsonb_build_object( \
-                         'attempt', jobs.attempt, 'started_at', jobs.started_at, \
-                         'finished_at', $2::bigint, 'outcome', c.state, 'error', c.error)) \
-                     ELSE jobs.attempts END \
-             FROM jsonb_to_recordset($1) AS c(id bigint, attempt int, token text, state text, \
-                 output text, error text, run_after bigint, checkpoint text) \
-             WHERE jobs.id = ANY($3) AND jobs.id = c.id AND jobs.attempt = c.attempt \
-                 AND jobs.lease_token = c.token AND jobs.state = 'running' \
-                 AND (SELECT count(*) FROM locked) >= 0 \
-             RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error, jobs.is_sink, \
-                 jobs.run_after), \
-         requeued AS ( \
-             INSERT INTO job_queue (run_after, job_id) SELECT run_after, id FROM settled \
-             WHERE state IN {CLAIMABLE_JOB} AND run_after IS NOT NULL \
-             ON CONFLICT DO NOTHING), \
-         succeeded AS ( \
-             SELECT run_id, step_id FROM settled WHERE state = 'succeeded' AND NOT is_sink), \
-         {PROMOTE_DEPENDENTS} \
-         SELECT id, run_id, step_id, state, error, is_sink, false AS promoted FROM settled \
-         UNION ALL \
-         SELECT id, NULL, NULL, state, NULL, NULL, true FROM promoted"
-    ))
-    .bind(payload)
-    .bind(now)
-    .bind(&ids)
-    .fetch_all(&mut *conn)
-    .await?;
 
-    let mut accepted_ids = Vec::with_capacity(rows.len());
-    let mut sinks_succeeded = Vec::new();
-    let mut failed = Vec::new();
-    for row in &rows {
-        let id: JobId = row.get("id");
-        let state = parse_state::<JobState>(row.get::<&str, _>("state"))?;
-        if row.get("promoted") {
-            if state == JobState::Available {
-                effects.ready.push(id);
-            }
-            continue;
-        }
-        accepted_ids.push(id);
-        let run_id: String = row.get("run_id");
-        let step_id: String = row.get("step_id");
-        match state {
-            JobState::Succeeded if row.get::<bool, _>("is_sink") => {
-                sinks_succeeded.push(Succeeded {
-                    run_id,
-                    step_id,
-                    is_sink: true,
-                })
-            }
-            JobState::Failed => {
-                let error: Option<String> = row.get("error");
-                failed.push((
-                    run_id,
-                    format!("step {step_id} failed: {}", error.unwrap_or_default()),
-                ));
-            }
-            JobState::Available | JobState::Retrying => effects.ready.push(id),
-            _ => {}
-        }
+    async fn promote_dependents(
+        &mut self,
+        succeeded: &[&Succeeded],
+        now: Millis,
+    ) -> Result<Vec<JobId>> {
+        let (runs, steps): (Vec<&str>, Vec<&str>) = succeeded
+            .iter()
+            .map(|s| (s.run_id.as_str(), s.step_id.as_str()))
+            .unzip();
+        Ok(sqlx::query_scalar(statement!(&format!(
+            "WITH succeeded AS ( \
+                 SELECT * FROM unnest($1::text[], $3::text[]) AS c(run_id, step_id)), \
+             {PROMOTE_DEPENDENTS} \
+             SELECT id FROM promoted WHERE state = {{job:available}}"
+        )))
+        .bind(&runs)
+        .bind(now)
+        .bind(&steps)
+        .fetch_all(&mut *self.0)
+        .await?)
     }
-    let children: Vec<NewRun> = completions
-        .into_iter()
-        .filter(|c| accepted_ids.contains(&c.lease.job_id))
-        .flat_map(|c| c.children)
-        .collect();
-    if !children.is_empty() {
-        insert_runs(conn, children, now).await?;
-        effects.woke = true;
+
+    async fn finish_done_runs(&mut self, runs: &[&str], now: Millis) -> Result<Vec<FinishedRun>> {
+        // One read of each run's jobs answers both: whether all succeeded, and the output.
+        let rows = sqlx::query(statement!(
+            "UPDATE runs SET status = {run:succeeded}, finished_at = $2, \
+                 expires_at = $2 + retention_ms, output = s.output \
+             FROM unnest($1::text[]) AS c(id) \
+             CROSS JOIN LATERAL ( \
+                 SELECT bool_and(state = {job:succeeded}) AS done, \
+                     coalesce(jsonb_object_agg(step_id, output) FILTER (WHERE is_sink), '{}') \
+                         AS output \
+                 FROM jobs WHERE run_id = c.id) AS s \
+             WHERE runs.id = c.id AND runs.status = {run:running} AND s.done \
+             RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
+                 runs.concurrency_key"
+        ))
+        .bind(runs)
+        .bind(now)
+        .fetch_all(&mut *self.0)
+        .await?;
+        rows.iter().map(finished_from_row).collect()
     }
-    // The other steps that succeeded have promoted their dependents above.
-    cascade(
-        conn,
-        sinks_succeeded,
-        failed,
-        RunStatus::Failed,
-        now,
-        effects,
-    )
-    .await?;
-    Ok(accepted_ids)
-}
 
-/// In a settlement (`c`) of a job: a result delivered while the step ran, under the token it
-/// parks with now (see `Store::deliver_callback`). The step keeps it and wakes at once. A callback
-/// token lives as long as its attempt (parked, running, or given back by a worker shutting down):
-/// any other settlement drops it, so a late answer to an attempt that ended is refused rather than
-/// kept for the next one.
-const CALLBACK_WAITING: &str = "(jobs.checkpoint ? 'callback' \
-     AND c.checkpoint::jsonb->>'callback_token' = jobs.checkpoint->>'callback_token')";
-
-/// Follows settled jobs to their consequences until nothing more changes: dependents become
-/// available, runs finish, a finished child run settles its parent's `workflow` step (which may
-/// finish the parent run in turn), and gates open for waiting runs.
-async fn cascade(
-    conn: &mut PgConnection,
-    mut succeeded: Vec<Succeeded>,
-    mut ended: Vec<(RunId, String)>,
-    mut ended_as: RunStatus,
-    now: Millis,
-    effects: &mut Effects,
-) -> Result<()> {
-    loop {
-        let mut finished = Vec::new();
-        let (sinks, inner): (Vec<&Succeeded>, Vec<&Succeeded>) =
-            succeeded.iter().partition(|s| s.is_sink);
-        if !inner.is_empty() {
-            effects
-                .ready
-                .extend(promote_dependents(conn, &inner, now).await?);
-        }
-        if !sinks.is_empty() {
-            let runs: BTreeSet<&RunId> = sinks.iter().map(|s| &s.run_id).collect();
-            finished.extend(finish_succeeded_runs(conn, &runs, now).await?);
-        }
-        if !ended.is_empty() {
-            finished.extend(end_runs(conn, &ended, ended_as, now).await?);
-        }
-        effects.finished.add(&finished);
-        effects.woke |= open_gates(conn, &finished, now).await?;
-        (succeeded, ended) = settle_parents(conn, &finished, now).await?;
-        // a parent whose child did not succeed fails like any step
-        ended_as = RunStatus::Failed;
-        if succeeded.is_empty() && ended.is_empty() {
-            return Ok(());
-        }
+    async fn end_active_runs(
+        &mut self,
+        runs: &[(RunId, String)],
+        status: RunStatus,
+        now: Millis,
+    ) -> Result<Vec<FinishedRun>> {
+        let (ids, errors): (Vec<&str>, Vec<&str>) =
+            runs.iter().map(|(r, e)| (r.as_str(), e.as_str())).unzip();
+        let rows = sqlx::query(statement!(
+            "UPDATE runs SET status = $3, error = c.error, finished_at = $4, \
+                 expires_at = $4 + retention_ms \
+             FROM unnest($1::text[], $2::text[]) AS c(id, error) \
+             WHERE runs.id = c.id AND runs.status IN {runs:active} \
+             RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
+                 runs.concurrency_key"
+        ))
+        .bind(&ids)
+        .bind(&errors)
+        .bind(status.as_str())
+        .bind(now)
+        .fetch_all(&mut *self.0)
+        .await?;
+        rows.iter().map(finished_from_row).collect()
     }
-}
 
-/// Every waiting job counts down the needs that just succeeded, and becomes available (and
-/// queued) at zero.
-/// `OFFSET 0` keeps the lookup a per-step index probe; flattened into a join, it becomes a scan of
-/// every job. Selects the ids of the jobs that became available, from `succeeded(run_id, step_id)`,
-/// which the caller defines.
-const PROMOTE_DEPENDENTS: &str = "promoted AS ( \
-     UPDATE jobs SET \
-         pending_needs = jobs.pending_needs - d.n, \
-         state = CASE WHEN jobs.pending_needs - d.n <= 0 \
-             AND (SELECT status FROM runs WHERE id = jobs.run_id) = 'running' \
-             THEN 'available' ELSE 'waiting' END, \
-         run_after = $2 \
-     FROM (SELECT j.id, count(*) AS n FROM succeeded AS s \
-           CROSS JOIN LATERAL (SELECT id FROM jobs WHERE run_id = s.run_id \
-               AND state = 'waiting' AND needs ? s.step_id OFFSET 0) AS j \
-           GROUP BY j.id) AS d \
-     WHERE jobs.id = d.id \
-     RETURNING jobs.id, jobs.state, jobs.run_after), \
- promoted_queued AS ( \
-     INSERT INTO job_queue (run_after, job_id) \
-     SELECT run_after, id FROM promoted WHERE state = 'available' \
-     ON CONFLICT DO NOTHING)";
-
-/// Promotes the dependents of steps that succeeded (see `PROMOTE_DEPENDENTS`); returns the jobs
-/// that became available.
-async fn promote_dependents(
-    conn: &mut PgConnection,
-    succeeded: &[&Succeeded],
-    now: Millis,
-) -> Result<Vec<JobId>> {
-    let (runs, steps): (Vec<&str>, Vec<&str>) = succeeded
-        .iter()
-        .map(|s| (s.run_id.as_str(), s.step_id.as_str()))
-        .unzip();
-    Ok(sqlx::query_scalar(&format!(
-        "WITH succeeded AS (SELECT * FROM unnest($1::text[], $3::text[]) AS c(run_id, step_id)), \
-         {PROMOTE_DEPENDENTS} \
-         SELECT id FROM promoted WHERE state = 'available'"
-    ))
-    .bind(&runs)
-    .bind(now)
-    .bind(&steps)
-    .fetch_all(&mut *conn)
-    .await?)
-}
-
-/// Marks `succeeded` the runs among `runs` whose every job succeeded; the output maps each sink
-/// step to its output. One read of each run's jobs answers both.
-async fn finish_succeeded_runs(
-    conn: &mut PgConnection,
-    runs: &BTreeSet<&RunId>,
-    now: Millis,
-) -> Result<Vec<FinishedRun>> {
-    let ids: Vec<&str> = runs.iter().map(|r| r.as_str()).collect();
-    let rows = sqlx::query(
-        "UPDATE runs SET status = 'succeeded', finished_at = $2, expires_at = $2 + retention_ms, \
-             output = s.output \
-         FROM unnest($1::text[]) AS c(id) \
-         CROSS JOIN LATERAL ( \
-             SELECT bool_and(state = 'succeeded') AS done, \
-                 coalesce(jsonb_object_agg(step_id, output) FILTER (WHERE is_sink), '{}') \
-                     AS output \
-             FROM jobs WHERE run_id = c.id) AS s \
-         WHERE runs.id = c.id AND runs.status = 'running' AND s.done \
-         RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
-             runs.concurrency_key",
-    )
-    .bind(&ids)
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter().map(finished_from_row).collect()
-}
-
-/// Ends active runs as `status` with their errors, and with them every open job and every active
-/// descendant run (cancelled).
-async fn end_runs(
-    conn: &mut PgConnection,
-    runs: &[(RunId, String)],
-    status: RunStatus,
-    now: Millis,
-) -> Result<Vec<FinishedRun>> {
-    let (ids, errors): (Vec<&str>, Vec<&str>) =
-        runs.iter().map(|(r, e)| (r.as_str(), e.as_str())).unzip();
-    let rows = sqlx::query(&format!(
-        "UPDATE runs SET status = $3, error = c.error, finished_at = $4, \
-             expires_at = $4 + retention_ms \
-         FROM unnest($1::text[], $2::text[]) AS c(id, error) \
-         WHERE runs.id = c.id AND runs.status IN {ACTIVE_RUN} \
-         RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
-             runs.concurrency_key"
-    ))
-    .bind(&ids)
-    .bind(&errors)
-    .bind(status.as_str())
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut finished: Vec<FinishedRun> =
-        rows.iter().map(finished_from_row).collect::<Result<_>>()?;
-    if finished.is_empty() {
-        return Ok(finished);
-    }
-    let roots: Vec<&str> = finished.iter().map(|r| r.id.as_str()).collect();
-    if matches!(status, RunStatus::Failed | RunStatus::TimedOut) {
+    async fn raise_alerts(&mut self, runs: &[&str], now: Millis) -> Result<()> {
         sqlx::query(
             "INSERT INTO alerts (workflow_id, run_id, kind, message, created_at) \
              SELECT runs.workflow_id, runs.id, runs.status, coalesce(runs.error, ''), $2 \
              FROM unnest($1::text[]) AS c(id) JOIN runs ON runs.id = c.id",
         )
-        .bind(&roots)
+        .bind(runs)
         .bind(now)
-        .execute(&mut *conn)
+        .execute(&mut *self.0)
         .await?;
+        Ok(())
     }
-    let descendants = sqlx::query(&format!(
-        "WITH RECURSIVE tree(id) AS ( \
-             SELECT unnest($1::text[]) COLLATE \"C\" \
-             UNION SELECT runs.id FROM runs JOIN tree ON runs.parent_run_id = tree.id) \
-         UPDATE runs SET status = 'cancelled', error = 'its parent run ended', \
-             finished_at = $2, expires_at = $2 + retention_ms \
-         WHERE id IN (SELECT id FROM tree) AND status IN {ACTIVE_RUN} \
-         RETURNING id, workflow_id, status, NULL::bigint AS parent_job_id, concurrency_key"
-    ))
-    .bind(&roots)
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
-    // Their parents are ending too, so only their gates matter, not their parents.
-    finished.extend(
-        descendants
-            .iter()
-            .map(finished_from_row)
-            .collect::<Result<Vec<_>>>()?,
-    );
-    let all: Vec<&str> = finished.iter().map(|r| r.id.as_str()).collect();
-    // Queue rows that no claim holds, never waiting for one (it may be waiting for a job row
-    // this transaction holds): a claim that holds one takes its job, which is cancelled below
-    // once that claim commits, and its worker learns so at its next heartbeat.
-    sqlx::query(&format!(
-        "DELETE FROM job_queue WHERE ctid = ANY(ARRAY( \
-             SELECT q.ctid FROM job_queue AS q JOIN jobs AS j \
-                 ON q.run_after = j.run_after AND q.job_id = j.id \
-             WHERE j.run_id = ANY($1::text[]) AND j.state IN {CLAIMABLE_JOB} \
-             FOR UPDATE OF q SKIP LOCKED))"
-    ))
-    .bind(&all)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(&format!(
-        "UPDATE jobs SET state = 'cancelled', lease_token = NULL, finished_at = $2 \
-         WHERE run_id = ANY($1::text[]) AND state IN {OPEN_JOB}"
-    ))
-    .bind(&all)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(finished)
-}
 
-/// Starts the oldest waiting runs behind each key whose runs just finished, up to the key's
-/// limit. Returns whether jobs became claimable.
-async fn open_gates(
-    conn: &mut PgConnection,
-    finished: &[FinishedRun],
-    now: Millis,
-) -> Result<bool> {
-    let keys: BTreeSet<&String> = finished
-        .iter()
-        .filter_map(|r| r.concurrency_key.as_ref())
-        .collect();
-    let mut woke = false;
-    for key in keys {
-        lock_key(conn, &format!("gate/{key}")).await?;
-        let (limit, running): (Option<i64>, i64) = sqlx::query_as(
-            "SELECT (SELECT concurrency_limit FROM runs \
-                     WHERE concurrency_key = $1 AND status = 'pending' \
-                     ORDER BY created_at, id LIMIT 1), \
-                    (SELECT count(*) FROM runs WHERE concurrency_key = $1 AND status = 'running')",
-        )
-        .bind(key)
-        .fetch_one(&mut *conn)
+    async fn cancel_descendants(
+        &mut self,
+        roots: &[&str],
+        error: &str,
+        now: Millis,
+    ) -> Result<Vec<FinishedRun>> {
+        let rows = sqlx::query(statement!(
+            "WITH RECURSIVE tree(id) AS ( \
+                 SELECT unnest($1::text[]) COLLATE \"C\" \
+                 UNION SELECT runs.id FROM runs JOIN tree ON runs.parent_run_id = tree.id) \
+             UPDATE runs SET status = {run:cancelled}, error = $3, \
+                 finished_at = $2, expires_at = $2 + retention_ms \
+             WHERE id IN (SELECT id FROM tree) AND status IN {runs:active} \
+             RETURNING id, workflow_id, status, parent_job_id, concurrency_key"
+        ))
+        .bind(roots)
+        .bind(now)
+        .bind(error)
+        .fetch_all(&mut *self.0)
         .await?;
-        let free = limit.unwrap_or(0) - running;
-        if free <= 0 {
-            continue;
-        }
-        let started: Vec<String> = sqlx::query_scalar(
-            "UPDATE runs SET status = 'running', started_at = $2, \
+        rows.iter().map(finished_from_row).collect()
+    }
+
+    async fn cancel_open_jobs(&mut self, runs: &[&str], now: Millis) -> Result<()> {
+        // Queue rows that no claim holds, never waiting for one (it may be waiting for a job row
+        // this transaction holds): a claim that holds one takes its job, which is cancelled below
+        // once that claim commits, and its worker learns so at its next heartbeat.
+        sqlx::query(statement!(
+            "DELETE FROM job_queue WHERE ctid = ANY(ARRAY( \
+                 SELECT q.ctid FROM job_queue AS q JOIN jobs AS j \
+                     ON q.run_after = j.run_after AND q.job_id = j.id \
+                 WHERE j.run_id = ANY($1::text[]) AND j.state IN {jobs:claimable} \
+                 FOR UPDATE OF q SKIP LOCKED))"
+        ))
+        .bind(runs)
+        .execute(&mut *self.0)
+        .await?;
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:cancelled}, lease_token = NULL, finished_at = $2 \
+             WHERE run_id = ANY($1::text[]) AND state IN {jobs:open}"
+        ))
+        .bind(runs)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn start_pending_runs(
+        &mut self,
+        key: &str,
+        count: i64,
+        now: Millis,
+    ) -> Result<Vec<RunId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "UPDATE runs SET status = {run:running}, started_at = $2, \
                  deadline_at = CASE WHEN timeout_ms IS NOT NULL THEN $2 + timeout_ms END \
-             WHERE id IN (SELECT id FROM runs WHERE concurrency_key = $1 AND status = 'pending' \
+             WHERE id IN (SELECT id FROM runs \
+                 WHERE concurrency_key = $1 AND status = {run:pending} \
                  ORDER BY created_at, id LIMIT $3) \
-             RETURNING id",
-        )
+             RETURNING id"
+        ))
         .bind(key)
         .bind(now)
-        .bind(free)
-        .fetch_all(&mut *conn)
+        .bind(count)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn make_ready(&mut self, runs: &[RunId], now: Millis) -> Result<u64> {
+        Ok(sqlx::query(statement!(
+            "WITH made AS ( \
+                 UPDATE jobs SET state = {job:available}, run_after = $2 \
+                 WHERE run_id = ANY($1::text[]) AND state = {job:waiting} \
+                     AND pending_needs = 0 \
+                 RETURNING id, run_after) \
+             INSERT INTO job_queue (run_after, job_id) \
+             SELECT run_after, id FROM made ON CONFLICT DO NOTHING"
+        ))
+        .bind(runs)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?
+        .rows_affected())
+    }
+
+    async fn fail_parked_step(
+        &mut self,
+        job: JobId,
+        error: &str,
+        now: Millis,
+    ) -> Result<Option<(RunId, String)>> {
+        Ok(sqlx::query_as(statement!(
+            "UPDATE jobs SET state = {job:failed}, error = $2, finished_at = $3, \
+                 attempts = attempts || jsonb_build_array(jsonb_build_object( \
+                     'attempt', attempt, 'started_at', started_at, 'finished_at', $3::bigint, \
+                     'outcome', {job:failed}, 'error', $2::text)) \
+             WHERE id = $1 AND state = {job:parked} RETURNING run_id, step_id"
+        ))
+        .bind(job)
+        .bind(error)
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?)
+    }
+
+    async fn succeed_parked_step(&mut self, job: JobId, now: Millis) -> Result<Option<Succeeded>> {
+        let row = sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:succeeded}, finished_at = $2, \
+                 output = (SELECT coalesce(jsonb_agg(output ORDER BY child_index), '[]') \
+                           FROM runs WHERE parent_job_id = $1) \
+             WHERE id = $1 AND state = {job:parked} \
+                 AND NOT EXISTS (SELECT 1 FROM runs \
+                     WHERE parent_job_id = $1 AND status <> {run:succeeded}) \
+             RETURNING run_id, step_id, is_sink"
+        ))
+        .bind(job)
+        .bind(now)
+        .fetch_optional(&mut *self.0)
         .await?;
-        if !started.is_empty() {
-            woke |= make_ready(conn, &started, now).await? > 0;
-        }
+        Ok(row.map(|row| Succeeded {
+            run_id: row.get("run_id"),
+            step_id: row.get("step_id"),
+            is_sink: row.get("is_sink"),
+        }))
     }
-    Ok(woke)
-}
 
-/// Makes the jobs of `runs` that wait for nothing available, and queues them; returns how many.
-async fn make_ready(conn: &mut PgConnection, runs: &[String], now: Millis) -> Result<u64> {
-    Ok(sqlx::query(
-        "WITH made AS ( \
-             UPDATE jobs SET state = 'available', run_after = $2 \
-             WHERE run_id = ANY($1::text[]) AND state = 'waiting' AND pending_needs = 0 \
-             RETURNING id, run_after) \
-         INSERT INTO job_queue (run_after, job_id) \
-         SELECT run_after, id FROM made ON CONFLICT DO NOTHING",
-    )
-    .bind(runs)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected())
-}
+    async fn give_callback(
+        &mut self,
+        run_id: &str,
+        step_id: &str,
+        token: &str,
+        result: &Value,
+        now: Millis,
+    ) -> Result<Option<bool>> {
+        // The job's lock waits out a claim or a settlement of the step in flight, and the row is
+        // then read again: a step that parked meanwhile is woken, one claimed meanwhile keeps the
+        // result until it parks. Its old queue row goes only if no claim holds it (never waiting
+        // for one, which may be waiting for this job): a claim that holds it takes the woken job
+        // after this commits. A row left behind (held, or keyed by a park that committed after
+        // this statement began) is dropped by the claim that meets it; one already keyed by now
+        // stays, and the insert below finds it. The same delivery again (its event id) finds its
+        // result taken already.
+        let given: Option<Option<bool>> = sqlx::query_scalar(statement!(
+            "WITH target AS MATERIALIZED ( \
+                 SELECT id, state, run_after, checkpoint ? 'callback' AS answered FROM jobs \
+                 WHERE run_id = $1 AND step_id = $2 AND state IN {jobs:awaiting_answer} \
+                     AND checkpoint->>'callback_token' = $3 \
+                     AND (NOT checkpoint ? 'callback' \
+                         OR checkpoint->'callback'->'event_id' = $4::jsonb->'event_id') \
+                 FOR UPDATE), \
+             dequeued AS ( \
+                 DELETE FROM job_queue WHERE ctid = ANY(ARRAY( \
+                     SELECT q.ctid FROM job_queue AS q JOIN target AS t \
+                         ON q.run_after = t.run_after AND q.job_id = t.id \
+                     WHERE NOT t.answered AND t.state = {job:parked} AND t.run_after <> $5 \
+                     FOR UPDATE OF q SKIP LOCKED))), \
+             given AS ( \
+                 UPDATE jobs SET \
+                     checkpoint = jobs.checkpoint || jsonb_build_object('callback', $4::jsonb), \
+                     run_after = CASE WHEN t.state = {job:parked} THEN $5 \
+                         ELSE jobs.run_after END \
+                 FROM target AS t WHERE jobs.id = t.id AND NOT t.answered \
+                 RETURNING jobs.id, t.state = {job:parked} AS woken), \
+             queued AS ( \
+                 INSERT INTO job_queue (run_after, job_id) SELECT $5, id FROM given WHERE woken \
+                 ON CONFLICT DO NOTHING) \
+             SELECT g.woken FROM target AS t LEFT JOIN given AS g ON g.id = t.id"
+        ))
+        .bind(run_id)
+        .bind(step_id)
+        .bind(token)
+        .bind(result)
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        Ok(given.map(|woken| woken == Some(true)))
+    }
 
-/// Settles the parked `workflow` steps whose child runs just finished: failed when a child did not
-/// succeed, succeeded with the list of child outputs once every child succeeded.
-async fn settle_parents(
-    conn: &mut PgConnection,
-    finished: &[FinishedRun],
-    now: Millis,
-) -> Result<(Vec<Succeeded>, Vec<(RunId, String)>)> {
-    let mut succeeded = Vec::new();
-    let mut failed = Vec::new();
-    let mut parents: BTreeMap<JobId, Option<&FinishedRun>> = BTreeMap::new();
-    for run in finished {
-        if let Some(parent) = run.parent_job_id {
-            let failure = parents.entry(parent).or_default();
-            if run.status != RunStatus::Succeeded && failure.is_none() {
-                *failure = Some(run);
-            }
+    async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<(Lease, u32)>> {
+        // No row locks here: the fenced completion decides, should a worker or another sweeper
+        // settle the same attempt at the same time.
+        let rows = sqlx::query(statement!(
+            "SELECT j.id, j.attempt, j.lease_token, j.max_attempts \
+             FROM leases AS l JOIN jobs AS j ON j.id = ANY(l.job_ids) \
+             WHERE l.expires_at <= $1 AND j.lease_token = l.token AND j.state = {job:running} \
+             LIMIT $2"
+        ))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                (
+                    Lease {
+                        job_id: row.get("id"),
+                        attempt: attempt_of(row),
+                        token: row.get("lease_token"),
+                    },
+                    row.get::<i32, _>("max_attempts").max(0) as u32,
+                )
+            })
+            .collect())
+    }
+
+    async fn drop_spent_leases(&mut self, now: Millis) -> Result<()> {
+        // A claim's lease outlives its jobs until it expires, so most expired ones have none.
+        sqlx::query(statement!(
+            "DELETE FROM leases AS l WHERE l.expires_at <= $1 \
+                 AND NOT EXISTS (SELECT 1 FROM jobs AS j WHERE j.id = ANY(l.job_ids) \
+                     AND j.lease_token = l.token AND j.state = {job:running})"
+        ))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn overdue_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<(RunId, Option<i64>)>> {
+        Ok(sqlx::query_as(statement!(
+            "SELECT id, timeout_ms FROM runs WHERE status IN {runs:active} AND deadline_at <= $1 \
+             ORDER BY id LIMIT $2"
+        ))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn lock_run(&mut self, run_id: &str) -> Result<Option<RunStatus>> {
+        // Opening a gate locks the gate, then its pending runs; ending a pending run takes them
+        // in the same order, so the two never deadlock.
+        let gated: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT status, concurrency_key FROM runs WHERE id = $1")
+                .bind(run_id)
+                .fetch_optional(&mut *self.0)
+                .await?;
+        if let Some((status, Some(key))) = &gated
+            && status == RunStatus::Pending.as_str()
+        {
+            lock_key(self.0, &format!("gate/{key}")).await?;
         }
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
+                .bind(run_id)
+                .fetch_optional(&mut *self.0)
+                .await?;
+        status.as_deref().map(parse_state).transpose()
     }
-    if parents.is_empty() {
-        return Ok((succeeded, failed));
+
+    async fn unsuccessful_children(&mut self, runs: &[RunId]) -> Result<Vec<(JobId, RunId)>> {
+        Ok(sqlx::query_as(statement!(
+            "SELECT j.id, c.id FROM jobs AS j JOIN runs AS c ON c.parent_job_id = j.id \
+             WHERE j.run_id = ANY($1::text[]) AND j.state IN {jobs:unsuccessful} \
+                 AND c.status <> {run:succeeded} \
+             ORDER BY c.id FOR UPDATE OF c"
+        ))
+        .bind(runs)
+        .fetch_all(&mut *self.0)
+        .await?)
     }
-    // Children finishing in two transactions at once would each see the other still running;
-    // the parent run's lock makes the second wait and then see the first.
-    let parent_jobs: Vec<JobId> = parents.keys().copied().collect();
-    lock_runs_of_jobs(conn, &parent_jobs).await?;
-    for (parent, failure) in parents {
-        if let Some(child) = failure {
-            let error = format!("child run {} {}", child.id, child.status);
-            let row = sqlx::query(
-                "UPDATE jobs SET state = 'failed', error = $2, finished_at = $3, \
-                     attempts = attempts || jsonb_build_array(jsonb_build_object('attempt', attempt, \
-                         'started_at', started_at, 'finished_at', $3::bigint, \
-                         'outcome', 'failed', 'error', $2::text)) \
-                 WHERE id = $1 AND state = 'parked' RETURNING run_id, step_id",
-            )
-            .bind(parent)
-            .bind(&error)
-            .bind(now)
-            .fetch_optional(&mut *conn)
+
+    async fn reopen_runs(&mut self, runs: &[RunId], now: Millis) -> Result<()> {
+        sqlx::query(statement!(
+            "UPDATE runs SET status = {run:running}, error = NULL, output = NULL, \
+                 finished_at = NULL, expires_at = NULL, \
+                 deadline_at = CASE WHEN timeout_ms IS NOT NULL THEN $2 + timeout_ms END \
+             WHERE id = ANY($1::text[]) AND status NOT IN {runs:active}"
+        ))
+        .bind(runs)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn repark_steps(&mut self, jobs: &[JobId]) -> Result<()> {
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:parked}, error = NULL, finished_at = NULL, \
+                 run_after = NULL \
+             WHERE id = ANY($1::bigint[]) AND state IN {jobs:unsuccessful}"
+        ))
+        .bind(jobs)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn reset_unsuccessful_jobs(&mut self, runs: &[RunId]) -> Result<()> {
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:waiting}, output = NULL, error = NULL, \
+                 checkpoint = NULL, finished_at = NULL, max_attempts = attempt + attempt_budget, \
+                 pending_needs = (SELECT count(*) \
+                     FROM jsonb_array_elements_text(jobs.needs) AS nd(step) \
+                     JOIN jobs AS up ON up.run_id = jobs.run_id AND up.step_id = nd.step \
+                     WHERE up.state <> {job:succeeded}) \
+             WHERE run_id = ANY($1::text[]) AND state IN {jobs:unsuccessful}"
+        ))
+        .bind(runs)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_fire(
+        &mut self,
+        workflow_id: &str,
+        fire_at: Millis,
+        now: Millis,
+    ) -> Result<bool> {
+        let recorded = sqlx::query(
+            "INSERT INTO fires (workflow_id, fire_at, recorded_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(workflow_id)
+        .bind(fire_at)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(recorded.rows_affected() == 1)
+    }
+
+    async fn is_paused(&mut self, workflow_id: &str) -> Result<bool> {
+        let paused: Option<bool> = sqlx::query_scalar("SELECT paused FROM workflows WHERE id = $1")
+            .bind(workflow_id)
+            .fetch_optional(&mut *self.0)
             .await?;
-            if let Some(row) = row {
-                let step: String = row.get("step_id");
-                failed.push((row.get("run_id"), format!("step {step} failed: {error}")));
-            }
-        } else {
-            let row = sqlx::query(
-                "UPDATE jobs SET state = 'succeeded', finished_at = $2, \
-                     output = (SELECT coalesce(jsonb_agg(output ORDER BY child_index), '[]') \
-                               FROM runs WHERE parent_job_id = $1) \
-                 WHERE id = $1 AND state = 'parked' \
-                     AND NOT EXISTS (SELECT 1 FROM runs \
-                         WHERE parent_job_id = $1 AND status <> 'succeeded') \
-                 RETURNING run_id, step_id, is_sink",
-            )
-            .bind(parent)
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if let Some(row) = row {
-                succeeded.push(Succeeded {
-                    run_id: row.get("run_id"),
-                    step_id: row.get("step_id"),
-                    is_sink: row.get("is_sink"),
-                });
-            }
-        }
+        Ok(paused.unwrap_or(false))
     }
-    Ok((succeeded, failed))
+
+    async fn active_top_level_run(&mut self, workflow_id: &str) -> Result<Option<RunId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "SELECT id FROM runs WHERE workflow_id = $1 AND status IN {runs:active} \
+             AND parent_run_id IS NULL LIMIT 1"
+        ))
+        .bind(workflow_id)
+        .fetch_optional(&mut *self.0)
+        .await?)
+    }
+
+    async fn settle_fire(
+        &mut self,
+        workflow_id: &str,
+        fire_at: Millis,
+        run_id: Option<&str>,
+        skipped: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE fires SET run_id = $3, skipped_reason = $4 \
+             WHERE workflow_id = $1 AND fire_at = $2",
+        )
+        .bind(workflow_id)
+        .bind(fire_at)
+        .bind(run_id)
+        .bind(skipped)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
 }
 
 /// Leases up to `params.limit` due jobs in one statement: takes the oldest rows no other claim
@@ -889,19 +872,20 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
     // waits for the other. One lease row covers the whole claim. Templates reference only steps
     // upstream of their own (definition validation), so a step without needs is given no outputs
     // and costs no lookup.
-    let rows = sqlx::query(&format!(
+    let rows = sqlx::query(statement!(
         "WITH next AS MATERIALIZED ( \
              SELECT ctid, job_id FROM job_queue WHERE run_after <= $3 \
              ORDER BY run_after, job_id LIMIT $4 FOR UPDATE SKIP LOCKED), \
          dequeued AS ( \
              DELETE FROM job_queue WHERE ctid = ANY(ARRAY(SELECT ctid FROM next))), \
          claimed AS ( \
-             UPDATE jobs SET state = 'running', \
-                 attempt = jobs.attempt + (jobs.state <> 'parked')::int, \
+             UPDATE jobs SET state = {job:running}, \
+                 attempt = jobs.attempt + (jobs.state <> {job:parked})::int, \
                  lease_token = $1, \
-                 started_at = CASE WHEN jobs.state = 'parked' THEN jobs.started_at ELSE $3 END \
+                 started_at = CASE WHEN jobs.state = {job:parked} \
+                     THEN jobs.started_at ELSE $3 END \
              WHERE jobs.id = ANY(ARRAY(SELECT job_id FROM next)) \
-                 AND jobs.state IN {CLAIMABLE_JOB} AND jobs.run_after <= $3 \
+                 AND jobs.state IN {jobs:claimable} AND jobs.run_after <= $3 \
              RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.attempt, jobs.checkpoint, \
                  jobs.needs), \
          leased AS ( \
@@ -910,7 +894,7 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
          SELECT c.id, c.run_id, c.step_id, c.attempt, c.checkpoint, r.workflow_id, \
              r.version, r.input, r.scheduled_at, \
              CASE WHEN c.needs <> '[]' THEN (SELECT jsonb_object_agg(j.step_id, j.output) \
-                 FROM jobs AS j WHERE j.run_id = c.run_id AND j.state = 'succeeded') \
+                 FROM jobs AS j WHERE j.run_id = c.run_id AND j.state = {job:succeeded}) \
              END AS outputs \
          FROM claimed AS c JOIN runs AS r ON r.id = c.run_id"
     ))
@@ -1127,8 +1111,8 @@ impl Store for PostgresStore {
             return Err(StoreError::NotFound(format!("workflow {id}")));
         }
         // Refused, the transaction ends without its delete.
-        let active: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM runs WHERE workflow_id = $1 AND status IN {ACTIVE_RUN}"
+        let active: i64 = sqlx::query_scalar(statement!(
+            "SELECT count(*) FROM runs WHERE workflow_id = $1 AND status IN {runs:active}"
         ))
         .bind(id)
         .fetch_one(&mut *tx)
@@ -1176,70 +1160,18 @@ impl Store for PostgresStore {
 
     async fn create_runs(&self, runs: Vec<NewRun>, now: Millis) -> Result<Vec<RunId>> {
         let mut tx = self.pool.begin().await?;
-        let ids = insert_runs(&mut tx, runs, now).await?;
-        self.notify(&mut tx).await?;
-        tx.commit().await?;
-        self.wakeup.notify_one();
+        let ids = machine::insert_runs(&mut PgTx(&mut tx), runs, now).await?;
+        let mut effects = Effects::default();
+        effects.woke();
+        self.commit(tx, effects, &[]).await?;
         Ok(ids)
     }
 
     async fn fire(&self, fire: FireParams, now: Millis) -> Result<FireOutcome> {
         let mut tx = self.pool.begin().await?;
-        let recorded = sqlx::query(
-            "INSERT INTO fires (workflow_id, fire_at, recorded_at) VALUES ($1, $2, $3) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&fire.workflow_id)
-        .bind(fire.fire_at)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if recorded.rows_affected() == 0 {
-            return Ok(FireOutcome::AlreadyRecorded);
-        }
-        let paused: Option<bool> = sqlx::query_scalar("SELECT paused FROM workflows WHERE id = $1")
-            .bind(&fire.workflow_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let mut skipped = paused.unwrap_or(false).then(|| "paused".to_owned());
-        if skipped.is_none() && fire.skip_if_active {
-            // Another scheduler may be starting the previous fire right now: wait for it.
-            lock_key(&mut tx, &format!("workflow/{}", fire.workflow_id)).await?;
-            let active: Option<String> = sqlx::query_scalar(&format!(
-                "SELECT id FROM runs WHERE workflow_id = $1 AND status IN {ACTIVE_RUN} \
-                 AND parent_run_id IS NULL LIMIT 1"
-            ))
-            .bind(&fire.workflow_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            skipped = active.map(|run| format!("overlap: run {run} is still going"));
-        }
-        let outcome = match skipped {
-            Some(reason) => {
-                sqlx::query(
-                    "UPDATE fires SET skipped_reason = $1 WHERE workflow_id = $2 AND fire_at = $3",
-                )
-                .bind(&reason)
-                .bind(&fire.workflow_id)
-                .bind(fire.fire_at)
-                .execute(&mut *tx)
-                .await?;
-                FireOutcome::Skipped(reason)
-            }
-            None => {
-                let ids = insert_runs(&mut tx, vec![fire.run], now).await?;
-                sqlx::query("UPDATE fires SET run_id = $1 WHERE workflow_id = $2 AND fire_at = $3")
-                    .bind(&ids[0])
-                    .bind(&fire.workflow_id)
-                    .bind(fire.fire_at)
-                    .execute(&mut *tx)
-                    .await?;
-                self.notify(&mut tx).await?;
-                FireOutcome::Started(ids[0].clone())
-            }
-        };
-        tx.commit().await?;
-        self.wakeup.notify_one();
+        let mut effects = Effects::default();
+        let outcome = machine::fire(&mut PgTx(&mut tx), fire, now, &mut effects).await?;
+        self.commit(tx, effects, &[]).await?;
         Ok(outcome)
     }
 
@@ -1299,14 +1231,14 @@ impl Store for PostgresStore {
         // A claim's lease row covers all its jobs: extending it for one extends it for the rest,
         // which the same worker holds (or has settled, or lost to a reclaim that changed their
         // token).
-        Ok(sqlx::query_scalar(
+        Ok(sqlx::query_scalar(statement!(
             "WITH extended AS ( \
                  UPDATE leases SET expires_at = $4 WHERE token = ANY($3::text[])) \
              SELECT jobs.id \
              FROM unnest($1::bigint[], $2::int[], $3::text[]) AS c(id, attempt, token) \
              JOIN jobs ON jobs.id = c.id AND jobs.attempt = c.attempt \
-                 AND jobs.lease_token = c.token AND jobs.state = 'running'",
-        )
+                 AND jobs.lease_token = c.token AND jobs.state = {job:running}"
+        ))
         .bind(&ids)
         .bind(&attempts)
         .bind(&tokens)
@@ -1323,17 +1255,11 @@ impl Store for PostgresStore {
     ) -> Result<(Vec<JobId>, Vec<ClaimedJob>)> {
         let mut tx = self.pool.begin().await?;
         let mut effects = Effects::default();
-        let accepted = complete_in(&mut tx, completions, now, &mut effects).await?;
+        let accepted =
+            machine::complete(&mut PgTx(&mut tx), completions, now, &mut effects).await?;
         let claimed = claim_in(&mut tx, claim).await?;
-        let wake_others = effects.wakes_others(&claimed);
-        if wake_others {
-            self.notify(&mut tx).await?;
-        }
-        tx.commit().await?;
-        effects.finished.publish();
-        if wake_others {
-            self.wakeup.notify_one();
-        }
+        self.commit(tx, effects, &machine::claimed_ids(&claimed))
+            .await?;
         Ok((accepted, claimed))
     }
 
@@ -1346,138 +1272,27 @@ impl Store for PostgresStore {
         now: Millis,
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        // The job's lock waits out a claim or a settlement of the step in flight, and the row is
-        // then read again: a step that parked meanwhile is woken, one claimed meanwhile keeps the
-        // result until it parks. Its old queue row goes only if no claim holds it (never waiting
-        // for one, which may be waiting for this job): a claim that holds it takes the woken job
-        // after this commits. A row left behind (held, or keyed by a park that committed after
-        // this statement began) is dropped by the claim that meets it; one already keyed by now
-        // stays, and the insert below finds it.
-        let given: Option<Option<bool>> = sqlx::query_scalar(
-            "WITH target AS MATERIALIZED ( \
-                 SELECT id, state, run_after, checkpoint ? 'callback' AS answered FROM jobs \
-                 WHERE run_id = $1 AND step_id = $2 \
-                     AND state IN ('parked', 'running', 'available') \
-                     AND checkpoint->>'callback_token' = $3 \
-                     AND (NOT checkpoint ? 'callback' \
-                         OR checkpoint->'callback'->'event_id' = $4::jsonb->'event_id') \
-                 FOR UPDATE), \
-             dequeued AS ( \
-                 DELETE FROM job_queue WHERE ctid = ANY(ARRAY( \
-                     SELECT q.ctid FROM job_queue AS q JOIN target AS t \
-                         ON q.run_after = t.run_after AND q.job_id = t.id \
-                     WHERE NOT t.answered AND t.state = 'parked' AND t.run_after <> $5 \
-                     FOR UPDATE OF q SKIP LOCKED))), \
-             given AS ( \
-                 UPDATE jobs SET \
-                     checkpoint = jobs.checkpoint || jsonb_build_object('callback', $4::jsonb), \
-                     run_after = CASE WHEN t.state = 'parked' THEN $5 ELSE jobs.run_after END \
-                 FROM target AS t WHERE jobs.id = t.id AND NOT t.answered \
-                 RETURNING jobs.id, t.state = 'parked' AS woken), \
-             queued AS ( \
-                 INSERT INTO job_queue (run_after, job_id) SELECT $5, id FROM given WHERE woken \
-                 ON CONFLICT DO NOTHING) \
-             SELECT g.woken FROM target AS t LEFT JOIN given AS g ON g.id = t.id",
-        )
-        .bind(run_id)
-        .bind(step_id)
-        .bind(token)
-        .bind(&result)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let woken = given == Some(Some(true));
-        if woken {
-            self.notify(&mut tx).await?;
-        }
-        tx.commit().await?;
-        if woken {
-            self.wakeup.notify_one();
-        }
-        Ok(given.is_some())
-    }
-
-    async fn sweep(&self, now: Millis) -> Result<Swept> {
-        let mut tx = self.pool.begin().await?;
-        // No row locks here: the fenced completion decides, should a worker or another sweeper
-        // settle the same attempt at the same time.
-        let expired = sqlx::query(
-            "SELECT j.id, j.attempt, j.lease_token, j.max_attempts \
-             FROM leases AS l JOIN jobs AS j ON j.id = ANY(l.job_ids) \
-             WHERE l.expires_at <= $1 AND j.lease_token = l.token AND j.state = 'running' \
-             LIMIT 1000",
-        )
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        let lost: Vec<Completion> = expired
-            .iter()
-            .map(|row| Completion {
-                lease: Lease {
-                    job_id: row.get("id"),
-                    attempt: attempt_of(row),
-                    token: row.get("lease_token"),
-                },
-                settlement: settle_lost_lease(
-                    attempt_of(row),
-                    row.get::<i32, _>("max_attempts").max(0) as u32,
-                    now,
-                ),
-                children: Vec::new(),
-            })
-            .collect();
         let mut effects = Effects::default();
-        let reclaimed = complete_in(&mut tx, lost, now, &mut effects).await?.len() as u64;
-        // Expired leases none of whose jobs still runs under them (a claim's lease outlives its
-        // jobs until it expires, so most have none) are done with.
-        sqlx::query(
-            "DELETE FROM leases AS l WHERE l.expires_at <= $1 \
-                 AND NOT EXISTS (SELECT 1 FROM jobs AS j WHERE j.id = ANY(l.job_ids) \
-                     AND j.lease_token = l.token AND j.state = 'running')",
-        )
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-
-        let late: Vec<(String, Option<i64>)> = sqlx::query_as(&format!(
-            "SELECT id, timeout_ms FROM runs WHERE status IN {ACTIVE_RUN} AND deadline_at <= $1 \
-             ORDER BY id LIMIT 1000"
-        ))
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        let late: Vec<(RunId, String)> = late
-            .into_iter()
-            .map(|(id, timeout)| {
-                let limit = humantime::format_duration(Duration::from_millis(
-                    timeout.unwrap_or(0).max(0) as u64,
-                ));
-                (id, format!("run timed out after {limit}"))
-            })
-            .collect();
-        let timed_out = late.len() as u64;
-        cascade(
-            &mut tx,
-            Vec::new(),
-            late,
-            RunStatus::TimedOut,
+        let given = machine::deliver_callback(
+            &mut PgTx(&mut tx),
+            run_id,
+            step_id,
+            token,
+            &result,
             now,
             &mut effects,
         )
         .await?;
-        let woke = effects.wakes_others(&[]) || reclaimed > 0;
-        if woke {
-            self.notify(&mut tx).await?;
-        }
-        tx.commit().await?;
-        effects.finished.publish();
-        if woke {
-            self.wakeup.notify_one();
-        }
-        Ok(Swept {
-            reclaimed_jobs: reclaimed,
-            timed_out_runs: timed_out,
-        })
+        self.commit(tx, effects, &[]).await?;
+        Ok(given)
+    }
+
+    async fn sweep(&self, now: Millis) -> Result<Swept> {
+        let mut tx = self.pool.begin().await?;
+        let mut effects = Effects::default();
+        let swept = machine::sweep(&mut PgTx(&mut tx), now, &mut effects).await?;
+        self.commit(tx, effects, &[]).await?;
+        Ok(swept)
     }
 
     async fn queue_depth(&self, now: Millis) -> Result<i64> {
@@ -1490,11 +1305,11 @@ impl Store for PostgresStore {
     }
 
     async fn next_due(&self) -> Result<Option<Millis>> {
-        Ok(sqlx::query_scalar(&format!(
+        Ok(sqlx::query_scalar(statement!(
             "SELECT least( \
                  (SELECT min(run_after) FROM job_queue), \
                  (SELECT min(deadline_at) FROM runs \
-                     WHERE status IN {ACTIVE_RUN} AND deadline_at IS NOT NULL))"
+                     WHERE status IN {runs:active} AND deadline_at IS NOT NULL))"
         ))
         .fetch_one(&self.pool)
         .await?)
@@ -1502,117 +1317,17 @@ impl Store for PostgresStore {
 
     async fn cancel_run(&self, run_id: &str, now: Millis) -> Result<RunStatus> {
         let mut tx = self.pool.begin().await?;
-        // Opening a gate locks the gate, then its pending runs; cancelling a pending run takes
-        // them in the same order, so the two never deadlock.
-        let gated: Option<(String, Option<String>)> =
-            sqlx::query_as("SELECT status, concurrency_key FROM runs WHERE id = $1")
-                .bind(run_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some((status, Some(key))) = &gated
-            && status == "pending"
-        {
-            lock_key(&mut tx, &format!("gate/{key}")).await?;
-        }
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
-                .bind(run_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let status: RunStatus =
-            parse_state(&status.ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?)?;
-        if status.is_finished() {
-            return Ok(status);
-        }
         let mut effects = Effects::default();
-        cascade(
-            &mut tx,
-            Vec::new(),
-            vec![(run_id.to_owned(), "cancelled".to_owned())],
-            RunStatus::Cancelled,
-            now,
-            &mut effects,
-        )
-        .await?;
-        if effects.wakes_others(&[]) {
-            self.notify(&mut tx).await?;
-        }
-        tx.commit().await?;
-        effects.finished.publish();
-        Ok(RunStatus::Cancelled)
+        let status = machine::cancel_run(&mut PgTx(&mut tx), run_id, now, &mut effects).await?;
+        self.commit(tx, effects, &[]).await?;
+        Ok(status)
     }
 
     async fn retry_run(&self, run_id: &str, now: Millis) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
-                .bind(run_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let status: RunStatus =
-            parse_state(&status.ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?)?;
-        if !matches!(
-            status,
-            RunStatus::Failed | RunStatus::Cancelled | RunStatus::TimedOut
-        ) {
-            return Err(StoreError::Conflict(format!(
-                "run {run_id} is {status}; only failed, cancelled or timed-out runs can be retried"
-            )));
-        }
-        // A `workflow` step that started child runs waits for them again instead of starting new
-        // ones: its children that did not succeed are retried with it, down the tree, and the
-        // succeeded ones keep their outputs.
-        let mut runs = vec![run_id.to_owned()];
-        let mut waiting_parents: Vec<JobId> = Vec::new();
-        let mut level = runs.clone();
-        while !level.is_empty() {
-            let rows: Vec<(JobId, String)> = sqlx::query_as(
-                "SELECT j.id, c.id FROM jobs AS j JOIN runs AS c ON c.parent_job_id = j.id \
-                 WHERE j.run_id = ANY($1::text[]) AND j.state IN ('failed', 'cancelled') \
-                     AND c.status <> 'succeeded' \
-                 ORDER BY c.id FOR UPDATE OF c",
-            )
-            .bind(&level)
-            .fetch_all(&mut *tx)
-            .await?;
-            waiting_parents.extend(rows.iter().map(|(job, _)| *job));
-            level = rows.into_iter().map(|(_, child)| child).collect();
-            runs.extend(level.iter().cloned());
-        }
-        sqlx::query(
-            "UPDATE runs SET status = 'running', error = NULL, output = NULL, finished_at = NULL, \
-                 expires_at = NULL, \
-                 deadline_at = CASE WHEN timeout_ms IS NOT NULL THEN $2 + timeout_ms END \
-             WHERE id = ANY($1::text[])",
-        )
-        .bind(&runs)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE jobs SET state = 'parked', error = NULL, finished_at = NULL, run_after = NULL \
-             WHERE id = ANY($1::bigint[])",
-        )
-        .bind(&waiting_parents)
-        .execute(&mut *tx)
-        .await?;
-        // Succeeded steps keep their outputs; the rest wait for their needs again.
-        sqlx::query(
-            "UPDATE jobs SET state = 'waiting', output = NULL, error = NULL, checkpoint = NULL, \
-                 finished_at = NULL, max_attempts = attempt + attempt_budget, \
-                 pending_needs = (SELECT count(*) \
-                     FROM jsonb_array_elements_text(jobs.needs) AS nd(step) \
-                     JOIN jobs AS up ON up.run_id = jobs.run_id AND up.step_id = nd.step \
-                     WHERE up.state <> 'succeeded') \
-             WHERE run_id = ANY($1::text[]) AND state IN ('failed', 'cancelled')",
-        )
-        .bind(&runs)
-        .execute(&mut *tx)
-        .await?;
-        make_ready(&mut tx, &runs, now).await?;
-        self.notify(&mut tx).await?;
-        tx.commit().await?;
-        self.wakeup.notify_one();
+        let mut effects = Effects::default();
+        machine::retry_run(&mut PgTx(&mut tx), run_id, now, &mut effects).await?;
+        self.commit(tx, effects, &[]).await?;
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -18,15 +18,12 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqliteConnection};
 use tokio::sync::Notify;
 
+use super::machine::{self, Effects, FinishedRun, GateLoad, Settled, SettledJob, Succeeded, Tx};
+use super::sql::statement;
 use super::*;
-use crate::state::{JobState, Millis, RunStatus, settle_lost_lease};
+use crate::state::{JobState, Millis, RunStatus};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
-
-/// The states a run is still going in.
-const ACTIVE_RUN: &str = "('pending', 'running')";
-/// The states a job is not finished in.
-const OPEN_JOB: &str = "('waiting', 'available', 'running', 'retrying', 'parked')";
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -82,6 +79,16 @@ async fn open_pool(options: SqliteConnectOptions, size: u32, writer: bool) -> Re
 }
 
 impl SqliteStore {
+    /// Acts on what a committed transaction did: counts the runs it finished, and wakes this
+    /// process's workers when it made jobs claimable that its own claim did not take. (One
+    /// process holds the database, so waking its own workers is waking everyone.)
+    fn after_commit(&self, effects: Effects, claimed: &[JobId]) {
+        if effects.wakes_others(claimed) {
+            self.wakeup.notify_one();
+        }
+        effects.publish();
+    }
+
     /// Write transactions take the write lock up front (`BEGIN IMMEDIATE`): a deferred one that
     /// reads first and then writes fails at once with `SQLITE_BUSY` when another process writes,
     /// instead of waiting out the busy timeout.
@@ -102,15 +109,15 @@ struct Leased {
 async fn lease_jobs(conn: &mut SqliteConnection, params: &ClaimParams) -> Result<Leased> {
     let token = uuid::Uuid::new_v4().simple().to_string();
     // Waking from a parked state continues the same attempt; anything else starts a new one.
-    let rows = sqlx::query(
-        "UPDATE jobs SET state = 'running', attempt = attempt + (state != 'parked'), \
+    let rows = sqlx::query(statement!(
+        "UPDATE jobs SET state = {job:running}, attempt = attempt + (state != {job:parked}), \
              lease_token = ?1, lease_expires_at = ?2, \
-             started_at = CASE WHEN state = 'parked' THEN started_at ELSE ?3 END \
+             started_at = CASE WHEN state = {job:parked} THEN started_at ELSE ?3 END \
          WHERE id IN (SELECT id FROM jobs \
-             WHERE state IN ('available', 'retrying', 'parked') AND run_after <= ?3 \
+             WHERE state IN {jobs:claimable} AND run_after <= ?3 \
              ORDER BY run_after, id LIMIT ?4) \
-         RETURNING id, run_id, step_id, attempt, checkpoint",
-    )
+         RETURNING id, run_id, step_id, attempt, checkpoint"
+    ))
     .bind(&token)
     .bind(params.lease_until)
     .bind(params.now)
@@ -141,10 +148,10 @@ impl SqliteStore {
         .map(|r| (r.get("id"), r))
         .collect();
         let mut outputs: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
-        for row in sqlx::query(
+        for row in sqlx::query(statement!(
             "SELECT run_id, step_id, output FROM jobs \
-             WHERE run_id IN (SELECT value FROM json_each(?)) AND state = 'succeeded'",
-        )
+             WHERE run_id IN (SELECT value FROM json_each(?)) AND state = {job:succeeded}"
+        ))
         .bind(&run_ids)
         .fetch_all(&self.reader)
         .await?
@@ -205,489 +212,572 @@ fn finished_from_row(row: &SqliteRow) -> Result<FinishedRun> {
     })
 }
 
-/// Inserts runs and their jobs: two statements however many runs. Returns the run ids, in order,
-/// with an earlier run's id where its idempotency key was already used.
-async fn insert_runs(
-    conn: &mut SqliteConnection,
-    runs: Vec<NewRun>,
-    now: Millis,
-) -> Result<Vec<RunId>> {
-    let mut ids = Vec::with_capacity(runs.len());
-    let mut fresh = Vec::with_capacity(runs.len());
-    for run in runs {
-        if let Some(key) = &run.idempotency_key {
-            let existing: Option<String> =
-                sqlx::query_scalar("SELECT id FROM runs WHERE idempotency_key = ?")
-                    .bind(key)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-            if let Some(existing) = existing {
-                ids.push(existing);
-                continue;
-            }
-        }
-        ids.push(run.id.clone());
-        fresh.push(run);
-    }
-    if fresh.is_empty() {
-        return Ok(ids);
+/// A write transaction's connection, as the state machine drives it. One writer serialises every
+/// transaction, so locks are no-ops. Batches travel as JSON arrays read by `json_each`.
+struct SqliteTx<'c>(&'c mut SqliteConnection);
+
+#[async_trait]
+impl Tx for SqliteTx<'_> {
+    async fn lock_key(&mut self, _key: &str) -> Result<()> {
+        Ok(())
     }
 
-    // A gated run starts only while fewer than `limit` runs with its key are running and none
-    // waits ahead of it.
-    let mut room: BTreeMap<String, i64> = BTreeMap::new();
-    let mut rows = Vec::with_capacity(fresh.len());
-    let mut jobs = Vec::new();
-    for run in &fresh {
-        let gated = match &run.concurrency {
-            None => false,
-            Some(gate) => {
-                if !room.contains_key(&gate.key) {
-                    let row = sqlx::query(
-                        "SELECT coalesce(sum(status = 'running'), 0) AS running, \
-                                coalesce(sum(status = 'pending'), 0) AS pending \
-                         FROM runs WHERE concurrency_key = ? AND status IN ('pending', 'running')",
-                    )
-                    .bind(&gate.key)
-                    .fetch_one(&mut *conn)
-                    .await?;
-                    let (running, pending): (i64, i64) = (row.get("running"), row.get("pending"));
-                    let free = if pending > 0 { 0 } else { gate.limit - running };
-                    room.insert(gate.key.clone(), free);
-                }
-                let free = room.get_mut(&gate.key).expect("inserted above");
-                if *free > 0 {
-                    *free -= 1;
-                    false
-                } else {
-                    true
-                }
-            }
-        };
-        let status = if gated {
-            RunStatus::Pending
-        } else {
-            RunStatus::Running
-        };
-        rows.push(json!({
-            "id": run.id,
-            "workflow_id": run.workflow_id,
-            "version": run.version,
-            "status": status.as_str(),
-            "input": to_json(&run.input),
-            "parent_run_id": run.parent.as_ref().map(|p| &p.run_id),
-            "parent_job_id": run.parent.as_ref().map(|p| p.job_id),
-            "child_index": run.parent.as_ref().map(|p| p.index),
-            "concurrency_key": run.concurrency.as_ref().map(|c| &c.key),
-            "concurrency_limit": run.concurrency.as_ref().map(|c| c.limit),
-            "idempotency_key": run.idempotency_key,
-            "timeout_ms": run.timeout_ms,
-            "deadline_at": run.timeout_ms.map(|t| now + t),
-            "retention_ms": run.retention_ms,
-            "scheduled_at": run.scheduled_at,
-            "started_at": (!gated).then_some(now),
-        }));
-        for job in &run.jobs {
-            jobs.push(json!({
-                "run_id": run.id,
-                "step_id": job.step_id,
-                "needs": to_json(&job.needs),
-                "pending": job.needs.len(),
-                "is_sink": job.is_sink,
-                "budget": job.max_attempts,
-                "ready": !gated && job.needs.is_empty(),
-            }));
-        }
+    async fn lock_runs_of_jobs(&mut self, _jobs: &[JobId]) -> Result<()> {
+        Ok(())
     }
-    sqlx::query(
-        "INSERT INTO runs (id, workflow_id, version, status, input, parent_run_id, parent_job_id, \
-             child_index, concurrency_key, concurrency_limit, idempotency_key, timeout_ms, \
-             deadline_at, retention_ms, scheduled_at, created_at, started_at) \
-         SELECT r.value->>'id', r.value->>'workflow_id', r.value->>'version', r.value->>'status', \
-             r.value->>'input', r.value->>'parent_run_id', r.value->>'parent_job_id', \
-             r.value->>'child_index', r.value->>'concurrency_key', r.value->>'concurrency_limit', \
-             r.value->>'idempotency_key', r.value->>'timeout_ms', r.value->>'deadline_at', \
-             r.value->>'retention_ms', r.value->>'scheduled_at', ?2, r.value->>'started_at' \
-         FROM json_each(?1) AS r",
-    )
-    .bind(to_json(&rows))
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    if !jobs.is_empty() {
-        sqlx::query(
+
+    async fn runs_by_idempotency_key(&mut self, keys: &[&str]) -> Result<Vec<(String, RunId)>> {
+        Ok(sqlx::query_as(
+            "SELECT idempotency_key, id FROM runs \
+             WHERE idempotency_key IN (SELECT value FROM json_each(?))",
+        )
+        .bind(to_json(&keys))
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn gate_load(&mut self, key: &str) -> Result<GateLoad> {
+        let (running, pending, oldest_pending_limit) = sqlx::query_as(statement!(
+            "SELECT coalesce(sum(status = {run:running}), 0), \
+                 coalesce(sum(status = {run:pending}), 0), \
+                 (SELECT concurrency_limit FROM runs \
+                  WHERE concurrency_key = ?1 AND status = {run:pending} \
+                  ORDER BY created_at, id LIMIT 1) \
+             FROM runs WHERE concurrency_key = ?1 AND status IN {runs:active}"
+        ))
+        .bind(key)
+        .fetch_one(&mut *self.0)
+        .await?;
+        Ok(GateLoad {
+            running,
+            pending,
+            oldest_pending_limit,
+        })
+    }
+
+    async fn insert_run_rows(&mut self, runs: Value, now: Millis) -> Result<BTreeSet<RunId>> {
+        let inserted: Vec<String> = sqlx::query_scalar(
+            // `WHERE true`: SQLite reads `ON CONFLICT` after a bare SELECT as a join clause.
+            "INSERT INTO runs (id, workflow_id, version, status, input, parent_run_id, \
+                 parent_job_id, child_index, concurrency_key, concurrency_limit, idempotency_key, \
+                 timeout_ms, deadline_at, retention_ms, scheduled_at, created_at, started_at) \
+             SELECT r.value->>'id', r.value->>'workflow_id', r.value->>'version', \
+                 r.value->>'status', coalesce(r.value->>'input', 'null'), \
+                 r.value->>'parent_run_id', r.value->>'parent_job_id', r.value->>'child_index', \
+                 r.value->>'concurrency_key', r.value->>'concurrency_limit', \
+                 r.value->>'idempotency_key', r.value->>'timeout_ms', r.value->>'deadline_at', \
+                 r.value->>'retention_ms', r.value->>'scheduled_at', ?2, r.value->>'started_at' \
+             FROM json_each(?1) AS r WHERE true \
+             ON CONFLICT DO NOTHING RETURNING id",
+        )
+        .bind(to_json(&runs))
+        .bind(now)
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(inserted.into_iter().collect())
+    }
+
+    async fn insert_job_rows(&mut self, jobs: Value, now: Millis) -> Result<()> {
+        sqlx::query(statement!(
             "INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
                  attempt_budget, max_attempts, run_after) \
              SELECT j.value->>'run_id', j.value->>'step_id', \
-                 CASE WHEN j.value->>'ready' THEN 'available' ELSE 'waiting' END, \
+                 CASE WHEN j.value->>'ready' THEN {job:available} ELSE {job:waiting} END, \
                  j.value->>'needs', j.value->>'pending', j.value->>'is_sink', \
                  j.value->>'budget', j.value->>'budget', ?2 \
-             FROM json_each(?1) AS j",
-        )
+             FROM json_each(?1) AS j"
+        ))
         .bind(to_json(&jobs))
         .bind(now)
-        .execute(&mut *conn)
+        .execute(&mut *self.0)
         .await?;
+        Ok(())
     }
-    Ok(ids)
-}
 
-/// Applies settlements fenced by their leases, then everything that follows from them.
-async fn complete_in(
-    conn: &mut SqliteConnection,
-    completions: Vec<Completion>,
-    now: Millis,
-    finished_runs: &mut FinishedRuns,
-) -> Result<Vec<JobId>> {
-    if completions.is_empty() {
-        return Ok(Vec::new());
+    async fn settle_jobs(&mut self, rows: Value, _ids: &[JobId], now: Millis) -> Result<Settled> {
+        let settled = sqlx::query(statement!(
+            // Each field is read out of the JSON once (MATERIALIZED), not at every use: JSON
+            // extraction is what this statement spends its time on. Each element's text is taken
+            // out of the array once (`e`) too: every `value` of `json_each` renders the element
+            // anew, while the fields of one `v` share one parse (about 25% of this statement).
+            // The attempt history records unsuccessful attempts only; the succeeding one is the
+            // row's own timings. A result delivered while the step ran, under the token it parks
+            // with now, stays in its checkpoint and wakes it at once; settled any other way than
+            // parked or given back, a step drops its callback token, so a late answer to an
+            // attempt that ended is refused rather than kept for the next one.
+            "WITH e AS MATERIALIZED (SELECT value AS v FROM json_each(?1)), \
+             c AS MATERIALIZED (SELECT v->>'id' AS id, v->>'attempt' AS attempt, \
+                 v->>'token' AS token, v->>'state' AS state, v->>'output' AS output, \
+                 v->>'error' AS error, v->>'run_after' AS run_after, \
+                 v->>'checkpoint' AS checkpoint FROM e) \
+             UPDATE jobs SET \
+                 state = c.state, \
+                 output = c.output, \
+                 error = c.error, \
+                 run_after = CASE WHEN c.state = {job:parked} \
+                         AND jobs.checkpoint->'callback' IS NOT NULL \
+                         AND c.checkpoint->>'callback_token' = jobs.checkpoint->>'callback_token' \
+                     THEN ?2 ELSE c.run_after END, \
+                 checkpoint = CASE WHEN jobs.checkpoint->'callback' IS NOT NULL \
+                         AND c.checkpoint->>'callback_token' = jobs.checkpoint->>'callback_token' \
+                     THEN json_set(c.checkpoint, '$.callback', json(jobs.checkpoint->'callback')) \
+                     WHEN c.state IN ({job:parked}, {job:available}) \
+                     THEN coalesce(c.checkpoint, jobs.checkpoint) \
+                     ELSE json_remove(coalesce(c.checkpoint, jobs.checkpoint), \
+                         '$.callback_token', '$.callback') END, \
+                 attempt = jobs.attempt - (c.state = {job:available}), \
+                 lease_token = NULL, \
+                 lease_expires_at = NULL, \
+                 finished_at = CASE WHEN c.state IN {jobs:finishing} THEN ?2 END, \
+                 attempts = CASE WHEN c.state IN {jobs:counted} \
+                     THEN json_insert(jobs.attempts, '$[#]', json_object('attempt', jobs.attempt, \
+                         'started_at', jobs.started_at, 'finished_at', ?2, \
+                         'outcome', c.state, 'error', c.error)) \
+                     ELSE jobs.attempts END \
+             FROM c \
+             WHERE jobs.id = c.id AND jobs.attempt = c.attempt \
+                 AND jobs.lease_token = c.token AND jobs.state = {job:running} \
+             RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error, jobs.is_sink"
+        ))
+        .bind(to_json(&rows))
+        .bind(now)
+        .fetch_all(&mut *self.0)
+        .await?;
+        let jobs = settled
+            .iter()
+            .map(|row| {
+                Ok(SettledJob {
+                    id: row.get("id"),
+                    run_id: row.get("run_id"),
+                    step_id: row.get("step_id"),
+                    state: parse_state(row.get::<&str, _>("state"))?,
+                    error: row.get("error"),
+                    is_sink: row.get("is_sink"),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let succeeded: Vec<(&str, &str)> = jobs
+            .iter()
+            .filter(|j| j.state == JobState::Succeeded && !j.is_sink)
+            .map(|j| (j.run_id.as_str(), j.step_id.as_str()))
+            .collect();
+        let promoted = if succeeded.is_empty() {
+            Vec::new()
+        } else {
+            promote(self.0, &succeeded, now).await?
+        };
+        Ok(Settled { jobs, promoted })
     }
-    let payload = completion_rows(&completions, now);
-    // Only rows still `running` under the same attempt and token change: a late answer from a
-    // worker whose lease expired matches nothing.
-    let accepted = sqlx::query(
-        // Each field is read out of the JSON once (MATERIALIZED), not at every use: JSON
-        // extraction is what this statement spends its time on. Each element's text is taken
-        // out of the array once (`e`) too: every `value` of `json_each` renders the element
-        // anew, while the fields of one `v` share one parse (about 25% of this statement). The
-        // attempt history records unsuccessful attempts only; the succeeding one is the row's
-        // own timings. A result delivered while the step ran, under the token it parks with now,
-        // stays in its checkpoint and wakes it at once; settled any other way than parked, a
-        // step drops its callback token (see `CALLBACK_WAITING` in postgres.rs).
-        "WITH e AS MATERIALIZED (SELECT value AS v FROM json_each(?1)), \
-         c AS MATERIALIZED (SELECT v->>'id' AS id, v->>'attempt' AS attempt, \
-             v->>'token' AS token, v->>'state' AS state, v->>'output' AS output, \
-             v->>'error' AS error, v->>'run_after' AS run_after, \
-             v->>'checkpoint' AS checkpoint FROM e) \
-         UPDATE jobs SET \
-             state = c.state, \
-             output = c.output, \
-             error = c.error, \
-             run_after = CASE WHEN c.state = 'parked' AND jobs.checkpoint->'callback' IS NOT NULL \
-                     AND c.checkpoint->>'callback_token' = jobs.checkpoint->>'callback_token' \
-                 THEN ?2 ELSE c.run_after END, \
-             checkpoint = CASE WHEN jobs.checkpoint->'callback' IS NOT NULL \
-                     AND c.checkpoint->>'callback_token' = jobs.checkpoint->>'callback_token' \
-                 THEN json_set(c.checkpoint, '$.callback', json(jobs.checkpoint->'callback')) \
-                 WHEN c.state IN ('parked', 'available') THEN coalesce(c.checkpoint, jobs.checkpoint) \
-                 ELSE json_remove(coalesce(c.checkpoint, jobs.checkpoint), \
-                     '$.callback_token', '$.callback') END, \
-             attempt = jobs.attempt - (c.state = 'available'), \
-             lease_token = NULL, \
-             lease_expires_at = NULL, \
-             finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN ?2 END, \
-             attempts = CASE WHEN c.state IN ('failed', 'retrying') \
-                 THEN json_insert(jobs.attempts, '$[#]', json_object('attempt', jobs.attempt, \
-                     'started_at', jobs.started_at, 'finished_at', ?2, \
-                     'outcome', c.state, 'error', c.error)) \
-                 ELSE jobs.attempts END \
-         FROM c \
-         WHERE jobs.id = c.id AND jobs.attempt = c.attempt \
-             AND jobs.lease_token = c.token AND jobs.state = 'running' \
-         RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error",
-    )
-    .bind(to_json(&payload))
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
 
-    let mut accepted_ids = Vec::with_capacity(accepted.len());
-    let mut succeeded = Vec::new();
-    let mut failed = Vec::new();
-    for row in &accepted {
-        let id: JobId = row.get("id");
-        accepted_ids.push(id);
-        let run_id: String = row.get("run_id");
-        let step_id: String = row.get("step_id");
-        match parse_state::<JobState>(row.get::<&str, _>("state"))? {
-            JobState::Succeeded => succeeded.push((run_id, step_id)),
-            JobState::Failed => {
-                let error: Option<String> = row.get("error");
-                failed.push((
-                    run_id,
-                    format!("step {step_id} failed: {}", error.unwrap_or_default()),
-                ));
-            }
-            _ => {}
-        }
+    async fn promote_dependents(
+        &mut self,
+        succeeded: &[&Succeeded],
+        now: Millis,
+    ) -> Result<Vec<JobId>> {
+        let steps: Vec<(&str, &str)> = succeeded
+            .iter()
+            .map(|s| (s.run_id.as_str(), s.step_id.as_str()))
+            .collect();
+        Ok(promote(self.0, &steps, now)
+            .await?
+            .into_iter()
+            .filter(|(_, state)| *state == JobState::Available)
+            .map(|(id, _)| id)
+            .collect())
     }
-    let children: Vec<NewRun> = completions
-        .into_iter()
-        .filter(|c| accepted_ids.contains(&c.lease.job_id))
-        .flat_map(|c| c.children)
-        .collect();
-    if !children.is_empty() {
-        insert_runs(conn, children, now).await?;
+
+    async fn finish_done_runs(&mut self, runs: &[&str], now: Millis) -> Result<Vec<FinishedRun>> {
+        // (`+status` keeps SQLite from walking every running run by the status index.)
+        let rows = sqlx::query(statement!(
+            "UPDATE runs SET status = {run:succeeded}, finished_at = ?2, \
+                 expires_at = ?2 + retention_ms, \
+                 output = (SELECT json_group_object(step_id, json(output)) FROM jobs \
+                           WHERE run_id = runs.id AND is_sink = 1) \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND +status = {run:running} \
+                 AND NOT EXISTS (SELECT 1 FROM jobs \
+                     WHERE run_id = runs.id AND state != {job:succeeded}) \
+             RETURNING id, workflow_id, status, parent_job_id, concurrency_key"
+        ))
+        .bind(to_json(&runs))
+        .bind(now)
+        .fetch_all(&mut *self.0)
+        .await?;
+        rows.iter().map(finished_from_row).collect()
     }
-    cascade(
-        conn,
-        succeeded,
-        failed,
-        RunStatus::Failed,
-        now,
-        finished_runs,
-    )
-    .await?;
-    Ok(accepted_ids)
-}
 
-/// Follows settled jobs to their consequences until nothing more changes: dependents become
-/// available, runs finish, a finished child run settles its parent's `workflow` step (which may
-/// finish the parent run in turn), and gates open for waiting runs.
-async fn cascade(
-    conn: &mut SqliteConnection,
-    mut succeeded: Vec<(RunId, String)>,
-    mut ended: Vec<(RunId, String)>,
-    mut ended_as: RunStatus,
-    now: Millis,
-    finished_runs: &mut FinishedRuns,
-) -> Result<()> {
-    loop {
-        let mut finished = Vec::new();
-        if !succeeded.is_empty() {
-            promote_dependents(conn, &succeeded, now).await?;
-            let runs: BTreeSet<&RunId> = succeeded.iter().map(|(r, _)| r).collect();
-            finished.extend(finish_succeeded_runs(conn, &runs, now).await?);
-        }
-        if !ended.is_empty() {
-            finished.extend(end_runs(conn, &ended, ended_as, now).await?);
-        }
-        finished_runs.add(&finished);
-        open_gates(conn, &finished, now).await?;
-        (succeeded, ended) = settle_parents(conn, &finished, now).await?;
-        // a parent whose child did not succeed fails like any step
-        ended_as = RunStatus::Failed;
-        if succeeded.is_empty() && ended.is_empty() {
-            return Ok(());
-        }
+    async fn end_active_runs(
+        &mut self,
+        runs: &[(RunId, String)],
+        status: RunStatus,
+        now: Millis,
+    ) -> Result<Vec<FinishedRun>> {
+        let rows = sqlx::query(statement!(
+            "UPDATE runs SET status = ?2, error = c.value->>1, finished_at = ?3, \
+                 expires_at = ?3 + retention_ms \
+             FROM json_each(?1) AS c \
+             WHERE runs.id = c.value->>0 AND +runs.status IN {runs:active} \
+             RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
+                 runs.concurrency_key"
+        ))
+        .bind(to_json(&runs))
+        .bind(status.as_str())
+        .bind(now)
+        .fetch_all(&mut *self.0)
+        .await?;
+        rows.iter().map(finished_from_row).collect()
     }
-}
 
-/// One statement: every waiting job counts down the needs that just succeeded, and becomes
-/// available at zero.
-async fn promote_dependents(
-    conn: &mut SqliteConnection,
-    succeeded: &[(RunId, String)],
-    now: Millis,
-) -> Result<()> {
-    sqlx::query(
-        "UPDATE jobs SET \
-             pending_needs = jobs.pending_needs - d.n, \
-             state = CASE WHEN jobs.pending_needs - d.n <= 0 \
-                 AND (SELECT status FROM runs WHERE id = jobs.run_id) = 'running' \
-                 THEN 'available' ELSE 'waiting' END, \
-             run_after = ?2 \
-         FROM (SELECT j.id AS id, count(*) AS n FROM json_each(?1) AS c \
-               JOIN jobs AS j ON j.run_id = c.value->>0 AND j.state = 'waiting' \
-               JOIN json_each(j.needs) AS nd ON nd.value = c.value->>1 \
-               GROUP BY j.id) AS d \
-         WHERE jobs.id = d.id",
-    )
-    .bind(to_json(&succeeded))
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Marks `succeeded` the runs among `runs` whose every job succeeded; the output maps each sink
-/// step to its output.
-async fn finish_succeeded_runs(
-    conn: &mut SqliteConnection,
-    runs: &BTreeSet<&RunId>,
-    now: Millis,
-) -> Result<Vec<FinishedRun>> {
-    let rows = sqlx::query(
-        "UPDATE runs SET status = 'succeeded', finished_at = ?2, expires_at = ?2 + retention_ms, \
-             output = (SELECT json_group_object(step_id, json(output)) FROM jobs \
-                       WHERE run_id = runs.id AND is_sink = 1) \
-         WHERE id IN (SELECT value FROM json_each(?1)) AND +status = 'running' \
-             AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = runs.id AND state != 'succeeded') \
-         RETURNING id, workflow_id, status, parent_job_id, concurrency_key",
-    )
-    .bind(to_json(&runs))
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
-    // (`+status` keeps SQLite from walking every running run by the status index.)
-    rows.iter().map(finished_from_row).collect()
-}
-
-/// Ends active runs as `status` with their errors, and with them every open job and every active
-/// descendant run (cancelled).
-async fn end_runs(
-    conn: &mut SqliteConnection,
-    runs: &[(RunId, String)],
-    status: RunStatus,
-    now: Millis,
-) -> Result<Vec<FinishedRun>> {
-    let rows = sqlx::query(&format!(
-        "UPDATE runs SET status = ?2, error = c.value->>1, finished_at = ?3, \
-             expires_at = ?3 + retention_ms \
-         FROM json_each(?1) AS c \
-         WHERE runs.id = c.value->>0 AND +runs.status IN {ACTIVE_RUN} \
-         RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
-             runs.concurrency_key"
-    ))
-    .bind(to_json(&runs))
-    .bind(status.as_str())
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut finished: Vec<FinishedRun> =
-        rows.iter().map(finished_from_row).collect::<Result<_>>()?;
-    if finished.is_empty() {
-        return Ok(finished);
-    }
-    let roots: Vec<&RunId> = finished.iter().map(|r| &r.id).collect();
-    if matches!(status, RunStatus::Failed | RunStatus::TimedOut) {
+    async fn raise_alerts(&mut self, runs: &[&str], now: Millis) -> Result<()> {
         sqlx::query(
             "INSERT INTO alerts (workflow_id, run_id, kind, message, created_at) \
              SELECT workflow_id, id, status, coalesce(error, ''), ?2 FROM runs \
              WHERE id IN (SELECT value FROM json_each(?1))",
         )
+        .bind(to_json(&runs))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn cancel_descendants(
+        &mut self,
+        roots: &[&str],
+        error: &str,
+        now: Millis,
+    ) -> Result<Vec<FinishedRun>> {
+        let rows = sqlx::query(statement!(
+            "WITH RECURSIVE tree(id) AS ( \
+                 SELECT value FROM json_each(?1) \
+                 UNION SELECT runs.id FROM runs JOIN tree ON runs.parent_run_id = tree.id) \
+             UPDATE runs SET status = {run:cancelled}, error = ?3, \
+                 finished_at = ?2, expires_at = ?2 + retention_ms \
+             WHERE id IN (SELECT id FROM tree) AND status IN {runs:active} \
+             RETURNING id, workflow_id, status, parent_job_id, concurrency_key"
+        ))
         .bind(to_json(&roots))
         .bind(now)
-        .execute(&mut *conn)
+        .bind(error)
+        .fetch_all(&mut *self.0)
         .await?;
+        rows.iter().map(finished_from_row).collect()
     }
-    let descendants = sqlx::query(&format!(
-        "WITH RECURSIVE tree(id) AS ( \
-             SELECT value FROM json_each(?1) \
-             UNION SELECT runs.id FROM runs JOIN tree ON runs.parent_run_id = tree.id) \
-         UPDATE runs SET status = 'cancelled', error = 'its parent run ended', \
-             finished_at = ?2, expires_at = ?2 + retention_ms \
-         WHERE id IN (SELECT id FROM tree) AND status IN {ACTIVE_RUN} \
-         RETURNING id, workflow_id, status, NULL AS parent_job_id, concurrency_key"
+
+    async fn cancel_open_jobs(&mut self, runs: &[&str], now: Millis) -> Result<()> {
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:cancelled}, lease_token = NULL, \
+                 lease_expires_at = NULL, finished_at = ?2 \
+             WHERE run_id IN (SELECT value FROM json_each(?1)) AND state IN {jobs:open}"
+        ))
+        .bind(to_json(&runs))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn start_pending_runs(
+        &mut self,
+        key: &str,
+        count: i64,
+        now: Millis,
+    ) -> Result<Vec<RunId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "UPDATE runs SET status = {run:running}, started_at = ?2, \
+                 deadline_at = CASE WHEN timeout_ms IS NOT NULL THEN ?2 + timeout_ms END \
+             WHERE id IN (SELECT id FROM runs \
+                 WHERE concurrency_key = ?1 AND status = {run:pending} \
+                 ORDER BY created_at, id LIMIT ?3) \
+             RETURNING id"
+        ))
+        .bind(key)
+        .bind(now)
+        .bind(count)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn make_ready(&mut self, runs: &[RunId], now: Millis) -> Result<u64> {
+        Ok(sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:available}, run_after = ?2 \
+             WHERE run_id IN (SELECT value FROM json_each(?1)) AND state = {job:waiting} \
+                 AND pending_needs = 0"
+        ))
+        .bind(to_json(&runs))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?
+        .rows_affected())
+    }
+
+    async fn fail_parked_step(
+        &mut self,
+        job: JobId,
+        error: &str,
+        now: Millis,
+    ) -> Result<Option<(RunId, String)>> {
+        Ok(sqlx::query_as(statement!(
+            "UPDATE jobs SET state = {job:failed}, error = ?2, finished_at = ?3, \
+                 attempts = json_insert(attempts, '$[#]', json_object('attempt', attempt, \
+                     'started_at', started_at, 'finished_at', ?3, 'outcome', {job:failed}, \
+                     'error', ?2)) \
+             WHERE id = ?1 AND state = {job:parked} RETURNING run_id, step_id"
+        ))
+        .bind(job)
+        .bind(error)
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?)
+    }
+
+    async fn succeed_parked_step(&mut self, job: JobId, now: Millis) -> Result<Option<Succeeded>> {
+        let row = sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:succeeded}, finished_at = ?2, \
+                 output = (SELECT json_group_array(json(output)) FROM \
+                     (SELECT output FROM runs WHERE parent_job_id = ?1 ORDER BY child_index)) \
+             WHERE id = ?1 AND state = {job:parked} \
+                 AND NOT EXISTS (SELECT 1 FROM runs \
+                     WHERE parent_job_id = ?1 AND status != {run:succeeded}) \
+             RETURNING run_id, step_id, is_sink"
+        ))
+        .bind(job)
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        Ok(row.map(|row| Succeeded {
+            run_id: row.get("run_id"),
+            step_id: row.get("step_id"),
+            is_sink: row.get("is_sink"),
+        }))
+    }
+
+    async fn give_callback(
+        &mut self,
+        run_id: &str,
+        step_id: &str,
+        token: &str,
+        result: &Value,
+        now: Millis,
+    ) -> Result<Option<bool>> {
+        let woken: Option<bool> = sqlx::query_scalar(statement!(
+            "UPDATE jobs SET checkpoint = json_set(checkpoint, '$.callback', json(?4)), \
+                 run_after = CASE WHEN state = {job:parked} THEN ?5 ELSE run_after END \
+             WHERE run_id = ?1 AND step_id = ?2 AND state IN {jobs:awaiting_answer} \
+                 AND checkpoint->>'callback_token' = ?3 AND checkpoint->'callback' IS NULL \
+             RETURNING state = {job:parked}"
+        ))
+        .bind(run_id)
+        .bind(step_id)
+        .bind(token)
+        .bind(to_json(result))
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        if woken.is_some() {
+            return Ok(woken);
+        }
+        // The same delivery again (n8n retrying) finds its result taken already.
+        let repeated: i64 = sqlx::query_scalar(statement!(
+            "SELECT count(*) FROM jobs \
+             WHERE run_id = ?1 AND step_id = ?2 AND state IN {jobs:awaiting_answer} \
+                 AND checkpoint->>'callback_token' = ?3 \
+                 AND checkpoint->'callback'->>'event_id' = json(?4)->>'event_id'"
+        ))
+        .bind(run_id)
+        .bind(step_id)
+        .bind(token)
+        .bind(to_json(result))
+        .fetch_one(&mut *self.0)
+        .await?;
+        Ok((repeated > 0).then_some(false))
+    }
+
+    async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<(Lease, u32)>> {
+        let rows = sqlx::query(statement!(
+            "SELECT id, attempt, lease_token, max_attempts FROM jobs \
+             WHERE state = {job:running} AND lease_expires_at <= ? LIMIT ?"
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                (
+                    Lease {
+                        job_id: row.get("id"),
+                        attempt: row.get("attempt"),
+                        token: row.get("lease_token"),
+                    },
+                    row.get("max_attempts"),
+                )
+            })
+            .collect())
+    }
+
+    async fn drop_spent_leases(&mut self, _now: Millis) -> Result<()> {
+        // A lease lives in its job's row here, and goes with the attempt.
+        Ok(())
+    }
+
+    async fn overdue_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<(RunId, Option<i64>)>> {
+        Ok(sqlx::query_as(statement!(
+            "SELECT id, timeout_ms FROM runs WHERE status IN {runs:active} AND deadline_at <= ? \
+             ORDER BY id LIMIT ?"
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn lock_run(&mut self, run_id: &str) -> Result<Option<RunStatus>> {
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
+            .bind(run_id)
+            .fetch_optional(&mut *self.0)
+            .await?;
+        status.as_deref().map(parse_state).transpose()
+    }
+
+    async fn unsuccessful_children(&mut self, runs: &[RunId]) -> Result<Vec<(JobId, RunId)>> {
+        Ok(sqlx::query_as(statement!(
+            "SELECT j.id, c.id FROM jobs AS j JOIN runs AS c ON c.parent_job_id = j.id \
+             WHERE j.run_id IN (SELECT value FROM json_each(?1)) \
+                 AND j.state IN {jobs:unsuccessful} AND c.status != {run:succeeded}"
+        ))
+        .bind(to_json(&runs))
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn reopen_runs(&mut self, runs: &[RunId], now: Millis) -> Result<()> {
+        sqlx::query(statement!(
+            "UPDATE runs SET status = {run:running}, error = NULL, output = NULL, \
+                 finished_at = NULL, expires_at = NULL, \
+                 deadline_at = CASE WHEN timeout_ms IS NOT NULL THEN ?2 + timeout_ms END \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND status NOT IN {runs:active}"
+        ))
+        .bind(to_json(&runs))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn repark_steps(&mut self, jobs: &[JobId]) -> Result<()> {
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:parked}, error = NULL, finished_at = NULL, \
+                 run_after = NULL \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND state IN {jobs:unsuccessful}"
+        ))
+        .bind(to_json(&jobs))
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn reset_unsuccessful_jobs(&mut self, runs: &[RunId]) -> Result<()> {
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:waiting}, output = NULL, error = NULL, \
+                 checkpoint = NULL, finished_at = NULL, max_attempts = attempt + attempt_budget, \
+                 pending_needs = (SELECT count(*) FROM json_each(jobs.needs) AS nd \
+                     JOIN jobs AS up ON up.run_id = jobs.run_id AND up.step_id = nd.value \
+                     WHERE up.state != {job:succeeded}) \
+             WHERE run_id IN (SELECT value FROM json_each(?1)) AND state IN {jobs:unsuccessful}"
+        ))
+        .bind(to_json(&runs))
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_fire(
+        &mut self,
+        workflow_id: &str,
+        fire_at: Millis,
+        now: Millis,
+    ) -> Result<bool> {
+        let recorded = sqlx::query(
+            "INSERT INTO fires (workflow_id, fire_at, recorded_at) VALUES (?, ?, ?) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(workflow_id)
+        .bind(fire_at)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(recorded.rows_affected() == 1)
+    }
+
+    async fn is_paused(&mut self, workflow_id: &str) -> Result<bool> {
+        let paused: Option<bool> = sqlx::query_scalar("SELECT paused FROM workflows WHERE id = ?")
+            .bind(workflow_id)
+            .fetch_optional(&mut *self.0)
+            .await?;
+        Ok(paused.unwrap_or(false))
+    }
+
+    async fn active_top_level_run(&mut self, workflow_id: &str) -> Result<Option<RunId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "SELECT id FROM runs WHERE workflow_id = ? AND status IN {runs:active} \
+             AND parent_run_id IS NULL LIMIT 1"
+        ))
+        .bind(workflow_id)
+        .fetch_optional(&mut *self.0)
+        .await?)
+    }
+
+    async fn settle_fire(
+        &mut self,
+        workflow_id: &str,
+        fire_at: Millis,
+        run_id: Option<&str>,
+        skipped: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE fires SET run_id = ?3, skipped_reason = ?4 \
+             WHERE workflow_id = ?1 AND fire_at = ?2",
+        )
+        .bind(workflow_id)
+        .bind(fire_at)
+        .bind(run_id)
+        .bind(skipped)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Every waiting job of the runs of `succeeded` counts down the needs that just succeeded, and
+/// becomes available at zero while its run is running. One statement; returns the jobs changed
+/// with their new state.
+async fn promote(
+    conn: &mut SqliteConnection,
+    succeeded: &[(&str, &str)],
+    now: Millis,
+) -> Result<Vec<(JobId, JobState)>> {
+    let rows = sqlx::query(statement!(
+        "UPDATE jobs SET \
+             pending_needs = jobs.pending_needs - d.n, \
+             state = CASE WHEN jobs.pending_needs - d.n <= 0 \
+                 AND (SELECT status FROM runs WHERE id = jobs.run_id) = {run:running} \
+                 THEN {job:available} ELSE {job:waiting} END, \
+             run_after = ?2 \
+         FROM (SELECT j.id AS id, count(*) AS n FROM json_each(?1) AS c \
+               JOIN jobs AS j ON j.run_id = c.value->>0 AND j.state = {job:waiting} \
+               JOIN json_each(j.needs) AS nd ON nd.value = c.value->>1 \
+               GROUP BY j.id) AS d \
+         WHERE jobs.id = d.id \
+         RETURNING jobs.id, jobs.state"
     ))
-    .bind(to_json(&roots))
+    .bind(to_json(&succeeded))
     .bind(now)
     .fetch_all(&mut *conn)
     .await?;
-    // Their parents are ending too, so only their gates matter, not their parents.
-    finished.extend(
-        descendants
-            .iter()
-            .map(finished_from_row)
-            .collect::<Result<Vec<_>>>()?,
-    );
-    let all: Vec<&RunId> = finished.iter().map(|r| &r.id).collect();
-    sqlx::query(&format!(
-        "UPDATE jobs SET state = 'cancelled', lease_token = NULL, lease_expires_at = NULL, \
-             finished_at = ?2 \
-         WHERE run_id IN (SELECT value FROM json_each(?1)) AND state IN {OPEN_JOB}"
-    ))
-    .bind(to_json(&all))
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(finished)
-}
-
-/// Starts the oldest waiting runs behind each key whose runs just finished, up to the key's limit.
-async fn open_gates(
-    conn: &mut SqliteConnection,
-    finished: &[FinishedRun],
-    now: Millis,
-) -> Result<()> {
-    let keys: BTreeSet<&String> = finished
-        .iter()
-        .filter_map(|r| r.concurrency_key.as_ref())
-        .collect();
-    for key in keys {
-        let started: Vec<String> = sqlx::query_scalar(
-            "UPDATE runs SET status = 'running', started_at = ?2, \
-                 deadline_at = CASE WHEN timeout_ms IS NOT NULL THEN ?2 + timeout_ms END \
-             WHERE id IN ( \
-                 SELECT id FROM runs WHERE concurrency_key = ?1 AND status = 'pending' \
-                 ORDER BY created_at, id \
-                 LIMIT max(0, coalesce((SELECT concurrency_limit FROM runs \
-                     WHERE concurrency_key = ?1 AND status = 'pending' \
-                     ORDER BY created_at, id LIMIT 1), 0) \
-                   - (SELECT count(*) FROM runs WHERE concurrency_key = ?1 AND status = 'running'))) \
-             RETURNING id",
-        )
-        .bind(key)
-        .bind(now)
-        .fetch_all(&mut *conn)
-        .await?;
-        if !started.is_empty() {
-            sqlx::query(
-                "UPDATE jobs SET state = 'available', run_after = ?2 \
-                 WHERE run_id IN (SELECT value FROM json_each(?1)) AND state = 'waiting' \
-                     AND pending_needs = 0",
-            )
-            .bind(to_json(&started))
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-        }
-    }
-    Ok(())
-}
-
-/// Settles the parked `workflow` steps whose child runs just finished: failed when a child did not
-/// succeed, succeeded with the list of child outputs once every child succeeded.
-async fn settle_parents(
-    conn: &mut SqliteConnection,
-    finished: &[FinishedRun],
-    now: Millis,
-) -> Result<(Vec<(RunId, String)>, Vec<(RunId, String)>)> {
-    let mut succeeded = Vec::new();
-    let mut failed = Vec::new();
-    let mut parents: BTreeMap<JobId, Option<&FinishedRun>> = BTreeMap::new();
-    for run in finished {
-        if let Some(parent) = run.parent_job_id {
-            let failure = parents.entry(parent).or_default();
-            if run.status != RunStatus::Succeeded && failure.is_none() {
-                *failure = Some(run);
-            }
-        }
-    }
-    for (parent, failure) in parents {
-        if let Some(child) = failure {
-            let row = sqlx::query(
-                "UPDATE jobs SET state = 'failed', error = ?2, finished_at = ?3, \
-                     attempts = json_insert(attempts, '$[#]', json_object('attempt', attempt, \
-                         'started_at', started_at, 'finished_at', ?3, 'outcome', 'failed', \
-                         'error', ?2)) \
-                 WHERE id = ?1 AND state = 'parked' RETURNING run_id, step_id",
-            )
-            .bind(parent)
-            .bind(format!("child run {} {}", child.id, child.status))
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if let Some(row) = row {
-                let step: String = row.get("step_id");
-                failed.push((
-                    row.get("run_id"),
-                    format!(
-                        "step {step} failed: child run {} {}",
-                        child.id, child.status
-                    ),
-                ));
-            }
-        } else {
-            let row = sqlx::query(
-                "UPDATE jobs SET state = 'succeeded', finished_at = ?2, \
-                     output = (SELECT json_group_array(json(output)) FROM \
-                         (SELECT output FROM runs WHERE parent_job_id = ?1 ORDER BY child_index)) \
-                 WHERE id = ?1 AND state = 'parked' \
-                     AND NOT EXISTS (SELECT 1 FROM runs \
-                         WHERE parent_job_id = ?1 AND status != 'succeeded') \
-                 RETURNING run_id, step_id",
-            )
-            .bind(parent)
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if let Some(row) = row {
-                succeeded.push((row.get("run_id"), row.get("step_id")));
-            }
-        }
-    }
-    Ok((succeeded, failed))
+    rows.iter()
+        .map(|row| Ok((row.get("id"), parse_state(row.get::<&str, _>("state"))?)))
+        .collect()
 }
 
 fn summary_from_row(row: &SqliteRow) -> Result<RunSummary> {
@@ -846,8 +936,8 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound(format!("workflow {id}")));
         }
         // Refused, the transaction ends without its delete.
-        let active: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM runs WHERE workflow_id = ? AND status IN {ACTIVE_RUN}"
+        let active: i64 = sqlx::query_scalar(statement!(
+            "SELECT count(*) FROM runs WHERE workflow_id = ? AND status IN {runs:active}"
         ))
         .bind(id)
         .fetch_one(&mut *tx)
@@ -895,7 +985,7 @@ impl Store for SqliteStore {
 
     async fn create_runs(&self, runs: Vec<NewRun>, now: Millis) -> Result<Vec<RunId>> {
         let mut tx = self.write_tx().await?;
-        let ids = insert_runs(&mut tx, runs, now).await?;
+        let ids = machine::insert_runs(&mut SqliteTx(&mut tx), runs, now).await?;
         tx.commit().await?;
         self.wakeup.notify_one();
         Ok(ids)
@@ -903,58 +993,10 @@ impl Store for SqliteStore {
 
     async fn fire(&self, fire: FireParams, now: Millis) -> Result<FireOutcome> {
         let mut tx = self.write_tx().await?;
-        let recorded = sqlx::query(
-            "INSERT INTO fires (workflow_id, fire_at, recorded_at) VALUES (?, ?, ?) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&fire.workflow_id)
-        .bind(fire.fire_at)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if recorded.rows_affected() == 0 {
-            return Ok(FireOutcome::AlreadyRecorded);
-        }
-        let paused: Option<bool> = sqlx::query_scalar("SELECT paused FROM workflows WHERE id = ?")
-            .bind(&fire.workflow_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let mut skipped = paused.unwrap_or(false).then(|| "paused".to_owned());
-        if skipped.is_none() && fire.skip_if_active {
-            let active: Option<String> = sqlx::query_scalar(&format!(
-                "SELECT id FROM runs WHERE workflow_id = ? AND status IN {ACTIVE_RUN} \
-                 AND parent_run_id IS NULL LIMIT 1"
-            ))
-            .bind(&fire.workflow_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            skipped = active.map(|run| format!("overlap: run {run} is still going"));
-        }
-        let outcome = match skipped {
-            Some(reason) => {
-                sqlx::query(
-                    "UPDATE fires SET skipped_reason = ? WHERE workflow_id = ? AND fire_at = ?",
-                )
-                .bind(&reason)
-                .bind(&fire.workflow_id)
-                .bind(fire.fire_at)
-                .execute(&mut *tx)
-                .await?;
-                FireOutcome::Skipped(reason)
-            }
-            None => {
-                let ids = insert_runs(&mut tx, vec![fire.run], now).await?;
-                sqlx::query("UPDATE fires SET run_id = ? WHERE workflow_id = ? AND fire_at = ?")
-                    .bind(&ids[0])
-                    .bind(&fire.workflow_id)
-                    .bind(fire.fire_at)
-                    .execute(&mut *tx)
-                    .await?;
-                FireOutcome::Started(ids[0].clone())
-            }
-        };
+        let mut effects = Effects::default();
+        let outcome = machine::fire(&mut SqliteTx(&mut tx), fire, now, &mut effects).await?;
         tx.commit().await?;
-        self.wakeup.notify_one();
+        self.after_commit(effects, &[]);
         Ok(outcome)
     }
 
@@ -1010,12 +1052,12 @@ impl Store for SqliteStore {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(sqlx::query_scalar(
+        Ok(sqlx::query_scalar(statement!(
             "UPDATE jobs SET lease_expires_at = ?2 FROM json_each(?1) AS c \
              WHERE jobs.id = c.value->>'job_id' AND jobs.attempt = c.value->>'attempt' \
-                 AND jobs.lease_token = c.value->>'token' AND jobs.state = 'running' \
-             RETURNING jobs.id",
-        )
+                 AND jobs.lease_token = c.value->>'token' AND jobs.state = {job:running} \
+             RETURNING jobs.id"
+        ))
         .bind(to_json(&leases))
         .bind(lease_until)
         .fetch_all(&self.writer)
@@ -1029,19 +1071,17 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<(Vec<JobId>, Vec<ClaimedJob>)> {
         let mut tx = self.write_tx().await?;
-        let mut finished = FinishedRuns::default();
-        let accepted = complete_in(&mut tx, completions, now, &mut finished).await?;
+        let mut effects = Effects::default();
+        let accepted =
+            machine::complete(&mut SqliteTx(&mut tx), completions, now, &mut effects).await?;
         let leased = if claim.limit == 0 {
             Leased::default()
         } else {
             lease_jobs(&mut tx, &claim).await?
         };
         tx.commit().await?;
-        finished.publish();
-        // A claim that came back short took every due job these completions made claimable.
-        if !accepted.is_empty() && leased.rows.len() == claim.limit as usize {
-            self.wakeup.notify_one();
-        }
+        let claimed: Vec<JobId> = leased.rows.iter().map(|r| r.get("id")).collect();
+        self.after_commit(effects, &claimed);
         Ok((accepted, self.claimed_jobs(leased).await?))
     }
 
@@ -1054,121 +1094,48 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<bool> {
         let mut tx = self.write_tx().await?;
-        let woken: Option<bool> = sqlx::query_scalar(
-            "UPDATE jobs SET checkpoint = json_set(checkpoint, '$.callback', json(?4)), \
-                 run_after = CASE WHEN state = 'parked' THEN ?5 ELSE run_after END \
-             WHERE run_id = ?1 AND step_id = ?2 AND state IN ('parked', 'running', 'available') \
-                 AND checkpoint->>'callback_token' = ?3 AND checkpoint->'callback' IS NULL \
-             RETURNING state = 'parked'",
+        let mut effects = Effects::default();
+        let given = machine::deliver_callback(
+            &mut SqliteTx(&mut tx),
+            run_id,
+            step_id,
+            token,
+            &result,
+            now,
+            &mut effects,
         )
-        .bind(run_id)
-        .bind(step_id)
-        .bind(token)
-        .bind(to_json(&result))
-        .bind(now)
-        .fetch_optional(&mut *tx)
         .await?;
-        // The same delivery again (n8n retrying) finds its result taken already.
-        let repeated = woken.is_none()
-            && sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM jobs \
-                 WHERE run_id = ?1 AND step_id = ?2 \
-                     AND state IN ('parked', 'running', 'available') \
-                     AND checkpoint->>'callback_token' = ?3 \
-                     AND checkpoint->'callback'->>'event_id' = json(?4)->>'event_id'",
-            )
-            .bind(run_id)
-            .bind(step_id)
-            .bind(token)
-            .bind(to_json(&result))
-            .fetch_one(&mut *tx)
-            .await?
-                > 0;
         tx.commit().await?;
-        if woken == Some(true) {
-            self.wakeup.notify_one();
-        }
-        Ok(woken.is_some() || repeated)
+        self.after_commit(effects, &[]);
+        Ok(given)
     }
 
     async fn sweep(&self, now: Millis) -> Result<Swept> {
         let mut tx = self.write_tx().await?;
-        let expired = sqlx::query(
-            "SELECT id, attempt, lease_token, max_attempts FROM jobs \
-             WHERE state = 'running' AND lease_expires_at <= ? LIMIT 1000",
-        )
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        let lost: Vec<Completion> = expired
-            .iter()
-            .map(|row| Completion {
-                lease: Lease {
-                    job_id: row.get("id"),
-                    attempt: row.get("attempt"),
-                    token: row.get("lease_token"),
-                },
-                settlement: settle_lost_lease(row.get("attempt"), row.get("max_attempts"), now),
-                children: Vec::new(),
-            })
-            .collect();
-        let mut finished = FinishedRuns::default();
-        let reclaimed = complete_in(&mut tx, lost, now, &mut finished).await?.len() as u64;
-
-        let late: Vec<(String, Option<i64>)> = sqlx::query_as(&format!(
-            "SELECT id, timeout_ms FROM runs WHERE status IN {ACTIVE_RUN} AND deadline_at <= ? \
-             LIMIT 1000"
-        ))
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        let late: Vec<(RunId, String)> = late
-            .into_iter()
-            .map(|(id, timeout)| {
-                let limit = humantime::format_duration(Duration::from_millis(
-                    timeout.unwrap_or(0).max(0) as u64,
-                ));
-                (id, format!("run timed out after {limit}"))
-            })
-            .collect();
-        let timed_out = late.len() as u64;
-        cascade(
-            &mut tx,
-            Vec::new(),
-            late,
-            RunStatus::TimedOut,
-            now,
-            &mut finished,
-        )
-        .await?;
+        let mut effects = Effects::default();
+        let swept = machine::sweep(&mut SqliteTx(&mut tx), now, &mut effects).await?;
         tx.commit().await?;
-        finished.publish();
-        if reclaimed > 0 {
-            self.wakeup.notify_one();
-        }
-        Ok(Swept {
-            reclaimed_jobs: reclaimed,
-            timed_out_runs: timed_out,
-        })
+        self.after_commit(effects, &[]);
+        Ok(swept)
     }
 
     async fn queue_depth(&self, now: Millis) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM jobs \
-             WHERE state IN ('available', 'retrying', 'parked') AND run_after <= ?",
-        )
+        Ok(sqlx::query_scalar(statement!(
+            "SELECT count(*) FROM jobs WHERE state IN {jobs:claimable} AND run_after <= ?"
+        ))
         .bind(now)
         .fetch_one(&self.reader)
         .await?)
     }
 
     async fn next_due(&self) -> Result<Option<Millis>> {
-        Ok(sqlx::query_scalar(&format!(
+        Ok(sqlx::query_scalar(statement!(
             "SELECT min( \
                  coalesce((SELECT min(run_after) FROM jobs \
-                     WHERE state IN ('available', 'retrying', 'parked')), 9000000000000000000), \
+                     WHERE state IN {jobs:claimable}), 9000000000000000000), \
                  coalesce((SELECT min(deadline_at) FROM runs \
-                     WHERE status IN {ACTIVE_RUN} AND deadline_at IS NOT NULL), 9000000000000000000))"
+                     WHERE status IN {runs:active} AND deadline_at IS NOT NULL), \
+                     9000000000000000000))"
         ))
         .fetch_one(&self.reader)
         .await
@@ -1177,106 +1144,19 @@ impl Store for SqliteStore {
 
     async fn cancel_run(&self, run_id: &str, now: Millis) -> Result<RunStatus> {
         let mut tx = self.write_tx().await?;
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
-            .bind(run_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let status: RunStatus =
-            parse_state(&status.ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?)?;
-        if status.is_finished() {
-            return Ok(status);
-        }
-        let mut finished = FinishedRuns::default();
-        cascade(
-            &mut tx,
-            Vec::new(),
-            vec![(run_id.to_owned(), "cancelled".to_owned())],
-            RunStatus::Cancelled,
-            now,
-            &mut finished,
-        )
-        .await?;
+        let mut effects = Effects::default();
+        let status = machine::cancel_run(&mut SqliteTx(&mut tx), run_id, now, &mut effects).await?;
         tx.commit().await?;
-        finished.publish();
-        Ok(RunStatus::Cancelled)
+        self.after_commit(effects, &[]);
+        Ok(status)
     }
 
     async fn retry_run(&self, run_id: &str, now: Millis) -> Result<()> {
         let mut tx = self.write_tx().await?;
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
-            .bind(run_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let status: RunStatus =
-            parse_state(&status.ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?)?;
-        if !matches!(
-            status,
-            RunStatus::Failed | RunStatus::Cancelled | RunStatus::TimedOut
-        ) {
-            return Err(StoreError::Conflict(format!(
-                "run {run_id} is {status}; only failed, cancelled or timed-out runs can be retried"
-            )));
-        }
-        // A `workflow` step that started child runs waits for them again instead of starting new
-        // ones: its children that did not succeed are retried with it, down the tree, and the
-        // succeeded ones keep their outputs.
-        let mut runs = vec![run_id.to_owned()];
-        let mut waiting_parents: Vec<JobId> = Vec::new();
-        let mut level = runs.clone();
-        while !level.is_empty() {
-            let rows: Vec<(JobId, String)> = sqlx::query_as(
-                "SELECT j.id, c.id FROM jobs AS j JOIN runs AS c ON c.parent_job_id = j.id \
-                 WHERE j.run_id IN (SELECT value FROM json_each(?1)) \
-                     AND j.state IN ('failed', 'cancelled') AND c.status != 'succeeded'",
-            )
-            .bind(json!(level))
-            .fetch_all(&mut *tx)
-            .await?;
-            waiting_parents.extend(rows.iter().map(|(job, _)| *job));
-            level = rows.into_iter().map(|(_, child)| child).collect();
-            runs.extend(level.iter().cloned());
-        }
-        let runs = json!(runs);
-        sqlx::query(
-            "UPDATE runs SET status = 'running', error = NULL, output = NULL, finished_at = NULL, \
-                 expires_at = NULL, \
-                 deadline_at = CASE WHEN timeout_ms IS NOT NULL THEN ?2 + timeout_ms END \
-             WHERE id IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(&runs)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE jobs SET state = 'parked', error = NULL, finished_at = NULL, run_after = NULL \
-             WHERE id IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(json!(waiting_parents))
-        .execute(&mut *tx)
-        .await?;
-        // Succeeded steps keep their outputs; the rest wait for their needs again.
-        sqlx::query(
-            "UPDATE jobs SET state = 'waiting', output = NULL, error = NULL, checkpoint = NULL, \
-                 finished_at = NULL, max_attempts = attempt + attempt_budget, \
-                 pending_needs = (SELECT count(*) FROM json_each(jobs.needs) AS nd \
-                     JOIN jobs AS up ON up.run_id = jobs.run_id AND up.step_id = nd.value \
-                     WHERE up.state != 'succeeded') \
-             WHERE run_id IN (SELECT value FROM json_each(?1)) AND state IN ('failed', 'cancelled')",
-        )
-        .bind(&runs)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE jobs SET state = 'available', run_after = ?2 \
-             WHERE run_id IN (SELECT value FROM json_each(?1)) AND state = 'waiting' \
-                 AND pending_needs = 0",
-        )
-        .bind(&runs)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        let mut effects = Effects::default();
+        machine::retry_run(&mut SqliteTx(&mut tx), run_id, now, &mut effects).await?;
         tx.commit().await?;
-        self.wakeup.notify_one();
+        self.after_commit(effects, &[]);
         Ok(())
     }
 

@@ -1,0 +1,765 @@
+//! The state machine, applied: every run and job transition (start, settle, promote, finish,
+//! fail, cancel, time out, sweep, fire, child settles parent, gate opens, retry) is decided here,
+//! once for every database, from what the transaction read; the decisions that need nothing
+//! read are pure functions of `state.rs`. A driver (`sqlite.rs`, `postgres.rs`) implements [`Tx`]:
+//! set-based primitives that each run a statement or two, guarded by the states this module
+//! expects, and decide nothing. What a transaction did that others must hear of (jobs made
+//! claimable, runs finished) is collected in [`Effects`] and acted on after the commit.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+use super::{
+    ClaimedJob, Completion, FireOutcome, FireParams, JobId, Lease, NewRun, Result, RunId,
+    StoreError, Swept, completion_rows,
+};
+use crate::state::{
+    JobState, Millis, RunStatus, fire_skip_reason, gate_opening, gate_room, settle_lost_lease,
+    timeout_error,
+};
+
+/// A step whose job just succeeded. Only a sink's success can finish its run: every other step
+/// has a dependent that has not run yet.
+#[derive(Debug, Clone)]
+pub(crate) struct Succeeded {
+    pub run_id: RunId,
+    pub step_id: String,
+    pub is_sink: bool,
+}
+
+/// A run a transaction just finished, and what it may settle next.
+#[derive(Debug, Clone)]
+pub(crate) struct FinishedRun {
+    pub id: RunId,
+    pub workflow_id: String,
+    pub status: RunStatus,
+    pub parent_job_id: Option<JobId>,
+    pub concurrency_key: Option<String>,
+}
+
+/// A job a settlement changed, as the database returned it.
+#[derive(Debug, Clone)]
+pub(crate) struct SettledJob {
+    pub id: JobId,
+    pub run_id: RunId,
+    pub step_id: String,
+    pub state: JobState,
+    pub error: Option<String>,
+    pub is_sink: bool,
+}
+
+/// What [`Tx::settle_jobs`] changed: the settled jobs whose fence held, and the dependents of
+/// the steps among them that succeeded, with their new state.
+#[derive(Debug, Default)]
+pub(crate) struct Settled {
+    pub jobs: Vec<SettledJob>,
+    pub promoted: Vec<(JobId, JobState)>,
+}
+
+/// The runs of a concurrency key that hold or wait for a slot.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct GateLoad {
+    pub running: i64,
+    pub pending: i64,
+    /// The limit the oldest waiting run was started under.
+    pub oldest_pending_limit: Option<i64>,
+}
+
+/// One transaction of a database: the primitives the machine is made of. Each is set-based (a
+/// batch costs a constant number of statements), guarded by the states named in its
+/// documentation, and decides nothing beyond them.
+#[async_trait]
+pub(crate) trait Tx: Send {
+    /// Serialises transactions on `key` (a gate, a workflow) until this one ends; a no-op where
+    /// one writer serialises everything.
+    async fn lock_key(&mut self, key: &str) -> Result<()>;
+    /// Locks the runs of these jobs, in id order, before their jobs are read: two transactions
+    /// settling a run's last two steps must not each see the other unfinished.
+    async fn lock_runs_of_jobs(&mut self, jobs: &[JobId]) -> Result<()>;
+
+    async fn runs_by_idempotency_key(&mut self, keys: &[&str]) -> Result<Vec<(String, RunId)>>;
+    async fn gate_load(&mut self, key: &str) -> Result<GateLoad>;
+    /// Inserts runs (rows of [`run_rows`]) unless their idempotency key is taken; returns the
+    /// ids inserted.
+    async fn insert_run_rows(&mut self, runs: Value, now: Millis) -> Result<BTreeSet<RunId>>;
+    /// Inserts jobs (rows of [`run_rows`]), `available` where ready, else `waiting`.
+    async fn insert_job_rows(&mut self, jobs: Value, now: Millis) -> Result<()>;
+
+    /// Applies settlements (rows of [`completion_rows`]) to jobs still `running` under the same
+    /// attempt and lease token, and promotes the dependents of those that succeeded: a `waiting`
+    /// job counts down its needs, and becomes `available` at zero while its run is `running`.
+    async fn settle_jobs(&mut self, rows: Value, ids: &[JobId], now: Millis) -> Result<Settled>;
+    /// The promotion of [`Tx::settle_jobs`], for steps that succeeded otherwise; returns the
+    /// jobs that became `available`.
+    async fn promote_dependents(
+        &mut self,
+        succeeded: &[&Succeeded],
+        now: Millis,
+    ) -> Result<Vec<JobId>>;
+    /// Marks `succeeded` each `running` run among `runs` whose jobs all succeeded, with the sinks'
+    /// outputs as its output.
+    async fn finish_done_runs(&mut self, runs: &[&str], now: Millis) -> Result<Vec<FinishedRun>>;
+    /// Ends each active run of `runs` as `status`, with its error.
+    async fn end_active_runs(
+        &mut self,
+        runs: &[(RunId, String)],
+        status: RunStatus,
+        now: Millis,
+    ) -> Result<Vec<FinishedRun>>;
+    async fn raise_alerts(&mut self, runs: &[&str], now: Millis) -> Result<()>;
+    /// Cancels the active runs below `roots`, with `error`.
+    async fn cancel_descendants(
+        &mut self,
+        roots: &[&str],
+        error: &str,
+        now: Millis,
+    ) -> Result<Vec<FinishedRun>>;
+    /// Cancels the open jobs of `runs`.
+    async fn cancel_open_jobs(&mut self, runs: &[&str], now: Millis) -> Result<()>;
+    /// Starts the `count` oldest `pending` runs of `key`.
+    async fn start_pending_runs(
+        &mut self,
+        key: &str,
+        count: i64,
+        now: Millis,
+    ) -> Result<Vec<RunId>>;
+    /// Makes the `waiting` jobs of `runs` that wait for nothing `available`; returns how many.
+    async fn make_ready(&mut self, runs: &[RunId], now: Millis) -> Result<u64>;
+    /// Fails a `parked` step with `error`; returns its run and step when it was parked.
+    async fn fail_parked_step(
+        &mut self,
+        job: JobId,
+        error: &str,
+        now: Millis,
+    ) -> Result<Option<(RunId, String)>>;
+    /// Succeeds a `parked` step whose child runs all succeeded, with their outputs in order.
+    async fn succeed_parked_step(&mut self, job: JobId, now: Millis) -> Result<Option<Succeeded>>;
+
+    /// Hands `result` to the step waiting under `token` (see `Store::deliver_callback`): `None`
+    /// when no step takes it, else whether it woke a parked step.
+    async fn give_callback(
+        &mut self,
+        run_id: &str,
+        step_id: &str,
+        token: &str,
+        result: &Value,
+        now: Millis,
+    ) -> Result<Option<bool>>;
+
+    /// Leases whose time ran out with their job still `running`, and each job's attempt budget.
+    async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<(Lease, u32)>>;
+    /// Forgets expired leases no job runs under any more.
+    async fn drop_spent_leases(&mut self, now: Millis) -> Result<()>;
+    /// Active runs past their deadline, with their timeout.
+    async fn overdue_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<(RunId, Option<i64>)>>;
+
+    /// Locks a run for a change of its status; `None` when it does not exist.
+    async fn lock_run(&mut self, run_id: &str) -> Result<Option<RunStatus>>;
+    /// The child runs, not `succeeded`, of the `workflow` steps of `runs` that failed or were
+    /// cancelled, each with that step's job.
+    async fn unsuccessful_children(&mut self, runs: &[RunId]) -> Result<Vec<(JobId, RunId)>>;
+    /// Puts finished runs back to `running`, with a new deadline.
+    async fn reopen_runs(&mut self, runs: &[RunId], now: Millis) -> Result<()>;
+    /// Puts failed or cancelled `workflow` steps back to `parked`, waiting for their children.
+    async fn repark_steps(&mut self, jobs: &[JobId]) -> Result<()>;
+    /// Puts the failed and cancelled jobs of `runs` back to `waiting`, with a fresh attempt
+    /// budget and their needs counted again.
+    async fn reset_unsuccessful_jobs(&mut self, runs: &[RunId]) -> Result<()>;
+
+    /// Records a fire unless it is recorded already; returns whether this call recorded it.
+    async fn record_fire(
+        &mut self,
+        workflow_id: &str,
+        fire_at: Millis,
+        now: Millis,
+    ) -> Result<bool>;
+    async fn is_paused(&mut self, workflow_id: &str) -> Result<bool>;
+    /// An active run of the workflow that no other run started.
+    async fn active_top_level_run(&mut self, workflow_id: &str) -> Result<Option<RunId>>;
+    /// What a recorded fire came to: its run, or why it was skipped.
+    async fn settle_fire(
+        &mut self,
+        workflow_id: &str,
+        fire_at: Millis,
+        run_id: Option<&str>,
+        skipped: Option<&str>,
+    ) -> Result<()>;
+}
+
+/// What a transaction did that the world outside it must hear of, once it has committed.
+#[derive(Debug, Default)]
+pub(crate) struct Effects {
+    /// Jobs that became claimable.
+    ready: Vec<JobId>,
+    /// Jobs became claimable that `ready` does not list (new runs, opened gates, retries).
+    woke: bool,
+    finished: Vec<(String, RunStatus)>,
+}
+
+impl Effects {
+    fn finished(&mut self, runs: &[FinishedRun]) {
+        self.finished
+            .extend(runs.iter().map(|r| (r.workflow_id.clone(), r.status)));
+    }
+
+    /// Marks that jobs became claimable in ways [`Effects::ready`] does not list.
+    pub fn woke(&mut self) {
+        self.woke = true;
+    }
+
+    /// Whether workers may find jobs this transaction made claimable and did not claim itself.
+    pub fn wakes_others(&self, claimed: &[JobId]) -> bool {
+        self.woke || self.ready.iter().any(|id| !claimed.contains(id))
+    }
+
+    /// Counts the runs finished, in the metrics. Only after the commit: a rolled-back
+    /// transaction finished nothing.
+    pub fn publish(self) {
+        for (workflow, status) in self.finished {
+            crate::metrics::run_finished(&workflow, status);
+        }
+    }
+}
+
+/// The rows to insert for `runs`, gated or not: runs as `insert_run_rows` reads them, and
+/// their jobs as `insert_job_rows` does. JSON values, not text, so that an input or a `needs`
+/// list reaches the database as it is.
+fn run_rows(runs: &[(&NewRun, bool)], now: Millis) -> (Value, Vec<Value>) {
+    let mut rows = Vec::with_capacity(runs.len());
+    let mut jobs = Vec::new();
+    for &(run, gated) in runs {
+        let status = if gated {
+            RunStatus::Pending
+        } else {
+            RunStatus::Running
+        };
+        rows.push(json!({
+            "id": run.id,
+            "workflow_id": run.workflow_id,
+            "version": run.version,
+            "status": status.as_str(),
+            "input": run.input,
+            "parent_run_id": run.parent.as_ref().map(|p| &p.run_id),
+            "parent_job_id": run.parent.as_ref().map(|p| p.job_id),
+            "child_index": run.parent.as_ref().map(|p| p.index),
+            "concurrency_key": run.concurrency.as_ref().map(|c| &c.key),
+            "concurrency_limit": run.concurrency.as_ref().map(|c| c.limit),
+            "idempotency_key": run.idempotency_key,
+            "timeout_ms": run.timeout_ms,
+            "deadline_at": run.timeout_ms.map(|t| now + t),
+            "retention_ms": run.retention_ms,
+            "scheduled_at": run.scheduled_at,
+            "started_at": (!gated).then_some(now),
+        }));
+        for job in &run.jobs {
+            jobs.push(json!({
+                "run_id": run.id,
+                "step_id": job.step_id,
+                "needs": job.needs,
+                "pending": job.needs.len(),
+                "is_sink": job.is_sink,
+                "budget": job.max_attempts,
+                "ready": !gated && job.needs.is_empty(),
+            }));
+        }
+    }
+    (Value::Array(rows), jobs)
+}
+
+/// Creates runs and their first jobs. Returns each run's id, which is an earlier run's id where
+/// its idempotency key was used before. A gated run starts only while fewer than its limit run
+/// with its key and none waits ahead of it; the others wait as `pending`.
+pub(crate) async fn insert_runs(
+    tx: &mut dyn Tx,
+    runs: Vec<NewRun>,
+    now: Millis,
+) -> Result<Vec<RunId>> {
+    let keys: Vec<&str> = runs
+        .iter()
+        .filter_map(|r| r.idempotency_key.as_deref())
+        .collect();
+    let mut known: BTreeMap<String, RunId> = if keys.is_empty() {
+        BTreeMap::new()
+    } else {
+        tx.runs_by_idempotency_key(&keys)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    let fresh: Vec<&NewRun> = runs
+        .iter()
+        .filter(|r| {
+            r.idempotency_key
+                .as_ref()
+                .is_none_or(|k| !known.contains_key(k))
+        })
+        .collect();
+    let gates: BTreeSet<&str> = fresh
+        .iter()
+        .filter_map(|r| r.concurrency.as_ref().map(|c| c.key.as_str()))
+        .collect();
+    let mut room: BTreeMap<&str, i64> = BTreeMap::new();
+    for key in gates {
+        tx.lock_key(&format!("gate/{key}")).await?;
+        let load = tx.gate_load(key).await?;
+        let limit = fresh
+            .iter()
+            .find_map(|r| r.concurrency.as_ref().filter(|c| c.key == key))
+            .map_or(0, |c| c.limit);
+        room.insert(key, gate_room(limit, load.running, load.pending));
+    }
+    let planned: Vec<(&NewRun, bool)> = fresh
+        .iter()
+        .map(|run| {
+            let gated = run.concurrency.as_ref().is_some_and(|gate| {
+                let free = room.get_mut(gate.key.as_str()).expect("counted above");
+                *free -= 1;
+                *free < 0
+            });
+            (*run, gated)
+        })
+        .collect();
+    let mut inserted = BTreeSet::new();
+    if !planned.is_empty() {
+        let (rows, jobs) = run_rows(&planned, now);
+        // A concurrent start with the same idempotency key may commit first: its run wins.
+        inserted = tx.insert_run_rows(rows, now).await?;
+        let jobs: Vec<Value> = jobs
+            .into_iter()
+            .filter(|j| inserted.contains(j["run_id"].as_str().unwrap_or_default()))
+            .collect();
+        if !jobs.is_empty() {
+            tx.insert_job_rows(Value::Array(jobs), now).await?;
+        }
+    }
+    let lost: Vec<&str> = fresh
+        .iter()
+        .filter(|r| !inserted.contains(&r.id))
+        .filter_map(|r| r.idempotency_key.as_deref())
+        .collect();
+    if !lost.is_empty() {
+        known.extend(tx.runs_by_idempotency_key(&lost).await?);
+    }
+    Ok(runs
+        .iter()
+        .map(|r| match &r.idempotency_key {
+            Some(key) if !inserted.contains(&r.id) => {
+                known.get(key).cloned().unwrap_or_else(|| r.id.clone())
+            }
+            _ => r.id.clone(),
+        })
+        .collect())
+}
+
+/// Applies settlements fenced by their leases, then everything that follows from them; returns
+/// the jobs whose settlement was accepted.
+pub(crate) async fn complete(
+    tx: &mut dyn Tx,
+    completions: Vec<Completion>,
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<Vec<JobId>> {
+    if completions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<JobId> = completions.iter().map(|c| c.lease.job_id).collect();
+    let settled = tx
+        .settle_jobs(completion_rows(&completions, now), &ids, now)
+        .await?;
+    effects.ready.extend(
+        settled
+            .promoted
+            .iter()
+            .filter(|(_, state)| *state == JobState::Available)
+            .map(|(id, _)| *id),
+    );
+    let mut accepted = Vec::with_capacity(settled.jobs.len());
+    let mut sinks = Vec::new();
+    let mut failed = Vec::new();
+    for job in settled.jobs {
+        accepted.push(job.id);
+        match job.state {
+            // The other steps that succeeded have promoted their dependents already.
+            JobState::Succeeded if job.is_sink => sinks.push(Succeeded {
+                run_id: job.run_id,
+                step_id: job.step_id,
+                is_sink: true,
+            }),
+            JobState::Failed => failed.push((
+                job.run_id,
+                format!(
+                    "step {} failed: {}",
+                    job.step_id,
+                    job.error.unwrap_or_default()
+                ),
+            )),
+            JobState::Available | JobState::Retrying => effects.ready.push(job.id),
+            _ => {}
+        }
+    }
+    // Child runs a `workflow` step starts are created in the transaction that parks it.
+    let children: Vec<NewRun> = completions
+        .into_iter()
+        .filter(|c| accepted.contains(&c.lease.job_id))
+        .flat_map(|c| c.children)
+        .collect();
+    if !children.is_empty() {
+        insert_runs(tx, children, now).await?;
+        effects.woke();
+    }
+    cascade(tx, sinks, failed, RunStatus::Failed, now, effects).await?;
+    Ok(accepted)
+}
+
+/// Follows settled jobs to their consequences until nothing more changes: dependents become
+/// available, runs finish, a finished child run settles its parent's `workflow` step (which may
+/// finish the parent run in turn), and gates open for waiting runs.
+async fn cascade(
+    tx: &mut dyn Tx,
+    mut succeeded: Vec<Succeeded>,
+    mut ended: Vec<(RunId, String)>,
+    mut ended_as: RunStatus,
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<()> {
+    loop {
+        let mut finished = Vec::new();
+        let (sinks, inner): (Vec<&Succeeded>, Vec<&Succeeded>) =
+            succeeded.iter().partition(|s| s.is_sink);
+        if !inner.is_empty() {
+            effects
+                .ready
+                .extend(tx.promote_dependents(&inner, now).await?);
+        }
+        if !sinks.is_empty() {
+            let runs: BTreeSet<&str> = sinks.iter().map(|s| s.run_id.as_str()).collect();
+            let runs: Vec<&str> = runs.into_iter().collect();
+            finished.extend(tx.finish_done_runs(&runs, now).await?);
+        }
+        if !ended.is_empty() {
+            finished.extend(end_runs(tx, &ended, ended_as, now).await?);
+        }
+        effects.finished(&finished);
+        if open_gates(tx, &finished, now).await? {
+            effects.woke();
+        }
+        (succeeded, ended) = settle_parents(tx, &finished, now).await?;
+        // a parent whose child did not succeed fails like any step
+        ended_as = RunStatus::Failed;
+        if succeeded.is_empty() && ended.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// Ends active runs as `status` with their errors, and with them every open job and every active
+/// descendant run (cancelled). A run that failed or timed out raises an alert.
+async fn end_runs(
+    tx: &mut dyn Tx,
+    runs: &[(RunId, String)],
+    status: RunStatus,
+    now: Millis,
+) -> Result<Vec<FinishedRun>> {
+    let mut finished = tx.end_active_runs(runs, status, now).await?;
+    if finished.is_empty() {
+        return Ok(finished);
+    }
+    let roots: Vec<&str> = finished.iter().map(|r| r.id.as_str()).collect();
+    if status.raises_alert() {
+        tx.raise_alerts(&roots, now).await?;
+    }
+    let descendants = tx
+        .cancel_descendants(&roots, "its parent run ended", now)
+        .await?;
+    // Their parents are ending too, so only their gates matter, not their parents.
+    finished.extend(descendants.into_iter().map(|r| FinishedRun {
+        parent_job_id: None,
+        ..r
+    }));
+    let all: Vec<&str> = finished.iter().map(|r| r.id.as_str()).collect();
+    tx.cancel_open_jobs(&all, now).await?;
+    Ok(finished)
+}
+
+/// Starts the oldest waiting runs behind each key whose runs just finished, up to the key's
+/// limit. Returns whether jobs became claimable.
+async fn open_gates(tx: &mut dyn Tx, finished: &[FinishedRun], now: Millis) -> Result<bool> {
+    let keys: BTreeSet<&str> = finished
+        .iter()
+        .filter_map(|r| r.concurrency_key.as_deref())
+        .collect();
+    let mut woke = false;
+    for key in keys {
+        tx.lock_key(&format!("gate/{key}")).await?;
+        let load = tx.gate_load(key).await?;
+        let free = gate_opening(load.oldest_pending_limit, load.running);
+        if free <= 0 {
+            continue;
+        }
+        let started = tx.start_pending_runs(key, free, now).await?;
+        if !started.is_empty() {
+            woke |= tx.make_ready(&started, now).await? > 0;
+        }
+    }
+    Ok(woke)
+}
+
+/// For each parked `workflow` step among the parents of `finished`: the first child that did not
+/// succeed, if one did not (the step fails), else none (the step succeeds once every child has).
+fn parent_outcomes(finished: &[FinishedRun]) -> BTreeMap<JobId, Option<&FinishedRun>> {
+    let mut parents: BTreeMap<JobId, Option<&FinishedRun>> = BTreeMap::new();
+    for run in finished {
+        if let Some(parent) = run.parent_job_id {
+            let failure = parents.entry(parent).or_default();
+            if run.status != RunStatus::Succeeded && failure.is_none() {
+                *failure = Some(run);
+            }
+        }
+    }
+    parents
+}
+
+/// Settles the parked `workflow` steps whose child runs just finished: failed when a child did not
+/// succeed, succeeded with the list of child outputs once every child succeeded.
+async fn settle_parents(
+    tx: &mut dyn Tx,
+    finished: &[FinishedRun],
+    now: Millis,
+) -> Result<(Vec<Succeeded>, Vec<(RunId, String)>)> {
+    let mut succeeded = Vec::new();
+    let mut failed = Vec::new();
+    let parents = parent_outcomes(finished);
+    if parents.is_empty() {
+        return Ok((succeeded, failed));
+    }
+    // Children finishing in two transactions at once would each see the other still running;
+    // the parent run's lock makes the second wait and then see the first.
+    let parent_jobs: Vec<JobId> = parents.keys().copied().collect();
+    tx.lock_runs_of_jobs(&parent_jobs).await?;
+    for (parent, failure) in parents {
+        match failure {
+            Some(child) => {
+                let error = format!("child run {} {}", child.id, child.status);
+                if let Some((run_id, step)) = tx.fail_parked_step(parent, &error, now).await? {
+                    failed.push((run_id, format!("step {step} failed: {error}")));
+                }
+            }
+            None => succeeded.extend(tx.succeed_parked_step(parent, now).await?),
+        }
+    }
+    Ok((succeeded, failed))
+}
+
+/// Settles expired leases as lost attempts and times out runs past their deadline.
+pub(crate) async fn sweep(tx: &mut dyn Tx, now: Millis, effects: &mut Effects) -> Result<Swept> {
+    const BATCH: u32 = 1_000;
+    let lost: Vec<Completion> = tx
+        .expired_leases(now, BATCH)
+        .await?
+        .into_iter()
+        .map(|(lease, max_attempts)| Completion {
+            settlement: settle_lost_lease(lease.attempt, max_attempts, now),
+            lease,
+            children: Vec::new(),
+        })
+        .collect();
+    let reclaimed = complete(tx, lost, now, effects).await?.len() as u64;
+    if reclaimed > 0 {
+        effects.woke();
+    }
+    tx.drop_spent_leases(now).await?;
+    let late: Vec<(RunId, String)> = tx
+        .overdue_runs(now, BATCH)
+        .await?
+        .into_iter()
+        .map(|(id, timeout)| (id, timeout_error(timeout)))
+        .collect();
+    let timed_out = late.len() as u64;
+    cascade(tx, Vec::new(), late, RunStatus::TimedOut, now, effects).await?;
+    Ok(Swept {
+        reclaimed_jobs: reclaimed,
+        timed_out_runs: timed_out,
+    })
+}
+
+/// Cancels an active run; a finished one keeps its status. Returns the run's status after.
+pub(crate) async fn cancel_run(
+    tx: &mut dyn Tx,
+    run_id: &str,
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<RunStatus> {
+    let status = tx
+        .lock_run(run_id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?;
+    if status.is_finished() {
+        return Ok(status);
+    }
+    let ended = vec![(run_id.to_owned(), "cancelled".to_owned())];
+    cascade(tx, Vec::new(), ended, RunStatus::Cancelled, now, effects).await?;
+    Ok(RunStatus::Cancelled)
+}
+
+/// Puts a run that did not succeed back to work: its failed and cancelled steps wait for their
+/// needs again, and succeeded steps keep their outputs. A `workflow` step that started child runs
+/// waits for them again instead of starting new ones: its children that did not succeed are
+/// retried with it, down the tree.
+pub(crate) async fn retry_run(
+    tx: &mut dyn Tx,
+    run_id: &str,
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<()> {
+    let status = tx
+        .lock_run(run_id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?;
+    if !RunStatus::RETRYABLE.contains(&status) {
+        return Err(StoreError::Conflict(format!(
+            "run {run_id} is {status}; only failed, cancelled or timed-out runs can be retried"
+        )));
+    }
+    let mut runs = vec![run_id.to_owned()];
+    let mut waiting_parents: Vec<JobId> = Vec::new();
+    let mut level = runs.clone();
+    while !level.is_empty() {
+        let children = tx.unsuccessful_children(&level).await?;
+        waiting_parents.extend(children.iter().map(|(job, _)| *job));
+        level = children.into_iter().map(|(_, child)| child).collect();
+        runs.extend(level.iter().cloned());
+    }
+    tx.reopen_runs(&runs, now).await?;
+    tx.repark_steps(&waiting_parents).await?;
+    tx.reset_unsuccessful_jobs(&runs).await?;
+    tx.make_ready(&runs, now).await?;
+    effects.woke();
+    Ok(())
+}
+
+/// Records a schedule fire, unique on (workflow, fire time), and starts its run or records why
+/// it was skipped.
+pub(crate) async fn fire(
+    tx: &mut dyn Tx,
+    fire: FireParams,
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<FireOutcome> {
+    let (workflow, at) = (fire.workflow_id.as_str(), fire.fire_at);
+    if !tx.record_fire(workflow, at, now).await? {
+        return Ok(FireOutcome::AlreadyRecorded);
+    }
+    let paused = tx.is_paused(workflow).await?;
+    let active = if !paused && fire.skip_if_active {
+        // Another scheduler may be starting the previous fire right now: wait for it.
+        tx.lock_key(&format!("workflow/{workflow}")).await?;
+        tx.active_top_level_run(workflow).await?
+    } else {
+        None
+    };
+    match fire_skip_reason(paused, active.as_deref()) {
+        Some(reason) => {
+            tx.settle_fire(workflow, at, None, Some(&reason)).await?;
+            Ok(FireOutcome::Skipped(reason))
+        }
+        None => {
+            let run = insert_runs(tx, vec![fire.run.clone()], now)
+                .await?
+                .remove(0);
+            tx.settle_fire(workflow, at, Some(&run), None).await?;
+            effects.woke();
+            Ok(FireOutcome::Started(run))
+        }
+    }
+}
+
+/// Hands an outside result to the step waiting for it (see `Store::deliver_callback`).
+pub(crate) async fn deliver_callback(
+    tx: &mut dyn Tx,
+    run_id: &str,
+    step_id: &str,
+    token: &str,
+    result: &Value,
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<bool> {
+    let given = tx
+        .give_callback(run_id, step_id, token, result, now)
+        .await?;
+    if given == Some(true) {
+        effects.woke();
+    }
+    Ok(given.is_some())
+}
+
+/// The ids of claimed jobs, for [`Effects::wakes_others`].
+pub(crate) fn claimed_ids(claimed: &[ClaimedJob]) -> Vec<JobId> {
+    claimed.iter().map(|c| c.lease.job_id).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Settlement;
+
+    fn finished(id: &str, status: RunStatus, parent: Option<JobId>) -> FinishedRun {
+        FinishedRun {
+            id: id.into(),
+            workflow_id: "w".into(),
+            status,
+            parent_job_id: parent,
+            concurrency_key: None,
+        }
+    }
+
+    #[test]
+    fn a_parent_step_fails_with_its_first_unsuccessful_child_and_waits_otherwise() {
+        let runs = [
+            finished("a", RunStatus::Succeeded, Some(1)),
+            finished("b", RunStatus::Failed, Some(1)),
+            finished("c", RunStatus::Cancelled, Some(1)),
+            finished("d", RunStatus::Succeeded, Some(2)),
+            finished("e", RunStatus::Failed, None),
+        ];
+        let outcomes = parent_outcomes(&runs);
+        assert_eq!(outcomes.len(), 2);
+        assert_eq!(outcomes[&1].map(|r| r.id.as_str()), Some("b"));
+        assert!(outcomes[&2].is_none());
+    }
+
+    #[test]
+    fn every_settlement_names_a_state_a_running_job_may_become() {
+        let settlements = [
+            Settlement::Succeed { output: json!(1) },
+            Settlement::Retry {
+                at: 0,
+                error: "e".into(),
+            },
+            Settlement::Fail { error: "e".into() },
+            Settlement::Park {
+                until: None,
+                checkpoint: json!({}),
+            },
+            Settlement::Release,
+        ];
+        for target in settlements.iter().map(Settlement::target) {
+            assert!(JobState::Running.can_become(target), "{target}");
+        }
+    }
+
+    #[test]
+    fn effects_wake_others_only_for_jobs_the_own_claim_did_not_take() {
+        let mut effects = Effects {
+            ready: vec![1, 2],
+            ..Effects::default()
+        };
+        assert!(!effects.wakes_others(&[1, 2, 3]));
+        assert!(effects.wakes_others(&[1]));
+        effects.ready.clear();
+        assert!(!effects.wakes_others(&[]));
+        effects.woke();
+        assert!(effects.wakes_others(&[1]));
+    }
+}
