@@ -12,8 +12,8 @@ use crate::plan::{PlanError, Trigger, plan_run};
 use crate::state::{RunStatus, Settlement};
 use crate::store::{
     ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, FireRecord,
-    JobId, NewRun, RunDetail, RunFilter, RunId, RunSummary, Store, StoreError, WorkflowState,
-    check_storable, retry_transient,
+    JobId, NewRun, NewWebhookEvent, RunDetail, RunFilter, RunId, RunSummary, Store, StoreError,
+    WebhookAction, WebhookOutcome, WorkflowState, check_storable, retry_transient,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,12 @@ pub enum EngineError {
         version: i64,
         message: String,
     },
+    /// The first delivery of a webhook event was refused; a repeat changes nothing.
+    #[error("event {event_id} was refused when first delivered: {reason}")]
+    RefusedBefore { event_id: String, reason: String },
+    /// An answer for a step that no longer waits for one.
+    #[error("{0}")]
+    NotWaiting(String),
     #[error("definition of {id}: {problem}")]
     UnstorableDefinition {
         id: String,
@@ -46,6 +52,20 @@ impl From<StoreError> for EngineError {
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// What an inbound webhook delivery asks the engine to do.
+#[derive(Debug, Clone)]
+pub enum WebhookDelivery {
+    /// Start a run of `workflow` with `input`.
+    Start { workflow: String, input: Value },
+    /// Hand `result` to the step of `run_id` waiting under `token`.
+    Answer {
+        run_id: RunId,
+        step_id: String,
+        token: String,
+        result: Value,
+    },
+}
 
 /// Workflow versions by (id, version), loaded from the store once and kept: a version never
 /// changes once stored.
@@ -337,6 +357,68 @@ impl Engine {
             }
         }
         accepted
+    }
+
+    /// Logs an inbound webhook delivery and does what it asks (start a run, or answer a step
+    /// that waits), in one transaction. Returns the run it started or answered, and whether an
+    /// earlier delivery of the same event did. A delivery that cannot be done is logged with its
+    /// reason and is an error; so is a repeat of one refused before.
+    pub async fn receive_webhook(
+        &self,
+        event: NewWebhookEvent,
+        delivery: WebhookDelivery,
+    ) -> Result<(RunId, bool)> {
+        let mut refusal = None;
+        let action = match delivery {
+            WebhookDelivery::Start { workflow, input } => {
+                // A repeated delivery whose first left no run (it failed on the way) asks for the
+                // same run: the key makes it the first's, or starts it now.
+                let trigger = Trigger {
+                    idempotency_key: Some(format!("{}/{}", event.source, event.event_id)),
+                    ..Trigger::default()
+                };
+                match self.plan(&workflow, input, trigger).await {
+                    Ok(run) => WebhookAction::Start(run),
+                    Err(e @ (EngineError::UnknownWorkflow(_) | EngineError::Plan(_))) => {
+                        let action = WebhookAction::Refuse(e.to_string());
+                        refusal = Some(e);
+                        action
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            WebhookDelivery::Answer {
+                run_id,
+                step_id,
+                token,
+                result,
+            } => WebhookAction::Answer {
+                run_id,
+                step_id,
+                token,
+                result,
+            },
+        };
+        let (event_id, workflow) = (event.event_id.clone(), event.workflow_id.clone());
+        let started = matches!(action, WebhookAction::Start(_));
+        match self
+            .store
+            .receive_webhook(event, action, self.now())
+            .await?
+        {
+            WebhookOutcome::Done { run_id, repeated } => {
+                if started && !repeated {
+                    crate::metrics::run_started(workflow.as_deref().unwrap_or_default());
+                }
+                Ok((run_id, repeated))
+            }
+            WebhookOutcome::Refused(reason) => {
+                Err(refusal.unwrap_or(EngineError::NotWaiting(reason)))
+            }
+            WebhookOutcome::RefusedBefore(reason) => {
+                Err(EngineError::RefusedBefore { event_id, reason })
+            }
+        }
     }
 
     pub async fn cancel(&self, run_id: &str) -> Result<RunStatus> {

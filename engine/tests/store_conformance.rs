@@ -10,6 +10,7 @@ use switchyard_engine::state::{JobState, Millis, RunStatus, Settlement};
 use switchyard_engine::store::{
     ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, NewAuditEntry,
     NewRun, NewWebhookEvent, RunFilter, SettingChange, Store, StoreError, TokenRevocation,
+    WebhookAction, WebhookOutcome,
 };
 
 const T0: Millis = 1_800_000_000_000;
@@ -660,75 +661,149 @@ pub async fn retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones(store:
 }
 
 pub async fn a_webhook_event_is_logged_once_per_source_and_id(store: Arc<dyn Store>) {
+    let wf = linear();
+    let version = install(&*store, &wf).await;
     let event = |id: &str, source: &str| NewWebhookEvent {
         source: source.into(),
         event_id: id.into(),
-        workflow_id: Some("hello".into()),
+        workflow_id: Some("linear".into()),
         payload: json!({ "event_id": id }),
     };
-    let (first, fresh) = store
-        .record_webhook_event(event("e-1", "n8n"), T0)
+    let start = |key: &str| {
+        WebhookAction::Start(
+            plan_run(
+                &wf,
+                version,
+                Value::Null,
+                Trigger {
+                    idempotency_key: Some(key.into()),
+                    ..Trigger::default()
+                },
+            )
+            .unwrap(),
+        )
+    };
+    let first = store
+        .receive_webhook(event("e-1", "n8n"), start("n8n/e-1"), T0)
         .await
         .unwrap();
-    assert!(fresh);
-    assert_eq!(first.payload, json!({ "event_id": "e-1" }));
-    store
-        .settle_webhook_event(first.id, Some("run-1"), None)
+    let WebhookOutcome::Done { run_id, repeated } = first else {
+        panic!("{first:?}")
+    };
+    assert!(!repeated);
+    assert_eq!(run_status(&*store, &run_id).await, RunStatus::Running);
+    let again = store
+        .receive_webhook(event("e-1", "n8n"), start("n8n/e-1"), T0 + 1)
         .await
         .unwrap();
-    let (again, fresh) = store
-        .record_webhook_event(event("e-1", "n8n"), T0 + 1)
-        .await
-        .unwrap();
-    assert!(!fresh, "a repeated delivery is not logged again");
-    assert_eq!(again.id, first.id);
-    assert_eq!(again.run_id.as_deref(), Some("run-1"));
-    assert_eq!(again.received_at, T0);
-    // The same id from another source is another event.
-    let (other, fresh) = store
-        .record_webhook_event(event("e-1", "stripe"), T0 + 2)
-        .await
-        .unwrap();
-    assert!(fresh);
-    store
-        .settle_webhook_event(other.id, None, Some("no such workflow"))
-        .await
-        .unwrap();
-    let all = store.webhook_events(None, 10).await.unwrap();
     assert_eq!(
-        all.iter().map(|e| e.source.as_str()).collect::<Vec<_>>(),
-        ["stripe", "n8n"],
-        "newest first"
+        again,
+        WebhookOutcome::Done {
+            run_id: run_id.clone(),
+            repeated: true
+        },
+        "a repeated delivery starts nothing"
     );
-    assert_eq!(all[0].error.as_deref(), Some("no such workflow"));
     assert_eq!(
-        store.webhook_events(Some("n8n"), 10).await.unwrap().len(),
+        store
+            .list_runs(&RunFilter {
+                limit: 10,
+                ..RunFilter::default()
+            })
+            .await
+            .unwrap()
+            .len(),
         1
     );
-    // Repeats of one delivery may record in any order: a run stands, and clears an error.
-    for (first, second) in [
-        ((None, Some("not waiting")), (Some("run-2"), None)),
-        ((Some("run-2"), None), (None, Some("not waiting"))),
-    ] {
-        let id = store
-            .record_webhook_event(event(&format!("e-{first:?}"), "n8n"), T0 + 3)
+    // The same id from another source is another event; refused, it stays refused.
+    let refused = WebhookAction::Refuse("no such workflow".into());
+    assert_eq!(
+        store
+            .receive_webhook(event("e-1", "stripe"), refused.clone(), T0 + 2)
             .await
-            .unwrap()
-            .0
-            .id;
-        for (run, error) in [first, second] {
-            store.settle_webhook_event(id, run, error).await.unwrap();
+            .unwrap(),
+        WebhookOutcome::Refused("no such workflow".into())
+    );
+    assert_eq!(
+        store
+            .receive_webhook(event("e-1", "stripe"), start("stripe/e-1"), T0 + 3)
+            .await
+            .unwrap(),
+        WebhookOutcome::RefusedBefore("no such workflow".into())
+    );
+    // An answer no step waits for is refused, and logged so.
+    let answer = WebhookAction::Answer {
+        run_id: run_id.clone(),
+        step_id: "a".into(),
+        token: "nobody".into(),
+        result: json!({ "output": 1 }),
+    };
+    let not_waiting = store
+        .receive_webhook(event("e-2", "n8n"), answer, T0 + 4)
+        .await
+        .unwrap();
+    assert!(
+        matches!(not_waiting, WebhookOutcome::Refused(_)),
+        "{not_waiting:?}"
+    );
+
+    let all = store.webhook_events(None, 10).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|e| (e.source.as_str(), e.event_id.as_str()))
+            .collect::<Vec<_>>(),
+        [("n8n", "e-2"), ("stripe", "e-1"), ("n8n", "e-1")],
+        "newest first"
+    );
+    assert!(all[0].error.as_deref().is_some_and(|e| e.contains("waits")));
+    assert_eq!(all[1].error.as_deref(), Some("no such workflow"));
+    assert_eq!(all[2].run_id.as_deref(), Some(run_id.as_str()));
+    assert_eq!(all[2].payload, json!({ "event_id": "e-1" }));
+    assert_eq!(all[2].received_at, T0);
+    assert_eq!(
+        store.webhook_events(Some("n8n"), 10).await.unwrap().len(),
+        2
+    );
+}
+
+pub async fn a_webhook_event_delivered_twice_at_once_starts_one_run(store: Arc<dyn Store>) {
+    let wf = linear();
+    let version = install(&*store, &wf).await;
+    let deliver = || {
+        let store = store.clone();
+        let run = plan_run(
+            &wf,
+            version,
+            Value::Null,
+            Trigger {
+                idempotency_key: Some("n8n/twice".into()),
+                ..Trigger::default()
+            },
+        )
+        .unwrap();
+        async move {
+            let event = NewWebhookEvent {
+                source: "n8n".into(),
+                event_id: "twice".into(),
+                workflow_id: Some("linear".into()),
+                payload: json!({}),
+            };
+            store
+                .receive_webhook(event, WebhookAction::Start(run), T0)
+                .await
+                .unwrap()
         }
-        let logged = store
-            .webhook_events(Some("n8n"), 1)
-            .await
-            .unwrap()
-            .remove(0);
-        assert_eq!(
-            (logged.run_id.as_deref(), logged.error.as_deref()),
-            (Some("run-2"), None)
-        );
-    }
+    };
+    let (a, b) = tokio::join!(tokio::spawn(deliver()), tokio::spawn(deliver()));
+    let runs: Vec<WebhookOutcome> = vec![a.unwrap(), b.unwrap()];
+    let ids: std::collections::BTreeSet<String> = runs
+        .iter()
+        .map(|o| match o {
+            WebhookOutcome::Done { run_id, .. } => run_id.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "{runs:?}");
 }
 
 pub async fn a_fire_creates_exactly_one_run_with_two_schedulers(store: Arc<dyn Store>) {
@@ -1561,6 +1636,7 @@ macro_rules! conformance {
                 workflow_step_succeeds_with_child_outputs_in_order,
                 retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones,
                 a_webhook_event_is_logged_once_per_source_and_id,
+                a_webhook_event_delivered_twice_at_once_starts_one_run,
                 a_fire_creates_exactly_one_run_with_two_schedulers,
                 overlapping_fire_is_skipped_with_its_reason,
                 paused_workflow_fires_are_recorded_as_skipped,

@@ -123,6 +123,12 @@ impl From<EngineError> for ApiError {
                 "invalid_input",
                 e.to_string(),
             ),
+            EngineError::RefusedBefore { .. } => {
+                ApiError::bad_request("refused_before", e.to_string())
+            }
+            EngineError::NotWaiting(message) => {
+                ApiError::new(StatusCode::CONFLICT, "not_waiting", message)
+            }
             EngineError::UnstorableDefinition { .. } => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_definition",

@@ -14,7 +14,7 @@ use super::error::{ApiError, Bytes, ErrorBody, Json, Query};
 use super::{AppState, Logged};
 use crate::auth::Role;
 use crate::callback;
-use crate::plan::Trigger;
+use crate::service::WebhookDelivery;
 use crate::settings;
 use crate::store::{NewWebhookEvent, WebhookEvent};
 
@@ -123,107 +123,45 @@ pub async fn n8n_webhook(
         })?),
         None => None,
     };
-    let store = state.engine.store();
-    let (logged, fresh) = store
-        .record_webhook_event(
-            NewWebhookEvent {
-                source: "n8n".into(),
-                event_id: event.event_id.clone(),
-                workflow_id: workflow.clone(),
-                payload,
+    let delivery = match (step, workflow) {
+        (Some((run_id, step_id, token)), _) => WebhookDelivery::Answer {
+            run_id: run_id.to_owned(),
+            step_id: step_id.to_owned(),
+            token: token.to_owned(),
+            result: match event.error {
+                Some(error) => serde_json::json!({ "event_id": event.event_id, "error": error }),
+                None => serde_json::json!({ "event_id": event.event_id, "output": event.output }),
             },
-            state.engine.now(),
-        )
-        .await?;
-    if !fresh && let Some(error) = logged.error {
-        return Err(ApiError::bad_request(
-            "refused_before",
-            format!(
-                "event {} was refused when first delivered: {error}",
-                event.event_id
-            ),
-        ));
-    }
-    if let Some((run_id, step_id, secret)) = step {
-        if let Some(run_id) = logged.run_id {
-            return Ok((
-                StatusCode::OK,
-                Json(WebhookReceipt {
-                    event_id: event.event_id,
-                    run_id,
-                    duplicate: true,
-                }),
-            ));
-        }
-        let result = match event.error {
-            Some(error) => serde_json::json!({ "event_id": event.event_id, "error": error }),
-            None => serde_json::json!({ "event_id": event.event_id, "output": event.output }),
-        };
-        if !store
-            .deliver_callback(run_id, step_id, secret, result, state.engine.now())
-            .await?
-        {
-            let message = format!(
-                "no step {step_id} of run {run_id} waits under this callback token: it timed \
-                 out, was cancelled, or has its result"
-            );
-            store
-                .settle_webhook_event(logged.id, None, Some(&message))
-                .await?;
-            return Err(ApiError::new(StatusCode::CONFLICT, "not_waiting", message));
-        }
-        store
-            .settle_webhook_event(logged.id, Some(run_id), None)
-            .await?;
-        tracing::info!(run = %Logged(run_id), step = %Logged(step_id), event = %Logged(&event.event_id), "n8n answered a step");
-        return Ok((
-            StatusCode::OK,
-            Json(WebhookReceipt {
-                event_id: event.event_id,
-                run_id: run_id.to_owned(),
-                duplicate: !fresh,
-            }),
-        ));
-    }
-    let workflow = workflow.expect("an event without a callback names its workflow");
-    // A repeated delivery whose first has no run yet (still in flight, or it failed on the way)
-    // asks for the same run: the key makes it the first's, or starts it now.
-    let trigger = Trigger {
-        idempotency_key: Some(format!("n8n/{}", event.event_id)),
-        ..Trigger::default()
-    };
-    let run_id = match logged.run_id {
-        Some(run_id) => run_id,
-        None => match state.engine.start(&workflow, event.input, trigger).await {
-            Ok((run_id, _)) => {
-                store
-                    .settle_webhook_event(logged.id, Some(&run_id), None)
-                    .await?;
-                tracing::info!(run = %run_id, workflow = %Logged(&workflow), event = %Logged(&event.event_id), "run started by n8n");
-                run_id
-            }
-            Err(e) => {
-                let error = ApiError::from(e);
-                if error.status.is_client_error() {
-                    store
-                        .settle_webhook_event(logged.id, None, Some(&error.message))
-                        .await?;
-                }
-                return Err(error);
-            }
+        },
+        (None, workflow) => WebhookDelivery::Start {
+            workflow: workflow.expect("an event without a callback names its workflow"),
+            input: event.input,
         },
     };
-    let status = if fresh {
-        StatusCode::CREATED
-    } else {
+    let answer = matches!(delivery, WebhookDelivery::Answer { .. });
+    let logged = NewWebhookEvent {
+        source: "n8n".into(),
+        event_id: event.event_id.clone(),
+        workflow_id: event.workflow.clone(),
+        payload,
+    };
+    let (run_id, repeated) = state.engine.receive_webhook(logged, delivery).await?;
+    if answer {
+        tracing::info!(run = %Logged(&run_id), event = %Logged(&event.event_id), "n8n answered a step");
+    } else if !repeated {
+        tracing::info!(run = %run_id, event = %Logged(&event.event_id), "run started by n8n");
+    }
+    let status = if answer || repeated {
         StatusCode::OK
+    } else {
+        StatusCode::CREATED
     };
     Ok((
         status,
         Json(WebhookReceipt {
             event_id: event.event_id,
             run_id,
-            duplicate: !fresh,
+            duplicate: repeated,
         }),
     ))
 }

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::{
-    ClaimedJob, Completion, FireOutcome, FireParams, JobId, Lease, NewRun, Result, RunId,
-    StoreError, Swept, completion_rows,
+    ClaimedJob, Completion, FireOutcome, FireParams, JobId, Lease, NewRun, NewWebhookEvent, Result,
+    RunId, StoreError, Swept, WebhookAction, WebhookEvent, WebhookOutcome, completion_rows,
 };
 use crate::state::{
     JobState, Millis, RunStatus, fire_skip_reason, gate_opening, gate_room, settle_lost_lease,
@@ -178,6 +178,21 @@ pub(crate) trait Tx: Send {
     async fn is_paused(&mut self, workflow_id: &str) -> Result<bool>;
     /// An active run of the workflow that no other run started.
     async fn active_top_level_run(&mut self, workflow_id: &str) -> Result<Option<RunId>>;
+    /// Logs a webhook event unless one with its source and id is logged; returns the event as
+    /// logged, and whether this call logged it.
+    async fn log_webhook_event(
+        &mut self,
+        event: &NewWebhookEvent,
+        now: Millis,
+    ) -> Result<(WebhookEvent, bool)>;
+    /// Records what a logged event did: the run it started or answered, or why it was refused.
+    async fn settle_webhook_event(
+        &mut self,
+        id: i64,
+        run_id: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<()>;
+
     /// What a recorded fire came to: its run, or why it was skipped.
     async fn settle_fire(
         &mut self,
@@ -692,6 +707,70 @@ pub(crate) async fn deliver_callback(
         effects.woke();
     }
     Ok(given.is_some())
+}
+
+/// Logs a webhook delivery and does what it asks (see `Store::receive_webhook`).
+pub(crate) async fn receive_webhook(
+    tx: &mut dyn Tx,
+    event: NewWebhookEvent,
+    action: WebhookAction,
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<WebhookOutcome> {
+    let (logged, fresh) = tx.log_webhook_event(&event, now).await?;
+    if !fresh {
+        if let Some(error) = logged.error {
+            return Ok(WebhookOutcome::RefusedBefore(error));
+        }
+        if let Some(run_id) = logged.run_id {
+            return Ok(WebhookOutcome::Done {
+                run_id,
+                repeated: true,
+            });
+        }
+    }
+    // A first delivery, or a repeat of one that left no mark (it failed on the way).
+    let outcome = match action {
+        WebhookAction::Refuse(reason) => WebhookOutcome::Refused(reason),
+        WebhookAction::Answer {
+            run_id,
+            step_id,
+            token,
+            result,
+        } => {
+            if deliver_callback(tx, &run_id, &step_id, &token, &result, now, effects).await? {
+                WebhookOutcome::Done {
+                    run_id,
+                    repeated: !fresh,
+                }
+            } else {
+                WebhookOutcome::Refused(format!(
+                    "no step {step_id} of run {run_id} waits under this callback token: it timed \
+                     out, was cancelled, or has its result"
+                ))
+            }
+        }
+        WebhookAction::Start(run) => {
+            let run_id = insert_runs(tx, vec![run], now).await?.remove(0);
+            effects.woke();
+            WebhookOutcome::Done {
+                run_id,
+                repeated: !fresh,
+            }
+        }
+    };
+    match &outcome {
+        WebhookOutcome::Done { run_id, .. } => {
+            tx.settle_webhook_event(logged.id, Some(run_id), None)
+                .await?
+        }
+        WebhookOutcome::Refused(reason) => {
+            tx.settle_webhook_event(logged.id, None, Some(reason))
+                .await?
+        }
+        WebhookOutcome::RefusedBefore(_) => {}
+    }
+    Ok(outcome)
 }
 
 /// The ids of claimed jobs, for [`Effects::wakes_others`].

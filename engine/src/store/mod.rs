@@ -591,22 +591,15 @@ pub trait Store: Send + Sync + 'static {
     /// Returns whether the setting existed.
     async fn delete_setting(&self, namespace: &str, name: &str) -> Result<bool>;
 
-    /// Logs an inbound webhook event once per (source, event id). Returns the event as stored,
-    /// and whether this call stored it: `false` for a repeated delivery, which changes nothing.
-    async fn record_webhook_event(
+    /// Logs an inbound webhook delivery once per (source, event id) and does what it asks, in
+    /// one transaction: a repeated delivery is answered with what the first did, and does
+    /// nothing again; one whose first delivery was refused stays refused.
+    async fn receive_webhook(
         &self,
         event: NewWebhookEvent,
+        action: WebhookAction,
         now: Millis,
-    ) -> Result<(WebhookEvent, bool)>;
-    /// Records what an event did: the run it started, or why it was refused. Concurrent repeats
-    /// of a delivery may record in any order: a run, once recorded, stands (and clears an error
-    /// a repeat recorded first); otherwise the first error stands.
-    async fn settle_webhook_event(
-        &self,
-        id: i64,
-        run_id: Option<&str>,
-        error: Option<&str>,
-    ) -> Result<()>;
+    ) -> Result<WebhookOutcome>;
     /// Newest first.
     async fn webhook_events(&self, source: Option<&str>, limit: u32) -> Result<Vec<WebhookEvent>>;
 
@@ -702,6 +695,36 @@ pub struct NewWebhookEvent {
     pub event_id: String,
     pub workflow_id: Option<String>,
     pub payload: Value,
+}
+
+/// What an inbound webhook delivery asks for, decided by the engine before the store sees it.
+#[derive(Debug, Clone)]
+pub enum WebhookAction {
+    /// Start this run (planned with the delivery's idempotency key).
+    Start(NewRun),
+    /// Hand `result` to the step of `run_id` that waits under `token`
+    /// (see [`Store::deliver_callback`]).
+    Answer {
+        run_id: RunId,
+        step_id: String,
+        token: String,
+        result: Value,
+    },
+    /// Nothing can be done (no such workflow, an input the workflow refuses): logged with this
+    /// reason.
+    Refuse(String),
+}
+
+/// What became of a webhook delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// It started this run, or answered a step of it; `repeated` when an earlier delivery of the
+    /// same event did.
+    Done { run_id: RunId, repeated: bool },
+    /// The first delivery of this event was refused, with this reason: nothing happens again.
+    RefusedBefore(String),
+    /// This delivery is refused, with this reason, now logged.
+    Refused(String),
 }
 
 /// An inbound webhook event as logged, with what it did.

@@ -692,6 +692,57 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
+    async fn log_webhook_event(
+        &mut self,
+        event: &NewWebhookEvent,
+        now: Millis,
+    ) -> Result<(WebhookEvent, bool)> {
+        let inserted: Option<WebhookEvent> = sqlx::query_as(&format!(
+            "INSERT INTO webhook_events (source, event_id, workflow_id, payload, received_at) \
+             VALUES (?1, ?2, ?3, ?5, ?4) \
+             ON CONFLICT (source, event_id) DO NOTHING \
+             RETURNING {WEBHOOK_EVENT_COLUMNS}"
+        ))
+        .bind(&event.source)
+        .bind(&event.event_id)
+        .bind(&event.workflow_id)
+        .bind(now)
+        .bind(&event.payload)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        if let Some(stored) = inserted {
+            return Ok((stored, true));
+        }
+        let first = sqlx::query_as(&format!(
+            "SELECT {WEBHOOK_EVENT_COLUMNS} FROM webhook_events \
+             WHERE source = ?1 AND event_id = ?2"
+        ))
+        .bind(&event.source)
+        .bind(&event.event_id)
+        .fetch_one(&mut *self.0)
+        .await?;
+        Ok((first, false))
+    }
+
+    async fn settle_webhook_event(
+        &mut self,
+        id: i64,
+        run_id: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE webhook_events SET run_id = coalesce(run_id, ?2), \
+                 error = CASE WHEN coalesce(run_id, ?2) IS NULL THEN coalesce(error, ?3) END \
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(run_id)
+        .bind(error)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     async fn record_fire(
         &mut self,
         workflow_id: &str,
@@ -1378,55 +1429,20 @@ impl Store for SqliteStore {
         Ok(deleted > 0)
     }
 
-    async fn record_webhook_event(
+    async fn receive_webhook(
         &self,
         event: NewWebhookEvent,
+        action: WebhookAction,
         now: Millis,
-    ) -> Result<(WebhookEvent, bool)> {
-        let inserted: Option<WebhookEvent> = sqlx::query_as(&format!(
-            "INSERT INTO webhook_events (source, event_id, workflow_id, payload, received_at) \
-             VALUES (?1, ?2, ?3, ?5, ?4) \
-             ON CONFLICT (source, event_id) DO NOTHING \
-             RETURNING {WEBHOOK_EVENT_COLUMNS}"
-        ))
-        .bind(&event.source)
-        .bind(&event.event_id)
-        .bind(&event.workflow_id)
-        .bind(now)
-        .bind(&event.payload)
-        .fetch_optional(&self.writer)
-        .await?;
-        if let Some(stored) = inserted {
-            return Ok((stored, true));
-        }
-        let first = sqlx::query_as(&format!(
-            "SELECT {WEBHOOK_EVENT_COLUMNS} FROM webhook_events \
-             WHERE source = ?1 AND event_id = ?2"
-        ))
-        .bind(&event.source)
-        .bind(&event.event_id)
-        .fetch_one(&self.writer)
-        .await?;
-        Ok((first, false))
-    }
-
-    async fn settle_webhook_event(
-        &self,
-        id: i64,
-        run_id: Option<&str>,
-        error: Option<&str>,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE webhook_events SET run_id = coalesce(run_id, ?2), \
-                 error = CASE WHEN coalesce(run_id, ?2) IS NULL THEN coalesce(error, ?3) END \
-             WHERE id = ?1",
-        )
-        .bind(id)
-        .bind(run_id)
-        .bind(error)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+    ) -> Result<WebhookOutcome> {
+        let mut tx = self.write_tx().await?;
+        let mut effects = Effects::default();
+        let outcome =
+            machine::receive_webhook(&mut SqliteTx(&mut tx), event, action, now, &mut effects)
+                .await?;
+        tx.commit().await?;
+        self.after_commit(effects, &[]);
+        Ok(outcome)
     }
 
     async fn webhook_events(&self, source: Option<&str>, limit: u32) -> Result<Vec<WebhookEvent>> {
