@@ -12,8 +12,9 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::{
-    ClaimedJob, Completion, FireOutcome, FireParams, JobId, Lease, NewRun, NewWebhookEvent, Result,
-    RunId, StoreError, Swept, WebhookAction, WebhookEvent, WebhookOutcome, completion_rows,
+    ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, Install, JobId, Lease,
+    NewAuditEntry, NewRun, NewWebhookEvent, Result, RunId, StoreError, StoredDefinition, Swept,
+    WebhookAction, WebhookEvent, WebhookOutcome, completion_rows, decide_install, install_audit,
 };
 use crate::state::{
     JobState, Millis, RunStatus, fire_skip_reason, gate_opening, gate_room, settle_lost_lease,
@@ -167,6 +168,24 @@ pub(crate) trait Tx: Send {
     /// Puts the failed and cancelled jobs of `runs` back to `waiting`, with a fresh attempt
     /// budget and their needs counted again.
     async fn reset_unsuccessful_jobs(&mut self, runs: &[RunId]) -> Result<()>;
+
+    /// What the store holds of workflow `id`, compared with `definition`.
+    async fn stored_definition(&mut self, id: &str, definition: &Value)
+    -> Result<StoredDefinition>;
+    /// Stores `definition` as `version` of `id`, the one new runs use.
+    async fn add_version(
+        &mut self,
+        id: &str,
+        version: i64,
+        definition: &Value,
+        origin: DefinitionOrigin,
+        now: Millis,
+    ) -> Result<()>;
+    /// Deletes a workflow's row (its versions stay); returns whether it existed.
+    async fn delete_workflow(&mut self, id: &str) -> Result<bool>;
+    /// How many runs of the workflow are active.
+    async fn active_runs_of(&mut self, workflow_id: &str) -> Result<i64>;
+    async fn record_audit(&mut self, entry: &NewAuditEntry, now: Millis) -> Result<()>;
 
     /// Records a fire unless it is recorded already; returns whether this call recorded it.
     async fn record_fire(
@@ -688,6 +707,57 @@ pub(crate) async fn fire(
             Ok(FireOutcome::Started(run))
         }
     }
+}
+
+/// Stores each workflow as a new version where [`decide_install`] says so; returns the version
+/// new runs of each use (see `Store::upsert_workflows`).
+pub(crate) async fn upsert_workflows(
+    tx: &mut dyn Tx,
+    workflows: &[(String, Value)],
+    origin: DefinitionOrigin,
+    create_only: bool,
+    actor: Option<&str>,
+    now: Millis,
+) -> Result<Vec<i64>> {
+    // In id order, so two installs of overlapping sets never deadlock.
+    let ids: BTreeSet<&str> = workflows.iter().map(|(id, _)| id.as_str()).collect();
+    for id in ids {
+        tx.lock_key(&format!("workflow/{id}")).await?;
+    }
+    let mut versions = Vec::with_capacity(workflows.len());
+    for (id, definition) in workflows {
+        let stored = tx.stored_definition(id, definition).await?;
+        versions.push(match decide_install(stored, origin, create_only, id)? {
+            Install::Keep(version) => version,
+            Install::Add(version) => {
+                tx.add_version(id, version, definition, origin, now).await?;
+                if let Some(actor) = actor {
+                    tx.record_audit(&install_audit(actor, id, version), now)
+                        .await?;
+                }
+                version
+            }
+        });
+    }
+    Ok(versions)
+}
+
+/// Removes a workflow (see `Store::remove_workflow`).
+pub(crate) async fn remove_workflow(tx: &mut dyn Tx, id: &str, force: bool) -> Result<()> {
+    // A fire starting a run of it meanwhile waits for this, then finds it gone.
+    tx.lock_key(&format!("workflow/{id}")).await?;
+    if !tx.delete_workflow(id).await? {
+        return Err(StoreError::NotFound(format!("workflow {id}")));
+    }
+    let active = tx.active_runs_of(id).await?;
+    if active > 0 && !force {
+        // Refused, the transaction ends without its delete.
+        return Err(StoreError::Conflict(format!(
+            "workflow {id} has {active} runs that have not ended; cancel them, or remove it \
+             anyway (--force), and they finish with the version they started with"
+        )));
+    }
+    Ok(())
 }
 
 /// Hands an outside result to the step waiting for it (see `Store::deliver_callback`).

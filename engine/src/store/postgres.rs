@@ -851,6 +851,91 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    async fn stored_definition(
+        &mut self,
+        id: &str,
+        definition: &Value,
+    ) -> Result<StoredDefinition> {
+        let row = sqlx::query(
+            "SELECT w.latest_version AS latest, \
+                 (SELECT definition = $2 FROM workflow_versions \
+                  WHERE workflow_id = $1 AND version = w.latest_version) AS latest_is_same, \
+                 (SELECT definition = $2 FROM workflow_versions \
+                  WHERE workflow_id = $1 AND origin = 'file' \
+                  ORDER BY version DESC LIMIT 1) AS last_file_is_same, \
+                 (SELECT coalesce(max(version), 0) FROM workflow_versions \
+                  WHERE workflow_id = $1) AS highest \
+             FROM (SELECT 1) AS one LEFT JOIN workflows AS w ON w.id = $1",
+        )
+        .bind(id)
+        .bind(definition)
+        .fetch_one(&mut *self.0)
+        .await?;
+        Ok(StoredDefinition {
+            latest: row.get("latest"),
+            latest_is_same: row
+                .get::<Option<bool>, _>("latest_is_same")
+                .unwrap_or(false),
+            last_file_is_same: row
+                .get::<Option<bool>, _>("last_file_is_same")
+                .unwrap_or(false),
+            highest: row.get("highest"),
+        })
+    }
+
+    async fn add_version(
+        &mut self,
+        id: &str,
+        version: i64,
+        definition: &Value,
+        origin: DefinitionOrigin,
+        now: Millis,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO workflow_versions (workflow_id, version, definition, created_at, origin) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(version)
+        .bind(definition)
+        .bind(now)
+        .bind(origin.as_str())
+        .execute(&mut *self.0)
+        .await?;
+        sqlx::query(
+            "INSERT INTO workflows (id, latest_version, created_at, updated_at) \
+             VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (id) DO UPDATE SET latest_version = $2, updated_at = $3",
+        )
+        .bind(id)
+        .bind(version)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_workflow(&mut self, id: &str) -> Result<bool> {
+        let deleted = sqlx::query("DELETE FROM workflows WHERE id = $1")
+            .bind(id)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn active_runs_of(&mut self, workflow_id: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(statement!(
+            "SELECT count(*) FROM runs WHERE workflow_id = $1 AND status IN {runs:active}"
+        ))
+        .bind(workflow_id)
+        .fetch_one(&mut *self.0)
+        .await?)
+    }
+
+    async fn record_audit(&mut self, entry: &NewAuditEntry, now: Millis) -> Result<()> {
+        insert_audit(self.0, entry, now).await
+    }
+
     async fn record_fire(
         &mut self,
         workflow_id: &str,
@@ -1071,72 +1156,15 @@ impl Store for PostgresStore {
         now: Millis,
     ) -> Result<Vec<i64>> {
         let mut tx = self.pool.begin().await?;
-        // In id order, so two installs of overlapping sets never deadlock.
-        let mut ids: Vec<&String> = workflows.iter().map(|(id, _)| id).collect();
-        ids.sort_unstable();
-        for id in ids {
-            lock_key(&mut tx, &format!("workflow/{id}")).await?;
-        }
-        let mut versions = Vec::with_capacity(workflows.len());
-        for (id, definition) in workflows {
-            let row = sqlx::query(
-                "SELECT w.latest_version AS latest, \
-                     (SELECT definition = $2 FROM workflow_versions \
-                      WHERE workflow_id = $1 AND version = w.latest_version) AS latest_is_same, \
-                     (SELECT definition = $2 FROM workflow_versions \
-                      WHERE workflow_id = $1 AND origin = 'file' \
-                      ORDER BY version DESC LIMIT 1) AS last_file_is_same, \
-                     (SELECT coalesce(max(version), 0) FROM workflow_versions \
-                      WHERE workflow_id = $1) AS highest \
-                 FROM (SELECT 1) AS one LEFT JOIN workflows AS w ON w.id = $1",
-            )
-            .bind(id)
-            .bind(definition)
-            .fetch_one(&mut *tx)
-            .await?;
-            let stored = StoredDefinition {
-                latest: row.get("latest"),
-                latest_is_same: row
-                    .get::<Option<bool>, _>("latest_is_same")
-                    .unwrap_or(false),
-                last_file_is_same: row
-                    .get::<Option<bool>, _>("last_file_is_same")
-                    .unwrap_or(false),
-                highest: row.get("highest"),
-            };
-            let version = match decide_install(stored, origin, create_only, id)? {
-                Install::Keep(version) => version,
-                Install::Add(version) => {
-                    sqlx::query(
-                        "INSERT INTO workflow_versions \
-                             (workflow_id, version, definition, created_at, origin) \
-                         VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(id)
-                    .bind(version)
-                    .bind(definition)
-                    .bind(now)
-                    .bind(origin.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-                    sqlx::query(
-                        "INSERT INTO workflows (id, latest_version, created_at, updated_at) \
-                         VALUES ($1, $2, $3, $3) \
-                         ON CONFLICT (id) DO UPDATE SET latest_version = $2, updated_at = $3",
-                    )
-                    .bind(id)
-                    .bind(version)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                    if let Some(actor) = actor {
-                        insert_audit(&mut tx, &install_audit(actor, id, version), now).await?;
-                    }
-                    version
-                }
-            };
-            versions.push(version);
-        }
+        let versions = machine::upsert_workflows(
+            &mut PgTx(&mut tx),
+            workflows,
+            origin,
+            create_only,
+            actor,
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(versions)
     }
@@ -1151,29 +1179,7 @@ impl Store for PostgresStore {
 
     async fn remove_workflow(&self, id: &str, force: bool) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        // A fire starting a run of it meanwhile waits for this, then finds it gone.
-        lock_key(&mut tx, &format!("workflow/{id}")).await?;
-        let removed = sqlx::query("DELETE FROM workflows WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if removed == 0 {
-            return Err(StoreError::NotFound(format!("workflow {id}")));
-        }
-        // Refused, the transaction ends without its delete.
-        let active: i64 = sqlx::query_scalar(statement!(
-            "SELECT count(*) FROM runs WHERE workflow_id = $1 AND status IN {runs:active}"
-        ))
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
-        if active > 0 && !force {
-            return Err(StoreError::Conflict(format!(
-                "workflow {id} has {active} runs that have not ended; cancel them, or remove it \
-                 anyway (--force), and they finish with the version they started with"
-            )));
-        }
+        machine::remove_workflow(&mut PgTx(&mut tx), id, force).await?;
         tx.commit().await?;
         Ok(())
     }
