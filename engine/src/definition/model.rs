@@ -371,6 +371,9 @@ impl<'de> Deserialize<'de> for DurationSpec {
     }
 }
 
+/// How long a finished run is kept unless its workflow says otherwise.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 impl Workflow {
     /// The retry policy that governs `step`.
     pub fn retry_policy(&self, step: &Step) -> RetryPolicy {
@@ -392,9 +395,7 @@ impl Workflow {
     }
 
     pub fn retention(&self) -> Duration {
-        self.retention
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(30 * 24 * 3600))
+        self.retention.map(|d| d.0).unwrap_or(DEFAULT_RETENTION)
     }
 }
 

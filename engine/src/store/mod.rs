@@ -185,6 +185,12 @@ pub fn storable_text(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// How long fire records, alerts and webhook events are kept: the default retention of runs.
+pub(crate) const RECORDS_KEPT_MS: Millis =
+    crate::definition::DEFAULT_RETENTION.as_millis() as Millis;
+/// How long the audit log is kept.
+pub(crate) const AUDIT_KEPT_MS: Millis = 90 * 86_400_000;
+
 /// JSON as text, the form both stores pass batches in.
 fn to_json(value: &impl Serialize) -> String {
     serde_json::to_string(value).expect("store payloads serialize")

@@ -1306,26 +1306,26 @@ impl Store for SqliteStore {
         // Fire records outlive their runs by the default retention; the newest of each workflow
         // stays, since the scheduler counts missed fires from it.
         sqlx::query(
-            "DELETE FROM fires WHERE fire_at < ?1 - 2592000000 \
+            "DELETE FROM fires WHERE fire_at < ?1 \
              AND fire_at < (SELECT max(fire_at) FROM fires AS f WHERE f.workflow_id = fires.workflow_id)",
         )
-        .bind(now)
+        .bind(now - RECORDS_KEPT_MS)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM alerts WHERE created_at < ?1 - 2592000000")
-            .bind(now)
+        sqlx::query("DELETE FROM alerts WHERE created_at < ?1")
+            .bind(now - RECORDS_KEPT_MS)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM webhook_events WHERE received_at < ?1 - 2592000000")
-            .bind(now)
+        sqlx::query("DELETE FROM webhook_events WHERE received_at < ?1")
+            .bind(now - RECORDS_KEPT_MS)
             .execute(&mut *tx)
             .await?;
         sqlx::query("DELETE FROM revoked_tokens WHERE expires_at <= ?1")
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM audit_log WHERE at < ?1 - 7776000000")
-            .bind(now)
+        sqlx::query("DELETE FROM audit_log WHERE at < ?1")
+            .bind(now - AUDIT_KEPT_MS)
             .execute(&mut *tx)
             .await?;
         if ids.is_empty() {
