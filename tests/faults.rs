@@ -120,21 +120,30 @@ async fn sqlite_on_a_full_disk_answers_503_and_recovers_when_space_is_free() {
 
     std::fs::remove_file(filler).unwrap();
     // No restart: the next writes succeed, and /health says so.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    recovers(&sandbox, &http, &base, &token).await;
+}
+
+/// Starts runs until one is accepted (within 20 s), then waits for `/health` to say 200.
+async fn recovers(sandbox: &Sandbox, http: &reqwest::Client, base: &str, token: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (status, body) = start().await;
+        let (status, body) = send(
+            http.post(format!("{base}/api/workflows/hello/start"))
+                .bearer_auth(token)
+                .json(&json!({"input": {}})),
+        )
+        .await;
         if status == 201 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "still {status} {body} after space came back\n{}",
+            "still {status} {body} after the fault ended\n{}",
             sandbox.server_logs()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    poll(&http, &format!("{base}/health"), 200).await;
-    drop(sandbox);
+    poll(http, &format!("{base}/health"), 200).await;
 }
 
 /// A TCP forwarder to PostgreSQL that can be cut: stopping it refuses new connections and
@@ -262,20 +271,7 @@ async fn with_postgres_stopped_health_and_the_api_answer_503_at_once_and_recover
     })
     .await
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, body) = start().await;
-        if status == 201 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still {status} {body} after PostgreSQL came back\n{}",
-            sandbox.server_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    poll(&http, &format!("{base}/health"), 200).await;
+    recovers(&sandbox, &http, &base, &token).await;
     tokio::task::spawn_blocking(move || drop(proxy))
         .await
         .unwrap();

@@ -23,61 +23,29 @@ use crate::definition::{Backoff, NonRetryable, RetryPolicy};
 /// Milliseconds since the Unix epoch: the only time the store sees.
 pub type Millis = i64;
 
-/// The state of a run.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
-    Display,
-    EnumString,
-    IntoStaticStr,
-    VariantArray,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum RunStatus {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-    TimedOut,
+/// A state enum: its string forms (`timed_out`) come from strum and serde, from one spelling.
+macro_rules! state_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+            Display, EnumString, IntoStaticStr, VariantArray,
+        )]
+        #[serde(rename_all = "snake_case")]
+        #[strum(serialize_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+    };
 }
 
-/// The state of a job: one step of one run, across its attempts.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
-    Display,
-    EnumString,
-    IntoStaticStr,
-    VariantArray,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum JobState {
-    Waiting,
-    Available,
-    Running,
-    Retrying,
-    Parked,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
+state_enum!(
+    /// The state of a run.
+    RunStatus { Pending, Running, Succeeded, Failed, Cancelled, TimedOut }
+);
+
+state_enum!(
+    /// The state of a job: one step of one run, across its attempts.
+    JobState { Waiting, Available, Running, Retrying, Parked, Succeeded, Failed, Cancelled }
+);
 
 impl RunStatus {
     pub const ALL: &'static [RunStatus] = RunStatus::VARIANTS;
