@@ -9,13 +9,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 use switchyard_engine::api::{
-    AppState, Heartbeats, LoginLimit, Observability, RateLimit, RateLimiter, TlsFiles,
-    observability_router, router, serve_http, tls_config,
+    AppState, LoginLimit, Observability, RateLimit, RateLimiter, TlsFiles, observability_router,
+    router, serve_http, tls_config,
 };
 use switchyard_engine::auth::{TokenKeys, cli_actor, put_user};
 use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{WorkflowMap, json_schema, load_paths};
-use switchyard_engine::health::watch_database;
+use switchyard_engine::health::{Heartbeats, watch_database};
 use switchyard_engine::keys::{self, MasterKeys};
 use switchyard_engine::maintenance::run_maintenance;
 use switchyard_engine::plan::Trigger;

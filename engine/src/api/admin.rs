@@ -559,16 +559,12 @@ pub async fn system_metrics(
     let engine = &state.engine;
     let workflows = engine.workflows().await?;
     let count = |status| engine.store().count_runs(status, None);
-    let tick = state
-        .heartbeats
-        .scheduler_tick_at
-        .load(std::sync::atomic::Ordering::Relaxed);
     Ok(Json(SystemMetrics {
         queue_depth: engine.store().queue_depth(engine.now()).await?,
         workflows: workflows.len(),
         paused_workflows: workflows.iter().filter(|w| w.paused).count(),
         runs_pending: count(RunStatus::Pending).await?,
         runs_running: count(RunStatus::Running).await?,
-        scheduler_tick_at: (tick != 0).then_some(tick),
+        scheduler_tick_at: state.heartbeats.scheduler_tick(),
     }))
 }

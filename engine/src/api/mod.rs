@@ -16,7 +16,6 @@ mod webhooks;
 mod workflows;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -29,15 +28,11 @@ pub use auth::{Admin, Operator, Viewer};
 pub use error::{ApiError, ErrorBody};
 pub use limits::{LoginLimit, RateLimit, RateLimiter};
 
+/// `Heartbeats` lives in `health`; this re-export goes once the scheduler imports it from there.
+pub use crate::health::Heartbeats;
+
 use crate::auth::TokenKeys;
 use crate::service::Engine;
-
-/// Liveness facts other tasks publish for `/health`.
-#[derive(Debug, Default)]
-pub struct Heartbeats {
-    /// When the scheduler last finished a tick (ms); 0 when no scheduler runs here.
-    pub scheduler_tick_at: AtomicI64,
-}
 
 /// Requests larger than this are refused with 413 before a handler sees them. Definitions are
 /// capped lower by their parser.
