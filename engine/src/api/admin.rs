@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::auth::{Admin, TokenResponse};
-use super::error::{ApiError, ErrorBody, Json, Path, Query};
+use super::error::{ApiError, ErrorBody, ErrorCode, Json, Path, Query};
 use super::{AppState, Logged};
 use crate::auth::{Role, User, delete_user, put_user, users};
 use crate::settings::{self, SECRETS, VARS};
@@ -25,8 +25,8 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::bad_request(
-            "invalid_path",
+        Err(ApiError::new(
+            ErrorCode::InvalidPath,
             format!(
                 "path: {name:?} is not a name: 1 to 64 lower-case letters, digits and '_', not starting with a digit"
             ),
@@ -118,7 +118,10 @@ pub async fn delete_variable(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     if !settings::delete(&state.engine, VARS, &name, &caller.sub).await? {
-        return Err(ApiError::not_found(format!("no variable {name:?}")));
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no variable {name:?}"),
+        ));
     }
     tracing::info!(variable = %Logged(&name), by = %Logged(&caller.sub), "variable deleted over the API");
     Ok(StatusCode::NO_CONTENT)
@@ -147,9 +150,9 @@ pub async fn put_amazon_tracking(
 ) -> Result<Json<Variable>, ApiError> {
     for (region, id) in &ids {
         if !(2..=8).contains(&region.len()) || !region.chars().all(|c| c.is_ascii_lowercase()) {
-            return Err(ApiError::new(
+            return Err(ApiError::with_status(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_body",
+                ErrorCode::InvalidBody,
                 format!(
                     "request body: region {region:?} is not a lower-case region code such as \"us\""
                 ),
@@ -159,9 +162,9 @@ pub async fn put_amazon_tracking(
             || id.len() > 64
             || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         {
-            return Err(ApiError::new(
+            return Err(ApiError::with_status(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_body",
+                ErrorCode::InvalidBody,
                 format!(
                     "request body: the tracking id of {region:?} must be 1 to 64 letters, digits or '-'"
                 ),
@@ -271,7 +274,10 @@ pub async fn delete_secret(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     if !settings::delete(&state.engine, SECRETS, &name, &caller.sub).await? {
-        return Err(ApiError::not_found(format!("no secret {name:?}")));
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no secret {name:?}"),
+        ));
     }
     tracing::info!(secret = %Logged(&name), by = %Logged(&caller.sub), "secret deleted over the API");
     Ok(StatusCode::NO_CONTENT)
@@ -367,7 +373,10 @@ pub async fn remove_user(
     )
     .await?
     {
-        return Err(ApiError::not_found(format!("no user {name:?}")));
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no user {name:?}"),
+        ));
     }
     tracing::info!(user = %Logged(&name), by = %Logged(&caller.sub), "user deleted over the API");
     Ok(StatusCode::NO_CONTENT)
@@ -405,14 +414,14 @@ pub async fn issue_token(
 ) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
     let ttl = request.ttl_secs.unwrap_or(30 * 86_400);
     if !(60..=31_536_000).contains(&ttl) {
-        return Err(ApiError::bad_request(
-            "invalid_body",
+        return Err(ApiError::new(
+            ErrorCode::InvalidBody,
             format!("request body: `ttl_secs` must be 60 to 31536000, not {ttl}"),
         ));
     }
     if request.subject.is_empty() || request.subject.chars().count() > 128 {
-        return Err(ApiError::bad_request(
-            "invalid_body",
+        return Err(ApiError::new(
+            ErrorCode::InvalidBody,
             "request body: `subject` must be 1 to 128 characters",
         ));
     }
@@ -463,8 +472,8 @@ pub async fn revoke_token(
     Path(jti): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     if jti.is_empty() || jti.len() > 128 || jti.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
-            "invalid_path",
+        return Err(ApiError::new(
+            ErrorCode::InvalidPath,
             "path: a token id is 1 to 128 printable characters",
         ));
     }
@@ -515,8 +524,8 @@ pub async fn list_audit(
     let before = match &query.cursor {
         None => None,
         Some(cursor) => Some(cursor.parse::<i64>().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_query",
+            ApiError::new(
+                ErrorCode::InvalidQuery,
                 "query string: `cursor` is not a cursor this API returned",
             )
         })?),

@@ -7,7 +7,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};
 
-use super::error::{ApiError, Json};
+use super::error::{ApiError, ErrorCode, Json};
 use super::limits::ClientAddr;
 use super::{AppState, Logged};
 use crate::auth::{Claims, Role, TokenKeys, check_password, session_stands};
@@ -28,12 +28,16 @@ pub async fn bearer_claims(
     now: i64,
 ) -> Result<Claims, ApiError> {
     if !headers.contains_key(AUTHORIZATION) {
-        return Err(ApiError::unauthorized(
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
             "this endpoint needs an `Authorization: Bearer <token>` header",
         ));
     }
     let token = bearer_token(headers).ok_or_else(|| {
-        ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+        ApiError::new(
+            ErrorCode::Unauthorized,
+            "the Authorization header must be `Bearer <token>`",
+        )
     })?;
     Ok(keys.verify(token, now).await?)
 }
@@ -46,15 +50,16 @@ pub async fn caller_with_role(
 ) -> Result<Claims, ApiError> {
     let claims = bearer_claims(headers, &state.keys, state.engine.now()).await?;
     if !session_stands(&**state.engine.store(), &claims).await? {
-        return Err(ApiError::unauthorized(
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
             "this login's user was changed or deleted since; log in again",
         ));
     }
     if !claims.role.allows(role) {
-        return Err(ApiError::forbidden(format!(
-            "this needs the {role} role; the token has {}",
-            claims.role
-        )));
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("this needs the {role} role; the token has {}", claims.role),
+        ));
     }
     Ok(claims)
 }

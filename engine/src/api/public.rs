@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Serialize;
 
-use super::error::{ApiError, Json};
+use super::error::{ApiError, ErrorCode, Json};
 use super::{AppState, Observability};
 use crate::state::{Millis, RunStatus};
 
@@ -133,7 +133,10 @@ pub async fn metrics(
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     let Some(handle) = &state.metrics else {
-        return Err(ApiError::not_found("this process exports no metrics"));
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            "this process exports no metrics",
+        ));
     };
     if let Ok(depth) = state.engine.store().queue_depth(state.engine.now()).await {
         crate::metrics::queue_depth(depth);

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::auth::{Operator, Viewer};
-use super::error::{ApiError, ErrorBody, Json, Path, Query};
+use super::error::{ApiError, ErrorBody, ErrorCode, Json, Path, Query};
 use crate::state::{Millis, RunStatus};
 use crate::store::{Alert, RunDetail, RunFilter, RunSummary};
 
@@ -47,8 +47,8 @@ fn decode_cursor(cursor: &str) -> Result<(Millis, String), ApiError> {
         .and_then(|(at, id)| Some((at.parse().ok()?, id.to_owned())))
         .filter(|(_, id)| !id.is_empty())
         .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_query",
+            ApiError::new(
+                ErrorCode::InvalidQuery,
                 "query string: `cursor` is not a cursor this API returned",
             )
         })
