@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
+use switchyard_engine::api::types;
 use switchyard_engine::api::{
     AppState, LoginLimit, Observability, RateLimit, RateLimiter, TlsFiles, observability_router,
     router, serve_http, tls_config,
@@ -22,7 +23,7 @@ use switchyard_engine::plan::Trigger;
 use switchyard_engine::scheduler::run_scheduler;
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::{Millis, RunStatus};
-use switchyard_engine::store::{self, DefinitionOrigin, NewAuditEntry, RunDetail, RunFilter};
+use switchyard_engine::store::{self, DefinitionOrigin, RunDetail, RunFilter};
 use switchyard_workers::{EgressPolicy, Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -83,22 +84,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let (engine, master) = open(&global).await?;
             let keys = token_keys(&engine, &master).await?;
-            let (token, claims) = keys.issue(&subject, role, ttl, engine.now())?;
-            engine
-                .store()
-                .record_audit(
-                    NewAuditEntry {
-                        actor: cli_actor(),
-                        action: "token.issue".into(),
-                        target: claims.jti.clone(),
-                        detail: serde_json::json!({
-                            "subject": claims.sub,
-                            "role": claims.role,
-                            "expires_at": claims.exp,
-                        }),
-                    },
-                    engine.now(),
-                )
+            let (token, claims) = keys
+                .issue(&subject, role, ttl, &cli_actor(), engine.now())
                 .await?;
             eprintln!(
                 "token for {} with role {}, valid until {}; its id (to revoke it): {}",
@@ -127,15 +114,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let (engine, _) = open(&global).await?;
             let password = read_password()?;
-            put_user(
-                &**engine.store(),
-                &name,
-                &password,
-                role,
-                &cli_actor(),
-                engine.now(),
-            )
-            .await?;
+            put_user(&engine, &name, &password, role, &cli_actor()).await?;
             eprintln!("user {name} stored with role {role}");
             Ok(ExitCode::SUCCESS)
         }
@@ -143,8 +122,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             action: KeysAction::Rotate,
         } => {
             let (engine, master) = open(&global).await?;
-            let rows =
-                keys::reseal(&**engine.store(), &master, true, &cli_actor(), engine.now()).await?;
+            let rows = keys::reseal(&engine, &master, true, &cli_actor()).await?;
             out!(
                 "{rows} secrets and signing keys re-encrypted under master key {}",
                 master.ids()[0]
@@ -197,6 +175,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 })
                 .await?;
             if json {
+                let runs: Vec<types::RunSummary> = runs.into_iter().map(Into::into).collect();
                 out!("{}", serde_json::to_string_pretty(&runs)?);
             } else {
                 out!(
@@ -224,7 +203,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let (engine, _) = open(&global).await?;
             let detail = engine.run(&run).await?;
             if json {
-                out!("{}", serde_json::to_string_pretty(&detail)?);
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&types::RunDetail::from(detail))?
+                );
             } else {
                 print_run(&detail);
             }
@@ -268,6 +250,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let (engine, _) = open(&global).await?;
             let fires = engine.fires(workflow.as_deref(), limit).await?;
             if json {
+                let fires: Vec<types::FireRecord> = fires.into_iter().map(Into::into).collect();
                 out!("{}", serde_json::to_string_pretty(&fires)?);
             } else {
                 out!("{:<20}  {:<20}  OUTCOME", "WORKFLOW", "FIRE TIME");
@@ -302,18 +285,18 @@ async fn open(global: &Global) -> anyhow::Result<(Arc<Engine>, MasterKeys)> {
     let options = store::ConnectOptions {
         max_connections: global.db_connections,
     };
-    let store = store::connect_with(&global.database, &options)
-        .await
-        .with_context(|| format!("opening {}", store::redact_url(&global.database)))?;
-    store.migrate().await?;
+    let engine = Arc::new(
+        Engine::open(&global.database, &options, Arc::new(SystemClock))
+            .await
+            .with_context(|| format!("opening {}", store::redact_url(&global.database)))?,
+    );
     let master = MasterKeys::load(
         std::env::var(keys::KEY_ENV).ok().as_deref(),
         global.master_key_file.as_deref(),
         keys::default_key_file(&global.database).as_deref(),
     )
     .context("loading the master key")?;
-    let engine = Arc::new(Engine::new(store, Arc::new(SystemClock)));
-    let sealed = keys::reseal(&**engine.store(), &master, false, "system", engine.now())
+    let sealed = keys::reseal(&engine, &master, false, "system")
         .await
         .context("encrypting the secrets stored before encryption")?;
     if sealed > 0 {
@@ -328,10 +311,9 @@ async fn open(global: &Global) -> anyhow::Result<(Arc<Engine>, MasterKeys)> {
 
 async fn token_keys(engine: &Engine, master: &MasterKeys) -> anyhow::Result<TokenKeys> {
     TokenKeys::load(
-        engine.store().clone(),
+        engine,
         master,
         std::env::var("SWITCHYARD_JWT_SECRET").ok().as_deref(),
-        engine.now(),
     )
     .await
     .context("loading the token signing keys")

@@ -8,11 +8,12 @@ use serde_json::Value;
 
 use super::auth::{Admin, TokenResponse};
 use super::error::{ApiError, ErrorBody, ErrorCode, Json, Path, Query};
+use super::types::{AuditEntry, Role, User};
 use super::{AppState, Logged};
-use crate::auth::{Role, User, delete_user, put_user, users};
-use crate::settings::{self, SECRETS, VARS};
+use crate::auth::{delete_user, put_user, users};
+use crate::settings::{self, SECRETS, SecretEntry, VARS};
 use crate::state::{Millis, RunStatus};
-use crate::store::{AuditEntry, NewAuditEntry, Setting};
+use crate::store::Setting;
 
 /// Variable and secret names: what a template can reach as `vars.NAME` or `secrets.NAME`.
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -66,7 +67,7 @@ pub async fn list_variables(
     _: Admin,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<Variable>>, ApiError> {
-    let vars = state.engine.store().settings(VARS).await?;
+    let vars = settings::variables(&state.engine).await?;
     Ok(Json(vars.into_iter().map(Variable::from).collect()))
 }
 
@@ -189,6 +190,15 @@ pub struct SecretInfo {
     pub updated_at: Millis,
 }
 
+impl From<SecretEntry> for SecretInfo {
+    fn from(s: SecretEntry) -> Self {
+        SecretInfo {
+            name: s.name,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretValue {
@@ -207,16 +217,8 @@ pub async fn list_secrets(
     _: Admin,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<SecretInfo>>, ApiError> {
-    let secrets = state.engine.store().settings(SECRETS).await?;
-    Ok(Json(
-        secrets
-            .into_iter()
-            .map(|s| SecretInfo {
-                name: s.name,
-                updated_at: s.updated_at,
-            })
-            .collect(),
-    ))
+    let secrets = settings::secrets(&state.engine).await?;
+    Ok(Json(secrets.into_iter().map(SecretInfo::from).collect()))
 }
 
 /// Sets a secret; templates read it as `secrets.NAME`, and its value is redacted from outputs,
@@ -295,7 +297,8 @@ pub async fn list_users(
     _: Admin,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<User>>, ApiError> {
-    Ok(Json(users(&**state.engine.store()).await?))
+    let users = users(&state.engine).await?;
+    Ok(Json(users.into_iter().map(User::from).collect()))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -327,25 +330,16 @@ pub async fn add_user(
     State(state): State<AppState>,
     Json(user): Json<NewUser>,
 ) -> Result<(StatusCode, Json<User>), ApiError> {
-    let now = state.engine.now();
-    put_user(
-        &**state.engine.store(),
+    let stored = put_user(
+        &state.engine,
         &user.name,
         &user.password,
-        user.role,
+        user.role.into(),
         &caller.sub,
-        now,
     )
     .await?;
-    tracing::info!(user = %Logged(&user.name), role = %user.role, by = %Logged(&caller.sub), "user stored over the API");
-    Ok((
-        StatusCode::CREATED,
-        Json(User {
-            name: user.name,
-            role: user.role,
-            updated_at: now,
-        }),
-    ))
+    tracing::info!(user = %Logged(&stored.name), role = %stored.role, by = %Logged(&caller.sub), "user stored over the API");
+    Ok((StatusCode::CREATED, Json(stored.into())))
 }
 
 /// Deletes a user, and with it every session it had: tokens from its logins stop working.
@@ -365,14 +359,7 @@ pub async fn remove_user(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if !delete_user(
-        &**state.engine.store(),
-        &name,
-        &caller.sub,
-        state.engine.now(),
-    )
-    .await?
-    {
+    if !delete_user(&state.engine, &name, &caller.sub).await? {
         return Err(ApiError::new(
             ErrorCode::NotFound,
             format!("no user {name:?}"),
@@ -425,26 +412,13 @@ pub async fn issue_token(
             "request body: `subject` must be 1 to 128 characters",
         ));
     }
-    let (token, claims) = state.keys.issue(
-        &request.subject,
-        request.role,
-        std::time::Duration::from_secs(ttl),
-        state.engine.now(),
-    )?;
-    state
-        .engine
-        .store()
-        .record_audit(
-            NewAuditEntry {
-                actor: caller.sub.clone(),
-                action: "token.issue".into(),
-                target: claims.jti.clone(),
-                detail: serde_json::json!({
-                    "subject": claims.sub,
-                    "role": claims.role,
-                    "expires_at": claims.exp,
-                }),
-            },
+    let (token, claims) = state
+        .keys
+        .issue(
+            &request.subject,
+            request.role.into(),
+            std::time::Duration::from_secs(ttl),
+            &caller.sub,
             state.engine.now(),
         )
         .await?;
@@ -530,12 +504,12 @@ pub async fn list_audit(
             )
         })?),
     };
-    let entries = state.engine.store().audit_log(before, limit).await?;
+    let entries = state.engine.audit_log(before, limit).await?;
     let next_cursor = (entries.len() == limit as usize)
         .then(|| entries.last().map(|e| e.id.to_string()))
         .flatten();
     Ok(Json(AuditPage {
-        entries,
+        entries: entries.into_iter().map(AuditEntry::from).collect(),
         next_cursor,
     }))
 }
@@ -567,13 +541,12 @@ pub async fn system_metrics(
 ) -> Result<Json<SystemMetrics>, ApiError> {
     let engine = &state.engine;
     let workflows = engine.workflows().await?;
-    let count = |status| engine.store().count_runs(status, None);
     Ok(Json(SystemMetrics {
-        queue_depth: engine.store().queue_depth(engine.now()).await?,
+        queue_depth: engine.queue_depth().await?,
         workflows: workflows.len(),
         paused_workflows: workflows.iter().filter(|w| w.paused).count(),
-        runs_pending: count(RunStatus::Pending).await?,
-        runs_running: count(RunStatus::Running).await?,
+        runs_pending: engine.count_runs(RunStatus::Pending, None).await?,
+        runs_running: engine.count_runs(RunStatus::Running, None).await?,
         scheduler_tick_at: state.heartbeats.scheduler_tick(),
     }))
 }

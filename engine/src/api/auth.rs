@@ -49,7 +49,7 @@ pub async fn caller_with_role(
     role: Role,
 ) -> Result<Claims, ApiError> {
     let claims = bearer_claims(headers, &state.keys, state.engine.now()).await?;
-    if !session_stands(&**state.engine.store(), &claims).await? {
+    if !session_stands(&state.engine, &claims).await? {
         return Err(ApiError::new(
             ErrorCode::Unauthorized,
             "this login's user was changed or deleted since; log in again",
@@ -113,7 +113,7 @@ pub struct TokenResponse {
     /// The bearer token: send it as `Authorization: Bearer <token>`.
     pub token: String,
     pub subject: String,
-    pub role: Role,
+    pub role: super::types::Role,
     /// Seconds since the epoch.
     pub expires_at: i64,
 }
@@ -123,7 +123,7 @@ impl TokenResponse {
         TokenResponse {
             token,
             subject: claims.sub,
-            role: claims.role,
+            role: claims.role.into(),
             expires_at: claims.exp,
         }
     }
@@ -157,13 +157,9 @@ pub async fn login(
         .limiter
         .check_login(&request.username, address)
         .inspect_err(|_| tracing::info!(%user, "login refused: rate limited"))?;
-    let session = check_password(
-        &**state.engine.store(),
-        &request.username,
-        &request.password,
-    )
-    .await
-    .inspect_err(|e| tracing::info!(%user, error = %e, "login refused"))?;
+    let session = check_password(&state.engine, &request.username, &request.password)
+        .await
+        .inspect_err(|e| tracing::info!(%user, error = %e, "login refused"))?;
     let (token, claims) = state
         .keys
         .issue_session(&session, LOGIN_TTL, state.engine.now())?;

@@ -3,7 +3,8 @@
 //! module serves HTTP and owns the JSON shapes it answers with.
 //!
 //! Who may call what is in each handler's signature: its role extractor (`Viewer`, `Operator`,
-//! `Admin` in `auth.rs`); public handlers have none.
+//! `Admin` in `auth.rs`); public handlers have none. Handlers reach the engine only through
+//! `Engine`'s operations, never its store (`tests/tidy.rs`).
 
 mod admin;
 mod auth;
@@ -12,6 +13,7 @@ mod gate;
 mod limits;
 mod public;
 mod runs;
+pub mod types;
 mod webhooks;
 mod workflows;
 

@@ -91,7 +91,6 @@ const DAY_MS: Millis = 86_400_000;
 )]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiError> {
     let engine = &state.engine;
-    let store = engine.store();
     let day_ago = engine.now() - DAY_MS;
     let workflows = engine.workflows().await?;
     let mut scheduled = 0;
@@ -108,12 +107,12 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiErro
     Ok(Json(Stats {
         workflows: workflows.len(),
         scheduled_workflows: scheduled,
-        runs_running: store.count_runs(RunStatus::Running, None).await?,
-        runs_pending: store.count_runs(RunStatus::Pending, None).await?,
-        runs_succeeded_24h: store
+        runs_running: engine.count_runs(RunStatus::Running, None).await?,
+        runs_pending: engine.count_runs(RunStatus::Pending, None).await?,
+        runs_succeeded_24h: engine
             .count_runs(RunStatus::Succeeded, Some(day_ago))
             .await?,
-        runs_failed_24h: store.count_runs(RunStatus::Failed, Some(day_ago)).await?,
+        runs_failed_24h: engine.count_runs(RunStatus::Failed, Some(day_ago)).await?,
     }))
 }
 
@@ -138,7 +137,7 @@ pub async fn metrics(
             "this process exports no metrics",
         ));
     };
-    if let Ok(depth) = state.engine.store().queue_depth(state.engine.now()).await {
+    if let Ok(depth) = state.engine.queue_depth().await {
         crate::metrics::queue_depth(depth);
     }
     Ok((

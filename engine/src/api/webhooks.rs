@@ -11,12 +11,13 @@ use sha2::Sha256;
 
 use super::auth::{Viewer, caller_with_role};
 use super::error::{ApiError, Bytes, ErrorBody, ErrorCode, Json, Query};
+use super::types::WebhookEvent;
 use super::{AppState, Logged};
 use crate::auth::Role;
 use crate::callback;
 use crate::plan::Trigger;
 use crate::settings;
-use crate::store::{NewWebhookEvent, WebhookEvent};
+use crate::store::NewWebhookEvent;
 
 /// The secret, set with `PUT /api/admin/secrets/n8n_webhook_secret`, that signs n8n's requests.
 pub const N8N_SECRET: &str = "n8n_webhook_secret";
@@ -306,11 +307,9 @@ pub async fn list_webhook_events(
     Query(query): Query<WebhookEventQuery>,
 ) -> Result<Json<Vec<WebhookEvent>>, ApiError> {
     let limit = super::page_limit(query.limit)?;
-    Ok(Json(
-        state
-            .engine
-            .store()
-            .webhook_events(query.source.as_deref(), limit)
-            .await?,
-    ))
+    let events = state
+        .engine
+        .webhook_events(query.source.as_deref(), limit)
+        .await?;
+    Ok(Json(events.into_iter().map(WebhookEvent::from).collect()))
 }

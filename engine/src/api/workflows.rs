@@ -9,11 +9,12 @@ use serde_json::Value;
 use super::AppState;
 use super::auth::{Admin, Operator, Viewer};
 use super::error::{ApiError, Bytes, ErrorBody, ErrorCode, Json, Path, Query};
+use super::types::FireRecord;
 use crate::definition::{Format, Workflow, WorkflowMap, check_str};
 use crate::plan::Trigger;
 use crate::scheduler::CronSchedule;
 use crate::state::Millis;
-use crate::store::{DefinitionOrigin, FireRecord, WorkflowState};
+use crate::store::{DefinitionOrigin, WorkflowState};
 
 /// How many upcoming fires a workflow listing shows.
 const NEXT_FIRES: usize = 3;
@@ -240,7 +241,8 @@ pub async fn start_workflow(
                 .ok()
                 .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
                 .ok_or_else(|| {
-                    ApiError::new(ErrorCode::InvalidHeader,
+                    ApiError::new(
+                        ErrorCode::InvalidHeader,
                         format!(
                             "header Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
                         ),
@@ -597,9 +599,12 @@ pub async fn list_fires(
     Query(query): Query<FireQuery>,
 ) -> Result<Json<Vec<FireRecord>>, ApiError> {
     let limit = super::page_limit(query.limit)?;
-    let mut fires = state.engine.fires(query.workflow.as_deref(), limit).await?;
-    if query.skipped {
-        fires.retain(|f| f.skipped_reason.is_some());
-    }
-    Ok(Json(fires))
+    let fires = state.engine.fires(query.workflow.as_deref(), limit).await?;
+    Ok(Json(
+        fires
+            .into_iter()
+            .filter(|f| !query.skipped || f.skipped_reason.is_some())
+            .map(FireRecord::from)
+            .collect(),
+    ))
 }
