@@ -29,8 +29,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::cli::{
-    ApiArgs, Cli, Command, Global, KeysAction, LogFormat, StatusArg, TokenAction, UserAction,
-    WorkerArgs,
+    ApiArgs, Cli, Command, Global, KeysAction, LogFormat, TokenAction, UserAction, WorkerArgs,
 };
 
 /// Writes a line to stdout. A reader that went away (`switchyard runs | head`) ends the command
@@ -169,7 +168,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let runs = engine
                 .runs(&RunFilter {
                     workflow_id: workflow,
-                    status: status.map(run_status),
+                    status,
                     limit,
                     ..RunFilter::default()
                 })
@@ -265,17 +264,6 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-fn run_status(s: StatusArg) -> RunStatus {
-    match s {
-        StatusArg::Pending => RunStatus::Pending,
-        StatusArg::Running => RunStatus::Running,
-        StatusArg::Succeeded => RunStatus::Succeeded,
-        StatusArg::Failed => RunStatus::Failed,
-        StatusArg::Cancelled => RunStatus::Cancelled,
-        StatusArg::TimedOut => RunStatus::TimedOut,
     }
 }
 
