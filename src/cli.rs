@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchyard_engine::auth::Role;
+use switchyard_engine::state::RunStatus;
 use switchyard_workers::Destination;
 
 #[derive(Debug, Parser)]
@@ -148,16 +149,18 @@ pub enum Command {
     Runs {
         #[arg(long)]
         workflow: Option<String>,
-        #[arg(long, value_enum)]
-        status: Option<StatusArg>,
+        #[arg(long, value_parser = run_status())]
+        status: Option<RunStatus>,
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Print JSON, in the shape the API answers with.
         #[arg(long)]
         json: bool,
     },
     /// Show one run: steps, attempts, errors, timings.
     Show {
         run: String,
+        /// Print JSON, in the shape the API answers with.
         #[arg(long)]
         json: bool,
     },
@@ -183,6 +186,7 @@ pub enum Command {
         workflow: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Print JSON, in the shape the API answers with.
         #[arg(long)]
         json: bool,
     },
@@ -251,15 +255,11 @@ fn parse_role(text: &str) -> Result<Role, String> {
     text.parse()
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-#[value(rename_all = "snake_case")]
-pub enum StatusArg {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-    TimedOut,
+/// A run status by its name, with the names listed in `--help` and in the error.
+fn run_status() -> impl clap::builder::TypedValueParser<Value = RunStatus> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(RunStatus::ALL.iter().map(|s| s.as_str()))
+        .map(|name| name.parse().expect("a listed name parses"))
 }
 
 fn humantime_duration(text: &str) -> Result<Duration, String> {

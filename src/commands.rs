@@ -8,28 +8,28 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
+use switchyard_engine::api::types;
 use switchyard_engine::api::{
-    AppState, Heartbeats, LoginLimit, Observability, RateLimit, RateLimiter, TlsFiles,
-    observability_router, router, serve_http, tls_config,
+    AppState, LoginLimit, Observability, RateLimit, RateLimiter, TlsFiles, observability_router,
+    router, serve_http, tls_config,
 };
 use switchyard_engine::auth::{TokenKeys, cli_actor, put_user};
 use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{WorkflowMap, json_schema, load_paths};
-use switchyard_engine::health::watch_database;
+use switchyard_engine::health::{Heartbeats, watch_database};
 use switchyard_engine::keys::{self, MasterKeys};
 use switchyard_engine::maintenance::run_maintenance;
 use switchyard_engine::plan::Trigger;
 use switchyard_engine::scheduler::run_scheduler;
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::{Millis, RunStatus};
-use switchyard_engine::store::{self, DefinitionOrigin, NewAuditEntry, RunDetail, RunFilter};
+use switchyard_engine::store::{self, DefinitionOrigin, RunDetail, RunFilter};
 use switchyard_workers::{EgressPolicy, Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::cli::{
-    ApiArgs, Cli, Command, Global, KeysAction, LogFormat, StatusArg, TokenAction, UserAction,
-    WorkerArgs,
+    ApiArgs, Cli, Command, Global, KeysAction, LogFormat, TokenAction, UserAction, WorkerArgs,
 };
 
 /// Writes a line to stdout. A reader that went away (`switchyard runs | head`) ends the command
@@ -83,22 +83,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let (engine, master) = open(&global).await?;
             let keys = token_keys(&engine, &master).await?;
-            let (token, claims) = keys.issue(&subject, role, ttl, engine.now())?;
-            engine
-                .store()
-                .record_audit(
-                    NewAuditEntry {
-                        actor: cli_actor(),
-                        action: "token.issue".into(),
-                        target: claims.jti.clone(),
-                        detail: serde_json::json!({
-                            "subject": claims.sub,
-                            "role": claims.role,
-                            "expires_at": claims.exp,
-                        }),
-                    },
-                    engine.now(),
-                )
+            let (token, claims) = keys
+                .issue(&subject, role, ttl, &cli_actor(), engine.now())
                 .await?;
             eprintln!(
                 "token for {} with role {}, valid until {}; its id (to revoke it): {}",
@@ -127,15 +113,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let (engine, _) = open(&global).await?;
             let password = read_password()?;
-            put_user(
-                &**engine.store(),
-                &name,
-                &password,
-                role,
-                &cli_actor(),
-                engine.now(),
-            )
-            .await?;
+            put_user(&engine, &name, &password, role, &cli_actor()).await?;
             eprintln!("user {name} stored with role {role}");
             Ok(ExitCode::SUCCESS)
         }
@@ -143,8 +121,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             action: KeysAction::Rotate,
         } => {
             let (engine, master) = open(&global).await?;
-            let rows =
-                keys::reseal(&**engine.store(), &master, true, &cli_actor(), engine.now()).await?;
+            let rows = keys::reseal(&engine, &master, true, &cli_actor()).await?;
             out!(
                 "{rows} secrets and signing keys re-encrypted under master key {}",
                 master.ids()[0]
@@ -191,12 +168,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let runs = engine
                 .runs(&RunFilter {
                     workflow_id: workflow,
-                    status: status.map(run_status),
+                    status,
                     limit,
                     ..RunFilter::default()
                 })
                 .await?;
             if json {
+                let runs: Vec<types::RunSummary> = runs.into_iter().map(Into::into).collect();
                 out!("{}", serde_json::to_string_pretty(&runs)?);
             } else {
                 out!(
@@ -224,7 +202,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let (engine, _) = open(&global).await?;
             let detail = engine.run(&run).await?;
             if json {
-                out!("{}", serde_json::to_string_pretty(&detail)?);
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&types::RunDetail::from(detail))?
+                );
             } else {
                 print_run(&detail);
             }
@@ -268,6 +249,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let (engine, _) = open(&global).await?;
             let fires = engine.fires(workflow.as_deref(), limit).await?;
             if json {
+                let fires: Vec<types::FireRecord> = fires.into_iter().map(Into::into).collect();
                 out!("{}", serde_json::to_string_pretty(&fires)?);
             } else {
                 out!("{:<20}  {:<20}  OUTCOME", "WORKFLOW", "FIRE TIME");
@@ -285,35 +267,24 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn run_status(s: StatusArg) -> RunStatus {
-    match s {
-        StatusArg::Pending => RunStatus::Pending,
-        StatusArg::Running => RunStatus::Running,
-        StatusArg::Succeeded => RunStatus::Succeeded,
-        StatusArg::Failed => RunStatus::Failed,
-        StatusArg::Cancelled => RunStatus::Cancelled,
-        StatusArg::TimedOut => RunStatus::TimedOut,
-    }
-}
-
 /// Connects, migrates, loads the master keys and encrypts any value stored before encryption:
 /// every command that opens the database leaves none in plaintext.
 async fn open(global: &Global) -> anyhow::Result<(Arc<Engine>, MasterKeys)> {
     let options = store::ConnectOptions {
         max_connections: global.db_connections,
     };
-    let store = store::connect_with(&global.database, &options)
-        .await
-        .with_context(|| format!("opening {}", store::redact_url(&global.database)))?;
-    store.migrate().await?;
+    let engine = Arc::new(
+        Engine::open(&global.database, &options, Arc::new(SystemClock))
+            .await
+            .with_context(|| format!("opening {}", store::redact_url(&global.database)))?,
+    );
     let master = MasterKeys::load(
         std::env::var(keys::KEY_ENV).ok().as_deref(),
         global.master_key_file.as_deref(),
         keys::default_key_file(&global.database).as_deref(),
     )
     .context("loading the master key")?;
-    let engine = Arc::new(Engine::new(store, Arc::new(SystemClock)));
-    let sealed = keys::reseal(&**engine.store(), &master, false, "system", engine.now())
+    let sealed = keys::reseal(&engine, &master, false, "system")
         .await
         .context("encrypting the secrets stored before encryption")?;
     if sealed > 0 {
@@ -328,10 +299,9 @@ async fn open(global: &Global) -> anyhow::Result<(Arc<Engine>, MasterKeys)> {
 
 async fn token_keys(engine: &Engine, master: &MasterKeys) -> anyhow::Result<TokenKeys> {
     TokenKeys::load(
-        engine.store().clone(),
+        engine,
         master,
         std::env::var("SWITCHYARD_JWT_SECRET").ok().as_deref(),
-        engine.now(),
     )
     .await
     .context("loading the token signing keys")

@@ -1,8 +1,11 @@
-//! Whether this process can reach its database and write to it. A background task probes once a
-//! second with a deadline ([`watch_database`]), so `/health` and the API answer at once while the
-//! database is away, instead of each request waiting out the connection pool's timeout; and a
-//! database that answers but cannot write (a full disk) is told apart from one that is gone.
+//! What `/health` reports ([`Engine::health`]): whether this process can reach its database and
+//! write to it, and whether its scheduler ticks ([`Heartbeats`]). A background task probes the
+//! database once a second with a deadline ([`watch_database`]), so `/health` and the API answer
+//! at once while the database is away, instead of each request waiting out the connection pool's
+//! timeout; and a database that answers but cannot write (a full disk) is told apart from one
+//! that is gone.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -16,6 +19,40 @@ pub const PROBE_DEADLINE: Duration = Duration::from_secs(1);
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// A probe older than this is taken again before it is reported.
 const FRESH_FOR_MS: Millis = 2_000;
+
+/// A scheduler ticks at least once a minute; twice that without a tick means it is stuck.
+const SCHEDULER_STALE_MS: Millis = 120_000;
+
+/// Liveness facts the tasks of a process publish for `/health`.
+#[derive(Debug, Default)]
+pub struct Heartbeats {
+    /// When the scheduler last finished a tick (ms); 0 when no scheduler runs here.
+    pub scheduler_tick_at: AtomicI64,
+}
+
+impl Heartbeats {
+    /// When this process's scheduler last ticked; `None` when none runs here.
+    pub fn scheduler_tick(&self) -> Option<Millis> {
+        let at = self.scheduler_tick_at.load(Ordering::Relaxed);
+        (at != 0).then_some(at)
+    }
+}
+
+/// The health of a process: its database as last probed, and its scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub database: DatabaseState,
+    /// Milliseconds since this process's scheduler last ticked; `None` when none runs here.
+    pub scheduler_tick_ms_ago: Option<Millis>,
+}
+
+impl Health {
+    /// Whether the scheduler ticked lately; `None` when none runs here.
+    pub fn scheduler_alive(&self) -> Option<bool> {
+        self.scheduler_tick_ms_ago
+            .map(|ago| ago < SCHEDULER_STALE_MS)
+    }
+}
 
 /// What the last probe found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +76,16 @@ impl DatabaseState {
             DatabaseState::Unreachable { cause } => Some(format!("does not answer: {cause}")),
         }
     }
+
+    /// Jobs claimable now, when the database answered.
+    pub fn queue_depth(&self) -> Option<i64> {
+        match self {
+            DatabaseState::Ok { queue_depth } | DatabaseState::CannotWrite { queue_depth, .. } => {
+                Some(*queue_depth)
+            }
+            DatabaseState::Unreachable { .. } | DatabaseState::Unknown => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +99,16 @@ struct Probe {
 pub(crate) struct DatabaseHealth(RwLock<Option<Probe>>);
 
 impl Engine {
+    /// This process's health: the database as last probed (again when that is old), and how
+    /// long ago the scheduler of `heartbeats` ticked.
+    pub async fn health(&self, heartbeats: &Heartbeats) -> Health {
+        let scheduler_tick_ms_ago = heartbeats.scheduler_tick().map(|at| self.now() - at);
+        Health {
+            database: self.database().await,
+            scheduler_tick_ms_ago,
+        }
+    }
+
     /// Probes the database now: a read (the queue's depth), then a small write, each within
     /// [`PROBE_DEADLINE`].
     pub async fn probe_database(&self) -> DatabaseState {

@@ -19,8 +19,8 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::state::Millis;
-use crate::store::{NewAuditEntry, SettingChange, Store, StoreError};
+use crate::service::Engine;
+use crate::store::{NewAuditEntry, SettingChange, StoreError};
 
 pub const KEY_ENV: &str = "SWITCHYARD_MASTER_KEY";
 pub const KEY_FILE_ENV: &str = "SWITCHYARD_MASTER_KEY_FILE";
@@ -330,12 +330,12 @@ pub fn default_key_file(database_url: &str) -> Option<PathBuf> {
 /// (`reseal_all` true, a key rotation). One transaction; a row changed meanwhile keeps its new
 /// value. Returns how many rows were rewritten. Any number of processes may run it at once.
 pub async fn reseal(
-    store: &dyn Store,
+    engine: &Engine,
     keys: &MasterKeys,
     reseal_all: bool,
     actor: &str,
-    now: Millis,
 ) -> Result<usize, KeyError> {
+    let store = engine.store();
     let mut changes = Vec::new();
     for namespace in ENCRYPTED_NAMESPACES {
         for setting in store.settings(namespace).await? {
@@ -367,7 +367,9 @@ pub async fn reseal(
         target: ENCRYPTED_NAMESPACES.join(","),
         detail: json!({ "rows": changes.len(), "kid": keys.current().id }),
     };
-    let applied = store.change_settings(changes, Some(audit), now).await?;
+    let applied = store
+        .change_settings(changes, Some(audit), engine.now())
+        .await?;
     Ok(applied.into_iter().filter(|a| *a).count())
 }
 

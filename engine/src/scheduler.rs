@@ -122,7 +122,7 @@ pub fn plan_fires(due: &[Millis], now: Millis, catch_up: CatchUp) -> FirePlan {
 /// Runs the scheduler until `shutdown` turns true.
 pub async fn run_scheduler(
     engine: Arc<Engine>,
-    heartbeats: Arc<crate::api::Heartbeats>,
+    heartbeats: Arc<crate::health::Heartbeats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {

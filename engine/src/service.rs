@@ -9,11 +9,12 @@ use serde_json::Value;
 use crate::clock::Clock;
 use crate::definition::{Workflow, WorkflowMap};
 use crate::plan::{PlanError, Trigger, plan_run};
-use crate::state::{RunStatus, Settlement};
+use crate::state::{Millis, RunStatus, Settlement};
 use crate::store::{
-    ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, FireRecord,
-    JobId, NewRun, NewWebhookEvent, RunDetail, RunFilter, RunId, RunSummary, Store, StoreError,
-    WebhookAction, WebhookOutcome, WorkflowState, check_storable, retry_transient,
+    Alert, AuditEntry, ClaimParams, ClaimedJob, Completion, ConnectOptions, DefinitionOrigin,
+    FireOutcome, FireParams, FireRecord, JobId, NewRun, NewWebhookEvent, RunDetail, RunFilter,
+    RunId, RunSummary, Store, StoreError, WebhookAction, WebhookEvent, WebhookOutcome,
+    WorkflowState, check_storable, retry_transient,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +92,8 @@ impl Engine {
         }
     }
 
+    /// The store itself, for the worker runtime and tests. Surfaces (the API, the CLI) must not
+    /// use it: they go through `Engine`'s operations.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -456,6 +459,50 @@ impl Engine {
 
     pub async fn fires(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<FireRecord>> {
         Ok(self.store.fires(workflow_id, limit).await?)
+    }
+
+    /// Opens the database `url` names, applies its pending migrations, and runs on `clock`.
+    pub async fn open(
+        url: &str,
+        options: &ConnectOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        let store = crate::store::connect_with(url, options).await?;
+        store.migrate().await?;
+        Ok(Engine::new(store, clock))
+    }
+
+    /// Runs in `status`, created at or after `created_after` when given.
+    pub async fn count_runs(
+        &self,
+        status: RunStatus,
+        created_after: Option<Millis>,
+    ) -> Result<i64> {
+        Ok(self.store.count_runs(status, created_after).await?)
+    }
+
+    /// Jobs claimable now that no worker has taken.
+    pub async fn queue_depth(&self) -> Result<i64> {
+        Ok(self.store.queue_depth(self.now()).await?)
+    }
+
+    /// Alerts of failed and timed-out runs, newest first.
+    pub async fn alerts(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<Alert>> {
+        Ok(self.store.alerts(workflow_id, limit).await?)
+    }
+
+    /// Inbound webhook events, newest first.
+    pub async fn webhook_events(
+        &self,
+        source: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<WebhookEvent>> {
+        Ok(self.store.webhook_events(source, limit).await?)
+    }
+
+    /// The audit log, newest first; with `before`, only entries older than that entry id.
+    pub async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>> {
+        Ok(self.store.audit_log(before, limit).await?)
     }
 }
 

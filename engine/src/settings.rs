@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 
 use crate::keys::MasterKeys;
 use crate::service::Engine;
-use crate::store::{NewAuditEntry, SettingChange, StoreError};
+use crate::state::Millis;
+use crate::store::{NewAuditEntry, Setting, SettingChange, StoreError};
 
 pub const VARS: &str = "vars";
 pub const SECRETS: &str = "secrets";
@@ -59,6 +60,32 @@ impl SettingsCache {
     }
 }
 
+/// A secret as listed: its name and when it was set, never its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretEntry {
+    pub name: String,
+    pub updated_at: Millis,
+}
+
+/// Every variable, by name.
+pub async fn variables(engine: &Engine) -> Result<Vec<Setting>, StoreError> {
+    engine.store().settings(VARS).await
+}
+
+/// Every secret, by name, without its value.
+pub async fn secrets(engine: &Engine) -> Result<Vec<SecretEntry>, StoreError> {
+    Ok(engine
+        .store()
+        .settings(SECRETS)
+        .await?
+        .into_iter()
+        .map(|s| SecretEntry {
+            name: s.name,
+            updated_at: s.updated_at,
+        })
+        .collect())
+}
+
 /// The stored variables and secrets, at most a second old.
 pub async fn template_values(engine: &Engine) -> Result<Arc<TemplateValues>, StoreError> {
     let cache = engine.settings_cache();
@@ -69,15 +96,13 @@ pub async fn template_values(engine: &Engine) -> Result<Arc<TemplateValues>, Sto
     if let Some(values) = cache.fresh() {
         return Ok(values);
     }
-    let store = engine.store();
-    let vars = store
-        .settings(VARS)
+    let vars = variables(engine)
         .await?
         .into_iter()
         .map(|s| (s.name, s.value))
         .collect();
     let mut secrets = BTreeMap::new();
-    let stored = store.settings(SECRETS).await?;
+    let stored = engine.store().settings(SECRETS).await?;
     if !stored.is_empty() {
         let keys = master_keys(engine)?;
         for s in stored {

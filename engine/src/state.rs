@@ -23,15 +23,14 @@ use crate::definition::{Backoff, NonRetryable, RetryPolicy};
 /// Milliseconds since the Unix epoch: the only time the store sees.
 pub type Millis = i64;
 
-/// A state enum: its string forms (`timed_out`) come from strum and serde, from one spelling.
+/// A state enum: its string forms (`timed_out`) come from strum, from one spelling.
 macro_rules! state_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(
-            Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
-            Display, EnumString, IntoStaticStr, VariantArray,
+            Debug, Clone, Copy, PartialEq, Eq, Hash, Display, EnumString, IntoStaticStr,
+            VariantArray,
         )]
-        #[serde(rename_all = "snake_case")]
         #[strum(serialize_all = "snake_case")]
         pub enum $name { $($variant),+ }
     };

@@ -31,7 +31,7 @@ async fn maintenance_and_scheduler_stop_when_their_shutdown_sender_is_dropped() 
     ));
     let scheduler = tokio::spawn(switchyard_engine::scheduler::run_scheduler(
         engine.clone(),
-        Arc::new(switchyard_engine::api::Heartbeats::default()),
+        Arc::new(switchyard_engine::health::Heartbeats::default()),
         rx,
     ));
     tokio::time::sleep(Duration::from_millis(50)).await;

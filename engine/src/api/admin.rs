@@ -7,12 +7,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::auth::{Admin, TokenResponse};
-use super::error::{ApiError, ErrorBody, Json, Path, Query};
+use super::error::{ApiError, ErrorBody, ErrorCode, Json, Path, Query};
+use super::types::{AuditEntry, Role, User};
 use super::{AppState, Logged};
-use crate::auth::{Role, User, delete_user, put_user, users};
-use crate::settings::{self, SECRETS, VARS};
+use crate::auth::{delete_user, put_user, users};
+use crate::settings::{self, SECRETS, SecretEntry, VARS};
 use crate::state::{Millis, RunStatus};
-use crate::store::{AuditEntry, NewAuditEntry, Setting};
+use crate::store::Setting;
 
 /// Variable and secret names: what a template can reach as `vars.NAME` or `secrets.NAME`.
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -25,8 +26,8 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::bad_request(
-            "invalid_path",
+        Err(ApiError::new(
+            ErrorCode::InvalidPath,
             format!(
                 "path: {name:?} is not a name: 1 to 64 lower-case letters, digits and '_', not starting with a digit"
             ),
@@ -66,7 +67,7 @@ pub async fn list_variables(
     _: Admin,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<Variable>>, ApiError> {
-    let vars = state.engine.store().settings(VARS).await?;
+    let vars = settings::variables(&state.engine).await?;
     Ok(Json(vars.into_iter().map(Variable::from).collect()))
 }
 
@@ -118,7 +119,10 @@ pub async fn delete_variable(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     if !settings::delete(&state.engine, VARS, &name, &caller.sub).await? {
-        return Err(ApiError::not_found(format!("no variable {name:?}")));
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no variable {name:?}"),
+        ));
     }
     tracing::info!(variable = %Logged(&name), by = %Logged(&caller.sub), "variable deleted over the API");
     Ok(StatusCode::NO_CONTENT)
@@ -147,9 +151,9 @@ pub async fn put_amazon_tracking(
 ) -> Result<Json<Variable>, ApiError> {
     for (region, id) in &ids {
         if !(2..=8).contains(&region.len()) || !region.chars().all(|c| c.is_ascii_lowercase()) {
-            return Err(ApiError::new(
+            return Err(ApiError::with_status(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_body",
+                ErrorCode::InvalidBody,
                 format!(
                     "request body: region {region:?} is not a lower-case region code such as \"us\""
                 ),
@@ -159,9 +163,9 @@ pub async fn put_amazon_tracking(
             || id.len() > 64
             || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         {
-            return Err(ApiError::new(
+            return Err(ApiError::with_status(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_body",
+                ErrorCode::InvalidBody,
                 format!(
                     "request body: the tracking id of {region:?} must be 1 to 64 letters, digits or '-'"
                 ),
@@ -186,6 +190,15 @@ pub struct SecretInfo {
     pub updated_at: Millis,
 }
 
+impl From<SecretEntry> for SecretInfo {
+    fn from(s: SecretEntry) -> Self {
+        SecretInfo {
+            name: s.name,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretValue {
@@ -204,16 +217,8 @@ pub async fn list_secrets(
     _: Admin,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<SecretInfo>>, ApiError> {
-    let secrets = state.engine.store().settings(SECRETS).await?;
-    Ok(Json(
-        secrets
-            .into_iter()
-            .map(|s| SecretInfo {
-                name: s.name,
-                updated_at: s.updated_at,
-            })
-            .collect(),
-    ))
+    let secrets = settings::secrets(&state.engine).await?;
+    Ok(Json(secrets.into_iter().map(SecretInfo::from).collect()))
 }
 
 /// Sets a secret; templates read it as `secrets.NAME`, and its value is redacted from outputs,
@@ -271,7 +276,10 @@ pub async fn delete_secret(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     if !settings::delete(&state.engine, SECRETS, &name, &caller.sub).await? {
-        return Err(ApiError::not_found(format!("no secret {name:?}")));
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no secret {name:?}"),
+        ));
     }
     tracing::info!(secret = %Logged(&name), by = %Logged(&caller.sub), "secret deleted over the API");
     Ok(StatusCode::NO_CONTENT)
@@ -289,7 +297,8 @@ pub async fn list_users(
     _: Admin,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<User>>, ApiError> {
-    Ok(Json(users(&**state.engine.store()).await?))
+    let users = users(&state.engine).await?;
+    Ok(Json(users.into_iter().map(User::from).collect()))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -321,25 +330,16 @@ pub async fn add_user(
     State(state): State<AppState>,
     Json(user): Json<NewUser>,
 ) -> Result<(StatusCode, Json<User>), ApiError> {
-    let now = state.engine.now();
-    put_user(
-        &**state.engine.store(),
+    let stored = put_user(
+        &state.engine,
         &user.name,
         &user.password,
-        user.role,
+        user.role.into(),
         &caller.sub,
-        now,
     )
     .await?;
-    tracing::info!(user = %Logged(&user.name), role = %user.role, by = %Logged(&caller.sub), "user stored over the API");
-    Ok((
-        StatusCode::CREATED,
-        Json(User {
-            name: user.name,
-            role: user.role,
-            updated_at: now,
-        }),
-    ))
+    tracing::info!(user = %Logged(&stored.name), role = %stored.role, by = %Logged(&caller.sub), "user stored over the API");
+    Ok((StatusCode::CREATED, Json(stored.into())))
 }
 
 /// Deletes a user, and with it every session it had: tokens from its logins stop working.
@@ -359,15 +359,11 @@ pub async fn remove_user(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if !delete_user(
-        &**state.engine.store(),
-        &name,
-        &caller.sub,
-        state.engine.now(),
-    )
-    .await?
-    {
-        return Err(ApiError::not_found(format!("no user {name:?}")));
+    if !delete_user(&state.engine, &name, &caller.sub).await? {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no user {name:?}"),
+        ));
     }
     tracing::info!(user = %Logged(&name), by = %Logged(&caller.sub), "user deleted over the API");
     Ok(StatusCode::NO_CONTENT)
@@ -405,37 +401,24 @@ pub async fn issue_token(
 ) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
     let ttl = request.ttl_secs.unwrap_or(30 * 86_400);
     if !(60..=31_536_000).contains(&ttl) {
-        return Err(ApiError::bad_request(
-            "invalid_body",
+        return Err(ApiError::new(
+            ErrorCode::InvalidBody,
             format!("request body: `ttl_secs` must be 60 to 31536000, not {ttl}"),
         ));
     }
     if request.subject.is_empty() || request.subject.chars().count() > 128 {
-        return Err(ApiError::bad_request(
-            "invalid_body",
+        return Err(ApiError::new(
+            ErrorCode::InvalidBody,
             "request body: `subject` must be 1 to 128 characters",
         ));
     }
-    let (token, claims) = state.keys.issue(
-        &request.subject,
-        request.role,
-        std::time::Duration::from_secs(ttl),
-        state.engine.now(),
-    )?;
-    state
-        .engine
-        .store()
-        .record_audit(
-            NewAuditEntry {
-                actor: caller.sub.clone(),
-                action: "token.issue".into(),
-                target: claims.jti.clone(),
-                detail: serde_json::json!({
-                    "subject": claims.sub,
-                    "role": claims.role,
-                    "expires_at": claims.exp,
-                }),
-            },
+    let (token, claims) = state
+        .keys
+        .issue(
+            &request.subject,
+            request.role.into(),
+            std::time::Duration::from_secs(ttl),
+            &caller.sub,
             state.engine.now(),
         )
         .await?;
@@ -463,8 +446,8 @@ pub async fn revoke_token(
     Path(jti): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     if jti.is_empty() || jti.len() > 128 || jti.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
-            "invalid_path",
+        return Err(ApiError::new(
+            ErrorCode::InvalidPath,
             "path: a token id is 1 to 128 printable characters",
         ));
     }
@@ -515,18 +498,18 @@ pub async fn list_audit(
     let before = match &query.cursor {
         None => None,
         Some(cursor) => Some(cursor.parse::<i64>().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_query",
+            ApiError::new(
+                ErrorCode::InvalidQuery,
                 "query string: `cursor` is not a cursor this API returned",
             )
         })?),
     };
-    let entries = state.engine.store().audit_log(before, limit).await?;
+    let entries = state.engine.audit_log(before, limit).await?;
     let next_cursor = (entries.len() == limit as usize)
         .then(|| entries.last().map(|e| e.id.to_string()))
         .flatten();
     Ok(Json(AuditPage {
-        entries,
+        entries: entries.into_iter().map(AuditEntry::from).collect(),
         next_cursor,
     }))
 }
@@ -558,17 +541,12 @@ pub async fn system_metrics(
 ) -> Result<Json<SystemMetrics>, ApiError> {
     let engine = &state.engine;
     let workflows = engine.workflows().await?;
-    let count = |status| engine.store().count_runs(status, None);
-    let tick = state
-        .heartbeats
-        .scheduler_tick_at
-        .load(std::sync::atomic::Ordering::Relaxed);
     Ok(Json(SystemMetrics {
-        queue_depth: engine.store().queue_depth(engine.now()).await?,
+        queue_depth: engine.queue_depth().await?,
         workflows: workflows.len(),
         paused_workflows: workflows.iter().filter(|w| w.paused).count(),
-        runs_pending: count(RunStatus::Pending).await?,
-        runs_running: count(RunStatus::Running).await?,
-        scheduler_tick_at: (tick != 0).then_some(tick),
+        runs_pending: engine.count_runs(RunStatus::Pending, None).await?,
+        runs_running: engine.count_runs(RunStatus::Running, None).await?,
+        scheduler_tick_at: state.heartbeats.scheduler_tick(),
     }))
 }

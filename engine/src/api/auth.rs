@@ -7,7 +7,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};
 
-use super::error::{ApiError, Json};
+use super::error::{ApiError, ErrorCode, Json};
 use super::limits::ClientAddr;
 use super::{AppState, Logged};
 use crate::auth::{Claims, Role, TokenKeys, check_password, session_stands};
@@ -28,12 +28,16 @@ pub async fn bearer_claims(
     now: i64,
 ) -> Result<Claims, ApiError> {
     if !headers.contains_key(AUTHORIZATION) {
-        return Err(ApiError::unauthorized(
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
             "this endpoint needs an `Authorization: Bearer <token>` header",
         ));
     }
     let token = bearer_token(headers).ok_or_else(|| {
-        ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+        ApiError::new(
+            ErrorCode::Unauthorized,
+            "the Authorization header must be `Bearer <token>`",
+        )
     })?;
     Ok(keys.verify(token, now).await?)
 }
@@ -45,16 +49,17 @@ pub async fn caller_with_role(
     role: Role,
 ) -> Result<Claims, ApiError> {
     let claims = bearer_claims(headers, &state.keys, state.engine.now()).await?;
-    if !session_stands(&**state.engine.store(), &claims).await? {
-        return Err(ApiError::unauthorized(
+    if !session_stands(&state.engine, &claims).await? {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
             "this login's user was changed or deleted since; log in again",
         ));
     }
     if !claims.role.allows(role) {
-        return Err(ApiError::forbidden(format!(
-            "this needs the {role} role; the token has {}",
-            claims.role
-        )));
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("this needs the {role} role; the token has {}", claims.role),
+        ));
     }
     Ok(claims)
 }
@@ -108,7 +113,7 @@ pub struct TokenResponse {
     /// The bearer token: send it as `Authorization: Bearer <token>`.
     pub token: String,
     pub subject: String,
-    pub role: Role,
+    pub role: super::types::Role,
     /// Seconds since the epoch.
     pub expires_at: i64,
 }
@@ -118,7 +123,7 @@ impl TokenResponse {
         TokenResponse {
             token,
             subject: claims.sub,
-            role: claims.role,
+            role: claims.role.into(),
             expires_at: claims.exp,
         }
     }
@@ -152,13 +157,9 @@ pub async fn login(
         .limiter
         .check_login(&request.username, address)
         .inspect_err(|_| tracing::info!(%user, "login refused: rate limited"))?;
-    let session = check_password(
-        &**state.engine.store(),
-        &request.username,
-        &request.password,
-    )
-    .await
-    .inspect_err(|e| tracing::info!(%user, error = %e, "login refused"))?;
+    let session = check_password(&state.engine, &request.username, &request.password)
+        .await
+        .inspect_err(|e| tracing::info!(%user, error = %e, "login refused"))?;
     let (token, claims) = state
         .keys
         .issue_session(&session, LOGIN_TTL, state.engine.now())?;

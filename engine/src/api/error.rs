@@ -11,11 +11,121 @@ use crate::auth::AuthError;
 use crate::service::EngineError;
 use crate::store::StoreError;
 
+// One entry a code: its string is the variant's name in snake case (strum's, and so the wire's),
+// and `status` the HTTP status it always answers with; a code without one answers with the
+// status its error names, 400 unless told otherwise.
+/// What went wrong, as a stable, machine-readable code.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::EnumIter,
+    strum::EnumProperty,
+    utoipa::ToSchema,
+)]
+#[strum(serialize_all = "snake_case")]
+#[schema(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// No such resource, or no such endpoint.
+    #[strum(props(status = 404))]
+    NotFound,
+    /// The body is not JSON.
+    #[strum(props(status = 400))]
+    InvalidJson,
+    /// A path parameter is malformed.
+    #[strum(props(status = 400))]
+    InvalidPath,
+    /// The query string has an unknown or malformed parameter, or a cursor this API did not give.
+    #[strum(props(status = 400))]
+    InvalidQuery,
+    /// A header is malformed, such as an empty `Idempotency-Key`.
+    #[strum(props(status = 400))]
+    InvalidHeader,
+    /// The body lacks a field or has one of the wrong type or range: 422 for JSON of the wrong
+    /// shape, 400 for a value out of range, another 4xx for a body that cannot be read.
+    InvalidBody,
+    /// A definition body that does not parse or validate (422, every problem as
+    /// `body:line:column`), or that is not UTF-8 or holds the wrong number of workflows (400).
+    InvalidDefinition,
+    /// A run's input does not fit its workflow.
+    #[strum(props(status = 422))]
+    InvalidInput,
+    /// A value the database cannot store, such as a NUL character.
+    #[strum(props(status = 400))]
+    InvalidValue,
+    /// A user name or password that is not allowed.
+    #[strum(props(status = 400))]
+    InvalidUser,
+    /// The definition in the body names another workflow than the path.
+    #[strum(props(status = 400))]
+    IdMismatch,
+    /// A webhook event id refused when first delivered: its repeats are refused too.
+    #[strum(props(status = 400))]
+    RefusedBefore,
+    /// No valid token (missing, malformed, forged, expired, revoked) or webhook signature.
+    #[strum(props(status = 401))]
+    Unauthorized,
+    /// The token's role is too low for this endpoint.
+    #[strum(props(status = 403))]
+    Forbidden,
+    /// The endpoint does not take this method.
+    #[strum(props(status = 405))]
+    MethodNotAllowed,
+    /// The request contradicts what is stored: the workflow exists, runs of it go on, the run
+    /// has not ended unsuccessfully.
+    #[strum(props(status = 409))]
+    Conflict,
+    /// No step waits under this callback token: it timed out, was cancelled, or has its result.
+    #[strum(props(status = 409))]
+    NotWaiting,
+    /// The body is over the size the endpoint takes.
+    #[strum(props(status = 413))]
+    BodyTooLarge,
+    /// The path and query string are over the length served.
+    #[strum(props(status = 414))]
+    UriTooLong,
+    /// The body's `Content-Type` is not one the endpoint reads.
+    #[strum(props(status = 415))]
+    UnsupportedMediaType,
+    /// Too many requests from this caller; `Retry-After` says when to try again.
+    #[strum(props(status = 429))]
+    RateLimited,
+    /// The request failed inside the server; its log says why.
+    #[strum(props(status = 500))]
+    Internal,
+    /// The database does not answer, or cannot write; `Retry-After` says when to try again.
+    #[strum(props(status = 503))]
+    Unavailable,
+    /// Every password-hashing thread is busy; `Retry-After` says when to try again.
+    #[strum(props(status = 503))]
+    Busy,
+}
+
+impl ErrorCode {
+    /// The status this code always answers with, if it has one.
+    pub fn status(self) -> Option<StatusCode> {
+        use strum::EnumProperty;
+        let status = u16::try_from(self.get_int("status")?).ok()?;
+        StatusCode::from_u16(status).ok()
+    }
+}
+
+/// The code's string, from strum, is what goes on the wire.
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.into())
+    }
+}
+
 /// The body of every error response.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// A stable, machine-readable code, such as `not_found` or `invalid_json`.
-    pub code: &'static str,
+    pub code: ErrorCode,
     /// What went wrong, for a person.
     pub message: String,
 }
@@ -23,14 +133,24 @@ pub struct ErrorBody {
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     /// Seconds, for 429 and 503.
     pub retry_after: Option<u64>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error answering with its code's status, or 400 for a code without a fixed one.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::with_status(
+            code.status().unwrap_or(StatusCode::BAD_REQUEST),
+            code,
+            message,
+        )
+    }
+
+    /// An error answering with `status`, for the codes whose status depends on the failure.
+    pub fn with_status(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -39,20 +159,12 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-
-    pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-    }
-
-    pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    /// The same error with a `Retry-After` header of `secs` seconds.
+    pub fn retry_after(self, secs: u64) -> Self {
+        ApiError {
+            retry_after: Some(secs),
+            ..self
+        }
     }
 }
 
@@ -80,33 +192,34 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl ApiError {
+    /// A failure the caller cannot do anything about: logged here, not told.
+    fn internal(error: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %error, "request failed");
+        ApiError::new(
+            ErrorCode::Internal,
+            "the request failed inside the server; its log says why",
+        )
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotFound(what) => ApiError::not_found(format!("not found: {what}")),
-            StoreError::Conflict(message) => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", message)
+            StoreError::NotFound(what) => {
+                ApiError::new(ErrorCode::NotFound, format!("not found: {what}"))
             }
-            StoreError::Unavailable(message) => ApiError {
-                retry_after: Some(1),
-                ..ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    format!("the database is unavailable: {message}"),
-                )
-            },
-            StoreError::Rejected(message) => ApiError::bad_request(
-                "invalid_value",
+            StoreError::Conflict(message) => ApiError::new(ErrorCode::Conflict, message),
+            StoreError::Unavailable(message) => ApiError::new(
+                ErrorCode::Unavailable,
+                format!("the database is unavailable: {message}"),
+            )
+            .retry_after(1),
+            StoreError::Rejected(message) => ApiError::new(
+                ErrorCode::InvalidValue,
                 format!("the database cannot store a value of this request: {message}"),
             ),
-            other => {
-                tracing::error!(error = %other, "store error");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "the request failed inside the server; its log says why",
-                )
-            }
+            other => ApiError::internal(&other),
         }
     }
 }
@@ -115,33 +228,25 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::UnknownWorkflow(id) => {
-                ApiError::not_found(format!("unknown workflow {id:?}"))
+                ApiError::new(ErrorCode::NotFound, format!("unknown workflow {id:?}"))
             }
-            EngineError::UnknownRun(id) => ApiError::not_found(format!("unknown run {id:?}")),
-            EngineError::Plan(e) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_input",
-                e.to_string(),
-            ),
+            EngineError::UnknownRun(id) => {
+                ApiError::new(ErrorCode::NotFound, format!("unknown run {id:?}"))
+            }
+            EngineError::Plan(e) => ApiError::new(ErrorCode::InvalidInput, e.to_string()),
             EngineError::RefusedBefore { .. } => {
-                ApiError::bad_request("refused_before", e.to_string())
+                ApiError::new(ErrorCode::RefusedBefore, e.to_string())
             }
-            EngineError::NotWaiting(message) => {
-                ApiError::new(StatusCode::CONFLICT, "not_waiting", message)
-            }
-            EngineError::UnstorableDefinition { .. } => ApiError::new(
+            EngineError::NotWaiting(message) => ApiError::new(ErrorCode::NotWaiting, message),
+            EngineError::UnstorableDefinition { .. } => ApiError::with_status(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_definition",
+                ErrorCode::InvalidDefinition,
                 format!("request body: {e}"),
             ),
             EngineError::Store(e) => e.into(),
             other @ EngineError::CorruptDefinition { .. } => {
                 tracing::error!(error = %other, "engine error");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    other.to_string(),
-                )
+                ApiError::new(ErrorCode::Internal, other.to_string())
             }
         }
     }
@@ -151,23 +256,13 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::InvalidToken | AuthError::BadCredentials | AuthError::Revoked => {
-                ApiError::unauthorized(e.to_string())
+                ApiError::new(ErrorCode::Unauthorized, e.to_string())
             }
-            AuthError::InvalidUser(message) => ApiError::bad_request("invalid_user", message),
-            AuthError::TtlTooLong => ApiError::bad_request("invalid_body", e.to_string()),
-            AuthError::Busy => ApiError {
-                retry_after: Some(1),
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
-            },
+            AuthError::InvalidUser(message) => ApiError::new(ErrorCode::InvalidUser, message),
+            AuthError::TtlTooLong => ApiError::new(ErrorCode::InvalidBody, e.to_string()),
+            AuthError::Busy => ApiError::new(ErrorCode::Busy, e.to_string()).retry_after(1),
             AuthError::Store(e) => e.into(),
-            other => {
-                tracing::error!(error = %other, "auth error");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "the request failed inside the server; its log says why",
-                )
-            }
+            other => ApiError::internal(&other),
         }
     }
 }
@@ -175,41 +270,46 @@ impl From<AuthError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
         let (status, code) = match &e {
-            JsonRejection::JsonDataError(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
-            JsonRejection::JsonSyntaxError(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
-            JsonRejection::MissingJsonContentType(_) => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            JsonRejection::JsonDataError(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidBody)
             }
-            JsonRejection::BytesRejection(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
-            _ => (StatusCode::BAD_REQUEST, "invalid_body"),
+            JsonRejection::JsonSyntaxError(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidJson),
+            JsonRejection::MissingJsonContentType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::UnsupportedMediaType,
+            ),
+            JsonRejection::BytesRejection(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::BodyTooLarge)
+            }
+            _ => (StatusCode::BAD_REQUEST, ErrorCode::InvalidBody),
         };
-        ApiError::new(status, code, format!("request body: {}", e.body_text()))
+        ApiError::with_status(status, code, format!("request body: {}", e.body_text()))
     }
 }
 
 impl From<BytesRejection> for ApiError {
     fn from(e: BytesRejection) -> Self {
-        ApiError::new(
-            e.status(),
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                "body_too_large"
-            } else {
-                "invalid_body"
-            },
-            format!("request body: {}", e.body_text()),
-        )
+        let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ErrorCode::BodyTooLarge
+        } else {
+            ErrorCode::InvalidBody
+        };
+        ApiError::with_status(e.status(), code, format!("request body: {}", e.body_text()))
     }
 }
 
 impl From<PathRejection> for ApiError {
     fn from(e: PathRejection) -> Self {
-        ApiError::bad_request("invalid_path", format!("path: {}", e.body_text()))
+        ApiError::new(ErrorCode::InvalidPath, format!("path: {}", e.body_text()))
     }
 }
 
 impl From<QueryRejection> for ApiError {
     fn from(e: QueryRejection) -> Self {
-        ApiError::bad_request("invalid_query", format!("query string: {}", e.body_text()))
+        ApiError::new(
+            ErrorCode::InvalidQuery,
+            format!("query string: {}", e.body_text()),
+        )
     }
 }
 
@@ -245,5 +345,45 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Bytes {
         Ok(Bytes(
             axum::body::Bytes::from_request(request, state).await?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use strum::IntoEnumIterator;
+
+    use super::*;
+
+    #[test]
+    fn a_code_answers_with_its_fixed_status_and_goes_on_the_wire_as_its_name() {
+        for code in ErrorCode::iter() {
+            use strum::EnumProperty;
+            assert_eq!(
+                code.get_int("status").is_some(),
+                code.status().is_some(),
+                "{code}: its status is not an HTTP status"
+            );
+            let error = ApiError::new(code, "m");
+            assert_eq!(
+                error.status,
+                code.status().unwrap_or(StatusCode::BAD_REQUEST),
+                "{code}"
+            );
+            let body = serde_json::to_value(ErrorBody {
+                code,
+                message: error.message,
+            })
+            .unwrap();
+            assert_eq!(body["code"], code.to_string());
+        }
+        assert_eq!(ErrorCode::NotFound.to_string(), "not_found");
+        assert_eq!(
+            <&str>::from(ErrorCode::UnsupportedMediaType),
+            "unsupported_media_type"
+        );
+        assert_eq!(
+            ErrorCode::RateLimited.status(),
+            Some(StatusCode::TOO_MANY_REQUESTS)
+        );
     }
 }

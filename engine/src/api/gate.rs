@@ -3,12 +3,11 @@
 //! they say what is wrong.
 
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 
 pub async fn database(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
@@ -16,15 +15,9 @@ pub async fn database(State(state): State<AppState>, request: Request, next: Nex
         && path != "/api/openapi.json"
         && let Some(problem) = state.engine.database_unreachable()
     {
-        return ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("the database {problem}"),
-            )
-        }
-        .into_response();
+        return ApiError::new(ErrorCode::Unavailable, format!("the database {problem}"))
+            .retry_after(1)
+            .into_response();
     }
     next.run(request).await
 }

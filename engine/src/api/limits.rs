@@ -10,7 +10,6 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -18,7 +17,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, NotUntil, Quota};
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 
 /// Requests per second and burst, per caller.
 #[derive(Debug, Clone, Copy)]
@@ -103,14 +102,11 @@ impl RateLimiter {
     ) -> ApiError {
         let wait = not_until.wait_time_from(self.clock.now());
         let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-        ApiError {
-            retry_after: Some(secs),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("too many {what}; retry in {secs} s"),
-            )
-        }
+        ApiError::new(
+            ErrorCode::RateLimited,
+            format!("too many {what}; retry in {secs} s"),
+        )
+        .retry_after(secs)
     }
 }
 
@@ -184,8 +180,7 @@ pub async fn uri_length(request: Request, next: Next) -> Response {
         .map_or(0, |p| p.as_str().len());
     if length > MAX_URI_BYTES {
         return ApiError::new(
-            StatusCode::URI_TOO_LONG,
-            "uri_too_long",
+            ErrorCode::UriTooLong,
             format!("the path and query are {length} bytes; at most {MAX_URI_BYTES} are served"),
         )
         .into_response();

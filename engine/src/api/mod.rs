@@ -3,7 +3,8 @@
 //! module serves HTTP and owns the JSON shapes it answers with.
 //!
 //! Who may call what is in each handler's signature: its role extractor (`Viewer`, `Operator`,
-//! `Admin` in `auth.rs`); public handlers have none.
+//! `Admin` in `auth.rs`); public handlers have none. Handlers reach the engine only through
+//! `Engine`'s operations, never its store (`tests/tidy.rs`).
 
 mod admin;
 mod auth;
@@ -12,11 +13,11 @@ mod gate;
 mod limits;
 mod public;
 mod runs;
+pub mod types;
 mod webhooks;
 mod workflows;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -26,18 +27,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use auth::{Admin, Operator, Viewer};
-pub use error::{ApiError, ErrorBody};
+pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use limits::{LoginLimit, RateLimit, RateLimiter};
+
+use crate::health::Heartbeats;
 
 use crate::auth::TokenKeys;
 use crate::service::Engine;
-
-/// Liveness facts other tasks publish for `/health`.
-#[derive(Debug, Default)]
-pub struct Heartbeats {
-    /// When the scheduler last finished a tick (ms); 0 when no scheduler runs here.
-    pub scheduler_tick_at: AtomicI64,
-}
 
 /// Requests larger than this are refused with 413 before a handler sees them. Definitions are
 /// capped lower by their parser.
@@ -182,8 +178,8 @@ fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     const MAX_PAGE: u32 = 500;
     let limit = limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
+        return Err(ApiError::new(
+            ErrorCode::InvalidQuery,
             format!("query string: `limit` must be 1 to {MAX_PAGE}, not {limit}"),
         ));
     }
@@ -229,10 +225,16 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::list_audit))
 }
 
-pub fn router(state: AppState) -> Router {
+/// The routes, and the OpenAPI document that describes them.
+fn routes_and_document() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = api().split_for_parts();
     // After the routes are in: the derive's modifiers run before there are any.
     utoipa::Modify::modify(&ErrorResponses, &mut doc);
+    (router, doc)
+}
+
+pub fn router(state: AppState) -> Router {
+    let (router, doc) = routes_and_document();
     let doc = Arc::new(doc);
     router
         .route(
@@ -243,12 +245,14 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .fallback(|| async {
-            ApiError::not_found("no such endpoint; the API is described at /api/openapi.json")
+            ApiError::new(
+                ErrorCode::NotFound,
+                "no such endpoint; the API is described at /api/openapi.json",
+            )
         })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
-                axum::http::StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 "this endpoint does not take that method",
             )
         })
@@ -324,5 +328,30 @@ pub async fn serve_http(
                 .serve(app)
                 .await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use strum::IntoEnumIterator;
+
+    use super::*;
+
+    #[test]
+    fn every_error_code_is_listed_in_the_openapi_document() {
+        let doc = serde_json::to_value(routes_and_document().1).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(
+            schemas["ErrorBody"]["properties"]["code"]["$ref"], "#/components/schemas/ErrorCode",
+            "{schemas:#}"
+        );
+        let listed = schemas["ErrorCode"]["enum"].as_array().unwrap();
+        for code in ErrorCode::iter() {
+            assert!(
+                listed.contains(&serde_json::json!(code.to_string())),
+                "{code} is not among {listed:?}"
+            );
+        }
+        assert_eq!(listed.len(), ErrorCode::iter().count(), "{listed:?}");
     }
 }

@@ -1,14 +1,11 @@
 //! What anyone may ask: health and public statistics.
 
-use std::sync::atomic::Ordering;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Serialize;
 
-use super::error::{ApiError, Json};
+use super::error::{ApiError, ErrorCode, Json};
 use super::{AppState, Observability};
-use crate::health::DatabaseState;
 use crate::state::{Millis, RunStatus};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -32,8 +29,24 @@ pub struct SchedulerHealth {
     pub alive: Option<bool>,
 }
 
-/// A scheduler ticks at least once a minute; twice that without a tick means it is stuck.
-const SCHEDULER_STALE_MS: Millis = 120_000;
+impl From<crate::health::Health> for Health {
+    fn from(health: crate::health::Health) -> Self {
+        let (status, database) = match health.database.problem() {
+            None => ("ok", "ok".to_owned()),
+            Some(problem) => ("unavailable", problem),
+        };
+        Health {
+            status,
+            database,
+            scheduler: SchedulerHealth {
+                running: health.scheduler_tick_ms_ago.is_some(),
+                last_tick_ms_ago: health.scheduler_tick_ms_ago,
+                alive: health.scheduler_alive(),
+            },
+            queue_depth: health.database.queue_depth(),
+        }
+    }
+}
 
 /// 200 when the database answers and takes writes, 503 with the cause otherwise (within about
 /// a second, whatever the database does); with the scheduler's liveness and the queue depth.
@@ -47,41 +60,12 @@ const SCHEDULER_STALE_MS: Millis = 120_000;
     )
 )]
 pub async fn health(State(state): State<Observability>) -> (StatusCode, Json<Health>) {
-    let now = state.engine.now();
-    let tick = state.heartbeats.scheduler_tick_at.load(Ordering::Relaxed);
-    let scheduler = if tick == 0 {
-        SchedulerHealth {
-            running: false,
-            last_tick_ms_ago: None,
-            alive: None,
-        }
-    } else {
-        SchedulerHealth {
-            running: true,
-            last_tick_ms_ago: Some(now - tick),
-            alive: Some(now - tick < SCHEDULER_STALE_MS),
-        }
+    let health = state.engine.health(&state.heartbeats).await;
+    let status = match health.database.problem() {
+        None => StatusCode::OK,
+        Some(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
-    let database = state.engine.database().await;
-    let queue_depth = match &database {
-        DatabaseState::Ok { queue_depth } | DatabaseState::CannotWrite { queue_depth, .. } => {
-            Some(*queue_depth)
-        }
-        DatabaseState::Unreachable { .. } | DatabaseState::Unknown => None,
-    };
-    let (status, code, database) = match database.problem() {
-        None => (StatusCode::OK, "ok", "ok".to_owned()),
-        Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", problem),
-    };
-    (
-        status,
-        Json(Health {
-            status: code,
-            database,
-            scheduler,
-            queue_depth,
-        }),
-    )
+    (status, Json(health.into()))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -107,7 +91,6 @@ const DAY_MS: Millis = 86_400_000;
 )]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiError> {
     let engine = &state.engine;
-    let store = engine.store();
     let day_ago = engine.now() - DAY_MS;
     let workflows = engine.workflows().await?;
     let mut scheduled = 0;
@@ -124,12 +107,12 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiErro
     Ok(Json(Stats {
         workflows: workflows.len(),
         scheduled_workflows: scheduled,
-        runs_running: store.count_runs(RunStatus::Running, None).await?,
-        runs_pending: store.count_runs(RunStatus::Pending, None).await?,
-        runs_succeeded_24h: store
+        runs_running: engine.count_runs(RunStatus::Running, None).await?,
+        runs_pending: engine.count_runs(RunStatus::Pending, None).await?,
+        runs_succeeded_24h: engine
             .count_runs(RunStatus::Succeeded, Some(day_ago))
             .await?,
-        runs_failed_24h: store.count_runs(RunStatus::Failed, Some(day_ago)).await?,
+        runs_failed_24h: engine.count_runs(RunStatus::Failed, Some(day_ago)).await?,
     }))
 }
 
@@ -149,9 +132,12 @@ pub async fn metrics(
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     let Some(handle) = &state.metrics else {
-        return Err(ApiError::not_found("this process exports no metrics"));
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            "this process exports no metrics",
+        ));
     };
-    if let Ok(depth) = state.engine.store().queue_depth(state.engine.now()).await {
+    if let Ok(depth) = state.engine.queue_depth().await {
         crate::metrics::queue_depth(depth);
     }
     Ok((

@@ -5,9 +5,10 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::auth::{Operator, Viewer};
-use super::error::{ApiError, ErrorBody, Json, Path, Query};
-use crate::state::{Millis, RunStatus};
-use crate::store::{Alert, RunDetail, RunFilter, RunSummary};
+use super::error::{ApiError, ErrorBody, ErrorCode, Json, Path, Query};
+use super::types::{Alert, RunDetail, RunStatus, RunSummary};
+use crate::state::Millis;
+use crate::store::RunFilter;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -47,8 +48,8 @@ fn decode_cursor(cursor: &str) -> Result<(Millis, String), ApiError> {
         .and_then(|(at, id)| Some((at.parse().ok()?, id.to_owned())))
         .filter(|(_, id)| !id.is_empty())
         .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_query",
+            ApiError::new(
+                ErrorCode::InvalidQuery,
                 "query string: `cursor` is not a cursor this API returned",
             )
         })
@@ -75,14 +76,20 @@ pub async fn list_runs(
     let limit = super::page_limit(query.limit)?;
     let filter = RunFilter {
         workflow_id: query.workflow,
-        status: query.status,
+        status: query.status.map(Into::into),
         created_after: query.created_after,
         created_before: query.created_before,
         after_cursor: query.cursor.as_deref().map(decode_cursor).transpose()?,
         // One more than the page tells whether another page follows.
         limit: limit + 1,
     };
-    let mut runs = state.engine.runs(&filter).await?;
+    let mut runs: Vec<RunSummary> = state
+        .engine
+        .runs(&filter)
+        .await?
+        .into_iter()
+        .map(RunSummary::from)
+        .collect();
     let next_cursor = if runs.len() > limit as usize {
         runs.truncate(limit as usize);
         runs.last().map(encode_cursor)
@@ -109,7 +116,7 @@ pub async fn show_run(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<RunDetail>, ApiError> {
-    Ok(Json(state.engine.run(&id).await?))
+    Ok(Json(state.engine.run(&id).await?.into()))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -138,7 +145,10 @@ pub async fn cancel_run(
 ) -> Result<Json<RunState>, ApiError> {
     let status = state.engine.cancel(&id).await?;
     tracing::info!(run = %super::Logged(&id), by = %super::Logged(&caller.sub), "run cancelled over the API");
-    Ok(Json(RunState { run_id: id, status }))
+    Ok(Json(RunState {
+        run_id: id,
+        status: status.into(),
+    }))
 }
 
 /// Re-runs a failed, cancelled or timed-out run's unsuccessful steps; succeeded steps keep
@@ -197,11 +207,9 @@ pub async fn list_alerts(
     Query(query): Query<AlertQuery>,
 ) -> Result<Json<Vec<Alert>>, ApiError> {
     let limit = super::page_limit(query.limit)?;
-    Ok(Json(
-        state
-            .engine
-            .store()
-            .alerts(query.workflow.as_deref(), limit)
-            .await?,
-    ))
+    let alerts = state
+        .engine
+        .alerts(query.workflow.as_deref(), limit)
+        .await?;
+    Ok(Json(alerts.into_iter().map(Alert::from).collect()))
 }

@@ -10,13 +10,14 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use super::auth::{Viewer, caller_with_role};
-use super::error::{ApiError, Bytes, ErrorBody, Json, Query};
+use super::error::{ApiError, Bytes, ErrorBody, ErrorCode, Json, Query};
+use super::types::WebhookEvent;
 use super::{AppState, Logged};
 use crate::auth::Role;
 use crate::callback;
 use crate::service::WebhookDelivery;
 use crate::settings;
-use crate::store::{NewWebhookEvent, WebhookEvent};
+use crate::store::NewWebhookEvent;
 
 /// The secret, set with `PUT /api/admin/secrets/n8n_webhook_secret`, that signs n8n's requests.
 pub const N8N_SECRET: &str = "n8n_webhook_secret";
@@ -87,10 +88,10 @@ pub async fn n8n_webhook(
     authenticate(&state, &headers, &body).await?;
     // Parsed once: the value is what the log keeps, the event what it says.
     let payload: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("request body: {e}")))?;
+        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("request body: {e}")))?;
     let event = N8nEvent::deserialize(&payload).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_body",
+        ApiError::new(
+            ErrorCode::InvalidBody,
             format!(
                 "request body: {e} (expected {{event_id, workflow, input}} or \
                  {{event_id, callback, output or error}})"
@@ -98,8 +99,8 @@ pub async fn n8n_webhook(
         )
     })?;
     if event.event_id.is_empty() || event.event_id.len() > MAX_EVENT_ID {
-        return Err(ApiError::bad_request(
-            "invalid_body",
+        return Err(ApiError::new(
+            ErrorCode::InvalidBody,
             format!("request body: `event_id` must be 1 to {MAX_EVENT_ID} bytes"),
         ));
     }
@@ -107,8 +108,8 @@ pub async fn n8n_webhook(
         (Some(workflow), None) => Some(workflow.clone()),
         (None, Some(_)) => None,
         _ => {
-            return Err(ApiError::bad_request(
-                "invalid_body",
+            return Err(ApiError::new(
+                ErrorCode::InvalidBody,
                 "request body: give either `workflow` (to start a run) or `callback` (to answer \
                  a waiting step)",
             ));
@@ -116,8 +117,8 @@ pub async fn n8n_webhook(
     };
     let step = match &event.callback {
         Some(token) => Some(callback::parse_token(token).ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_body",
+            ApiError::new(
+                ErrorCode::InvalidBody,
                 "request body: `callback` is not a token an n8n step sent",
             )
         })?),
@@ -174,10 +175,13 @@ async fn authenticate(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Res
                 .await
                 .map(|_| ());
         }
-        return Err(ApiError::unauthorized(format!(
-            "this endpoint needs an `X-Switchyard-Signature: sha256=<hex>` header \
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "this endpoint needs an `X-Switchyard-Signature: sha256=<hex>` header \
              (HMAC-SHA256 of the body under the secret {N8N_SECRET}) or a bearer token"
-        )));
+            ),
+        ));
     };
     let signature = signature
         .to_str()
@@ -185,20 +189,29 @@ async fn authenticate(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Res
         .and_then(|s| s.strip_prefix("sha256="))
         .and_then(|hex| hex::decode(hex).ok())
         .ok_or_else(|| {
-            ApiError::unauthorized("header X-Switchyard-Signature: expected `sha256=<hex>`")
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "header X-Switchyard-Signature: expected `sha256=<hex>`",
+            )
         })?;
     let values = settings::template_values(&state.engine).await?;
     let secret = values.secrets.get(N8N_SECRET).ok_or_else(|| {
-        ApiError::unauthorized(format!(
-            "no signature can match: the secret {N8N_SECRET} is not set \
+        ApiError::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "no signature can match: the secret {N8N_SECRET} is not set \
              (PUT /api/admin/secrets/{N8N_SECRET})"
-        ))
+            ),
+        )
     })?;
     let mut mac =
         Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
     mac.update(body);
     mac.verify_slice(&signature).map_err(|_| {
-        ApiError::unauthorized("header X-Switchyard-Signature: does not match the body")
+        ApiError::new(
+            ErrorCode::Unauthorized,
+            "header X-Switchyard-Signature: does not match the body",
+        )
     })
 }
 
@@ -232,11 +245,9 @@ pub async fn list_webhook_events(
     Query(query): Query<WebhookEventQuery>,
 ) -> Result<Json<Vec<WebhookEvent>>, ApiError> {
     let limit = super::page_limit(query.limit)?;
-    Ok(Json(
-        state
-            .engine
-            .store()
-            .webhook_events(query.source.as_deref(), limit)
-            .await?,
-    ))
+    let events = state
+        .engine
+        .webhook_events(query.source.as_deref(), limit)
+        .await?;
+    Ok(Json(events.into_iter().map(WebhookEvent::from).collect()))
 }

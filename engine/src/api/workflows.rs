@@ -8,12 +8,13 @@ use serde_json::Value;
 
 use super::AppState;
 use super::auth::{Admin, Operator, Viewer};
-use super::error::{ApiError, Bytes, ErrorBody, Json, Path, Query};
+use super::error::{ApiError, Bytes, ErrorBody, ErrorCode, Json, Path, Query};
+use super::types::FireRecord;
 use crate::definition::{Format, Workflow, WorkflowMap, check_str};
 use crate::plan::Trigger;
 use crate::scheduler::CronSchedule;
 use crate::state::Millis;
-use crate::store::{DefinitionOrigin, FireRecord, WorkflowState};
+use crate::store::{DefinitionOrigin, WorkflowState};
 
 /// How many upcoming fires a workflow listing shows.
 const NEXT_FIRES: usize = 3;
@@ -240,8 +241,8 @@ pub async fn start_workflow(
                 .ok()
                 .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
                 .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_header",
+                    ApiError::new(
+                        ErrorCode::InvalidHeader,
                         format!(
                             "header Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
                         ),
@@ -299,8 +300,7 @@ fn body_format(headers: &HeaderMap) -> Result<Format, ApiError> {
             Ok(Format::Yaml)
         }
         other => Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             format!(
                 "header Content-Type: {other:?} is not a definition; send application/json or application/yaml"
             ),
@@ -316,8 +316,8 @@ async fn checked_body(
 ) -> Result<Vec<Workflow>, ApiError> {
     let format = body_format(headers)?;
     let text = std::str::from_utf8(body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_definition",
+        ApiError::new(
+            ErrorCode::InvalidDefinition,
             format!("request body: not UTF-8 text ({e})"),
         )
     })?;
@@ -327,9 +327,9 @@ async fn checked_body(
     }
     let kinds: Vec<&str> = state.step_kinds.iter().map(String::as_str).collect();
     check_str("request body", text, format, &existing, &kinds).map_err(|errors| {
-        ApiError::new(
+        ApiError::with_status(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_definition",
+            ErrorCode::InvalidDefinition,
             errors.to_string(),
         )
     })
@@ -397,8 +397,8 @@ pub async fn update_workflow(
     match workflows.as_slice() {
         [one] if one.id == id => {}
         [one] => {
-            return Err(ApiError::bad_request(
-                "id_mismatch",
+            return Err(ApiError::new(
+                ErrorCode::IdMismatch,
                 format!(
                     "request body: defines workflow {:?}, but the path names {id:?}",
                     one.id
@@ -406,8 +406,8 @@ pub async fn update_workflow(
             ));
         }
         _ => {
-            return Err(ApiError::bad_request(
-                "invalid_definition",
+            return Err(ApiError::new(
+                ErrorCode::InvalidDefinition,
                 format!(
                     "request body: holds {} workflows; PUT takes exactly one",
                     workflows.len()
@@ -453,8 +453,7 @@ pub async fn create_workflows(
         .collect();
     if let Some(taken) = workflows.iter().find(|w| existing.contains(&w.id)) {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
+            ErrorCode::Conflict,
             format!(
                 "workflow {:?} exists; change it with PUT /api/workflows/{}",
                 taken.id, taken.id
@@ -600,9 +599,12 @@ pub async fn list_fires(
     Query(query): Query<FireQuery>,
 ) -> Result<Json<Vec<FireRecord>>, ApiError> {
     let limit = super::page_limit(query.limit)?;
-    let mut fires = state.engine.fires(query.workflow.as_deref(), limit).await?;
-    if query.skipped {
-        fires.retain(|f| f.skipped_reason.is_some());
-    }
-    Ok(Json(fires))
+    let fires = state.engine.fires(query.workflow.as_deref(), limit).await?;
+    Ok(Json(
+        fires
+            .into_iter()
+            .filter(|f| !query.skipped || f.skipped_reason.is_some())
+            .map(FireRecord::from)
+            .collect(),
+    ))
 }

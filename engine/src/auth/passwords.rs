@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{AuthError, Claims, Role, USERS};
+use crate::service::Engine;
 use crate::state::Millis;
-use crate::store::{NewAuditEntry, SettingChange, Store, StoreError};
+use crate::store::{NewAuditEntry, SettingChange, StoreError};
 
 /// Hashes waiting per hashing thread before callers are turned away at once.
 const QUEUED_PER_THREAD: usize = 16;
@@ -148,7 +149,7 @@ fn verify_with(memory: &mut Vec<Block>, password: &str, hash: &str) -> bool {
 }
 
 /// A user as listed: never the password hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
     pub name: String,
     pub role: Role,
@@ -161,15 +162,15 @@ struct StoredUser {
     password_hash: String,
 }
 
-/// Adds a user, or replaces its password and role, recording `actor` in the audit log.
+/// Adds a user, or replaces its password and role, recording `actor` in the audit log. Returns
+/// the user as stored.
 pub async fn put_user(
-    store: &dyn Store,
+    engine: &Engine,
     name: &str,
     password: &str,
     role: Role,
     actor: &str,
-    now: Millis,
-) -> Result<(), AuthError> {
+) -> Result<User, AuthError> {
     if name.is_empty()
         || name.len() > 64
         || !name
@@ -192,7 +193,9 @@ pub async fn put_user(
         password_hash,
     })
     .expect("a user serializes");
-    store
+    let now = engine.now();
+    engine
+        .store()
         .change_settings(
             vec![SettingChange::Put {
                 namespace: USERS.into(),
@@ -208,11 +211,16 @@ pub async fn put_user(
             now,
         )
         .await?;
-    Ok(())
+    Ok(User {
+        name: name.to_owned(),
+        role,
+        updated_at: now,
+    })
 }
 
-pub async fn users(store: &dyn Store) -> Result<Vec<User>, AuthError> {
-    store
+pub async fn users(engine: &Engine) -> Result<Vec<User>, AuthError> {
+    engine
+        .store()
         .settings(USERS)
         .await?
         .into_iter()
@@ -229,13 +237,9 @@ pub async fn users(store: &dyn Store) -> Result<Vec<User>, AuthError> {
 }
 
 /// Returns whether the user existed; its sessions end with it.
-pub async fn delete_user(
-    store: &dyn Store,
-    name: &str,
-    actor: &str,
-    now: Millis,
-) -> Result<bool, AuthError> {
-    let deleted = store
+pub async fn delete_user(engine: &Engine, name: &str, actor: &str) -> Result<bool, AuthError> {
+    let deleted = engine
+        .store()
         .change_settings(
             vec![SettingChange::Delete {
                 namespace: USERS.into(),
@@ -247,7 +251,7 @@ pub async fn delete_user(
                 target: name.to_owned(),
                 detail: json!({}),
             }),
-            now,
+            engine.now(),
         )
         .await?;
     Ok(deleted == [true])
@@ -264,11 +268,11 @@ pub struct UserSession {
 /// The user, when `password` is theirs. An unknown user costs as much time as a wrong password,
 /// so the answer does not tell which names exist.
 pub async fn check_password(
-    store: &dyn Store,
+    engine: &Engine,
     name: &str,
     password: &str,
 ) -> Result<UserSession, AuthError> {
-    let stored = store.setting(USERS, name).await?.and_then(|s| {
+    let stored = engine.store().setting(USERS, name).await?.and_then(|s| {
         let version = s.updated_at;
         serde_json::from_value::<StoredUser>(s.value)
             .ok()
@@ -295,11 +299,12 @@ pub async fn check_password(
 
 /// Whether a token's session still stands: a login's token ends when its user is changed or
 /// deleted. Tokens from `switchyard token create` belong to no user and stand until they expire.
-pub async fn session_stands(store: &dyn Store, claims: &Claims) -> Result<bool, AuthError> {
+pub async fn session_stands(engine: &Engine, claims: &Claims) -> Result<bool, AuthError> {
     let Some(version) = claims.user_version else {
         return Ok(true);
     };
-    Ok(store
+    Ok(engine
+        .store()
         .setting(USERS, &claims.sub)
         .await?
         .is_some_and(|user| user.updated_at == version))

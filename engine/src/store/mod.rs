@@ -330,7 +330,7 @@ pub struct FireParams {
     pub run: NewRun,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone)]
 pub struct FireRecord {
     pub workflow_id: String,
     pub fire_at: Millis,
@@ -339,7 +339,7 @@ pub struct FireRecord {
     pub recorded_at: Millis,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct WorkflowState {
     pub id: String,
     pub latest_version: i64,
@@ -418,7 +418,7 @@ pub struct RunFilter {
     pub limit: u32,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone)]
 pub struct RunSummary {
     pub id: RunId,
     pub workflow_id: String,
@@ -431,9 +431,8 @@ pub struct RunSummary {
     pub finished_at: Option<Millis>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone)]
 pub struct RunDetail {
-    #[serde(flatten)]
     pub summary: RunSummary,
     pub input: Value,
     pub output: Option<Value>,
@@ -441,7 +440,7 @@ pub struct RunDetail {
     pub steps: Vec<JobDetail>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone)]
 pub struct JobDetail {
     pub id: JobId,
     pub step_id: String,
@@ -454,7 +453,6 @@ pub struct JobDetail {
     pub finished_at: Option<Millis>,
     /// One entry per unsuccessful attempt: `{attempt, started_at, finished_at, outcome, error}`;
     /// a succeeding attempt is the job's own `started_at`/`finished_at`.
-    #[schema(value_type = Vec<Object>)]
     pub attempts: Value,
 }
 
@@ -672,7 +670,7 @@ pub struct NewAuditEntry {
 }
 
 /// An entry of the audit log.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct AuditEntry {
     pub id: i64,
     /// When (ms since the epoch).
@@ -734,7 +732,7 @@ pub enum WebhookOutcome {
 }
 
 /// An inbound webhook event as logged, with what it did.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct WebhookEvent {
     pub id: i64,
     pub source: String,
@@ -750,7 +748,7 @@ pub struct WebhookEvent {
 }
 
 /// A run that failed or timed out, recorded in the transaction that ended it.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Alert {
     pub id: i64,
     pub workflow_id: String,
@@ -763,13 +761,11 @@ pub struct Alert {
 }
 
 /// Where a definition version came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefinitionOrigin {
     /// Definition files, installed when a control plane starts (or `run` is used).
-    #[serde(rename = "file")]
     Files,
     /// `PUT /api/workflows/{id}` or `POST /api/admin/workflows`.
-    #[serde(rename = "api")]
     Api,
 }
 
@@ -791,7 +787,7 @@ impl DefinitionOrigin {
 }
 
 /// One value operators set at runtime, in a namespace (`vars`, `secrets`, `users`, `system`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Setting {
     pub name: String,
     pub value: Value,

@@ -1,0 +1,276 @@
+//! The API's own shapes of what the engine and the store hold: runs, steps, fires, alerts,
+//! webhook events, audit entries, users and the enums they carry, each converted with `From`. The
+//! JSON the API answers with (and the CLI's `--json`) is defined here and next to the handlers,
+//! never by a store row, so the store can change its types without changing the wire.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::state::Millis;
+use crate::store;
+
+/// An enum of the wire with the variants of an engine enum, converted both ways: a variant the
+/// engine adds does not compile until the API names it.
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* $name:ident = $engine:path { $($variant:ident),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+
+        impl From<$engine> for $name {
+            fn from(value: $engine) -> Self {
+                use $engine as Engine;
+                match value { $(Engine::$variant => $name::$variant),+ }
+            }
+        }
+
+        impl From<$name> for $engine {
+            fn from(value: $name) -> Self {
+                use $engine as Engine;
+                match value { $($name::$variant => Engine::$variant),+ }
+            }
+        }
+    };
+}
+
+wire_enum!(
+    /// The state of a run.
+    RunStatus = crate::state::RunStatus {
+        Pending,
+        Running,
+        Succeeded,
+        Failed,
+        Cancelled,
+        TimedOut,
+    }
+);
+
+wire_enum!(
+    /// The state of a job: one step of one run, across its attempts.
+    JobState = crate::state::JobState {
+        Waiting,
+        Available,
+        Running,
+        Retrying,
+        Parked,
+        Succeeded,
+        Failed,
+        Cancelled,
+    }
+);
+
+wire_enum!(
+    /// What a caller may do; each role can do everything the ones before it can.
+    Role = crate::auth::Role {
+        Viewer,
+        Operator,
+        Admin,
+    }
+);
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RunSummary {
+    pub id: String,
+    pub workflow_id: String,
+    pub version: i64,
+    pub status: RunStatus,
+    pub parent_run_id: Option<String>,
+    pub error: Option<String>,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+}
+
+impl From<store::RunSummary> for RunSummary {
+    fn from(run: store::RunSummary) -> Self {
+        RunSummary {
+            id: run.id,
+            workflow_id: run.workflow_id,
+            version: run.version,
+            status: run.status.into(),
+            parent_run_id: run.parent_run_id,
+            error: run.error,
+            created_at: run.created_at,
+            started_at: run.started_at,
+            finished_at: run.finished_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RunDetail {
+    #[serde(flatten)]
+    pub summary: RunSummary,
+    pub input: Value,
+    pub output: Option<Value>,
+    pub scheduled_at: Option<Millis>,
+    pub steps: Vec<JobDetail>,
+}
+
+impl From<store::RunDetail> for RunDetail {
+    fn from(run: store::RunDetail) -> Self {
+        RunDetail {
+            summary: run.summary.into(),
+            input: run.input,
+            output: run.output,
+            scheduled_at: run.scheduled_at,
+            steps: run.steps.into_iter().map(JobDetail::from).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct JobDetail {
+    pub id: i64,
+    pub step_id: String,
+    pub state: JobState,
+    pub attempt: u32,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub run_after: Option<Millis>,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    /// One entry per unsuccessful attempt: `{attempt, started_at, finished_at, outcome, error}`;
+    /// a succeeding attempt is the job's own `started_at`/`finished_at`.
+    #[schema(value_type = Vec<Object>)]
+    pub attempts: Value,
+}
+
+impl From<store::JobDetail> for JobDetail {
+    fn from(job: store::JobDetail) -> Self {
+        JobDetail {
+            id: job.id,
+            step_id: job.step_id,
+            state: job.state.into(),
+            attempt: job.attempt,
+            output: job.output,
+            error: job.error,
+            run_after: job.run_after,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+            attempts: job.attempts,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct FireRecord {
+    pub workflow_id: String,
+    pub fire_at: Millis,
+    pub run_id: Option<String>,
+    pub skipped_reason: Option<String>,
+    pub recorded_at: Millis,
+}
+
+impl From<store::FireRecord> for FireRecord {
+    fn from(fire: store::FireRecord) -> Self {
+        FireRecord {
+            workflow_id: fire.workflow_id,
+            fire_at: fire.fire_at,
+            run_id: fire.run_id,
+            skipped_reason: fire.skipped_reason,
+            recorded_at: fire.recorded_at,
+        }
+    }
+}
+
+/// A run that failed or timed out, recorded in the transaction that ended it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Alert {
+    pub id: i64,
+    pub workflow_id: String,
+    pub run_id: String,
+    /// `failed` or `timed_out`.
+    pub kind: String,
+    /// The run's error.
+    pub message: String,
+    pub created_at: Millis,
+}
+
+impl From<store::Alert> for Alert {
+    fn from(alert: store::Alert) -> Self {
+        Alert {
+            id: alert.id,
+            workflow_id: alert.workflow_id,
+            run_id: alert.run_id,
+            kind: alert.kind,
+            message: alert.message,
+            created_at: alert.created_at,
+        }
+    }
+}
+
+/// An inbound webhook event as logged, with what it did.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct WebhookEvent {
+    pub id: i64,
+    pub source: String,
+    pub event_id: String,
+    pub workflow_id: Option<String>,
+    /// The request body.
+    pub payload: Value,
+    /// The run it started.
+    pub run_id: Option<String>,
+    /// Why it was refused.
+    pub error: Option<String>,
+    pub received_at: Millis,
+}
+
+impl From<store::WebhookEvent> for WebhookEvent {
+    fn from(event: store::WebhookEvent) -> Self {
+        WebhookEvent {
+            id: event.id,
+            source: event.source,
+            event_id: event.event_id,
+            workflow_id: event.workflow_id,
+            payload: event.payload,
+            run_id: event.run_id,
+            error: event.error,
+            received_at: event.received_at,
+        }
+    }
+}
+
+/// An entry of the audit log.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AuditEntry {
+    pub id: i64,
+    /// When (ms since the epoch).
+    pub at: Millis,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: Value,
+}
+
+impl From<store::AuditEntry> for AuditEntry {
+    fn from(entry: store::AuditEntry) -> Self {
+        AuditEntry {
+            id: entry.id,
+            at: entry.at,
+            actor: entry.actor,
+            action: entry.action,
+            target: entry.target,
+            detail: entry.detail,
+        }
+    }
+}
+
+/// A user as listed: never the password hash.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct User {
+    pub name: String,
+    pub role: Role,
+    pub updated_at: Millis,
+}
+
+impl From<crate::auth::User> for User {
+    fn from(user: crate::auth::User) -> Self {
+        User {
+            name: user.name,
+            role: user.role.into(),
+            updated_at: user.updated_at,
+        }
+    }
+}

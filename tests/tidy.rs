@@ -1,0 +1,105 @@
+//! Architecture invariants checked on the source text, as part of `cargo test`: the surfaces
+//! reach the store only through `Engine`, and only `engine/src/api/` serves HTTP and describes
+//! the JSON it answers with.
+
+use std::path::{Path, PathBuf};
+
+/// A place allowed to break a rule for now, and why. It must still break it: an exception that
+/// no longer applies fails the check until it is removed.
+struct Exception {
+    file: &'static str,
+    needle: &'static str,
+    times: usize,
+    why: &'static str,
+}
+
+/// Every `.rs` file under `dir`, relative to the repository, with its text.
+fn sources(dir: &str) -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pending = vec![root.join(dir)];
+    let mut files = Vec::new();
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path: PathBuf = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let relative = path.strip_prefix(root).unwrap().to_string_lossy();
+                files.push((relative.replace('\\', "/"), text));
+            }
+        }
+    }
+    assert!(!files.is_empty(), "no sources under {dir}");
+    files
+}
+
+/// The lines of `files` (outside the folders `except`) that mention a needle, beyond what the
+/// exceptions allow; and the exceptions that allow more than there is.
+fn offences(
+    dirs: &[&str],
+    except: &[&str],
+    needles: &[&str],
+    exceptions: &[Exception],
+) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut used = vec![0; exceptions.len()];
+    for dir in dirs {
+        for (file, text) in sources(dir) {
+            if except.iter().any(|e| file.starts_with(e)) {
+                continue;
+            }
+            for (number, line) in text.lines().enumerate() {
+                for needle in needles.iter().filter(|n| line.contains(*n)) {
+                    let allowed = exceptions
+                        .iter()
+                        .position(|e| e.file == file && e.needle == *needle);
+                    match allowed {
+                        Some(i) if used[i] < exceptions[i].times => used[i] += 1,
+                        _ => found.push(format!("{file}:{}: {}", number + 1, line.trim())),
+                    }
+                }
+            }
+        }
+    }
+    for (exception, used) in exceptions.iter().zip(used) {
+        if used < exception.times {
+            found.push(format!(
+                "{}: allowed {} mention(s) of `{}` ({}), has {used}: lower or remove the exception",
+                exception.file, exception.times, exception.needle, exception.why
+            ));
+        }
+    }
+    found
+}
+
+#[test]
+fn surfaces_reach_the_store_only_through_the_engine() {
+    let found = offences(
+        &["engine/src/api", "src"],
+        &[],
+        &[".store()", "dyn Store"],
+        &[],
+    );
+    assert!(
+        found.is_empty(),
+        "the API and the CLI go through `Engine`'s operations, not its store:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn only_the_api_serves_http_and_describes_json() {
+    let found = offences(
+        &["engine/src", "workers/src", "src"],
+        &["engine/src/api/"],
+        &["axum", "utoipa"],
+        &[],
+    );
+    assert!(
+        found.is_empty(),
+        "only `engine/src/api/` serves HTTP and defines the JSON it answers with, converted \
+         from engine types:\n{}",
+        found.join("\n")
+    );
+}
