@@ -34,6 +34,9 @@ pub enum EngineError {
     /// The first delivery of a webhook event was refused; a repeat changes nothing.
     #[error("event {event_id} was refused when first delivered: {reason}")]
     RefusedBefore { event_id: String, reason: String },
+    /// An answer a store cannot hold.
+    #[error("answer {0}")]
+    UnstorableAnswer(crate::store::Unstorable),
     /// An answer for a step that no longer waits for one.
     #[error("{0}")]
     NotWaiting(String),
@@ -154,14 +157,16 @@ impl Engine {
             .store
             .upsert_workflows(&definitions, origin, create_only, actor, self.now())
             .await?;
-        let mut installed = Vec::with_capacity(versions.len());
-        let mut cache = self.versions.0.lock().expect("version cache poisoned");
-        for ((id, workflow), version) in workflows.iter().zip(versions) {
-            cache.insert((id.clone(), version), workflow.clone());
-            crate::metrics::workflow_known(id);
-            installed.push((id.clone(), version));
-        }
-        Ok(installed)
+        // Not cached here: the version new runs use may be a newer one from the API that these
+        // files leave in place, and `version` reads what the store holds.
+        Ok(workflows
+            .keys()
+            .zip(versions)
+            .map(|(id, version)| {
+                crate::metrics::workflow_known(id);
+                (id.clone(), version)
+            })
+            .collect())
     }
 
     /// Removes a workflow: no more fires or starts; its runs stay. While runs of it have not
@@ -310,7 +315,9 @@ impl Engine {
         })
         .await;
         match whole {
-            Err(e) if !e.is_transient() => {
+            // Only a value the database refuses is worth finding; any other error (a full disk,
+            // a timeout) leaves the completions to their leases, to run again.
+            Err(e @ StoreError::Rejected(_)) => {
                 tracing::warn!(error = %e, jobs = batch.len(), "the database refused a batch of completions; recording them apart");
                 Ok((self.complete_apart(batch).await, Vec::new()))
             }
@@ -330,13 +337,13 @@ impl Engine {
             .await;
             match done {
                 Ok(ids) => accepted.extend(ids),
-                Err(e) if part.len() > 1 => {
+                Err(e @ StoreError::Rejected(_)) if part.len() > 1 => {
                     tracing::debug!(error = %e, jobs = part.len(), "part of a batch refused; halving it");
                     let second = part.split_off(part.len() / 2);
                     parts.push(part);
                     parts.push(second);
                 }
-                Err(e) => {
+                Err(e @ StoreError::Rejected(_)) => {
                     let refused = part.remove(0);
                     tracing::error!(job = refused.lease.job_id, error = %e, "the database refused an attempt's result; failing its step");
                     let failure = Completion {
@@ -356,6 +363,9 @@ impl Engine {
                             tracing::error!(error = %e, "could not record that failure either; the lease will expire and the step run again")
                         }
                     }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, jobs = part.len(), "could not record completions; their leases will expire and the steps run again")
                 }
             }
         }
@@ -395,12 +405,21 @@ impl Engine {
                 step_id,
                 token,
                 result,
-            } => WebhookAction::Answer {
-                run_id,
-                step_id,
-                token,
-                result,
-            },
+            } => {
+                // The answer joins the step's checkpoint: it must be storable there.
+                if let Err(problem) = check_storable(&result) {
+                    let error = EngineError::UnstorableAnswer(problem);
+                    refusal = Some(error);
+                    WebhookAction::Refuse("the answer cannot be stored".to_owned())
+                } else {
+                    WebhookAction::Answer {
+                        run_id,
+                        step_id,
+                        token,
+                        result,
+                    }
+                }
+            }
         };
         let (event_id, workflow) = (event.event_id.clone(), event.workflow_id.clone());
         let started = matches!(action, WebhookAction::Start(_));

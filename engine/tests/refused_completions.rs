@@ -119,7 +119,8 @@ async fn postgres_batch_with_a_refused_completion_commits_the_others() {
         format!(
             "CREATE FUNCTION {schema}.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
              BEGIN IF NEW.output::text LIKE '%poison%' THEN \
-                 RAISE EXCEPTION 'poisoned output'; END IF; RETURN NEW; END $$"
+                 RAISE EXCEPTION 'poisoned output' USING ERRCODE = 'check_violation'; \
+             END IF; RETURN NEW; END $$"
         ),
         format!(
             "CREATE TRIGGER refuse_poison BEFORE UPDATE OF output ON {schema}.jobs \

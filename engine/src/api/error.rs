@@ -238,6 +238,11 @@ impl From<EngineError> for ApiError {
                 ApiError::new(ErrorCode::RefusedBefore, e.to_string())
             }
             EngineError::NotWaiting(message) => ApiError::new(ErrorCode::NotWaiting, message),
+            EngineError::UnstorableAnswer(_) => ApiError::with_status(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::InvalidBody,
+                format!("request body: `output`: {e}"),
+            ),
             EngineError::UnstorableDefinition { .. } => ApiError::with_status(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 ErrorCode::InvalidDefinition,

@@ -65,12 +65,25 @@ impl From<sqlx::Error> for StoreError {
             {
                 StoreError::Unavailable(db.message().to_owned())
             }
-            // PostgreSQL data exceptions (22...): the value, not the database, is at fault.
+            // PostgreSQL data exceptions (22...) and integrity violations (23...) other than a
+            // taken key: the value, not the database, is at fault.
             sqlx::Error::Database(db)
                 if db
                     .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
                     .is_some()
-                    && db.code().is_some_and(|c| c.starts_with("22")) =>
+                    && db
+                        .code()
+                        .is_some_and(|c| c.starts_with("22") || c.starts_with("23")) =>
+            {
+                StoreError::Rejected(db.message().to_owned())
+            }
+            // SQLite constraints other than a taken key (19: a check, a trigger, NOT NULL).
+            sqlx::Error::Database(db)
+                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+                    && db
+                        .code()
+                        .and_then(|c| c.parse::<i32>().ok())
+                        .is_some_and(|c| c & 0xff == 19) =>
             {
                 StoreError::Rejected(db.message().to_owned())
             }
@@ -122,9 +135,11 @@ where
     .await
 }
 
-/// Nesting deeper than this is refused: serde_json reads no deeper back, so such a value would
-/// be stored and then never read again (and PostgreSQL's parser gives up not far beyond).
-pub const MAX_JSON_DEPTH: usize = 128;
+/// Nesting deeper than this is refused. serde_json reads 127 levels back at most, and the store
+/// wraps a value in a few levels of its own (a run's output maps steps to outputs, a `workflow`
+/// step lists its children's, a callback sits in a checkpoint): deeper, a value would be stored
+/// and then never read again.
+pub const MAX_JSON_DEPTH: usize = 120;
 
 /// Why a JSON value cannot be stored, with where in it the problem is (`$.body.name`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -152,7 +167,7 @@ pub fn check_storable(value: &Value) -> std::result::Result<(), Unstorable> {
                 return fail("contains a NUL character (U+0000), which the database cannot store");
             }
             Value::Array(_) | Value::Object(_) if depth >= MAX_JSON_DEPTH => {
-                return fail("is nested more than 128 levels deep");
+                return fail("is nested more than 120 levels deep");
             }
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
@@ -907,7 +922,7 @@ mod tests {
             check_storable(&deep)
                 .unwrap_err()
                 .problem
-                .contains("128 levels")
+                .contains("120 levels")
         );
     }
 

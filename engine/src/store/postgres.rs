@@ -1054,10 +1054,19 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
             version: row.get("version"),
             input: row.get("input"),
             scheduled_at: row.get("scheduled_at"),
-            checkpoint: row.get("checkpoint"),
-            outputs: match row.get::<Option<Value>, _>("outputs") {
-                Some(Value::Object(map)) => map,
-                _ => serde_json::Map::new(),
+            checkpoint: row.try_get("checkpoint").unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a step's checkpoint could not be read");
+                None
+            }),
+            // A value the decoder refuses costs its job the outputs (its templates then say
+            // what is missing), never the claim of every other job.
+            outputs: match row.try_get::<Option<Value>, _>("outputs") {
+                Ok(Some(Value::Object(map))) => map,
+                Ok(_) => serde_json::Map::new(),
+                Err(e) => {
+                    tracing::error!(error = %e, "a step's outputs could not be read");
+                    serde_json::Map::new()
+                }
             },
         })
         .collect())
