@@ -8,10 +8,11 @@ use std::sync::Arc;
 use futures::FutureExt;
 use serde_json::{Value, json};
 use switchyard_engine::definition::{
-    Secrets, TemplateContext, TemplateError, has_template, reads_run_data, render_value,
+    RetryPolicy, Secrets, Step, TemplateContext, TemplateError, has_template, reads_run_data,
+    render_value,
 };
 use switchyard_engine::plan::{Trigger, plan_run};
-use switchyard_engine::service::Engine;
+use switchyard_engine::service::{Engine, EngineError};
 use switchyard_engine::state::{AttemptResult, Settlement, StepFailure, settle};
 use switchyard_engine::store::{ClaimedJob, Completion, NewRun, ParentLink, check_storable};
 use tracing::Instrument;
@@ -31,15 +32,32 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
         step = %job.step_id, attempt = job.lease.attempt);
     async move {
         let started = std::time::Instant::now();
-        let (result, children) = attempt(&shared, &job).await;
+        let (result, children, policy) =
+            match shared.engine.version(&job.workflow_id, job.version).await {
+                Err(e) => (
+                    AttemptResult::Failed(unreadable_definition(&job, &e)),
+                    Vec::new(),
+                    RetryPolicy::default(),
+                ),
+                Ok(workflow) => match workflow.step(&job.step_id) {
+                    None => (
+                        AttemptResult::Failed(StepFailure::permanent(
+                            "definition",
+                            format!(
+                                "step {} is not in {} v{}",
+                                job.step_id, job.workflow_id, job.version
+                            ),
+                        )),
+                        Vec::new(),
+                        RetryPolicy::default(),
+                    ),
+                    Some(step) => {
+                        let (result, children) = attempt(&shared, &job, step).await;
+                        (result, children, workflow.retry_policy(step))
+                    }
+                },
+            };
         let now = shared.engine.now();
-        let policy = match shared.engine.version(&job.workflow_id, job.version).await {
-            Ok(workflow) => workflow
-                .step(&job.step_id)
-                .map(|s| workflow.retry_policy(s))
-                .unwrap_or_default(),
-            Err(_) => Default::default(),
-        };
         let settlement = settle(job.lease.attempt, &policy, result, now, rand::random());
         switchyard_engine::metrics::step_finished(
             &job.workflow_id,
@@ -70,23 +88,10 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
 }
 
 /// Runs one attempt of a claimed job. Never fails: every problem is an attempt result.
-async fn attempt(shared: &Steps, job: &ClaimedJob) -> (AttemptResult, Vec<NewRun>) {
+async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResult, Vec<NewRun>) {
     let engine = &shared.engine;
     let config = &shared.config;
     let failed = |f: StepFailure| (AttemptResult::Failed(f), Vec::new());
-    let workflow = match engine.version(&job.workflow_id, job.version).await {
-        Ok(w) => w,
-        Err(e) => return failed(StepFailure::transient("definition", e.to_string())),
-    };
-    let Some(step) = workflow.step(&job.step_id) else {
-        return failed(StepFailure::permanent(
-            "definition",
-            format!(
-                "step {} is not in {} v{}",
-                job.step_id, job.workflow_id, job.version
-            ),
-        ));
-    };
     let Some(kind) = shared.registry.get(&step.kind) else {
         return failed(StepFailure::permanent(
             "unknown_step_kind",
@@ -295,4 +300,72 @@ async fn plan_children(
         );
     }
     Ok(runs)
+}
+
+/// Why an attempt failed when its step's definition could not be read. Without the definition
+/// there is no retry policy to follow but the default: a database that was away for a moment
+/// is worth its retries; a definition that is gone or does not load reads no better next time.
+fn unreadable_definition(job: &ClaimedJob, e: &EngineError) -> StepFailure {
+    let message = format!(
+        "the definition of {} v{} could not be read: {e}",
+        job.workflow_id, job.version
+    );
+    match e {
+        EngineError::Store(e) if e.is_transient() => {
+            StepFailure::transient("definition_unreadable", message)
+        }
+        _ => StepFailure::permanent("definition_unreadable", message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchyard_engine::store::StoreError;
+
+    use super::*;
+    use crate::runtime::fixtures::claimed;
+
+    fn settled(attempt: u32, e: EngineError) -> Settlement {
+        let job = claimed(7, attempt, "run");
+        let failure = unreadable_definition(&job, &e);
+        settle(
+            attempt,
+            &RetryPolicy::default(),
+            AttemptResult::Failed(failure),
+            0,
+            0.0,
+        )
+    }
+
+    #[test]
+    fn a_definition_the_database_could_not_serve_for_a_moment_is_retried_under_the_default_policy()
+    {
+        let away = || EngineError::Store(StoreError::Unavailable("pool timed out".to_owned()));
+        let Settlement::Retry { error, .. } = settled(1, away()) else {
+            panic!("not retried");
+        };
+        assert_eq!(
+            error,
+            "definition_unreadable: the definition of w v1 could not be read: database unavailable: pool timed out"
+        );
+        let last = RetryPolicy::default().max_retries + 1;
+        assert!(matches!(settled(last, away()), Settlement::Fail { .. }));
+    }
+
+    #[test]
+    fn a_definition_that_does_not_load_or_is_gone_fails_its_step_at_once() {
+        let corrupt = EngineError::CorruptDefinition {
+            id: "w".to_owned(),
+            version: 1,
+            message: "invalid type".to_owned(),
+        };
+        assert_eq!(
+            settled(1, corrupt),
+            Settlement::Fail {
+                error: "definition_unreadable: the definition of w v1 could not be read: stored definition of w v1 does not load: invalid type".to_owned()
+            }
+        );
+        let gone = EngineError::UnknownWorkflow("w".to_owned());
+        assert!(matches!(settled(1, gone), Settlement::Fail { .. }));
+    }
 }
