@@ -581,3 +581,29 @@ fn a_step_task_that_panicked_keeps_no_slot_and_no_heartbeat() {
     fake.answer_call(&[]);
     assert_eq!(jobs_of(&fake.recorded), [2]);
 }
+
+// The architecture
+
+#[test]
+fn the_core_does_no_io_and_reads_no_clock() {
+    let code: String = include_str!("../worker_loop.rs")
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for reach in [
+        "tokio",
+        "async",
+        ".await",
+        "Instant",
+        "SystemTime",
+        "Clock",
+        "Engine",
+        "std::fs",
+        "std::net",
+        "std::thread",
+        "rand::",
+    ] {
+        assert!(!code.contains(reach), "worker_loop.rs uses {reach}");
+    }
+}
