@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::Value;
 use switchyard_engine::clock::SystemClock;
-use switchyard_engine::definition::{Format, WorkflowMap, parse_str};
+use switchyard_engine::definition::{Format, Workflow, WorkflowMap, parse_str};
 use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::{RunStatus, StepFailure};
@@ -131,9 +131,21 @@ async fn heartbeats_never_wait_behind_a_batch_in_flight() {
     );
 }
 
-/// Runs a worker with leases of an hour (so nothing waits for one to run out) until run `run_id`
-/// ends; returns the run.
-async fn work_until_finished(engine: &Arc<Engine>, registry: Registry, run_id: &str) -> RunDetail {
+/// Starts a run of `workflow` at `version` and runs a worker with leases of an hour (so nothing
+/// waits for one to run out) until the run ends; returns the run.
+async fn run_to_its_end(
+    engine: &Arc<Engine>,
+    registry: Registry,
+    workflow: &Workflow,
+    version: i64,
+) -> RunDetail {
+    let run = plan_run(workflow, version, Value::Null, Trigger::default()).unwrap();
+    let run_id = engine
+        .store()
+        .create_runs(vec![run], engine.now())
+        .await
+        .unwrap()
+        .remove(0);
     let (stop, stopped) = watch::channel(false);
     let worker = tokio::spawn(run_worker(
         engine.clone(),
@@ -147,7 +159,7 @@ async fn work_until_finished(engine: &Arc<Engine>, registry: Registry, run_id: &
     ));
     let give_up = Instant::now() + Duration::from_secs(60);
     let detail = loop {
-        let detail = engine.store().run(run_id).await.unwrap();
+        let detail = engine.store().run(&run_id).await.unwrap();
         if detail.summary.status != RunStatus::Running {
             break detail;
         }
@@ -187,22 +199,9 @@ async fn a_step_kind_that_panics_fails_its_attempt_and_is_retried() {
         "shaky",
     )
     .await;
-    let run = plan_run(
-        &workflows["shaky"],
-        version,
-        Value::Null,
-        Trigger::default(),
-    )
-    .unwrap();
-    let run_id = engine
-        .store()
-        .create_runs(vec![run], engine.now())
-        .await
-        .unwrap()
-        .remove(0);
     let mut registry = Registry::builtin();
     registry.add(PanicsOnce);
-    let detail = work_until_finished(&engine, registry, &run_id).await;
+    let detail = run_to_its_end(&engine, registry, &workflows["shaky"], version).await;
     assert_eq!(detail.summary.status, RunStatus::Succeeded, "{detail:?}");
     let step = &detail.steps[0];
     assert_eq!(step.attempt, 2);
@@ -235,20 +234,7 @@ async fn a_definition_that_does_not_load_fails_its_step_naming_why() {
         )
         .await
         .unwrap()[0];
-    let run = plan_run(
-        &workflows["broken"],
-        corrupt,
-        Value::Null,
-        Trigger::default(),
-    )
-    .unwrap();
-    let run_id = engine
-        .store()
-        .create_runs(vec![run], engine.now())
-        .await
-        .unwrap()
-        .remove(0);
-    let detail = work_until_finished(&engine, Registry::builtin(), &run_id).await;
+    let detail = run_to_its_end(&engine, Registry::builtin(), &workflows["broken"], corrupt).await;
     assert_eq!(detail.summary.status, RunStatus::Failed, "{detail:?}");
     let step = &detail.steps[0];
     assert_eq!(step.attempt, 1, "{detail:?}");

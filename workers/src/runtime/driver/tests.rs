@@ -175,33 +175,38 @@ fn timing(slots: usize) -> Timing {
     }
 }
 
-/// Starts the driver on `store`; returns the shutdown sender and the driver's task.
-fn start(
-    store: &Arc<FakeStore>,
-    timing: Timing,
-) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let (stop, stopped) = watch::channel(false);
-    let driver = tokio::spawn(drive(store.clone(), steps(store), timing, stopped));
-    (stop, driver)
+/// A driver running on a fake store.
+struct Running {
+    stop: watch::Sender<bool>,
+    driver: tokio::task::JoinHandle<()>,
 }
 
-async fn stopped(driver: tokio::task::JoinHandle<()>) {
-    tokio::time::timeout(Duration::from_secs(10), driver)
-        .await
-        .expect("the driver returned")
-        .expect("the driver did not panic");
+fn start(store: &Arc<FakeStore>, timing: Timing) -> Running {
+    let (stop, stopped) = watch::channel(false);
+    let driver = tokio::spawn(drive(store.clone(), steps(store), timing, stopped));
+    Running { stop, driver }
+}
+
+impl Running {
+    /// Signals the shutdown and waits for the driver to return.
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), self.driver)
+            .await
+            .expect("the driver returned")
+            .expect("the driver did not panic");
+    }
 }
 
 #[tokio::test]
 async fn every_queued_job_runs_and_is_recorded_once() {
     let jobs: Vec<(JobId, &str)> = (1..=50).map(|id| (id, FINISHES)).collect();
     let store = FakeStore::with_jobs(&jobs);
-    let (stop, driver) = start(&store, timing(8));
+    let driver = start(&store, timing(8));
     store
         .until("every job recorded", |s| s.recorded.len() == 50)
         .await;
-    stop.send_replace(true);
-    stopped(driver).await;
+    driver.stop().await;
     let recorded = store.recorded();
     assert_eq!(
         recorded.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
@@ -217,7 +222,7 @@ async fn every_queued_job_runs_and_is_recorded_once() {
 #[tokio::test]
 async fn a_step_whose_lease_the_store_dropped_is_stopped() {
     let store = FakeStore::with_jobs(&[(1, HANGS), (2, HANGS)]);
-    let (stop, driver) = start(&store, timing(4));
+    let driver = start(&store, timing(4));
     store
         .until("both steps started", |s| s.started.len() == 2)
         .await;
@@ -227,8 +232,7 @@ async fn a_step_whose_lease_the_store_dropped_is_stopped() {
     });
     store.until("step 1 stopped", |s| s.dropped == [1]).await;
     assert!(store.recorded().is_empty());
-    stop.send_replace(true);
-    stopped(driver).await;
+    driver.stop().await;
     // Only step 2 was still running at the shutdown.
     assert_eq!(store.recorded(), [(2, Settlement::Release)]);
 }
@@ -236,10 +240,9 @@ async fn a_step_whose_lease_the_store_dropped_is_stopped() {
 #[tokio::test]
 async fn a_step_still_running_after_the_grace_is_given_back_and_the_driver_returns() {
     let store = FakeStore::with_jobs(&[(1, HANGS)]);
-    let (stop, driver) = start(&store, timing(4));
+    let driver = start(&store, timing(4));
     store.until("the step started", |s| s.started == [1]).await;
-    stop.send_replace(true);
-    stopped(driver).await;
+    driver.stop().await;
     assert_eq!(store.state.lock().unwrap().dropped, [1]);
     assert_eq!(store.recorded(), [(1, Settlement::Release)]);
 }
@@ -247,12 +250,11 @@ async fn a_step_still_running_after_the_grace_is_given_back_and_the_driver_retur
 #[tokio::test]
 async fn a_step_task_that_panicked_frees_its_slot() {
     let store = FakeStore::with_jobs(&[(1, PANICS), (2, FINISHES)]);
-    let (stop, driver) = start(&store, timing(1));
+    let driver = start(&store, timing(1));
     store
         .until("the next job recorded", |s| s.recorded.len() == 1)
         .await;
-    stop.send_replace(true);
-    stopped(driver).await;
+    driver.stop().await;
     assert_eq!(
         store.recorded(),
         [(
