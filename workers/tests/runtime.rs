@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::Value;
 use switchyard_engine::clock::SystemClock;
-use switchyard_engine::definition::{Format, WorkflowMap, parse_str};
+use switchyard_engine::definition::{Format, Workflow, WorkflowMap, parse_str};
 use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::{RunStatus, StepFailure};
-use switchyard_engine::store::{DefinitionOrigin, RunFilter};
+use switchyard_engine::store::{DefinitionOrigin, RunDetail, RunFilter};
 use switchyard_workers::{
     Registry, StepCall, StepKind, StepOutcome, StepResult, WorkerConfig, run_worker,
 };
@@ -131,6 +131,46 @@ async fn heartbeats_never_wait_behind_a_batch_in_flight() {
     );
 }
 
+/// Starts a run of `workflow` at `version` and runs a worker with leases of an hour (so nothing
+/// waits for one to run out) until the run ends; returns the run.
+async fn run_to_its_end(
+    engine: &Arc<Engine>,
+    registry: Registry,
+    workflow: &Workflow,
+    version: i64,
+) -> RunDetail {
+    let run = plan_run(workflow, version, Value::Null, Trigger::default()).unwrap();
+    let run_id = engine
+        .store()
+        .create_runs(vec![run], engine.now())
+        .await
+        .unwrap()
+        .remove(0);
+    let (stop, stopped) = watch::channel(false);
+    let worker = tokio::spawn(run_worker(
+        engine.clone(),
+        registry,
+        WorkerConfig {
+            slots: 4,
+            lease: Duration::from_secs(3_600),
+            ..WorkerConfig::default()
+        },
+        stopped,
+    ));
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let detail = loop {
+        let detail = engine.store().run(&run_id).await.unwrap();
+        if detail.summary.status != RunStatus::Running {
+            break detail;
+        }
+        assert!(Instant::now() < give_up, "the run never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    stop.send_replace(true);
+    worker.await.unwrap();
+    detail
+}
+
 /// Panics on its first attempt, succeeds on the next.
 struct PanicsOnce;
 
@@ -159,48 +199,52 @@ async fn a_step_kind_that_panics_fails_its_attempt_and_is_retried() {
         "shaky",
     )
     .await;
-    let run = plan_run(
-        &workflows["shaky"],
-        version,
-        Value::Null,
-        Trigger::default(),
-    )
-    .unwrap();
-    let run_id = engine
-        .store()
-        .create_runs(vec![run], engine.now())
-        .await
-        .unwrap()
-        .remove(0);
     let mut registry = Registry::builtin();
     registry.add(PanicsOnce);
-    let (stop, stopped) = watch::channel(false);
-    let worker = tokio::spawn(run_worker(
-        engine.clone(),
-        registry,
-        WorkerConfig {
-            slots: 4,
-            lease: Duration::from_secs(3_600),
-            ..WorkerConfig::default()
-        },
-        stopped,
-    ));
-    let give_up = Instant::now() + Duration::from_secs(60);
-    let detail = loop {
-        let detail = engine.store().run(&run_id).await.unwrap();
-        if detail.summary.status != RunStatus::Running {
-            break detail;
-        }
-        assert!(Instant::now() < give_up, "the run never finished");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    stop.send_replace(true);
-    worker.await.unwrap();
+    let detail = run_to_its_end(&engine, registry, &workflows["shaky"], version).await;
     assert_eq!(detail.summary.status, RunStatus::Succeeded, "{detail:?}");
     let step = &detail.steps[0];
     assert_eq!(step.attempt, 2);
     let error = step.attempts[0]["error"].as_str().unwrap();
     assert!(error.contains("panicked: first attempt"), "{error}");
+}
+
+/// A stored definition that does not load fails its step at once, naming the definition and
+/// why: no retry would read it better, and its own retry policy (five retries here) is in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_that_does_not_load_fails_its_step_naming_why() {
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("switchyard-corrupt-test-{}", std::process::id())),
+    );
+    let (engine, workflows, _) = engine_with(
+        &dir,
+        "id: broken\nretry: {max_retries: 5, initial: 10ms}\nsteps:\n  - {id: a, type: noop}\n",
+        "broken",
+    )
+    .await;
+    // A later version stored as something this build cannot read.
+    let corrupt = engine
+        .store()
+        .upsert_workflows(
+            &[("broken".to_owned(), serde_json::json!({ "steps": "none" }))],
+            DefinitionOrigin::Api,
+            false,
+            None,
+            engine.now(),
+        )
+        .await
+        .unwrap()[0];
+    let detail = run_to_its_end(&engine, Registry::builtin(), &workflows["broken"], corrupt).await;
+    assert_eq!(detail.summary.status, RunStatus::Failed, "{detail:?}");
+    let step = &detail.steps[0];
+    assert_eq!(step.attempt, 1, "{detail:?}");
+    let error = step.error.as_deref().unwrap();
+    assert!(
+        error.starts_with(&format!(
+            "definition_unreadable: the definition of broken v{corrupt} could not be read: stored definition of broken v{corrupt} does not load"
+        )),
+        "{error}"
+    );
 }
 
 /// A PostgreSQL schema of a test's own, dropped when the test ends. `None` (the test says it is

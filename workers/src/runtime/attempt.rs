@@ -1,0 +1,371 @@
+//! One attempt of a claimed job, in its own task: read the step's definition, render its `with`,
+//! run its kind under the step's timeout, and settle the result under the step's retry policy.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures::FutureExt;
+use serde_json::{Value, json};
+use switchyard_engine::definition::{
+    RetryPolicy, Secrets, Step, TemplateContext, TemplateError, has_template, reads_run_data,
+    render_value,
+};
+use switchyard_engine::plan::{Trigger, plan_run};
+use switchyard_engine::service::{Engine, EngineError};
+use switchyard_engine::state::{AttemptResult, Settlement, StepFailure, settle};
+use switchyard_engine::store::{ClaimedJob, Completion, NewRun, ParentLink, check_storable};
+use tracing::Instrument;
+
+use super::{WorkerConfig, panic_message};
+use crate::steps::{ChildRun, Registry, StepCall, StepOutcome};
+
+/// What every attempt of this process shares.
+pub(super) struct Steps {
+    pub engine: Arc<Engine>,
+    pub registry: Registry,
+    pub config: WorkerConfig,
+}
+
+pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
+    let span = tracing::info_span!("step", run = %job.run_id, workflow = %job.workflow_id,
+        step = %job.step_id, attempt = job.lease.attempt);
+    async move {
+        let started = std::time::Instant::now();
+        let (result, children, policy) =
+            match shared.engine.version(&job.workflow_id, job.version).await {
+                Err(e) => (
+                    AttemptResult::Failed(unreadable_definition(&job, &e)),
+                    Vec::new(),
+                    RetryPolicy::default(),
+                ),
+                Ok(workflow) => match workflow.step(&job.step_id) {
+                    None => (
+                        AttemptResult::Failed(StepFailure::permanent(
+                            "definition",
+                            format!(
+                                "step {} is not in {} v{}",
+                                job.step_id, job.workflow_id, job.version
+                            ),
+                        )),
+                        Vec::new(),
+                        RetryPolicy::default(),
+                    ),
+                    Some(step) => {
+                        let (result, children) = attempt(&shared, &job, step).await;
+                        (result, children, workflow.retry_policy(step))
+                    }
+                },
+            };
+        let now = shared.engine.now();
+        let settlement = settle(job.lease.attempt, &policy, result, now, rand::random());
+        switchyard_engine::metrics::step_finished(
+            &job.workflow_id,
+            &job.step_id,
+            settlement.target().as_str(),
+            started.elapsed(),
+        );
+        match &settlement {
+            Settlement::Succeed { .. } => tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "step succeeded"
+            ),
+            Settlement::Retry { at, error } => {
+                tracing::warn!(%error, retry_at = at, "step failed; will retry")
+            }
+            Settlement::Fail { error } => tracing::warn!(%error, "step failed"),
+            Settlement::Park { until, .. } => tracing::info!(?until, "step parked"),
+            Settlement::Release => {}
+        }
+        Completion {
+            lease: job.lease.clone(),
+            settlement,
+            children,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs one attempt of a claimed job. Never fails: every problem is an attempt result.
+async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResult, Vec<NewRun>) {
+    let engine = &shared.engine;
+    let config = &shared.config;
+    let failed = |f: StepFailure| (AttemptResult::Failed(f), Vec::new());
+    let Some(kind) = shared.registry.get(&step.kind) else {
+        return failed(StepFailure::permanent(
+            "unknown_step_kind",
+            format!("this worker has no step kind {:?}", step.kind),
+        ));
+    };
+    let (vars, secrets) = match template_values(engine, config).await {
+        Ok(values) => values,
+        Err(e) => {
+            return failed(StepFailure::transient(
+                "settings",
+                format!("variables and secrets could not be read: {e}"),
+            ));
+        }
+    };
+    let secrets = Secrets::new(secrets);
+    let ctx = TemplateContext {
+        input: job.input.clone(),
+        steps: job.outputs.clone(),
+        vars,
+        secrets: secrets.clone(),
+        run: json!({
+            "id": job.run_id,
+            "workflow": job.workflow_id,
+            "version": job.version,
+            "step": job.step_id,
+            "attempt": job.lease.attempt,
+            "scheduled_at": job.scheduled_at,
+        }),
+        env: BTreeMap::new(),
+    };
+    // A template may sort or search long lists within its fuel for seconds: off the async
+    // threads, where it would stall every other step of this worker.
+    let rendered = if has_template(&step.with) {
+        let template = step.with.clone();
+        tokio::task::spawn_blocking(move || render_value(&template, &ctx))
+            .await
+            .unwrap_or_else(|e| Err(TemplateError::Render(format!("the render stopped: {e}"))))
+    } else {
+        Ok(step.with.clone())
+    };
+    let with = match rendered {
+        Ok(with) => with,
+        Err(e) => return failed(StepFailure::permanent("template", e.to_string())),
+    };
+    // A reference anywhere else would be sent, stored or shown as it is: refuse the attempt.
+    let allowed = kind.secret_fields();
+    let misplaced = match &with {
+        Value::Object(fields) => fields
+            .iter()
+            .filter(|(field, _)| !allowed.contains(&field.as_str()))
+            .find_map(|(field, value)| Some((field.as_str(), secrets.find_in(value)?))),
+        other => secrets.find_in(other).map(|path| ("", path)),
+    };
+    if let Some((field, path)) = misplaced {
+        let where_ = match allowed {
+            [] => "nowhere".to_owned(),
+            fields => fields
+                .iter()
+                .map(|f| format!("`with.{f}`"))
+                .collect::<Vec<_>>()
+                .join(" and "),
+        };
+        return failed(StepFailure::permanent(
+            "secret_misplaced",
+            format!(
+                "`with.{field}` uses a secret (at {path}); {} steps take secrets in {where_}",
+                step.kind
+            ),
+        ));
+    }
+    let reads_run_data = match &step.with {
+        Value::Object(fields) => fields
+            .iter()
+            .filter(|(_, template)| reads_run_data(template))
+            .map(|(field, _)| field.clone())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let call = StepCall {
+        with,
+        secrets,
+        reads_run_data,
+        checkpoint: job.checkpoint.clone(),
+        idempotency_key: format!("{}:{}", job.run_id, job.step_id),
+        run_id: job.run_id.clone(),
+        step_id: job.step_id.clone(),
+        attempt: job.lease.attempt,
+        now: engine.now(),
+    };
+    // A step kind that panics fails its attempt like any error, under the step's retry policy:
+    // the job is settled now, not when a lease its claim shares with other jobs runs out.
+    let run = async {
+        // The call itself inside the guarded future: a kind may panic before its future exists.
+        AssertUnwindSafe(async { kind.run(call).await })
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(StepFailure::transient(
+                    "panic",
+                    format!(
+                        "step kind {} panicked: {}",
+                        step.kind,
+                        panic_message(&*panic)
+                    ),
+                ))
+            })
+    };
+    let outcome = match step.timeout {
+        Some(limit) => match tokio::time::timeout(limit.0, run).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(StepFailure::transient(
+                "timeout",
+                format!(
+                    "step timed out after {}",
+                    humantime::format_duration(limit.0)
+                ),
+            )),
+        },
+        None => run.await,
+    };
+    match outcome {
+        Ok(StepOutcome::Output(output)) => {
+            let size = serde_json::to_vec(&output).map_or(0, |v| v.len());
+            if size > config.max_output_bytes {
+                return failed(StepFailure::permanent(
+                    "output_too_large",
+                    format!(
+                        "output is {size} bytes; the limit is {} bytes",
+                        config.max_output_bytes
+                    ),
+                ));
+            }
+            // Refused here, the value fails only this attempt; in the batch, it would fail
+            // every completion beside it.
+            if let Err(problem) = check_storable(&output) {
+                return failed(StepFailure::permanent(
+                    "output_unstorable",
+                    format!("output {problem}"),
+                ));
+            }
+            (AttemptResult::Succeeded { output }, Vec::new())
+        }
+        Ok(StepOutcome::Park { until, checkpoint }) => match check_storable(&checkpoint) {
+            Ok(()) => (AttemptResult::Parked { until, checkpoint }, Vec::new()),
+            Err(problem) => failed(StepFailure::permanent(
+                "checkpoint_unstorable",
+                format!("checkpoint {problem}"),
+            )),
+        },
+        Ok(StepOutcome::StartChildren(children)) => {
+            match plan_children(engine, job, children).await {
+                Ok(runs) => (
+                    AttemptResult::Parked {
+                        until: None,
+                        checkpoint: json!({ "children": runs.iter().map(|r| &r.id).collect::<Vec<_>>() }),
+                    },
+                    runs,
+                ),
+                Err(f) => failed(f),
+            }
+        }
+        Err(failure) => failed(failure),
+    }
+}
+
+/// The variables and secrets a step's templates see: this process's own (from its environment),
+/// with the ones stored over the API taking precedence.
+async fn template_values(
+    engine: &Engine,
+    config: &WorkerConfig,
+) -> Result<(Value, BTreeMap<String, String>), switchyard_engine::store::StoreError> {
+    let stored = switchyard_engine::settings::template_values(engine).await?;
+    let mut vars = match &config.vars {
+        Value::Object(map) => map.clone(),
+        _ => serde_json::Map::new(),
+    };
+    vars.extend(stored.vars.clone());
+    let mut secrets = config.secrets.clone();
+    secrets.extend(stored.secrets.clone());
+    Ok((Value::Object(vars), secrets))
+}
+
+async fn plan_children(
+    engine: &Engine,
+    job: &ClaimedJob,
+    children: Vec<ChildRun>,
+) -> Result<Vec<NewRun>, StepFailure> {
+    let mut runs = Vec::with_capacity(children.len());
+    for (index, child) in children.into_iter().enumerate() {
+        let (version, workflow) = engine
+            .latest(&child.workflow)
+            .await
+            .map_err(|e| StepFailure::permanent("child_workflow", e.to_string()))?;
+        let trigger = Trigger {
+            parent: Some(ParentLink {
+                run_id: job.run_id.clone(),
+                job_id: job.lease.job_id,
+                index: index as i64,
+            }),
+            ..Trigger::default()
+        };
+        runs.push(
+            plan_run(&workflow, version, child.input, trigger)
+                .map_err(|e| StepFailure::permanent("child_workflow", e.to_string()))?,
+        );
+    }
+    Ok(runs)
+}
+
+/// Why an attempt failed when its step's definition could not be read. Without the definition
+/// there is no retry policy to follow but the default: a database that was away for a moment
+/// is worth its retries; a definition that is gone or does not load reads no better next time.
+fn unreadable_definition(job: &ClaimedJob, e: &EngineError) -> StepFailure {
+    let message = format!(
+        "the definition of {} v{} could not be read: {e}",
+        job.workflow_id, job.version
+    );
+    match e {
+        EngineError::Store(e) if e.is_transient() => {
+            StepFailure::transient("definition_unreadable", message)
+        }
+        _ => StepFailure::permanent("definition_unreadable", message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchyard_engine::store::StoreError;
+
+    use super::*;
+    use crate::runtime::fixtures::claimed;
+
+    fn settled(attempt: u32, e: EngineError) -> Settlement {
+        let job = claimed(7, attempt, "run");
+        let failure = unreadable_definition(&job, &e);
+        settle(
+            attempt,
+            &RetryPolicy::default(),
+            AttemptResult::Failed(failure),
+            0,
+            0.0,
+        )
+    }
+
+    #[test]
+    fn a_definition_the_database_could_not_serve_for_a_moment_is_retried_under_the_default_policy()
+    {
+        let away = || EngineError::Store(StoreError::Unavailable("pool timed out".to_owned()));
+        let Settlement::Retry { error, .. } = settled(1, away()) else {
+            panic!("not retried");
+        };
+        assert_eq!(
+            error,
+            "definition_unreadable: the definition of w v1 could not be read: database unavailable: pool timed out"
+        );
+        let last = RetryPolicy::default().max_retries + 1;
+        assert!(matches!(settled(last, away()), Settlement::Fail { .. }));
+    }
+
+    #[test]
+    fn a_definition_that_does_not_load_or_is_gone_fails_its_step_at_once() {
+        let corrupt = EngineError::CorruptDefinition {
+            id: "w".to_owned(),
+            version: 1,
+            message: "invalid type".to_owned(),
+        };
+        assert_eq!(
+            settled(1, corrupt),
+            Settlement::Fail {
+                error: "definition_unreadable: the definition of w v1 could not be read: stored definition of w v1 does not load: invalid type".to_owned()
+            }
+        );
+        let gone = EngineError::UnknownWorkflow("w".to_owned());
+        assert!(matches!(settled(1, gone), Settlement::Fail { .. }));
+    }
+}
