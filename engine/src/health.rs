@@ -59,10 +59,13 @@ impl Health {
 pub enum DatabaseState {
     /// Not probed yet.
     Unknown,
-    /// It answered and took a write; with the jobs claimable now.
-    Ok { queue_depth: i64 },
+    /// It answered and took a write; with the jobs claimable now, if it counted them in time.
+    Ok { queue_depth: Option<i64> },
     /// It answers, but a write failed (a full disk, a read-only file).
-    CannotWrite { queue_depth: i64, cause: String },
+    CannotWrite {
+        queue_depth: Option<i64>,
+        cause: String,
+    },
     /// It did not answer within the deadline, or refused the connection.
     Unreachable { cause: String },
 }
@@ -81,7 +84,7 @@ impl DatabaseState {
     pub fn queue_depth(&self) -> Option<i64> {
         match self {
             DatabaseState::Ok { queue_depth } | DatabaseState::CannotWrite { queue_depth, .. } => {
-                Some(*queue_depth)
+                *queue_depth
             }
             DatabaseState::Unreachable { .. } | DatabaseState::Unknown => None,
         }
@@ -94,9 +97,13 @@ struct Probe {
     state: DatabaseState,
 }
 
-/// The last probe, shared by the probing task and whoever reports it.
+/// The last probe, shared by the probing task and whoever reports it; one probe at a time, so a
+/// flood of `/health` requests against a struggling database starts no more of them.
 #[derive(Debug, Default)]
-pub(crate) struct DatabaseHealth(RwLock<Option<Probe>>);
+pub(crate) struct DatabaseHealth {
+    last: RwLock<Option<Probe>>,
+    probing: tokio::sync::Mutex<()>,
+}
 
 impl Engine {
     /// This process's health: the database as last probed (again when that is old), and how
@@ -109,38 +116,49 @@ impl Engine {
         }
     }
 
-    /// Probes the database now: a read (the queue's depth), then a small write, each within
-    /// [`PROBE_DEADLINE`].
+    /// Probes the database now: a round trip that reads nothing, then a small write, each within
+    /// [`PROBE_DEADLINE`]; and the queue's depth, which a large backlog may make too slow to
+    /// count, without it deciding anything. A probe already going is waited for, not doubled.
     pub async fn probe_database(&self) -> DatabaseState {
+        let asked = self.now();
+        let _probing = self.database_health().probing.lock().await;
+        if let Some(probe) = self.last_probe().filter(|p| p.at >= asked) {
+            return probe.state;
+        }
         let now = self.now();
         let store = self.store();
-        let read = || async {
-            match tokio::time::timeout(PROBE_DEADLINE, store.queue_depth(now)).await {
-                Err(_) => Err(format!("no answer within {PROBE_DEADLINE:?}")),
-                Ok(read) => read.map_err(|e| e.to_string()),
+        let within = |what: &'static str| format!("{what} took over {PROBE_DEADLINE:?}");
+        let ping = || async {
+            match tokio::time::timeout(PROBE_DEADLINE, store.ping()).await {
+                Err(_) => Err(within("an answer")),
+                Ok(answer) => answer.map_err(|e| e.to_string()),
             }
         };
-        let state = match read().await {
+        let state = match ping().await {
             Err(cause) => DatabaseState::Unreachable { cause },
-            Ok(queue_depth) => {
+            Ok(()) => {
+                let queue_depth = tokio::time::timeout(PROBE_DEADLINE, store.queue_depth(now))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
                 let written =
                     match tokio::time::timeout(PROBE_DEADLINE, store.probe_write(now)).await {
                         Ok(written) => written.map_err(|e| e.to_string()),
-                        Err(_) => Err(format!("a write took over {PROBE_DEADLINE:?}")),
+                        Err(_) => Err(within("a write")),
                     };
                 match written {
                     Ok(()) => DatabaseState::Ok { queue_depth },
                     // A write that failed because the server went away is not a full disk.
-                    Err(cause) => match read().await {
+                    Err(cause) => match ping().await {
                         Err(cause) => DatabaseState::Unreachable { cause },
-                        Ok(_) => DatabaseState::CannotWrite { queue_depth, cause },
+                        Ok(()) => DatabaseState::CannotWrite { queue_depth, cause },
                     },
                 }
             }
         };
         let previous = self
             .database_health()
-            .0
+            .last
             .write()
             .expect("health lock poisoned")
             .replace(Probe {
@@ -174,7 +192,7 @@ impl Engine {
 
     fn last_probe(&self) -> Option<Probe> {
         self.database_health()
-            .0
+            .last
             .read()
             .expect("health lock poisoned")
             .clone()

@@ -258,11 +258,13 @@ pub fn settle_lost_lease(attempt: u32, max_attempts: u32, now: Millis) -> Settle
     }
 }
 
-/// Why a fire starts no run, if it starts one: its workflow is paused, or (with `overlap:
-/// skip`) a run of it started by an earlier fire is still going.
-pub fn fire_skip_reason(paused: bool, active_run: Option<&str>) -> Option<String> {
-    if paused {
-        return Some("paused".to_owned());
+/// Why a fire starts no run, if it starts one: its workflow was removed (`paused` is `None`) or
+/// is paused, or (with `overlap: skip`) a run of it started by an earlier fire is still going.
+pub fn fire_skip_reason(paused: Option<bool>, active_run: Option<&str>) -> Option<String> {
+    match paused {
+        None => return Some("removed".to_owned()),
+        Some(true) => return Some("paused".to_owned()),
+        Some(false) => {}
     }
     active_run.map(|run| format!("overlap: run {run} is still going"))
 }
@@ -542,12 +544,16 @@ mod tests {
 
     #[test]
     fn a_fire_is_skipped_while_paused_or_while_its_last_run_goes_on() {
-        assert_eq!(fire_skip_reason(true, Some("r")).as_deref(), Some("paused"));
+        assert_eq!(fire_skip_reason(None, None).as_deref(), Some("removed"));
         assert_eq!(
-            fire_skip_reason(false, Some("r")).as_deref(),
+            fire_skip_reason(Some(true), Some("r")).as_deref(),
+            Some("paused")
+        );
+        assert_eq!(
+            fire_skip_reason(Some(false), Some("r")).as_deref(),
             Some("overlap: run r is still going")
         );
-        assert_eq!(fire_skip_reason(false, None), None);
+        assert_eq!(fire_skip_reason(Some(false), None), None);
     }
 
     #[test]

@@ -882,6 +882,33 @@ pub async fn paused_workflow_fires_are_recorded_as_skipped(store: Arc<dyn Store>
     ));
 }
 
+pub async fn a_fire_of_a_removed_workflow_is_skipped_as_removed(store: Arc<dyn Store>) {
+    let wf = linear();
+    let version = install(&*store, &wf).await;
+    store.remove_workflow("linear", false).await.unwrap();
+    let outcome = store
+        .fire(
+            FireParams {
+                workflow_id: wf.id.clone(),
+                fire_at: T0,
+                skip_if_active: true,
+                run: planned(version, &wf),
+            },
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, FireOutcome::Skipped("removed".into()));
+    let runs = store
+        .list_runs(&RunFilter {
+            limit: 10,
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(runs.is_empty(), "{runs:?}");
+}
+
 pub async fn concurrency_key_holds_runs_until_a_slot_frees(store: Arc<dyn Store>) {
     let wf = workflow(
         "id: keyed\nconcurrency: {limit: 1, key: \"{{ input.region }}\"}\nsteps:\n  - {id: a, type: noop}\n",
@@ -1661,6 +1688,7 @@ macro_rules! conformance {
                 creating_workflows_stores_all_of_them_or_none,
                 a_removed_workflow_is_gone_until_installed_again_with_a_new_version,
                 a_gate_that_opens_wakes_the_workers,
+                a_fire_of_a_removed_workflow_is_skipped_as_removed,
                 setting_changes_apply_with_their_audit_entry_and_swaps_only_over_the_value_seen,
                 the_audit_log_pages_newest_first_and_forgets_after_90_days,
                 a_revoked_token_is_listed_until_it_would_have_expired,

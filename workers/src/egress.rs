@@ -84,6 +84,12 @@ impl Destination {
 #[error("{0}")]
 pub struct Refused(String);
 
+impl Refused {
+    pub fn new(why: impl Into<String>) -> Self {
+        Refused(why.into())
+    }
+}
+
 /// The operator's rules. An allow entry wins over any deny, explicit or default: to allow only
 /// some hosts, deny everything (`0.0.0.0/0`, `::/0`) and allow those.
 #[derive(Debug, Clone, Default)]
@@ -113,15 +119,41 @@ fn internal(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
-/// An IPv4 address written as IPv6 (`::ffff:127.0.0.1`) is judged as the IPv4 one.
+/// An IPv4 address written as IPv6 is judged as the IPv4 one: mapped (`::ffff:127.0.0.1`) or
+/// translated by NAT64 (`64:ff9b::127.0.0.1`).
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let [a, b] = s[6].to_be_bytes();
+                let [c, d] = s[7].to_be_bytes();
+                return IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d));
+            }
+            v6.to_ipv4_mapped().map_or(ip, IpAddr::V4)
+        }
         v4 => v4,
     }
 }
 
+/// A host as compared: lower case, without brackets or the root's trailing dot.
+fn normal(host: &str) -> String {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+}
+
 impl EgressPolicy {
+    /// Whether an `--egress-allow` entry names this host (or its address, for a literal).
+    pub fn allows(&self, host: &str) -> bool {
+        let host = normal(host);
+        let ip = host.parse::<IpAddr>().ok().map(canonical);
+        self.allow
+            .iter()
+            .any(|d| d.matches_host(&host) || ip.is_some_and(|ip| d.matches_ip(ip)))
+    }
+
     /// Whether the host part of a URL (a name, or an address literal) may be reached; names are
     /// checked again on the addresses they resolve to.
     pub fn check_host(&self, host: &str, from_input: bool) -> Result<(), Refused> {
@@ -143,6 +175,7 @@ impl EgressPolicy {
 
     /// Whether `ip`, an address of `host`, may be reached.
     pub fn check_address(&self, host: &str, ip: IpAddr, from_input: bool) -> Result<(), Refused> {
+        let host = &normal(host);
         let ip = canonical(ip);
         if self
             .allow
@@ -255,6 +288,12 @@ mod tests {
                 .is_ok()
         );
         assert!(p.check_host("www.example.com", false).is_err());
+        assert!(
+            p.check_host("www.example.com.", false).is_err(),
+            "a trailing dot"
+        );
+        assert!(p.allows("API.example.com."));
+        assert!(!p.allows("other.example.com"));
     }
 
     #[test]

@@ -27,6 +27,16 @@ async fn server() -> (String, Seen) {
             }),
         )
         .route(
+            "/echo",
+            get(|headers: HeaderMap| async move {
+                let seen: serde_json::Map<String, Value> = headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), Value::from(v.to_str().unwrap_or_default())))
+                    .collect();
+                axum::Json(Value::Object(seen))
+            }),
+        )
+        .route(
             "/hop",
             get(
                 |axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>| async move {
@@ -175,14 +185,84 @@ async fn a_redirect_to_another_origin_drops_every_header_that_carried_a_secret()
             "auth": { "bearer": "{{ secrets.token }}" },
         })
     };
-    Http::new().run(call(with(&second), &[])).await.unwrap();
+    // Loopback is fine for a URL the author wrote; a redirect's target counts as chosen by the
+    // server, so this test allows it.
+    let http = policy(&["127.0.0.1"], &[]);
+    http.run(call(with(&second), &[])).await.unwrap();
     let crossed = second_seen.lock().unwrap().pop().unwrap();
     assert_eq!(crossed["x-plain"], "visible");
     assert!(crossed.get("x-api-key").is_none(), "{crossed:?}");
     assert!(crossed.get("authorization").is_none(), "{crossed:?}");
     // To the same origin, the request keeps them.
-    Http::new().run(call(with(&first), &[])).await.unwrap();
+    http.run(call(with(&first), &[])).await.unwrap();
     let kept = first_seen.lock().unwrap().pop().unwrap();
     assert_eq!(kept["x-api-key"], "tok-123");
     assert_eq!(kept["authorization"], "Bearer tok-123");
+}
+
+#[tokio::test]
+async fn a_redirect_from_an_authors_url_to_loopback_is_refused_unless_allowed() {
+    let (first, _) = server().await;
+    let (second, seen) = server().await;
+    let url = format!("{first}/hop?to={second}/seen");
+    let err = Http::new()
+        .run(call(json!({ "url": url }), &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, "egress", "{err}");
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_url_from_run_data_gets_secrets_only_on_a_host_the_operator_allows_by_name() {
+    let (base, seen) = server().await;
+    let with = |host: &str| {
+        json!({
+            "url": format!("{}/seen", base.replace("127.0.0.1", host)),
+            "headers": { "X-Api-Key": "{{ secrets.token }}" },
+        })
+    };
+    // The address is allowed, so a URL without secrets would go; the name is not, and the
+    // secret goes only to a host allowed by name.
+    let http = policy(&["127.0.0.1"], &[]);
+    let err = http
+        .run(call(with("localhost"), &["url"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, "egress", "{err}");
+    assert!(err.message.contains("secrets"), "{err}");
+    assert!(seen.lock().unwrap().is_empty());
+    http.run(call(with("127.0.0.1"), &["url"])).await.unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn what_a_service_echoes_of_the_sent_secrets_is_not_kept() {
+    let (base, _) = server().await;
+    let call = call(
+        json!({
+            "url": format!("{base}/echo"),
+            "headers": { "X-Api-Key": "key {{ secrets.token }}", "X-Plain": "visible" },
+            "auth": { "basic": { "username": "ann", "password": "{{ secrets.token }}" } },
+        }),
+        &[],
+    );
+    let secrets = call.secrets.clone();
+    let outcome = Http::new().run(call).await.unwrap();
+    let StepOutcome::Output(mut output) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        output.to_string().contains("tok-123"),
+        "the service echoed it"
+    );
+    // What the worker does with every step's output and error before it is kept.
+    secrets.redact_sent(&mut output);
+    let kept = output.to_string();
+    for sent in ["tok-123", "YW5uOnRvay0xMjM="] {
+        assert!(!kept.contains(sent), "{sent} in {kept}");
+    }
+    assert_eq!(output["body"]["x-api-key"], "[secret]");
+    assert_eq!(output["body"]["authorization"], "[secret]");
+    assert_eq!(output["body"]["x-plain"], "visible");
 }

@@ -30,6 +30,9 @@ const CLOSE: char = '\u{E001}';
 pub struct Secrets {
     values: Arc<BTreeMap<String, String>>,
     nonce: u64,
+    /// What this attempt sent: the secrets revealed, and the values built from them (a header,
+    /// a Basic credential). A service may echo them back; see [`Secrets::redact_sent`].
+    sent: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -55,6 +58,7 @@ impl Secrets {
         Secrets {
             values: Arc::new(values),
             nonce: rand::random(),
+            sent: Arc::default(),
         }
     }
 
@@ -105,7 +109,7 @@ impl Secrets {
     }
 
     /// `text` with each reference replaced by its secret's value. A reference a filter changed
-    /// is an error, never sent as it is.
+    /// is an error, never sent as it is. What it reveals counts as sent ([`Secrets::note_sent`]).
     pub fn reveal(&self, text: &str) -> Result<String, SecretError> {
         if !self.referenced_in(text) {
             return Ok(text.to_owned());
@@ -120,13 +124,60 @@ impl Secrets {
             match named.and_then(|(name, tail)| Some((self.values.get(name)?, tail))) {
                 Some((value, tail)) => {
                     out.push_str(value);
+                    self.note_sent(value);
                     rest = tail;
                 }
                 None => return Err(SecretError::Changed),
             }
         }
         out.push_str(rest);
+        self.note_sent(&out);
         Ok(out)
+    }
+
+    /// Records a value this attempt sends that carries a secret, such as an encoded credential.
+    pub fn note_sent(&self, value: &str) {
+        if !value.is_empty() {
+            self.sent
+                .lock()
+                .expect("sent secrets poisoned")
+                .push(value.to_owned());
+        }
+    }
+
+    /// Replaces in `value` every value this attempt sent with a secret in it, as a service that
+    /// echoes its request would return them. Only what was sent is looked for: searching for
+    /// every secret would tell whoever starts a run whether a guess in its input was right.
+    pub fn redact_sent(&self, value: &mut Value) {
+        let mut sent = self.sent.lock().expect("sent secrets poisoned").clone();
+        if sent.is_empty() {
+            return;
+        }
+        // Longest first, so a value that holds another is replaced whole.
+        sent.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        sent.dedup();
+        let redact = |text: &str| {
+            sent.iter()
+                .filter(|s| text.contains(s.as_str()))
+                .fold(text.to_owned(), |t, s| t.replace(s.as_str(), "[secret]"))
+        };
+        let mut stack = vec![value];
+        while let Some(value) = stack.pop() {
+            match value {
+                Value::String(s) => *s = redact(s),
+                Value::Array(items) => stack.extend(items.iter_mut()),
+                Value::Object(map) => {
+                    if map.keys().any(|k| redact(k) != *k) {
+                        *map = std::mem::take(map)
+                            .into_iter()
+                            .map(|(k, v)| (redact(&k), v))
+                            .collect();
+                    }
+                    stack.extend(map.values_mut());
+                }
+                _ => {}
+            }
+        }
     }
 }
 

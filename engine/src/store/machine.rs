@@ -194,7 +194,8 @@ pub(crate) trait Tx: Send {
         fire_at: Millis,
         now: Millis,
     ) -> Result<bool>;
-    async fn is_paused(&mut self, workflow_id: &str) -> Result<bool>;
+    /// Whether the workflow is paused; `None` when it does not exist (it was removed).
+    async fn workflow_paused(&mut self, workflow_id: &str) -> Result<Option<bool>>;
     /// An active run of the workflow that no other run started.
     async fn active_top_level_run(&mut self, workflow_id: &str) -> Result<Option<RunId>>;
     /// Logs a webhook event unless one with its source and id is logged; returns the event as
@@ -258,8 +259,8 @@ impl Effects {
 }
 
 /// The rows to insert for `runs`, gated or not: runs as `insert_run_rows` reads them, and
-/// their jobs as `insert_job_rows` does. JSON values, not text, so that an input or a `needs`
-/// list reaches the database as it is.
+/// their jobs as `insert_job_rows` does. The input and `needs` travel as JSON values, which each
+/// driver stores as JSON.
 fn run_rows(runs: &[(&NewRun, bool)], now: Millis) -> (Value, Vec<Value>) {
     let mut rows = Vec::with_capacity(runs.len());
     let mut jobs = Vec::new();
@@ -685,10 +686,11 @@ pub(crate) async fn fire(
     if !tx.record_fire(workflow, at, now).await? {
         return Ok(FireOutcome::AlreadyRecorded);
     }
-    let paused = tx.is_paused(workflow).await?;
-    let active = if !paused && fire.skip_if_active {
-        // Another scheduler may be starting the previous fire right now: wait for it.
-        tx.lock_key(&format!("workflow/{workflow}")).await?;
+    // Another scheduler may be starting the previous fire right now, or the workflow being
+    // removed: wait for either.
+    tx.lock_key(&format!("workflow/{workflow}")).await?;
+    let paused = tx.workflow_paused(workflow).await?;
+    let active = if paused == Some(false) && fire.skip_if_active {
         tx.active_top_level_run(workflow).await?
     } else {
         None

@@ -625,6 +625,8 @@ pub trait Store: Send + Sync + 'static {
     /// Commits one small write, to learn whether the database can write at all (a full disk
     /// fails it); see `health.rs`.
     async fn probe_write(&self, now: Millis) -> Result<()>;
+    /// A round trip that reads nothing: whether the database answers.
+    async fn ping(&self) -> Result<()>;
     /// Applies `changes` in one transaction, with `audit` recorded in it when any change applied.
     /// Returns, per change, whether it applied: a put always does, a delete when the setting
     /// existed, a swap when the stored value still equals its `old`. So a concurrent write wins

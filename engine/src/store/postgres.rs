@@ -954,12 +954,13 @@ impl Tx for PgTx<'_> {
         Ok(recorded.rows_affected() == 1)
     }
 
-    async fn is_paused(&mut self, workflow_id: &str) -> Result<bool> {
-        let paused: Option<bool> = sqlx::query_scalar("SELECT paused FROM workflows WHERE id = $1")
-            .bind(workflow_id)
-            .fetch_optional(&mut *self.0)
-            .await?;
-        Ok(paused.unwrap_or(false))
+    async fn workflow_paused(&mut self, workflow_id: &str) -> Result<Option<bool>> {
+        Ok(
+            sqlx::query_scalar("SELECT paused FROM workflows WHERE id = $1")
+                .bind(workflow_id)
+                .fetch_optional(&mut *self.0)
+                .await?,
+        )
     }
 
     async fn active_top_level_run(&mut self, workflow_id: &str) -> Result<Option<RunId>> {
@@ -1644,6 +1645,11 @@ impl Store for PostgresStore {
         .fetch_all(&self.pool)
         .await?)
     }
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn probe_write(&self, now: Millis) -> Result<()> {
         sqlx::query(PROBE_WRITE)
             .bind(now)

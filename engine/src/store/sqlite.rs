@@ -262,7 +262,7 @@ impl Tx for SqliteTx<'_> {
                  parent_job_id, child_index, concurrency_key, concurrency_limit, idempotency_key, \
                  timeout_ms, deadline_at, retention_ms, scheduled_at, created_at, started_at) \
              SELECT r.value->>'id', r.value->>'workflow_id', r.value->>'version', \
-                 r.value->>'status', coalesce(r.value->>'input', 'null'), \
+                 r.value->>'status', coalesce(r.value->'input', 'null'), \
                  r.value->>'parent_run_id', r.value->>'parent_job_id', r.value->>'child_index', \
                  r.value->>'concurrency_key', r.value->>'concurrency_limit', \
                  r.value->>'idempotency_key', r.value->>'timeout_ms', r.value->>'deadline_at', \
@@ -846,12 +846,13 @@ impl Tx for SqliteTx<'_> {
         Ok(recorded.rows_affected() == 1)
     }
 
-    async fn is_paused(&mut self, workflow_id: &str) -> Result<bool> {
-        let paused: Option<bool> = sqlx::query_scalar("SELECT paused FROM workflows WHERE id = ?")
-            .bind(workflow_id)
-            .fetch_optional(&mut *self.0)
-            .await?;
-        Ok(paused.unwrap_or(false))
+    async fn workflow_paused(&mut self, workflow_id: &str) -> Result<Option<bool>> {
+        Ok(
+            sqlx::query_scalar("SELECT paused FROM workflows WHERE id = ?")
+                .bind(workflow_id)
+                .fetch_optional(&mut *self.0)
+                .await?,
+        )
     }
 
     async fn active_top_level_run(&mut self, workflow_id: &str) -> Result<Option<RunId>> {
@@ -1469,6 +1470,11 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?)
     }
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
     async fn probe_write(&self, now: Millis) -> Result<()> {
         let mut tx = self.write_tx().await?;
         sqlx::query(PROBE_WRITE).bind(now).execute(&mut *tx).await?;

@@ -18,6 +18,7 @@ use switchyard_engine::store::{ClaimedJob, Completion, NewRun, ParentLink, check
 use tracing::Instrument;
 
 use super::{WorkerConfig, panic_message};
+use crate::steps::EVERY_FIELD;
 use crate::steps::{ChildRun, Registry, StepCall, StepOutcome};
 
 /// What every attempt of this process shares.
@@ -169,8 +170,11 @@ async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResul
             .filter(|(_, template)| reads_run_data(template))
             .map(|(field, _)| field.clone())
             .collect(),
+        // A `with` rendered whole from run data: every field may come from it.
+        whole if reads_run_data(whole) => vec![EVERY_FIELD.to_owned()],
         _ => Vec::new(),
     };
+    let sent = secrets.clone();
     let call = StepCall {
         with,
         secrets,
@@ -214,7 +218,8 @@ async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResul
         None => run.await,
     };
     match outcome {
-        Ok(StepOutcome::Output(output)) => {
+        Ok(StepOutcome::Output(mut output)) => {
+            sent.redact_sent(&mut output);
             let size = serde_json::to_vec(&output).map_or(0, |v| v.len());
             if size > config.max_output_bytes {
                 return failed(StepFailure::permanent(
@@ -254,7 +259,12 @@ async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResul
                 Err(f) => failed(f),
             }
         }
-        Err(failure) => failed(failure),
+        Err(mut failure) => {
+            let mut message = Value::String(failure.message);
+            sent.redact_sent(&mut message);
+            failure.message = message.as_str().unwrap_or_default().to_owned();
+            failed(failure)
+        }
     }
 }
 

@@ -89,7 +89,7 @@ fn refused(why: Refused) -> StepFailure {
 fn headers(call: &StepCall) -> Result<(HeaderMap, Vec<HeaderName>), StepFailure> {
     let mut map = HeaderMap::new();
     let mut secret = Vec::new();
-    let mut add = |name: HeaderName, text: &str| -> Result<(), StepFailure> {
+    let mut add = |name: HeaderName, text: &str, carries: bool| -> Result<(), StepFailure> {
         let revealed = call
             .secrets
             .reveal(text)
@@ -97,7 +97,7 @@ fn headers(call: &StepCall) -> Result<(HeaderMap, Vec<HeaderName>), StepFailure>
         // The value may hold a secret: name only the header.
         let value = HeaderValue::from_str(&revealed)
             .map_err(|_| invalid(format!("http step: bad value for header {name}")))?;
-        if call.secrets.referenced_in(text) {
+        if carries || call.secrets.referenced_in(text) {
             secret.push(name.clone());
         }
         map.insert(name, value);
@@ -114,11 +114,12 @@ fn headers(call: &StepCall) -> Result<(HeaderMap, Vec<HeaderName>), StepFailure>
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            add(name, &text)?;
+            add(name, &text, false)?;
         }
     }
     if let Some(auth) = call.with.get("auth") {
-        add(AUTHORIZATION, &authorization(call, auth)?)?;
+        let (value, carries) = authorization(call, auth)?;
+        add(AUTHORIZATION, &value, carries)?;
     }
     if !map.contains_key("idempotency-key") {
         map.insert(
@@ -131,16 +132,17 @@ fn headers(call: &StepCall) -> Result<(HeaderMap, Vec<HeaderName>), StepFailure>
 }
 
 /// `auth: {bearer: TOKEN}` or `auth: {basic: {username, password}}` as an `Authorization`
-/// value, with its secret references still in it for [`headers`] to resolve. Basic credentials
-/// are encoded after they are resolved: a template could not encode a secret it never sees.
-fn authorization(call: &StepCall, auth: &Value) -> Result<String, StepFailure> {
+/// value, with its secret references still in it for [`headers`] to resolve, and whether it
+/// carries a secret. Basic credentials are encoded after they are resolved: a template could not
+/// encode a secret it never sees.
+fn authorization(call: &StepCall, auth: &Value) -> Result<(String, bool), StepFailure> {
     let text = |v: Option<&Value>, what: &str| {
         v.and_then(Value::as_str)
             .map(str::to_owned)
             .ok_or_else(|| invalid(format!("http step: `with.auth.{what}` must be a string")))
     };
     if let Some(token) = auth.get("bearer") {
-        return Ok(format!("Bearer {}", text(Some(token), "bearer")?));
+        return Ok((format!("Bearer {}", text(Some(token), "bearer")?), false));
     }
     if let Some(basic) = auth.get("basic") {
         let user = text(basic.get("username"), "basic.username")?;
@@ -151,10 +153,15 @@ fn authorization(call: &StepCall, auth: &Value) -> Result<String, StepFailure> {
                 .map_err(|e| invalid(format!("http step: `with.auth.basic`: {e}")))
         };
         let pair = format!("{}:{}", reveal(&user)?, reveal(&password)?);
-        return Ok(format!(
+        let value = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(pair)
-        ));
+        );
+        let carries = call.secrets.referenced_in(&user) || call.secrets.referenced_in(&password);
+        if carries {
+            call.secrets.note_sent(&value);
+        }
+        return Ok((value, carries));
     }
     Err(invalid(
         "http step: `with.auth` must be {bearer: TOKEN} or {basic: {username, password}}",
@@ -242,12 +249,8 @@ impl StepKind for Http {
         let mut method = Method::from_bytes(given.to_ascii_uppercase().as_bytes())
             .map_err(|_| invalid(format!("http step: unknown method {given:?}")))?;
         let from_input = call.reads_run_data("url");
-        let client = if from_input {
-            &self.from_input_client
-        } else {
-            &self.client
-        };
         let (mut headers, secret_headers) = headers(&call)?;
+        let carries_secrets = !secret_headers.is_empty();
         let timeout = match with.get("timeout").and_then(Value::as_str) {
             Some(t) => Some(
                 humantime::parse_duration(t)
@@ -257,7 +260,7 @@ impl StepKind for Http {
         };
         let mut body = with.get("body").filter(|b| !b.is_null()).cloned();
         // The query joins the URL once, as reqwest encodes it; a redirect's Location is whole.
-        let mut request = client.request(method.clone(), text);
+        let mut request = self.client.request(method.clone(), text);
         if let Some(query) = with.get("query") {
             request = request.query(query);
         }
@@ -269,9 +272,24 @@ impl StepKind for Http {
         let mut hops = 0;
         let (target, mut response) = loop {
             let target = format!("{method} {}", url.as_str().split('?').next().unwrap_or(""));
-            self.policy
-                .check_host(url.host_str().unwrap_or(""), from_input)
-                .map_err(refused)?;
+            // A redirect's target is chosen by the server, not the definition's author: every
+            // hop after the first is treated as a URL from run data.
+            let untrusted = from_input || hops > 0;
+            let host = url.host_str().unwrap_or("");
+            self.policy.check_host(host, untrusted).map_err(refused)?;
+            // Whoever starts a run must not choose where the definition's secrets go: a URL
+            // from run data gets them only on a host the operator allows by name.
+            if from_input && hops == 0 && carries_secrets && !self.policy.allows(host) {
+                return Err(refused(Refused::new(format!(
+                    "{host} gets this step's secrets from a URL rendered from run data; \
+                     an operator allows that with --egress-allow {host}"
+                ))));
+            }
+            let client = if untrusted {
+                &self.from_input_client
+            } else {
+                &self.client
+            };
             let mut request = client
                 .request(method.clone(), url.clone())
                 .headers(headers.clone());

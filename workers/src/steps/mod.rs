@@ -45,10 +45,15 @@ pub struct StepCall {
     pub now: Millis,
 }
 
+/// In [`StepCall::reads_run_data`]: `with` was rendered whole from run data, every field with it.
+pub const EVERY_FIELD: &str = "*";
+
 impl StepCall {
     /// Whether `with.<field>` was rendered from the run's input or step outputs.
     pub fn reads_run_data(&self, field: &str) -> bool {
-        self.reads_run_data.iter().any(|f| f == field)
+        self.reads_run_data
+            .iter()
+            .any(|f| f == field || f == EVERY_FIELD)
     }
 }
 
