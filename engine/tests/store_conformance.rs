@@ -882,6 +882,181 @@ pub async fn paused_workflow_fires_are_recorded_as_skipped(store: Arc<dyn Store>
     ));
 }
 
+/// What a table test does to a job.
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    /// Its worker reports success, under the lease the job last had.
+    Complete,
+    /// A worker claims whatever is due.
+    Claim,
+    /// Its run is cancelled.
+    Cancel,
+    /// The sweep runs after every lease has expired.
+    Sweep,
+}
+
+/// Puts the first job of a new run of `pair` (a → b) in `state` (for `waiting`, the second);
+/// returns the run, the step and the lease that job last had (a made-up one if none).
+async fn job_in_state(
+    store: &dyn Store,
+    pair: &Workflow,
+    state: JobState,
+) -> (String, &'static str, switchyard_engine::store::Lease) {
+    let run = start(store, pair, Trigger::default()).await;
+    let step = if state == JobState::Waiting { "b" } else { "a" };
+    let job_id = store
+        .run(&run)
+        .await
+        .unwrap()
+        .steps
+        .iter()
+        .find(|j| j.step_id == step)
+        .unwrap()
+        .id;
+    let leased = matches!(
+        state,
+        JobState::Running
+            | JobState::Retrying
+            | JobState::Parked
+            | JobState::Succeeded
+            | JobState::Failed
+    );
+    let lease = if leased {
+        claim(store, T0, 1_000)
+            .await
+            .into_iter()
+            .find(|j| j.lease.job_id == job_id)
+            .expect("the new run's job is claimed")
+            .lease
+    } else {
+        switchyard_engine::store::Lease {
+            job_id,
+            attempt: 0,
+            token: "never-leased".into(),
+        }
+    };
+    let settle = |settlement| {
+        let lease = lease.clone();
+        async move {
+            store
+                .complete(
+                    vec![Completion {
+                        lease,
+                        settlement,
+                        children: Vec::new(),
+                    }],
+                    T0,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let later = T0 + 10_000;
+    match state {
+        JobState::Retrying => {
+            settle(Settlement::Retry {
+                at: later,
+                error: "again".into(),
+            })
+            .await;
+        }
+        JobState::Parked => {
+            settle(Settlement::Park {
+                until: Some(later),
+                checkpoint: json!({}),
+            })
+            .await;
+        }
+        JobState::Succeeded => {
+            settle(Settlement::Succeed { output: json!(1) }).await;
+        }
+        JobState::Failed => {
+            settle(Settlement::Fail {
+                error: "broken".into(),
+            })
+            .await;
+        }
+        JobState::Cancelled => {
+            store.cancel_run(&run, T0).await.unwrap();
+        }
+        JobState::Waiting | JobState::Available | JobState::Running => {}
+    }
+    assert_eq!(
+        job_state(store, &run, step).await,
+        state,
+        "set-up of {state}"
+    );
+    (run, step, lease)
+}
+
+/// Every job state meets every event, on the real store, and the state that follows is the
+/// one the transition table allows: drift between a driver and the table shows here.
+pub async fn every_job_state_meets_every_event_as_the_table_says(store: Arc<dyn Store>) {
+    let pair = workflow(
+        "id: pair\nretry: {max_retries: 3}\nsteps:\n  - {id: a, type: noop}\n  - {id: b, type: noop, needs: [a]}\n",
+    );
+    let due = T0 + 20_000;
+    for &from in JobState::ALL {
+        for event in [Event::Complete, Event::Claim, Event::Cancel, Event::Sweep] {
+            let (run, step, lease) = job_in_state(&*store, &pair, from).await;
+            let expected = match event {
+                Event::Complete => {
+                    let accepted = store
+                        .complete(vec![done_with(&lease, json!(2))], T0 + 1)
+                        .await
+                        .unwrap();
+                    assert_eq!(
+                        !accepted.is_empty(),
+                        from == JobState::Running,
+                        "{from}: completion accepted"
+                    );
+                    if from == JobState::Running {
+                        JobState::Succeeded
+                    } else {
+                        from
+                    }
+                }
+                Event::Claim => {
+                    let claimed = claim(&*store, due, 1_000).await;
+                    let ours = claimed.iter().any(|j| j.run_id == run && j.step_id == step);
+                    assert_eq!(ours, JobState::CLAIMABLE.contains(&from), "{from}: claimed");
+                    if ours { JobState::Running } else { from }
+                }
+                Event::Cancel => {
+                    store.cancel_run(&run, T0 + 1).await.unwrap();
+                    if JobState::OPEN.contains(&from) {
+                        JobState::Cancelled
+                    } else {
+                        from
+                    }
+                }
+                Event::Sweep => {
+                    store.sweep(due + LEASE).await.unwrap();
+                    if from == JobState::Running {
+                        JobState::Retrying
+                    } else {
+                        from
+                    }
+                }
+            };
+            let to = job_state(&*store, &run, step).await;
+            assert_eq!(to, expected, "{from} + {event:?}");
+            assert!(
+                to == from || from.can_become(to),
+                "{from} + {event:?} became {to}, which the table forbids"
+            );
+        }
+    }
+}
+
+fn done_with(lease: &switchyard_engine::store::Lease, output: Value) -> Completion {
+    Completion {
+        lease: lease.clone(),
+        settlement: Settlement::Succeed { output },
+        children: Vec::new(),
+    }
+}
+
 pub async fn a_fire_of_a_removed_workflow_is_skipped_as_removed(store: Arc<dyn Store>) {
     let wf = linear();
     let version = install(&*store, &wf).await;
@@ -1689,6 +1864,7 @@ macro_rules! conformance {
                 a_removed_workflow_is_gone_until_installed_again_with_a_new_version,
                 a_gate_that_opens_wakes_the_workers,
                 a_fire_of_a_removed_workflow_is_skipped_as_removed,
+                every_job_state_meets_every_event_as_the_table_says,
                 setting_changes_apply_with_their_audit_entry_and_swaps_only_over_the_value_seen,
                 the_audit_log_pages_newest_first_and_forgets_after_90_days,
                 a_revoked_token_is_listed_until_it_would_have_expired,
