@@ -157,10 +157,7 @@ impl EgressPolicy {
     /// Whether the host part of a URL (a name, or an address literal) may be reached; names are
     /// checked again on the addresses they resolve to.
     pub fn check_host(&self, host: &str, from_input: bool) -> Result<(), Refused> {
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_ascii_lowercase();
+        let host = normal(host);
         if let Ok(ip) = host.parse::<IpAddr>() {
             return self.check_address(&host, ip, from_input);
         }
