@@ -11,10 +11,10 @@ use crate::definition::{Workflow, WorkflowMap};
 use crate::plan::{PlanError, Trigger, plan_run};
 use crate::state::{Millis, RunStatus, Settlement};
 use crate::store::{
-    Alert, AuditEntry, ClaimParams, ClaimedJob, Completion, ConnectOptions, DefinitionOrigin,
-    FireOutcome, FireParams, FireRecord, JobId, NewRun, NewWebhookEvent, RunDetail, RunFilter,
-    RunId, RunSummary, Store, StoreError, WebhookAction, WebhookEvent, WebhookOutcome,
-    WorkflowState, check_storable, retry_transient,
+    Alert, AuditEntry, CallbackAnswer, ClaimParams, ClaimedJob, Completion, ConnectOptions,
+    DefinitionOrigin, FireOutcome, FireParams, FireRecord, InstallParams, JobId, NewRun,
+    NewWebhookEvent, RunDetail, RunFilter, RunId, RunSummary, Store, StoreError, WebhookAction,
+    WebhookEvent, WebhookOutcome, WorkflowState, check_storable, retry_transient,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +155,15 @@ impl Engine {
         }
         let versions = self
             .store
-            .upsert_workflows(&definitions, origin, create_only, actor, self.now())
+            .upsert_workflows(
+                InstallParams {
+                    workflows: &definitions,
+                    origin,
+                    create_only,
+                    actor,
+                },
+                self.now(),
+            )
             .await?;
         // Not cached here: the version new runs use may be a newer one from the API that these
         // files leave in place, and `version` reads what the store holds.
@@ -412,12 +420,12 @@ impl Engine {
                     refusal = Some(error);
                     WebhookAction::Refuse("the answer cannot be stored".to_owned())
                 } else {
-                    WebhookAction::Answer {
+                    WebhookAction::Answer(CallbackAnswer {
                         run_id,
                         step_id,
                         token,
                         result,
-                    }
+                    })
                 }
             }
         };

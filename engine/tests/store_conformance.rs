@@ -8,9 +8,9 @@ use switchyard_engine::definition::{Format, Workflow, parse_str};
 use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::state::{JobState, Millis, RunStatus, Settlement};
 use switchyard_engine::store::{
-    ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, NewAuditEntry,
-    NewRun, NewWebhookEvent, RunFilter, SettingChange, Store, StoreError, TokenRevocation,
-    WebhookAction, WebhookOutcome,
+    CallbackAnswer, ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams,
+    InstallParams, NewAuditEntry, NewRun, NewWebhookEvent, RunFilter, SettingChange, Store,
+    StoreError, TokenRevocation, WebhookAction, WebhookOutcome,
 };
 
 const T0: Millis = 1_800_000_000_000;
@@ -28,13 +28,22 @@ fn linear() -> Workflow {
     )
 }
 
+fn installing(workflows: &[(String, Value)], origin: DefinitionOrigin) -> InstallParams<'_> {
+    InstallParams {
+        workflows,
+        origin,
+        create_only: false,
+        actor: None,
+    }
+}
+
 async fn install(store: &dyn Store, wf: &Workflow) -> i64 {
     store
         .upsert_workflows(
-            &[(wf.id.clone(), serde_json::to_value(wf).unwrap())],
-            DefinitionOrigin::Files,
-            false,
-            None,
+            installing(
+                &[(wf.id.clone(), serde_json::to_value(wf).unwrap())],
+                DefinitionOrigin::Files,
+            ),
             T0,
         )
         .await
@@ -420,6 +429,15 @@ pub async fn cancelled_runs_leave_nothing_claimable(store: Arc<dyn Store>) {
     assert_eq!(store.next_due().await.unwrap(), None);
 }
 
+fn answer(run_id: &str, step_id: &str, token: &str, result: Value) -> CallbackAnswer {
+    CallbackAnswer {
+        run_id: run_id.into(),
+        step_id: step_id.into(),
+        token: token.into(),
+        result,
+    }
+}
+
 fn park_for_callback(job: &ClaimedJob, token: &str, until: Millis) -> Completion {
     park(job, until, json!({ "callback_token": token }))
 }
@@ -445,7 +463,7 @@ pub async fn callback_wakes_a_parked_step_once_with_its_result(store: Arc<dyn St
     for (run_id, step, token) in [(&*run, "a", "t2"), (&*run, "b", "t1"), ("nope", "a", "t1")] {
         assert!(
             !store
-                .deliver_callback(run_id, step, token, result.clone(), T0 + 1)
+                .deliver_callback(&answer(run_id, step, token, result.clone()), T0 + 1)
                 .await
                 .unwrap(),
             "{run_id}/{step} under {token}"
@@ -454,20 +472,23 @@ pub async fn callback_wakes_a_parked_step_once_with_its_result(store: Arc<dyn St
     assert!(claim(&*store, T0 + 1, 1).await.is_empty());
     assert!(
         store
-            .deliver_callback(&run, "a", "t1", result.clone(), T0 + 1)
+            .deliver_callback(&answer(&run, "a", "t1", result.clone()), T0 + 1)
             .await
             .unwrap()
     );
     assert!(
         !store
-            .deliver_callback(&run, "a", "t1", json!({ "event_id": "e2" }), T0 + 2)
+            .deliver_callback(
+                &answer(&run, "a", "t1", json!({ "event_id": "e2" })),
+                T0 + 2
+            )
             .await
             .unwrap(),
         "a token takes one result"
     );
     assert!(
         store
-            .deliver_callback(&run, "a", "t1", result.clone(), T0 + 2)
+            .deliver_callback(&answer(&run, "a", "t1", result.clone()), T0 + 2)
             .await
             .unwrap(),
         "the same delivery again counts as taken"
@@ -492,7 +513,7 @@ pub async fn callback_before_the_step_parks_wakes_it_as_it_parks(store: Arc<dyn 
     let result = json!({ "output": 42 });
     assert!(
         store
-            .deliver_callback(&run, "a", "t1", result.clone(), T0 + 1)
+            .deliver_callback(&answer(&run, "a", "t1", result.clone()), T0 + 1)
             .await
             .unwrap()
     );
@@ -528,7 +549,7 @@ pub async fn callback_for_an_attempt_that_ended_is_refused(store: Arc<dyn Store>
     store.complete(vec![retry], T0).await.unwrap();
     assert!(
         !store
-            .deliver_callback(&run, "a", "t1", json!({ "output": 1 }), T0 + 1)
+            .deliver_callback(&answer(&run, "a", "t1", json!({ "output": 1 })), T0 + 1)
             .await
             .unwrap()
     );
@@ -544,7 +565,7 @@ pub async fn a_step_given_back_keeps_its_callback(store: Arc<dyn Store>) {
     let result = json!({ "event_id": "e1", "output": 7 });
     assert!(
         store
-            .deliver_callback(&run, "a", "t1", result.clone(), T0 + 1)
+            .deliver_callback(&answer(&run, "a", "t1", result.clone()), T0 + 1)
             .await
             .unwrap()
     );
@@ -732,12 +753,7 @@ pub async fn a_webhook_event_is_logged_once_per_source_and_id(store: Arc<dyn Sto
         WebhookOutcome::RefusedBefore("no such workflow".into())
     );
     // An answer no step waits for is refused, and logged so.
-    let answer = WebhookAction::Answer {
-        run_id: run_id.clone(),
-        step_id: "a".into(),
-        token: "nobody".into(),
-        result: json!({ "output": 1 }),
-    };
+    let answer = WebhookAction::Answer(answer(&run_id, "a", "nobody", json!({ "output": 1 })));
     let not_waiting = store
         .receive_webhook(event("e-2", "n8n"), answer, T0 + 4)
         .await
@@ -1533,7 +1549,7 @@ pub async fn an_unchanged_definition_file_keeps_a_newer_version_from_the_api(
         let store = store.clone();
         async move {
             store
-                .upsert_workflows(&[("flow".to_owned(), def(n))], origin, false, None, T0)
+                .upsert_workflows(installing(&[("flow".to_owned(), def(n))], origin), T0)
                 .await
                 .unwrap()[0]
         }
@@ -1561,7 +1577,13 @@ pub async fn creating_workflows_stores_all_of_them_or_none(store: Arc<dyn Store>
         ("linear".to_owned(), def("linear")),
     ];
     let refused = store
-        .upsert_workflows(&batch, DefinitionOrigin::Api, true, None, T0)
+        .upsert_workflows(
+            InstallParams {
+                create_only: true,
+                ..installing(&batch, DefinitionOrigin::Api)
+            },
+            T0,
+        )
         .await;
     assert!(
         matches!(refused, Err(StoreError::Conflict(_))),
@@ -1572,7 +1594,13 @@ pub async fn creating_workflows_stores_all_of_them_or_none(store: Arc<dyn Store>
         "nothing stored"
     );
     let created = store
-        .upsert_workflows(&batch[..1], DefinitionOrigin::Api, true, None, T0)
+        .upsert_workflows(
+            InstallParams {
+                create_only: true,
+                ..installing(&batch[..1], DefinitionOrigin::Api)
+            },
+            T0,
+        )
         .await
         .unwrap();
     assert_eq!(created, [1]);

@@ -11,7 +11,7 @@ use switchyard_engine::definition::{Format, Workflow, WorkflowMap, parse_str};
 use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::{RunStatus, StepFailure};
-use switchyard_engine::store::{DefinitionOrigin, RunDetail, RunFilter};
+use switchyard_engine::store::{DefinitionOrigin, InstallParams, RunDetail, RunFilter};
 use switchyard_workers::{
     Registry, StepCall, StepKind, StepOutcome, StepResult, WorkerConfig, run_worker,
 };
@@ -226,10 +226,12 @@ async fn a_definition_that_does_not_load_fails_its_step_naming_why() {
     let corrupt = engine
         .store()
         .upsert_workflows(
-            &[("broken".to_owned(), serde_json::json!({ "steps": "none" }))],
-            DefinitionOrigin::Api,
-            false,
-            None,
+            InstallParams {
+                workflows: &[("broken".to_owned(), serde_json::json!({ "steps": "none" }))],
+                origin: DefinitionOrigin::Api,
+                create_only: false,
+                actor: None,
+            },
             engine.now(),
         )
         .await

@@ -12,9 +12,10 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::{
-    ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, Install, JobId, Lease,
-    NewAuditEntry, NewRun, NewWebhookEvent, Result, RunId, StoreError, StoredDefinition, Swept,
-    WebhookAction, WebhookEvent, WebhookOutcome, completion_rows, decide_install, install_audit,
+    CallbackAnswer, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, Install,
+    InstallParams, JobId, Lease, NewAuditEntry, NewRun, NewWebhookEvent, Result, RunId, StoreError,
+    StoredDefinition, Swept, WebhookAction, WebhookEvent, WebhookOutcome, completion_rows,
+    decide_install, install_audit,
 };
 use crate::state::{
     JobState, Millis, RunStatus, fire_skip_reason, gate_opening, gate_room, settle_lost_lease,
@@ -57,6 +58,40 @@ pub(crate) struct SettledJob {
 pub(crate) struct Settled {
     pub jobs: Vec<SettledJob>,
     pub promoted: Vec<(JobId, JobState)>,
+}
+
+/// What a recorded fire or webhook event came to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Disposition<'a> {
+    /// It started, or answered, this run.
+    Run(&'a str),
+    /// No run, for this reason.
+    Declined(&'a str),
+}
+
+impl<'a> Disposition<'a> {
+    pub fn run_id(self) -> Option<&'a str> {
+        match self {
+            Disposition::Run(id) => Some(id),
+            Disposition::Declined(_) => None,
+        }
+    }
+
+    pub fn reason(self) -> Option<&'a str> {
+        match self {
+            Disposition::Run(_) => None,
+            Disposition::Declined(reason) => Some(reason),
+        }
+    }
+}
+
+/// A version of a workflow to store.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewVersion<'a> {
+    pub workflow_id: &'a str,
+    pub version: i64,
+    pub definition: &'a Value,
+    pub origin: DefinitionOrigin,
 }
 
 /// The runs of a concurrency key that hold or wait for a slot.
@@ -138,16 +173,10 @@ pub(crate) trait Tx: Send {
     /// Succeeds a `parked` step whose child runs all succeeded, with their outputs in order.
     async fn succeed_parked_step(&mut self, job: JobId, now: Millis) -> Result<Option<Succeeded>>;
 
-    /// Hands `result` to the step waiting under `token` (see `Store::deliver_callback`): `None`
-    /// when no step takes it, else whether it woke a parked step.
-    async fn give_callback(
-        &mut self,
-        run_id: &str,
-        step_id: &str,
-        token: &str,
-        result: &Value,
-        now: Millis,
-    ) -> Result<Option<bool>>;
+    /// Hands the answer to the step waiting for it (see `Store::deliver_callback`): `None` when
+    /// no step takes it, else whether it woke a parked step.
+    async fn give_callback(&mut self, answer: &CallbackAnswer, now: Millis)
+    -> Result<Option<bool>>;
 
     /// Leases whose time ran out with their job still `running`, and each job's attempt budget.
     async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<(Lease, u32)>>;
@@ -172,15 +201,8 @@ pub(crate) trait Tx: Send {
     /// What the store holds of workflow `id`, compared with `definition`.
     async fn stored_definition(&mut self, id: &str, definition: &Value)
     -> Result<StoredDefinition>;
-    /// Stores `definition` as `version` of `id`, the one new runs use.
-    async fn add_version(
-        &mut self,
-        id: &str,
-        version: i64,
-        definition: &Value,
-        origin: DefinitionOrigin,
-        now: Millis,
-    ) -> Result<()>;
+    /// Stores a version of a workflow as the one its new runs use.
+    async fn add_version(&mut self, version: NewVersion<'_>, now: Millis) -> Result<()>;
     /// Deletes a workflow's row (its versions stay); returns whether it existed.
     async fn delete_workflow(&mut self, id: &str) -> Result<bool>;
     /// How many runs of the workflow are active.
@@ -205,21 +227,15 @@ pub(crate) trait Tx: Send {
         event: &NewWebhookEvent,
         now: Millis,
     ) -> Result<(WebhookEvent, bool)>;
-    /// Records what a logged event did: the run it started or answered, or why it was refused.
-    async fn settle_webhook_event(
-        &mut self,
-        id: i64,
-        run_id: Option<&str>,
-        error: Option<&str>,
-    ) -> Result<()>;
+    /// Records what a logged event did, unless an earlier delivery of it recorded a run.
+    async fn settle_webhook_event(&mut self, id: i64, outcome: Disposition<'_>) -> Result<()>;
 
-    /// What a recorded fire came to: its run, or why it was skipped.
+    /// Records what a recorded fire came to: its run, or why it was skipped.
     async fn settle_fire(
         &mut self,
         workflow_id: &str,
         fire_at: Millis,
-        run_id: Option<&str>,
-        skipped: Option<&str>,
+        outcome: Disposition<'_>,
     ) -> Result<()>;
 }
 
@@ -697,14 +713,15 @@ pub(crate) async fn fire(
     };
     match fire_skip_reason(paused, active.as_deref()) {
         Some(reason) => {
-            tx.settle_fire(workflow, at, None, Some(&reason)).await?;
+            tx.settle_fire(workflow, at, Disposition::Declined(&reason))
+                .await?;
             Ok(FireOutcome::Skipped(reason))
         }
         None => {
             let run = insert_runs(tx, vec![fire.run.clone()], now)
                 .await?
                 .remove(0);
-            tx.settle_fire(workflow, at, Some(&run), None).await?;
+            tx.settle_fire(workflow, at, Disposition::Run(&run)).await?;
             effects.woke();
             Ok(FireOutcome::Started(run))
         }
@@ -715,12 +732,15 @@ pub(crate) async fn fire(
 /// new runs of each use (see `Store::upsert_workflows`).
 pub(crate) async fn upsert_workflows(
     tx: &mut dyn Tx,
-    workflows: &[(String, Value)],
-    origin: DefinitionOrigin,
-    create_only: bool,
-    actor: Option<&str>,
+    install: InstallParams<'_>,
     now: Millis,
 ) -> Result<Vec<i64>> {
+    let InstallParams {
+        workflows,
+        origin,
+        create_only,
+        actor,
+    } = install;
     // In id order, so two installs of overlapping sets never deadlock.
     let ids: BTreeSet<&str> = workflows.iter().map(|(id, _)| id.as_str()).collect();
     for id in ids {
@@ -732,7 +752,13 @@ pub(crate) async fn upsert_workflows(
         versions.push(match decide_install(stored, origin, create_only, id)? {
             Install::Keep(version) => version,
             Install::Add(version) => {
-                tx.add_version(id, version, definition, origin, now).await?;
+                let new = NewVersion {
+                    workflow_id: id,
+                    version,
+                    definition,
+                    origin,
+                };
+                tx.add_version(new, now).await?;
                 if let Some(actor) = actor {
                     tx.record_audit(&install_audit(actor, id, version), now)
                         .await?;
@@ -765,16 +791,11 @@ pub(crate) async fn remove_workflow(tx: &mut dyn Tx, id: &str, force: bool) -> R
 /// Hands an outside result to the step waiting for it (see `Store::deliver_callback`).
 pub(crate) async fn deliver_callback(
     tx: &mut dyn Tx,
-    run_id: &str,
-    step_id: &str,
-    token: &str,
-    result: &Value,
+    answer: &CallbackAnswer,
     now: Millis,
     effects: &mut Effects,
 ) -> Result<bool> {
-    let given = tx
-        .give_callback(run_id, step_id, token, result, now)
-        .await?;
+    let given = tx.give_callback(answer, now).await?;
     if given == Some(true) {
         effects.woke();
     }
@@ -804,21 +825,17 @@ pub(crate) async fn receive_webhook(
     // A first delivery, or a repeat of one that left no mark (it failed on the way).
     let outcome = match action {
         WebhookAction::Refuse(reason) => WebhookOutcome::Refused(reason),
-        WebhookAction::Answer {
-            run_id,
-            step_id,
-            token,
-            result,
-        } => {
-            if deliver_callback(tx, &run_id, &step_id, &token, &result, now, effects).await? {
+        WebhookAction::Answer(answer) => {
+            if deliver_callback(tx, &answer, now, effects).await? {
                 WebhookOutcome::Done {
-                    run_id,
+                    run_id: answer.run_id,
                     repeated: !fresh,
                 }
             } else {
                 WebhookOutcome::Refused(format!(
-                    "no step {step_id} of run {run_id} waits under this callback token: it timed \
-                     out, was cancelled, or has its result"
+                    "no step {} of run {} waits under this callback token: it timed out, was \
+                     cancelled, or has its result",
+                    answer.step_id, answer.run_id
                 ))
             }
         }
@@ -831,16 +848,13 @@ pub(crate) async fn receive_webhook(
             }
         }
     };
-    match &outcome {
-        WebhookOutcome::Done { run_id, .. } => {
-            tx.settle_webhook_event(logged.id, Some(run_id), None)
-                .await?
-        }
-        WebhookOutcome::Refused(reason) => {
-            tx.settle_webhook_event(logged.id, None, Some(reason))
-                .await?
-        }
-        WebhookOutcome::RefusedBefore(_) => {}
+    let disposition = match &outcome {
+        WebhookOutcome::Done { run_id, .. } => Some(Disposition::Run(run_id)),
+        WebhookOutcome::Refused(reason) => Some(Disposition::Declined(reason)),
+        WebhookOutcome::RefusedBefore(_) => None,
+    };
+    if let Some(disposition) = disposition {
+        tx.settle_webhook_event(logged.id, disposition).await?;
     }
     Ok(outcome)
 }

@@ -486,18 +486,9 @@ pub trait Store: Send + Sync + 'static {
     /// Signalled after a commit that made jobs claimable in this process.
     fn wakeup(&self) -> Arc<Notify>;
 
-    /// Stores each `(id, definition)` as a new version where [`decide_install`] says so, all in
-    /// one transaction; returns the version new runs of each use. With `create_only`, a
-    /// workflow that exists already is a `Conflict`, and nothing is stored. With `actor`, each
-    /// new version is in the audit log (`workflow.install`), in the same transaction.
-    async fn upsert_workflows(
-        &self,
-        workflows: &[(String, Value)],
-        origin: DefinitionOrigin,
-        create_only: bool,
-        actor: Option<&str>,
-        now: Millis,
-    ) -> Result<Vec<i64>>;
+    /// Stores each workflow as a new version where [`decide_install`] says so, all in one
+    /// transaction; returns the version new runs of each use.
+    async fn upsert_workflows(&self, install: InstallParams<'_>, now: Millis) -> Result<Vec<i64>>;
     /// One workflow's state, if it exists (was installed and not removed).
     async fn workflow(&self, id: &str) -> Result<Option<WorkflowState>>;
     /// Removes a workflow: it stops being listed, scheduled and startable; its runs, fires and
@@ -556,14 +547,7 @@ pub trait Store: Send + Sync + 'static {
     /// running (it has not parked yet), or given back to run again, keeps the result, and wakes
     /// as soon as it parks under the same token. Returns whether a step took the result. A result with the same `event_id` as
     /// the one the step took already counts as taken: a repeated delivery.
-    async fn deliver_callback(
-        &self,
-        run_id: &str,
-        step_id: &str,
-        token: &str,
-        result: Value,
-        now: Millis,
-    ) -> Result<bool>;
+    async fn deliver_callback(&self, answer: &CallbackAnswer, now: Millis) -> Result<bool>;
 
     /// Settles expired leases as lost attempts and times out runs past their deadline.
     async fn sweep(&self, now: Millis) -> Result<Swept>;
@@ -718,19 +702,35 @@ pub struct NewWebhookEvent {
     pub payload: Value,
 }
 
+/// An outside result for the step `step_id` of `run_id` that waits under `token`.
+#[derive(Debug, Clone)]
+pub struct CallbackAnswer {
+    pub run_id: RunId,
+    pub step_id: String,
+    pub token: String,
+    pub result: Value,
+}
+
+/// Workflows to store (see [`Store::upsert_workflows`]).
+#[derive(Debug, Clone, Copy)]
+pub struct InstallParams<'a> {
+    /// `(id, definition)` pairs.
+    pub workflows: &'a [(String, Value)],
+    pub origin: DefinitionOrigin,
+    /// A workflow that exists already is a `Conflict`, and nothing is stored.
+    pub create_only: bool,
+    /// Who installs them: each new version is then in the audit log (`workflow.install`), in
+    /// the same transaction.
+    pub actor: Option<&'a str>,
+}
+
 /// What an inbound webhook delivery asks for, decided by the engine before the store sees it.
 #[derive(Debug, Clone)]
 pub enum WebhookAction {
     /// Start this run (planned with the delivery's idempotency key).
     Start(NewRun),
-    /// Hand `result` to the step of `run_id` that waits under `token`
-    /// (see [`Store::deliver_callback`]).
-    Answer {
-        run_id: RunId,
-        step_id: String,
-        token: String,
-        result: Value,
-    },
+    /// Hand the result to the step that waits for it (see [`Store::deliver_callback`]).
+    Answer(CallbackAnswer),
     /// Nothing can be done (no such workflow, an input the workflow refuses): logged with this
     /// reason.
     Refuse(String),

@@ -26,7 +26,10 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow}
 use sqlx::{PgConnection, QueryBuilder, Row};
 use tokio::sync::Notify;
 
-use super::machine::{self, Effects, FinishedRun, GateLoad, Settled, SettledJob, Succeeded, Tx};
+use super::machine::{
+    self, Disposition, Effects, FinishedRun, GateLoad, NewVersion, Settled, SettledJob, Succeeded,
+    Tx,
+};
 use super::sql::statement;
 use super::*;
 use crate::state::{JobState, Millis, RunStatus};
@@ -623,10 +626,7 @@ impl Tx for PgTx<'_> {
 
     async fn give_callback(
         &mut self,
-        run_id: &str,
-        step_id: &str,
-        token: &str,
-        result: &Value,
+        answer: &CallbackAnswer,
         now: Millis,
     ) -> Result<Option<bool>> {
         // The job's lock waits out a claim or a settlement of the step in flight, and the row is
@@ -663,10 +663,10 @@ impl Tx for PgTx<'_> {
                  ON CONFLICT DO NOTHING) \
              SELECT g.woken FROM target AS t LEFT JOIN given AS g ON g.id = t.id"
         ))
-        .bind(run_id)
-        .bind(step_id)
-        .bind(token)
-        .bind(result)
+        .bind(&answer.run_id)
+        .bind(&answer.step_id)
+        .bind(&answer.token)
+        .bind(&answer.result)
         .bind(now)
         .fetch_optional(&mut *self.0)
         .await?;
@@ -832,20 +832,15 @@ impl Tx for PgTx<'_> {
         Ok((first, false))
     }
 
-    async fn settle_webhook_event(
-        &mut self,
-        id: i64,
-        run_id: Option<&str>,
-        error: Option<&str>,
-    ) -> Result<()> {
+    async fn settle_webhook_event(&mut self, id: i64, outcome: Disposition<'_>) -> Result<()> {
         sqlx::query(
             "UPDATE webhook_events SET run_id = coalesce(run_id, $2), \
                  error = CASE WHEN coalesce(run_id, $2) IS NULL THEN coalesce(error, $3) END \
              WHERE id = $1",
         )
         .bind(id)
-        .bind(run_id)
-        .bind(error)
+        .bind(outcome.run_id())
+        .bind(outcome.reason())
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -883,23 +878,16 @@ impl Tx for PgTx<'_> {
         })
     }
 
-    async fn add_version(
-        &mut self,
-        id: &str,
-        version: i64,
-        definition: &Value,
-        origin: DefinitionOrigin,
-        now: Millis,
-    ) -> Result<()> {
+    async fn add_version(&mut self, new: NewVersion<'_>, now: Millis) -> Result<()> {
         sqlx::query(
             "INSERT INTO workflow_versions (workflow_id, version, definition, created_at, origin) \
              VALUES ($1, $2, $3, $4, $5)",
         )
-        .bind(id)
-        .bind(version)
-        .bind(definition)
+        .bind(new.workflow_id)
+        .bind(new.version)
+        .bind(new.definition)
         .bind(now)
-        .bind(origin.as_str())
+        .bind(new.origin.as_str())
         .execute(&mut *self.0)
         .await?;
         sqlx::query(
@@ -907,8 +895,8 @@ impl Tx for PgTx<'_> {
              VALUES ($1, $2, $3, $3) \
              ON CONFLICT (id) DO UPDATE SET latest_version = $2, updated_at = $3",
         )
-        .bind(id)
-        .bind(version)
+        .bind(new.workflow_id)
+        .bind(new.version)
         .bind(now)
         .execute(&mut *self.0)
         .await?;
@@ -977,8 +965,7 @@ impl Tx for PgTx<'_> {
         &mut self,
         workflow_id: &str,
         fire_at: Millis,
-        run_id: Option<&str>,
-        skipped: Option<&str>,
+        outcome: Disposition<'_>,
     ) -> Result<()> {
         sqlx::query(
             "UPDATE fires SET run_id = $3, skipped_reason = $4 \
@@ -986,8 +973,8 @@ impl Tx for PgTx<'_> {
         )
         .bind(workflow_id)
         .bind(fire_at)
-        .bind(run_id)
-        .bind(skipped)
+        .bind(outcome.run_id())
+        .bind(outcome.reason())
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -1157,24 +1144,9 @@ impl Store for PostgresStore {
         self.wakeup.clone()
     }
 
-    async fn upsert_workflows(
-        &self,
-        workflows: &[(String, Value)],
-        origin: DefinitionOrigin,
-        create_only: bool,
-        actor: Option<&str>,
-        now: Millis,
-    ) -> Result<Vec<i64>> {
+    async fn upsert_workflows(&self, install: InstallParams<'_>, now: Millis) -> Result<Vec<i64>> {
         let mut tx = self.pool.begin().await?;
-        let versions = machine::upsert_workflows(
-            &mut PgTx(&mut tx),
-            workflows,
-            origin,
-            create_only,
-            actor,
-            now,
-        )
-        .await?;
+        let versions = machine::upsert_workflows(&mut PgTx(&mut tx), install, now).await?;
         tx.commit().await?;
         Ok(versions)
     }
@@ -1330,26 +1302,11 @@ impl Store for PostgresStore {
         Ok((accepted, claimed))
     }
 
-    async fn deliver_callback(
-        &self,
-        run_id: &str,
-        step_id: &str,
-        token: &str,
-        result: Value,
-        now: Millis,
-    ) -> Result<bool> {
+    async fn deliver_callback(&self, answer: &CallbackAnswer, now: Millis) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let mut effects = Effects::default();
-        let given = machine::deliver_callback(
-            &mut PgTx(&mut tx),
-            run_id,
-            step_id,
-            token,
-            &result,
-            now,
-            &mut effects,
-        )
-        .await?;
+        let given =
+            machine::deliver_callback(&mut PgTx(&mut tx), answer, now, &mut effects).await?;
         self.commit(tx, effects, &[]).await?;
         Ok(given)
     }

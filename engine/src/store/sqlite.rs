@@ -18,7 +18,10 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqliteConnection};
 use tokio::sync::Notify;
 
-use super::machine::{self, Effects, FinishedRun, GateLoad, Settled, SettledJob, Succeeded, Tx};
+use super::machine::{
+    self, Disposition, Effects, FinishedRun, GateLoad, NewVersion, Settled, SettledJob, Succeeded,
+    Tx,
+};
 use super::sql::statement;
 use super::*;
 use crate::state::{JobState, Millis, RunStatus};
@@ -553,10 +556,7 @@ impl Tx for SqliteTx<'_> {
 
     async fn give_callback(
         &mut self,
-        run_id: &str,
-        step_id: &str,
-        token: &str,
-        result: &Value,
+        answer: &CallbackAnswer,
         now: Millis,
     ) -> Result<Option<bool>> {
         let woken: Option<bool> = sqlx::query_scalar(statement!(
@@ -566,10 +566,10 @@ impl Tx for SqliteTx<'_> {
                  AND checkpoint->>'callback_token' = ?3 AND checkpoint->'callback' IS NULL \
              RETURNING state = {job:parked}"
         ))
-        .bind(run_id)
-        .bind(step_id)
-        .bind(token)
-        .bind(to_json(result))
+        .bind(&answer.run_id)
+        .bind(&answer.step_id)
+        .bind(&answer.token)
+        .bind(to_json(&answer.result))
         .bind(now)
         .fetch_optional(&mut *self.0)
         .await?;
@@ -583,10 +583,10 @@ impl Tx for SqliteTx<'_> {
                  AND checkpoint->>'callback_token' = ?3 \
                  AND checkpoint->'callback'->>'event_id' = json(?4)->>'event_id'"
         ))
-        .bind(run_id)
-        .bind(step_id)
-        .bind(token)
-        .bind(to_json(result))
+        .bind(&answer.run_id)
+        .bind(&answer.step_id)
+        .bind(&answer.token)
+        .bind(to_json(&answer.result))
         .fetch_one(&mut *self.0)
         .await?;
         Ok((repeated > 0).then_some(false))
@@ -724,20 +724,15 @@ impl Tx for SqliteTx<'_> {
         Ok((first, false))
     }
 
-    async fn settle_webhook_event(
-        &mut self,
-        id: i64,
-        run_id: Option<&str>,
-        error: Option<&str>,
-    ) -> Result<()> {
+    async fn settle_webhook_event(&mut self, id: i64, outcome: Disposition<'_>) -> Result<()> {
         sqlx::query(
             "UPDATE webhook_events SET run_id = coalesce(run_id, ?2), \
                  error = CASE WHEN coalesce(run_id, ?2) IS NULL THEN coalesce(error, ?3) END \
              WHERE id = ?1",
         )
         .bind(id)
-        .bind(run_id)
-        .bind(error)
+        .bind(outcome.run_id())
+        .bind(outcome.reason())
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -775,23 +770,16 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
-    async fn add_version(
-        &mut self,
-        id: &str,
-        version: i64,
-        definition: &Value,
-        origin: DefinitionOrigin,
-        now: Millis,
-    ) -> Result<()> {
+    async fn add_version(&mut self, new: NewVersion<'_>, now: Millis) -> Result<()> {
         sqlx::query(
             "INSERT INTO workflow_versions (workflow_id, version, definition, created_at, origin) \
              VALUES (?, ?, ?, ?, ?)",
         )
-        .bind(id)
-        .bind(version)
-        .bind(to_json(definition))
+        .bind(new.workflow_id)
+        .bind(new.version)
+        .bind(to_json(new.definition))
         .bind(now)
-        .bind(origin.as_str())
+        .bind(new.origin.as_str())
         .execute(&mut *self.0)
         .await?;
         sqlx::query(
@@ -799,8 +787,8 @@ impl Tx for SqliteTx<'_> {
              VALUES (?1, ?2, ?3, ?3) \
              ON CONFLICT (id) DO UPDATE SET latest_version = ?2, updated_at = ?3",
         )
-        .bind(id)
-        .bind(version)
+        .bind(new.workflow_id)
+        .bind(new.version)
         .bind(now)
         .execute(&mut *self.0)
         .await?;
@@ -869,8 +857,7 @@ impl Tx for SqliteTx<'_> {
         &mut self,
         workflow_id: &str,
         fire_at: Millis,
-        run_id: Option<&str>,
-        skipped: Option<&str>,
+        outcome: Disposition<'_>,
     ) -> Result<()> {
         sqlx::query(
             "UPDATE fires SET run_id = ?3, skipped_reason = ?4 \
@@ -878,8 +865,8 @@ impl Tx for SqliteTx<'_> {
         )
         .bind(workflow_id)
         .bind(fire_at)
-        .bind(run_id)
-        .bind(skipped)
+        .bind(outcome.run_id())
+        .bind(outcome.reason())
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -980,24 +967,9 @@ impl Store for SqliteStore {
         self.wakeup.clone()
     }
 
-    async fn upsert_workflows(
-        &self,
-        workflows: &[(String, Value)],
-        origin: DefinitionOrigin,
-        create_only: bool,
-        actor: Option<&str>,
-        now: Millis,
-    ) -> Result<Vec<i64>> {
+    async fn upsert_workflows(&self, install: InstallParams<'_>, now: Millis) -> Result<Vec<i64>> {
         let mut tx = self.write_tx().await?;
-        let versions = machine::upsert_workflows(
-            &mut SqliteTx(&mut tx),
-            workflows,
-            origin,
-            create_only,
-            actor,
-            now,
-        )
-        .await?;
+        let versions = machine::upsert_workflows(&mut SqliteTx(&mut tx), install, now).await?;
         tx.commit().await?;
         Ok(versions)
     }
@@ -1150,26 +1122,11 @@ impl Store for SqliteStore {
         Ok((accepted, self.claimed_jobs(leased).await?))
     }
 
-    async fn deliver_callback(
-        &self,
-        run_id: &str,
-        step_id: &str,
-        token: &str,
-        result: Value,
-        now: Millis,
-    ) -> Result<bool> {
+    async fn deliver_callback(&self, answer: &CallbackAnswer, now: Millis) -> Result<bool> {
         let mut tx = self.write_tx().await?;
         let mut effects = Effects::default();
-        let given = machine::deliver_callback(
-            &mut SqliteTx(&mut tx),
-            run_id,
-            step_id,
-            token,
-            &result,
-            now,
-            &mut effects,
-        )
-        .await?;
+        let given =
+            machine::deliver_callback(&mut SqliteTx(&mut tx), answer, now, &mut effects).await?;
         tx.commit().await?;
         self.after_commit(effects, &[]);
         Ok(given)
