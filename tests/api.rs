@@ -818,6 +818,71 @@ async fn changing_or_deleting_a_user_ends_its_sessions() {
 }
 
 #[tokio::test]
+async fn a_start_whose_input_fails_the_input_schema_is_refused_with_each_violation() {
+    let api = Api::start("input-schema").await;
+    let admin = api.token("admin", &[]);
+    let typed = "\
+id: typed
+inputs: {count: 1}
+input_schema:
+  type: object
+  required: [topic]
+  properties:
+    topic: {type: string, minLength: 1}
+    count: {type: integer, minimum: 1}
+steps:
+  - {id: a, type: transform, with: {output: \"{{ input.topic }}\"}}
+";
+    let reply = api
+        .send_yaml(Method::POST, "/api/admin/workflows", &admin, typed)
+        .await;
+    assert!((200..300).contains(&reply.status), "{reply}");
+    let start = "/api/workflows/typed/start";
+    let reply = api
+        .post(start, &admin, json!({"input": {"count": "many"}}))
+        .await;
+    reply.assert_error(422, "invalid_input");
+    let violations = reply.body["violations"].as_array().unwrap();
+    let paths: Vec<&str> = violations
+        .iter()
+        .map(|v| v["path"].as_str().unwrap())
+        .collect();
+    assert!(paths.contains(&""), "the missing topic: {reply}");
+    assert!(paths.contains(&"/count"), "{reply}");
+    assert!(
+        violations
+            .iter()
+            .all(|v| !v["message"].as_str().unwrap().is_empty()),
+        "{reply}"
+    );
+    // Nothing started.
+    let runs = api.get("/api/runs?workflow=typed", &admin).await;
+    assert_eq!(
+        runs.body["runs"].as_array().map(Vec::len),
+        Some(0),
+        "{runs}"
+    );
+    // The defaults count: a topic is enough.
+    let reply = api
+        .post(start, &admin, json!({"input": {"topic": "rust"}}))
+        .await;
+    assert!((200..300).contains(&reply.status), "{reply}");
+
+    // A schema that is not one is refused when the workflow is stored, at its line.
+    let broken = "id: typed\ninput_schema: {type: integr}\nsteps:\n  - {id: a, type: noop}\n";
+    let reply = api
+        .send_yaml(Method::PUT, "/api/workflows/typed", &admin, broken)
+        .await;
+    let message = reply.assert_error(422, "invalid_definition");
+    assert!(message.contains("input_schema"), "{reply}");
+    assert_eq!(
+        body_position(message).map(|(line, _)| line),
+        Some(2),
+        "{reply}"
+    );
+}
+
+#[tokio::test]
 async fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
     let api = Api::start("bad-input").await;
     let admin = api.token("admin", &[]);

@@ -116,8 +116,15 @@ fn run_timeout_marks_the_run_timed_out() {
 
 #[test]
 fn bad_input_gets_a_clear_error_and_changes_nothing() {
-    let sandbox = Sandbox::new("badinput", "id: fine\nsteps:\n  - {id: a, type: noop}\n");
+    let sandbox = Sandbox::new(
+        "badinput",
+        "id: fine\ninput_schema: {properties: {n: {type: integer}}}\nsteps:\n  - {id: a, type: noop}\n",
+    );
     for (args, expected) in [
+        (
+            vec!["run", "fine", "--input", r#"{"n": "seven"}"#],
+            "does not satisfy its input_schema: at /n:",
+        ),
         (
             vec!["run", "fine", "--input", "[1]"],
             "must be a JSON object",
@@ -129,7 +136,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         (vec!["pause", "ghost"], "unknown workflow"),
     ] {
         let out = sandbox.command().args(&args).output().unwrap();
-        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }

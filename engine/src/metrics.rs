@@ -68,6 +68,11 @@ pub fn run_finished(workflow: &str, status: RunStatus) {
     }
 }
 
+/// A scheduled fire whose run could not start counts as a failure of its workflow.
+pub fn fire_refused(workflow: &str) {
+    counter!(FAILURES, "workflow" => workflow.to_owned()).increment(1);
+}
+
 pub fn step_finished(workflow: &str, step: &str, outcome: &'static str, took: Duration) {
     histogram!(STEP_DURATION, "workflow" => workflow.to_owned(), "step" => step.to_owned(),
         "outcome" => outcome)

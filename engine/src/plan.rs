@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::definition::{TemplateContext, Workflow, render_str};
+use crate::definition::{InputSchema, TemplateContext, Violation, Workflow, render_str};
 use crate::store::{ConcurrencyGate, NewJob, NewRun, ParentLink, RunId, check_storable};
 
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +16,17 @@ pub enum PlanError {
     InputNotObject { workflow: String, got: &'static str },
     #[error("concurrency key of workflow {workflow}: {message}")]
     ConcurrencyKey { workflow: String, message: String },
+    #[error(
+        "input of workflow {workflow} does not satisfy its input_schema: {}",
+        violations.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    InputSchema {
+        workflow: String,
+        violations: Vec<Violation>,
+    },
+    /// A stored definition whose schema no longer compiles (it did when it was stored).
+    #[error("input_schema of workflow {workflow}: {problem}")]
+    BadInputSchema { workflow: String, problem: String },
     #[error("input of workflow {workflow}: {problem}")]
     Unstorable {
         workflow: String,
@@ -72,6 +83,19 @@ pub fn plan_run(
         workflow: workflow.id.clone(),
         problem,
     })?;
+    if let Some(schema) = &workflow.input_schema {
+        let schema = InputSchema::compile(schema).map_err(|problem| PlanError::BadInputSchema {
+            workflow: workflow.id.clone(),
+            problem,
+        })?;
+        let violations = schema.violations(&input);
+        if !violations.is_empty() {
+            return Err(PlanError::InputSchema {
+                workflow: workflow.id.clone(),
+                violations,
+            });
+        }
+    }
     let concurrency = match &workflow.concurrency {
         None => None,
         Some(c) => {

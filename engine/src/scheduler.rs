@@ -15,7 +15,7 @@ use crate::definition::{CatchUp, Overlap, Schedule, Workflow};
 use crate::plan::{Trigger, plan_run};
 use crate::service::Engine;
 use crate::state::Millis;
-use crate::store::{FireOutcome, FireParams};
+use crate::store::{FireOutcome, FireParams, SkippedFire};
 
 /// A fire this much behind its time still counts as on time; older ones were missed while no
 /// scheduler ran, and the catch-up policy decides them.
@@ -170,10 +170,13 @@ pub async fn tick(engine: &Engine) -> Result<Option<Millis>, crate::service::Eng
         let due = cron.fires_between(last, now, MAX_CATCH_UP);
         let plan = plan_fires(&due, now, schedule.catch_up);
         for (fire_at, reason) in &plan.skip {
-            engine
-                .store()
-                .skip_fire(&state.id, *fire_at, reason, now)
-                .await?;
+            let skipped = SkippedFire {
+                workflow_id: &state.id,
+                fire_at: *fire_at,
+                reason,
+                refused: false,
+            };
+            engine.store().skip_fire(skipped, now).await?;
         }
         for fire_at in plan.run {
             fire_one(engine, &workflow, state.latest_version, schedule, fire_at).await?;
@@ -199,10 +202,16 @@ async fn fire_one(
     let mut run = match plan_run(workflow, version, serde_json::Value::Null, trigger) {
         Ok(run) => run,
         Err(e) => {
-            engine
-                .store()
-                .skip_fire(&workflow.id, fire_at, &e.to_string(), engine.now())
-                .await?;
+            // A scheduled run that cannot start is a failure of its workflow, not a quiet skip.
+            let reason = e.to_string();
+            tracing::warn!(workflow = %workflow.id, fire_at, reason = %reason, "fire refused");
+            let refused = SkippedFire {
+                workflow_id: &workflow.id,
+                fire_at,
+                reason: &reason,
+                refused: true,
+            };
+            engine.store().skip_fire(refused, engine.now()).await?;
             return Ok(());
         }
     };

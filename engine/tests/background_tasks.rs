@@ -46,3 +46,53 @@ async fn maintenance_and_scheduler_stop_when_their_shutdown_sender_is_dropped() 
         .unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_scheduled_fire_whose_input_fails_the_schema_is_recorded_refused_with_an_alert() {
+    use std::collections::BTreeMap;
+    use switchyard_engine::clock::ManualClock;
+    use switchyard_engine::definition::{Format, parse_str};
+    use switchyard_engine::store::DefinitionOrigin;
+
+    let dir = temp_dir("refused-fire");
+    let _ = std::fs::remove_file(dir.join("store.db"));
+    let url = format!("sqlite://{}/store.db", dir.display());
+    let store = switchyard_engine::store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    // Half past a minute: the next fire is 30 s away.
+    let start = 1_800_007_230_000 - 1_800_007_230_000 % 60_000 + 30_000;
+    let clock = ManualClock::new(start);
+    let engine = Engine::new(store, Arc::new(clock.clone()));
+    let yaml = "\
+id: digest
+schedule: \"* * * * *\"
+input_schema: {type: object, required: [topic]}
+steps:
+  - {id: a, type: noop}
+";
+    let workflows: BTreeMap<_, _> = parse_str("digest.yaml", yaml, Format::Yaml)
+        .unwrap()
+        .into_iter()
+        .map(|wf| (wf.id.clone(), Arc::new(wf)))
+        .collect();
+    engine
+        .install(&workflows, DefinitionOrigin::Files, None)
+        .await
+        .unwrap();
+    clock.set(start + 31_000);
+    switchyard_engine::scheduler::tick(&engine).await.unwrap();
+    // The same fire again (a second scheduler, a tick repeated) adds nothing.
+    switchyard_engine::scheduler::tick(&engine).await.unwrap();
+
+    let fires = engine.fires(Some("digest"), 10).await.unwrap();
+    assert_eq!(fires.len(), 1, "{fires:?}");
+    assert_eq!(fires[0].run_id, None);
+    let reason = fires[0].skipped_reason.as_deref().unwrap();
+    assert!(reason.contains("input_schema"), "{reason}");
+    let alerts = engine.alerts(Some("digest"), 10).await.unwrap();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0].kind, "fire_refused");
+    assert!(alerts[0].message.contains(reason), "{alerts:?}");
+    assert!(engine.runs(&Default::default()).await.unwrap().is_empty());
+    let _ = std::fs::remove_dir_all(dir);
+}

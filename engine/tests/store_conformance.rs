@@ -9,8 +9,8 @@ use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::state::{JobState, Millis, RunStatus, Settlement};
 use switchyard_engine::store::{
     CallbackAnswer, ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams,
-    InstallParams, NewAuditEntry, NewRun, NewWebhookEvent, RunFilter, SettingChange, Store,
-    StoreError, TokenRevocation, WebhookAction, WebhookOutcome,
+    InstallParams, NewAuditEntry, NewRun, NewWebhookEvent, RunFilter, SettingChange, SkippedFire,
+    Store, StoreError, TokenRevocation, WebhookAction, WebhookOutcome,
 };
 
 const T0: Millis = 1_800_000_000_000;
@@ -376,8 +376,8 @@ pub async fn run_past_its_deadline_times_out(store: Arc<dyn Store>) {
     let alerts = store.alerts(Some("slow"), 10).await.unwrap();
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     assert_eq!(
-        (alerts[0].run_id.as_str(), alerts[0].kind.as_str()),
-        (run.as_str(), "timed_out")
+        (alerts[0].run_id.as_deref(), alerts[0].kind.as_str()),
+        (Some(run.as_str()), "timed_out")
     );
     assert!(
         store
@@ -1215,12 +1215,62 @@ pub async fn finished_runs_are_pruned_after_retention(store: Arc<dyn Store>) {
 pub async fn old_fire_records_are_pruned_but_the_latest_stays(store: Arc<dyn Store>) {
     install(&*store, &linear()).await;
     for at in [T0, T0 + 1_000] {
-        store.skip_fire("linear", at, "paused", at).await.unwrap();
+        store
+            .skip_fire(skipped("linear", at, "paused", false), at)
+            .await
+            .unwrap();
     }
     store.prune(T0 + 31 * 86_400_000, 100).await.unwrap();
     let fires = store.fires(Some("linear"), 10).await.unwrap();
     assert_eq!(fires.len(), 1);
     assert_eq!(fires[0].fire_at, T0 + 1_000);
+}
+
+fn skipped<'a>(
+    workflow_id: &'a str,
+    fire_at: Millis,
+    reason: &'a str,
+    refused: bool,
+) -> SkippedFire<'a> {
+    SkippedFire {
+        workflow_id,
+        fire_at,
+        reason,
+        refused,
+    }
+}
+
+pub async fn a_refused_fire_is_recorded_once_with_an_alert_and_a_chosen_skip_without(
+    store: Arc<dyn Store>,
+) {
+    install(&*store, &linear()).await;
+    let why = "input of workflow linear does not satisfy its input_schema: at /: missing topic";
+    assert!(
+        store
+            .skip_fire(skipped("linear", T0, why, true), T0)
+            .await
+            .unwrap()
+    );
+    // Another scheduler refusing the same fire records nothing more.
+    assert!(
+        !store
+            .skip_fire(skipped("linear", T0, why, true), T0 + 1)
+            .await
+            .unwrap()
+    );
+    store
+        .skip_fire(skipped("linear", T0 + 1_000, "paused", false), T0 + 1_000)
+        .await
+        .unwrap();
+    let fires = store.fires(Some("linear"), 10).await.unwrap();
+    assert_eq!(fires.len(), 2, "{fires:?}");
+    assert!(fires.iter().all(|f| f.run_id.is_none()), "{fires:?}");
+    assert_eq!(fires[1].skipped_reason.as_deref(), Some(why));
+    let alerts = store.alerts(Some("linear"), 10).await.unwrap();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0].kind, "fire_refused");
+    assert_eq!(alerts[0].run_id, None);
+    assert!(alerts[0].message.contains(why), "{alerts:?}");
 }
 
 pub async fn batch_claim_takes_up_to_the_limit_oldest_first(store: Arc<dyn Store>) {
@@ -1653,7 +1703,7 @@ pub async fn failed_runs_raise_alerts_and_cancelled_ones_do_not(store: Arc<dyn S
 
     let alerts = store.alerts(None, 10).await.unwrap();
     assert_eq!(alerts.len(), 1, "{alerts:?}");
-    assert_eq!(alerts[0].run_id, failing);
+    assert_eq!(alerts[0].run_id.as_deref(), Some(failing.as_str()));
     assert_eq!(alerts[0].workflow_id, "linear");
     assert_eq!(alerts[0].kind, "failed");
     assert!(alerts[0].message.contains("boom"), "{alerts:?}");
@@ -1875,6 +1925,7 @@ macro_rules! conformance {
                 run_keeps_the_version_it_started_with,
                 finished_runs_are_pruned_after_retention,
                 old_fire_records_are_pruned_but_the_latest_stays,
+                a_refused_fire_is_recorded_once_with_an_alert_and_a_chosen_skip_without,
                 batch_claim_takes_up_to_the_limit_oldest_first,
                 parallel_last_steps_completed_at_once_still_finish_the_run,
                 concurrent_claims_never_hand_out_a_job_twice,

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::auth::AuthError;
+use crate::plan::PlanError;
 use crate::service::EngineError;
 use crate::store::StoreError;
 
@@ -128,6 +129,19 @@ pub struct ErrorBody {
     pub code: ErrorCode,
     /// What went wrong, for a person.
     pub message: String,
+    /// For `invalid_input` against a workflow's `input_schema`: each way the input fails it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(required = false)]
+    pub violations: Vec<ViolationBody>,
+}
+
+/// One way a run's input fails its workflow's `input_schema`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ViolationBody {
+    /// Where in the input, as a JSON Pointer (`""` is the input itself).
+    pub path: String,
+    /// What is wrong there.
+    pub message: String,
 }
 
 #[derive(Debug)]
@@ -137,6 +151,7 @@ pub struct ApiError {
     pub message: String,
     /// Seconds, for 429 and 503.
     pub retry_after: Option<u64>,
+    pub violations: Vec<ViolationBody>,
 }
 
 impl ApiError {
@@ -156,6 +171,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            violations: Vec::new(),
         }
     }
 
@@ -175,6 +191,7 @@ impl IntoResponse for ApiError {
             axum::Json(ErrorBody {
                 code: self.code,
                 message: self.message,
+                violations: self.violations,
             }),
         )
             .into_response();
@@ -233,6 +250,22 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownRun(id) => {
                 ApiError::new(ErrorCode::NotFound, format!("unknown run {id:?}"))
             }
+            EngineError::Plan(PlanError::InputSchema {
+                workflow,
+                violations,
+            }) => ApiError {
+                violations: violations
+                    .into_iter()
+                    .map(|v| ViolationBody {
+                        path: v.path,
+                        message: v.message,
+                    })
+                    .collect(),
+                ..ApiError::new(
+                    ErrorCode::InvalidInput,
+                    format!("the input does not satisfy the input_schema of workflow {workflow}"),
+                )
+            },
             EngineError::Plan(e) => ApiError::new(ErrorCode::InvalidInput, e.to_string()),
             EngineError::RefusedBefore { .. } => {
                 ApiError::new(ErrorCode::RefusedBefore, e.to_string())
@@ -377,6 +410,7 @@ mod tests {
             let body = serde_json::to_value(ErrorBody {
                 code,
                 message: error.message,
+                violations: Vec::new(),
             })
             .unwrap();
             assert_eq!(body["code"], code.to_string());

@@ -175,15 +175,18 @@ impl From<store::FireRecord> for FireRecord {
     }
 }
 
-/// A run that failed or timed out, recorded in the transaction that ended it.
+/// A run that failed or timed out, recorded in the transaction that ended it, or a scheduled
+/// fire whose run could not start.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Alert {
     pub id: i64,
     pub workflow_id: String,
-    pub run_id: String,
-    /// `failed` or `timed_out`.
+    /// Absent for a refused fire.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// `failed` or `timed_out` (the run's status), or `fire_refused`.
     pub kind: String,
-    /// The run's error.
+    /// The run's error, or why the fire started no run.
     pub message: String,
     pub created_at: Millis,
 }

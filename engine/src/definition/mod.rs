@@ -7,6 +7,7 @@
 //! reporting every problem as `origin:line:column: message`.
 
 mod error;
+mod input_schema;
 mod locate;
 pub mod model;
 mod parse;
@@ -15,6 +16,7 @@ mod template;
 mod validate;
 
 pub use error::{DefinitionError, DefinitionErrors};
+pub use input_schema::{InputSchema, Violation};
 pub use model::*;
 pub use parse::{
     Format, MAX_DEFINITION_BYTES, ParsedSource, load_paths, parse_bytes, parse_source, parse_str,

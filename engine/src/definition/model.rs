@@ -40,12 +40,29 @@ pub struct Workflow {
     /// Input defaults, merged under the input a trigger gives.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub inputs: serde_json::Map<String, Value>,
+    /// A JSON Schema (draft 2020-12) that a run's input, merged over `inputs`, must satisfy.
+    #[serde(
+        default,
+        alias = "inputSchema",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(with = "Option<InputSchemaDocument>")]
+    pub input_schema: Option<Value>,
     /// How long finished runs are kept (default 30 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<DurationSpec>,
     /// The DAG. A workflow without steps is run by n8n through the bridge.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<Step>,
+}
+
+/// The schema of `input_schema`: a JSON Schema document, an object or a boolean.
+#[derive(JsonSchema)]
+#[schemars(untagged)]
+#[allow(dead_code)]
+enum InputSchemaDocument {
+    Object(serde_json::Map<String, Value>),
+    Bool(bool),
 }
 
 /// `schedule: "0 8 * * *"` or `schedule: { cron, timezone, overlap, catch_up }`.

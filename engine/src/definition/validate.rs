@@ -8,6 +8,7 @@ use croner::parser::{CronParser, Seconds, Year};
 use serde_json::Value;
 
 use super::error::{DefinitionError, DefinitionErrors};
+use super::input_schema::InputSchema;
 use super::locate::Seg;
 use super::model::{Step, Workflow, WorkflowMap};
 use super::parse::{Format, ParsedSource, make_error, parse_source};
@@ -199,6 +200,18 @@ impl Check<'_, '_> {
                     self.err(&path, false, msg);
                 }
             }
+        }
+        if let Some(schema) = &wf.input_schema
+            && let Err(problem) = InputSchema::compile(schema)
+        {
+            let key = self
+                .src
+                .spelling(self.wi, &[], &["input_schema", "inputSchema"]);
+            self.err(
+                &[Seg::Key(key)],
+                false,
+                format!("input_schema is not a usable JSON Schema (draft 2020-12): {problem}"),
+            );
         }
         if let Some(url) = wf
             .notifications

@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 
 use super::{
     CallbackAnswer, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, Install,
-    InstallParams, JobId, Lease, NewAuditEntry, NewRun, NewWebhookEvent, Result, RunId, StoreError,
-    StoredDefinition, Swept, WebhookAction, WebhookEvent, WebhookOutcome, completion_rows,
-    decide_install, install_audit,
+    InstallParams, JobId, Lease, NewAuditEntry, NewRun, NewWebhookEvent, Result, RunId,
+    SkippedFire, StoreError, StoredDefinition, Swept, WebhookAction, WebhookEvent, WebhookOutcome,
+    completion_rows, decide_install, install_audit,
 };
 use crate::state::{
     JobState, Millis, RunStatus, fire_skip_reason, gate_opening, gate_room, settle_lost_lease,
@@ -230,6 +230,13 @@ pub(crate) trait Tx: Send {
     /// Records what a logged event did, unless an earlier delivery of it recorded a run.
     async fn settle_webhook_event(&mut self, id: i64, outcome: Disposition<'_>) -> Result<()>;
 
+    /// Records the alert of a fire that started no run though it should have.
+    async fn raise_fire_alert(
+        &mut self,
+        workflow_id: &str,
+        message: &str,
+        now: Millis,
+    ) -> Result<()>;
     /// Records what a recorded fire came to: its run, or why it was skipped.
     async fn settle_fire(
         &mut self,
@@ -247,6 +254,8 @@ pub(crate) struct Effects {
     /// Jobs became claimable that `ready` does not list (new runs, opened gates, retries).
     woke: bool,
     finished: Vec<(String, RunStatus)>,
+    /// Workflows of fires refused.
+    refused_fires: Vec<String>,
 }
 
 impl Effects {
@@ -270,6 +279,9 @@ impl Effects {
     pub fn publish(self) {
         for (workflow, status) in self.finished {
             crate::metrics::run_finished(&workflow, status);
+        }
+        for workflow in self.refused_fires {
+            crate::metrics::fire_refused(&workflow);
         }
     }
 }
@@ -726,6 +738,32 @@ pub(crate) async fn fire(
             Ok(FireOutcome::Started(run))
         }
     }
+}
+
+/// Records a fire that starts no run (see `Store::skip_fire`).
+pub(crate) async fn skip_fire(
+    tx: &mut dyn Tx,
+    fire: SkippedFire<'_>,
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<bool> {
+    if !tx.record_fire(fire.workflow_id, fire.fire_at, now).await? {
+        return Ok(false);
+    }
+    tx.settle_fire(
+        fire.workflow_id,
+        fire.fire_at,
+        Disposition::Declined(fire.reason),
+    )
+    .await?;
+    if fire.refused {
+        let at = jiff::Timestamp::from_millisecond(fire.fire_at)
+            .map_or_else(|_| fire.fire_at.to_string(), |t| t.to_string());
+        let message = format!("the fire at {at} started no run: {}", fire.reason);
+        tx.raise_fire_alert(fire.workflow_id, &message, now).await?;
+        effects.refused_fires.push(fire.workflow_id.to_owned());
+    }
+    Ok(true)
 }
 
 /// Stores each workflow as a new version where [`decide_install`] says so; returns the version

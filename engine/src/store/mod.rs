@@ -506,14 +506,9 @@ pub trait Store: Send + Sync + 'static {
     /// Records a schedule fire, unique on (workflow, fire time), and starts its run or records why
     /// it was skipped, in one transaction.
     async fn fire(&self, fire: FireParams, now: Millis) -> Result<FireOutcome>;
-    /// Records a fire that did not run (paused, missed) unless that fire is recorded already.
-    async fn skip_fire(
-        &self,
-        workflow_id: &str,
-        fire_at: Millis,
-        reason: &str,
-        now: Millis,
-    ) -> Result<bool>;
+    /// Records a fire that started no run unless that fire is recorded already; returns whether
+    /// this call recorded it. A refused fire also raises its alert, in the same transaction.
+    async fn skip_fire(&self, fire: SkippedFire<'_>, now: Millis) -> Result<bool>;
     async fn fires(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<FireRecord>>;
 
     /// Leases up to `limit` claimable jobs, oldest due first.
@@ -568,7 +563,7 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes finished runs whose retention has passed, at most `limit`; returns how many.
     async fn prune(&self, now: Millis, limit: u32) -> Result<u64>;
 
-    /// Alerts of failed and timed-out runs, newest first.
+    /// Alerts of failed and timed-out runs and refused fires, newest first.
     async fn alerts(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<Alert>>;
 
     /// Stores a setting, replacing any earlier value.
@@ -711,6 +706,18 @@ pub struct CallbackAnswer {
     pub result: Value,
 }
 
+/// A schedule fire that starts no run (see [`Store::skip_fire`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SkippedFire<'a> {
+    pub workflow_id: &'a str,
+    pub fire_at: Millis,
+    pub reason: &'a str,
+    /// The fire should have started a run and could not (its input fails the workflow's
+    /// `input_schema`): a failure, with an alert, rather than a skip an operator chose (paused,
+    /// missed).
+    pub refused: bool,
+}
+
 /// Workflows to store (see [`Store::upsert_workflows`]).
 #[derive(Debug, Clone, Copy)]
 pub struct InstallParams<'a> {
@@ -769,10 +776,11 @@ pub struct WebhookEvent {
 pub struct Alert {
     pub id: i64,
     pub workflow_id: String,
-    pub run_id: RunId,
-    /// `failed` or `timed_out`.
+    /// `None` for a fire that started no run.
+    pub run_id: Option<RunId>,
+    /// `failed` or `timed_out` (a run's status), or `fire_refused`.
     pub kind: String,
-    /// The run's error.
+    /// The run's error, or why the fire started none.
     pub message: String,
     pub created_at: Millis,
 }

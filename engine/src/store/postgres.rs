@@ -961,6 +961,24 @@ impl Tx for PgTx<'_> {
         .await?)
     }
 
+    async fn raise_fire_alert(
+        &mut self,
+        workflow_id: &str,
+        message: &str,
+        now: Millis,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO alerts (workflow_id, kind, message, created_at) \
+             VALUES ($1, 'fire_refused', $2, $3)",
+        )
+        .bind(workflow_id)
+        .bind(message)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     async fn settle_fire(
         &mut self,
         workflow_id: &str,
@@ -1214,24 +1232,12 @@ impl Store for PostgresStore {
         Ok(outcome)
     }
 
-    async fn skip_fire(
-        &self,
-        workflow_id: &str,
-        fire_at: Millis,
-        reason: &str,
-        now: Millis,
-    ) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO fires (workflow_id, fire_at, skipped_reason, recorded_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        )
-        .bind(workflow_id)
-        .bind(fire_at)
-        .bind(reason)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+    async fn skip_fire(&self, fire: SkippedFire<'_>, now: Millis) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let mut effects = Effects::default();
+        let recorded = machine::skip_fire(&mut PgTx(&mut tx), fire, now, &mut effects).await?;
+        self.commit(tx, effects, &[]).await?;
+        Ok(recorded)
     }
 
     async fn fires(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<FireRecord>> {

@@ -853,6 +853,24 @@ impl Tx for SqliteTx<'_> {
         .await?)
     }
 
+    async fn raise_fire_alert(
+        &mut self,
+        workflow_id: &str,
+        message: &str,
+        now: Millis,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO alerts (workflow_id, kind, message, created_at) \
+             VALUES (?1, 'fire_refused', ?2, ?3)",
+        )
+        .bind(workflow_id)
+        .bind(message)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     async fn settle_fire(
         &mut self,
         workflow_id: &str,
@@ -1037,24 +1055,13 @@ impl Store for SqliteStore {
         Ok(outcome)
     }
 
-    async fn skip_fire(
-        &self,
-        workflow_id: &str,
-        fire_at: Millis,
-        reason: &str,
-        now: Millis,
-    ) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO fires (workflow_id, fire_at, skipped_reason, recorded_at) \
-             VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        )
-        .bind(workflow_id)
-        .bind(fire_at)
-        .bind(reason)
-        .bind(now)
-        .execute(&self.writer)
-        .await?;
-        Ok(done.rows_affected() == 1)
+    async fn skip_fire(&self, fire: SkippedFire<'_>, now: Millis) -> Result<bool> {
+        let mut tx = self.write_tx().await?;
+        let mut effects = Effects::default();
+        let recorded = machine::skip_fire(&mut SqliteTx(&mut tx), fire, now, &mut effects).await?;
+        tx.commit().await?;
+        self.after_commit(effects, &[]);
+        Ok(recorded)
     }
 
     async fn fires(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<FireRecord>> {
