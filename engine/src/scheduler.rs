@@ -20,8 +20,12 @@ use crate::store::{FireOutcome, FireParams, SkippedFire};
 /// A fire this much behind its time still counts as on time; older ones were missed while no
 /// scheduler ran, and the catch-up policy decides them.
 pub const ON_TIME_GRACE_MS: Millis = 5_000;
-/// At most this many missed fires are looked at in one catch-up.
-const MAX_CATCH_UP: usize = 1_000;
+/// `catch_up: all` starts at most this many missed fires, the newest; older ones are recorded as
+/// skipped.
+pub const MAX_CATCH_UP: usize = 1_000;
+/// A tick records at most this many fires of a workflow, oldest first; a longer backlog goes on
+/// at the next tick, which comes at once.
+const FIRES_PER_TICK: usize = 1_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
@@ -64,59 +68,109 @@ impl CronSchedule {
             .map(|z| z.timestamp().as_millisecond())
     }
 
-    /// Fires in `(after, until]`, oldest first; with more than `cap`, the newest `cap`.
-    pub fn fires_between(&self, after: Millis, until: Millis, cap: usize) -> Vec<Millis> {
-        let mut fires = std::collections::VecDeque::new();
+    /// The last fire strictly before `before`.
+    pub fn previous_before(&self, before: Millis) -> Option<Millis> {
+        // Fires fall on whole seconds: one strictly before `before` is at or before this second.
+        let second = before.checked_sub(1)?.div_euclid(1_000) * 1_000;
+        let at = Timestamp::from_millisecond(second)
+            .ok()?
+            .to_zoned(self.tz.clone());
+        self.cron
+            .find_previous_occurrence(&at, true)
+            .ok()
+            .map(|z| z.timestamp().as_millisecond())
+    }
+
+    /// The oldest `cap` fires in `(after, until]`, oldest first, and whether more follow.
+    pub fn fires_between(&self, after: Millis, until: Millis, cap: usize) -> (Vec<Millis>, bool) {
+        let mut fires = Vec::new();
         let mut cursor = after;
-        while let Some(next) = self.next_after(cursor) {
-            if next > until {
-                break;
-            }
+        while let Some(next) = self.next_after(cursor).filter(|&next| next <= until) {
             if fires.len() == cap {
-                fires.pop_front();
+                return (fires, true);
             }
-            fires.push_back(next);
+            fires.push(next);
             cursor = next;
         }
-        fires.into()
+        (fires, false)
     }
-}
 
-/// What to do with the fires that came due since the last recorded one.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct FirePlan {
-    pub run: Vec<Millis>,
-    pub skip: Vec<(Millis, String)>,
-}
-
-/// Applies the catch-up policy to due fires (oldest first).
-pub fn plan_fires(due: &[Millis], now: Millis, catch_up: CatchUp) -> FirePlan {
-    let mut plan = FirePlan::default();
-    let (missed, on_time): (Vec<Millis>, Vec<Millis>) =
-        due.iter().partition(|&&f| now - f > ON_TIME_GRACE_MS);
-    let skip_reason = |policy: &str| format!("missed while no scheduler ran (catch_up: {policy})");
-    match catch_up {
-        CatchUp::All => plan.run.extend(missed),
-        CatchUp::None => plan
-            .skip
-            .extend(missed.into_iter().map(|f| (f, skip_reason("none")))),
-        CatchUp::Latest => {
-            let keep = if on_time.is_empty() {
-                missed.last().copied()
-            } else {
-                None
-            };
-            for f in missed {
-                if Some(f) == keep {
-                    plan.run.push(f);
-                } else {
-                    plan.skip.push((f, skip_reason("latest")));
+    /// The newest `cap` fires in `(after, until]`, newest first.
+    pub fn newest_between(&self, after: Millis, until: Millis, cap: usize) -> Vec<Millis> {
+        let mut fires = Vec::new();
+        let mut cursor = until.saturating_add(1);
+        while fires.len() < cap {
+            match self.previous_before(cursor) {
+                Some(fire) if fire > after => {
+                    fires.push(fire);
+                    cursor = fire;
                 }
+                _ => break,
             }
         }
+        fires
     }
-    plan.run.extend(on_time);
-    plan
+}
+
+/// What becomes of a fire that came due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FireDecision {
+    Run(Millis),
+    /// Recorded as skipped, with the reason.
+    Skip(Millis, String),
+}
+
+/// Where a backlog of due fires stands: what [`plan_fires`] needs beyond the fires of this tick.
+#[derive(Debug, Clone, Default)]
+pub struct Backlog {
+    /// The newest missed fires not yet recorded, newest first, up to [`MAX_CATCH_UP`].
+    pub newest_missed: Vec<Millis>,
+    /// Whether a fire is due within [`ON_TIME_GRACE_MS`] of now.
+    pub on_time: bool,
+}
+
+/// Applies the catch-up policy to due fires (oldest first, a page of a longer backlog maybe),
+/// in their order: every fire is started or recorded as skipped with its reason.
+pub fn plan_fires(
+    due: &[Millis],
+    now: Millis,
+    catch_up: CatchUp,
+    backlog: &Backlog,
+) -> Vec<FireDecision> {
+    let skip = |f: Millis, policy: &str| {
+        FireDecision::Skip(
+            f,
+            format!("missed while no scheduler ran (catch_up: {policy})"),
+        )
+    };
+    // `all` starts the newest MAX_CATCH_UP missed fires: those from the oldest of them on.
+    let all_from = (backlog.newest_missed.len() == MAX_CATCH_UP)
+        .then(|| backlog.newest_missed.last().copied())
+        .flatten();
+    // `latest` starts the newest missed fire, unless one is on time.
+    let latest = (!backlog.on_time)
+        .then(|| backlog.newest_missed.first().copied())
+        .flatten();
+    due.iter()
+        .map(|&f| {
+            if now - f <= ON_TIME_GRACE_MS {
+                return FireDecision::Run(f);
+            }
+            match catch_up {
+                CatchUp::All if all_from.is_none_or(|from| f >= from) => FireDecision::Run(f),
+                CatchUp::All => FireDecision::Skip(
+                    f,
+                    format!(
+                        "missed while no scheduler ran, with more than {MAX_CATCH_UP} fires \
+                         missed: catch_up: all starts the newest {MAX_CATCH_UP}"
+                    ),
+                ),
+                CatchUp::Latest if Some(f) == latest => FireDecision::Run(f),
+                CatchUp::Latest => skip(f, "latest"),
+                CatchUp::None => skip(f, "none"),
+            }
+        })
+        .collect()
 }
 
 /// Runs the scheduler until `shutdown` turns true.
@@ -167,21 +221,35 @@ pub async fn tick(engine: &Engine) -> Result<Option<Millis>, crate::service::Eng
             }
         };
         let last = state.last_fire_at.unwrap_or(state.created_at);
-        let due = cron.fires_between(last, now, MAX_CATCH_UP);
-        let plan = plan_fires(&due, now, schedule.catch_up);
-        for (fire_at, reason) in &plan.skip {
-            let skipped = SkippedFire {
-                workflow_id: &state.id,
-                fire_at: *fire_at,
-                reason,
-                refused: false,
-            };
-            engine.store().skip_fire(skipped, now).await?;
+        let (due, more) = cron.fires_between(last, now, FIRES_PER_TICK);
+        let missed_until = now - ON_TIME_GRACE_MS - 1;
+        let backlog = Backlog {
+            newest_missed: cron.newest_between(last, missed_until, MAX_CATCH_UP),
+            on_time: !cron.newest_between(missed_until, now, 1).is_empty(),
+        };
+        // In time order: the newest recorded fire is where the next tick goes on from.
+        for decision in plan_fires(&due, now, schedule.catch_up, &backlog) {
+            match decision {
+                FireDecision::Run(fire_at) => {
+                    fire_one(engine, &workflow, state.latest_version, schedule, fire_at).await?
+                }
+                FireDecision::Skip(fire_at, reason) => {
+                    let skipped = SkippedFire {
+                        workflow_id: &state.id,
+                        fire_at,
+                        reason: &reason,
+                        refused: false,
+                    };
+                    engine.store().skip_fire(skipped, now).await?;
+                }
+            }
         }
-        for fire_at in plan.run {
-            fire_one(engine, &workflow, state.latest_version, schedule, fire_at).await?;
-        }
-        if let Some(at) = cron.next_after(now) {
+        let at = if more {
+            Some(now)
+        } else {
+            cron.next_after(now)
+        };
+        if let Some(at) = at {
             next = Some(next.map_or(at, |n: Millis| n.min(at)));
         }
     }
@@ -263,6 +331,7 @@ mod tests {
     fn fires(cron: &str, tz: &str, from: &str, to: &str) -> Vec<String> {
         schedule(cron, tz)
             .fires_between(at(from), at(to), 100)
+            .0
             .into_iter()
             .map(|f| Timestamp::from_millisecond(f).unwrap().to_string())
             .collect()
@@ -364,31 +433,112 @@ mod tests {
         );
     }
 
+    /// The plan of `due` when they are the whole backlog.
+    fn plan(due: &[Millis], now: Millis, catch_up: CatchUp) -> (Vec<Millis>, Vec<Millis>) {
+        let missed: Vec<Millis> = due
+            .iter()
+            .rev()
+            .copied()
+            .filter(|&f| now - f > ON_TIME_GRACE_MS)
+            .take(MAX_CATCH_UP)
+            .collect();
+        let backlog = Backlog {
+            on_time: due.len() > missed.len(),
+            newest_missed: missed,
+        };
+        let (mut run, mut skip) = (Vec::new(), Vec::new());
+        for decision in plan_fires(due, now, catch_up, &backlog) {
+            match decision {
+                FireDecision::Run(f) => run.push(f),
+                FireDecision::Skip(f, reason) => {
+                    assert!(reason.contains("catch_up"), "{reason}");
+                    skip.push(f)
+                }
+            }
+        }
+        (run, skip)
+    }
+
     #[test]
     fn catch_up_latest_runs_only_the_newest_missed_fire() {
-        let plan = plan_fires(&[1_000, 2_000, 3_000], 100_000, CatchUp::Latest);
-        assert_eq!(plan.run, [3_000]);
-        assert_eq!(plan.skip.len(), 2);
+        let (run, skip) = plan(&[1_000, 2_000, 3_000], 100_000, CatchUp::Latest);
+        assert_eq!(run, [3_000]);
+        assert_eq!(skip, [1_000, 2_000]);
     }
 
     #[test]
     fn catch_up_latest_prefers_an_on_time_fire() {
-        let plan = plan_fires(&[1_000, 99_000], 100_000, CatchUp::Latest);
-        assert_eq!(plan.run, [99_000]);
-        assert_eq!(plan.skip.iter().map(|s| s.0).collect::<Vec<_>>(), [1_000]);
+        let (run, skip) = plan(&[1_000, 99_000], 100_000, CatchUp::Latest);
+        assert_eq!(run, [99_000]);
+        assert_eq!(skip, [1_000]);
     }
 
     #[test]
     fn catch_up_none_skips_every_missed_fire_with_a_reason() {
-        let plan = plan_fires(&[1_000, 2_000, 99_000], 100_000, CatchUp::None);
-        assert_eq!(plan.run, [99_000]);
-        assert!(plan.skip.iter().all(|(_, r)| r.contains("catch_up: none")));
+        let (run, skip) = plan(&[1_000, 2_000, 99_000], 100_000, CatchUp::None);
+        assert_eq!(run, [99_000]);
+        assert_eq!(skip, [1_000, 2_000]);
     }
 
     #[test]
     fn catch_up_all_runs_every_missed_fire() {
-        let plan = plan_fires(&[1_000, 2_000], 100_000, CatchUp::All);
-        assert_eq!(plan.run, [1_000, 2_000]);
-        assert!(plan.skip.is_empty());
+        let (run, skip) = plan(&[1_000, 2_000], 100_000, CatchUp::All);
+        assert_eq!(run, [1_000, 2_000]);
+        assert!(skip.is_empty());
+    }
+
+    #[test]
+    fn catch_up_all_starts_the_newest_missed_fires_and_records_the_older_as_skipped() {
+        let due: Vec<Millis> = (1..=MAX_CATCH_UP as Millis + 500)
+            .map(|n| n * 1_000)
+            .collect();
+        let now = 10_000_000;
+        let (run, skip) = plan(&due, now, CatchUp::All);
+        assert_eq!(run, due[500..]);
+        assert_eq!(skip, due[..500]);
+    }
+
+    #[test]
+    fn a_backlog_is_read_in_pages_oldest_first_and_its_newest_fires_backwards_alike() {
+        for (cron, tz, from, to) in [
+            (
+                "*/7 * * * *",
+                "UTC",
+                "2026-01-01T00:00:00Z",
+                "2026-01-03T00:00:00Z",
+            ),
+            (
+                "30 * * * *",
+                "Europe/Berlin",
+                "2026-03-28T00:00:00Z",
+                "2026-03-30T00:00:00Z",
+            ),
+            (
+                "30 * * * *",
+                "Europe/Berlin",
+                "2026-10-24T00:00:00Z",
+                "2026-10-26T00:00:00Z",
+            ),
+            (
+                "0 */2 * * *",
+                "America/New_York",
+                "2026-11-01T00:00:00Z",
+                "2026-11-02T12:00:00Z",
+            ),
+        ] {
+            let s = schedule(cron, tz);
+            let (from, to) = (at(from), at(to));
+            let (all, more) = s.fires_between(from, to, 10_000);
+            assert!(!more);
+            let (page, more) = s.fires_between(from, to, 10);
+            assert!(more, "{cron} {tz}");
+            assert_eq!(page, all[..10], "{cron} {tz}");
+            let (rest, _) = s.fires_between(page[9], to, 10_000);
+            assert_eq!(rest, all[10..], "{cron} {tz}");
+            let newest = s.newest_between(from, to, 10_000);
+            let reversed: Vec<Millis> = all.iter().rev().copied().collect();
+            assert_eq!(newest, reversed, "{cron} {tz}");
+            assert_eq!(s.newest_between(from, to, 3), reversed[..3], "{cron} {tz}");
+        }
     }
 }

@@ -3,8 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_engine::clock::SystemClock;
+use std::collections::BTreeMap;
+
+use switchyard_engine::clock::{ManualClock, SystemClock};
+use switchyard_engine::definition::{Format, parse_str};
+use switchyard_engine::scheduler::MAX_CATCH_UP;
 use switchyard_engine::service::Engine;
+use switchyard_engine::store::DefinitionOrigin;
 use tokio::sync::watch;
 
 async fn engine(dir: &std::path::Path) -> Arc<Engine> {
@@ -49,20 +54,9 @@ async fn maintenance_and_scheduler_stop_when_their_shutdown_sender_is_dropped() 
 
 #[tokio::test]
 async fn a_scheduled_fire_whose_input_fails_the_schema_is_recorded_refused_with_an_alert() {
-    use std::collections::BTreeMap;
-    use switchyard_engine::clock::ManualClock;
-    use switchyard_engine::definition::{Format, parse_str};
-    use switchyard_engine::store::DefinitionOrigin;
-
-    let dir = temp_dir("refused-fire");
-    let _ = std::fs::remove_file(dir.join("store.db"));
-    let url = format!("sqlite://{}/store.db", dir.display());
-    let store = switchyard_engine::store::connect(&url).await.unwrap();
-    store.migrate().await.unwrap();
     // Half past a minute: the next fire is 30 s away.
-    let start = 1_800_007_230_000 - 1_800_007_230_000 % 60_000 + 30_000;
+    let start = 1_800_000_000_000 - 1_800_000_000_000 % 60_000 + 30_000;
     let clock = ManualClock::new(start);
-    let engine = Engine::new(store, Arc::new(clock.clone()));
     let yaml = "\
 id: digest
 schedule: \"* * * * *\"
@@ -70,15 +64,7 @@ input_schema: {type: object, required: [topic]}
 steps:
   - {id: a, type: noop}
 ";
-    let workflows: BTreeMap<_, _> = parse_str("digest.yaml", yaml, Format::Yaml)
-        .unwrap()
-        .into_iter()
-        .map(|wf| (wf.id.clone(), Arc::new(wf)))
-        .collect();
-    engine
-        .install(&workflows, DefinitionOrigin::Files, None)
-        .await
-        .unwrap();
+    let (engine, dir) = engine_with("refused-fire", &clock, yaml).await;
     clock.set(start + 31_000);
     switchyard_engine::scheduler::tick(&engine).await.unwrap();
     // The same fire again (a second scheduler, a tick repeated) adds nothing.
@@ -94,5 +80,59 @@ steps:
     assert_eq!(alerts[0].kind, "fire_refused");
     assert!(alerts[0].message.contains(reason), "{alerts:?}");
     assert!(engine.runs(&Default::default()).await.unwrap().is_empty());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// An engine on a fresh SQLite file, on `clock`, with `yaml` installed.
+async fn engine_with(name: &str, clock: &ManualClock, yaml: &str) -> (Engine, std::path::PathBuf) {
+    let dir = temp_dir(name);
+    let _ = std::fs::remove_file(dir.join("store.db"));
+    let url = format!("sqlite://{}/store.db", dir.display());
+    let store = switchyard_engine::store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    let engine = Engine::new(store, Arc::new(clock.clone()));
+    let workflows: BTreeMap<_, _> = parse_str("test.yaml", yaml, Format::Yaml)
+        .unwrap()
+        .into_iter()
+        .map(|wf| (wf.id.clone(), Arc::new(wf)))
+        .collect();
+    engine
+        .install(&workflows, DefinitionOrigin::Files, None)
+        .await
+        .unwrap();
+    (engine, dir)
+}
+
+#[tokio::test]
+async fn after_more_than_a_thousand_missed_periods_every_fire_is_started_or_recorded_skipped() {
+    const MISSED: i64 = 1_500;
+    let start = 1_800_000_000_000 - 1_800_000_000_000 % 60_000 + 30_000;
+    let clock = ManualClock::new(start);
+    let yaml = "\
+id: minutely
+schedule: {cron: \"* * * * *\", catch_up: all, overlap: allow}
+steps:
+  - {id: a, type: noop}
+";
+    let (engine, dir) = engine_with("catch-up-all", &clock, yaml).await;
+    // The scheduler was down for 1,500 minutes.
+    clock.set(start + MISSED * 60_000);
+    let mut ticks = 0;
+    while switchyard_engine::scheduler::tick(&engine).await.unwrap() == Some(engine.now()) {
+        ticks += 1;
+        assert!(ticks < 10, "the backlog does not shrink");
+    }
+    let fires = engine.fires(Some("minutely"), 10_000).await.unwrap();
+    assert_eq!(fires.len() as i64, MISSED, "every missed fire is recorded");
+    let (started, skipped): (Vec<_>, Vec<_>) = fires.iter().partition(|f| f.run_id.is_some());
+    assert_eq!(started.len(), MAX_CATCH_UP);
+    let oldest_started = started.iter().map(|f| f.fire_at).min().unwrap();
+    assert!(
+        skipped.iter().all(|f| f.fire_at < oldest_started
+            && f.skipped_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("catch_up: all"))),
+        "the newest are started, the older recorded with a reason"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
