@@ -54,8 +54,8 @@ async fn maintenance_and_scheduler_stop_when_their_shutdown_sender_is_dropped() 
 
 #[tokio::test]
 async fn a_scheduled_fire_whose_input_fails_the_schema_is_recorded_refused_with_an_alert() {
-    // Half past a minute: the next fire is 30 s away.
-    let start = 1_800_000_000_000 - 1_800_000_000_000 % 60_000 + 30_000;
+    // Half past a minute (2027-01-15T08:00:30Z): the next fire is 30 s away.
+    let start = 1_800_000_030_000;
     let clock = ManualClock::new(start);
     let yaml = "\
 id: digest
@@ -106,7 +106,7 @@ async fn engine_with(name: &str, clock: &ManualClock, yaml: &str) -> (Engine, st
 #[tokio::test]
 async fn after_more_than_a_thousand_missed_periods_every_fire_is_started_or_recorded_skipped() {
     const MISSED: i64 = 1_500;
-    let start = 1_800_000_000_000 - 1_800_000_000_000 % 60_000 + 30_000;
+    let start = 1_800_000_030_000;
     let clock = ManualClock::new(start);
     let yaml = "\
 id: minutely
