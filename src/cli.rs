@@ -168,6 +168,14 @@ pub enum Command {
     Cancel { run: String },
     /// Run a failed, cancelled or timed-out run's unsuccessful steps again.
     Retry { run: String },
+    /// Send a signal to the run's `wait` step that waits for it; the payload becomes its output.
+    Signal {
+        run: String,
+        name: String,
+        /// JSON (default null).
+        #[arg(long)]
+        payload: Option<String>,
+    },
     /// Stop a workflow's schedule from firing (fires are recorded as skipped).
     Pause { workflow: String },
     /// Let a paused schedule fire again.
@@ -225,7 +233,7 @@ pub enum KeysAction {
 pub enum TokenAction {
     /// Print a new bearer token as the last line of standard output.
     Create {
-        /// viewer (read), operator (start, cancel, retry, pause) or admin (everything).
+        /// viewer (read), operator (start, cancel, retry, pause, signal) or admin (everything).
         #[arg(long, value_parser = parse_role)]
         role: Role,
         /// How long the token is valid, e.g. `30m`, `12h`, `30days`; at most 365 days.

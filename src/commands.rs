@@ -223,6 +223,17 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             out!("run {run} is running again from its unsuccessful steps");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Signal { run, name, payload } => {
+            let payload = match payload {
+                None => serde_json::Value::Null,
+                Some(text) => serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("--payload is not valid JSON: {e}"))?,
+            };
+            let (engine, _) = open(&global).await?;
+            engine.signal(&run, &name, payload).await?;
+            out!("run {run} has signal {name}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Pause { workflow } => {
             let (engine, _) = open(&global).await?;
             engine.set_paused(&workflow, true).await?;

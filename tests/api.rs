@@ -818,6 +818,57 @@ async fn changing_or_deleting_a_user_ends_its_sessions() {
 }
 
 #[tokio::test]
+async fn an_operator_signal_completes_a_waiting_step_once() {
+    let api = Api::start("signals").await;
+    let admin = api.token("admin", &[]);
+    let operator = api.token("operator", &[]);
+    let viewer = api.token("viewer", &[]);
+    let approval = "\
+id: approval
+steps:
+  - {id: approve, type: wait, with: {signal: approve, timeout: 1h}}
+  - {id: publish, type: transform, needs: [approve], with: {output: \"{{ steps.approve.output.by }}\"}}
+";
+    let reply = api
+        .send_yaml(Method::POST, "/api/admin/workflows", &admin, approval)
+        .await;
+    assert_eq!(reply.status, 201, "{reply}");
+    let run = api.start_run("approval", &operator).await;
+    let signal = format!("/api/runs/{run}/signals/approve");
+    api.post(&signal, &viewer, json!({"payload": {"by": "ana"}}))
+        .await
+        .assert_error(403, "forbidden");
+    api.post(
+        &format!("/api/runs/{run}/signals/reject"),
+        &operator,
+        json!({}),
+    )
+    .await
+    .assert_error(404, "not_found");
+    // Sent whenever: before the step parks or after, it is kept.
+    let reply = api
+        .post(&signal, &operator, json!({"payload": {"by": "ana"}}))
+        .await;
+    assert_eq!(reply.status, 204, "{reply}");
+    // A second signal: `conflict` while the step holds the first, `not_waiting` once it has
+    // finished with it.
+    let second = api
+        .post(&signal, &operator, json!({"payload": {"by": "bo"}}))
+        .await;
+    assert_eq!(second.status, 409, "{second}");
+    let finished = api.finished_run(&run, &operator).await;
+    assert_eq!(finished.body["status"], "succeeded", "{finished}");
+    assert_eq!(
+        finished.body["output"],
+        json!({"publish": "ana"}),
+        "{finished}"
+    );
+    api.post(&signal, &operator, json!({"payload": null}))
+        .await
+        .assert_error(409, "not_waiting");
+}
+
+#[tokio::test]
 async fn a_start_whose_input_fails_the_input_schema_is_refused_with_each_violation() {
     let api = Api::start("input-schema").await;
     let admin = api.token("admin", &[]);

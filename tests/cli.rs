@@ -133,6 +133,11 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         (vec!["run", "ghost"], "unknown workflow"),
         (vec!["show", "no-such-run"], "unknown run"),
         (vec!["cancel", "no-such-run"], "unknown run"),
+        (vec!["signal", "no-such-run", "go"], "unknown run"),
+        (
+            vec!["signal", "no-such-run", "go", "--payload", "{oops"],
+            "--payload is not valid JSON",
+        ),
         (vec!["pause", "ghost"], "unknown workflow"),
     ] {
         let out = sandbox.command().args(&args).output().unwrap();

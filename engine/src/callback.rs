@@ -11,6 +11,13 @@ pub fn token(run_id: &str, step_id: &str, secret: &str) -> String {
     format!("{run_id}.{step_id}.{secret}")
 }
 
+/// The callback token of a step that waits for signal `name` (the `wait` step kind). Signals
+/// come from operators, who are authenticated, so the token is no secret: it only names what the
+/// step waits for, and lets a signal that arrives before the step parks be kept like a callback.
+pub fn signal_token(name: &str) -> String {
+    format!("signal:{name}")
+}
+
 /// `(run_id, step_id, secret)` out of a [`token`]. Run ids and step ids hold no dots.
 pub fn parse_token(token: &str) -> Option<(&str, &str, &str)> {
     let mut parts = token.splitn(3, '.');

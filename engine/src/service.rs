@@ -13,8 +13,9 @@ use crate::state::{Millis, RunStatus, Settlement};
 use crate::store::{
     Alert, AuditEntry, CallbackAnswer, ClaimParams, ClaimedJob, Completion, ConnectOptions,
     DefinitionOrigin, FireOutcome, FireParams, FireRecord, InstallParams, JobId, NewRun,
-    NewWebhookEvent, RunDetail, RunFilter, RunId, RunSummary, Store, StoreError, WebhookAction,
-    WebhookEvent, WebhookOutcome, WorkflowState, check_storable, retry_transient,
+    NewWebhookEvent, RunDetail, RunFilter, RunId, RunSummary, Signal, SignalOutcome, Store,
+    StoreError, WebhookAction, WebhookEvent, WebhookOutcome, WorkflowState, check_storable,
+    retry_transient,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +38,16 @@ pub enum EngineError {
     /// An answer a store cannot hold.
     #[error("answer {0}")]
     UnstorableAnswer(crate::store::Unstorable),
-    /// An answer for a step that no longer waits for one.
+    /// An answer or a signal for a step that no longer waits for one.
     #[error("{0}")]
     NotWaiting(String),
+    #[error("workflow {workflow} has no `wait` step for signal {name:?}")]
+    UnknownSignal { workflow: String, name: String },
+    #[error("step {step} took a signal {name} already; a step takes one")]
+    AlreadySignalled { step: String, name: String },
+    /// A signal payload a store cannot hold.
+    #[error("signal payload {0}")]
+    UnstorableSignal(crate::store::Unstorable),
     #[error("definition of {id}: {problem}")]
     UnstorableDefinition {
         id: String,
@@ -455,6 +463,37 @@ impl Engine {
         retry_transient("cancel", || self.store.cancel_run(run_id, self.now()))
             .await
             .map_err(|e| not_found_as_run(e, run_id))
+    }
+
+    /// Sends signal `name` with `payload` to the run's `wait` step that waits for it.
+    pub async fn signal(&self, run_id: &str, name: &str, payload: Value) -> Result<()> {
+        check_storable(&payload).map_err(EngineError::UnstorableSignal)?;
+        let run = self.run(run_id).await?.summary;
+        let workflow = self.version(&run.workflow_id, run.version).await?;
+        let step = workflow
+            .step_waiting_for(name)
+            .ok_or_else(|| EngineError::UnknownSignal {
+                workflow: run.workflow_id.clone(),
+                name: name.to_owned(),
+            })?;
+        let signal = Signal {
+            run_id: run_id.to_owned(),
+            step_id: step.id.clone(),
+            name: name.to_owned(),
+            payload,
+        };
+        let outcome =
+            retry_transient("signal", || self.store.deliver_signal(&signal, self.now())).await?;
+        match outcome {
+            SignalOutcome::Delivered => Ok(()),
+            SignalOutcome::AlreadySignalled => Err(EngineError::AlreadySignalled {
+                step: signal.step_id,
+                name: signal.name,
+            }),
+            SignalOutcome::NotWaiting(why) => Err(EngineError::NotWaiting(format!(
+                "{why}: signal {name} is not taken"
+            ))),
+        }
     }
 
     pub async fn retry(&self, run_id: &str) -> Result<()> {

@@ -12,7 +12,7 @@ use switchyard_engine::definition::{
     TemplateError, WorkflowMap,
 };
 
-const KINDS: &[&str] = &["http", "transform", "sleep", "noop", "workflow"];
+const KINDS: &[&str] = &["http", "transform", "sleep", "noop", "workflow", "wait"];
 
 fn fixtures(dir: &str) -> PathBuf {
     PathBuf::from(concat!(
@@ -81,10 +81,18 @@ fn shipped_definitions_load_together() {
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../definitions"));
     let map = definition::load_paths(
         &[dir],
-        &["http", "n8n", "transform", "sleep", "noop", "workflow"],
+        &[
+            "http",
+            "n8n",
+            "transform",
+            "sleep",
+            "noop",
+            "workflow",
+            "wait",
+        ],
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    for id in ["hello", "fanout_demo", "amazon_influencer"] {
+    for id in ["hello", "fanout_demo", "amazon_influencer", "approval"] {
         assert!(map.contains_key(id), "{id} missing from definitions/");
     }
 }
@@ -396,7 +404,7 @@ fn unknown_step_type_lists_known_kinds() {
         "id: k\nsteps:\n  - id: a\n    type: teleport\n",
         4,
         11,
-        "unknown step type `teleport` (known: http, noop, sleep, transform, workflow)",
+        "unknown step type `teleport` (known: http, noop, sleep, transform, wait, workflow)",
     );
 }
 
@@ -1127,4 +1135,46 @@ fn templates_that_read_the_run_input_or_step_outputs_are_told_apart() {
     assert!(definition::reads_run_data(
         &json!({ "a": ["x", "{{ input.y }}"] })
     ));
+}
+
+#[test]
+fn wait_steps_name_one_literal_signal_each_and_a_duration() {
+    assert!(
+        check("id: w\nsteps:\n  - {id: a, type: wait, with: {signal: approve, timeout: 24h}}\n")
+            .is_ok()
+    );
+    assert_one_error(
+        "id: w\nsteps:\n  - {id: a, type: wait, with: {timeout: 1h}}\n",
+        3,
+        31,
+        "needs `with.signal`",
+    );
+    assert_one_error(
+        "id: w\nsteps:\n  - id: a\n    type: wait\n    with: {signal: \"{{ input.s }}\"}\n",
+        5,
+        20,
+        "invalid signal name",
+    );
+    assert_one_error(
+        "id: w\nsteps:\n  - {id: a, type: wait, with: {signal: go}}\n  - {id: b, type: wait, with: {signal: go}}\n",
+        4,
+        40,
+        "waits for signal `go` already",
+    );
+    assert_one_error(
+        "id: w\nsteps:\n  - {id: a, type: wait, with: {signal: go, timeout: soon}}\n",
+        3,
+        53,
+        "must be a duration",
+    );
+}
+
+#[test]
+fn an_input_schema_that_is_not_a_schema_is_an_error_at_its_key() {
+    assert_one_error(
+        "id: w\ninput_schema: {type: object, properties: {n: {minimum: one}}}\nsteps:\n  - {id: a, type: noop}\n",
+        2,
+        15,
+        "input_schema is not a usable JSON Schema",
+    );
 }

@@ -9,8 +9,8 @@ use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::state::{JobState, Millis, RunStatus, Settlement};
 use switchyard_engine::store::{
     CallbackAnswer, ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams,
-    InstallParams, NewAuditEntry, NewRun, NewWebhookEvent, RunFilter, SettingChange, SkippedFire,
-    Store, StoreError, TokenRevocation, WebhookAction, WebhookOutcome,
+    InstallParams, NewAuditEntry, NewRun, NewWebhookEvent, RunFilter, SettingChange, Signal,
+    SignalOutcome, SkippedFire, Store, StoreError, TokenRevocation, WebhookAction, WebhookOutcome,
 };
 
 const T0: Millis = 1_800_000_000_000;
@@ -503,6 +503,158 @@ pub async fn callback_wakes_a_parked_step_once_with_its_result(store: Arc<dyn St
         store.next_due().await.unwrap(),
         None,
         "the deadline is gone"
+    );
+}
+
+fn gated() -> Workflow {
+    workflow(
+        "id: gated\nsteps:\n  - {id: a, type: noop}\n  - {id: b, type: wait, needs: [a], with: {signal: go}}\n",
+    )
+}
+
+fn signal(run_id: &str, payload: Value) -> Signal {
+    Signal {
+        run_id: run_id.into(),
+        step_id: "b".into(),
+        name: "go".into(),
+        payload,
+    }
+}
+
+/// The checkpoint the `wait` step parks with.
+fn waiting_for_go(job: &ClaimedJob, deadline: Millis) -> Completion {
+    park(
+        job,
+        deadline,
+        json!({ "callback_token": "signal:go", "attempt": job.lease.attempt, "deadline": deadline }),
+    )
+}
+
+pub async fn a_signal_before_its_step_ran_is_kept_and_a_second_is_refused(store: Arc<dyn Store>) {
+    let run = start(&*store, &gated(), Trigger::default()).await;
+    let payload = json!({ "approved_by": "ana" });
+    assert_eq!(
+        store
+            .deliver_signal(&signal(&run, payload.clone()), T0)
+            .await
+            .unwrap(),
+        SignalOutcome::Delivered,
+        "kept while the step waits for its needs"
+    );
+    assert_eq!(
+        store
+            .deliver_signal(&signal(&run, json!("again")), T0)
+            .await
+            .unwrap(),
+        SignalOutcome::AlreadySignalled
+    );
+    let a = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![done(&a, Value::Null)], T0)
+        .await
+        .unwrap();
+    let b = claim(&*store, T0, 1).await.remove(0);
+    assert_eq!(b.step_id, "b");
+    assert_eq!(
+        b.checkpoint,
+        Some(json!({ "callback_token": "signal:go", "callback": payload }))
+    );
+}
+
+pub async fn a_signal_wakes_its_parked_step_at_once(store: Arc<dyn Store>) {
+    let run = start(&*store, &gated(), Trigger::default()).await;
+    let a = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![done(&a, Value::Null)], T0)
+        .await
+        .unwrap();
+    let b = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![waiting_for_go(&b, T0 + 60_000)], T0)
+        .await
+        .unwrap();
+    assert!(claim(&*store, T0 + 1, 1).await.is_empty(), "parked");
+    assert_eq!(
+        store
+            .deliver_signal(&signal(&run, json!(7)), T0 + 1)
+            .await
+            .unwrap(),
+        SignalOutcome::Delivered
+    );
+    let woken = claim(&*store, T0 + 1, 1).await.remove(0);
+    assert_eq!(woken.step_id, "b");
+    assert_eq!(woken.lease.attempt, 1, "waking is not a new attempt");
+    assert_eq!(woken.checkpoint.unwrap()["callback"], json!(7));
+    assert_eq!(
+        store.next_due().await.unwrap(),
+        None,
+        "the deadline is gone"
+    );
+}
+
+pub async fn a_signal_to_a_running_step_wakes_it_as_it_parks_unless_it_timed_out(
+    store: Arc<dyn Store>,
+) {
+    let run = start(&*store, &gated(), Trigger::default()).await;
+    let a = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![done(&a, Value::Null)], T0)
+        .await
+        .unwrap();
+    let b = claim(&*store, T0, 1).await.remove(0);
+    store
+        .deliver_signal(&signal(&run, json!("yes")), T0 + 1)
+        .await
+        .unwrap();
+    store
+        .complete(vec![waiting_for_go(&b, T0 + 60_000)], T0 + 2)
+        .await
+        .unwrap();
+    let woken = claim(&*store, T0 + 2, 1).await.remove(0);
+    assert_eq!(woken.checkpoint.unwrap()["callback"], json!("yes"));
+
+    // Another run, whose step runs past its deadline: it is failing by its timeout.
+    let late = start(&*store, &gated(), Trigger::default()).await;
+    let a = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![done(&a, Value::Null)], T0)
+        .await
+        .unwrap();
+    let b = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![waiting_for_go(&b, T0 + 10)], T0)
+        .await
+        .unwrap();
+    let timing_out = claim(&*store, T0 + 10, 1).await.remove(0);
+    assert_eq!(timing_out.lease.job_id, b.lease.job_id);
+    let refused = store
+        .deliver_signal(&signal(&late, json!("too late")), T0 + 11)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&refused, SignalOutcome::NotWaiting(why) if why.contains("timed out")),
+        "{refused:?}"
+    );
+}
+
+pub async fn a_signal_to_a_finished_step_or_a_missing_run_is_refused(store: Arc<dyn Store>) {
+    let run = start(&*store, &gated(), Trigger::default()).await;
+    store.cancel_run(&run, T0).await.unwrap();
+    let refused = store
+        .deliver_signal(&signal(&run, Value::Null), T0 + 1)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&refused, SignalOutcome::NotWaiting(why) if why.contains("cancelled")),
+        "{refused:?}"
+    );
+    let missing = store
+        .deliver_signal(&signal("no-such-run", Value::Null), T0 + 1)
+        .await
+        .unwrap();
+    assert!(
+        matches!(missing, SignalOutcome::NotWaiting(_)),
+        "{missing:?}"
     );
 }
 
@@ -1910,6 +2062,10 @@ macro_rules! conformance {
                 cancelled_runs_leave_nothing_claimable,
                 callback_wakes_a_parked_step_once_with_its_result,
                 callback_before_the_step_parks_wakes_it_as_it_parks,
+                a_signal_before_its_step_ran_is_kept_and_a_second_is_refused,
+                a_signal_wakes_its_parked_step_at_once,
+                a_signal_to_a_running_step_wakes_it_as_it_parks_unless_it_timed_out,
+                a_signal_to_a_finished_step_or_a_missing_run_is_refused,
                 callback_for_an_attempt_that_ended_is_refused,
                 a_step_given_back_keeps_its_callback,
                 a_step_parked_with_a_scalar_checkpoint_settles,

@@ -80,7 +80,8 @@ pub enum ErrorCode {
     /// has not ended unsuccessfully.
     #[strum(props(status = 409))]
     Conflict,
-    /// No step waits under this callback token: it timed out, was cancelled, or has its result.
+    /// No step waits under this callback token, or for this signal: it timed out, was cancelled,
+    /// or has its result.
     #[strum(props(status = 409))]
     NotWaiting,
     /// The body is over the size the endpoint takes.
@@ -271,6 +272,15 @@ impl From<EngineError> for ApiError {
                 ApiError::new(ErrorCode::RefusedBefore, e.to_string())
             }
             EngineError::NotWaiting(message) => ApiError::new(ErrorCode::NotWaiting, message),
+            EngineError::UnknownSignal { .. } => ApiError::new(ErrorCode::NotFound, e.to_string()),
+            EngineError::AlreadySignalled { .. } => {
+                ApiError::new(ErrorCode::Conflict, e.to_string())
+            }
+            EngineError::UnstorableSignal(_) => ApiError::with_status(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::InvalidBody,
+                format!("request body: `payload`: {e}"),
+            ),
             EngineError::UnstorableAnswer(_) => ApiError::with_status(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 ErrorCode::InvalidBody,

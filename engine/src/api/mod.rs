@@ -83,7 +83,7 @@ pub fn observability_router(state: Observability) -> Router {
         title = "Switchyard admin API",
         description = "Workflows, runs, schedules, variables, secrets and users of a Switchyard \
             deployment. Send `Authorization: Bearer <token>`; roles are viewer (read), operator \
-            (start, cancel, retry, pause) and admin (everything). Errors are `{code, message}`."
+            (start, cancel, retry, pause, signal) and admin (everything). Errors are `{code, message}`."
     ),
     modifiers(&BearerAuth),
     tags(
@@ -208,6 +208,7 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::show_run))
         .routes(routes!(runs::cancel_run))
         .routes(routes!(runs::retry_run))
+        .routes(routes!(runs::signal_run))
         .routes(routes!(runs::list_alerts))
         .routes(routes!(webhooks::n8n_webhook))
         .routes(routes!(webhooks::list_webhook_events))

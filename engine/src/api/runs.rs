@@ -151,6 +151,46 @@ pub async fn cancel_run(
     }))
 }
 
+/// A signal's payload.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalBody {
+    /// Becomes the output of the `wait` step (default null).
+    #[serde(default)]
+    pub payload: serde_json::Value,
+}
+
+/// Sends a signal to the run's `wait` step that waits for it: a parked step wakes, one that has
+/// not parked yet keeps it. A step takes one signal.
+#[utoipa::path(
+    post,
+    path = "/api/runs/{id}/signals/{name}",
+    tag = "runs",
+    params(
+        ("id" = String, Path, description = "Run id"),
+        ("name" = String, Path, description = "The signal a `wait` step of the run waits for"),
+    ),
+    request_body = SignalBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "The step has the signal"),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No such run, or no step of it waits for this signal", body = ErrorBody),
+        (status = 409, description = "The step took a signal already (`conflict`), or waits no more: it finished, or timed out (`not_waiting`)", body = ErrorBody),
+        (status = 422, description = "A payload that cannot be stored", body = ErrorBody),
+    )
+)]
+pub async fn signal_run(
+    Operator(caller): Operator,
+    State(state): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+    Json(body): Json<SignalBody>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    state.engine.signal(&id, &name, body.payload).await?;
+    tracing::info!(run = %super::Logged(&id), signal = %super::Logged(&name), by = %super::Logged(&caller.sub), "signal sent over the API");
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
 /// Re-runs a failed, cancelled or timed-out run's unsuccessful steps; succeeded steps keep
 /// their outputs.
 #[utoipa::path(

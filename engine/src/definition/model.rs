@@ -391,6 +391,18 @@ impl<'de> Deserialize<'de> for DurationSpec {
 /// How long a finished run is kept unless its workflow says otherwise.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// The step kind that waits for a signal.
+pub const WAIT_KIND: &str = "wait";
+
+impl Step {
+    /// The signal a `wait` step waits for.
+    pub fn signal(&self) -> Option<&str> {
+        (self.kind == WAIT_KIND)
+            .then(|| self.with.get("signal").and_then(Value::as_str))
+            .flatten()
+    }
+}
+
 impl Workflow {
     /// The retry policy that governs `step`.
     pub fn retry_policy(&self, step: &Step) -> RetryPolicy {
@@ -402,6 +414,11 @@ impl Workflow {
 
     pub fn step(&self, id: &str) -> Option<&Step> {
         self.steps.iter().find(|s| s.id == id)
+    }
+
+    /// The `wait` step that waits for signal `name` (validation keeps names unique).
+    pub fn step_waiting_for(&self, name: &str) -> Option<&Step> {
+        self.steps.iter().find(|s| s.signal() == Some(name))
     }
 
     /// Steps no other step needs: their outputs make the run's output.

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::error::{DefinitionError, DefinitionErrors};
 use super::input_schema::InputSchema;
 use super::locate::Seg;
-use super::model::{Step, Workflow, WorkflowMap};
+use super::model::{Step, WAIT_KIND, Workflow, WorkflowMap};
 use super::parse::{Format, ParsedSource, make_error, parse_source};
 use super::template::{ENV, is_template};
 
@@ -337,10 +337,14 @@ impl Check<'_, '_> {
             );
         }
 
+        let mut signals: HashMap<&str, &str> = HashMap::new();
         let mut upstream_cache: HashMap<usize, HashSet<usize>> = HashMap::new();
         for (i, step) in steps.iter().enumerate() {
             if step.kind == WORKFLOW_KIND {
                 self.child_workflows(i, step);
+            }
+            if step.kind == WAIT_KIND {
+                self.wait(i, step, &mut signals);
             }
             let item = step.kind == WORKFLOW_KIND && step.with.get("for_each").is_some();
             let mut strings = Vec::new();
@@ -367,6 +371,46 @@ impl Check<'_, '_> {
                     self.err(&full, false, msg);
                 }
             }
+        }
+    }
+
+    /// `with: { signal: NAME, timeout }`: a literal name, one step per name (a signal finds its
+    /// step by name), and a duration.
+    fn wait<'w>(&mut self, i: usize, step: &'w Step, signals: &mut HashMap<&'w str, &'w str>) {
+        let with = [Seg::Key("steps"), Seg::Index(i), Seg::Key("with")];
+        let signal_path = [with[0], with[1], with[2], Seg::Key("signal")];
+        match step.with.get("signal").and_then(Value::as_str) {
+            None => self.err(
+                &with,
+                false,
+                "a `wait` step needs `with.signal`: the name of the signal it waits for".to_owned(),
+            ),
+            Some(name) if !valid_id(name) => self.err(
+                &signal_path,
+                false,
+                format!(
+                    "invalid signal name `{name}`: use lowercase letters, digits, `_` and `-` \
+                     (no template: a signal finds its step by name)"
+                ),
+            ),
+            Some(name) => {
+                if let Some(other) = signals.insert(name, &step.id) {
+                    self.err(
+                        &signal_path,
+                        false,
+                        format!("step `{other}` waits for signal `{name}` already"),
+                    );
+                }
+            }
+        }
+        match step.with.get("timeout") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(text)) if humantime::parse_duration(text).is_ok() => {}
+            Some(other) => self.err(
+                &[with[0], with[1], with[2], Seg::Key("timeout")],
+                false,
+                format!("`timeout` must be a duration such as \"24h\", not {other}"),
+            ),
         }
     }
 

@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 
 use super::{
     CallbackAnswer, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, Install,
-    InstallParams, JobId, Lease, NewAuditEntry, NewRun, NewWebhookEvent, Result, RunId,
-    SkippedFire, StoreError, StoredDefinition, Swept, WebhookAction, WebhookEvent, WebhookOutcome,
-    completion_rows, decide_install, install_audit,
+    InstallParams, JobId, Lease, NewAuditEntry, NewRun, NewWebhookEvent, Result, RunId, Signal,
+    SignalOutcome, SkippedFire, StoreError, StoredDefinition, Swept, WebhookAction, WebhookEvent,
+    WebhookOutcome, completion_rows, decide_install, install_audit,
 };
 use crate::state::{
     JobState, Millis, RunStatus, fire_skip_reason, gate_opening, gate_room, settle_lost_lease,
@@ -177,6 +177,18 @@ pub(crate) trait Tx: Send {
     /// no step takes it, else whether it woke a parked step.
     async fn give_callback(&mut self, answer: &CallbackAnswer, now: Millis)
     -> Result<Option<bool>>;
+
+    /// Hands a signal to its step (see `Store::deliver_signal`) if the step is open, has no
+    /// callback yet, and is not running past its `deadline`: `None` when it takes none, else
+    /// whether it woke a parked step.
+    async fn give_signal(&mut self, signal: &Signal, now: Millis) -> Result<Option<bool>>;
+    /// A step's state, and whether it holds a callback (a signal); `None` when there is no such
+    /// step.
+    async fn step_answer_state(
+        &mut self,
+        run_id: &str,
+        step_id: &str,
+    ) -> Result<Option<(JobState, bool)>>;
 
     /// Leases whose time ran out with their job still `running`, and each job's attempt budget.
     async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<(Lease, u32)>>;
@@ -838,6 +850,38 @@ pub(crate) async fn deliver_callback(
         effects.woke();
     }
     Ok(given.is_some())
+}
+
+/// Hands a signal to its step (see `Store::deliver_signal`).
+pub(crate) async fn deliver_signal(
+    tx: &mut dyn Tx,
+    signal: &Signal,
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<SignalOutcome> {
+    if let Some(woke) = tx.give_signal(signal, now).await? {
+        if woke {
+            effects.woke();
+        }
+        return Ok(SignalOutcome::Delivered);
+    }
+    let state = tx
+        .step_answer_state(&signal.run_id, &signal.step_id)
+        .await?;
+    Ok(match state {
+        None => SignalOutcome::NotWaiting(format!(
+            "run {} has no step {}",
+            signal.run_id, signal.step_id
+        )),
+        Some((_, true)) => SignalOutcome::AlreadySignalled,
+        Some((state, false)) if state.is_finished() => {
+            SignalOutcome::NotWaiting(format!("step {} is {state}", signal.step_id))
+        }
+        Some(_) => SignalOutcome::NotWaiting(format!(
+            "step {} timed out waiting for signal {}",
+            signal.step_id, signal.name
+        )),
+    })
 }
 
 /// Logs a webhook delivery and does what it asks (see `Store::receive_webhook`).

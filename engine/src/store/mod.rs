@@ -543,6 +543,11 @@ pub trait Store: Send + Sync + 'static {
     /// as soon as it parks under the same token. Returns whether a step took the result. A result with the same `event_id` as
     /// the one the step took already counts as taken: a repeated delivery.
     async fn deliver_callback(&self, answer: &CallbackAnswer, now: Millis) -> Result<bool>;
+    /// Hands a signal's payload to the step that waits for it, whatever it is doing: a parked
+    /// step wakes now; one not yet run, running, or to be retried keeps it (as a callback under
+    /// [`crate::callback::signal_token`]) and takes it when it parks or runs. A step takes one
+    /// signal; a running step past its timeout takes none.
+    async fn deliver_signal(&self, signal: &Signal, now: Millis) -> Result<SignalOutcome>;
 
     /// Settles expired leases as lost attempts and times out runs past their deadline.
     async fn sweep(&self, now: Millis) -> Result<Swept>;
@@ -695,6 +700,26 @@ pub struct NewWebhookEvent {
     pub event_id: String,
     pub workflow_id: Option<String>,
     pub payload: Value,
+}
+
+/// A signal for the step `step_id` of `run_id`, the `wait` step that waits for `name`.
+#[derive(Debug, Clone)]
+pub struct Signal {
+    pub run_id: RunId,
+    pub step_id: String,
+    pub name: String,
+    pub payload: Value,
+}
+
+/// What became of a signal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignalOutcome {
+    /// The step has it: it wakes if parked, or takes it when it runs.
+    Delivered,
+    /// The step took a signal already.
+    AlreadySignalled,
+    /// The step no longer waits: it finished (`state`), or timed out while running.
+    NotWaiting(String),
 }
 
 /// An outside result for the step `step_id` of `run_id` that waits under `token`.

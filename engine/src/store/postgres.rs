@@ -673,6 +673,69 @@ impl Tx for PgTx<'_> {
         Ok(given.map(|woken| woken == Some(true)))
     }
 
+    async fn give_signal(&mut self, signal: &Signal, now: Millis) -> Result<Option<bool>> {
+        // As `give_callback`, for a step in any open state: the lock waits out a claim or a
+        // settlement in flight, a parked step wakes (its old queue row goes unless a claim holds
+        // it), and any other keeps the signal as a callback under the token it parks with.
+        let woken: Option<bool> = sqlx::query_scalar(statement!(
+            "WITH target AS MATERIALIZED ( \
+                 SELECT id, state, run_after FROM jobs \
+                 WHERE run_id = $1 AND step_id = $2 AND state IN {jobs:open} \
+                     AND NOT coalesce(checkpoint ? 'callback', false) \
+                     AND NOT (state = {job:running} AND CASE \
+                         WHEN jsonb_typeof(checkpoint->'deadline') = 'number' \
+                         THEN (checkpoint->'deadline')::numeric <= $5 ELSE false END) \
+                 FOR UPDATE), \
+             dequeued AS ( \
+                 DELETE FROM job_queue WHERE ctid = ANY(ARRAY( \
+                     SELECT q.ctid FROM job_queue AS q JOIN target AS t \
+                         ON q.run_after = t.run_after AND q.job_id = t.id \
+                     WHERE t.state = {job:parked} AND t.run_after <> $5 \
+                     FOR UPDATE OF q SKIP LOCKED))), \
+             given AS ( \
+                 UPDATE jobs SET \
+                     checkpoint = CASE WHEN jsonb_typeof(jobs.checkpoint) = 'object' \
+                             THEN jobs.checkpoint ELSE '{}'::jsonb END \
+                         || jsonb_build_object('callback_token', $3::text, 'callback', $4::jsonb), \
+                     run_after = CASE WHEN t.state = {job:parked} THEN $5 \
+                         ELSE jobs.run_after END \
+                 FROM target AS t WHERE jobs.id = t.id \
+                 RETURNING jobs.id, t.state = {job:parked} AS woken), \
+             queued AS ( \
+                 INSERT INTO job_queue (run_after, job_id) SELECT $5, id FROM given WHERE woken \
+                 ON CONFLICT DO NOTHING) \
+             SELECT woken FROM given"
+        ))
+        .bind(&signal.run_id)
+        .bind(&signal.step_id)
+        .bind(crate::callback::signal_token(&signal.name))
+        .bind(&signal.payload)
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        Ok(woken)
+    }
+
+    async fn step_answer_state(
+        &mut self,
+        run_id: &str,
+        step_id: &str,
+    ) -> Result<Option<(JobState, bool)>> {
+        let row = sqlx::query(
+            "SELECT state, coalesce(checkpoint ? 'callback', false) AS answered FROM jobs \
+             WHERE run_id = $1 AND step_id = $2",
+        )
+        .bind(run_id)
+        .bind(step_id)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        row.map(|row| {
+            let state = parse_state::<JobState>(row.get::<&str, _>("state"))?;
+            Ok((state, row.get("answered")))
+        })
+        .transpose()
+    }
+
     async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<(Lease, u32)>> {
         // No row locks here: the fenced completion decides, should a worker or another sweeper
         // settle the same attempt at the same time.
@@ -1306,6 +1369,15 @@ impl Store for PostgresStore {
         self.commit(tx, effects, &machine::claimed_ids(&claimed))
             .await?;
         Ok((accepted, claimed))
+    }
+
+    async fn deliver_signal(&self, signal: &Signal, now: Millis) -> Result<SignalOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let mut effects = Effects::default();
+        let outcome =
+            machine::deliver_signal(&mut PgTx(&mut tx), signal, now, &mut effects).await?;
+        self.commit(tx, effects, &[]).await?;
+        Ok(outcome)
     }
 
     async fn deliver_callback(&self, answer: &CallbackAnswer, now: Millis) -> Result<bool> {

@@ -592,6 +592,50 @@ impl Tx for SqliteTx<'_> {
         Ok((repeated > 0).then_some(false))
     }
 
+    async fn give_signal(&mut self, signal: &Signal, now: Millis) -> Result<Option<bool>> {
+        Ok(sqlx::query_scalar(statement!(
+            "UPDATE jobs SET \
+                 checkpoint = json_set(CASE WHEN json_type(checkpoint) = 'object' \
+                         THEN checkpoint ELSE '{}' END, \
+                     '$.callback_token', ?3, '$.callback', json(?4)), \
+                 run_after = CASE WHEN state = {job:parked} THEN ?5 ELSE run_after END \
+             WHERE run_id = ?1 AND step_id = ?2 AND state IN {jobs:open} \
+                 AND (json_type(checkpoint) IS NOT 'object' OR checkpoint->'callback' IS NULL) \
+                 AND NOT (state = {job:running} \
+                     AND coalesce(json_type(checkpoint, '$.deadline') IN ('integer', 'real') \
+                         AND checkpoint->>'deadline' <= ?5, 0)) \
+             RETURNING state = {job:parked}"
+        ))
+        .bind(&signal.run_id)
+        .bind(&signal.step_id)
+        .bind(crate::callback::signal_token(&signal.name))
+        .bind(to_json(&signal.payload))
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?)
+    }
+
+    async fn step_answer_state(
+        &mut self,
+        run_id: &str,
+        step_id: &str,
+    ) -> Result<Option<(JobState, bool)>> {
+        let row = sqlx::query(
+            "SELECT state, coalesce(json_type(checkpoint) = 'object' \
+                 AND checkpoint->'callback' IS NOT NULL, 0) AS answered \
+             FROM jobs WHERE run_id = ? AND step_id = ?",
+        )
+        .bind(run_id)
+        .bind(step_id)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        row.map(|row| {
+            let state = parse_state::<JobState>(row.get::<&str, _>("state"))?;
+            Ok((state, row.get("answered")))
+        })
+        .transpose()
+    }
+
     async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<(Lease, u32)>> {
         let rows = sqlx::query(statement!(
             "SELECT id, attempt, lease_token, max_attempts FROM jobs \
@@ -1127,6 +1171,16 @@ impl Store for SqliteStore {
         let claimed: Vec<JobId> = leased.rows.iter().map(|r| r.get("id")).collect();
         self.after_commit(effects, &claimed);
         Ok((accepted, self.claimed_jobs(leased).await?))
+    }
+
+    async fn deliver_signal(&self, signal: &Signal, now: Millis) -> Result<SignalOutcome> {
+        let mut tx = self.write_tx().await?;
+        let mut effects = Effects::default();
+        let outcome =
+            machine::deliver_signal(&mut SqliteTx(&mut tx), signal, now, &mut effects).await?;
+        tx.commit().await?;
+        self.after_commit(effects, &[]);
+        Ok(outcome)
     }
 
     async fn deliver_callback(&self, answer: &CallbackAnswer, now: Millis) -> Result<bool> {

@@ -6,6 +6,7 @@ mod n8n;
 mod noop;
 mod sleep;
 mod transform;
+mod wait;
 mod workflow;
 
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ pub use n8n::N8n;
 pub use noop::Noop;
 pub use sleep::Sleep;
 pub use transform::Transform;
+pub use wait::Wait;
 pub use workflow::StartWorkflows;
 
 /// One call of a step: its rendered parameters and where it stands.
@@ -110,6 +112,7 @@ impl Registry {
         registry.add(Transform);
         registry.add(Sleep);
         registry.add(Noop);
+        registry.add(Wait);
         registry.add(StartWorkflows);
         registry
     }
