@@ -128,6 +128,7 @@ pub fn plan_run(
             needs: step.needs.clone(),
             is_sink: !workflow.steps.iter().any(|o| o.needs.contains(&step.id)),
             max_attempts: workflow.retry_policy(step).max_retries.saturating_add(1),
+            continue_on_error: step.continue_on_error,
         })
         .collect();
     Ok(NewRun {

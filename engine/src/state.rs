@@ -196,6 +196,11 @@ pub enum Settlement {
     Fail {
         error: String,
     },
+    /// The step failed for good and says `continue_on_error`: it ends succeeded, its output
+    /// `{error}` and its error recorded, and its dependents run.
+    Tolerate {
+        error: String,
+    },
     Park {
         until: Option<Millis>,
         checkpoint: serde_json::Value,
@@ -210,9 +215,23 @@ impl Settlement {
             Settlement::Succeed { .. } => JobState::Succeeded,
             Settlement::Retry { .. } => JobState::Retrying,
             Settlement::Fail { .. } => JobState::Failed,
+            Settlement::Tolerate { .. } => JobState::Succeeded,
             Settlement::Park { .. } => JobState::Parked,
             Settlement::Release => JobState::Available,
         }
+    }
+
+    /// The same decision for a step with `continue_on_error`: a failure for good is tolerated.
+    pub fn continuing_on_error(self, continue_on_error: bool) -> Settlement {
+        match self {
+            Settlement::Fail { error } if continue_on_error => Settlement::Tolerate { error },
+            other => other,
+        }
+    }
+
+    /// The output a tolerated failure leaves for the step's dependents.
+    pub fn tolerated_output(error: &str) -> serde_json::Value {
+        serde_json::json!({ "error": error })
     }
 }
 
@@ -574,5 +593,22 @@ mod tests {
             settle_lost_lease(4, 4, 7),
             Settlement::Fail { .. }
         ));
+    }
+
+    #[test]
+    fn only_a_failure_for_good_of_a_step_that_continues_on_error_is_tolerated() {
+        let p = policy(1);
+        let last = settle(2, &p, fail(true), 0, 0.0);
+        assert_eq!(
+            last.clone().continuing_on_error(true),
+            Settlement::Tolerate {
+                error: "http: boom".into()
+            }
+        );
+        assert_eq!(last.clone().continuing_on_error(false), last);
+        let retry = settle(1, &p, fail(true), 0, 0.0);
+        assert_eq!(retry.clone().continuing_on_error(true), retry);
+        let lost = settle_lost_lease(2, 2, 7).continuing_on_error(true);
+        assert_eq!(lost.target(), JobState::Succeeded);
     }
 }

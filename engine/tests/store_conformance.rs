@@ -755,6 +755,82 @@ pub async fn a_step_parked_with_a_scalar_checkpoint_settles(store: Arc<dyn Store
     assert_eq!(job_state(&*store, &run, "a").await, JobState::Succeeded);
 }
 
+fn tolerant() -> Workflow {
+    workflow(
+        "id: tolerant\nsteps:\n  - {id: a, type: noop, continue_on_error: true, retry: {max_retries: 0}}\n  - {id: b, type: noop, needs: [a]}\n",
+    )
+}
+
+/// `a` ended succeeded with its error recorded and `{error}` as its output, and `b` runs.
+async fn assert_tolerated(store: &dyn Store, run: &str, error: &str) {
+    let detail = store.run(run).await.unwrap();
+    let a = detail.steps.iter().find(|s| s.step_id == "a").unwrap();
+    assert_eq!(a.state, JobState::Succeeded, "{detail:?}");
+    assert!(
+        a.error.as_deref().is_some_and(|e| e.contains(error)),
+        "{detail:?}"
+    );
+    assert!(
+        a.output
+            .as_ref()
+            .is_some_and(|o| o["error"].as_str().is_some_and(|e| e.contains(error))),
+        "{detail:?}"
+    );
+    let b = claim(store, T0 + LEASE * 2, 1).await.remove(0);
+    assert_eq!(b.step_id, "b");
+    assert!(b.outputs["a"]["error"].is_string(), "{:?}", b.outputs);
+    store
+        .complete(vec![done(&b, Value::Null)], T0 + LEASE * 2)
+        .await
+        .unwrap();
+    assert_eq!(run_status(store, run).await, RunStatus::Succeeded);
+}
+
+pub async fn a_step_that_continues_on_error_fails_alone_and_its_dependents_run(
+    store: Arc<dyn Store>,
+) {
+    let run = start(&*store, &tolerant(), Trigger::default()).await;
+    let a = claim(&*store, T0, 1).await.remove(0);
+    let tolerated = Completion {
+        lease: a.lease.clone(),
+        settlement: Settlement::Fail {
+            error: "boom".into(),
+        }
+        .continuing_on_error(true),
+        children: Vec::new(),
+    };
+    store.complete(vec![tolerated], T0).await.unwrap();
+    assert_tolerated(&*store, &run, "boom").await;
+}
+
+pub async fn a_lost_last_attempt_of_a_step_that_continues_on_error_is_tolerated(
+    store: Arc<dyn Store>,
+) {
+    let run = start(&*store, &tolerant(), Trigger::default()).await;
+    claim(&*store, T0, 1).await;
+    store.sweep(T0 + LEASE).await.unwrap();
+    assert_tolerated(&*store, &run, "worker lost").await;
+}
+
+pub async fn a_workflow_step_that_continues_on_error_tolerates_a_failed_child(
+    store: Arc<dyn Store>,
+) {
+    let child = workflow("id: child\nsteps:\n  - {id: only, type: noop}\n");
+    let parent = workflow(
+        "id: parent\nsteps:\n  - {id: a, type: workflow, continue_on_error: true, with: {workflows: [child]}}\n  - {id: b, type: noop, needs: [a]}\n",
+    );
+    let child_version = install(&*store, &child).await;
+    let run = start(&*store, &parent, Trigger::default()).await;
+    let fan = claim(&*store, T0, 1).await.remove(0);
+    park_with_children(&*store, &run, &fan, &child, child_version, 1).await;
+    let only = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![failed(&only, "child broke")], T0)
+        .await
+        .unwrap();
+    assert_tolerated(&*store, &run, "failed").await;
+}
+
 pub async fn workflow_step_succeeds_with_child_outputs_in_order(store: Arc<dyn Store>) {
     let child = workflow("id: child\nsteps:\n  - {id: only, type: noop}\n");
     let parent = workflow(
@@ -2062,6 +2138,9 @@ macro_rules! conformance {
                 cancelled_runs_leave_nothing_claimable,
                 callback_wakes_a_parked_step_once_with_its_result,
                 callback_before_the_step_parks_wakes_it_as_it_parks,
+                a_step_that_continues_on_error_fails_alone_and_its_dependents_run,
+                a_lost_last_attempt_of_a_step_that_continues_on_error_is_tolerated,
+                a_workflow_step_that_continues_on_error_tolerates_a_failed_child,
                 a_signal_before_its_step_ran_is_kept_and_a_second_is_refused,
                 a_signal_wakes_its_parked_step_at_once,
                 a_signal_to_a_running_step_wakes_it_as_it_parks_unless_it_timed_out,

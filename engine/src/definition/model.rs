@@ -366,6 +366,14 @@ pub struct Step {
         skip_serializing_if = "Option::is_none"
     )]
     pub retry: Option<RetryPolicy>,
+    /// When the step fails for good (its retries spent, or a failure retrying cannot help), its
+    /// failure is recorded, its output is `{error}`, and the steps that need it run.
+    #[serde(default, alias = "continueOnError", skip_serializing_if = "is_false")]
+    pub continue_on_error: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 /// A duration written the humantime way (`30s`, `10m`, `1h 30m`, `30d`).

@@ -60,6 +60,15 @@ pub(crate) struct Settled {
     pub promoted: Vec<(JobId, JobState)>,
 }
 
+/// A lease whose time ran out with its job still `running`, and what settling the lost attempt
+/// needs of the job.
+#[derive(Debug, Clone)]
+pub(crate) struct ExpiredLease {
+    pub lease: Lease,
+    pub max_attempts: u32,
+    pub continue_on_error: bool,
+}
+
 /// What a recorded fire or webhook event came to.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Disposition<'a> {
@@ -163,6 +172,16 @@ pub(crate) trait Tx: Send {
     ) -> Result<Vec<RunId>>;
     /// Makes the `waiting` jobs of `runs` that wait for nothing `available`; returns how many.
     async fn make_ready(&mut self, runs: &[RunId], now: Millis) -> Result<u64>;
+    /// Whether the step says `continue_on_error`.
+    async fn continues_on_error(&mut self, job: JobId) -> Result<bool>;
+    /// Ends a `parked` step as tolerated (see `Settlement::Tolerate`); returns it when it was
+    /// parked.
+    async fn tolerate_parked_step(
+        &mut self,
+        job: JobId,
+        error: &str,
+        now: Millis,
+    ) -> Result<Option<Succeeded>>;
     /// Fails a `parked` step with `error`; returns its run and step when it was parked.
     async fn fail_parked_step(
         &mut self,
@@ -190,8 +209,8 @@ pub(crate) trait Tx: Send {
         step_id: &str,
     ) -> Result<Option<(JobState, bool)>>;
 
-    /// Leases whose time ran out with their job still `running`, and each job's attempt budget.
-    async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<(Lease, u32)>>;
+    /// Leases whose time ran out with their job still `running`.
+    async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<ExpiredLease>>;
     /// Forgets expired leases no job runs under any more.
     async fn drop_spent_leases(&mut self, now: Millis) -> Result<()>;
     /// Active runs past their deadline, with their timeout.
@@ -336,6 +355,7 @@ fn run_rows(runs: &[(&NewRun, bool)], now: Millis) -> (Value, Vec<Value>) {
                 "pending": job.needs.len(),
                 "is_sink": job.is_sink,
                 "budget": job.max_attempts,
+                "continue_on_error": job.continue_on_error,
                 "ready": !gated && job.needs.is_empty(),
             }));
         }
@@ -617,7 +637,11 @@ async fn settle_parents(
         match failure {
             Some(child) => {
                 let error = format!("child run {} {}", child.id, child.status);
-                if let Some((run_id, step)) = tx.fail_parked_step(parent, &error, now).await? {
+                if tx.continues_on_error(parent).await? {
+                    succeeded.extend(tx.tolerate_parked_step(parent, &error, now).await?);
+                } else if let Some((run_id, step)) =
+                    tx.fail_parked_step(parent, &error, now).await?
+                {
                     failed.push((run_id, format!("step {step} failed: {error}")));
                 }
             }
@@ -634,9 +658,10 @@ pub(crate) async fn sweep(tx: &mut dyn Tx, now: Millis, effects: &mut Effects) -
         .expired_leases(now, BATCH)
         .await?
         .into_iter()
-        .map(|(lease, max_attempts)| Completion {
-            settlement: settle_lost_lease(lease.attempt, max_attempts, now),
-            lease,
+        .map(|expired| Completion {
+            settlement: settle_lost_lease(expired.lease.attempt, expired.max_attempts, now)
+                .continuing_on_error(expired.continue_on_error),
+            lease: expired.lease,
             children: Vec::new(),
         })
         .collect();
@@ -985,6 +1010,7 @@ mod tests {
                 error: "e".into(),
             },
             Settlement::Fail { error: "e".into() },
+            Settlement::Tolerate { error: "e".into() },
             Settlement::Park {
                 until: None,
                 checkpoint: json!({}),

@@ -228,6 +228,11 @@ pub(crate) fn completion_rows(completions: &[Completion], now: Millis) -> Value 
                     (None, Some(storable_text(error)), Some(*at), None)
                 }
                 Settlement::Fail { error } => (None, Some(storable_text(error)), None, None),
+                Settlement::Tolerate { error } => {
+                    let error = storable_text(error);
+                    let output = to_json(&Settlement::tolerated_output(&error));
+                    (Some(output), Some(error), None, None)
+                }
                 Settlement::Park { until, checkpoint } => {
                     (None, None, *until, Some(to_json(checkpoint)))
                 }
@@ -287,6 +292,8 @@ pub struct NewJob {
     pub is_sink: bool,
     /// Attempts allowed per series (`max_retries + 1`).
     pub max_attempts: u32,
+    /// A failure for good is tolerated (see [`Settlement::Tolerate`]).
+    pub continue_on_error: bool,
 }
 
 /// A claimed job: who holds it, and everything a worker needs to run it.

@@ -27,8 +27,8 @@ use sqlx::{PgConnection, QueryBuilder, Row};
 use tokio::sync::Notify;
 
 use super::machine::{
-    self, Disposition, Effects, FinishedRun, GateLoad, NewVersion, Settled, SettledJob, Succeeded,
-    Tx,
+    self, Disposition, Effects, ExpiredLease, FinishedRun, GateLoad, NewVersion, Settled,
+    SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -316,12 +316,13 @@ impl Tx for PgTx<'_> {
         sqlx::query(statement!(
             "WITH made AS ( \
                  INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
-                     attempt_budget, max_attempts, run_after) \
+                     attempt_budget, max_attempts, continue_on_error, run_after) \
                  SELECT j.run_id, j.step_id, \
                      CASE WHEN j.ready THEN {job:available} ELSE {job:waiting} END, \
-                     j.needs, j.pending, j.is_sink, j.budget, j.budget, $2 \
+                     j.needs, j.pending, j.is_sink, j.budget, j.budget, j.continue_on_error, $2 \
                  FROM jsonb_to_recordset($1) AS j(run_id text, step_id text, needs jsonb, \
-                     pending int, is_sink boolean, budget int, ready boolean) \
+                     pending int, is_sink boolean, budget int, continue_on_error boolean, \
+                     ready boolean) \
                  RETURNING id, state, run_after) \
              INSERT INTO job_queue (run_after, job_id) \
              SELECT run_after, id FROM made WHERE state = {job:available} ON CONFLICT DO NOTHING"
@@ -603,6 +604,39 @@ impl Tx for PgTx<'_> {
         .await?)
     }
 
+    async fn continues_on_error(&mut self, job: JobId) -> Result<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT continue_on_error FROM jobs WHERE id = $1")
+                .bind(job)
+                .fetch_optional(&mut *self.0)
+                .await?
+                .unwrap_or(false),
+        )
+    }
+
+    async fn tolerate_parked_step(
+        &mut self,
+        job: JobId,
+        error: &str,
+        now: Millis,
+    ) -> Result<Option<Succeeded>> {
+        let row = sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:succeeded}, error = $2, output = $3, finished_at = $4 \
+             WHERE id = $1 AND state = {job:parked} RETURNING run_id, step_id, is_sink"
+        ))
+        .bind(job)
+        .bind(error)
+        .bind(Settlement::tolerated_output(error))
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        Ok(row.map(|row| Succeeded {
+            run_id: row.get("run_id"),
+            step_id: row.get("step_id"),
+            is_sink: row.get("is_sink"),
+        }))
+    }
+
     async fn succeed_parked_step(&mut self, job: JobId, now: Millis) -> Result<Option<Succeeded>> {
         let row = sqlx::query(statement!(
             "UPDATE jobs SET state = {job:succeeded}, finished_at = $2, \
@@ -736,11 +770,11 @@ impl Tx for PgTx<'_> {
         .transpose()
     }
 
-    async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<(Lease, u32)>> {
+    async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<ExpiredLease>> {
         // No row locks here: the fenced completion decides, should a worker or another sweeper
         // settle the same attempt at the same time.
         let rows = sqlx::query(statement!(
-            "SELECT j.id, j.attempt, j.lease_token, j.max_attempts \
+            "SELECT j.id, j.attempt, j.lease_token, j.max_attempts, j.continue_on_error \
              FROM leases AS l JOIN jobs AS j ON j.id = ANY(l.job_ids) \
              WHERE l.expires_at <= $1 AND j.lease_token = l.token AND j.state = {job:running} \
              LIMIT $2"
@@ -751,15 +785,14 @@ impl Tx for PgTx<'_> {
         .await?;
         Ok(rows
             .iter()
-            .map(|row| {
-                (
-                    Lease {
-                        job_id: row.get("id"),
-                        attempt: attempt_of(row),
-                        token: row.get("lease_token"),
-                    },
-                    row.get::<i32, _>("max_attempts").max(0) as u32,
-                )
+            .map(|row| ExpiredLease {
+                lease: Lease {
+                    job_id: row.get("id"),
+                    attempt: attempt_of(row),
+                    token: row.get("lease_token"),
+                },
+                max_attempts: row.get::<i32, _>("max_attempts").max(0) as u32,
+                continue_on_error: row.get("continue_on_error"),
             })
             .collect())
     }

@@ -19,8 +19,8 @@ use sqlx::{Row, SqliteConnection};
 use tokio::sync::Notify;
 
 use super::machine::{
-    self, Disposition, Effects, FinishedRun, GateLoad, NewVersion, Settled, SettledJob, Succeeded,
-    Tx,
+    self, Disposition, Effects, ExpiredLease, FinishedRun, GateLoad, NewVersion, Settled,
+    SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -283,11 +283,11 @@ impl Tx for SqliteTx<'_> {
     async fn insert_job_rows(&mut self, jobs: Value, now: Millis) -> Result<()> {
         sqlx::query(statement!(
             "INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
-                 attempt_budget, max_attempts, run_after) \
+                 attempt_budget, max_attempts, continue_on_error, run_after) \
              SELECT j.value->>'run_id', j.value->>'step_id', \
                  CASE WHEN j.value->>'ready' THEN {job:available} ELSE {job:waiting} END, \
                  j.value->>'needs', j.value->>'pending', j.value->>'is_sink', \
-                 j.value->>'budget', j.value->>'budget', ?2 \
+                 j.value->>'budget', j.value->>'budget', j.value->>'continue_on_error', ?2 \
              FROM json_each(?1) AS j"
         ))
         .bind(to_json(&jobs))
@@ -533,6 +533,39 @@ impl Tx for SqliteTx<'_> {
         .await?)
     }
 
+    async fn continues_on_error(&mut self, job: JobId) -> Result<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT continue_on_error FROM jobs WHERE id = ?")
+                .bind(job)
+                .fetch_optional(&mut *self.0)
+                .await?
+                .unwrap_or(false),
+        )
+    }
+
+    async fn tolerate_parked_step(
+        &mut self,
+        job: JobId,
+        error: &str,
+        now: Millis,
+    ) -> Result<Option<Succeeded>> {
+        let row = sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:succeeded}, error = ?2, output = ?3, finished_at = ?4 \
+             WHERE id = ?1 AND state = {job:parked} RETURNING run_id, step_id, is_sink"
+        ))
+        .bind(job)
+        .bind(error)
+        .bind(to_json(&Settlement::tolerated_output(error)))
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        Ok(row.map(|row| Succeeded {
+            run_id: row.get("run_id"),
+            step_id: row.get("step_id"),
+            is_sink: row.get("is_sink"),
+        }))
+    }
+
     async fn succeed_parked_step(&mut self, job: JobId, now: Millis) -> Result<Option<Succeeded>> {
         let row = sqlx::query(statement!(
             "UPDATE jobs SET state = {job:succeeded}, finished_at = ?2, \
@@ -636,9 +669,9 @@ impl Tx for SqliteTx<'_> {
         .transpose()
     }
 
-    async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<(Lease, u32)>> {
+    async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<ExpiredLease>> {
         let rows = sqlx::query(statement!(
-            "SELECT id, attempt, lease_token, max_attempts FROM jobs \
+            "SELECT id, attempt, lease_token, max_attempts, continue_on_error FROM jobs \
              WHERE state = {job:running} AND lease_expires_at <= ? LIMIT ?"
         ))
         .bind(now)
@@ -647,15 +680,14 @@ impl Tx for SqliteTx<'_> {
         .await?;
         Ok(rows
             .iter()
-            .map(|row| {
-                (
-                    Lease {
-                        job_id: row.get("id"),
-                        attempt: row.get("attempt"),
-                        token: row.get("lease_token"),
-                    },
-                    row.get("max_attempts"),
-                )
+            .map(|row| ExpiredLease {
+                lease: Lease {
+                    job_id: row.get("id"),
+                    attempt: row.get("attempt"),
+                    token: row.get("lease_token"),
+                },
+                max_attempts: row.get("max_attempts"),
+                continue_on_error: row.get("continue_on_error"),
             })
             .collect())
     }

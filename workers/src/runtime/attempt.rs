@@ -33,12 +33,13 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
         step = %job.step_id, attempt = job.lease.attempt);
     async move {
         let started = std::time::Instant::now();
-        let (result, children, policy) =
+        let (result, children, policy, continue_on_error) =
             match shared.engine.version(&job.workflow_id, job.version).await {
                 Err(e) => (
                     AttemptResult::Failed(unreadable_definition(&job, &e)),
                     Vec::new(),
                     RetryPolicy::default(),
+                    false,
                 ),
                 Ok(workflow) => match workflow.step(&job.step_id) {
                     None => (
@@ -51,15 +52,18 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
                         )),
                         Vec::new(),
                         RetryPolicy::default(),
+                        false,
                     ),
                     Some(step) => {
                         let (result, children) = attempt(&shared, &job, step).await;
-                        (result, children, workflow.retry_policy(step))
+                        let policy = workflow.retry_policy(step);
+                        (result, children, policy, step.continue_on_error)
                     }
                 },
             };
         let now = shared.engine.now();
-        let settlement = settle(job.lease.attempt, &policy, result, now, rand::random());
+        let settlement = settle(job.lease.attempt, &policy, result, now, rand::random())
+            .continuing_on_error(continue_on_error);
         switchyard_engine::metrics::step_finished(
             &job.workflow_id,
             &job.step_id,
@@ -75,6 +79,9 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
                 tracing::warn!(%error, retry_at = at, "step failed; will retry")
             }
             Settlement::Fail { error } => tracing::warn!(%error, "step failed"),
+            Settlement::Tolerate { error } => {
+                tracing::warn!(%error, "step failed; continuing on error")
+            }
             Settlement::Park { until, .. } => tracing::info!(?until, "step parked"),
             Settlement::Release => {}
         }
