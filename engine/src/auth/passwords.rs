@@ -4,8 +4,7 @@
 //! flood of them leaves the async threads free. A hash waits in a short queue; when the queue is
 //! full, or a hash waited past its deadline, the caller is told to come back (`AuthError::Busy`).
 
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
@@ -22,13 +21,16 @@ use crate::store::{NewAuditEntry, SettingChange, StoreError};
 const QUEUED_PER_THREAD: usize = 16;
 /// How long a hash may wait for a thread.
 const QUEUE_DEADLINE: Duration = Duration::from_secs(2);
+/// A hashing thread that has had nothing to do for this long gives its work area back, so that
+/// memory returns to its baseline once a flood of logins is over.
+const IDLE_RELEASE: Duration = Duration::from_secs(5);
 /// Stored hashes are ours (19 MiB); one that asks for more than this is refused, not computed.
 const MAX_HASH_MEMORY_KIB: u32 = 64 * 1024;
 
 type Job = Box<dyn FnOnce(&mut Vec<Block>) + Send>;
 
 struct Hashers {
-    queue: SyncSender<Job>,
+    queue: flume::Sender<Job>,
 }
 
 impl Hashers {
@@ -36,8 +38,7 @@ impl Hashers {
         static HASHERS: OnceLock<Hashers> = OnceLock::new();
         HASHERS.get_or_init(|| {
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(threads * QUEUED_PER_THREAD);
-            let jobs = Arc::new(Mutex::new(jobs));
+            let (queue, jobs) = flume::bounded::<Job>(threads * QUEUED_PER_THREAD);
             for n in 0..threads {
                 let jobs = jobs.clone();
                 std::thread::Builder::new()
@@ -50,15 +51,23 @@ impl Hashers {
     }
 }
 
-fn hash_thread(jobs: &Mutex<Receiver<Job>>) {
+fn hash_thread(jobs: &flume::Receiver<Job>) {
     // The work area of this thread, grown to the largest hash it has computed.
     let mut memory = Vec::new();
     loop {
-        let job = match jobs.lock().expect("hash queue poisoned").recv() {
-            Ok(job) => job,
-            Err(_) => return,
+        let next = if memory.is_empty() {
+            jobs.recv()
+                .map_err(|_| flume::RecvTimeoutError::Disconnected)
+        } else {
+            jobs.recv_timeout(IDLE_RELEASE)
         };
-        job(&mut memory);
+        match next {
+            Ok(job) => job(&mut memory),
+            // One allocation of 19 MiB, which the allocator maps on its own and unmaps when
+            // freed.
+            Err(flume::RecvTimeoutError::Timeout) => memory = Vec::new(),
+            Err(flume::RecvTimeoutError::Disconnected) => return,
+        }
     }
 }
 
@@ -77,8 +86,8 @@ async fn on_hash_thread<T: Send + 'static>(
     });
     match Hashers::get().queue.try_send(job) {
         Ok(()) => {}
-        Err(TrySendError::Full(_)) => return Err(AuthError::Busy),
-        Err(TrySendError::Disconnected(_)) => {
+        Err(flume::TrySendError::Full(_)) => return Err(AuthError::Busy),
+        Err(flume::TrySendError::Disconnected(_)) => {
             return Err(AuthError::Signing("the hashing threads are gone".into()));
         }
     }
