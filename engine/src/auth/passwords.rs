@@ -332,6 +332,8 @@ async fn decoy_hash() -> Result<String, AuthError> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
 
     #[test]
