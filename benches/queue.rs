@@ -4,6 +4,7 @@
 //! - latency: enqueue-to-start p50/p99 under steady load
 //! - 40 sequential no-op steps: time of one run
 //! - fan-out: a master starting 7 children of 3 steps each and aggregating
+//! - priority: start delay of urgent runs behind a backlog of 100k low-priority jobs
 //! - claim: time of one claim of 100 jobs with 10k and with 1M queued
 //! - peak RSS (SQLite)
 //!
@@ -139,6 +140,8 @@ struct Bench {
     engine: Arc<Engine>,
     versions: std::collections::BTreeMap<String, (i64, Arc<Workflow>)>,
     probes: mpsc::UnboundedReceiver<(u64, Instant)>,
+    /// For the `probe` kind of more workers.
+    probe: mpsc::UnboundedSender<(u64, Instant)>,
     stop: watch::Sender<bool>,
     _dir: tempdir::Dir,
 }
@@ -182,9 +185,9 @@ impl Bench {
                 (id, (v, wf))
             })
             .collect();
-        let (tx, probes) = mpsc::unbounded_channel();
+        let (probe, probes) = mpsc::unbounded_channel();
         let mut registry = Registry::builtin();
-        registry.add(Probe(tx));
+        registry.add(Probe(probe.clone()));
         let (stop, stopped) = watch::channel(false);
         let config = WorkerConfig {
             slots,
@@ -204,14 +207,24 @@ impl Bench {
             engine,
             versions,
             probes,
+            probe,
             stop,
             _dir: tempdir::Dir(dir),
         }
     }
 
     fn plan(&self, id: &str, input: Value) -> NewRun {
+        self.plan_at(id, input, None)
+    }
+
+    /// A run at `priority` instead of its workflow's.
+    fn plan_at(&self, id: &str, input: Value, priority: Option<i32>) -> NewRun {
         let (version, wf) = &self.versions[id];
-        plan_run(wf, *version, input, Trigger::default()).unwrap()
+        let trigger = Trigger {
+            priority,
+            ..Trigger::default()
+        };
+        plan_run(wf, *version, input, trigger).unwrap()
     }
 
     async fn unfinished(&self) -> bool {
@@ -231,12 +244,17 @@ impl Bench {
 impl Bench {
     /// A bench whose own worker is stopped, with `jobs` one-step runs queued.
     async fn queued(backend: &Backend, jobs: usize) -> Bench {
+        Bench::queued_at(backend, jobs, None).await
+    }
+
+    /// The same, the runs at `priority`.
+    async fn queued_at(backend: &Backend, jobs: usize, priority: Option<i32>) -> Bench {
         let bench = Bench::new(backend, 1).await;
         bench.stop.send_replace(true);
         tokio::time::sleep(Duration::from_millis(50)).await;
         for _ in 0..jobs / 1_000 {
             let runs = (0..1_000)
-                .map(|_| bench.plan("one_noop", Value::Null))
+                .map(|_| bench.plan_at("one_noop", Value::Null, priority))
                 .collect();
             bench
                 .engine
@@ -346,6 +364,58 @@ async fn latency(backend: &Backend) {
     );
 }
 
+/// The start delay of urgent runs (priority 10) while a worker drains a backlog of 100k
+/// low-priority jobs (-10) ahead of them in time.
+async fn priority_delay(backend: &Backend) {
+    const URGENT: u64 = 200;
+    const RATE: u64 = 100; // urgent runs per second
+    let mut bench = Bench::queued_at(backend, 100_000, Some(-10)).await;
+    let (stop, stopped) = watch::channel(false);
+    let mut registry = Registry::builtin();
+    registry.add(Probe(bench.probe.clone()));
+    tokio::spawn(switchyard_workers::run_worker(
+        bench.engine.clone(),
+        registry,
+        WorkerConfig {
+            slots: 1_000,
+            ..WorkerConfig::default()
+        },
+        stopped,
+    ));
+    let mut sent = vec![None; URGENT as usize];
+    let mut delays = Vec::with_capacity(URGENT as usize);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+    for n in 0..URGENT {
+        tick.tick().await;
+        let run = bench.plan_at("probe_once", json!({ "n": n }), Some(10));
+        sent[n as usize] = Some(Instant::now());
+        bench
+            .engine
+            .store()
+            .create_runs(vec![run], bench.engine.now())
+            .await
+            .unwrap();
+        while let Ok((n, at)) = bench.probes.try_recv() {
+            delays.push(at - sent[n as usize].unwrap());
+        }
+    }
+    while delays.len() < URGENT as usize {
+        let (n, at) = bench.probes.recv().await.unwrap();
+        delays.push(at - sent[n as usize].unwrap());
+    }
+    let backlog_left = bench.engine.queue_depth().await.unwrap_or(-1);
+    stop.send_replace(true);
+    delays.sort();
+    let pct = |p: f64| delays[((delays.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e3;
+    println!(
+        "[{}] start delay of priority-10 runs at {RATE}/s behind 100k queued priority -10 jobs: \
+         p50 {:.2} ms, p99 {:.2} ms ({backlog_left} of the backlog still queued at the end)",
+        backend.name(),
+        pct(0.50),
+        pct(0.99)
+    );
+}
+
 async fn timed_runs(backend: &Backend, name: &str, workflow: &str, repeat: usize) {
     let mut bench = Bench::new(backend, 64).await;
     let mut times = Vec::with_capacity(repeat);
@@ -418,6 +488,9 @@ fn main() {
                 if matches!(backend, Backend::Postgres(_)) {
                     drain(backend, 4, 250).await;
                 }
+            }
+            if wants("priority") {
+                priority_delay(backend).await;
             }
             if wants("claim") {
                 claim_time(backend, 10_000).await;

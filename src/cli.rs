@@ -140,6 +140,9 @@ pub enum Command {
         /// Show progress on stderr until the run ends; the exit code is its result.
         #[arg(long)]
         wait: bool,
+        /// Instead of the workflow's priority: -100 to 100, higher claimed first.
+        #[arg(long, allow_hyphen_values = true)]
+        priority: Option<i32>,
     },
     /// Check definition files; lists every error as file:line:column: message.
     Validate { paths: Vec<PathBuf> },

@@ -157,7 +157,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             workflow,
             input,
             wait,
-        } => run(&global, &workflow, input.as_deref(), wait).await,
+            priority,
+        } => run(&global, &workflow, input.as_deref(), wait, priority).await,
         Command::Runs {
             workflow,
             status,
@@ -554,6 +555,7 @@ async fn run(
     workflow: &str,
     input: Option<&str>,
     wait: bool,
+    priority: Option<i32>,
 ) -> anyhow::Result<ExitCode> {
     let input: Value = match input {
         None => Value::Null,
@@ -578,7 +580,11 @@ async fn run(
             .install(definitions, DefinitionOrigin::Files, None)
             .await?;
     }
-    let (run_id, _) = engine.start(workflow, input, Trigger::default()).await?;
+    let trigger = Trigger {
+        priority,
+        ..Trigger::default()
+    };
+    let (run_id, _) = engine.start(workflow, input, trigger).await?;
     out!("{run_id}");
     if !wait {
         return Ok(ExitCode::SUCCESS);

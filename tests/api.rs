@@ -906,6 +906,13 @@ steps:
             .all(|v| !v["message"].as_str().unwrap().is_empty()),
         "{reply}"
     );
+    api.post(
+        start,
+        &admin,
+        json!({"input": {"topic": "rust"}, "priority": 500}),
+    )
+    .await
+    .assert_error(422, "invalid_input");
     // Nothing started.
     let runs = api.get("/api/runs?workflow=typed", &admin).await;
     assert_eq!(

@@ -135,6 +135,17 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         (vec!["cancel", "no-such-run"], "unknown run"),
         (vec!["signal", "no-such-run", "go"], "unknown run"),
         (
+            vec![
+                "run",
+                "fine",
+                "--priority",
+                "-101",
+                "--input",
+                r#"{"n": 1}"#,
+            ],
+            "priority -101 is out of range",
+        ),
+        (
             vec!["signal", "no-such-run", "go", "--payload", "{oops"],
             "--payload is not valid JSON",
         ),

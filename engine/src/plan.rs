@@ -2,7 +2,9 @@
 
 use serde_json::Value;
 
-use crate::definition::{InputSchema, TemplateContext, Violation, Workflow, render_str};
+use crate::definition::{
+    InputSchema, PRIORITIES, TemplateContext, Violation, Workflow, render_str,
+};
 use crate::store::{ConcurrencyGate, NewJob, NewRun, ParentLink, RunId, check_storable};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,8 @@ pub enum PlanError {
     /// A stored definition whose schema no longer compiles (it did when it was stored).
     #[error("input_schema of workflow {workflow}: {problem}")]
     BadInputSchema { workflow: String, problem: String },
+    #[error("priority {0} is out of range: -100 to 100")]
+    Priority(i32),
     #[error("input of workflow {workflow}: {problem}")]
     Unstorable {
         workflow: String,
@@ -40,6 +44,8 @@ pub struct Trigger {
     pub parent: Option<ParentLink>,
     pub scheduled_at: Option<i64>,
     pub idempotency_key: Option<String>,
+    /// Instead of the workflow's own priority.
+    pub priority: Option<i32>,
 }
 
 pub fn new_run_id() -> RunId {
@@ -66,6 +72,10 @@ pub fn plan_run(
 ) -> Result<NewRun, PlanError> {
     if workflow.steps.is_empty() {
         return Err(PlanError::NoSteps(workflow.id.clone()));
+    }
+    let priority = trigger.priority.unwrap_or(workflow.priority);
+    if !PRIORITIES.contains(&priority) {
+        return Err(PlanError::Priority(priority));
     }
     let mut merged = workflow.inputs.clone();
     match input {
@@ -142,6 +152,7 @@ pub fn plan_run(
         retention_ms: workflow.retention().as_millis() as i64,
         scheduled_at: trigger.scheduled_at,
         idempotency_key: trigger.idempotency_key,
+        priority,
         jobs,
     })
 }

@@ -1178,3 +1178,14 @@ fn an_input_schema_that_is_not_a_schema_is_an_error_at_its_key() {
         "input_schema is not a usable JSON Schema",
     );
 }
+
+#[test]
+fn a_priority_out_of_range_is_an_error_at_its_value() {
+    assert!(check("id: w\npriority: -100\nsteps:\n  - {id: a, type: noop}\n").is_ok());
+    assert_one_error(
+        "id: w\npriority: 101\nsteps:\n  - {id: a, type: noop}\n",
+        2,
+        11,
+        "priority 101 is out of range",
+    );
+}

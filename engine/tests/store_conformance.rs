@@ -1,6 +1,7 @@
 //! The store conformance suite: the same behaviours, run against every store. A store is done when
 //! it passes. Each test gets a fresh database; times are passed in, so no test sleeps.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -1501,6 +1502,79 @@ pub async fn a_refused_fire_is_recorded_once_with_an_alert_and_a_chosen_skip_wit
     assert!(alerts[0].message.contains(why), "{alerts:?}");
 }
 
+pub async fn higher_priority_is_claimed_first_and_equal_priority_in_order(store: Arc<dyn Store>) {
+    let wf = workflow("id: one\nsteps:\n  - {id: a, type: noop}\n");
+    let version = install(&*store, &wf).await;
+    let mut created: Vec<(i32, String)> = Vec::new();
+    // Low first, then a backlog at the default, then urgent ones: each enqueued a moment later.
+    let plan: Vec<i32> = [vec![-10; 3], vec![0; 200], vec![50, 10, 50, 10]].concat();
+    for (n, priority) in plan.into_iter().enumerate() {
+        let trigger = Trigger {
+            priority: Some(priority),
+            ..Trigger::default()
+        };
+        let run = plan_run(&wf, version, Value::Null, trigger).unwrap();
+        let id = store
+            .create_runs(vec![run], T0 + n as Millis)
+            .await
+            .unwrap()
+            .remove(0);
+        created.push((priority, id));
+    }
+    let now = T0 + 1_000;
+    let order = |p: i32| -> Vec<String> {
+        created
+            .iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, id)| id.clone())
+            .collect()
+    };
+    // Which jobs a claim takes is what priority decides; a claim's jobs start together.
+    let taken = |jobs: &[ClaimedJob]| -> BTreeSet<String> {
+        jobs.iter().map(|j| j.run_id.clone()).collect()
+    };
+    let first = claim(&*store, now, 5).await;
+    let expected: BTreeSet<String> = [order(50), order(10), order(0)[..1].to_vec()]
+        .concat()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        taken(&first),
+        expected,
+        "the highest first, then the oldest of the backlog"
+    );
+    let second = claim(&*store, now, 199).await;
+    assert_eq!(
+        taken(&second),
+        order(0)[1..].iter().cloned().collect(),
+        "the rest of the backlog before the lowest"
+    );
+    let last = claim(&*store, now, 1_000).await;
+    assert_eq!(taken(&last), order(-10).into_iter().collect());
+
+    // An urgent job not yet due waits; the backlog behind it is claimed meanwhile.
+    let urgent = Trigger {
+        priority: Some(100),
+        ..Trigger::default()
+    };
+    let run = plan_run(&wf, version, Value::Null, urgent).unwrap();
+    store.create_runs(vec![run], now).await.unwrap();
+    let job = claim(&*store, now, 1).await.remove(0);
+    store
+        .complete(vec![failed(&job, "try later")], now)
+        .await
+        .unwrap();
+    let normal = plan_run(&wf, version, Value::Null, Trigger::default()).unwrap();
+    let normal = store
+        .create_runs(vec![normal], now)
+        .await
+        .unwrap()
+        .remove(0);
+    let next = claim(&*store, now, 1).await;
+    assert_eq!(next.len(), 1, "the retry is not due yet");
+    assert_eq!(next[0].run_id, normal);
+}
+
 pub async fn batch_claim_takes_up_to_the_limit_oldest_first(store: Arc<dyn Store>) {
     let wf = workflow("id: one\nsteps:\n  - {id: a, type: noop}\n");
     let version = install(&*store, &wf).await;
@@ -2139,6 +2213,7 @@ macro_rules! conformance {
                 callback_wakes_a_parked_step_once_with_its_result,
                 callback_before_the_step_parks_wakes_it_as_it_parks,
                 a_step_that_continues_on_error_fails_alone_and_its_dependents_run,
+                higher_priority_is_claimed_first_and_equal_priority_in_order,
                 a_lost_last_attempt_of_a_step_that_continues_on_error_is_tolerated,
                 a_workflow_step_that_continues_on_error_tolerates_a_failed_child,
                 a_signal_before_its_step_ran_is_kept_and_a_second_is_refused,

@@ -192,6 +192,9 @@ pub struct StartRequest {
     /// The run's `input`; `null` when absent.
     #[serde(default)]
     pub input: Value,
+    /// Instead of the workflow's `priority`: -100 to 100, higher claimed first.
+    #[schema(minimum = -100, maximum = 100)]
+    pub priority: Option<i32>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -259,6 +262,7 @@ pub async fn start_workflow(
             request.input,
             Trigger {
                 idempotency_key,
+                priority: request.priority,
                 ..Trigger::default()
             },
         )

@@ -35,6 +35,10 @@ pub struct Workflow {
     pub retry: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<Concurrency>,
+    /// -100..100 (default 0): among due jobs, higher priority is claimed first.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = -100, max = 100))]
+    pub priority: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notifications: Option<Notifications>,
     /// Input defaults, merged under the input a trigger gives.
@@ -375,6 +379,13 @@ pub struct Step {
 fn is_false(b: &bool) -> bool {
     !b
 }
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+/// The range of `priority`, on a workflow and on a start.
+pub const PRIORITIES: std::ops::RangeInclusive<i32> = -100..=100;
 
 /// A duration written the humantime way (`30s`, `10m`, `1h 30m`, `30d`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]

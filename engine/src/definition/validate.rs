@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::error::{DefinitionError, DefinitionErrors};
 use super::input_schema::InputSchema;
 use super::locate::Seg;
-use super::model::{Step, WAIT_KIND, Workflow, WorkflowMap};
+use super::model::{PRIORITIES, Step, WAIT_KIND, Workflow, WorkflowMap};
 use super::parse::{Format, ParsedSource, make_error, parse_source};
 use super::template::{ENV, is_template};
 
@@ -167,6 +167,13 @@ impl Check<'_, '_> {
                 &[Seg::Key("timeout")],
                 false,
                 "timeout must be longer than 0s".to_owned(),
+            );
+        }
+        if !PRIORITIES.contains(&wf.priority) {
+            self.err(
+                &[Seg::Key("priority")],
+                false,
+                format!("priority {} is out of range: -100 to 100", wf.priority),
             );
         }
         if wf.retention.is_some_and(|t| t.0.is_zero()) {

@@ -346,6 +346,7 @@ fn run_rows(runs: &[(&NewRun, bool)], now: Millis) -> (Value, Vec<Value>) {
             "retention_ms": run.retention_ms,
             "scheduled_at": run.scheduled_at,
             "started_at": (!gated).then_some(now),
+            "priority": run.priority,
         }));
         for job in &run.jobs {
             jobs.push(json!({
@@ -356,6 +357,7 @@ fn run_rows(runs: &[(&NewRun, bool)], now: Millis) -> (Value, Vec<Value>) {
                 "is_sink": job.is_sink,
                 "budget": job.max_attempts,
                 "continue_on_error": job.continue_on_error,
+                "priority": run.priority,
                 "ready": !gated && job.needs.is_empty(),
             }));
         }

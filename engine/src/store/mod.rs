@@ -268,6 +268,8 @@ pub struct NewRun {
     pub scheduled_at: Option<Millis>,
     /// A second start with the same key returns the first run.
     pub idempotency_key: Option<String>,
+    /// Its jobs are claimed before those of lower priority (see [`crate::definition::PRIORITIES`]).
+    pub priority: i32,
     pub jobs: Vec<NewJob>,
 }
 

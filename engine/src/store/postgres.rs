@@ -225,10 +225,10 @@ const PROMOTE_DEPENDENTS: &str = "promoted AS ( \
                AND state = {job:waiting} AND needs ? s.step_id OFFSET 0) AS j \
            GROUP BY j.id) AS d \
      WHERE jobs.id = d.id \
-     RETURNING jobs.id, jobs.state, jobs.run_after), \
+     RETURNING jobs.id, jobs.state, jobs.run_after, jobs.priority), \
  promoted_queued AS ( \
-     INSERT INTO job_queue (run_after, job_id) \
-     SELECT run_after, id FROM promoted WHERE state = {job:available} \
+     INSERT INTO job_queue (run_after, job_id, priority) \
+     SELECT run_after, id, priority FROM promoted WHERE state = {job:available} \
      ON CONFLICT DO NOTHING)";
 
 /// In a settlement (`c`) of a job: a result delivered while the step ran, under the token it
@@ -292,16 +292,17 @@ impl Tx for PgTx<'_> {
         let inserted: Vec<String> = sqlx::query_scalar(
             "INSERT INTO runs (id, workflow_id, version, status, input, parent_run_id, \
                  parent_job_id, child_index, concurrency_key, concurrency_limit, idempotency_key, \
-                 timeout_ms, deadline_at, retention_ms, scheduled_at, created_at, started_at) \
+                 timeout_ms, deadline_at, retention_ms, scheduled_at, created_at, started_at, \
+                 priority) \
              SELECT r.id, r.workflow_id, r.version, r.status, coalesce(r.input, 'null'), \
                  r.parent_run_id, r.parent_job_id, r.child_index, r.concurrency_key, \
                  r.concurrency_limit, r.idempotency_key, r.timeout_ms, r.deadline_at, \
-                 r.retention_ms, r.scheduled_at, $2, r.started_at \
+                 r.retention_ms, r.scheduled_at, $2, r.started_at, r.priority \
              FROM jsonb_to_recordset($1) AS r(id text, workflow_id text, version bigint, \
                  status text, input jsonb, parent_run_id text, parent_job_id bigint, \
                  child_index bigint, concurrency_key text, concurrency_limit bigint, \
                  idempotency_key text, timeout_ms bigint, deadline_at bigint, retention_ms bigint, \
-                 scheduled_at bigint, started_at bigint) \
+                 scheduled_at bigint, started_at bigint, priority smallint) \
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
              RETURNING id",
         )
@@ -316,16 +317,18 @@ impl Tx for PgTx<'_> {
         sqlx::query(statement!(
             "WITH made AS ( \
                  INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
-                     attempt_budget, max_attempts, continue_on_error, run_after) \
+                     attempt_budget, max_attempts, continue_on_error, priority, run_after) \
                  SELECT j.run_id, j.step_id, \
                      CASE WHEN j.ready THEN {job:available} ELSE {job:waiting} END, \
-                     j.needs, j.pending, j.is_sink, j.budget, j.budget, j.continue_on_error, $2 \
+                     j.needs, j.pending, j.is_sink, j.budget, j.budget, j.continue_on_error, \
+                     j.priority, $2 \
                  FROM jsonb_to_recordset($1) AS j(run_id text, step_id text, needs jsonb, \
                      pending int, is_sink boolean, budget int, continue_on_error boolean, \
-                     ready boolean) \
-                 RETURNING id, state, run_after) \
-             INSERT INTO job_queue (run_after, job_id) \
-             SELECT run_after, id FROM made WHERE state = {job:available} ON CONFLICT DO NOTHING"
+                     priority smallint, ready boolean) \
+                 RETURNING id, state, run_after, priority) \
+             INSERT INTO job_queue (run_after, job_id, priority) \
+             SELECT run_after, id, priority FROM made WHERE state = {job:available} \
+             ON CONFLICT DO NOTHING"
         ))
         .bind(jobs)
         .bind(now)
@@ -378,9 +381,10 @@ impl Tx for PgTx<'_> {
                      AND jobs.lease_token = c.token AND jobs.state = {{job:running}} \
                      AND (SELECT count(*) FROM locked) >= 0 \
                  RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error, \
-                     jobs.is_sink, jobs.run_after), \
+                     jobs.is_sink, jobs.run_after, jobs.priority), \
              requeued AS ( \
-                 INSERT INTO job_queue (run_after, job_id) SELECT run_after, id FROM settled \
+                 INSERT INTO job_queue (run_after, job_id, priority) \
+                 SELECT run_after, id, priority FROM settled \
                  WHERE state IN {{jobs:claimable}} AND run_after IS NOT NULL \
                  ON CONFLICT DO NOTHING), \
              succeeded AS ( \
@@ -573,9 +577,9 @@ impl Tx for PgTx<'_> {
                  UPDATE jobs SET state = {job:available}, run_after = $2 \
                  WHERE run_id = ANY($1::text[]) AND state = {job:waiting} \
                      AND pending_needs = 0 \
-                 RETURNING id, run_after) \
-             INSERT INTO job_queue (run_after, job_id) \
-             SELECT run_after, id FROM made ON CONFLICT DO NOTHING"
+                 RETURNING id, run_after, priority) \
+             INSERT INTO job_queue (run_after, job_id, priority) \
+             SELECT run_after, id, priority FROM made ON CONFLICT DO NOTHING"
         ))
         .bind(runs)
         .bind(now)
@@ -691,9 +695,10 @@ impl Tx for PgTx<'_> {
                      run_after = CASE WHEN t.state = {job:parked} THEN $5 \
                          ELSE jobs.run_after END \
                  FROM target AS t WHERE jobs.id = t.id AND NOT t.answered \
-                 RETURNING jobs.id, t.state = {job:parked} AS woken), \
+                 RETURNING jobs.id, jobs.priority, t.state = {job:parked} AS woken), \
              queued AS ( \
-                 INSERT INTO job_queue (run_after, job_id) SELECT $5, id FROM given WHERE woken \
+                 INSERT INTO job_queue (run_after, job_id, priority) \
+                 SELECT $5, id, priority FROM given WHERE woken \
                  ON CONFLICT DO NOTHING) \
              SELECT g.woken FROM target AS t LEFT JOIN given AS g ON g.id = t.id"
         ))
@@ -734,9 +739,10 @@ impl Tx for PgTx<'_> {
                      run_after = CASE WHEN t.state = {job:parked} THEN $5 \
                          ELSE jobs.run_after END \
                  FROM target AS t WHERE jobs.id = t.id \
-                 RETURNING jobs.id, t.state = {job:parked} AS woken), \
+                 RETURNING jobs.id, jobs.priority, t.state = {job:parked} AS woken), \
              queued AS ( \
-                 INSERT INTO job_queue (run_after, job_id) SELECT $5, id FROM given WHERE woken \
+                 INSERT INTO job_queue (run_after, job_id, priority) \
+                 SELECT $5, id, priority FROM given WHERE woken \
                  ON CONFLICT DO NOTHING) \
              SELECT woken FROM given"
         ))
@@ -1103,8 +1109,10 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
     }
     let token = uuid::Uuid::new_v4().simple().to_string();
     // Waking from a parked state continues the same attempt; anything else starts a new one.
-    // The claim takes the queue's first rows no other claim holds and deletes them by address
-    // (stable while locked); their jobs, reached by primary key, are claimed if they are still
+    // The claim takes the queue's first rows no other claim holds, higher priorities first (the
+    // three parts of `next` run in turn, each only while the claim is not full: an `Append` under
+    // a `Limit`; the first and the last walk the partial index of the few rows whose priority is
+    // not 0), and deletes them by address (stable while locked); their jobs, reached by primary key, are claimed if they are still
     // claimable and due, since a race may leave a row behind (see `deliver_callback`). Whoever
     // else removes a queue row (a cancel, a callback) skips those a claim holds, so neither
     // waits for the other. One lease row covers the whole claim. Templates reference only steps
@@ -1112,8 +1120,22 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
     // and costs no lookup.
     let rows = sqlx::query(statement!(
         "WITH next AS MATERIALIZED ( \
-             SELECT ctid, job_id FROM job_queue WHERE run_after <= $3 \
-             ORDER BY run_after, job_id LIMIT $4 FOR UPDATE SKIP LOCKED), \
+             SELECT ctid, job_id FROM ( \
+                 SELECT ctid, job_id FROM job_queue \
+                 WHERE priority <> 0 AND priority > 0 AND run_after <= $3 \
+                 ORDER BY priority DESC, run_after, job_id LIMIT $4 \
+                 FOR UPDATE SKIP LOCKED) AS high \
+             UNION ALL \
+             SELECT ctid, job_id FROM ( \
+                 SELECT ctid, job_id FROM job_queue WHERE run_after <= $3 AND priority = 0 \
+                 ORDER BY run_after, job_id LIMIT $4 FOR UPDATE SKIP LOCKED) AS normal \
+             UNION ALL \
+             SELECT ctid, job_id FROM ( \
+                 SELECT ctid, job_id FROM job_queue \
+                 WHERE priority <> 0 AND priority < 0 AND run_after <= $3 \
+                 ORDER BY priority DESC, run_after, job_id LIMIT $4 \
+                 FOR UPDATE SKIP LOCKED) AS low \
+             LIMIT $4), \
          dequeued AS ( \
              DELETE FROM job_queue WHERE ctid = ANY(ARRAY(SELECT ctid FROM next))), \
          claimed AS ( \

@@ -108,17 +108,32 @@ struct Leased {
     rows: Vec<SqliteRow>,
 }
 
-/// The write half of a claim: leases up to `limit` claimable jobs, oldest due first.
+/// The write half of a claim: leases up to `limit` claimable jobs, higher priority first, oldest
+/// due first within a priority.
 async fn lease_jobs(conn: &mut SqliteConnection, params: &ClaimParams) -> Result<Leased> {
     let token = uuid::Uuid::new_v4().simple().to_string();
     // Waking from a parked state continues the same attempt; anything else starts a new one.
+    // The three parts run in turn while the claim is not full; the first and the last walk the
+    // partial index of the few jobs whose priority is not 0, the middle one `jobs_claimable`.
     let rows = sqlx::query(statement!(
         "UPDATE jobs SET state = {job:running}, attempt = attempt + (state != {job:parked}), \
              lease_token = ?1, lease_expires_at = ?2, \
              started_at = CASE WHEN state = {job:parked} THEN started_at ELSE ?3 END \
-         WHERE id IN (SELECT id FROM jobs \
-             WHERE state IN {jobs:claimable} AND run_after <= ?3 \
-             ORDER BY run_after, id LIMIT ?4) \
+         WHERE id IN ( \
+             SELECT id FROM (SELECT id FROM jobs \
+                 WHERE state IN {jobs:claimable} AND priority <> 0 AND priority > 0 \
+                     AND run_after <= ?3 \
+                 ORDER BY priority DESC, run_after, id LIMIT ?4) \
+             UNION ALL \
+             SELECT id FROM (SELECT id FROM jobs \
+                 WHERE state IN {jobs:claimable} AND run_after <= ?3 AND priority = 0 \
+                 ORDER BY run_after, id LIMIT ?4) \
+             UNION ALL \
+             SELECT id FROM (SELECT id FROM jobs \
+                 WHERE state IN {jobs:claimable} AND priority <> 0 AND priority < 0 \
+                     AND run_after <= ?3 \
+                 ORDER BY priority DESC, run_after, id LIMIT ?4) \
+             LIMIT ?4) \
          RETURNING id, run_id, step_id, attempt, checkpoint"
     ))
     .bind(&token)
@@ -263,13 +278,15 @@ impl Tx for SqliteTx<'_> {
             // `WHERE true`: SQLite reads `ON CONFLICT` after a bare SELECT as a join clause.
             "INSERT INTO runs (id, workflow_id, version, status, input, parent_run_id, \
                  parent_job_id, child_index, concurrency_key, concurrency_limit, idempotency_key, \
-                 timeout_ms, deadline_at, retention_ms, scheduled_at, created_at, started_at) \
+                 timeout_ms, deadline_at, retention_ms, scheduled_at, created_at, started_at, \
+                 priority) \
              SELECT r.value->>'id', r.value->>'workflow_id', r.value->>'version', \
                  r.value->>'status', coalesce(r.value->'input', 'null'), \
                  r.value->>'parent_run_id', r.value->>'parent_job_id', r.value->>'child_index', \
                  r.value->>'concurrency_key', r.value->>'concurrency_limit', \
                  r.value->>'idempotency_key', r.value->>'timeout_ms', r.value->>'deadline_at', \
-                 r.value->>'retention_ms', r.value->>'scheduled_at', ?2, r.value->>'started_at' \
+                 r.value->>'retention_ms', r.value->>'scheduled_at', ?2, r.value->>'started_at', \
+                 r.value->>'priority' \
              FROM json_each(?1) AS r WHERE true \
              ON CONFLICT DO NOTHING RETURNING id",
         )
@@ -283,11 +300,12 @@ impl Tx for SqliteTx<'_> {
     async fn insert_job_rows(&mut self, jobs: Value, now: Millis) -> Result<()> {
         sqlx::query(statement!(
             "INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
-                 attempt_budget, max_attempts, continue_on_error, run_after) \
+                 attempt_budget, max_attempts, continue_on_error, priority, run_after) \
              SELECT j.value->>'run_id', j.value->>'step_id', \
                  CASE WHEN j.value->>'ready' THEN {job:available} ELSE {job:waiting} END, \
                  j.value->>'needs', j.value->>'pending', j.value->>'is_sink', \
-                 j.value->>'budget', j.value->>'budget', j.value->>'continue_on_error', ?2 \
+                 j.value->>'budget', j.value->>'budget', j.value->>'continue_on_error', \
+                 j.value->>'priority', ?2 \
              FROM json_each(?1) AS j"
         ))
         .bind(to_json(&jobs))
