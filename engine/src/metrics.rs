@@ -10,7 +10,8 @@ use crate::state::RunStatus;
 
 pub const RUNS_STARTED: &str = "workflow_runs_started_total";
 pub const RUNS_FINISHED: &str = "workflow_runs_finished_total";
-/// The seed's alert rule reads this name: runs that failed or timed out.
+/// The seed's alert rule reads this name: runs that failed or timed out, and scheduled fires
+/// whose run could not start.
 pub const FAILURES: &str = "workflow_failures_total";
 pub const STEP_DURATION: &str = "workflow_step_duration_seconds";
 pub const QUEUE_DEPTH: &str = "workflow_queue_depth";
@@ -26,7 +27,10 @@ pub const BUCKETS: &[f64] = &[
 pub fn describe() {
     describe_counter!(RUNS_STARTED, "Runs started, by workflow");
     describe_counter!(RUNS_FINISHED, "Runs that ended, by workflow and status");
-    describe_counter!(FAILURES, "Runs that failed or timed out, by workflow");
+    describe_counter!(
+        FAILURES,
+        "Runs that failed or timed out, and fires refused, by workflow"
+    );
     describe_histogram!(
         STEP_DURATION,
         metrics::Unit::Seconds,

@@ -2,9 +2,7 @@
 
 use serde_json::Value;
 
-use crate::definition::{
-    InputSchema, PRIORITIES, TemplateContext, Violation, Workflow, render_str,
-};
+use crate::definition::{PRIORITIES, TemplateContext, Violation, Workflow, render_str};
 use crate::store::{ConcurrencyGate, NewJob, NewRun, ParentLink, RunId, check_storable};
 
 #[derive(Debug, thiserror::Error)]
@@ -94,10 +92,13 @@ pub fn plan_run(
         problem,
     })?;
     if let Some(schema) = &workflow.input_schema {
-        let schema = InputSchema::compile(schema).map_err(|problem| PlanError::BadInputSchema {
-            workflow: workflow.id.clone(),
-            problem,
-        })?;
+        let schema = workflow
+            .compiled_input_schema
+            .get(schema)
+            .map_err(|problem| PlanError::BadInputSchema {
+                workflow: workflow.id.clone(),
+                problem,
+            })?;
         let violations = schema.violations(&input);
         if !violations.is_empty() {
             return Err(PlanError::InputSchema {

@@ -636,10 +636,34 @@ pub async fn a_signal_to_a_running_step_wakes_it_as_it_parks_unless_it_timed_out
         matches!(&refused, SignalOutcome::NotWaiting(why) if why.contains("timed out")),
         "{refused:?}"
     );
+    // It fails by its timeout and is retried: its next attempt waits again, and takes a signal
+    // although the deadline its first attempt parked with is past.
+    let retry = Completion {
+        lease: timing_out.lease.clone(),
+        settlement: Settlement::Retry {
+            at: T0 + 20,
+            error: "timeout".into(),
+        },
+        children: Vec::new(),
+    };
+    store.complete(vec![retry], T0 + 11).await.unwrap();
+    let again = claim(&*store, T0 + LEASE * 10, 1).await.remove(0);
+    assert_eq!(again.lease.attempt, 2);
+    assert_eq!(
+        store
+            .deliver_signal(&signal(&late, json!("now")), T0 + LEASE * 10)
+            .await
+            .unwrap(),
+        SignalOutcome::Delivered
+    );
 }
 
 pub async fn a_signal_to_a_finished_step_or_a_missing_run_is_refused(store: Arc<dyn Store>) {
     let run = start(&*store, &gated(), Trigger::default()).await;
+    store
+        .deliver_signal(&signal(&run, json!(1)), T0)
+        .await
+        .unwrap();
     store.cancel_run(&run, T0).await.unwrap();
     let refused = store
         .deliver_signal(&signal(&run, Value::Null), T0 + 1)
@@ -792,15 +816,9 @@ pub async fn a_step_that_continues_on_error_fails_alone_and_its_dependents_run(
 ) {
     let run = start(&*store, &tolerant(), Trigger::default()).await;
     let a = claim(&*store, T0, 1).await.remove(0);
-    let tolerated = Completion {
-        lease: a.lease.clone(),
-        settlement: Settlement::Fail {
-            error: "boom".into(),
-        }
-        .continuing_on_error(true),
-        children: Vec::new(),
-    };
-    store.complete(vec![tolerated], T0).await.unwrap();
+    // A failure as any path reports it (a worker's, a result the database refused): the store
+    // knows the step continues on error.
+    store.complete(vec![failed(&a, "boom")], T0).await.unwrap();
     assert_tolerated(&*store, &run, "boom").await;
 }
 
@@ -818,17 +836,23 @@ pub async fn a_workflow_step_that_continues_on_error_tolerates_a_failed_child(
 ) {
     let child = workflow("id: child\nsteps:\n  - {id: only, type: noop}\n");
     let parent = workflow(
-        "id: parent\nsteps:\n  - {id: a, type: workflow, continue_on_error: true, with: {workflows: [child]}}\n  - {id: b, type: noop, needs: [a]}\n",
+        "id: parent\nsteps:\n  - {id: a, type: workflow, continue_on_error: true, with: {workflows: [child, child]}}\n  - {id: b, type: noop, needs: [a]}\n",
     );
     let child_version = install(&*store, &child).await;
     let run = start(&*store, &parent, Trigger::default()).await;
     let fan = claim(&*store, T0, 1).await.remove(0);
-    park_with_children(&*store, &run, &fan, &child, child_version, 1).await;
-    let only = claim(&*store, T0, 1).await.remove(0);
+    let children = park_with_children(&*store, &run, &fan, &child, child_version, 2).await;
+    let jobs = claim(&*store, T0, 2).await;
+    let first = jobs.iter().find(|j| j.run_id == children[0]).unwrap();
     store
-        .complete(vec![failed(&only, "child broke")], T0)
+        .complete(vec![failed(first, "child broke")], T0)
         .await
         .unwrap();
+    assert_eq!(
+        run_status(&*store, &children[1]).await,
+        RunStatus::Cancelled,
+        "the other child is of no use once its parent step has ended"
+    );
     assert_tolerated(&*store, &run, "failed").await;
 }
 

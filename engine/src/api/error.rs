@@ -267,6 +267,7 @@ impl From<EngineError> for ApiError {
                     format!("the input does not satisfy the input_schema of workflow {workflow}"),
                 )
             },
+            EngineError::Plan(e @ PlanError::BadInputSchema { .. }) => ApiError::internal(&e),
             EngineError::Plan(e) => ApiError::new(ErrorCode::InvalidInput, e.to_string()),
             EngineError::RefusedBefore { .. } => {
                 ApiError::new(ErrorCode::RefusedBefore, e.to_string())

@@ -83,7 +83,8 @@ pub fn observability_router(state: Observability) -> Router {
         title = "Switchyard admin API",
         description = "Workflows, runs, schedules, variables, secrets and users of a Switchyard \
             deployment. Send `Authorization: Bearer <token>`; roles are viewer (read), operator \
-            (start, cancel, retry, pause, signal) and admin (everything). Errors are `{code, message}`."
+            (start, cancel, retry, pause, signal) and admin (everything). Errors are `{code, message}`, \
+            with `violations` for an input that fails its workflow's `input_schema`."
     ),
     modifiers(&BearerAuth),
     tags(

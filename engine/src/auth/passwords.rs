@@ -63,8 +63,7 @@ fn hash_thread(jobs: &flume::Receiver<Job>) {
         };
         match next {
             Ok(job) => job(&mut memory),
-            // One allocation of 19 MiB, which the allocator maps on its own and unmaps when
-            // freed.
+            // One mapping of its own (see `WORK_AREA_RESERVE`), unmapped as it is freed.
             Err(flume::RecvTimeoutError::Timeout) => memory = Vec::new(),
             Err(flume::RecvTimeoutError::Disconnected) => return,
         }
@@ -99,9 +98,19 @@ fn params() -> Params {
     Params::default()
 }
 
+/// Blocks reserved for a work area, more than a hash uses: glibc serves an allocation past its
+/// mmap threshold with a mapping of its own and unmaps it when freed, but raises the threshold to
+/// the size of each mapping freed, up to 32 MiB; a 19 MiB area would come from the heap after the
+/// first release and stay resident. Reserving more than 32 MiB keeps every area a mapping, and
+/// pages never touched cost no memory.
+const WORK_AREA_RESERVE: usize = 33 * 1024;
+
 fn work_area(memory: &mut Vec<Block>, params: &Params) -> usize {
     let blocks = params.block_count();
     if memory.len() < blocks {
+        if memory.capacity() < blocks {
+            memory.reserve_exact(blocks.max(WORK_AREA_RESERVE) - memory.len());
+        }
         memory.resize(blocks, Block::default());
     }
     blocks

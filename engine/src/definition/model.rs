@@ -52,12 +52,50 @@ pub struct Workflow {
     )]
     #[schemars(with = "Option<InputSchemaDocument>")]
     pub input_schema: Option<Value>,
+    /// `input_schema` compiled, once per loaded workflow.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub compiled_input_schema: CompiledInputSchema,
     /// How long finished runs are kept (default 30 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<DurationSpec>,
     /// The DAG. A workflow without steps is run by n8n through the bridge.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<Step>,
+}
+
+/// A workflow's `input_schema`, compiled on first use. Not part of the format: a clone starts
+/// empty, and it never makes two workflows differ.
+#[derive(Default)]
+pub struct CompiledInputSchema(
+    std::sync::OnceLock<Result<std::sync::Arc<super::InputSchema>, String>>,
+);
+
+impl CompiledInputSchema {
+    /// `schema` compiled, the first call's answer for every call.
+    pub fn get(&self, schema: &Value) -> Result<std::sync::Arc<super::InputSchema>, String> {
+        self.0
+            .get_or_init(|| super::InputSchema::compile(schema).map(std::sync::Arc::new))
+            .clone()
+    }
+}
+
+impl Clone for CompiledInputSchema {
+    fn clone(&self) -> Self {
+        CompiledInputSchema::default()
+    }
+}
+
+impl PartialEq for CompiledInputSchema {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for CompiledInputSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CompiledInputSchema")
+    }
 }
 
 /// The schema of `input_schema`: a JSON Schema document, an object or a boolean.

@@ -18,8 +18,8 @@ use super::{
     WebhookOutcome, completion_rows, decide_install, install_audit,
 };
 use crate::state::{
-    JobState, Millis, RunStatus, fire_skip_reason, gate_opening, gate_room, settle_lost_lease,
-    timeout_error,
+    JobState, Millis, RunStatus, Settlement, fire_skip_reason, gate_opening, gate_room,
+    settle_lost_lease, timeout_error,
 };
 
 /// A step whose job just succeeded. Only a sink's success can finish its run: every other step
@@ -60,13 +60,11 @@ pub(crate) struct Settled {
     pub promoted: Vec<(JobId, JobState)>,
 }
 
-/// A lease whose time ran out with its job still `running`, and what settling the lost attempt
-/// needs of the job.
+/// A lease whose time ran out with its job still `running`, and the job's attempt budget.
 #[derive(Debug, Clone)]
 pub(crate) struct ExpiredLease {
     pub lease: Lease,
     pub max_attempts: u32,
-    pub continue_on_error: bool,
 }
 
 /// What a recorded fire or webhook event came to.
@@ -172,8 +170,10 @@ pub(crate) trait Tx: Send {
     ) -> Result<Vec<RunId>>;
     /// Makes the `waiting` jobs of `runs` that wait for nothing `available`; returns how many.
     async fn make_ready(&mut self, runs: &[RunId], now: Millis) -> Result<u64>;
-    /// Whether the step says `continue_on_error`.
-    async fn continues_on_error(&mut self, job: JobId) -> Result<bool>;
+    /// Those of `jobs` whose step says `continue_on_error`.
+    async fn continuing_on_error(&mut self, jobs: &[JobId]) -> Result<BTreeSet<JobId>>;
+    /// The active child runs of a `workflow` step.
+    async fn active_child_runs(&mut self, job: JobId) -> Result<Vec<RunId>>;
     /// Ends a `parked` step as tolerated (see `Settlement::Tolerate`); returns it when it was
     /// parked.
     async fn tolerate_parked_step(
@@ -198,7 +198,7 @@ pub(crate) trait Tx: Send {
     -> Result<Option<bool>>;
 
     /// Hands a signal to its step (see `Store::deliver_signal`) if the step is open, has no
-    /// callback yet, and is not running past its `deadline`: `None` when it takes none, else
+    /// callback yet, and is not running past the `deadline` its current attempt parked with: `None` when it takes none, else
     /// whether it woke a parked step.
     async fn give_signal(&mut self, signal: &Signal, now: Millis) -> Result<Option<bool>>;
     /// A step's state, and whether it holds a callback (a signal); `None` when there is no such
@@ -461,6 +461,8 @@ pub(crate) async fn complete(
     if completions.is_empty() {
         return Ok(Vec::new());
     }
+    let mut completions = completions;
+    tolerate_failures(tx, &mut completions).await?;
     let ids: Vec<JobId> = completions.iter().map(|c| c.lease.job_id).collect();
     let settled = tx
         .settle_jobs(completion_rows(&completions, now), &ids, now)
@@ -510,6 +512,28 @@ pub(crate) async fn complete(
     Ok(accepted)
 }
 
+/// A step that continues on error does not fail: whichever way its failure for good came (its
+/// worker's result, a result the database refused, its lost last lease), it is tolerated.
+async fn tolerate_failures(tx: &mut dyn Tx, completions: &mut [Completion]) -> Result<()> {
+    let failing: Vec<JobId> = completions
+        .iter()
+        .filter(|c| matches!(c.settlement, Settlement::Fail { .. }))
+        .map(|c| c.lease.job_id)
+        .collect();
+    if failing.is_empty() {
+        return Ok(());
+    }
+    let tolerant = tx.continuing_on_error(&failing).await?;
+    for completion in completions
+        .iter_mut()
+        .filter(|c| tolerant.contains(&c.lease.job_id))
+    {
+        let failed = std::mem::replace(&mut completion.settlement, Settlement::Release);
+        completion.settlement = failed.continuing_on_error(true);
+    }
+    Ok(())
+}
+
 /// Follows settled jobs to their consequences until nothing more changes: dependents become
 /// available, runs finish, a finished child run settles its parent's `workflow` step (which may
 /// finish the parent run in turn), and gates open for waiting runs.
@@ -542,7 +566,23 @@ async fn cascade(
         if open_gates(tx, &finished, now).await? {
             effects.woke();
         }
-        (succeeded, ended) = settle_parents(tx, &finished, now).await?;
+        let orphans;
+        (succeeded, ended, orphans) = settle_parents(tx, &finished, now).await?;
+        if !orphans.is_empty() {
+            // Their parent step has ended: only their gates matter, not their parent.
+            let cancelled: Vec<FinishedRun> = end_runs(tx, &orphans, RunStatus::Cancelled, now)
+                .await?
+                .into_iter()
+                .map(|r| FinishedRun {
+                    parent_job_id: None,
+                    ..r
+                })
+                .collect();
+            effects.finished(&cancelled);
+            if open_gates(tx, &cancelled, now).await? {
+                effects.woke();
+            }
+        }
         // a parent whose child did not succeed fails like any step
         ended_as = RunStatus::Failed;
         if succeeded.is_empty() && ended.is_empty() {
@@ -618,18 +658,23 @@ fn parent_outcomes(finished: &[FinishedRun]) -> BTreeMap<JobId, Option<&Finished
     parents
 }
 
+/// What settling parents led to: steps that succeeded, runs that fail with their error, and child
+/// runs to cancel with theirs.
+type SettledParents = (Vec<Succeeded>, Vec<(RunId, String)>, Vec<(RunId, String)>);
+
 /// Settles the parked `workflow` steps whose child runs just finished: failed when a child did not
 /// succeed, succeeded with the list of child outputs once every child succeeded.
 async fn settle_parents(
     tx: &mut dyn Tx,
     finished: &[FinishedRun],
     now: Millis,
-) -> Result<(Vec<Succeeded>, Vec<(RunId, String)>)> {
+) -> Result<SettledParents> {
     let mut succeeded = Vec::new();
     let mut failed = Vec::new();
+    let mut orphans = Vec::new();
     let parents = parent_outcomes(finished);
     if parents.is_empty() {
-        return Ok((succeeded, failed));
+        return Ok((succeeded, failed, orphans));
     }
     // Children finishing in two transactions at once would each see the other still running;
     // the parent run's lock makes the second wait and then see the first.
@@ -639,8 +684,15 @@ async fn settle_parents(
         match failure {
             Some(child) => {
                 let error = format!("child run {} {}", child.id, child.status);
-                if tx.continues_on_error(parent).await? {
-                    succeeded.extend(tx.tolerate_parked_step(parent, &error, now).await?);
+                if tx.continuing_on_error(&[parent]).await?.contains(&parent) {
+                    if let Some(step) = tx.tolerate_parked_step(parent, &error, now).await? {
+                        // Its other children are of no use to anyone now.
+                        let why = format!("step {} of run {} ended", step.step_id, step.run_id);
+                        for child in tx.active_child_runs(parent).await? {
+                            orphans.push((child, why.clone()));
+                        }
+                        succeeded.push(step);
+                    }
                 } else if let Some((run_id, step)) =
                     tx.fail_parked_step(parent, &error, now).await?
                 {
@@ -650,7 +702,7 @@ async fn settle_parents(
             None => succeeded.extend(tx.succeed_parked_step(parent, now).await?),
         }
     }
-    Ok((succeeded, failed))
+    Ok((succeeded, failed, orphans))
 }
 
 /// Settles expired leases as lost attempts and times out runs past their deadline.
@@ -661,8 +713,7 @@ pub(crate) async fn sweep(tx: &mut dyn Tx, now: Millis, effects: &mut Effects) -
         .await?
         .into_iter()
         .map(|expired| Completion {
-            settlement: settle_lost_lease(expired.lease.attempt, expired.max_attempts, now)
-                .continuing_on_error(expired.continue_on_error),
+            settlement: settle_lost_lease(expired.lease.attempt, expired.max_attempts, now),
             lease: expired.lease,
             children: Vec::new(),
         })
@@ -900,10 +951,10 @@ pub(crate) async fn deliver_signal(
             "run {} has no step {}",
             signal.run_id, signal.step_id
         )),
-        Some((_, true)) => SignalOutcome::AlreadySignalled,
-        Some((state, false)) if state.is_finished() => {
+        Some((state, _)) if state.is_finished() => {
             SignalOutcome::NotWaiting(format!("step {} is {state}", signal.step_id))
         }
+        Some((_, true)) => SignalOutcome::AlreadySignalled,
         Some(_) => SignalOutcome::NotWaiting(format!(
             "step {} timed out waiting for signal {}",
             signal.step_id, signal.name

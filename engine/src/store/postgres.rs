@@ -608,14 +608,22 @@ impl Tx for PgTx<'_> {
         .await?)
     }
 
-    async fn continues_on_error(&mut self, job: JobId) -> Result<bool> {
-        Ok(
-            sqlx::query_scalar("SELECT continue_on_error FROM jobs WHERE id = $1")
-                .bind(job)
-                .fetch_optional(&mut *self.0)
-                .await?
-                .unwrap_or(false),
-        )
+    async fn continuing_on_error(&mut self, jobs: &[JobId]) -> Result<BTreeSet<JobId>> {
+        let tolerant: Vec<JobId> =
+            sqlx::query_scalar("SELECT id FROM jobs WHERE id = ANY($1) AND continue_on_error")
+                .bind(jobs)
+                .fetch_all(&mut *self.0)
+                .await?;
+        Ok(tolerant.into_iter().collect())
+    }
+
+    async fn active_child_runs(&mut self, job: JobId) -> Result<Vec<RunId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "SELECT id FROM runs WHERE parent_job_id = $1 AND status IN {runs:active}"
+        ))
+        .bind(job)
+        .fetch_all(&mut *self.0)
+        .await?)
     }
 
     async fn tolerate_parked_step(
@@ -723,7 +731,10 @@ impl Tx for PgTx<'_> {
                      AND NOT coalesce(checkpoint ? 'callback', false) \
                      AND NOT (state = {job:running} AND CASE \
                          WHEN jsonb_typeof(checkpoint->'deadline') = 'number' \
-                         THEN (checkpoint->'deadline')::numeric <= $5 ELSE false END) \
+                             AND jsonb_typeof(checkpoint->'attempt') = 'number' \
+                         THEN (checkpoint->'deadline')::numeric <= $5 \
+                             AND (checkpoint->'attempt')::numeric = attempt \
+                         ELSE false END) \
                  FOR UPDATE), \
              dequeued AS ( \
                  DELETE FROM job_queue WHERE ctid = ANY(ARRAY( \
@@ -780,7 +791,7 @@ impl Tx for PgTx<'_> {
         // No row locks here: the fenced completion decides, should a worker or another sweeper
         // settle the same attempt at the same time.
         let rows = sqlx::query(statement!(
-            "SELECT j.id, j.attempt, j.lease_token, j.max_attempts, j.continue_on_error \
+            "SELECT j.id, j.attempt, j.lease_token, j.max_attempts \
              FROM leases AS l JOIN jobs AS j ON j.id = ANY(l.job_ids) \
              WHERE l.expires_at <= $1 AND j.lease_token = l.token AND j.state = {job:running} \
              LIMIT $2"
@@ -798,7 +809,6 @@ impl Tx for PgTx<'_> {
                     token: row.get("lease_token"),
                 },
                 max_attempts: row.get::<i32, _>("max_attempts").max(0) as u32,
-                continue_on_error: row.get("continue_on_error"),
             })
             .collect())
     }

@@ -551,14 +551,24 @@ impl Tx for SqliteTx<'_> {
         .await?)
     }
 
-    async fn continues_on_error(&mut self, job: JobId) -> Result<bool> {
-        Ok(
-            sqlx::query_scalar("SELECT continue_on_error FROM jobs WHERE id = ?")
-                .bind(job)
-                .fetch_optional(&mut *self.0)
-                .await?
-                .unwrap_or(false),
+    async fn continuing_on_error(&mut self, jobs: &[JobId]) -> Result<BTreeSet<JobId>> {
+        let tolerant: Vec<JobId> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?)) \
+             AND continue_on_error",
         )
+        .bind(to_json(&serde_json::json!(jobs)))
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(tolerant.into_iter().collect())
+    }
+
+    async fn active_child_runs(&mut self, job: JobId) -> Result<Vec<RunId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "SELECT id FROM runs WHERE parent_job_id = ? AND status IN {runs:active}"
+        ))
+        .bind(job)
+        .fetch_all(&mut *self.0)
+        .await?)
     }
 
     async fn tolerate_parked_step(
@@ -654,7 +664,8 @@ impl Tx for SqliteTx<'_> {
                  AND (json_type(checkpoint) IS NOT 'object' OR checkpoint->'callback' IS NULL) \
                  AND NOT (state = {job:running} \
                      AND coalesce(json_type(checkpoint, '$.deadline') IN ('integer', 'real') \
-                         AND checkpoint->>'deadline' <= ?5, 0)) \
+                         AND checkpoint->>'deadline' <= ?5 \
+                         AND checkpoint->>'attempt' = attempt, 0)) \
              RETURNING state = {job:parked}"
         ))
         .bind(&signal.run_id)
@@ -689,7 +700,7 @@ impl Tx for SqliteTx<'_> {
 
     async fn expired_leases(&mut self, now: Millis, limit: u32) -> Result<Vec<ExpiredLease>> {
         let rows = sqlx::query(statement!(
-            "SELECT id, attempt, lease_token, max_attempts, continue_on_error FROM jobs \
+            "SELECT id, attempt, lease_token, max_attempts FROM jobs \
              WHERE state = {job:running} AND lease_expires_at <= ? LIMIT ?"
         ))
         .bind(now)
@@ -705,7 +716,6 @@ impl Tx for SqliteTx<'_> {
                     token: row.get("lease_token"),
                 },
                 max_attempts: row.get("max_attempts"),
-                continue_on_error: row.get("continue_on_error"),
             })
             .collect())
     }

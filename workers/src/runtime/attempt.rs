@@ -33,13 +33,12 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
         step = %job.step_id, attempt = job.lease.attempt);
     async move {
         let started = std::time::Instant::now();
-        let (result, children, policy, continue_on_error) =
+        let (result, children, policy) =
             match shared.engine.version(&job.workflow_id, job.version).await {
                 Err(e) => (
                     AttemptResult::Failed(unreadable_definition(&job, &e)),
                     Vec::new(),
                     RetryPolicy::default(),
-                    false,
                 ),
                 Ok(workflow) => match workflow.step(&job.step_id) {
                     None => (
@@ -52,18 +51,17 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
                         )),
                         Vec::new(),
                         RetryPolicy::default(),
-                        false,
                     ),
                     Some(step) => {
                         let (result, children) = attempt(&shared, &job, step).await;
-                        let policy = workflow.retry_policy(step);
-                        (result, children, policy, step.continue_on_error)
+                        (result, children, workflow.retry_policy(step))
                     }
                 },
             };
         let now = shared.engine.now();
-        let settlement = settle(job.lease.attempt, &policy, result, now, rand::random())
-            .continuing_on_error(continue_on_error);
+        // A failure of a step that continues on error is tolerated by the store, whichever way
+        // it came.
+        let settlement = settle(job.lease.attempt, &policy, result, now, rand::random());
         switchyard_engine::metrics::step_finished(
             &job.workflow_id,
             &job.step_id,
@@ -79,9 +77,7 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
                 tracing::warn!(%error, retry_at = at, "step failed; will retry")
             }
             Settlement::Fail { error } => tracing::warn!(%error, "step failed"),
-            Settlement::Tolerate { error } => {
-                tracing::warn!(%error, "step failed; continuing on error")
-            }
+            Settlement::Tolerate { error } => tracing::warn!(%error, "step failed; tolerated"),
             Settlement::Park { until, .. } => tracing::info!(?until, "step parked"),
             Settlement::Release => {}
         }
