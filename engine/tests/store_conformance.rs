@@ -531,6 +531,17 @@ fn waiting_for_go(job: &ClaimedJob, deadline: Millis) -> Completion {
     )
 }
 
+/// A run of `gated` whose `wait` step was just claimed.
+async fn at_the_wait_step(store: &dyn Store) -> (String, ClaimedJob) {
+    let run = start(store, &gated(), Trigger::default()).await;
+    let a = claim(store, T0, 1).await.remove(0);
+    store
+        .complete(vec![done(&a, Value::Null)], T0)
+        .await
+        .unwrap();
+    (run, claim(store, T0, 1).await.remove(0))
+}
+
 pub async fn a_signal_before_its_step_ran_is_kept_and_a_second_is_refused(store: Arc<dyn Store>) {
     let run = start(&*store, &gated(), Trigger::default()).await;
     let payload = json!({ "approved_by": "ana" });
@@ -563,13 +574,7 @@ pub async fn a_signal_before_its_step_ran_is_kept_and_a_second_is_refused(store:
 }
 
 pub async fn a_signal_wakes_its_parked_step_at_once(store: Arc<dyn Store>) {
-    let run = start(&*store, &gated(), Trigger::default()).await;
-    let a = claim(&*store, T0, 1).await.remove(0);
-    store
-        .complete(vec![done(&a, Value::Null)], T0)
-        .await
-        .unwrap();
-    let b = claim(&*store, T0, 1).await.remove(0);
+    let (run, b) = at_the_wait_step(&*store).await;
     store
         .complete(vec![waiting_for_go(&b, T0 + 60_000)], T0)
         .await
@@ -596,13 +601,7 @@ pub async fn a_signal_wakes_its_parked_step_at_once(store: Arc<dyn Store>) {
 pub async fn a_signal_to_a_running_step_wakes_it_as_it_parks_unless_it_timed_out(
     store: Arc<dyn Store>,
 ) {
-    let run = start(&*store, &gated(), Trigger::default()).await;
-    let a = claim(&*store, T0, 1).await.remove(0);
-    store
-        .complete(vec![done(&a, Value::Null)], T0)
-        .await
-        .unwrap();
-    let b = claim(&*store, T0, 1).await.remove(0);
+    let (run, b) = at_the_wait_step(&*store).await;
     store
         .deliver_signal(&signal(&run, json!("yes")), T0 + 1)
         .await
@@ -615,13 +614,7 @@ pub async fn a_signal_to_a_running_step_wakes_it_as_it_parks_unless_it_timed_out
     assert_eq!(woken.checkpoint.unwrap()["callback"], json!("yes"));
 
     // Another run, whose step runs past its deadline: it is failing by its timeout.
-    let late = start(&*store, &gated(), Trigger::default()).await;
-    let a = claim(&*store, T0, 1).await.remove(0);
-    store
-        .complete(vec![done(&a, Value::Null)], T0)
-        .await
-        .unwrap();
-    let b = claim(&*store, T0, 1).await.remove(0);
+    let (late, b) = at_the_wait_step(&*store).await;
     store
         .complete(vec![waiting_for_go(&b, T0 + 10)], T0)
         .await
