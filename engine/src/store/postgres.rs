@@ -532,7 +532,8 @@ impl Tx for PgTx<'_> {
         sqlx::query(statement!(
             "DELETE FROM job_queue WHERE ctid = ANY(ARRAY( \
                  SELECT q.ctid FROM job_queue AS q JOIN jobs AS j \
-                     ON q.run_after = j.run_after AND q.job_id = j.id \
+                     ON q.priority = j.priority AND q.run_after = j.run_after \
+                         AND q.job_id = j.id \
                  WHERE j.run_id = ANY($1::text[]) AND j.state IN {jobs:claimable} \
                  FOR UPDATE OF q SKIP LOCKED))"
         ))
@@ -685,7 +686,8 @@ impl Tx for PgTx<'_> {
         // result taken already.
         let given: Option<Option<bool>> = sqlx::query_scalar(statement!(
             "WITH target AS MATERIALIZED ( \
-                 SELECT id, state, run_after, checkpoint ? 'callback' AS answered FROM jobs \
+                 SELECT id, state, run_after, priority, checkpoint ? 'callback' AS answered \
+                 FROM jobs \
                  WHERE run_id = $1 AND step_id = $2 AND state IN {jobs:awaiting_answer} \
                      AND checkpoint->>'callback_token' = $3 \
                      AND (NOT checkpoint ? 'callback' \
@@ -694,7 +696,8 @@ impl Tx for PgTx<'_> {
              dequeued AS ( \
                  DELETE FROM job_queue WHERE ctid = ANY(ARRAY( \
                      SELECT q.ctid FROM job_queue AS q JOIN target AS t \
-                         ON q.run_after = t.run_after AND q.job_id = t.id \
+                         ON q.priority = t.priority AND q.run_after = t.run_after \
+                             AND q.job_id = t.id \
                      WHERE NOT t.answered AND t.state = {job:parked} AND t.run_after <> $5 \
                      FOR UPDATE OF q SKIP LOCKED))), \
              given AS ( \
@@ -726,7 +729,7 @@ impl Tx for PgTx<'_> {
         // it), and any other keeps the signal as a callback under the token it parks with.
         let woken: Option<bool> = sqlx::query_scalar(statement!(
             "WITH target AS MATERIALIZED ( \
-                 SELECT id, state, run_after FROM jobs \
+                 SELECT id, state, run_after, priority FROM jobs \
                  WHERE run_id = $1 AND step_id = $2 AND state IN {jobs:open} \
                      AND NOT coalesce(checkpoint ? 'callback', false) \
                      AND NOT (state = {job:running} AND CASE \
@@ -739,7 +742,8 @@ impl Tx for PgTx<'_> {
              dequeued AS ( \
                  DELETE FROM job_queue WHERE ctid = ANY(ARRAY( \
                      SELECT q.ctid FROM job_queue AS q JOIN target AS t \
-                         ON q.run_after = t.run_after AND q.job_id = t.id \
+                         ON q.priority = t.priority AND q.run_after = t.run_after \
+                             AND q.job_id = t.id \
                      WHERE t.state = {job:parked} AND t.run_after <> $5 \
                      FOR UPDATE OF q SKIP LOCKED))), \
              given AS ( \
@@ -1121,8 +1125,9 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
     // Waking from a parked state continues the same attempt; anything else starts a new one.
     // The claim takes the queue's first rows no other claim holds, higher priorities first (the
     // three parts of `next` run in turn, each only while the claim is not full: an `Append` under
-    // a `Limit`; the first and the last walk the partial index of the few rows whose priority is
-    // not 0), and deletes them by address (stable while locked); their jobs, reached by primary key, are claimed if they are still
+    // a `Limit`; the middle one reads the primary key's range of due rows at priority 0, the
+    // first and the last the partial index of the few rows whose priority is not 0), and deletes
+    // them by address (stable while locked); their jobs, reached by primary key, are claimed if they are still
     // claimable and due, since a race may leave a row behind (see `deliver_callback`). Whoever
     // else removes a queue row (a cancel, a callback) skips those a claim holds, so neither
     // waits for the other. One lease row covers the whole claim. Templates reference only steps
@@ -1463,18 +1468,20 @@ impl Store for PostgresStore {
     }
 
     async fn queue_depth(&self, now: Millis) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT count(*) FROM job_queue WHERE run_after <= $1")
-                .bind(now)
-                .fetch_one(&self.pool)
-                .await?,
+        Ok(sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM job_queue WHERE priority = 0 AND run_after <= $1) \
+                     + (SELECT count(*) FROM job_queue WHERE priority <> 0 AND run_after <= $1)",
         )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     async fn next_due(&self) -> Result<Option<Millis>> {
         Ok(sqlx::query_scalar(statement!(
             "SELECT least( \
-                 (SELECT min(run_after) FROM job_queue), \
+                 (SELECT min(run_after) FROM job_queue WHERE priority = 0), \
+                 (SELECT min(run_after) FROM job_queue WHERE priority <> 0), \
                  (SELECT min(deadline_at) FROM runs \
                      WHERE status IN {runs:active} AND deadline_at IS NOT NULL))"
         ))

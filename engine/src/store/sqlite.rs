@@ -1264,7 +1264,10 @@ impl Store for SqliteStore {
 
     async fn queue_depth(&self, now: Millis) -> Result<i64> {
         Ok(sqlx::query_scalar(statement!(
-            "SELECT count(*) FROM jobs WHERE state IN {jobs:claimable} AND run_after <= ?"
+            "SELECT (SELECT count(*) FROM jobs \
+                 WHERE state IN {jobs:claimable} AND priority = 0 AND run_after <= ?1) \
+             + (SELECT count(*) FROM jobs \
+                 WHERE state IN {jobs:claimable} AND priority <> 0 AND run_after <= ?1)"
         ))
         .bind(now)
         .fetch_one(&self.reader)
@@ -1275,7 +1278,9 @@ impl Store for SqliteStore {
         Ok(sqlx::query_scalar(statement!(
             "SELECT min( \
                  coalesce((SELECT min(run_after) FROM jobs \
-                     WHERE state IN {jobs:claimable}), 9000000000000000000), \
+                     WHERE state IN {jobs:claimable} AND priority = 0), 9000000000000000000), \
+                 coalesce((SELECT min(run_after) FROM jobs \
+                     WHERE state IN {jobs:claimable} AND priority <> 0), 9000000000000000000), \
                  coalesce((SELECT min(deadline_at) FROM runs \
                      WHERE status IN {runs:active} AND deadline_at IS NOT NULL), \
                      9000000000000000000))"
