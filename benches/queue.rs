@@ -15,7 +15,7 @@
 //! Timing comes from a `probe` step kind (also an example of a custom step kind) that reports the
 //! instant it runs, so the figures include no polling by the benchmark itself.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -328,16 +328,32 @@ async fn claim_time(backend: &Backend, queued: usize) {
 }
 
 async fn latency(backend: &Backend) {
-    const RUNS: u64 = 2_000;
     const RATE: u64 = 500; // runs per second
     let mut bench = Bench::new(backend, 64).await;
-    let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; RUNS as usize]));
-    let mut delays = Vec::with_capacity(RUNS as usize);
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
-    for n in 0..RUNS {
+    let delays = start_delays(&mut bench, 2_000, RATE, None).await;
+    println!(
+        "[{}] enqueue-to-start latency at {RATE} runs/s: p50 {:.2} ms, p99 {:.2} ms",
+        backend.name(),
+        percentile_ms(&delays, 0.50),
+        percentile_ms(&delays, 0.99)
+    );
+}
+
+/// Starts `runs` probe runs at `rate` a second (at `priority`), and returns how long each took
+/// from its enqueue to the start of its step, sorted.
+async fn start_delays(
+    bench: &mut Bench,
+    runs: u64,
+    rate: u64,
+    priority: Option<i32>,
+) -> Vec<Duration> {
+    let mut sent = vec![None; runs as usize];
+    let mut delays = Vec::with_capacity(runs as usize);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    for n in 0..runs {
         tick.tick().await;
-        let run = bench.plan("probe_once", json!({ "n": n }));
-        sent.lock().unwrap()[n as usize] = Some(Instant::now());
+        let run = bench.plan_at("probe_once", json!({ "n": n }), priority);
+        sent[n as usize] = Some(Instant::now());
         bench
             .engine
             .store()
@@ -345,29 +361,25 @@ async fn latency(backend: &Backend) {
             .await
             .unwrap();
         while let Ok((n, at)) = bench.probes.try_recv() {
-            let start = sent.lock().unwrap()[n as usize].unwrap();
-            delays.push(at - start);
+            delays.push(at - sent[n as usize].unwrap());
         }
     }
-    while delays.len() < RUNS as usize {
+    while delays.len() < runs as usize {
         let (n, at) = bench.probes.recv().await.unwrap();
-        let start = sent.lock().unwrap()[n as usize].unwrap();
-        delays.push(at - start);
+        delays.push(at - sent[n as usize].unwrap());
     }
     delays.sort();
-    let pct = |p: f64| delays[((delays.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e3;
-    println!(
-        "[{}] enqueue-to-start latency at {RATE} runs/s: p50 {:.2} ms, p99 {:.2} ms",
-        backend.name(),
-        pct(0.50),
-        pct(0.99)
-    );
+    delays
+}
+
+/// The `p` quantile of sorted `delays`, in milliseconds.
+fn percentile_ms(delays: &[Duration], p: f64) -> f64 {
+    delays[((delays.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e3
 }
 
 /// The start delay of urgent runs (priority 10) while a worker drains a backlog of 100k
 /// low-priority jobs (-10) ahead of them in time.
 async fn priority_delay(backend: &Backend) {
-    const URGENT: u64 = 200;
     const RATE: u64 = 100; // urgent runs per second
     let mut bench = Bench::queued_at(backend, 100_000, Some(-10)).await;
     let (stop, stopped) = watch::channel(false);
@@ -382,37 +394,15 @@ async fn priority_delay(backend: &Backend) {
         },
         stopped,
     ));
-    let mut sent = vec![None; URGENT as usize];
-    let mut delays = Vec::with_capacity(URGENT as usize);
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
-    for n in 0..URGENT {
-        tick.tick().await;
-        let run = bench.plan_at("probe_once", json!({ "n": n }), Some(10));
-        sent[n as usize] = Some(Instant::now());
-        bench
-            .engine
-            .store()
-            .create_runs(vec![run], bench.engine.now())
-            .await
-            .unwrap();
-        while let Ok((n, at)) = bench.probes.try_recv() {
-            delays.push(at - sent[n as usize].unwrap());
-        }
-    }
-    while delays.len() < URGENT as usize {
-        let (n, at) = bench.probes.recv().await.unwrap();
-        delays.push(at - sent[n as usize].unwrap());
-    }
+    let delays = start_delays(&mut bench, 200, RATE, Some(10)).await;
     let backlog_left = bench.engine.queue_depth().await.unwrap_or(-1);
     stop.send_replace(true);
-    delays.sort();
-    let pct = |p: f64| delays[((delays.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e3;
     println!(
         "[{}] start delay of priority-10 runs at {RATE}/s behind 100k queued priority -10 jobs: \
          p50 {:.2} ms, p99 {:.2} ms ({backlog_left} of the backlog still queued at the end)",
         backend.name(),
-        pct(0.50),
-        pct(0.99)
+        percentile_ms(&delays, 0.50),
+        percentile_ms(&delays, 0.99)
     );
 }
 
