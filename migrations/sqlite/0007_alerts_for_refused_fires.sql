@@ -9,6 +9,9 @@ CREATE TABLE alerts_rebuilt (
     message      TEXT NOT NULL,
     created_at   INTEGER NOT NULL
 );
+-- The ids go on from where they were, though every alert was pruned.
+INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'alerts_rebuilt', seq FROM sqlite_sequence WHERE name = 'alerts';
 INSERT INTO alerts_rebuilt (id, workflow_id, run_id, kind, message, created_at)
     SELECT id, workflow_id, run_id, kind, message, created_at FROM alerts;
 DROP TABLE alerts;
