@@ -76,8 +76,11 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
             Settlement::Retry { at, error } => {
                 tracing::warn!(%error, retry_at = at, "step failed; will retry")
             }
-            Settlement::Fail { error } => tracing::warn!(%error, "step failed"),
-            Settlement::Tolerate { error } => tracing::warn!(%error, "step failed; tolerated"),
+            // A worker never decides a toleration: the store does, for a step that continues
+            // on error.
+            Settlement::Fail { error } | Settlement::Tolerate { error } => {
+                tracing::warn!(%error, "step failed")
+            }
             Settlement::Park { until, .. } => tracing::info!(?until, "step parked"),
             Settlement::Release => {}
         }
