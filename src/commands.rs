@@ -22,7 +22,7 @@ use switchyard_engine::maintenance::run_maintenance;
 use switchyard_engine::plan::Trigger;
 use switchyard_engine::scheduler::run_scheduler;
 use switchyard_engine::service::Engine;
-use switchyard_engine::state::{Millis, RunStatus};
+use switchyard_engine::state::{JobState, Millis, RunStatus};
 use switchyard_engine::store::{self, DefinitionOrigin, RunDetail, RunFilter};
 use switchyard_workers::{EgressPolicy, Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
@@ -682,8 +682,13 @@ fn print_run(detail: &RunDetail) {
                 );
             }
         }
+        // A skipped step's reason is kept where an error would be.
+        let label = match s.state {
+            JobState::Skipped => "why",
+            _ => "error",
+        };
         if let Some(error) = &s.error {
-            out!("      error: {error}");
+            out!("      {label}: {error}");
         }
     }
 }

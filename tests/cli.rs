@@ -288,3 +288,56 @@ fn a_removed_workflow_stops_firing_and_serve_warns_about_a_schedule_without_its_
         String::from_utf8_lossy(&unknown.stderr)
     );
 }
+
+#[test]
+fn the_triage_example_branches_loops_and_runs_its_failure_handler() {
+    let mut sandbox = Sandbox::new("triage", "id: unused\nsteps:\n  - {id: a, type: noop}\n");
+    std::fs::remove_file(sandbox.dir.join("definitions/test.yaml")).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/definitions/triage.yaml"),
+        sandbox.dir.join("definitions/triage.yaml"),
+    )
+    .unwrap();
+    sandbox.serve();
+
+    // No item scores high: the approval is skipped with its reason, and publish runs anyway.
+    let out = sandbox.output_within(&["run", "triage", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let detail = sandbox.show(&run);
+    let approve = step(&detail, "approve");
+    assert_eq!(approve["state"], "skipped");
+    assert!(
+        approve["skipped_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("rendered false")),
+        "{approve}"
+    );
+    assert_eq!(step(&detail, "report")["state"], "skipped");
+    assert_eq!(detail["output"]["publish"]["scored"], 2);
+
+    // An item without a score fails its child run: the failure handler reads the run's error.
+    let out = sandbox.output_within(&[
+        "run",
+        "triage",
+        "--wait",
+        "--input",
+        r#"{"items": [{"name": "a"}]}"#,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let run = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let detail = sandbox.show(&run);
+    assert_eq!(detail["status"], "failed");
+    let report = step(&detail, "report");
+    assert_eq!(report["state"], "succeeded");
+    assert!(
+        report["output"]["failed"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("step score_each failed")),
+        "{report}"
+    );
+}

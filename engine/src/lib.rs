@@ -7,6 +7,7 @@ pub mod auth;
 pub mod callback;
 pub mod clock;
 pub mod definition;
+pub mod flow;
 pub mod health;
 pub mod keys;
 pub mod maintenance;

@@ -131,16 +131,23 @@ pub fn plan_run(
             })
         }
     };
+    let flow = workflow.has_control_flow();
+    let job = |step: &crate::definition::Step, on_failure: bool| NewJob {
+        step_id: step.id.clone(),
+        needs: step.needs.clone(),
+        // A failure handler's output is no part of the run's.
+        is_sink: !on_failure && !workflow.steps.iter().any(|o| o.needs.contains(&step.id)),
+        max_attempts: workflow.retry_policy(step).max_retries.saturating_add(1),
+        continue_on_error: step.continue_on_error,
+        run_if: step.run_if,
+        flow,
+        on_failure,
+    };
     let jobs = workflow
         .steps
         .iter()
-        .map(|step| NewJob {
-            step_id: step.id.clone(),
-            needs: step.needs.clone(),
-            is_sink: !workflow.steps.iter().any(|o| o.needs.contains(&step.id)),
-            max_attempts: workflow.retry_policy(step).max_retries.saturating_add(1),
-            continue_on_error: step.continue_on_error,
-        })
+        .map(|step| job(step, false))
+        .chain(workflow.on_failure.iter().map(|step| job(step, true)))
         .collect();
     Ok(NewRun {
         id: new_run_id(),

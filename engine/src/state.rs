@@ -8,7 +8,10 @@
 //! Job (one step's series of attempts):
 //! `waiting → available → running → succeeded | retrying | parked | failed | cancelled`,
 //! `retrying → running`, `parked → running` (a durable sleep wakes) or `parked → succeeded | failed`
-//! (child runs finished), and any unfinished state `→ cancelled` when its run ends.
+//! (child runs finished), and any unfinished state `→ cancelled` when its run ends. A step of a
+//! run with control flow may end `skipped`: `running → skipped` (its `when` was false) or
+//! `waiting → skipped` (its `run_if` cannot hold, or the run succeeded without needing its
+//! `on_failure` step); `flow.rs` decides the latter.
 //! Run: `pending → running → succeeded | failed | cancelled | timed_out`, and a run that did not
 //! succeed `→ running` again when retried.
 
@@ -43,7 +46,9 @@ state_enum!(
 
 state_enum!(
     /// The state of a job: one step of one run, across its attempts.
-    JobState { Waiting, Available, Running, Retrying, Parked, Succeeded, Failed, Cancelled }
+    JobState {
+        Waiting, Available, Running, Retrying, Parked, Succeeded, Failed, Cancelled, Skipped
+    }
 );
 
 impl RunStatus {
@@ -98,6 +103,8 @@ impl JobState {
     ];
     /// States a run's retry puts back in line.
     pub const UNSUCCESSFUL: &'static [JobState] = &[JobState::Failed, JobState::Cancelled];
+    /// Finished states a run may have succeeded with.
+    pub const SUCCESSFUL: &'static [JobState] = &[JobState::Succeeded, JobState::Skipped];
     /// States an attempt of the step is in while an outside answer to it may arrive (its
     /// callback token lives): parked, running, or given back by a worker shutting down.
     pub const AWAITING_ANSWER: &'static [JobState] =
@@ -119,9 +126,12 @@ impl JobState {
             (Waiting, Available) => true,
             (Available | Retrying | Parked, Running) => true,
             (Running, Succeeded | Retrying | Parked | Failed) => true,
+            // its `when` was false; or its `run_if` cannot hold
+            (Running | Waiting, Skipped) => true,
             // a run's retry puts its failed and cancelled steps back in line, or a `workflow`
             // step back to waiting for its children
             (Failed | Cancelled, Waiting | Parked) => true,
+            (Skipped, Waiting) => true,
             // children of a parked `workflow` step finished
             (Parked, Succeeded | Failed) => true,
             // the worker lost its lease or shut down: the attempt is given back
@@ -144,6 +154,10 @@ pub enum AttemptResult {
     Parked {
         until: Option<Millis>,
         checkpoint: serde_json::Value,
+    },
+    /// The step's `when` rendered false: it does not run.
+    Skipped {
+        reason: String,
     },
 }
 
@@ -207,6 +221,10 @@ pub enum Settlement {
     },
     /// The attempt did not happen (graceful shutdown): give the job back, attempt uncounted.
     Release,
+    /// The step's `when` was false: it ends `skipped`, the reason recorded.
+    Skip {
+        reason: String,
+    },
 }
 
 impl Settlement {
@@ -218,6 +236,7 @@ impl Settlement {
             Settlement::Tolerate { .. } => JobState::Succeeded,
             Settlement::Park { .. } => JobState::Parked,
             Settlement::Release => JobState::Available,
+            Settlement::Skip { .. } => JobState::Skipped,
         }
     }
 
@@ -247,6 +266,7 @@ pub fn settle(
     match result {
         AttemptResult::Succeeded { output } => Settlement::Succeed { output },
         AttemptResult::Parked { until, checkpoint } => Settlement::Park { until, checkpoint },
+        AttemptResult::Skipped { reason } => Settlement::Skip { reason },
         AttemptResult::Failed(failure) => {
             let error = failure.to_string();
             let listed = policy.non_retryable.iter().any(|n| match n {
@@ -371,6 +391,9 @@ mod tests {
             (Running, Cancelled),
             (Retrying, Cancelled),
             (Parked, Cancelled),
+            (Running, Skipped),
+            (Waiting, Skipped),
+            (Skipped, Waiting),
         ];
         for &from in JobState::ALL {
             for &to in JobState::ALL {
@@ -385,7 +408,12 @@ mod tests {
 
     #[test]
     fn finished_jobs_cannot_be_cancelled_or_run_again() {
-        for from in [JobState::Succeeded, JobState::Failed, JobState::Cancelled] {
+        for from in [
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+            JobState::Skipped,
+        ] {
             assert!(!from.can_become(JobState::Cancelled));
             assert!(!from.can_become(JobState::Running));
         }

@@ -1189,3 +1189,77 @@ fn a_priority_out_of_range_is_an_error_at_its_value() {
         "priority 101 is out of range",
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Control flow
+
+#[test]
+fn a_when_condition_may_reference_only_upstream_steps() {
+    let yaml = "\
+id: t
+steps:
+  - id: a
+    type: noop
+  - id: b
+    type: noop
+  - id: c
+    type: noop
+    needs: [b]
+    when: \"{{ steps.a.output.ok }}\"
+";
+    assert_one_error(yaml, 10, 11, "step `a`, which is not upstream of `c`");
+    let fine = yaml.replace("needs: [b]", "needs: [a, b]");
+    check(&fine).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn an_unknown_run_if_is_reported_with_the_rules_there_are() {
+    let yaml = "\
+id: t
+steps:
+  - {id: a, type: noop}
+  - {id: b, type: noop, needs: [a], run_if: sometimes}
+";
+    let errs = errors(yaml);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("wf.yaml:4:"), "{errs:?}");
+    for rule in ["all_succeeded", "all_done", "any_failed", "none_failed"] {
+        assert!(errs[0].contains(rule), "{errs:?}");
+    }
+}
+
+#[test]
+fn failure_handlers_need_only_each_other_and_share_no_id_with_the_steps() {
+    let needs_main = "\
+id: t
+steps:
+  - {id: a, type: noop}
+on_failure:
+  - {id: alert, type: noop, needs: [a]}
+";
+    assert_one_error(
+        needs_main,
+        5,
+        37,
+        "step `alert` needs `a`, one of `steps`: a step of `on_failure` needs only others",
+    );
+    let same_id = "\
+id: t
+steps:
+  - {id: a, type: noop}
+on_failure:
+  - {id: a, type: noop}
+";
+    assert_one_error(same_id, 5, 10, "duplicate step id `a`: `steps` has it too");
+    let fine = "\
+id: t
+steps:
+  - {id: a, type: noop}
+on_failure:
+  - {id: alert, type: noop, with: {message: \"{{ run.error }}\"}}
+  - {id: cleanup, type: noop, needs: [alert], run_if: all_done}
+";
+    let wf = check(fine).unwrap_or_else(|e| panic!("{e}")).remove(0);
+    assert!(wf.has_control_flow());
+    assert_eq!(wf.on_failure.len(), 2);
+}

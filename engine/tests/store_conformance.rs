@@ -1182,6 +1182,7 @@ async fn job_in_state(
             | JobState::Parked
             | JobState::Succeeded
             | JobState::Failed
+            | JobState::Skipped
     );
     let lease = if leased {
         claim(store, T0, 1_000)
@@ -1240,6 +1241,12 @@ async fn job_in_state(
         }
         JobState::Cancelled => {
             store.cancel_run(&run, T0).await.unwrap();
+        }
+        JobState::Skipped => {
+            settle(Settlement::Skip {
+                reason: "when rendered false".into(),
+            })
+            .await;
         }
         JobState::Waiting | JobState::Available | JobState::Running => {}
     }
@@ -2209,6 +2216,199 @@ pub async fn a_revoked_token_is_listed_until_it_would_have_expired(store: Arc<dy
     );
 }
 
+// Control flow: `when`, `run_if`, `on_failure`. A worker renders `when` and reports a skip; the
+// store decides everything that follows.
+
+fn skip(job: &ClaimedJob, reason: &str) -> Completion {
+    Completion {
+        lease: job.lease.clone(),
+        settlement: Settlement::Skip {
+            reason: reason.into(),
+        },
+        children: Vec::new(),
+    }
+}
+
+async fn step_detail(
+    store: &dyn Store,
+    run: &str,
+    step: &str,
+) -> switchyard_engine::store::JobDetail {
+    store
+        .run(run)
+        .await
+        .unwrap()
+        .steps
+        .into_iter()
+        .find(|s| s.step_id == step)
+        .unwrap()
+}
+
+/// Completes every job claimable at `now` with `output`, and returns their step ids, sorted.
+async fn finish_ready(store: &dyn Store, now: Millis) -> Vec<String> {
+    let jobs = claim(store, now, 100).await;
+    let completions = jobs.iter().map(|j| done(j, json!(j.step_id))).collect();
+    store.complete(completions, now).await.unwrap();
+    let mut steps: Vec<String> = jobs.into_iter().map(|j| j.step_id).collect();
+    steps.sort();
+    steps
+}
+
+pub async fn a_skipped_step_skips_its_dependents_unless_their_rule_allows_and_the_run_succeeds(
+    store: Arc<dyn Store>,
+) {
+    let wf = workflow(
+        "id: branch\nsteps:\n  - {id: a, type: noop}\n  - {id: b, type: noop, needs: [a], when: '{{ false }}'}\n  - {id: c, type: noop, needs: [b]}\n  - {id: d, type: noop, needs: [c]}\n  - {id: e, type: noop, needs: [b], run_if: none_failed}\n",
+    );
+    let run = start(&*store, &wf, Trigger::default()).await;
+    assert_eq!(finish_ready(&*store, T0).await, ["a"]);
+    let b = claim(&*store, T0, 10).await;
+    assert_eq!(b.len(), 1, "only b is ready");
+    store
+        .complete(vec![skip(&b[0], "when rendered false")], T0)
+        .await
+        .unwrap();
+    let b = step_detail(&*store, &run, "b").await;
+    assert_eq!(b.state, JobState::Skipped);
+    assert_eq!(b.error.as_deref(), Some("when rendered false"));
+    let c = step_detail(&*store, &run, "c").await;
+    assert_eq!(c.state, JobState::Skipped);
+    assert_eq!(c.error.as_deref(), Some("it needs b, which was skipped"));
+    assert_eq!(job_state(&*store, &run, "d").await, JobState::Skipped);
+    assert_eq!(run_status(&*store, &run).await, RunStatus::Running);
+    assert_eq!(finish_ready(&*store, T0).await, ["e"]);
+    let detail = store.run(&run).await.unwrap();
+    assert_eq!(detail.summary.status, RunStatus::Succeeded, "{detail:?}");
+    assert_eq!(detail.output, Some(json!({ "d": null, "e": "e" })));
+}
+
+pub async fn each_run_if_decides_after_a_failure_and_the_run_fails_when_all_have_finished(
+    store: Arc<dyn Store>,
+) {
+    let wf = workflow(
+        "id: rules\nsteps:\n  - {id: a, type: noop, retry: {max_retries: 0}}\n  - {id: slow, type: noop}\n  - {id: done, type: noop, needs: [a, slow], run_if: all_done}\n  - {id: rescue, type: noop, needs: [a], run_if: any_failed}\n  - {id: careful, type: noop, needs: [a], run_if: none_failed}\n  - {id: plain, type: noop, needs: [a]}\n  - {id: after_slow, type: noop, needs: [slow], run_if: any_failed}\n",
+    );
+    let run = start(&*store, &wf, Trigger::default()).await;
+    let jobs = claim(&*store, T0, 10).await;
+    assert_eq!(jobs.len(), 2);
+    let a = jobs.iter().find(|j| j.step_id == "a").unwrap();
+    let slow = jobs.iter().find(|j| j.step_id == "slow").unwrap();
+    store.complete(vec![failed(a, "boom")], T0).await.unwrap();
+    // A step that runs after failures waits: the run goes on, `slow` with it.
+    assert_eq!(run_status(&*store, &run).await, RunStatus::Running);
+    for (step, reason) in [
+        ("careful", "it needs a, which failed"),
+        ("plain", "it needs a, which failed"),
+    ] {
+        let detail = step_detail(&*store, &run, step).await;
+        assert_eq!(detail.state, JobState::Skipped, "{step}");
+        assert_eq!(detail.error.as_deref(), Some(reason), "{step}");
+    }
+    assert_eq!(finish_ready(&*store, T0).await, ["rescue"]);
+    store
+        .complete(vec![done(slow, json!("slow"))], T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        step_detail(&*store, &run, "after_slow")
+            .await
+            .error
+            .as_deref(),
+        Some("run_if any_failed: no step it needs failed")
+    );
+    assert_eq!(finish_ready(&*store, T0).await, ["done"]);
+    let detail = store.run(&run).await.unwrap();
+    assert_eq!(detail.summary.status, RunStatus::Failed, "{detail:?}");
+    assert_eq!(detail.summary.error.as_deref(), Some("step a failed: boom"));
+}
+
+fn handled() -> Workflow {
+    workflow(
+        "id: handled\nsteps:\n  - {id: a, type: noop, retry: {max_retries: 0}}\n  - {id: b, type: noop}\n  - {id: c, type: noop, needs: [a]}\non_failure:\n  - {id: alert, type: noop}\n  - {id: cleanup, type: noop, needs: [alert]}\n",
+    )
+}
+
+pub async fn failure_handlers_run_once_after_a_failure_and_the_run_stays_failed(
+    store: Arc<dyn Store>,
+) {
+    let run = start(&*store, &handled(), Trigger::default()).await;
+    let jobs = claim(&*store, T0, 10).await;
+    assert_eq!(jobs.len(), 2, "the handlers wait for the run to fail");
+    let a = jobs.iter().find(|j| j.step_id == "a").unwrap();
+    let b = jobs.iter().find(|j| j.step_id == "b").unwrap();
+    store.complete(vec![failed(a, "boom")], T0).await.unwrap();
+    assert_eq!(run_status(&*store, &run).await, RunStatus::Running);
+    assert_eq!(job_state(&*store, &run, "b").await, JobState::Cancelled);
+    assert_eq!(job_state(&*store, &run, "c").await, JobState::Skipped);
+    // The cancelled step's worker learns it has lost its job.
+    assert!(
+        store
+            .heartbeat(std::slice::from_ref(&b.lease), T0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let alert = claim(&*store, T0, 10).await;
+    assert_eq!(alert.len(), 1);
+    assert_eq!(alert[0].step_id, "alert");
+    assert_eq!(alert[0].run_error.as_deref(), Some("step a failed: boom"));
+    store
+        .complete(vec![done(&alert[0], json!("sent"))], T0)
+        .await
+        .unwrap();
+    assert_eq!(finish_ready(&*store, T0).await, ["cleanup"]);
+    let detail = store.run(&run).await.unwrap();
+    assert_eq!(detail.summary.status, RunStatus::Failed, "{detail:?}");
+    assert_eq!(detail.summary.error.as_deref(), Some("step a failed: boom"));
+    assert!(
+        claim(&*store, T0 + LEASE * 10, 10).await.is_empty(),
+        "they ran once"
+    );
+    let alerts = store.alerts(Some("handled"), 10).await.unwrap();
+    assert_eq!(alerts.len(), 1, "one failure, one alert");
+}
+
+pub async fn failure_handlers_are_skipped_when_the_run_succeeds(store: Arc<dyn Store>) {
+    let run = start(&*store, &handled(), Trigger::default()).await;
+    assert_eq!(finish_ready(&*store, T0).await, ["a", "b"]);
+    assert_eq!(finish_ready(&*store, T0).await, ["c"]);
+    let detail = store.run(&run).await.unwrap();
+    assert_eq!(detail.summary.status, RunStatus::Succeeded, "{detail:?}");
+    assert_eq!(detail.output, Some(json!({ "b": "b", "c": "c" })));
+    let alert = step_detail(&*store, &run, "alert").await;
+    assert_eq!(alert.state, JobState::Skipped);
+    assert_eq!(alert.error.as_deref(), Some("the run did not fail"));
+}
+
+pub async fn retry_of_a_run_with_control_flow_reruns_only_what_failed(store: Arc<dyn Store>) {
+    let wf = workflow(
+        "id: again\nsteps:\n  - {id: a, type: noop}\n  - {id: gate, type: noop, needs: [a], when: '{{ false }}'}\n  - {id: x, type: noop, needs: [a], retry: {max_retries: 0}}\n  - {id: after_x, type: noop, needs: [x]}\non_failure:\n  - {id: alert, type: noop}\n",
+    );
+    let run = start(&*store, &wf, Trigger::default()).await;
+    assert_eq!(finish_ready(&*store, T0).await, ["a"]);
+    let jobs = claim(&*store, T0, 10).await;
+    let gate = jobs.iter().find(|j| j.step_id == "gate").unwrap();
+    let x = jobs.iter().find(|j| j.step_id == "x").unwrap();
+    store
+        .complete(
+            vec![skip(gate, "when rendered false"), failed(x, "down")],
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(finish_ready(&*store, T0).await, ["alert"]);
+    assert_eq!(run_status(&*store, &run).await, RunStatus::Failed);
+
+    store.retry_run(&run, T0 + 1).await.unwrap();
+    assert_eq!(job_state(&*store, &run, "gate").await, JobState::Skipped);
+    assert_eq!(job_state(&*store, &run, "alert").await, JobState::Waiting);
+    assert_eq!(finish_ready(&*store, T0 + 1).await, ["x"]);
+    assert_eq!(finish_ready(&*store, T0 + 1).await, ["after_x"]);
+    let detail = store.run(&run).await.unwrap();
+    assert_eq!(detail.summary.status, RunStatus::Succeeded, "{detail:?}");
+    assert_eq!(job_state(&*store, &run, "alert").await, JobState::Skipped);
+}
+
 macro_rules! conformance {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -2274,6 +2474,11 @@ macro_rules! conformance {
                 setting_changes_apply_with_their_audit_entry_and_swaps_only_over_the_value_seen,
                 the_audit_log_pages_newest_first_and_forgets_after_90_days,
                 a_revoked_token_is_listed_until_it_would_have_expired,
+                a_skipped_step_skips_its_dependents_unless_their_rule_allows_and_the_run_succeeds,
+                each_run_if_decides_after_a_failure_and_the_run_fails_when_all_have_finished,
+                failure_handlers_run_once_after_a_failure_and_the_run_stays_failed,
+                failure_handlers_are_skipped_when_the_run_succeeds,
+                retry_of_a_run_with_control_flow_reruns_only_what_failed,
             );
         }
     };

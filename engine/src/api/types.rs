@@ -57,6 +57,7 @@ wire_enum!(
         Succeeded,
         Failed,
         Cancelled,
+        Skipped,
     }
 );
 
@@ -128,6 +129,9 @@ pub struct JobDetail {
     pub attempt: u32,
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// Why a `skipped` step did not run: its `when` was false, its `run_if` could not hold, or
+    /// (a failure handler) the run did not fail.
+    pub skipped_reason: Option<String>,
     pub run_after: Option<Millis>,
     pub started_at: Option<Millis>,
     pub finished_at: Option<Millis>,
@@ -139,13 +143,19 @@ pub struct JobDetail {
 
 impl From<store::JobDetail> for JobDetail {
     fn from(job: store::JobDetail) -> Self {
+        // The store keeps a skipped step's reason where an error would be.
+        let (error, skipped_reason) = match job.state {
+            crate::state::JobState::Skipped => (None, job.error),
+            _ => (job.error, None),
+        };
         JobDetail {
             id: job.id,
             step_id: job.step_id,
             state: job.state.into(),
             attempt: job.attempt,
             output: job.output,
-            error: job.error,
+            error,
+            skipped_reason,
             run_after: job.run_after,
             started_at: job.started_at,
             finished_at: job.finished_at,

@@ -23,7 +23,7 @@ pub use parse::{
 };
 pub use schema::{DefinitionFile, WorkflowsFile, json_schema};
 pub use template::{
-    SecretError, Secrets, TemplateContext, TemplateError, has_template, reads_run_data, render_str,
-    render_value,
+    SecretError, Secrets, TemplateContext, TemplateError, has_template, is_truthy, reads_run_data,
+    render_str, render_value,
 };
 pub use validate::{TEMPLATE_ROOTS, check_str, validate};

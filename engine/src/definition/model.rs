@@ -62,6 +62,10 @@ pub struct Workflow {
     /// The DAG. A workflow without steps is run by n8n through the bridge.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<Step>,
+    /// Steps that run only when the run fails, after its other steps have stopped; they see
+    /// `run.error`, their `needs` name only each other, and the run stays `failed`.
+    #[serde(default, alias = "onFailure", skip_serializing_if = "Vec::is_empty")]
+    pub on_failure: Vec<Step>,
 }
 
 /// A workflow's `input_schema`, compiled on first use. Not part of the format: a clone starts
@@ -412,6 +416,54 @@ pub struct Step {
     /// failure is recorded, its output is `{error}`, and the steps that need it run.
     #[serde(default, alias = "continueOnError", skip_serializing_if = "is_false")]
     pub continue_on_error: bool,
+    /// A template rendered once the step's needs are met: false, empty, null or 0 skips the step
+    /// (and, by default, the steps that need it) with the rendered value as the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
+    /// What the steps it needs must have come to for this step to run.
+    #[serde(default, alias = "runIf", skip_serializing_if = "RunIf::is_default")]
+    pub run_if: RunIf,
+}
+
+/// A step's trigger rule: what its needs must have come to once all of them have finished. A
+/// step whose rule cannot hold is skipped, with the reason.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum RunIf {
+    /// Every need succeeded (the default): a skipped or failed need skips this step.
+    #[default]
+    AllSucceeded,
+    /// Every need finished, whatever it came to.
+    AllDone,
+    /// Every need finished and at least one failed.
+    AnyFailed,
+    /// Every need succeeded or was skipped.
+    NoneFailed,
+}
+
+impl RunIf {
+    pub fn is_default(&self) -> bool {
+        *self == RunIf::AllSucceeded
+    }
+
+    /// Whether a step with this rule may run after a step it needs failed.
+    pub fn runs_after_failure(self) -> bool {
+        matches!(self, RunIf::AllDone | RunIf::AnyFailed)
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -469,8 +521,22 @@ impl Workflow {
             .unwrap_or_default()
     }
 
+    /// The step `id`, among `steps` or `on_failure`.
     pub fn step(&self, id: &str) -> Option<&Step> {
-        self.steps.iter().find(|s| s.id == id)
+        self.steps
+            .iter()
+            .chain(&self.on_failure)
+            .find(|s| s.id == id)
+    }
+
+    /// Whether runs of this workflow need the control-flow decisions (`store::machine::advance`):
+    /// a step may be skipped, may run after a failure, or the run has failure handlers.
+    pub fn has_control_flow(&self) -> bool {
+        !self.on_failure.is_empty()
+            || self
+                .steps
+                .iter()
+                .any(|s| s.when.is_some() || !s.run_if.is_default())
     }
 
     /// The `wait` step that waits for signal `name` (validation keeps names unique).

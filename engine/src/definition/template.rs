@@ -392,6 +392,22 @@ pub fn reads_run_data(template: &Value) -> bool {
     }
 }
 
+/// Whether a rendered condition (`when`) holds: false, null, 0, an empty string, list or map,
+/// and the text `false`, `0`, `null` or `none` (what a template that mixes text renders) do not.
+pub fn is_truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|n| n != 0.0),
+        Value::String(s) => !matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "" | "false" | "0" | "null" | "none"
+        ),
+        Value::Array(items) => !items.is_empty(),
+        Value::Object(map) => !map.is_empty(),
+    }
+}
+
 /// Whether any string in `value` is a template: one that is not renders to itself.
 pub fn has_template(value: &Value) -> bool {
     match value {

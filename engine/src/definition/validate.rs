@@ -97,6 +97,7 @@ pub fn validate(
                 known_kinds,
                 all: &all,
                 errors: &mut errors,
+                part: "steps",
             };
             check.workflow(wf);
         }
@@ -124,6 +125,8 @@ struct Check<'a, 'e> {
     known_kinds: &'a [&'a str],
     all: &'a HashMap<&'a str, &'a Workflow>,
     errors: &'e mut Vec<DefinitionError>,
+    /// The list of steps being checked: `steps` or `on_failure`.
+    part: &'static str,
 }
 
 impl Check<'_, '_> {
@@ -237,7 +240,20 @@ impl Check<'_, '_> {
                 format!("webhook_url `{url}` must be an http(s) URL or a path starting with `/`"),
             );
         }
-        self.steps(wf);
+        let mut signals = HashMap::new();
+        self.part = "steps";
+        self.steps(wf, &wf.steps, &mut signals);
+        self.part = if self
+            .src
+            .spelling(self.wi, &[], &["on_failure", "onFailure"])
+            == "onFailure"
+        {
+            "onFailure"
+        } else {
+            "on_failure"
+        };
+        self.steps(wf, &wf.on_failure, &mut signals);
+        self.part = "steps";
     }
 
     fn retry(&mut self, path: &[Seg<'_>], retry: &super::model::RetryPolicy) {
@@ -256,11 +272,17 @@ impl Check<'_, '_> {
         }
     }
 
-    fn steps(&mut self, wf: &Workflow) {
-        let steps = &wf.steps;
+    /// One list of steps (`self.part`): ids, kinds, `needs` (within the list) and templates.
+    fn steps<'w>(
+        &mut self,
+        wf: &Workflow,
+        steps: &'w [Step],
+        signals: &mut HashMap<&'w str, &'w str>,
+    ) {
+        let handlers = self.part != "steps";
         let mut index: HashMap<&str, usize> = HashMap::new();
         for (i, step) in steps.iter().enumerate() {
-            let id_path = [Seg::Key("steps"), Seg::Index(i), Seg::Key("id")];
+            let id_path = [Seg::Key(self.part), Seg::Index(i), Seg::Key("id")];
             if !valid_id(&step.id) {
                 self.err(
                     &id_path,
@@ -273,6 +295,12 @@ impl Check<'_, '_> {
             }
             if index.contains_key(step.id.as_str()) {
                 self.err(&id_path, false, format!("duplicate step id `{}`", step.id));
+            } else if handlers && wf.steps.iter().any(|s| s.id == step.id) {
+                self.err(
+                    &id_path,
+                    false,
+                    format!("duplicate step id `{}`: `steps` has it too", step.id),
+                );
             } else {
                 index.insert(&step.id, i);
             }
@@ -280,7 +308,7 @@ impl Check<'_, '_> {
                 let mut kinds = self.known_kinds.to_vec();
                 kinds.sort_unstable();
                 self.err(
-                    &[Seg::Key("steps"), Seg::Index(i), Seg::Key("type")],
+                    &[Seg::Key(self.part), Seg::Index(i), Seg::Key("type")],
                     false,
                     format!(
                         "unknown step type `{}` (known: {})",
@@ -291,17 +319,17 @@ impl Check<'_, '_> {
             }
             if step.timeout.is_some_and(|t| t.0.is_zero()) {
                 self.err(
-                    &[Seg::Key("steps"), Seg::Index(i), Seg::Key("timeout")],
+                    &[Seg::Key(self.part), Seg::Index(i), Seg::Key("timeout")],
                     false,
                     "timeout must be longer than 0s".to_owned(),
                 );
             }
             if let Some(retry) = &step.retry {
-                let step_path = [Seg::Key("steps"), Seg::Index(i)];
+                let step_path = [Seg::Key(self.part), Seg::Index(i)];
                 let key = self
                     .src
                     .spelling(self.wi, &step_path, &["retry", "retryPolicy"]);
-                self.retry(&[Seg::Key("steps"), Seg::Index(i), Seg::Key(key)], retry);
+                self.retry(&[Seg::Key(self.part), Seg::Index(i), Seg::Key(key)], retry);
             }
         }
 
@@ -313,13 +341,21 @@ impl Check<'_, '_> {
                     Some(&t) => edges[i].push(t),
                     None => self.err(
                         &[
-                            Seg::Key("steps"),
+                            Seg::Key(self.part),
                             Seg::Index(i),
                             Seg::Key("needs"),
                             Seg::Index(j),
                         ],
                         false,
-                        format!("step `{}` needs unknown step `{need}`", step.id),
+                        if handlers && wf.steps.iter().any(|s| s.id == *need) {
+                            format!(
+                                "step `{}` needs `{need}`, one of `steps`: a step of `{}` \
+                                 needs only others of `{}`",
+                                step.id, self.part, self.part
+                            )
+                        } else {
+                            format!("step `{}` needs unknown step `{need}`", step.id)
+                        },
                     ),
                 }
             }
@@ -334,7 +370,7 @@ impl Check<'_, '_> {
                 .unwrap_or(0);
             self.err(
                 &[
-                    Seg::Key("steps"),
+                    Seg::Key(self.part),
                     Seg::Index(first),
                     Seg::Key("needs"),
                     Seg::Index(j),
@@ -344,18 +380,20 @@ impl Check<'_, '_> {
             );
         }
 
-        let mut signals: HashMap<&str, &str> = HashMap::new();
         let mut upstream_cache: HashMap<usize, HashSet<usize>> = HashMap::new();
         for (i, step) in steps.iter().enumerate() {
             if step.kind == WORKFLOW_KIND {
                 self.child_workflows(i, step);
             }
             if step.kind == WAIT_KIND {
-                self.wait(i, step, &mut signals);
+                self.wait(i, step, signals);
             }
             let item = step.kind == WORKFLOW_KIND && step.with.get("for_each").is_some();
             let mut strings = Vec::new();
-            collect_templates(&step.with, &mut Vec::new(), &mut strings);
+            collect_templates(&step.with, &mut vec![Seg::Key("with")], &mut strings);
+            if let Some(when) = &step.when {
+                strings.push((vec![Seg::Key("when")], when.as_str()));
+            }
             for (path, text) in strings {
                 let upstream = upstream_cache
                     .entry(i)
@@ -372,7 +410,7 @@ impl Check<'_, '_> {
                 if problems.is_empty() {
                     continue;
                 }
-                let mut full = vec![Seg::Key("steps"), Seg::Index(i), Seg::Key("with")];
+                let mut full = vec![Seg::Key(self.part), Seg::Index(i)];
                 full.extend(path);
                 for msg in problems {
                     self.err(&full, false, msg);
@@ -384,7 +422,7 @@ impl Check<'_, '_> {
     /// `with: { signal: NAME, timeout }`: a literal name, one step per name (a signal finds its
     /// step by name), and a duration.
     fn wait<'w>(&mut self, i: usize, step: &'w Step, signals: &mut HashMap<&'w str, &'w str>) {
-        let with = [Seg::Key("steps"), Seg::Index(i), Seg::Key("with")];
+        let with = [Seg::Key(self.part), Seg::Index(i), Seg::Key("with")];
         let signal_path = [with[0], with[1], with[2], Seg::Key("signal")];
         match step.with.get("signal").and_then(Value::as_str) {
             None => self.err(
@@ -423,7 +461,7 @@ impl Check<'_, '_> {
 
     /// `with.workflows: [ids]` or `with.workflow: id` (optionally with `for_each`).
     fn child_workflows(&mut self, i: usize, step: &Step) {
-        let base = [Seg::Key("steps"), Seg::Index(i), Seg::Key("with")];
+        let base = [Seg::Key(self.part), Seg::Index(i), Seg::Key("with")];
         let Some(with) = step.with.as_object() else {
             self.err(&base, false, "a `workflow` step needs `with: { workflows: [ids] }` or `with: { workflow: id, for_each: ... }`".to_owned());
             return;

@@ -17,6 +17,7 @@ use super::{
     SignalOutcome, SkippedFire, StoreError, StoredDefinition, Swept, WebhookAction, WebhookEvent,
     WebhookOutcome, completion_rows, decide_install, install_audit,
 };
+use crate::flow::{self, FlowStep, RunOutcome};
 use crate::state::{
     JobState, Millis, RunStatus, Settlement, fire_skip_reason, gate_opening, gate_room,
     settle_lost_lease, timeout_error,
@@ -29,6 +30,8 @@ pub(crate) struct Succeeded {
     pub run_id: RunId,
     pub step_id: String,
     pub is_sink: bool,
+    /// Its run moves by `flow::advance`.
+    pub flow: bool,
 }
 
 /// A run a transaction just finished, and what it may settle next.
@@ -50,6 +53,7 @@ pub(crate) struct SettledJob {
     pub state: JobState,
     pub error: Option<String>,
     pub is_sink: bool,
+    pub flow: bool,
 }
 
 /// What [`Tx::settle_jobs`] changed: the settled jobs whose fence held, and the dependents of
@@ -182,13 +186,14 @@ pub(crate) trait Tx: Send {
         error: &str,
         now: Millis,
     ) -> Result<Option<Succeeded>>;
-    /// Fails a `parked` step with `error`; returns its run and step when it was parked.
+    /// Fails a `parked` step with `error`; returns its run, its step, and whether its run moves
+    /// by `flow::advance`, when it was parked.
     async fn fail_parked_step(
         &mut self,
         job: JobId,
         error: &str,
         now: Millis,
-    ) -> Result<Option<(RunId, String)>>;
+    ) -> Result<Option<(RunId, String, bool)>>;
     /// Succeeds a `parked` step whose child runs all succeeded, with their outputs in order.
     async fn succeed_parked_step(&mut self, job: JobId, now: Millis) -> Result<Option<Succeeded>>;
 
@@ -226,8 +231,27 @@ pub(crate) trait Tx: Send {
     /// Puts failed or cancelled `workflow` steps back to `parked`, waiting for their children.
     async fn repark_steps(&mut self, jobs: &[JobId]) -> Result<()>;
     /// Puts the failed and cancelled jobs of `runs` back to `waiting`, with a fresh attempt
-    /// budget and their needs counted again.
+    /// budget and their needs counted again; jobs of runs with control flow are left to
+    /// [`Tx::reset_jobs`].
     async fn reset_unsuccessful_jobs(&mut self, runs: &[RunId]) -> Result<()>;
+
+    /// The steps of the `running` runs among `runs` whose steps move by `flow::advance`, each
+    /// with the error its run failed with once its failure handlers have begun.
+    async fn flow_steps(
+        &mut self,
+        runs: &[RunId],
+    ) -> Result<Vec<(RunId, Option<String>, FlowStep)>>;
+    /// Ends `waiting` jobs as `skipped`, each with its reason.
+    async fn skip_waiting_jobs(&mut self, jobs: &[(JobId, String)], now: Millis) -> Result<()>;
+    /// Makes `waiting` jobs `available` now; returns those it did.
+    async fn make_jobs_available(&mut self, jobs: &[JobId], now: Millis) -> Result<Vec<JobId>>;
+    /// Cancels the unfinished among `jobs`.
+    async fn cancel_jobs(&mut self, jobs: &[JobId], now: Millis) -> Result<()>;
+    /// Records the error of a `running` run whose failure handlers begin; it stays running.
+    async fn begin_failure_handling(&mut self, run_id: &str, error: &str) -> Result<()>;
+    /// Puts finished jobs of a run with control flow back to `waiting` (a retry), with a fresh
+    /// attempt budget; `flow::advance` decides again when each runs.
+    async fn reset_jobs(&mut self, jobs: &[JobId]) -> Result<()>;
 
     /// What the store holds of workflow `id`, compared with `definition`.
     async fn stored_definition(&mut self, id: &str, definition: &Value)
@@ -349,16 +373,21 @@ fn run_rows(runs: &[(&NewRun, bool)], now: Millis) -> (Value, Vec<Value>) {
             "priority": run.priority,
         }));
         for job in &run.jobs {
+            // A failure handler waits for more than its needs, so that no count of succeeded
+            // needs (a gate opening, a retry) ever makes it ready: `flow::advance` does.
             jobs.push(json!({
                 "run_id": run.id,
                 "step_id": job.step_id,
                 "needs": job.needs,
-                "pending": job.needs.len(),
+                "pending": job.needs.len() + usize::from(job.on_failure),
                 "is_sink": job.is_sink,
                 "budget": job.max_attempts,
                 "continue_on_error": job.continue_on_error,
+                "run_if": (!job.run_if.is_default()).then(|| job.run_if.to_string()),
+                "flow": job.flow,
+                "on_failure": job.on_failure,
                 "priority": run.priority,
-                "ready": !gated && job.needs.is_empty(),
+                "ready": !gated && job.needs.is_empty() && !job.on_failure,
             }));
         }
     }
@@ -477,14 +506,20 @@ pub(crate) async fn complete(
     let mut accepted = Vec::with_capacity(settled.jobs.len());
     let mut sinks = Vec::new();
     let mut failed = Vec::new();
+    let mut flowing = BTreeSet::new();
     for job in settled.jobs {
         accepted.push(job.id);
+        if job.flow && job.state.is_finished() {
+            flowing.insert(job.run_id);
+            continue;
+        }
         match job.state {
             // The other steps that succeeded have promoted their dependents already.
             JobState::Succeeded if job.is_sink => sinks.push(Succeeded {
                 run_id: job.run_id,
                 step_id: job.step_id,
                 is_sink: true,
+                flow: false,
             }),
             JobState::Failed => failed.push((
                 job.run_id,
@@ -508,7 +543,12 @@ pub(crate) async fn complete(
         insert_runs(tx, children, now).await?;
         effects.woke();
     }
-    cascade(tx, sinks, failed, RunStatus::Failed, now, effects).await?;
+    let moved = Moved {
+        succeeded: sinks,
+        ended: failed,
+        flowing,
+    };
+    cascade(tx, moved, RunStatus::Failed, now, effects).await?;
     Ok(accepted)
 }
 
@@ -539,14 +579,22 @@ async fn tolerate_failures(tx: &mut dyn Tx, completions: &mut [Completion]) -> R
 /// finish the parent run in turn), and gates open for waiting runs.
 async fn cascade(
     tx: &mut dyn Tx,
-    mut succeeded: Vec<Succeeded>,
-    mut ended: Vec<(RunId, String)>,
+    moved: Moved,
     mut ended_as: RunStatus,
     now: Millis,
     effects: &mut Effects,
 ) -> Result<()> {
+    let Moved {
+        mut succeeded,
+        mut ended,
+        mut flowing,
+    } = moved;
     loop {
         let mut finished = Vec::new();
+        let (flow_steps, plain): (Vec<Succeeded>, Vec<Succeeded>) =
+            succeeded.into_iter().partition(|s| s.flow);
+        succeeded = plain;
+        flowing.extend(flow_steps.into_iter().map(|s| s.run_id));
         let (sinks, inner): (Vec<&Succeeded>, Vec<&Succeeded>) =
             succeeded.iter().partition(|s| s.is_sink);
         if !inner.is_empty() {
@@ -562,12 +610,20 @@ async fn cascade(
         if !ended.is_empty() {
             finished.extend(end_runs(tx, &ended, ended_as, now).await?);
         }
+        if !flowing.is_empty() {
+            let runs: Vec<RunId> = std::mem::take(&mut flowing).into_iter().collect();
+            finished.extend(advance(tx, &runs, now, effects).await?);
+        }
         effects.finished(&finished);
         if open_gates(tx, &finished, now).await? {
             effects.woke();
         }
-        let orphans;
-        (succeeded, ended, orphans) = settle_parents(tx, &finished, now).await?;
+        let (parents, orphans) = settle_parents(tx, &finished, now).await?;
+        Moved {
+            succeeded,
+            ended,
+            flowing,
+        } = parents;
         if !orphans.is_empty() {
             // Their parent step has ended: only their gates matter, not their parent.
             let cancelled: Vec<FinishedRun> = end_runs(tx, &orphans, RunStatus::Cancelled, now)
@@ -585,7 +641,7 @@ async fn cascade(
         }
         // a parent whose child did not succeed fails like any step
         ended_as = RunStatus::Failed;
-        if succeeded.is_empty() && ended.is_empty() {
+        if succeeded.is_empty() && ended.is_empty() && flowing.is_empty() {
             return Ok(());
         }
     }
@@ -617,6 +673,85 @@ async fn end_runs(
     }));
     let all: Vec<&str> = finished.iter().map(|r| r.id.as_str()).collect();
     tx.cancel_open_jobs(&all, now).await?;
+    Ok(finished)
+}
+
+/// Applies `flow::advance` to runs with control flow whose steps finished: waiting steps run or
+/// are skipped, and a run succeeds, fails, or begins its failure handlers. Returns the runs it
+/// finished (with their descendants a failure handling cancelled, for their gates).
+async fn advance(
+    tx: &mut dyn Tx,
+    runs: &[RunId],
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<Vec<FinishedRun>> {
+    let mut by_run: BTreeMap<RunId, (Option<String>, Vec<FlowStep>)> = BTreeMap::new();
+    for (run, failing, step) in tx.flow_steps(runs).await? {
+        let entry = by_run.entry(run).or_insert_with(|| (failing, Vec::new()));
+        entry.1.push(step);
+    }
+    let (mut ready, mut skipped, mut cancelled) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut succeed, mut fail, mut handle) = (Vec::new(), Vec::new(), Vec::new());
+    // Cancelled steps that may have child runs to stop: `workflow` steps park while they wait.
+    let mut parked = Vec::new();
+    for (run, (failing, steps)) in by_run {
+        let decided = flow::advance(&steps, failing.as_deref());
+        parked.extend(
+            steps
+                .iter()
+                .filter(|s| s.state == JobState::Parked && decided.cancelled.contains(&s.job_id))
+                .map(|s| s.job_id),
+        );
+        ready.extend(decided.ready);
+        skipped.extend(decided.skipped);
+        cancelled.extend(decided.cancelled);
+        match decided.outcome {
+            RunOutcome::Continue => {}
+            RunOutcome::Succeed => succeed.push(run),
+            RunOutcome::Fail(error) => fail.push((run, error)),
+            RunOutcome::HandleFailure(error) => handle.push((run, error)),
+        }
+    }
+    let mut finished = Vec::new();
+    for (run, error) in &handle {
+        tx.begin_failure_handling(run, error).await?;
+    }
+    if !cancelled.is_empty() {
+        tx.cancel_jobs(&cancelled, now).await?;
+        // The child runs of cancelled `workflow` steps: only their gates matter now, not their
+        // parents.
+        let mut children = Vec::new();
+        for job in &parked {
+            children.extend(tx.active_child_runs(*job).await?);
+        }
+        if !children.is_empty() {
+            let roots: Vec<&str> = children.iter().map(String::as_str).collect();
+            let ended = tx
+                .cancel_descendants(&roots, "its parent run failed", now)
+                .await?;
+            let all: Vec<&str> = ended.iter().map(|r| r.id.as_str()).collect();
+            tx.cancel_open_jobs(&all, now).await?;
+            finished.extend(ended.into_iter().map(|r| FinishedRun {
+                parent_job_id: None,
+                ..r
+            }));
+        }
+    }
+    if !skipped.is_empty() {
+        tx.skip_waiting_jobs(&skipped, now).await?;
+    }
+    if !ready.is_empty() {
+        effects
+            .ready
+            .extend(tx.make_jobs_available(&ready, now).await?);
+    }
+    if !succeed.is_empty() {
+        let runs: Vec<&str> = succeed.iter().map(String::as_str).collect();
+        finished.extend(tx.finish_done_runs(&runs, now).await?);
+    }
+    if !fail.is_empty() {
+        finished.extend(end_runs(tx, &fail, RunStatus::Failed, now).await?);
+    }
     Ok(finished)
 }
 
@@ -658,9 +793,21 @@ fn parent_outcomes(finished: &[FinishedRun]) -> BTreeMap<JobId, Option<&Finished
     parents
 }
 
-/// What settling parents led to: steps that succeeded, runs that fail with their error, and child
-/// runs to cancel with theirs.
-type SettledParents = (Vec<Succeeded>, Vec<(RunId, String)>, Vec<(RunId, String)>);
+/// Steps that moved, and what their runs do next.
+#[derive(Debug, Default)]
+struct Moved {
+    /// Steps that succeeded, of runs without control flow: their dependents may run, and a
+    /// sink's success may finish its run.
+    succeeded: Vec<Succeeded>,
+    /// Runs without control flow that end (as the cascade says), with their errors.
+    ended: Vec<(RunId, String)>,
+    /// Runs with control flow whose steps finished: `flow::advance` decides what follows.
+    flowing: BTreeSet<RunId>,
+}
+
+/// What settling parents led to: the steps that moved, and child runs to cancel with their
+/// errors.
+type SettledParents = (Moved, Vec<(RunId, String)>);
 
 /// Settles the parked `workflow` steps whose child runs just finished: failed when a child did not
 /// succeed, succeeded with the list of child outputs once every child succeeded.
@@ -669,12 +816,11 @@ async fn settle_parents(
     finished: &[FinishedRun],
     now: Millis,
 ) -> Result<SettledParents> {
-    let mut succeeded = Vec::new();
-    let mut failed = Vec::new();
+    let mut moved = Moved::default();
     let mut orphans = Vec::new();
     let parents = parent_outcomes(finished);
     if parents.is_empty() {
-        return Ok((succeeded, failed, orphans));
+        return Ok((moved, orphans));
     }
     // Children finishing in two transactions at once would each see the other still running;
     // the parent run's lock makes the second wait and then see the first.
@@ -691,18 +837,26 @@ async fn settle_parents(
                         for child in tx.active_child_runs(parent).await? {
                             orphans.push((child, why.clone()));
                         }
-                        succeeded.push(step);
+                        moved.succeeded.push(step);
                     }
-                } else if let Some((run_id, step)) =
+                } else if let Some((run_id, step, flow)) =
                     tx.fail_parked_step(parent, &error, now).await?
                 {
-                    failed.push((run_id, format!("step {step} failed: {error}")));
+                    if flow {
+                        moved.flowing.insert(run_id);
+                    } else {
+                        moved
+                            .ended
+                            .push((run_id, format!("step {step} failed: {error}")));
+                    }
                 }
             }
-            None => succeeded.extend(tx.succeed_parked_step(parent, now).await?),
+            None => moved
+                .succeeded
+                .extend(tx.succeed_parked_step(parent, now).await?),
         }
     }
-    Ok((succeeded, failed, orphans))
+    Ok((moved, orphans))
 }
 
 /// Settles expired leases as lost attempts and times out runs past their deadline.
@@ -730,7 +884,11 @@ pub(crate) async fn sweep(tx: &mut dyn Tx, now: Millis, effects: &mut Effects) -
         .map(|(id, timeout)| (id, timeout_error(timeout)))
         .collect();
     let timed_out = late.len() as u64;
-    cascade(tx, Vec::new(), late, RunStatus::TimedOut, now, effects).await?;
+    let moved = Moved {
+        ended: late,
+        ..Moved::default()
+    };
+    cascade(tx, moved, RunStatus::TimedOut, now, effects).await?;
     Ok(Swept {
         reclaimed_jobs: reclaimed,
         timed_out_runs: timed_out,
@@ -751,8 +909,11 @@ pub(crate) async fn cancel_run(
     if status.is_finished() {
         return Ok(status);
     }
-    let ended = vec![(run_id.to_owned(), "cancelled".to_owned())];
-    cascade(tx, Vec::new(), ended, RunStatus::Cancelled, now, effects).await?;
+    let moved = Moved {
+        ended: vec![(run_id.to_owned(), "cancelled".to_owned())],
+        ..Moved::default()
+    };
+    cascade(tx, moved, RunStatus::Cancelled, now, effects).await?;
     Ok(RunStatus::Cancelled)
 }
 
@@ -786,8 +947,24 @@ pub(crate) async fn retry_run(
     }
     tx.reopen_runs(&runs, now).await?;
     tx.repark_steps(&waiting_parents).await?;
+    // Runs with control flow: `flow` decides what goes back to waiting, and then what runs.
+    let mut flowing: BTreeMap<RunId, Vec<FlowStep>> = BTreeMap::new();
+    for (run, _, step) in tx.flow_steps(&runs).await? {
+        flowing.entry(run).or_default().push(step);
+    }
+    let reset: Vec<JobId> = flowing.values().flat_map(|s| flow::retried(s)).collect();
+    if !reset.is_empty() {
+        tx.reset_jobs(&reset).await?;
+    }
     tx.reset_unsuccessful_jobs(&runs).await?;
     tx.make_ready(&runs, now).await?;
+    if !flowing.is_empty() {
+        let moved = Moved {
+            flowing: flowing.into_keys().collect(),
+            ..Moved::default()
+        };
+        cascade(tx, moved, RunStatus::Failed, now, effects).await?;
+    }
     effects.woke();
     Ok(())
 }

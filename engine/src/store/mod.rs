@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+use crate::definition::RunIf;
 use crate::state::{JobState, Millis, RunStatus, Settlement};
 
 pub type RunId = String;
@@ -211,6 +212,35 @@ fn to_json(value: &impl Serialize) -> String {
     serde_json::to_string(value).expect("store payloads serialize")
 }
 
+/// A row of `Tx::flow_steps`, as both drivers read it.
+fn flow_step(
+    job_id: JobId,
+    step_id: String,
+    state: &str,
+    needs: &Value,
+    run_if: Option<&str>,
+    on_failure: bool,
+    error: Option<String>,
+) -> Result<crate::flow::FlowStep> {
+    Ok(crate::flow::FlowStep {
+        job_id,
+        step_id,
+        state: parse_state(state)?,
+        needs: needs
+            .as_array()
+            .map(|needs| {
+                needs
+                    .iter()
+                    .filter_map(|n| n.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        run_if: run_if.map_or(Ok(RunIf::default()), parse_state)?,
+        on_failure,
+        error,
+    })
+}
+
 fn parse_state<T: std::str::FromStr>(text: &str) -> Result<T> {
     text.parse()
         .map_err(|_| StoreError::Database(format!("unknown state {text:?} in database")))
@@ -237,6 +267,8 @@ pub(crate) fn completion_rows(completions: &[Completion], now: Millis) -> Value 
                     (None, None, *until, Some(to_json(checkpoint)))
                 }
                 Settlement::Release => (None, None, Some(now), None),
+                // The reason is kept where an error would be; the API shows it as the reason.
+                Settlement::Skip { reason } => (None, Some(storable_text(reason)), None, None),
             };
             serde_json::json!({
                 "id": c.lease.job_id,
@@ -296,6 +328,11 @@ pub struct NewJob {
     pub max_attempts: u32,
     /// A failure for good is tolerated (see [`Settlement::Tolerate`]).
     pub continue_on_error: bool,
+    pub run_if: RunIf,
+    /// Its run's steps move by `flow::advance` (see `Workflow::has_control_flow`).
+    pub flow: bool,
+    /// One of the workflow's `on_failure` steps.
+    pub on_failure: bool,
 }
 
 /// A claimed job: who holds it, and everything a worker needs to run it.
@@ -308,8 +345,10 @@ pub struct ClaimedJob {
     pub version: i64,
     pub input: Value,
     pub scheduled_at: Option<Millis>,
+    /// The error its run failed with, for a failure handler (`on_failure`) to read.
+    pub run_error: Option<String>,
     pub checkpoint: Option<Value>,
-    /// Outputs of the run's succeeded steps, by step id.
+    /// Outputs of the run's succeeded steps, by step id (null for a skipped step).
     pub outputs: serde_json::Map<String, Value>,
 }
 

@@ -32,6 +32,7 @@ use super::machine::{
 };
 use super::sql::statement;
 use super::*;
+use crate::flow::FlowStep;
 use crate::state::{JobState, Millis, RunStatus};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -317,14 +318,16 @@ impl Tx for PgTx<'_> {
         sqlx::query(statement!(
             "WITH made AS ( \
                  INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
-                     attempt_budget, max_attempts, continue_on_error, priority, run_after) \
+                     attempt_budget, max_attempts, continue_on_error, run_if, flow, on_failure, \
+                     priority, run_after) \
                  SELECT j.run_id, j.step_id, \
                      CASE WHEN j.ready THEN {job:available} ELSE {job:waiting} END, \
                      j.needs, j.pending, j.is_sink, j.budget, j.budget, j.continue_on_error, \
-                     j.priority, $2 \
+                     j.run_if, j.flow, j.on_failure, j.priority, $2 \
                  FROM jsonb_to_recordset($1) AS j(run_id text, step_id text, needs jsonb, \
                      pending int, is_sink boolean, budget int, continue_on_error boolean, \
-                     priority smallint, ready boolean) \
+                     run_if text, flow boolean, on_failure boolean, priority smallint, \
+                     ready boolean) \
                  RETURNING id, state, run_after, priority) \
              INSERT INTO job_queue (run_after, job_id, priority) \
              SELECT run_after, id, priority FROM made WHERE state = {job:available} \
@@ -381,7 +384,7 @@ impl Tx for PgTx<'_> {
                      AND jobs.lease_token = c.token AND jobs.state = {{job:running}} \
                      AND (SELECT count(*) FROM locked) >= 0 \
                  RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error, \
-                     jobs.is_sink, jobs.run_after, jobs.priority), \
+                     jobs.is_sink, jobs.flow, jobs.run_after, jobs.priority), \
              requeued AS ( \
                  INSERT INTO job_queue (run_after, job_id, priority) \
                  SELECT run_after, id, priority FROM settled \
@@ -389,11 +392,12 @@ impl Tx for PgTx<'_> {
                  ON CONFLICT DO NOTHING), \
              succeeded AS ( \
                  SELECT run_id, step_id FROM settled \
-                 WHERE state = {{job:succeeded}} AND NOT is_sink), \
+                 WHERE state = {{job:succeeded}} AND NOT is_sink AND NOT flow), \
              {PROMOTE_DEPENDENTS} \
-             SELECT id, run_id, step_id, state, error, is_sink, false AS promoted FROM settled \
+             SELECT id, run_id, step_id, state, error, is_sink, flow, false AS promoted \
+             FROM settled \
              UNION ALL \
-             SELECT id, NULL, NULL, state, NULL, NULL, true FROM promoted"
+             SELECT id, NULL, NULL, state, NULL, NULL, NULL, true FROM promoted"
         )))
         .bind(rows)
         .bind(now)
@@ -414,6 +418,7 @@ impl Tx for PgTx<'_> {
                     state,
                     error: row.get("error"),
                     is_sink: row.get("is_sink"),
+                    flow: row.get("flow"),
                 });
             }
         }
@@ -449,7 +454,7 @@ impl Tx for PgTx<'_> {
                  expires_at = $2 + retention_ms, output = s.output \
              FROM unnest($1::text[]) AS c(id) \
              CROSS JOIN LATERAL ( \
-                 SELECT bool_and(state = {job:succeeded}) AS done, \
+                 SELECT bool_and(state IN {jobs:successful}) AS done, \
                      coalesce(jsonb_object_agg(step_id, output) FILTER (WHERE is_sink), '{}') \
                          AS output \
                  FROM jobs WHERE run_id = c.id) AS s \
@@ -594,13 +599,13 @@ impl Tx for PgTx<'_> {
         job: JobId,
         error: &str,
         now: Millis,
-    ) -> Result<Option<(RunId, String)>> {
+    ) -> Result<Option<(RunId, String, bool)>> {
         Ok(sqlx::query_as(statement!(
             "UPDATE jobs SET state = {job:failed}, error = $2, finished_at = $3, \
                  attempts = attempts || jsonb_build_array(jsonb_build_object( \
                      'attempt', attempt, 'started_at', started_at, 'finished_at', $3::bigint, \
                      'outcome', {job:failed}, 'error', $2::text)) \
-             WHERE id = $1 AND state = {job:parked} RETURNING run_id, step_id"
+             WHERE id = $1 AND state = {job:parked} RETURNING run_id, step_id, flow"
         ))
         .bind(job)
         .bind(error)
@@ -635,7 +640,7 @@ impl Tx for PgTx<'_> {
     ) -> Result<Option<Succeeded>> {
         let row = sqlx::query(statement!(
             "UPDATE jobs SET state = {job:succeeded}, error = $2, output = $3, finished_at = $4 \
-             WHERE id = $1 AND state = {job:parked} RETURNING run_id, step_id, is_sink"
+             WHERE id = $1 AND state = {job:parked} RETURNING run_id, step_id, is_sink, flow"
         ))
         .bind(job)
         .bind(error)
@@ -647,6 +652,7 @@ impl Tx for PgTx<'_> {
             run_id: row.get("run_id"),
             step_id: row.get("step_id"),
             is_sink: row.get("is_sink"),
+            flow: row.get("flow"),
         }))
     }
 
@@ -658,7 +664,7 @@ impl Tx for PgTx<'_> {
              WHERE id = $1 AND state = {job:parked} \
                  AND NOT EXISTS (SELECT 1 FROM runs \
                      WHERE parent_job_id = $1 AND status <> {run:succeeded}) \
-             RETURNING run_id, step_id, is_sink"
+             RETURNING run_id, step_id, is_sink, flow"
         ))
         .bind(job)
         .bind(now)
@@ -668,6 +674,7 @@ impl Tx for PgTx<'_> {
             run_id: row.get("run_id"),
             step_id: row.get("step_id"),
             is_sink: row.get("is_sink"),
+            flow: row.get("flow"),
         }))
     }
 
@@ -900,6 +907,120 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    async fn flow_steps(
+        &mut self,
+        runs: &[RunId],
+    ) -> Result<Vec<(RunId, Option<String>, FlowStep)>> {
+        let rows = sqlx::query(statement!(
+            "SELECT j.id, j.run_id, j.step_id, j.state, j.needs, j.run_if, j.on_failure, \
+                 j.error, r.error AS run_error \
+             FROM runs AS r JOIN jobs AS j ON j.run_id = r.id \
+             WHERE r.id = ANY($1::text[]) AND r.status = {run:running} AND j.flow \
+             ORDER BY j.id"
+        ))
+        .bind(runs)
+        .fetch_all(&mut *self.0)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let needs: Value = row.get("needs");
+                let step = flow_step(
+                    row.get("id"),
+                    row.get("step_id"),
+                    row.get("state"),
+                    &needs,
+                    row.get("run_if"),
+                    row.get("on_failure"),
+                    row.get("error"),
+                )?;
+                Ok((row.get("run_id"), row.get("run_error"), step))
+            })
+            .collect()
+    }
+
+    async fn skip_waiting_jobs(&mut self, jobs: &[(JobId, String)], now: Millis) -> Result<()> {
+        let (ids, reasons): (Vec<JobId>, Vec<&str>) =
+            jobs.iter().map(|(id, r)| (*id, r.as_str())).unzip();
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:skipped}, error = c.reason, finished_at = $3 \
+             FROM unnest($1::bigint[], $2::text[]) AS c(id, reason) \
+             WHERE jobs.id = c.id AND jobs.state = {job:waiting}"
+        ))
+        .bind(&ids)
+        .bind(&reasons)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn make_jobs_available(&mut self, jobs: &[JobId], now: Millis) -> Result<Vec<JobId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "WITH made AS ( \
+                 UPDATE jobs SET state = {job:available}, run_after = $2 \
+                 WHERE id = ANY($1) AND state = {job:waiting} \
+                 RETURNING id, run_after, priority), \
+             queued AS ( \
+                 INSERT INTO job_queue (run_after, job_id, priority) \
+                 SELECT run_after, id, priority FROM made ON CONFLICT DO NOTHING) \
+             SELECT id FROM made"
+        ))
+        .bind(jobs)
+        .bind(now)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn cancel_jobs(&mut self, jobs: &[JobId], now: Millis) -> Result<()> {
+        // Queue rows as `cancel_open_jobs` removes them: those no claim holds.
+        sqlx::query(statement!(
+            "DELETE FROM job_queue WHERE ctid = ANY(ARRAY( \
+                 SELECT q.ctid FROM job_queue AS q JOIN jobs AS j \
+                     ON q.priority = j.priority AND q.run_after = j.run_after \
+                         AND q.job_id = j.id \
+                 WHERE j.id = ANY($1) AND j.state IN {jobs:claimable} \
+                 FOR UPDATE OF q SKIP LOCKED))"
+        ))
+        .bind(jobs)
+        .execute(&mut *self.0)
+        .await?;
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:cancelled}, lease_token = NULL, finished_at = $2 \
+             WHERE id = ANY($1) AND state IN {jobs:open}"
+        ))
+        .bind(jobs)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn begin_failure_handling(&mut self, run_id: &str, error: &str) -> Result<()> {
+        sqlx::query(statement!(
+            "UPDATE runs SET error = $2 WHERE id = $1 AND status = {run:running}"
+        ))
+        .bind(run_id)
+        .bind(storable_text(error).as_ref())
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn reset_jobs(&mut self, jobs: &[JobId]) -> Result<()> {
+        // Needs counted whole (and one more for a failure handler): no count of succeeded needs
+        // makes them ready; `flow::advance` does.
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:waiting}, output = NULL, error = NULL, \
+                 checkpoint = NULL, finished_at = NULL, max_attempts = attempt + attempt_budget, \
+                 pending_needs = jsonb_array_length(needs) + on_failure::int \
+             WHERE id = ANY($1) AND state NOT IN {jobs:open}"
+        ))
+        .bind(jobs)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     async fn reset_unsuccessful_jobs(&mut self, runs: &[RunId]) -> Result<()> {
         sqlx::query(statement!(
             "UPDATE jobs SET state = {job:waiting}, output = NULL, error = NULL, \
@@ -908,7 +1029,7 @@ impl Tx for PgTx<'_> {
                      FROM jsonb_array_elements_text(jobs.needs) AS nd(step) \
                      JOIN jobs AS up ON up.run_id = jobs.run_id AND up.step_id = nd.step \
                      WHERE up.state <> {job:succeeded}) \
-             WHERE run_id = ANY($1::text[]) AND state IN {jobs:unsuccessful}"
+             WHERE run_id = ANY($1::text[]) AND state IN {jobs:unsuccessful} AND NOT flow"
         ))
         .bind(runs)
         .execute(&mut *self.0)
@@ -1167,9 +1288,9 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
              INSERT INTO leases (token, expires_at, job_ids) \
              SELECT $1, $2, array_agg(id) FROM claimed HAVING count(*) > 0) \
          SELECT c.id, c.run_id, c.step_id, c.attempt, c.checkpoint, r.workflow_id, \
-             r.version, r.input, r.scheduled_at, \
+             r.version, r.input, r.scheduled_at, r.error AS run_error, \
              CASE WHEN c.needs <> '[]' THEN (SELECT jsonb_object_agg(j.step_id, j.output) \
-                 FROM jobs AS j WHERE j.run_id = c.run_id AND j.state = {job:succeeded}) \
+                 FROM jobs AS j WHERE j.run_id = c.run_id AND j.state IN {jobs:successful}) \
              END AS outputs \
          FROM claimed AS c JOIN runs AS r ON r.id = c.run_id"
     ))
@@ -1193,6 +1314,7 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
             version: row.get("version"),
             input: row.get("input"),
             scheduled_at: row.get("scheduled_at"),
+            run_error: row.get("run_error"),
             checkpoint: row.try_get("checkpoint").unwrap_or_else(|e| {
                 tracing::error!(error = %e, "a step's checkpoint could not be read");
                 None

@@ -28,10 +28,11 @@ pub(crate) fn states(sql: &str) -> String {
         ("{jobs:claimable}", set(JobState::CLAIMABLE)),
         ("{jobs:open}", set(JobState::OPEN)),
         ("{jobs:unsuccessful}", set(JobState::UNSUCCESSFUL)),
+        ("{jobs:successful}", set(JobState::SUCCESSFUL)),
         ("{jobs:awaiting_answer}", set(JobState::AWAITING_ANSWER)),
         (
             "{jobs:finishing}",
-            set(&[JobState::Succeeded, JobState::Failed]),
+            set(&[JobState::Succeeded, JobState::Failed, JobState::Skipped]),
         ),
         (
             "{jobs:counted}",

@@ -24,6 +24,7 @@ use super::machine::{
 };
 use super::sql::statement;
 use super::*;
+use crate::flow::FlowStep;
 use crate::state::{JobState, Millis, RunStatus};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -156,7 +157,7 @@ impl SqliteStore {
         let run_ids: BTreeSet<String> = rows.iter().map(|r| r.get("run_id")).collect();
         let run_ids = to_json(&run_ids);
         let runs: BTreeMap<String, SqliteRow> = sqlx::query(
-            "SELECT id, workflow_id, version, input, scheduled_at FROM runs \
+            "SELECT id, workflow_id, version, input, scheduled_at, error FROM runs \
              WHERE id IN (SELECT value FROM json_each(?))",
         )
         .bind(&run_ids)
@@ -168,7 +169,7 @@ impl SqliteStore {
         let mut outputs: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
         for row in sqlx::query(statement!(
             "SELECT run_id, step_id, output FROM jobs \
-             WHERE run_id IN (SELECT value FROM json_each(?)) AND state = {job:succeeded}"
+             WHERE run_id IN (SELECT value FROM json_each(?)) AND state IN {jobs:successful}"
         ))
         .bind(&run_ids)
         .fetch_all(&self.reader)
@@ -196,6 +197,7 @@ impl SqliteStore {
                     version: run.get("version"),
                     input: parse_json(run.get("input")).unwrap_or(Value::Null),
                     scheduled_at: run.get("scheduled_at"),
+                    run_error: run.get("error"),
                     checkpoint: parse_json(row.get("checkpoint")),
                     outputs: outputs.get(&run_id).cloned().unwrap_or_default(),
                     run_id,
@@ -300,11 +302,13 @@ impl Tx for SqliteTx<'_> {
     async fn insert_job_rows(&mut self, jobs: Value, now: Millis) -> Result<()> {
         sqlx::query(statement!(
             "INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
-                 attempt_budget, max_attempts, continue_on_error, priority, run_after) \
+                 attempt_budget, max_attempts, continue_on_error, run_if, flow, on_failure, \
+                 priority, run_after) \
              SELECT j.value->>'run_id', j.value->>'step_id', \
                  CASE WHEN j.value->>'ready' THEN {job:available} ELSE {job:waiting} END, \
                  j.value->>'needs', j.value->>'pending', j.value->>'is_sink', \
                  j.value->>'budget', j.value->>'budget', j.value->>'continue_on_error', \
+                 j.value->>'run_if', j.value->>'flow', j.value->>'on_failure', \
                  j.value->>'priority', ?2 \
              FROM json_each(?1) AS j"
         ))
@@ -358,7 +362,8 @@ impl Tx for SqliteTx<'_> {
              FROM c \
              WHERE jobs.id = c.id AND jobs.attempt = c.attempt \
                  AND jobs.lease_token = c.token AND jobs.state = {job:running} \
-             RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error, jobs.is_sink"
+             RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error, jobs.is_sink, \
+                 jobs.flow"
         ))
         .bind(to_json(&rows))
         .bind(now)
@@ -374,12 +379,13 @@ impl Tx for SqliteTx<'_> {
                     state: parse_state(row.get::<&str, _>("state"))?,
                     error: row.get("error"),
                     is_sink: row.get("is_sink"),
+                    flow: row.get("flow"),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let succeeded: Vec<(&str, &str)> = jobs
             .iter()
-            .filter(|j| j.state == JobState::Succeeded && !j.is_sink)
+            .filter(|j| j.state == JobState::Succeeded && !j.is_sink && !j.flow)
             .map(|j| (j.run_id.as_str(), j.step_id.as_str()))
             .collect();
         let promoted = if succeeded.is_empty() {
@@ -416,7 +422,7 @@ impl Tx for SqliteTx<'_> {
                            WHERE run_id = runs.id AND is_sink = 1) \
              WHERE id IN (SELECT value FROM json_each(?1)) AND +status = {run:running} \
                  AND NOT EXISTS (SELECT 1 FROM jobs \
-                     WHERE run_id = runs.id AND state != {job:succeeded}) \
+                     WHERE run_id = runs.id AND state NOT IN {jobs:successful}) \
              RETURNING id, workflow_id, status, parent_job_id, concurrency_key"
         ))
         .bind(to_json(&runs))
@@ -536,13 +542,13 @@ impl Tx for SqliteTx<'_> {
         job: JobId,
         error: &str,
         now: Millis,
-    ) -> Result<Option<(RunId, String)>> {
+    ) -> Result<Option<(RunId, String, bool)>> {
         Ok(sqlx::query_as(statement!(
             "UPDATE jobs SET state = {job:failed}, error = ?2, finished_at = ?3, \
                  attempts = json_insert(attempts, '$[#]', json_object('attempt', attempt, \
                      'started_at', started_at, 'finished_at', ?3, 'outcome', {job:failed}, \
                      'error', ?2)) \
-             WHERE id = ?1 AND state = {job:parked} RETURNING run_id, step_id"
+             WHERE id = ?1 AND state = {job:parked} RETURNING run_id, step_id, flow"
         ))
         .bind(job)
         .bind(error)
@@ -579,7 +585,7 @@ impl Tx for SqliteTx<'_> {
     ) -> Result<Option<Succeeded>> {
         let row = sqlx::query(statement!(
             "UPDATE jobs SET state = {job:succeeded}, error = ?2, output = ?3, finished_at = ?4 \
-             WHERE id = ?1 AND state = {job:parked} RETURNING run_id, step_id, is_sink"
+             WHERE id = ?1 AND state = {job:parked} RETURNING run_id, step_id, is_sink, flow"
         ))
         .bind(job)
         .bind(error)
@@ -591,6 +597,7 @@ impl Tx for SqliteTx<'_> {
             run_id: row.get("run_id"),
             step_id: row.get("step_id"),
             is_sink: row.get("is_sink"),
+            flow: row.get("flow"),
         }))
     }
 
@@ -602,7 +609,7 @@ impl Tx for SqliteTx<'_> {
              WHERE id = ?1 AND state = {job:parked} \
                  AND NOT EXISTS (SELECT 1 FROM runs \
                      WHERE parent_job_id = ?1 AND status != {run:succeeded}) \
-             RETURNING run_id, step_id, is_sink"
+             RETURNING run_id, step_id, is_sink, flow"
         ))
         .bind(job)
         .bind(now)
@@ -612,6 +619,7 @@ impl Tx for SqliteTx<'_> {
             run_id: row.get("run_id"),
             step_id: row.get("step_id"),
             is_sink: row.get("is_sink"),
+            flow: row.get("flow"),
         }))
     }
 
@@ -788,9 +796,107 @@ impl Tx for SqliteTx<'_> {
                  pending_needs = (SELECT count(*) FROM json_each(jobs.needs) AS nd \
                      JOIN jobs AS up ON up.run_id = jobs.run_id AND up.step_id = nd.value \
                      WHERE up.state != {job:succeeded}) \
-             WHERE run_id IN (SELECT value FROM json_each(?1)) AND state IN {jobs:unsuccessful}"
+             WHERE run_id IN (SELECT value FROM json_each(?1)) AND state IN {jobs:unsuccessful} \
+                 AND NOT flow"
         ))
         .bind(to_json(&runs))
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn flow_steps(
+        &mut self,
+        runs: &[RunId],
+    ) -> Result<Vec<(RunId, Option<String>, FlowStep)>> {
+        let rows = sqlx::query(statement!(
+            "SELECT j.id, j.run_id, j.step_id, j.state, j.needs, j.run_if, j.on_failure, \
+                 j.error, r.error AS run_error \
+             FROM runs AS r JOIN jobs AS j ON j.run_id = r.id \
+             WHERE r.id IN (SELECT value FROM json_each(?1)) AND r.status = {run:running} \
+                 AND j.flow \
+             ORDER BY j.id"
+        ))
+        .bind(to_json(&runs))
+        .fetch_all(&mut *self.0)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let needs: Value = serde_json::from_str(row.get("needs"))
+                    .map_err(|e| StoreError::Database(format!("needs of a job: {e}")))?;
+                let step = flow_step(
+                    row.get("id"),
+                    row.get("step_id"),
+                    row.get("state"),
+                    &needs,
+                    row.get("run_if"),
+                    row.get("on_failure"),
+                    row.get("error"),
+                )?;
+                Ok((row.get("run_id"), row.get("run_error"), step))
+            })
+            .collect()
+    }
+
+    async fn skip_waiting_jobs(&mut self, jobs: &[(JobId, String)], now: Millis) -> Result<()> {
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:skipped}, error = c.value->>1, finished_at = ?2 \
+             FROM json_each(?1) AS c \
+             WHERE jobs.id = c.value->>0 AND jobs.state = {job:waiting}"
+        ))
+        .bind(to_json(&jobs))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn make_jobs_available(&mut self, jobs: &[JobId], now: Millis) -> Result<Vec<JobId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "UPDATE jobs SET state = {job:available}, run_after = ?2 \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND state = {job:waiting} \
+             RETURNING id"
+        ))
+        .bind(to_json(&jobs))
+        .bind(now)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn cancel_jobs(&mut self, jobs: &[JobId], now: Millis) -> Result<()> {
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:cancelled}, lease_token = NULL, \
+                 lease_expires_at = NULL, finished_at = ?2 \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND state IN {jobs:open}"
+        ))
+        .bind(to_json(&jobs))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn begin_failure_handling(&mut self, run_id: &str, error: &str) -> Result<()> {
+        sqlx::query(statement!(
+            "UPDATE runs SET error = ?2 WHERE id = ?1 AND status = {run:running}"
+        ))
+        .bind(run_id)
+        .bind(storable_text(error).as_ref())
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn reset_jobs(&mut self, jobs: &[JobId]) -> Result<()> {
+        // Needs counted whole (and one more for a failure handler): no count of succeeded needs
+        // makes them ready; `flow::advance` does.
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:waiting}, output = NULL, error = NULL, \
+                 checkpoint = NULL, finished_at = NULL, max_attempts = attempt + attempt_budget, \
+                 pending_needs = json_array_length(needs) + on_failure \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND state NOT IN {jobs:open}"
+        ))
+        .bind(to_json(&jobs))
         .execute(&mut *self.0)
         .await?;
         Ok(())

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use futures::FutureExt;
 use serde_json::{Value, json};
 use switchyard_engine::definition::{
-    RetryPolicy, Secrets, Step, TemplateContext, TemplateError, has_template, reads_run_data,
-    render_value,
+    RetryPolicy, Secrets, Step, TemplateContext, TemplateError, has_template, is_truthy,
+    reads_run_data, render_value,
 };
 use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::service::{Engine, EngineError};
@@ -82,6 +82,7 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
                 tracing::warn!(%error, "step failed")
             }
             Settlement::Park { until, .. } => tracing::info!(?until, "step parked"),
+            Settlement::Skip { reason } => tracing::info!(%reason, "step skipped"),
             Settlement::Release => {}
         }
         Completion {
@@ -127,9 +128,29 @@ async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResul
             "step": job.step_id,
             "attempt": job.lease.attempt,
             "scheduled_at": job.scheduled_at,
+            "error": job.run_error,
         }),
         env: BTreeMap::new(),
     };
+    // A step woken from a park has run already: its condition held.
+    if let (Some(when), None) = (&step.when, &job.checkpoint) {
+        let condition = Value::String(when.clone());
+        let scope = ctx.clone();
+        let rendered = tokio::task::spawn_blocking(move || render_value(&condition, &scope))
+            .await
+            .unwrap_or_else(|e| Err(TemplateError::Render(format!("the render stopped: {e}"))));
+        match rendered {
+            Ok(value) if !is_truthy(&value) => {
+                let shown = serde_json::to_string(&value).unwrap_or_default();
+                let reason = format!("when {when:?} rendered {shown}");
+                return (AttemptResult::Skipped { reason }, Vec::new());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return failed(StepFailure::permanent("template", format!("when: {e}")));
+            }
+        }
+    }
     // A template may sort or search long lists within its fuel for seconds: off the async
     // threads, where it would stall every other step of this worker.
     let rendered = if has_template(&step.with) {

@@ -103,7 +103,7 @@ pub(crate) async fn drive(
                         let lease = job.lease.clone();
                         // The call inside the guarded future: it may panic before its future
                         // exists.
-                        match AssertUnwindSafe(async move { run_step(job).await })
+                        match AssertUnwindSafe(async move { run_step(*job).await })
                             .catch_unwind()
                             .await
                         {

@@ -17,6 +17,7 @@ pub(crate) fn claimed(id: JobId, attempt: u32, run_id: &str) -> ClaimedJob {
         version: 1,
         input: Value::Null,
         scheduled_at: None,
+        run_error: None,
         checkpoint: None,
         outputs: Default::default(),
     }

@@ -93,7 +93,7 @@ pub(crate) enum Action {
         asked: usize,
     },
     /// Run the job's attempt in a task of its own; answer with [`Event::StepsEnded`].
-    Spawn(ClaimedJob),
+    Spawn(Box<ClaimedJob>),
     /// Stop the task running under this lease (dropping its future is what stops the step): its
     /// result would not count, or it was released.
     Abort(Lease),
@@ -270,7 +270,7 @@ impl WorkerLoop {
         for job in jobs {
             if self.phase == Phase::Running {
                 self.held.insert(job.lease.job_id, job.lease.clone());
-                actions.push(Action::Spawn(job));
+                actions.push(Action::Spawn(Box::new(job)));
             } else {
                 // Claimed by a call sent before the shutdown: it has not started, so another
                 // worker may as well start it.
