@@ -77,7 +77,7 @@ impl Fake {
             match action {
                 Action::StoreCall { batch, asked } => self.calls.push_back(Call { batch, asked }),
                 Action::Spawn(job) => {
-                    let old = self.running.insert(job.lease.job_id, job);
+                    let old = self.running.insert(job.lease.job_id, *job);
                     assert!(old.is_none(), "two tasks for one job");
                 }
                 Action::Abort(lease) => {
