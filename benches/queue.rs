@@ -5,6 +5,7 @@
 //! - 40 sequential no-op steps: time of one run
 //! - fan-out: a master starting 7 children of 3 steps each and aggregating
 //! - priority: start delay of urgent runs behind a backlog of 100k low-priority jobs
+//! - loop: one run's `for_each` over 10k no-op items against 10k queued one-step runs
 //! - claim: time of one claim of 100 jobs with 10k and with 1M queued
 //! - peak RSS (SQLite)
 //!
@@ -47,6 +48,8 @@ const DEFINITIONS: &str = r#"
 workflows:
   one_noop:
     steps: [{id: a, type: noop}]
+  loop_noop:
+    steps: [{id: each, type: noop, for_each: "{{ input.items }}"}]
   probe_once:
     steps: [{id: a, type: probe, with: {n: "{{ input.n }}"}}]
   child3:
@@ -270,8 +273,18 @@ impl Bench {
 /// `loops` worker loops of `slots` each empty a backlog of 100k one-step runs.
 async fn drain(backend: &Backend, loops: usize, slots: usize) {
     const JOBS: usize = 100_000;
+    let (rate, secs, rss_queued) = drain_rate(backend, JOBS, loops, slots).await;
+    println!(
+        "[{}] drain 100k queued no-op jobs, {loops} worker loop(s) x {slots} slots: {rate:.0} jobs/s ({secs:.2} s); peak RSS of the process so far: {rss_queued:.1} MiB",
+        backend.name(),
+    );
+}
+
+/// Jobs per second (and seconds) of `loops` worker loops of `slots` emptying a backlog of `jobs`
+/// one-step runs, and the peak RSS once they were queued.
+async fn drain_rate(backend: &Backend, jobs: usize, loops: usize, slots: usize) -> (f64, f64, f64) {
     // Enqueue first with no worker running, then measure the drain alone.
-    let bench = Bench::queued(backend, JOBS).await;
+    let bench = Bench::queued(backend, jobs).await;
     let rss_queued = peak_rss_mib();
     let (stop, stopped) = watch::channel(false);
     let started = Instant::now();
@@ -291,10 +304,33 @@ async fn drain(backend: &Backend, loops: usize, slots: usize) {
     }
     let secs = started.elapsed().as_secs_f64();
     stop.send_replace(true);
+    (jobs as f64 / secs, secs, rss_queued)
+}
+
+/// One run whose `for_each` has 10k no-op items, from its start to its end, against the drain
+/// of 10k queued one-step runs by the same worker: what a loop costs over separate jobs.
+async fn loop_items(backend: &Backend) {
+    const ITEMS: usize = 10_000;
+    let (separate, _, _) = drain_rate(backend, ITEMS, 1, 1_000).await;
+    let bench = Bench::new(backend, 1_000).await;
+    let items: Vec<usize> = (0..ITEMS).collect();
+    let run = bench.plan("loop_noop", json!({ "items": items }));
+    let started = Instant::now();
+    bench
+        .engine
+        .store()
+        .create_runs(vec![run], bench.engine.now())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    while bench.unfinished().await {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let looped = ITEMS as f64 / started.elapsed().as_secs_f64();
     println!(
-        "[{}] drain 100k queued no-op jobs, {loops} worker loop(s) x {slots} slots: {:.0} jobs/s ({secs:.2} s); peak RSS of the process so far: {rss_queued:.1} MiB",
+        "[{}] for_each of 10k no-op items: {looped:.0} items/s; 10k queued one-step runs: {separate:.0} jobs/s; the loop at {:.0}% of separate jobs",
         backend.name(),
-        JOBS as f64 / secs
+        looped / separate * 100.0
     );
 }
 
@@ -481,6 +517,9 @@ fn main() {
             }
             if wants("priority") {
                 priority_delay(backend).await;
+            }
+            if wants("loop") {
+                loop_items(backend).await;
             }
             if wants("claim") {
                 claim_time(backend, 10_000).await;

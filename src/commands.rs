@@ -592,7 +592,15 @@ async fn run(
     let mut shown: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let detail = engine.run(&run_id).await?;
-        for step in &detail.steps {
+        // A loop's items show as a count of those finished, not one line each.
+        for (step, (finished, total)) in item_progress(&detail) {
+            let progress = format!("items {finished}/{total} finished");
+            if shown.get(&format!("{step}[]")) != Some(&progress) {
+                eprintln!("  {step:<24} {progress}");
+                shown.insert(format!("{step}[]"), progress);
+            }
+        }
+        for step in detail.steps.iter().filter(|s| s.item_index.is_none()) {
             let state = step.state.to_string();
             if shown.get(&step.step_id) != Some(&state) {
                 let attempt = if step.attempt > 1 {
@@ -643,6 +651,25 @@ fn duration(from: Option<Millis>, to: Option<Millis>) -> String {
     }
 }
 
+/// The step a `for_each` item's job belongs to (`each` of `each[3]`).
+fn loop_step(item: &str) -> &str {
+    item.rsplit_once('[').map_or(item, |(step, _)| step)
+}
+
+/// For each `for_each` step of a run: how many of its items have finished, of how many.
+fn item_progress(detail: &RunDetail) -> BTreeMap<&str, (usize, usize)> {
+    let mut progress: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for item in detail.steps.iter().filter(|s| s.item_index.is_some()) {
+        let entry = progress.entry(loop_step(&item.step_id)).or_default();
+        entry.0 += usize::from(item.state.is_finished());
+        entry.1 += 1;
+    }
+    progress
+}
+
+/// Most items `show` lists one by one (those that did not succeed), per `for_each` step.
+const ITEMS_SHOWN: usize = 10;
+
 fn print_run(detail: &RunDetail) {
     let r = &detail.summary;
     out!("run       {}", r.id);
@@ -664,7 +691,7 @@ fn print_run(detail: &RunDetail) {
         out!("output    {output}");
     }
     out!("steps");
-    for s in &detail.steps {
+    for s in detail.steps.iter().filter(|s| s.item_index.is_none()) {
         out!(
             "  {:<24} {:<10} attempt {:<2} {}",
             s.step_id,
@@ -690,5 +717,43 @@ fn print_run(detail: &RunDetail) {
         if let Some(error) = &s.error {
             out!("      {label}: {error}");
         }
+        print_items(detail, &s.step_id);
+    }
+}
+
+/// A `for_each` step's items: a count by state, then those that did not succeed.
+fn print_items(detail: &RunDetail, step: &str) {
+    let items: Vec<&store::JobDetail> = detail
+        .steps
+        .iter()
+        .filter(|s| s.item_index.is_some() && loop_step(&s.step_id) == step)
+        .collect();
+    if items.is_empty() {
+        return;
+    }
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for item in &items {
+        *counts.entry(item.state.as_str()).or_default() += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    out!("      items {}: {}", items.len(), counts.join(", "));
+    let unsuccessful: Vec<&&store::JobDetail> = items
+        .iter()
+        .filter(|i| i.state != JobState::Succeeded)
+        .collect();
+    for item in unsuccessful.iter().take(ITEMS_SHOWN) {
+        out!(
+            "      {:<22} {:<10} attempt {:<2} {}",
+            item.step_id,
+            item.state.as_str(),
+            item.attempt,
+            item.error.as_deref().unwrap_or("")
+        );
+    }
+    if unsuccessful.len() > ITEMS_SHOWN {
+        out!(
+            "      ... and {} more (`show RUN --json` lists every item)",
+            unsuccessful.len() - ITEMS_SHOWN
+        );
     }
 }

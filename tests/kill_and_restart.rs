@@ -63,3 +63,54 @@ fn durable_sleep_survives_a_restart() {
     );
     assert_eq!(rest["attempt"], 1);
 }
+
+#[test]
+fn a_loop_killed_midway_ends_every_item_and_runs_none_that_succeeded_again() {
+    let (base, hits) = start_counter();
+    let definition = format!(
+        "id: many\nretry: {{max_retries: 3, initial: 100ms}}\nsteps:\n\
+         \x20 - id: each\n\
+         \x20   type: http\n\
+         \x20   for_each: \"{{{{ range(1000) | list }}}}\"\n\
+         \x20   parallel: 8\n\
+         \x20   with: {{url: \"{base}/item-{{{{ index }}}}\"}}\n"
+    );
+    let mut sandbox = Sandbox::new("kill-loop", &definition);
+    sandbox.serve();
+    let run = sandbox.cli(&["run", "many"]).trim().to_owned();
+    let called = || {
+        (0..1000)
+            .map(|i| count(&hits, &format!("item-{i}")))
+            .collect::<Vec<u32>>()
+    };
+    sandbox.wait_for("a third of the items called", || {
+        called().iter().filter(|n| **n > 0).count() >= 333
+    });
+    sandbox.kill_all();
+
+    sandbox.serve();
+    sandbox.wait_for("the run to finish", || {
+        sandbox.show(&run)["status"] != "running"
+    });
+    let detail = sandbox.show(&run);
+    assert_eq!(detail["status"], "succeeded", "{}", detail["error"]);
+    assert_eq!(
+        step(&detail, "each")["output"].as_array().unwrap().len(),
+        1000
+    );
+    let calls = called();
+    assert!(calls.iter().all(|n| *n >= 1), "every item ran");
+    // Only items in flight when the server died (8 at most) may have been called twice; an item
+    // that had succeeded never is: each call is an attempt on record.
+    let repeated: u32 = calls.iter().map(|n| n - 1).sum();
+    assert!(repeated <= 8, "{repeated} calls repeated");
+    for (i, calls) in calls.iter().enumerate() {
+        let item = step(&detail, &format!("each[{i}]"));
+        assert_eq!(item["state"], "succeeded");
+        assert!(
+            u64::from(*calls) <= item["attempt"].as_u64().unwrap(),
+            "item {i} was called {calls} times in {} attempts",
+            item["attempt"]
+        );
+    }
+}

@@ -159,6 +159,12 @@ pub enum AttemptResult {
     Skipped {
         reason: String,
     },
+    /// A `for_each` step rendered its items: it waits, without a worker, while they run.
+    Looped {
+        items: Vec<serde_json::Value>,
+        parallel: Option<u32>,
+        checkpoint: serde_json::Value,
+    },
 }
 
 /// A failed attempt. `kind` is matched against `retry.non_retryable`.
@@ -225,6 +231,12 @@ pub enum Settlement {
     Skip {
         reason: String,
     },
+    /// A `for_each` step parks while its items, created with it, run `parallel` at a time.
+    Loop {
+        items: Vec<serde_json::Value>,
+        parallel: Option<u32>,
+        checkpoint: serde_json::Value,
+    },
 }
 
 impl Settlement {
@@ -237,6 +249,7 @@ impl Settlement {
             Settlement::Park { .. } => JobState::Parked,
             Settlement::Release => JobState::Available,
             Settlement::Skip { .. } => JobState::Skipped,
+            Settlement::Loop { .. } => JobState::Parked,
         }
     }
 
@@ -267,6 +280,15 @@ pub fn settle(
         AttemptResult::Succeeded { output } => Settlement::Succeed { output },
         AttemptResult::Parked { until, checkpoint } => Settlement::Park { until, checkpoint },
         AttemptResult::Skipped { reason } => Settlement::Skip { reason },
+        AttemptResult::Looped {
+            items,
+            parallel,
+            checkpoint,
+        } => Settlement::Loop {
+            items,
+            parallel,
+            checkpoint,
+        },
         AttemptResult::Failed(failure) => {
             let error = failure.to_string();
             let listed = policy.non_retryable.iter().any(|n| match n {
@@ -318,6 +340,14 @@ pub fn gate_room(limit: i64, running: i64, pending: i64) -> i64 {
 /// was started under, less the runs still holding a slot.
 pub fn gate_opening(oldest_pending_limit: Option<i64>, running: i64) -> i64 {
     oldest_pending_limit.unwrap_or(0) - running
+}
+
+/// How many waiting items of a `for_each` step start now: its `parallel` less those running
+/// (every one when it has no limit).
+pub fn loop_room(parallel: Option<i64>, active: i64, waiting: i64) -> i64 {
+    parallel
+        .map_or(waiting, |limit| limit - active)
+        .clamp(0, waiting)
 }
 
 /// The error of a run that ran past its deadline.

@@ -602,7 +602,7 @@ workflows:
         with: { workflows: [child, ghost] }
       - id: each
         type: workflow
-        with: { workflow: phantom, for_each: \"{{ input.items }}\", input: \"{{ item }}\" }
+        with: { workflow: phantom, for_each: \"{{ input.items }}\" }
       - id: empty
         type: workflow
   child: {}
@@ -918,6 +918,7 @@ fn ctx() -> TemplateContext {
         )])),
         run: json!({ "id": "run-1", "attempt": 1 }),
         env: BTreeMap::from([("REGION".to_owned(), "eu-west-1".to_owned())]),
+        item: None,
     }
 }
 
@@ -1262,4 +1263,47 @@ on_failure:
     let wf = check(fine).unwrap_or_else(|e| panic!("{e}")).remove(0);
     assert!(wf.has_control_flow());
     assert_eq!(wf.on_failure.len(), 2);
+}
+
+#[test]
+fn item_and_index_are_the_item_of_a_step_level_for_each_and_nothing_else() {
+    let looped = "\
+id: t
+steps:
+  - {id: list, type: noop}
+  - id: each
+    type: transform
+    needs: [list]
+    for_each: \"{{ steps.list.output }}\"
+    parallel: 4
+    with: {output: \"{{ index }}: {{ item.name }}\"}
+";
+    check(looped).unwrap_or_else(|e| panic!("{e}"));
+    // A `workflow` step's `with.for_each` gives each child `input.item`; its own templates are
+    // rendered once, before any item, so `item` there would be undefined at run time.
+    let children = "\
+workflows:
+  parent:
+    steps:
+      - id: each
+        type: workflow
+        with: {workflow: child, for_each: [1, 2], input: {n: \"{{ item }}\"}}
+  child:
+    steps:
+      - {id: only, type: transform, with: {output: \"{{ input.item }}\"}}
+";
+    assert_one_error(children, 6, 58, "unknown variable `item`");
+    let in_when = looped.replace("parallel: 4", "when: \"{{ item }}\"");
+    assert_one_error(&in_when, 8, 11, "unknown variable `item`");
+}
+
+#[test]
+fn a_loop_names_its_limit_sensibly_and_only_on_kinds_that_can_loop() {
+    let no_loop = "id: t\nsteps:\n  - {id: a, type: noop, parallel: 2}\n";
+    assert_one_error(no_loop, 3, 35, "this step has none");
+    let zero = "id: t\nsteps:\n  - {id: a, type: noop, for_each: '{{ [1] }}', parallel: 0}\n";
+    assert_one_error(zero, 3, 58, "parallel must be 1 or more");
+    let waits =
+        "id: t\nsteps:\n  - {id: a, type: wait, for_each: '{{ [1] }}', with: {signal: go}}\n";
+    assert_one_error(waits, 3, 19, "a wait step cannot loop");
 }

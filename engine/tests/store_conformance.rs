@@ -2409,6 +2409,213 @@ pub async fn retry_of_a_run_with_control_flow_reruns_only_what_failed(store: Arc
     assert_eq!(job_state(&*store, &run, "alert").await, JobState::Skipped);
 }
 
+// Loops: a `for_each` step parks with its items, which run as jobs of their own.
+
+fn looped(job: &ClaimedJob, items: Vec<Value>, parallel: Option<u32>) -> Completion {
+    Completion {
+        lease: job.lease.clone(),
+        settlement: Settlement::Loop {
+            items,
+            parallel,
+            checkpoint: json!({ "outputs": job.outputs }),
+        },
+        children: Vec::new(),
+    }
+}
+
+fn each_of(yaml_extra: &str) -> Workflow {
+    workflow(&format!(
+        "id: each\nsteps:\n  - {{id: list, type: noop}}\n  - {{id: each, type: noop, needs: [list], for_each: '{{{{ steps.list.output }}}}'{yaml_extra}}}\n  - {{id: after, type: noop, needs: [each]}}\n"
+    ))
+}
+
+/// Starts a run of `wf` and parks its `each` step with `count` items; returns the run.
+async fn start_loop(store: &dyn Store, wf: &Workflow, count: i64, parallel: Option<u32>) -> String {
+    let run = start(store, wf, Trigger::default()).await;
+    let list = claim(store, T0, 1).await.remove(0);
+    store
+        .complete(vec![done(&list, json!("listed"))], T0)
+        .await
+        .unwrap();
+    let each = claim(store, T0, 1).await.remove(0);
+    assert_eq!(each.step_id, "each");
+    assert!(each.item.is_none());
+    let items = (0..count).map(|i| json!({ "n": i })).collect();
+    let accepted = store
+        .complete(vec![looped(&each, items, parallel)], T0)
+        .await
+        .unwrap();
+    assert_eq!(accepted.len(), 1);
+    run
+}
+
+pub async fn a_loop_runs_at_most_parallel_items_at_once_and_gives_their_outputs_in_order(
+    store: Arc<dyn Store>,
+) {
+    let wf = each_of(", parallel: 10");
+    let run = start_loop(&*store, &wf, 1_000, Some(10)).await;
+    let mut finished = 0;
+    while finished < 1_000 {
+        let jobs = claim(&*store, T0, 100).await;
+        assert!(!jobs.is_empty(), "items are left to run");
+        assert!(jobs.len() <= 10, "{} items at once", jobs.len());
+        for job in &jobs {
+            let item = job.item.as_ref().expect("an item");
+            assert_eq!(item.step_id, "each");
+            assert_eq!(job.step_id, format!("each[{}]", item.index));
+            assert_eq!(item.value, json!({ "n": item.index }));
+            assert_eq!(job.outputs.get("list"), Some(&json!("listed")), "{job:?}");
+        }
+        // Out of order: the step's output keeps the items' order.
+        let completions = jobs
+            .iter()
+            .rev()
+            .map(|j| done(j, json!(j.item.as_ref().unwrap().index * 2)))
+            .collect();
+        store.complete(completions, T0).await.unwrap();
+        finished += jobs.len();
+    }
+    let after = claim(&*store, T0, 10).await;
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].step_id, "after");
+    let expected: Vec<i64> = (0..1_000).map(|i| i * 2).collect();
+    assert_eq!(after[0].outputs["each"], json!(expected));
+    assert!(
+        !after[0].outputs.contains_key("each[0]"),
+        "items are not steps"
+    );
+    store
+        .complete(vec![done(&after[0], json!("done"))], T0)
+        .await
+        .unwrap();
+    assert_eq!(run_status(&*store, &run).await, RunStatus::Succeeded);
+}
+
+pub async fn a_failing_item_is_retried_alone_and_one_failing_for_good_fails_its_step(
+    store: Arc<dyn Store>,
+) {
+    let wf = each_of("");
+    let run = start_loop(&*store, &wf, 3, None).await;
+    let jobs = claim(&*store, T0, 10).await;
+    assert_eq!(jobs.len(), 3, "no limit: every item at once");
+    let later = T0 + 5_000;
+    let completions = jobs
+        .iter()
+        .map(|j| match j.item.as_ref().unwrap().index {
+            1 => Completion {
+                lease: j.lease.clone(),
+                settlement: Settlement::Retry {
+                    at: later,
+                    error: "flaky".into(),
+                },
+                children: Vec::new(),
+            },
+            i => done(j, json!(i)),
+        })
+        .collect();
+    store.complete(completions, T0).await.unwrap();
+    assert!(claim(&*store, T0, 10).await.is_empty());
+    let again = claim(&*store, later, 10).await;
+    assert_eq!(again.len(), 1, "only the failed item runs again");
+    assert_eq!(again[0].item.as_ref().unwrap().index, 1);
+    assert_eq!(again[0].lease.attempt, 2);
+    store
+        .complete(vec![done(&again[0], json!(1))], later)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .run(&run)
+            .await
+            .unwrap()
+            .steps
+            .iter()
+            .find(|s| s.step_id == "each")
+            .unwrap()
+            .output,
+        Some(json!([0, 1, 2]))
+    );
+
+    let broken = start_loop(&*store, &wf, 3, None).await;
+    let jobs = claim(&*store, T0, 10).await;
+    let first = jobs
+        .iter()
+        .find(|j| j.item.as_ref().unwrap().index == 0)
+        .unwrap();
+    store
+        .complete(vec![failed(first, "boom")], T0)
+        .await
+        .unwrap();
+    let detail = store.run(&broken).await.unwrap();
+    assert_eq!(detail.summary.status, RunStatus::Failed);
+    assert_eq!(
+        detail.summary.error.as_deref(),
+        Some("step each failed: item each[0] failed: boom")
+    );
+    assert_eq!(
+        job_state(&*store, &broken, "each[1]").await,
+        JobState::Cancelled
+    );
+}
+
+pub async fn retry_of_a_run_with_a_loop_reruns_only_the_items_that_did_not_succeed(
+    store: Arc<dyn Store>,
+) {
+    let wf = each_of("");
+    let run = start_loop(&*store, &wf, 3, None).await;
+    let jobs = claim(&*store, T0, 10).await;
+    let item = |i: i64| {
+        jobs.iter()
+            .find(|j| j.item.as_ref().unwrap().index == i)
+            .unwrap()
+    };
+    store
+        .complete(vec![done(item(0), json!("zero"))], T0)
+        .await
+        .unwrap();
+    store
+        .complete(vec![failed(item(1), "down")], T0)
+        .await
+        .unwrap();
+    assert_eq!(run_status(&*store, &run).await, RunStatus::Failed);
+    assert_eq!(
+        job_state(&*store, &run, "each[2]").await,
+        JobState::Cancelled
+    );
+
+    store.retry_run(&run, T0 + 1).await.unwrap();
+    // The step renders its items again, as a worker does; the one that succeeded is kept.
+    let each = claim(&*store, T0 + 1, 10).await;
+    assert_eq!(each.len(), 1);
+    assert_eq!(each[0].step_id, "each");
+    let items = (0..3).map(|i| json!({ "n": i })).collect();
+    store
+        .complete(vec![looped(&each[0], items, None)], T0 + 1)
+        .await
+        .unwrap();
+    let rerun = claim(&*store, T0 + 1, 10).await;
+    let mut indexes: Vec<i64> = rerun
+        .iter()
+        .map(|j| j.item.as_ref().unwrap().index)
+        .collect();
+    indexes.sort();
+    assert_eq!(indexes, [1, 2]);
+    let completions = rerun
+        .iter()
+        .map(|j| done(j, json!(j.item.as_ref().unwrap().index)))
+        .collect();
+    store.complete(completions, T0 + 1).await.unwrap();
+    let detail = store.run(&run).await.unwrap();
+    let each = detail.steps.iter().find(|s| s.step_id == "each").unwrap();
+    assert_eq!(each.output, Some(json!(["zero", 1, 2])), "{detail:?}");
+    let zero = detail
+        .steps
+        .iter()
+        .find(|s| s.step_id == "each[0]")
+        .unwrap();
+    assert_eq!(zero.attempt, 1, "the item that succeeded did not run again");
+}
+
 macro_rules! conformance {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -2479,6 +2686,9 @@ macro_rules! conformance {
                 failure_handlers_run_once_after_a_failure_and_the_run_stays_failed,
                 failure_handlers_are_skipped_when_the_run_succeeds,
                 retry_of_a_run_with_control_flow_reruns_only_what_failed,
+                a_loop_runs_at_most_parallel_items_at_once_and_gives_their_outputs_in_order,
+                a_failing_item_is_retried_alone_and_one_failing_for_good_fails_its_step,
+                retry_of_a_run_with_a_loop_reruns_only_the_items_that_did_not_succeed,
             );
         }
     };

@@ -5,3 +5,11 @@
 ALTER TABLE jobs ADD COLUMN run_if TEXT;
 ALTER TABLE jobs ADD COLUMN flow BOOLEAN NOT NULL DEFAULT false;
 ALTER TABLE jobs ADD COLUMN on_failure BOOLEAN NOT NULL DEFAULT false;
+-- A `for_each` step parks while its items run: one job each (`loop_job_id` names the step's job,
+-- `item_index` its place, `item` its value), `parallel` (on the step's job) at a time. None of
+-- these columns changes after the insert, so the index keeps completions HOT.
+ALTER TABLE jobs ADD COLUMN loop_job_id BIGINT;
+ALTER TABLE jobs ADD COLUMN item_index INTEGER;
+ALTER TABLE jobs ADD COLUMN item JSONB;
+ALTER TABLE jobs ADD COLUMN parallel INTEGER;
+CREATE INDEX jobs_loop_items ON jobs (loop_job_id, item_index) WHERE loop_job_id IS NOT NULL;

@@ -129,6 +129,9 @@ pub struct JobDetail {
     pub attempt: u32,
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// Its place among the items of a `for_each` step, whose id its `step_id` starts with
+    /// (`each[3]`).
+    pub item_index: Option<i64>,
     /// Why a `skipped` step did not run: its `when` was false, its `run_if` could not hold, or
     /// (a failure handler) the run did not fail.
     pub skipped_reason: Option<String>,
@@ -155,6 +158,7 @@ impl From<store::JobDetail> for JobDetail {
             attempt: job.attempt,
             output: job.output,
             error,
+            item_index: job.item_index,
             skipped_reason,
             run_after: job.run_after,
             started_at: job.started_at,

@@ -423,7 +423,19 @@ pub struct Step {
     /// What the steps it needs must have come to for this step to run.
     #[serde(default, alias = "runIf", skip_serializing_if = "RunIf::is_default")]
     pub run_if: RunIf,
+    /// A template that renders to a list (up to [`MAX_ITEMS`]): the step runs once per item, with
+    /// `item` and `index` in its templates, each item retried on its own; its output is the list
+    /// of the items' outputs, in order.
+    #[serde(default, alias = "forEach", skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<String>,
+    /// How many items of a `for_each` run at once (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub parallel: Option<u32>,
 }
+
+/// The most items a `for_each` may render.
+pub const MAX_ITEMS: usize = 10_000;
 
 /// A step's trigger rule: what its needs must have come to once all of them have finished. A
 /// step whose rule cannot hold is skipped, with the reason.

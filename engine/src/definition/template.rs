@@ -194,6 +194,8 @@ pub struct TemplateContext {
     pub run: Value,
     /// Only the environment variables the operator allows.
     pub env: BTreeMap<String, String>,
+    /// In a step's run for one item of its `for_each`: the item and its index.
+    pub item: Option<(Value, i64)>,
 }
 
 /// Why a template failed. Messages cannot contain secret values: templates never see them.
@@ -335,6 +337,10 @@ struct Scope<'a> {
     secrets: BTreeMap<&'a str, String>,
     run: &'a Value,
     env: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    item: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -354,6 +360,8 @@ fn scope(ctx: &TemplateContext) -> minijinja::Value {
         secrets: ctx.secrets.references(),
         run: &ctx.run,
         env: &ctx.env,
+        item: ctx.item.as_ref().map(|(item, _)| item),
+        index: ctx.item.as_ref().map(|(_, index)| *index),
     }))
 }
 

@@ -388,13 +388,26 @@ impl Check<'_, '_> {
             if step.kind == WAIT_KIND {
                 self.wait(i, step, signals);
             }
-            let item = step.kind == WORKFLOW_KIND && step.with.get("for_each").is_some();
+            self.loops(i, step);
+            // `item` and `index` are the item a `for_each` step runs for: its `with` sees them,
+            // its `when` and `for_each` (rendered before any item exists) do not. A `workflow`
+            // step's `with.for_each` hands each child `input.item` instead.
             let mut strings = Vec::new();
             collect_templates(&step.with, &mut vec![Seg::Key("with")], &mut strings);
+            let looped = strings.len();
             if let Some(when) = &step.when {
                 strings.push((vec![Seg::Key("when")], when.as_str()));
             }
-            for (path, text) in strings {
+            if let Some(for_each) = &step.for_each {
+                let key = self.src.spelling(
+                    self.wi,
+                    &[Seg::Key(self.part), Seg::Index(i)],
+                    &["for_each", "forEach"],
+                );
+                strings.push((vec![Seg::Key(key)], for_each.as_str()));
+            }
+            for (n, (path, text)) in strings.into_iter().enumerate() {
+                let item = step.for_each.is_some() && n < looped;
                 let upstream = upstream_cache
                     .entry(i)
                     .or_insert_with(|| ancestors(&edges, i));
@@ -416,6 +429,39 @@ impl Check<'_, '_> {
                     self.err(&full, false, msg);
                 }
             }
+        }
+    }
+
+    /// `for_each` and `parallel`: a loop on a step kind that can run once per item.
+    fn loops(&mut self, i: usize, step: &Step) {
+        let at = |key| [Seg::Key(self.part), Seg::Index(i), Seg::Key(key)];
+        if step.parallel.is_some() && step.for_each.is_none() {
+            self.err(
+                &at("parallel"),
+                false,
+                "parallel limits the items of a for_each; this step has none".to_owned(),
+            );
+        }
+        if step.parallel == Some(0) {
+            self.err(
+                &at("parallel"),
+                false,
+                "parallel must be 1 or more".to_owned(),
+            );
+        }
+        if step.for_each.is_none() {
+            return;
+        }
+        let refusal = match step.kind.as_str() {
+            WORKFLOW_KIND => Some(
+                "a workflow step starts one child run per item with `with.for_each`, not a \
+                 step-level for_each",
+            ),
+            WAIT_KIND => Some("a wait step cannot loop: its signal names one step"),
+            _ => None,
+        };
+        if let Some(message) = refusal {
+            self.err(&at("type"), false, message.to_owned());
         }
     }
 
@@ -561,7 +607,8 @@ struct StepScope<'a> {
 }
 
 /// What a template may reference: steps upstream of its step (None: no steps at all, e.g. the
-/// concurrency key, rendered before any step runs), and `item` inside a `for_each` child step.
+/// concurrency key, rendered before any step runs), and `item` and `index` in the `with` of a step
+/// with `for_each`.
 struct Scope<'a> {
     steps: Option<StepScope<'a>>,
     item: bool,
@@ -580,7 +627,7 @@ fn template_problems(text: &str, scope: &Scope<'_>) -> Vec<String> {
     for var in &vars {
         let mut parts = var.split('.');
         let root = parts.next().unwrap_or_default();
-        if TEMPLATE_GLOBALS.contains(&root) || (scope.item && root == "item") {
+        if TEMPLATE_GLOBALS.contains(&root) || (scope.item && (root == "item" || root == "index")) {
             continue;
         }
         if !TEMPLATE_ROOTS.contains(&root) {

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::flow::{self, FlowStep, RunOutcome};
 use crate::state::{
-    JobState, Millis, RunStatus, Settlement, fire_skip_reason, gate_opening, gate_room,
+    JobState, Millis, RunStatus, Settlement, fire_skip_reason, gate_opening, gate_room, loop_room,
     settle_lost_lease, timeout_error,
 };
 
@@ -54,6 +54,8 @@ pub(crate) struct SettledJob {
     pub error: Option<String>,
     pub is_sink: bool,
     pub flow: bool,
+    /// The `for_each` step's job, when this job is one of its items.
+    pub loop_job: Option<JobId>,
 }
 
 /// What [`Tx::settle_jobs`] changed: the settled jobs whose fence held, and the dependents of
@@ -103,6 +105,15 @@ pub(crate) struct NewVersion<'a> {
     pub version: i64,
     pub definition: &'a Value,
     pub origin: DefinitionOrigin,
+}
+
+/// How far a `for_each` step's items have come (see [`Tx::loop_load`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoopLoad {
+    pub loop_job: JobId,
+    pub parallel: Option<i64>,
+    pub active: i64,
+    pub waiting: i64,
 }
 
 /// The runs of a concurrency key that hold or wait for a slot.
@@ -252,6 +263,32 @@ pub(crate) trait Tx: Send {
     /// Puts finished jobs of a run with control flow back to `waiting` (a retry), with a fresh
     /// attempt budget; `flow::advance` decides again when each runs.
     async fn reset_jobs(&mut self, jobs: &[JobId]) -> Result<()>;
+
+    /// Creates the items of a `for_each` step's job, `waiting`, with the step's attempt budget;
+    /// items it had already (a retry of its run) are kept, those that failed or were cancelled
+    /// put back to `waiting`. Records `parallel` on the step's job.
+    async fn insert_items(
+        &mut self,
+        loop_job: JobId,
+        items: &[Value],
+        parallel: Option<u32>,
+        now: Millis,
+    ) -> Result<()>;
+    /// For each `parked` step among `loops`: its `parallel`, and how many of its items are
+    /// unfinished but not `waiting`, and how many are `waiting`.
+    async fn loop_load(&mut self, loops: &[JobId]) -> Result<Vec<LoopLoad>>;
+    /// Makes the first `count` `waiting` items of a `for_each` step `available`, in item order.
+    async fn release_items(
+        &mut self,
+        loop_job: JobId,
+        count: i64,
+        now: Millis,
+    ) -> Result<Vec<JobId>>;
+    /// The unfinished items of a `for_each` step.
+    async fn open_items(&mut self, loop_job: JobId) -> Result<Vec<JobId>>;
+    /// Succeeds a `parked` `for_each` step whose items all succeeded, with their outputs in item
+    /// order; returns it when it did.
+    async fn finish_loop(&mut self, loop_job: JobId, now: Millis) -> Result<Option<Succeeded>>;
 
     /// What the store holds of workflow `id`, compared with `definition`.
     async fn stored_definition(&mut self, id: &str, definition: &Value)
@@ -507,8 +544,27 @@ pub(crate) async fn complete(
     let mut sinks = Vec::new();
     let mut failed = Vec::new();
     let mut flowing = BTreeSet::new();
+    // `for_each` steps whose items settled, each with the first item that failed for good.
+    let mut looping: BTreeMap<JobId, Option<String>> = BTreeMap::new();
     for job in settled.jobs {
         accepted.push(job.id);
+        if let Some(loop_job) = job.loop_job {
+            match job.state {
+                JobState::Available | JobState::Retrying => effects.ready.push(job.id),
+                JobState::Failed => {
+                    let error = format!(
+                        "item {} failed: {}",
+                        job.step_id,
+                        job.error.unwrap_or_default()
+                    );
+                    looping.entry(loop_job).or_default().get_or_insert(error);
+                }
+                _ => {
+                    looping.entry(loop_job).or_default();
+                }
+            }
+            continue;
+        }
         if job.flow && job.state.is_finished() {
             flowing.insert(job.run_id);
             continue;
@@ -533,6 +589,19 @@ pub(crate) async fn complete(
             _ => {}
         }
     }
+    // A `for_each` step's items are created in the transaction that parks it.
+    for completion in &completions {
+        if let Settlement::Loop {
+            items, parallel, ..
+        } = &completion.settlement
+        {
+            let job = completion.lease.job_id;
+            if accepted.contains(&job) {
+                tx.insert_items(job, items, *parallel, now).await?;
+                looping.entry(job).or_default();
+            }
+        }
+    }
     // Child runs a `workflow` step starts are created in the transaction that parks it.
     let children: Vec<NewRun> = completions
         .into_iter()
@@ -543,13 +612,85 @@ pub(crate) async fn complete(
         insert_runs(tx, children, now).await?;
         effects.woke();
     }
-    let moved = Moved {
+    let mut moved = Moved {
         succeeded: sinks,
         ended: failed,
         flowing,
     };
+    if !looping.is_empty() {
+        progress_loops(tx, looping, now, effects, &mut moved).await?;
+    }
     cascade(tx, moved, RunStatus::Failed, now, effects).await?;
     Ok(accepted)
+}
+
+/// Moves `for_each` steps whose items settled: one whose item failed for good fails (or is
+/// tolerated) and its other items are cancelled; one whose items all succeeded succeeds with
+/// their outputs; the others start waiting items as room frees up under `parallel`.
+async fn progress_loops(
+    tx: &mut dyn Tx,
+    looping: BTreeMap<JobId, Option<String>>,
+    now: Millis,
+    effects: &mut Effects,
+    moved: &mut Moved,
+) -> Result<()> {
+    let mut going = Vec::new();
+    for (loop_job, failure) in looping {
+        match failure {
+            Some(error) => {
+                let open = tx.open_items(loop_job).await?;
+                if !open.is_empty() {
+                    tx.cancel_jobs(&open, now).await?;
+                }
+                fail_parked(tx, loop_job, &error, now, moved).await?;
+            }
+            None => going.push(loop_job),
+        }
+    }
+    if going.is_empty() {
+        return Ok(());
+    }
+    for load in tx.loop_load(&going).await? {
+        if load.active == 0 && load.waiting == 0 {
+            moved
+                .succeeded
+                .extend(tx.finish_loop(load.loop_job, now).await?);
+            continue;
+        }
+        let room = loop_room(load.parallel, load.active, load.waiting);
+        if room > 0 {
+            effects
+                .ready
+                .extend(tx.release_items(load.loop_job, room, now).await?);
+        }
+    }
+    Ok(())
+}
+
+/// Fails a parked step (a `workflow` step whose child run failed, a `for_each` step whose item
+/// did) with `error`, or tolerates it when it continues on error; returns it when tolerated.
+async fn fail_parked(
+    tx: &mut dyn Tx,
+    job: JobId,
+    error: &str,
+    now: Millis,
+    moved: &mut Moved,
+) -> Result<Option<Succeeded>> {
+    if tx.continuing_on_error(&[job]).await?.contains(&job) {
+        let tolerated = tx.tolerate_parked_step(job, error, now).await?;
+        moved.succeeded.extend(tolerated.clone());
+        return Ok(tolerated);
+    }
+    if let Some((run_id, step, flow)) = tx.fail_parked_step(job, error, now).await? {
+        if flow {
+            moved.flowing.insert(run_id);
+        } else {
+            moved
+                .ended
+                .push((run_id, format!("step {step} failed: {error}")));
+        }
+    }
+    Ok(None)
 }
 
 /// A step that continues on error does not fail: whichever way its failure for good came (its
@@ -692,7 +833,8 @@ async fn advance(
     }
     let (mut ready, mut skipped, mut cancelled) = (Vec::new(), Vec::new(), Vec::new());
     let (mut succeed, mut fail, mut handle) = (Vec::new(), Vec::new(), Vec::new());
-    // Cancelled steps that may have child runs to stop: `workflow` steps park while they wait.
+    // Cancelled steps that may have child runs or items to stop: `workflow` and `for_each`
+    // steps park while they wait.
     let mut parked = Vec::new();
     for (run, (failing, steps)) in by_run {
         let decided = flow::advance(&steps, failing.as_deref());
@@ -723,6 +865,10 @@ async fn advance(
         let mut children = Vec::new();
         for job in &parked {
             children.extend(tx.active_child_runs(*job).await?);
+            let items = tx.open_items(*job).await?;
+            if !items.is_empty() {
+                tx.cancel_jobs(&items, now).await?;
+            }
         }
         if !children.is_empty() {
             let roots: Vec<&str> = children.iter().map(String::as_str).collect();
@@ -830,24 +976,11 @@ async fn settle_parents(
         match failure {
             Some(child) => {
                 let error = format!("child run {} {}", child.id, child.status);
-                if tx.continuing_on_error(&[parent]).await?.contains(&parent) {
-                    if let Some(step) = tx.tolerate_parked_step(parent, &error, now).await? {
-                        // Its other children are of no use to anyone now.
-                        let why = format!("step {} of run {} ended", step.step_id, step.run_id);
-                        for child in tx.active_child_runs(parent).await? {
-                            orphans.push((child, why.clone()));
-                        }
-                        moved.succeeded.push(step);
-                    }
-                } else if let Some((run_id, step, flow)) =
-                    tx.fail_parked_step(parent, &error, now).await?
-                {
-                    if flow {
-                        moved.flowing.insert(run_id);
-                    } else {
-                        moved
-                            .ended
-                            .push((run_id, format!("step {step} failed: {error}")));
+                if let Some(step) = fail_parked(tx, parent, &error, now, &mut moved).await? {
+                    // Its other children are of no use to anyone now.
+                    let why = format!("step {} of run {} ended", step.step_id, step.run_id);
+                    for child in tx.active_child_runs(parent).await? {
+                        orphans.push((child, why.clone()));
                     }
                 }
             }

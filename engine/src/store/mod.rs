@@ -266,6 +266,10 @@ pub(crate) fn completion_rows(completions: &[Completion], now: Millis) -> Value 
                 Settlement::Park { until, checkpoint } => {
                     (None, None, *until, Some(to_json(checkpoint)))
                 }
+                // Its items are created beside it (`machine::complete`); nothing wakes it.
+                Settlement::Loop { checkpoint, .. } => {
+                    (None, None, None, Some(to_json(checkpoint)))
+                }
                 Settlement::Release => (None, None, Some(now), None),
                 // The reason is kept where an error would be; the API shows it as the reason.
                 Settlement::Skip { reason } => (None, Some(storable_text(reason)), None, None),
@@ -347,9 +351,20 @@ pub struct ClaimedJob {
     pub scheduled_at: Option<Millis>,
     /// The error its run failed with, for a failure handler (`on_failure`) to read.
     pub run_error: Option<String>,
+    /// The item this job runs, when it is one of a `for_each` step's.
+    pub item: Option<LoopItem>,
     pub checkpoint: Option<Value>,
     /// Outputs of the run's succeeded steps, by step id (null for a skipped step).
     pub outputs: serde_json::Map<String, Value>,
+}
+
+/// One item of a `for_each` step, as its job is claimed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoopItem {
+    /// The `for_each` step's id (the item's job is `step[index]`).
+    pub step_id: String,
+    pub index: i64,
+    pub value: Value,
 }
 
 /// The fence of one attempt: a completion or heartbeat only counts while all three still match.
@@ -511,6 +526,8 @@ pub struct JobDetail {
     pub attempt: u32,
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// Its place among the items of a `for_each` step (`step_id` is `step[index]`).
+    pub item_index: Option<i64>,
     pub run_after: Option<Millis>,
     pub started_at: Option<Millis>,
     pub finished_at: Option<Millis>,

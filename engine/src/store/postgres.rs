@@ -27,7 +27,7 @@ use sqlx::{PgConnection, QueryBuilder, Row};
 use tokio::sync::Notify;
 
 use super::machine::{
-    self, Disposition, Effects, ExpiredLease, FinishedRun, GateLoad, NewVersion, Settled,
+    self, Disposition, Effects, ExpiredLease, FinishedRun, GateLoad, LoopLoad, NewVersion, Settled,
     SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
@@ -384,7 +384,7 @@ impl Tx for PgTx<'_> {
                      AND jobs.lease_token = c.token AND jobs.state = {{job:running}} \
                      AND (SELECT count(*) FROM locked) >= 0 \
                  RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error, \
-                     jobs.is_sink, jobs.flow, jobs.run_after, jobs.priority), \
+                     jobs.is_sink, jobs.flow, jobs.loop_job_id, jobs.run_after, jobs.priority), \
              requeued AS ( \
                  INSERT INTO job_queue (run_after, job_id, priority) \
                  SELECT run_after, id, priority FROM settled \
@@ -392,12 +392,14 @@ impl Tx for PgTx<'_> {
                  ON CONFLICT DO NOTHING), \
              succeeded AS ( \
                  SELECT run_id, step_id FROM settled \
-                 WHERE state = {{job:succeeded}} AND NOT is_sink AND NOT flow), \
+                 WHERE state = {{job:succeeded}} AND NOT is_sink AND NOT flow \
+                     AND loop_job_id IS NULL), \
              {PROMOTE_DEPENDENTS} \
-             SELECT id, run_id, step_id, state, error, is_sink, flow, false AS promoted \
+             SELECT id, run_id, step_id, state, error, is_sink, flow, loop_job_id, \
+                 false AS promoted \
              FROM settled \
              UNION ALL \
-             SELECT id, NULL, NULL, state, NULL, NULL, NULL, true FROM promoted"
+             SELECT id, NULL, NULL, state, NULL, NULL, NULL, NULL, true FROM promoted"
         )))
         .bind(rows)
         .bind(now)
@@ -419,6 +421,7 @@ impl Tx for PgTx<'_> {
                     error: row.get("error"),
                     is_sink: row.get("is_sink"),
                     flow: row.get("flow"),
+                    loop_job: row.get("loop_job_id"),
                 });
             }
         }
@@ -1021,6 +1024,122 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    async fn insert_items(
+        &mut self,
+        loop_job: JobId,
+        items: &[Value],
+        parallel: Option<u32>,
+        now: Millis,
+    ) -> Result<()> {
+        // An item waits for one need no step names, so no count of needs (a gate opening, a
+        // retry) ever makes it ready: `release_items` does. The data-modifying parts see the
+        // rows as they were, so the last one touches only items a retry found failed.
+        sqlx::query(statement!(
+            "WITH l AS ( \
+                 UPDATE jobs SET parallel = $3 WHERE id = $1 \
+                 RETURNING run_id, step_id, attempt_budget, priority), \
+             made AS ( \
+                 INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
+                     attempt_budget, max_attempts, priority, run_after, loop_job_id, \
+                     item_index, item) \
+                 SELECT l.run_id, l.step_id || '[' || (i.ord - 1) || ']', {job:waiting}, \
+                     '[]', 1, false, l.attempt_budget, l.attempt_budget, l.priority, $4, $1, \
+                     i.ord - 1, i.value \
+                 FROM l CROSS JOIN jsonb_array_elements($2) WITH ORDINALITY AS i(value, ord) \
+                 ON CONFLICT (run_id, step_id) DO NOTHING) \
+             UPDATE jobs SET state = {job:waiting}, output = NULL, error = NULL, \
+                 checkpoint = NULL, finished_at = NULL, max_attempts = attempt + attempt_budget \
+             WHERE loop_job_id = $1 AND state IN {jobs:unsuccessful}"
+        ))
+        .bind(loop_job)
+        .bind(Value::Array(items.to_vec()))
+        .bind(parallel.map(|p| p as i32))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn loop_load(&mut self, loops: &[JobId]) -> Result<Vec<LoopLoad>> {
+        let rows = sqlx::query(statement!(
+            "SELECT l.id, l.parallel, \
+                 count(i.id) FILTER (WHERE i.state IN {jobs:open} \
+                     AND i.state <> {job:waiting}) AS active, \
+                 count(i.id) FILTER (WHERE i.state = {job:waiting}) AS waiting \
+             FROM jobs AS l LEFT JOIN jobs AS i ON i.loop_job_id = l.id \
+             WHERE l.id = ANY($1) AND l.state = {job:parked} \
+             GROUP BY l.id, l.parallel"
+        ))
+        .bind(loops)
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| LoopLoad {
+                loop_job: row.get("id"),
+                parallel: row.get::<Option<i32>, _>("parallel").map(i64::from),
+                active: row.get("active"),
+                waiting: row.get("waiting"),
+            })
+            .collect())
+    }
+
+    async fn release_items(
+        &mut self,
+        loop_job: JobId,
+        count: i64,
+        now: Millis,
+    ) -> Result<Vec<JobId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "WITH made AS ( \
+                 UPDATE jobs SET state = {job:available}, run_after = $3 \
+                 WHERE id = ANY(ARRAY(SELECT id FROM jobs \
+                     WHERE loop_job_id = $1 AND state = {job:waiting} \
+                     ORDER BY item_index LIMIT $2)) \
+                 RETURNING id, run_after, priority), \
+             queued AS ( \
+                 INSERT INTO job_queue (run_after, job_id, priority) \
+                 SELECT run_after, id, priority FROM made ON CONFLICT DO NOTHING) \
+             SELECT id FROM made"
+        ))
+        .bind(loop_job)
+        .bind(count)
+        .bind(now)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn open_items(&mut self, loop_job: JobId) -> Result<Vec<JobId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "SELECT id FROM jobs WHERE loop_job_id = $1 AND state IN {jobs:open}"
+        ))
+        .bind(loop_job)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn finish_loop(&mut self, loop_job: JobId, now: Millis) -> Result<Option<Succeeded>> {
+        let row = sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:succeeded}, finished_at = $2, checkpoint = NULL, \
+                 output = (SELECT coalesce(jsonb_agg(output ORDER BY item_index), '[]') \
+                           FROM jobs WHERE loop_job_id = $1) \
+             WHERE id = $1 AND state = {job:parked} \
+                 AND NOT EXISTS (SELECT 1 FROM jobs \
+                     WHERE loop_job_id = $1 AND state <> {job:succeeded}) \
+             RETURNING run_id, step_id, is_sink, flow"
+        ))
+        .bind(loop_job)
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        Ok(row.map(|row| Succeeded {
+            run_id: row.get("run_id"),
+            step_id: row.get("step_id"),
+            is_sink: row.get("is_sink"),
+            flow: row.get("flow"),
+        }))
+    }
+
     async fn reset_unsuccessful_jobs(&mut self, runs: &[RunId]) -> Result<()> {
         sqlx::query(statement!(
             "UPDATE jobs SET state = {job:waiting}, output = NULL, error = NULL, \
@@ -1029,7 +1148,8 @@ impl Tx for PgTx<'_> {
                      FROM jsonb_array_elements_text(jobs.needs) AS nd(step) \
                      JOIN jobs AS up ON up.run_id = jobs.run_id AND up.step_id = nd.step \
                      WHERE up.state <> {job:succeeded}) \
-             WHERE run_id = ANY($1::text[]) AND state IN {jobs:unsuccessful} AND NOT flow"
+             WHERE run_id = ANY($1::text[]) AND state IN {jobs:unsuccessful} AND NOT flow \
+                 AND loop_job_id IS NULL"
         ))
         .bind(runs)
         .execute(&mut *self.0)
@@ -1253,7 +1373,8 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
     // else removes a queue row (a cancel, a callback) skips those a claim holds, so neither
     // waits for the other. One lease row covers the whole claim. Templates reference only steps
     // upstream of their own (definition validation), so a step without needs is given no outputs
-    // and costs no lookup.
+    // and costs no lookup. The outputs never include a `for_each` step's items; an item is
+    // given the outputs its step was given, kept with that step, so no item reads its siblings.
     let rows = sqlx::query(statement!(
         "WITH next AS MATERIALIZED ( \
              SELECT ctid, job_id FROM ( \
@@ -1283,16 +1404,20 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
              WHERE jobs.id = ANY(ARRAY(SELECT job_id FROM next)) \
                  AND jobs.state IN {jobs:claimable} AND jobs.run_after <= $3 \
              RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.attempt, jobs.checkpoint, \
-                 jobs.needs), \
+                 jobs.needs, jobs.loop_job_id, jobs.item_index, jobs.item), \
          leased AS ( \
              INSERT INTO leases (token, expires_at, job_ids) \
              SELECT $1, $2, array_agg(id) FROM claimed HAVING count(*) > 0) \
          SELECT c.id, c.run_id, c.step_id, c.attempt, c.checkpoint, r.workflow_id, \
              r.version, r.input, r.scheduled_at, r.error AS run_error, \
-             CASE WHEN c.needs <> '[]' THEN (SELECT jsonb_object_agg(j.step_id, j.output) \
-                 FROM jobs AS j WHERE j.run_id = c.run_id AND j.state IN {jobs:successful}) \
+             l.step_id AS loop_step, c.item_index, c.item, \
+             CASE WHEN c.loop_job_id IS NOT NULL THEN l.checkpoint->'outputs' \
+                 WHEN c.needs <> '[]' THEN (SELECT jsonb_object_agg(j.step_id, j.output) \
+                 FROM jobs AS j WHERE j.run_id = c.run_id AND j.state IN {jobs:successful} \
+                     AND j.loop_job_id IS NULL) \
              END AS outputs \
-         FROM claimed AS c JOIN runs AS r ON r.id = c.run_id"
+         FROM claimed AS c JOIN runs AS r ON r.id = c.run_id \
+             LEFT JOIN jobs AS l ON l.id = c.loop_job_id"
     ))
     .bind(&token)
     .bind(params.lease_until)
@@ -1315,6 +1440,13 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
             input: row.get("input"),
             scheduled_at: row.get("scheduled_at"),
             run_error: row.get("run_error"),
+            item: row
+                .get::<Option<String>, _>("loop_step")
+                .map(|step_id| LoopItem {
+                    step_id,
+                    index: row.get::<Option<i32>, _>("item_index").map_or(0, i64::from),
+                    value: row.get::<Option<Value>, _>("item").unwrap_or(Value::Null),
+                }),
             checkpoint: row.try_get("checkpoint").unwrap_or_else(|e| {
                 tracing::error!(error = %e, "a step's checkpoint could not be read");
                 None
@@ -1681,8 +1813,8 @@ impl Store for PostgresStore {
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?;
         let steps = sqlx::query(
-            "SELECT id, step_id, state, attempt, output, error, run_after, started_at, \
-                 finished_at, attempts FROM jobs WHERE run_id = $1 ORDER BY id",
+            "SELECT id, step_id, state, attempt, output, error, item_index, run_after, \
+                 started_at, finished_at, attempts FROM jobs WHERE run_id = $1 ORDER BY id",
         )
         .bind(run_id)
         .fetch_all(&self.pool)
@@ -1696,6 +1828,7 @@ impl Store for PostgresStore {
                 attempt: attempt_of(r),
                 output: r.get("output"),
                 error: r.get("error"),
+                item_index: r.get::<Option<i32>, _>("item_index").map(i64::from),
                 run_after: r.get("run_after"),
                 started_at: r.get("started_at"),
                 finished_at: r.get("finished_at"),

@@ -19,7 +19,7 @@ use sqlx::{Row, SqliteConnection};
 use tokio::sync::Notify;
 
 use super::machine::{
-    self, Disposition, Effects, ExpiredLease, FinishedRun, GateLoad, NewVersion, Settled,
+    self, Disposition, Effects, ExpiredLease, FinishedRun, GateLoad, LoopLoad, NewVersion, Settled,
     SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
@@ -135,7 +135,7 @@ async fn lease_jobs(conn: &mut SqliteConnection, params: &ClaimParams) -> Result
                      AND run_after <= ?3 \
                  ORDER BY priority DESC, run_after, id LIMIT ?4) \
              LIMIT ?4) \
-         RETURNING id, run_id, step_id, attempt, checkpoint"
+         RETURNING id, run_id, step_id, attempt, checkpoint, loop_job_id, item_index, item"
     ))
     .bind(&token)
     .bind(params.lease_until)
@@ -166,10 +166,34 @@ impl SqliteStore {
         .into_iter()
         .map(|r| (r.get("id"), r))
         .collect();
+        // An item is given the outputs its step was given, kept with that step: no item reads
+        // its siblings.
+        let loop_ids: BTreeSet<JobId> = rows
+            .iter()
+            .filter_map(|r| r.get::<Option<JobId>, _>("loop_job_id"))
+            .collect();
+        let mut loops: BTreeMap<JobId, (String, serde_json::Map<String, Value>)> = BTreeMap::new();
+        if !loop_ids.is_empty() {
+            for row in sqlx::query(
+                "SELECT id, step_id, checkpoint->'outputs' AS outputs FROM jobs \
+                 WHERE id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(to_json(&loop_ids))
+            .fetch_all(&self.reader)
+            .await?
+            {
+                let outputs = match parse_json(row.get("outputs")) {
+                    Some(Value::Object(map)) => map,
+                    _ => serde_json::Map::new(),
+                };
+                loops.insert(row.get("id"), (row.get("step_id"), outputs));
+            }
+        }
         let mut outputs: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
         for row in sqlx::query(statement!(
             "SELECT run_id, step_id, output FROM jobs \
-             WHERE run_id IN (SELECT value FROM json_each(?)) AND state IN {jobs:successful}"
+             WHERE run_id IN (SELECT value FROM json_each(?)) AND state IN {jobs:successful} \
+                 AND loop_job_id IS NULL"
         ))
         .bind(&run_ids)
         .fetch_all(&self.reader)
@@ -186,6 +210,9 @@ impl SqliteStore {
                 let run = runs
                     .get(&run_id)
                     .ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?;
+                let looped = row
+                    .get::<Option<JobId>, _>("loop_job_id")
+                    .and_then(|id| loops.get(&id));
                 Ok(ClaimedJob {
                     lease: Lease {
                         job_id: row.get("id"),
@@ -198,8 +225,16 @@ impl SqliteStore {
                     input: parse_json(run.get("input")).unwrap_or(Value::Null),
                     scheduled_at: run.get("scheduled_at"),
                     run_error: run.get("error"),
+                    item: looped.map(|(step_id, _)| LoopItem {
+                        step_id: step_id.clone(),
+                        index: row.get::<Option<i64>, _>("item_index").unwrap_or_default(),
+                        value: parse_json(row.get("item")).unwrap_or(Value::Null),
+                    }),
                     checkpoint: parse_json(row.get("checkpoint")),
-                    outputs: outputs.get(&run_id).cloned().unwrap_or_default(),
+                    outputs: match looped {
+                        Some((_, given)) => given.clone(),
+                        None => outputs.get(&run_id).cloned().unwrap_or_default(),
+                    },
                     run_id,
                 })
             })
@@ -363,7 +398,7 @@ impl Tx for SqliteTx<'_> {
              WHERE jobs.id = c.id AND jobs.attempt = c.attempt \
                  AND jobs.lease_token = c.token AND jobs.state = {job:running} \
              RETURNING jobs.id, jobs.run_id, jobs.step_id, jobs.state, jobs.error, jobs.is_sink, \
-                 jobs.flow"
+                 jobs.flow, jobs.loop_job_id"
         ))
         .bind(to_json(&rows))
         .bind(now)
@@ -380,12 +415,15 @@ impl Tx for SqliteTx<'_> {
                     error: row.get("error"),
                     is_sink: row.get("is_sink"),
                     flow: row.get("flow"),
+                    loop_job: row.get("loop_job_id"),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let succeeded: Vec<(&str, &str)> = jobs
             .iter()
-            .filter(|j| j.state == JobState::Succeeded && !j.is_sink && !j.flow)
+            .filter(|j| {
+                j.state == JobState::Succeeded && !j.is_sink && !j.flow && j.loop_job.is_none()
+            })
             .map(|j| (j.run_id.as_str(), j.step_id.as_str()))
             .collect();
         let promoted = if succeeded.is_empty() {
@@ -789,6 +827,120 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
+    async fn insert_items(
+        &mut self,
+        loop_job: JobId,
+        items: &[Value],
+        parallel: Option<u32>,
+        now: Millis,
+    ) -> Result<()> {
+        // An item waits for one need no step names, so no count of needs (a gate opening, a
+        // retry) ever makes it ready: `release_items` does.
+        sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:waiting}, output = NULL, error = NULL, \
+                 checkpoint = NULL, finished_at = NULL, max_attempts = attempt + attempt_budget \
+             WHERE loop_job_id = ?1 AND state IN {jobs:unsuccessful}"
+        ))
+        .bind(loop_job)
+        .execute(&mut *self.0)
+        .await?;
+        sqlx::query("UPDATE jobs SET parallel = ?2 WHERE id = ?1")
+            .bind(loop_job)
+            .bind(parallel)
+            .execute(&mut *self.0)
+            .await?;
+        sqlx::query(statement!(
+            "INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, \
+                 attempt_budget, max_attempts, priority, run_after, loop_job_id, item_index, item) \
+             SELECT l.run_id, l.step_id || '[' || i.key || ']', {job:waiting}, '[]', 1, 0, \
+                 l.attempt_budget, l.attempt_budget, l.priority, ?3, l.id, i.key, i.value \
+             FROM jobs AS l, json_each(?2) AS i WHERE l.id = ?1 \
+             ON CONFLICT (run_id, step_id) DO NOTHING"
+        ))
+        .bind(loop_job)
+        // Each item as its JSON text, which `json_each` hands back as it is.
+        .bind(to_json(&items.iter().map(to_json).collect::<Vec<String>>()))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn loop_load(&mut self, loops: &[JobId]) -> Result<Vec<LoopLoad>> {
+        let rows = sqlx::query(statement!(
+            "SELECT l.id, l.parallel, \
+                 count(i.id) FILTER (WHERE i.state IN {jobs:open} \
+                     AND i.state != {job:waiting}) AS active, \
+                 count(i.id) FILTER (WHERE i.state = {job:waiting}) AS waiting \
+             FROM jobs AS l LEFT JOIN jobs AS i ON i.loop_job_id = l.id \
+             WHERE l.id IN (SELECT value FROM json_each(?1)) AND l.state = {job:parked} \
+             GROUP BY l.id, l.parallel"
+        ))
+        .bind(to_json(&loops))
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| LoopLoad {
+                loop_job: row.get("id"),
+                parallel: row.get("parallel"),
+                active: row.get("active"),
+                waiting: row.get("waiting"),
+            })
+            .collect())
+    }
+
+    async fn release_items(
+        &mut self,
+        loop_job: JobId,
+        count: i64,
+        now: Millis,
+    ) -> Result<Vec<JobId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "UPDATE jobs SET state = {job:available}, run_after = ?3 \
+             WHERE id IN (SELECT id FROM jobs WHERE loop_job_id = ?1 AND state = {job:waiting} \
+                 ORDER BY item_index LIMIT ?2) \
+             RETURNING id"
+        ))
+        .bind(loop_job)
+        .bind(count)
+        .bind(now)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn open_items(&mut self, loop_job: JobId) -> Result<Vec<JobId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "SELECT id FROM jobs WHERE loop_job_id = ?1 AND state IN {jobs:open}"
+        ))
+        .bind(loop_job)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn finish_loop(&mut self, loop_job: JobId, now: Millis) -> Result<Option<Succeeded>> {
+        let row = sqlx::query(statement!(
+            "UPDATE jobs SET state = {job:succeeded}, finished_at = ?2, checkpoint = NULL, \
+                 output = (SELECT coalesce(json_group_array(json(output)), '[]') \
+                           FROM (SELECT output FROM jobs WHERE loop_job_id = ?1 \
+                                 ORDER BY item_index)) \
+             WHERE id = ?1 AND state = {job:parked} \
+                 AND NOT EXISTS (SELECT 1 FROM jobs \
+                     WHERE loop_job_id = ?1 AND state != {job:succeeded}) \
+             RETURNING run_id, step_id, is_sink, flow"
+        ))
+        .bind(loop_job)
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        Ok(row.map(|row| Succeeded {
+            run_id: row.get("run_id"),
+            step_id: row.get("step_id"),
+            is_sink: row.get("is_sink"),
+            flow: row.get("flow"),
+        }))
+    }
+
     async fn reset_unsuccessful_jobs(&mut self, runs: &[RunId]) -> Result<()> {
         sqlx::query(statement!(
             "UPDATE jobs SET state = {job:waiting}, output = NULL, error = NULL, \
@@ -797,7 +949,7 @@ impl Tx for SqliteTx<'_> {
                      JOIN jobs AS up ON up.run_id = jobs.run_id AND up.step_id = nd.value \
                      WHERE up.state != {job:succeeded}) \
              WHERE run_id IN (SELECT value FROM json_each(?1)) AND state IN {jobs:unsuccessful} \
-                 AND NOT flow"
+                 AND NOT flow AND loop_job_id IS NULL"
         ))
         .bind(to_json(&runs))
         .execute(&mut *self.0)
@@ -1453,8 +1605,8 @@ impl Store for SqliteStore {
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?;
         let steps = sqlx::query(
-            "SELECT id, step_id, state, attempt, output, error, run_after, started_at, \
-                 finished_at, attempts FROM jobs WHERE run_id = ? ORDER BY id",
+            "SELECT id, step_id, state, attempt, output, error, item_index, run_after, \
+                 started_at, finished_at, attempts FROM jobs WHERE run_id = ? ORDER BY id",
         )
         .bind(run_id)
         .fetch_all(&self.reader)
@@ -1468,6 +1620,7 @@ impl Store for SqliteStore {
                 attempt: r.get("attempt"),
                 output: parse_json(r.get("output")),
                 error: r.get("error"),
+                item_index: r.get("item_index"),
                 run_after: r.get("run_after"),
                 started_at: r.get("started_at"),
                 finished_at: r.get("finished_at"),

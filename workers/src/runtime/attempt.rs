@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use serde_json::{Value, json};
 use switchyard_engine::definition::{
-    RetryPolicy, Secrets, Step, TemplateContext, TemplateError, has_template, is_truthy,
+    MAX_ITEMS, RetryPolicy, Secrets, Step, TemplateContext, TemplateError, has_template, is_truthy,
     reads_run_data, render_value,
 };
 use switchyard_engine::plan::{Trigger, plan_run};
@@ -40,23 +40,26 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
                     Vec::new(),
                     RetryPolicy::default(),
                 ),
-                Ok(workflow) => match workflow.step(&job.step_id) {
-                    None => (
-                        AttemptResult::Failed(StepFailure::permanent(
-                            "definition",
-                            format!(
-                                "step {} is not in {} v{}",
-                                job.step_id, job.workflow_id, job.version
-                            ),
-                        )),
-                        Vec::new(),
-                        RetryPolicy::default(),
-                    ),
-                    Some(step) => {
-                        let (result, children) = attempt(&shared, &job, step).await;
-                        (result, children, workflow.retry_policy(step))
+                // An item of a `for_each` step runs that step.
+                Ok(workflow) => {
+                    match workflow.step(job.item.as_ref().map_or(&job.step_id, |i| &i.step_id)) {
+                        None => (
+                            AttemptResult::Failed(StepFailure::permanent(
+                                "definition",
+                                format!(
+                                    "step {} is not in {} v{}",
+                                    job.step_id, job.workflow_id, job.version
+                                ),
+                            )),
+                            Vec::new(),
+                            RetryPolicy::default(),
+                        ),
+                        Some(step) => {
+                            let (result, children) = attempt(&shared, &job, step).await;
+                            (result, children, workflow.retry_policy(step))
+                        }
                     }
-                },
+                }
             };
         let now = shared.engine.now();
         // A failure of a step that continues on error is tolerated by the store, whichever way
@@ -82,6 +85,9 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
                 tracing::warn!(%error, "step failed")
             }
             Settlement::Park { until, .. } => tracing::info!(?until, "step parked"),
+            Settlement::Loop { items, .. } => {
+                tracing::info!(items = items.len(), "step waits for its items")
+            }
             Settlement::Skip { reason } => tracing::info!(%reason, "step skipped"),
             Settlement::Release => {}
         }
@@ -131,9 +137,11 @@ async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResul
             "error": job.run_error,
         }),
         env: BTreeMap::new(),
+        item: job.item.as_ref().map(|i| (i.value.clone(), i.index)),
     };
-    // A step woken from a park has run already: its condition held.
-    if let (Some(when), None) = (&step.when, &job.checkpoint) {
+    // A step woken from a park has run already: its condition held. An item's step did too.
+    let first_run = job.checkpoint.is_none() && job.item.is_none();
+    if let (Some(when), true) = (&step.when, first_run) {
         let condition = Value::String(when.clone());
         let scope = ctx.clone();
         let rendered = tokio::task::spawn_blocking(move || render_value(&condition, &scope))
@@ -150,6 +158,26 @@ async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResul
                 return failed(StepFailure::permanent("template", format!("when: {e}")));
             }
         }
+    }
+    if let (Some(for_each), true) = (&step.for_each, first_run) {
+        return match loop_items(for_each, &ctx).await {
+            Ok(items) if items.is_empty() => (
+                AttemptResult::Succeeded {
+                    output: Value::Array(items),
+                },
+                Vec::new(),
+            ),
+            // Its items run with the outputs it was given: kept with it, read once per item.
+            Ok(items) => (
+                AttemptResult::Looped {
+                    items,
+                    parallel: step.parallel,
+                    checkpoint: json!({ "outputs": job.outputs }),
+                },
+                Vec::new(),
+            ),
+            Err(failure) => failed(failure),
+        };
     }
     // A template may sort or search long lists within its fuel for seconds: off the async
     // threads, where it would stall every other step of this worker.
@@ -352,6 +380,48 @@ fn unreadable_definition(job: &ClaimedJob, e: &EngineError) -> StepFailure {
             StepFailure::transient("definition_unreadable", message)
         }
         _ => StepFailure::permanent("definition_unreadable", message),
+    }
+}
+
+/// The items a `for_each` renders: a list of at most [`MAX_ITEMS`] values a store can hold.
+async fn loop_items(for_each: &str, ctx: &TemplateContext) -> Result<Vec<Value>, StepFailure> {
+    let template = Value::String(for_each.to_owned());
+    let scope = ctx.clone();
+    let rendered = tokio::task::spawn_blocking(move || render_value(&template, &scope))
+        .await
+        .unwrap_or_else(|e| Err(TemplateError::Render(format!("the render stopped: {e}"))))
+        .map_err(|e| StepFailure::permanent("template", format!("for_each: {e}")))?;
+    let Value::Array(items) = rendered else {
+        return Err(StepFailure::permanent(
+            "for_each",
+            format!("for_each must render to a list, not {}", kind_of(&rendered)),
+        ));
+    };
+    if items.len() > MAX_ITEMS {
+        return Err(StepFailure::permanent(
+            "for_each",
+            format!(
+                "for_each rendered {} items; a step loops over {MAX_ITEMS} at most",
+                items.len()
+            ),
+        ));
+    }
+    for (index, item) in items.iter().enumerate() {
+        check_storable(item).map_err(|problem| {
+            StepFailure::permanent("for_each", format!("item {index} {problem}"))
+        })?;
+    }
+    Ok(items)
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
     }
 }
 

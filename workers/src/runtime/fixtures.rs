@@ -18,6 +18,7 @@ pub(crate) fn claimed(id: JobId, attempt: u32, run_id: &str) -> ClaimedJob {
         input: Value::Null,
         scheduled_at: None,
         run_error: None,
+        item: None,
         checkpoint: None,
         outputs: Default::default(),
     }
