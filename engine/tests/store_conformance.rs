@@ -2616,6 +2616,41 @@ pub async fn retry_of_a_run_with_a_loop_reruns_only_the_items_that_did_not_succe
     assert_eq!(zero.attempt, 1, "the item that succeeded did not run again");
 }
 
+pub async fn a_looped_workflow_step_starts_the_next_item_when_a_child_run_ends(
+    store: Arc<dyn Store>,
+) {
+    let child = workflow("id: child\nsteps:\n  - {id: only, type: noop}\n");
+    let child_version = install(&*store, &child).await;
+    let wf = workflow(
+        "id: each\nsteps:\n  - {id: each, type: workflow, for_each: '{{ [1, 2] }}', parallel: 1, with: {workflow: child}}\n",
+    );
+    let run = start(&*store, &wf, Trigger::default()).await;
+    let each = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![looped(&each, vec![json!(1), json!(2)], Some(1))], T0)
+        .await
+        .unwrap();
+    for index in 0..2 {
+        let item = claim(&*store, T0, 10).await;
+        assert_eq!(item.len(), 1, "one item at a time");
+        assert_eq!(item[0].item.as_ref().unwrap().index, index);
+        park_with_children(&*store, &run, &item[0], &child, child_version, 1).await;
+        let only = claim(&*store, T0, 10).await;
+        assert_eq!(only.len(), 1, "the item's child, and no other item");
+        assert_eq!(only[0].step_id, "only");
+        store
+            .complete(vec![done(&only[0], json!(index))], T0)
+            .await
+            .unwrap();
+    }
+    let detail = store.run(&run).await.unwrap();
+    assert_eq!(detail.summary.status, RunStatus::Succeeded, "{detail:?}");
+    assert_eq!(
+        detail.output,
+        Some(json!({ "each": [[{ "only": 0 }], [{ "only": 1 }]] }))
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -2689,6 +2724,7 @@ macro_rules! conformance {
                 a_loop_runs_at_most_parallel_items_at_once_and_gives_their_outputs_in_order,
                 a_failing_item_is_retried_alone_and_one_failing_for_good_fails_its_step,
                 retry_of_a_run_with_a_loop_reruns_only_the_items_that_did_not_succeed,
+                a_looped_workflow_step_starts_the_next_item_when_a_child_run_ends,
             );
         }
     };

@@ -452,16 +452,12 @@ impl Check<'_, '_> {
         if step.for_each.is_none() {
             return;
         }
-        let refusal = match step.kind.as_str() {
-            WORKFLOW_KIND => Some(
-                "a workflow step starts one child run per item with `with.for_each`, not a \
-                 step-level for_each",
-            ),
-            WAIT_KIND => Some("a wait step cannot loop: its signal names one step"),
-            _ => None,
-        };
-        if let Some(message) = refusal {
-            self.err(&at("type"), false, message.to_owned());
+        if step.kind == WAIT_KIND {
+            self.err(
+                &at("type"),
+                false,
+                "a wait step cannot loop: its signal names one step".to_owned(),
+            );
         }
     }
 

@@ -25,13 +25,26 @@ use crate::state::{
 
 /// A step whose job just succeeded. Only a sink's success can finish its run: every other step
 /// has a dependent that has not run yet.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct Succeeded {
     pub run_id: RunId,
     pub step_id: String,
     pub is_sink: bool,
     /// Its run moves by `flow::advance`.
     pub flow: bool,
+    /// The `for_each` step's job, when this is one of its items.
+    #[sqlx(rename = "loop_job_id")]
+    pub loop_job: Option<JobId>,
+}
+
+/// A parked step that just failed (see [`Tx::fail_parked_step`]).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct FailedStep {
+    pub run_id: RunId,
+    pub step_id: String,
+    pub flow: bool,
+    #[sqlx(rename = "loop_job_id")]
+    pub loop_job: Option<JobId>,
 }
 
 /// A run a transaction just finished, and what it may settle next.
@@ -197,14 +210,13 @@ pub(crate) trait Tx: Send {
         error: &str,
         now: Millis,
     ) -> Result<Option<Succeeded>>;
-    /// Fails a `parked` step with `error`; returns its run, its step, and whether its run moves
-    /// by `flow::advance`, when it was parked.
+    /// Fails a `parked` step with `error`; returns it when it was parked.
     async fn fail_parked_step(
         &mut self,
         job: JobId,
         error: &str,
         now: Millis,
-    ) -> Result<Option<(RunId, String, bool)>>;
+    ) -> Result<Option<FailedStep>>;
     /// Succeeds a `parked` step whose child runs all succeeded, with their outputs in order.
     async fn succeed_parked_step(&mut self, job: JobId, now: Millis) -> Result<Option<Succeeded>>;
 
@@ -544,7 +556,6 @@ pub(crate) async fn complete(
     let mut sinks = Vec::new();
     let mut failed = Vec::new();
     let mut flowing = BTreeSet::new();
-    // `for_each` steps whose items settled, each with the first item that failed for good.
     let mut looping: BTreeMap<JobId, Option<String>> = BTreeMap::new();
     for job in settled.jobs {
         accepted.push(job.id);
@@ -576,6 +587,7 @@ pub(crate) async fn complete(
                 step_id: job.step_id,
                 is_sink: true,
                 flow: false,
+                loop_job: None,
             }),
             JobState::Failed => failed.push((
                 job.run_id,
@@ -612,14 +624,12 @@ pub(crate) async fn complete(
         insert_runs(tx, children, now).await?;
         effects.woke();
     }
-    let mut moved = Moved {
+    let moved = Moved {
         succeeded: sinks,
         ended: failed,
         flowing,
+        looping,
     };
-    if !looping.is_empty() {
-        progress_loops(tx, looping, now, effects, &mut moved).await?;
-    }
     cascade(tx, moved, RunStatus::Failed, now, effects).await?;
     Ok(accepted)
 }
@@ -681,13 +691,19 @@ async fn fail_parked(
         moved.succeeded.extend(tolerated.clone());
         return Ok(tolerated);
     }
-    if let Some((run_id, step, flow)) = tx.fail_parked_step(job, error, now).await? {
-        if flow {
-            moved.flowing.insert(run_id);
-        } else {
+    if let Some(step) = tx.fail_parked_step(job, error, now).await? {
+        if let Some(loop_job) = step.loop_job {
+            let error = format!("item {} failed: {error}", step.step_id);
             moved
-                .ended
-                .push((run_id, format!("step {step} failed: {error}")));
+                .looping
+                .entry(loop_job)
+                .or_default()
+                .get_or_insert(error);
+        } else if step.flow {
+            moved.flowing.insert(step.run_id);
+        } else {
+            let error = format!("step {} failed: {error}", step.step_id);
+            moved.ended.push((step.run_id, error));
         }
     }
     Ok(None)
@@ -725,16 +741,30 @@ async fn cascade(
     now: Millis,
     effects: &mut Effects,
 ) -> Result<()> {
-    let Moved {
-        mut succeeded,
-        mut ended,
-        mut flowing,
-    } = moved;
+    let mut moved = moved;
     loop {
+        // Items first: a loop they finish is a step that succeeded or failed like any other.
+        for item in std::mem::take(&mut moved.succeeded) {
+            match item.loop_job {
+                Some(loop_job) => {
+                    moved.looping.entry(loop_job).or_default();
+                }
+                None => moved.succeeded.push(item),
+            }
+        }
+        if !moved.looping.is_empty() {
+            let looping = std::mem::take(&mut moved.looping);
+            progress_loops(tx, looping, now, effects, &mut moved).await?;
+        }
+        let Moved {
+            succeeded,
+            ended,
+            mut flowing,
+            ..
+        } = std::mem::take(&mut moved);
         let mut finished = Vec::new();
-        let (flow_steps, plain): (Vec<Succeeded>, Vec<Succeeded>) =
+        let (flow_steps, succeeded): (Vec<Succeeded>, Vec<Succeeded>) =
             succeeded.into_iter().partition(|s| s.flow);
-        succeeded = plain;
         flowing.extend(flow_steps.into_iter().map(|s| s.run_id));
         let (sinks, inner): (Vec<&Succeeded>, Vec<&Succeeded>) =
             succeeded.iter().partition(|s| s.is_sink);
@@ -760,11 +790,7 @@ async fn cascade(
             effects.woke();
         }
         let (parents, orphans) = settle_parents(tx, &finished, now).await?;
-        Moved {
-            succeeded,
-            ended,
-            flowing,
-        } = parents;
+        moved = parents;
         if !orphans.is_empty() {
             // Their parent step has ended: only their gates matter, not their parent.
             let cancelled: Vec<FinishedRun> = end_runs(tx, &orphans, RunStatus::Cancelled, now)
@@ -782,7 +808,11 @@ async fn cascade(
         }
         // a parent whose child did not succeed fails like any step
         ended_as = RunStatus::Failed;
-        if succeeded.is_empty() && ended.is_empty() && flowing.is_empty() {
+        if moved.succeeded.is_empty()
+            && moved.ended.is_empty()
+            && moved.flowing.is_empty()
+            && moved.looping.is_empty()
+        {
             return Ok(());
         }
     }
@@ -949,6 +979,8 @@ struct Moved {
     ended: Vec<(RunId, String)>,
     /// Runs with control flow whose steps finished: `flow::advance` decides what follows.
     flowing: BTreeSet<RunId>,
+    /// `for_each` steps whose items settled, each with the first item that failed for good.
+    looping: BTreeMap<JobId, Option<String>>,
 }
 
 /// What settling parents led to: the steps that moved, and child runs to cancel with their

@@ -27,8 +27,8 @@ use sqlx::{PgConnection, QueryBuilder, Row};
 use tokio::sync::Notify;
 
 use super::machine::{
-    self, Disposition, Effects, ExpiredLease, FinishedRun, GateLoad, LoopLoad, NewVersion, Settled,
-    SettledJob, Succeeded, Tx,
+    self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, LoopLoad,
+    NewVersion, Settled, SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -602,13 +602,13 @@ impl Tx for PgTx<'_> {
         job: JobId,
         error: &str,
         now: Millis,
-    ) -> Result<Option<(RunId, String, bool)>> {
+    ) -> Result<Option<FailedStep>> {
         Ok(sqlx::query_as(statement!(
             "UPDATE jobs SET state = {job:failed}, error = $2, finished_at = $3, \
                  attempts = attempts || jsonb_build_array(jsonb_build_object( \
                      'attempt', attempt, 'started_at', started_at, 'finished_at', $3::bigint, \
                      'outcome', {job:failed}, 'error', $2::text)) \
-             WHERE id = $1 AND state = {job:parked} RETURNING run_id, step_id, flow"
+             WHERE id = $1 AND state = {job:parked} RETURNING run_id, step_id, flow, loop_job_id"
         ))
         .bind(job)
         .bind(error)
@@ -641,44 +641,32 @@ impl Tx for PgTx<'_> {
         error: &str,
         now: Millis,
     ) -> Result<Option<Succeeded>> {
-        let row = sqlx::query(statement!(
+        Ok(sqlx::query_as(statement!(
             "UPDATE jobs SET state = {job:succeeded}, error = $2, output = $3, finished_at = $4 \
-             WHERE id = $1 AND state = {job:parked} RETURNING run_id, step_id, is_sink, flow"
+             WHERE id = $1 AND state = {job:parked} RETURNING run_id, step_id, is_sink, flow, loop_job_id"
         ))
         .bind(job)
         .bind(error)
         .bind(Settlement::tolerated_output(error))
         .bind(now)
         .fetch_optional(&mut *self.0)
-        .await?;
-        Ok(row.map(|row| Succeeded {
-            run_id: row.get("run_id"),
-            step_id: row.get("step_id"),
-            is_sink: row.get("is_sink"),
-            flow: row.get("flow"),
-        }))
+        .await?)
     }
 
     async fn succeed_parked_step(&mut self, job: JobId, now: Millis) -> Result<Option<Succeeded>> {
-        let row = sqlx::query(statement!(
+        Ok(sqlx::query_as(statement!(
             "UPDATE jobs SET state = {job:succeeded}, finished_at = $2, \
                  output = (SELECT coalesce(jsonb_agg(output ORDER BY child_index), '[]') \
                            FROM runs WHERE parent_job_id = $1) \
              WHERE id = $1 AND state = {job:parked} \
                  AND NOT EXISTS (SELECT 1 FROM runs \
                      WHERE parent_job_id = $1 AND status <> {run:succeeded}) \
-             RETURNING run_id, step_id, is_sink, flow"
+             RETURNING run_id, step_id, is_sink, flow, loop_job_id"
         ))
         .bind(job)
         .bind(now)
         .fetch_optional(&mut *self.0)
-        .await?;
-        Ok(row.map(|row| Succeeded {
-            run_id: row.get("run_id"),
-            step_id: row.get("step_id"),
-            is_sink: row.get("is_sink"),
-            flow: row.get("flow"),
-        }))
+        .await?)
     }
 
     async fn give_callback(
@@ -1119,25 +1107,19 @@ impl Tx for PgTx<'_> {
     }
 
     async fn finish_loop(&mut self, loop_job: JobId, now: Millis) -> Result<Option<Succeeded>> {
-        let row = sqlx::query(statement!(
+        Ok(sqlx::query_as(statement!(
             "UPDATE jobs SET state = {job:succeeded}, finished_at = $2, checkpoint = NULL, \
                  output = (SELECT coalesce(jsonb_agg(output ORDER BY item_index), '[]') \
                            FROM jobs WHERE loop_job_id = $1) \
              WHERE id = $1 AND state = {job:parked} \
                  AND NOT EXISTS (SELECT 1 FROM jobs \
                      WHERE loop_job_id = $1 AND state <> {job:succeeded}) \
-             RETURNING run_id, step_id, is_sink, flow"
+             RETURNING run_id, step_id, is_sink, flow, loop_job_id"
         ))
         .bind(loop_job)
         .bind(now)
         .fetch_optional(&mut *self.0)
-        .await?;
-        Ok(row.map(|row| Succeeded {
-            run_id: row.get("run_id"),
-            step_id: row.get("step_id"),
-            is_sink: row.get("is_sink"),
-            flow: row.get("flow"),
-        }))
+        .await?)
     }
 
     async fn reset_unsuccessful_jobs(&mut self, runs: &[RunId]) -> Result<()> {

@@ -19,8 +19,8 @@ use sqlx::{Row, SqliteConnection};
 use tokio::sync::Notify;
 
 use super::machine::{
-    self, Disposition, Effects, ExpiredLease, FinishedRun, GateLoad, LoopLoad, NewVersion, Settled,
-    SettledJob, Succeeded, Tx,
+    self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, LoopLoad,
+    NewVersion, Settled, SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -580,13 +580,13 @@ impl Tx for SqliteTx<'_> {
         job: JobId,
         error: &str,
         now: Millis,
-    ) -> Result<Option<(RunId, String, bool)>> {
+    ) -> Result<Option<FailedStep>> {
         Ok(sqlx::query_as(statement!(
             "UPDATE jobs SET state = {job:failed}, error = ?2, finished_at = ?3, \
                  attempts = json_insert(attempts, '$[#]', json_object('attempt', attempt, \
                      'started_at', started_at, 'finished_at', ?3, 'outcome', {job:failed}, \
                      'error', ?2)) \
-             WHERE id = ?1 AND state = {job:parked} RETURNING run_id, step_id, flow"
+             WHERE id = ?1 AND state = {job:parked} RETURNING run_id, step_id, flow, loop_job_id"
         ))
         .bind(job)
         .bind(error)
@@ -621,44 +621,32 @@ impl Tx for SqliteTx<'_> {
         error: &str,
         now: Millis,
     ) -> Result<Option<Succeeded>> {
-        let row = sqlx::query(statement!(
+        Ok(sqlx::query_as(statement!(
             "UPDATE jobs SET state = {job:succeeded}, error = ?2, output = ?3, finished_at = ?4 \
-             WHERE id = ?1 AND state = {job:parked} RETURNING run_id, step_id, is_sink, flow"
+             WHERE id = ?1 AND state = {job:parked} RETURNING run_id, step_id, is_sink, flow, loop_job_id"
         ))
         .bind(job)
         .bind(error)
         .bind(to_json(&Settlement::tolerated_output(error)))
         .bind(now)
         .fetch_optional(&mut *self.0)
-        .await?;
-        Ok(row.map(|row| Succeeded {
-            run_id: row.get("run_id"),
-            step_id: row.get("step_id"),
-            is_sink: row.get("is_sink"),
-            flow: row.get("flow"),
-        }))
+        .await?)
     }
 
     async fn succeed_parked_step(&mut self, job: JobId, now: Millis) -> Result<Option<Succeeded>> {
-        let row = sqlx::query(statement!(
+        Ok(sqlx::query_as(statement!(
             "UPDATE jobs SET state = {job:succeeded}, finished_at = ?2, \
                  output = (SELECT json_group_array(json(output)) FROM \
                      (SELECT output FROM runs WHERE parent_job_id = ?1 ORDER BY child_index)) \
              WHERE id = ?1 AND state = {job:parked} \
                  AND NOT EXISTS (SELECT 1 FROM runs \
                      WHERE parent_job_id = ?1 AND status != {run:succeeded}) \
-             RETURNING run_id, step_id, is_sink, flow"
+             RETURNING run_id, step_id, is_sink, flow, loop_job_id"
         ))
         .bind(job)
         .bind(now)
         .fetch_optional(&mut *self.0)
-        .await?;
-        Ok(row.map(|row| Succeeded {
-            run_id: row.get("run_id"),
-            step_id: row.get("step_id"),
-            is_sink: row.get("is_sink"),
-            flow: row.get("flow"),
-        }))
+        .await?)
     }
 
     async fn give_callback(
@@ -919,7 +907,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     async fn finish_loop(&mut self, loop_job: JobId, now: Millis) -> Result<Option<Succeeded>> {
-        let row = sqlx::query(statement!(
+        Ok(sqlx::query_as(statement!(
             "UPDATE jobs SET state = {job:succeeded}, finished_at = ?2, checkpoint = NULL, \
                  output = (SELECT coalesce(json_group_array(json(output)), '[]') \
                            FROM (SELECT output FROM jobs WHERE loop_job_id = ?1 \
@@ -927,18 +915,12 @@ impl Tx for SqliteTx<'_> {
              WHERE id = ?1 AND state = {job:parked} \
                  AND NOT EXISTS (SELECT 1 FROM jobs \
                      WHERE loop_job_id = ?1 AND state != {job:succeeded}) \
-             RETURNING run_id, step_id, is_sink, flow"
+             RETURNING run_id, step_id, is_sink, flow, loop_job_id"
         ))
         .bind(loop_job)
         .bind(now)
         .fetch_optional(&mut *self.0)
-        .await?;
-        Ok(row.map(|row| Succeeded {
-            run_id: row.get("run_id"),
-            step_id: row.get("step_id"),
-            is_sink: row.get("is_sink"),
-            flow: row.get("flow"),
-        }))
+        .await?)
     }
 
     async fn reset_unsuccessful_jobs(&mut self, runs: &[RunId]) -> Result<()> {
