@@ -186,13 +186,7 @@ fn invalid_definition_stops_serve_and_lists_every_error() {
 
 #[test]
 fn fanout_demo_aggregates_seven_children() {
-    let mut sandbox = Sandbox::new("fanout", "id: unused\nsteps:\n  - {id: a, type: noop}\n");
-    std::fs::remove_file(sandbox.dir.join("definitions/test.yaml")).unwrap();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/definitions/fanout_demo.yaml"),
-        sandbox.dir.join("definitions/fanout_demo.yaml"),
-    )
-    .unwrap();
+    let mut sandbox = Sandbox::shipped("fanout", "fanout_demo.yaml");
     sandbox.serve();
     let out = sandbox.output_within(&["run", "fanout_demo", "--wait"]);
     assert!(
@@ -291,13 +285,7 @@ fn a_removed_workflow_stops_firing_and_serve_warns_about_a_schedule_without_its_
 
 #[test]
 fn the_triage_example_branches_loops_and_runs_its_failure_handler() {
-    let mut sandbox = Sandbox::new("triage", "id: unused\nsteps:\n  - {id: a, type: noop}\n");
-    std::fs::remove_file(sandbox.dir.join("definitions/test.yaml")).unwrap();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/definitions/triage.yaml"),
-        sandbox.dir.join("definitions/triage.yaml"),
-    )
-    .unwrap();
+    let mut sandbox = Sandbox::shipped("triage", "triage.yaml");
     sandbox.serve();
 
     // No item scores high: the approval is skipped with its reason, and publish runs anyway.

@@ -50,7 +50,8 @@ pub fn new_run_id() -> RunId {
     uuid::Uuid::now_v7().to_string()
 }
 
-fn kind_of(value: &Value) -> &'static str {
+/// What a JSON value is, for an error that says what was given instead.
+pub fn kind_of(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -142,6 +142,19 @@ impl Sandbox {
         }
     }
 
+    /// A sandbox whose only definition is `file` of the repository's `definitions/`.
+    pub fn shipped(name: &str, file: &str) -> Sandbox {
+        let sandbox = Sandbox::new(name, "");
+        std::fs::remove_file(sandbox.dir.join("definitions/test.yaml")).unwrap();
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("definitions");
+        std::fs::copy(
+            shipped.join(file),
+            sandbox.dir.join("definitions").join(file),
+        )
+        .unwrap();
+        sandbox
+    }
+
     /// A sandbox on PostgreSQL, in a schema of its own. `None` (the test says it is skipped)
     /// when no server answers, unless `SWITCHYARD_REQUIRE_POSTGRES` is set, as in CI.
     pub fn postgres(name: &str, definition: &str) -> Option<Sandbox> {

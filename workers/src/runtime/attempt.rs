@@ -11,7 +11,7 @@ use switchyard_engine::definition::{
     MAX_ITEMS, RetryPolicy, Secrets, Step, TemplateContext, TemplateError, has_template, is_truthy,
     reads_run_data, render_value,
 };
-use switchyard_engine::plan::{Trigger, plan_run};
+use switchyard_engine::plan::{Trigger, kind_of, plan_run};
 use switchyard_engine::service::{Engine, EngineError};
 use switchyard_engine::state::{AttemptResult, Settlement, StepFailure, settle};
 use switchyard_engine::store::{ClaimedJob, Completion, NewRun, ParentLink, check_storable};
@@ -412,17 +412,6 @@ async fn loop_items(for_each: &str, ctx: &TemplateContext) -> Result<Vec<Value>,
         })?;
     }
     Ok(items)
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]
