@@ -124,7 +124,15 @@ pub fn advance(steps: &[FlowStep], failing: Option<&str>) -> Advance {
         }
     }
     settle_waiting(steps, &mut states, true, &mut decided);
-    decided.outcome = RunOutcome::HandleFailure(error);
+    let handling = steps
+        .iter()
+        .zip(&states)
+        .any(|(s, state)| s.on_failure && !state.is_finished());
+    decided.outcome = if handling {
+        RunOutcome::HandleFailure(error)
+    } else {
+        RunOutcome::Fail(error)
+    };
     decided
 }
 
@@ -338,6 +346,46 @@ mod tests {
         assert_eq!(
             advance(&reported, None).outcome,
             RunOutcome::Fail("step a failed: boom".into())
+        );
+    }
+
+    #[test]
+    fn a_failure_whose_handlers_are_all_skipped_ends_the_run() {
+        let steps = [
+            step(1, "a", Failed, &[], RunIf::AllSucceeded),
+            handler(2, "first", Waiting, &[]),
+            FlowStep {
+                run_if: RunIf::AnyFailed,
+                ..handler(3, "only_if_first_failed", Waiting, &["first"])
+            },
+        ];
+        let decided = advance(&steps, None);
+        assert_eq!(
+            decided.outcome,
+            RunOutcome::HandleFailure("step a failed: boom".into())
+        );
+        let handled = [
+            step(1, "a", Failed, &[], RunIf::AllSucceeded),
+            handler(2, "first", Succeeded, &[]),
+            FlowStep {
+                run_if: RunIf::AnyFailed,
+                ..handler(3, "only_if_first_failed", Waiting, &["first"])
+            },
+        ];
+        let decided = advance(&handled, Some("step a failed: boom"));
+        assert_eq!(decided.skipped.len(), 1);
+        assert_eq!(
+            decided.outcome,
+            RunOutcome::Fail("step a failed: boom".into())
+        );
+        let none_left = [
+            step(1, "a", Failed, &[], RunIf::AllSucceeded),
+            handler(2, "first", Skipped, &[]),
+        ];
+        assert_eq!(
+            advance(&none_left, None).outcome,
+            RunOutcome::Fail("step a failed: boom".into()),
+            "no handler is left to run: the run ends"
         );
     }
 

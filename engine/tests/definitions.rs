@@ -1302,7 +1302,11 @@ fn a_loop_names_its_limit_sensibly_and_only_on_kinds_that_can_loop() {
     let no_loop = "id: t\nsteps:\n  - {id: a, type: noop, parallel: 2}\n";
     assert_one_error(no_loop, 3, 35, "this step has none");
     let zero = "id: t\nsteps:\n  - {id: a, type: noop, for_each: '{{ [1] }}', parallel: 0}\n";
-    assert_one_error(zero, 3, 58, "parallel must be 1 or more");
+    assert_one_error(zero, 3, 58, "parallel must be from 1 to 10000");
+    let huge = zero.replace("parallel: 0", "parallel: 4294967295");
+    assert_one_error(&huge, 3, 58, "parallel must be from 1 to 10000");
+    let root_rule = "id: t\nsteps:\n  - {id: a, type: noop, run_if: any_failed}\n";
+    assert_one_error(root_rule, 3, 33, "`a` needs none");
     let waits =
         "id: t\nsteps:\n  - {id: a, type: wait, for_each: '{{ [1] }}', with: {signal: go}}\n";
     assert_one_error(waits, 3, 19, "a wait step cannot loop");

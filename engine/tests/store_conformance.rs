@@ -2584,22 +2584,20 @@ pub async fn retry_of_a_run_with_a_loop_reruns_only_the_items_that_did_not_succe
     );
 
     store.retry_run(&run, T0 + 1).await.unwrap();
-    // The step renders its items again, as a worker does; the one that succeeded is kept.
+    // The step renders its items again, as a worker does; the one that succeeded is kept. Its
+    // list is shorter now: the items past it go, the others run with today's values.
     let each = claim(&*store, T0 + 1, 10).await;
     assert_eq!(each.len(), 1);
     assert_eq!(each[0].step_id, "each");
-    let items = (0..3).map(|i| json!({ "n": i })).collect();
+    let items = vec![json!({ "n": 0 }), json!({ "n": "one" })];
     store
         .complete(vec![looped(&each[0], items, None)], T0 + 1)
         .await
         .unwrap();
     let rerun = claim(&*store, T0 + 1, 10).await;
-    let mut indexes: Vec<i64> = rerun
-        .iter()
-        .map(|j| j.item.as_ref().unwrap().index)
-        .collect();
-    indexes.sort();
-    assert_eq!(indexes, [1, 2]);
+    assert_eq!(rerun.len(), 1);
+    assert_eq!(rerun[0].item.as_ref().unwrap().index, 1);
+    assert_eq!(rerun[0].item.as_ref().unwrap().value, json!({ "n": "one" }));
     let completions = rerun
         .iter()
         .map(|j| done(j, json!(j.item.as_ref().unwrap().index)))
@@ -2607,13 +2605,42 @@ pub async fn retry_of_a_run_with_a_loop_reruns_only_the_items_that_did_not_succe
     store.complete(completions, T0 + 1).await.unwrap();
     let detail = store.run(&run).await.unwrap();
     let each = detail.steps.iter().find(|s| s.step_id == "each").unwrap();
-    assert_eq!(each.output, Some(json!(["zero", 1, 2])), "{detail:?}");
+    assert_eq!(each.output, Some(json!(["zero", 1])), "{detail:?}");
     let zero = detail
         .steps
         .iter()
         .find(|s| s.step_id == "each[0]")
         .unwrap();
     assert_eq!(zero.attempt, 1, "the item that succeeded did not run again");
+}
+
+pub async fn a_loop_that_continues_on_error_ends_with_its_error_and_the_run_goes_on(
+    store: Arc<dyn Store>,
+) {
+    let wf = each_of(", continue_on_error: true");
+    let run = start_loop(&*store, &wf, 3, None).await;
+    let jobs = claim(&*store, T0, 10).await;
+    let first = jobs
+        .iter()
+        .find(|j| j.item.as_ref().unwrap().index == 0)
+        .unwrap();
+    store
+        .complete(vec![failed(first, "boom")], T0)
+        .await
+        .unwrap();
+    let detail = store.run(&run).await.unwrap();
+    let each = detail.steps.iter().find(|s| s.step_id == "each").unwrap();
+    assert_eq!(each.state, JobState::Succeeded);
+    assert_eq!(
+        each.output,
+        Some(json!({ "error": "item each[0] failed: boom" }))
+    );
+    assert_eq!(finish_ready(&*store, T0).await, ["after"]);
+    assert_eq!(
+        run_status(&*store, &run).await,
+        RunStatus::Succeeded,
+        "its failed and cancelled items do not hold the run"
+    );
 }
 
 pub async fn a_looped_workflow_step_starts_the_next_item_when_a_child_run_ends(
@@ -2725,6 +2752,7 @@ macro_rules! conformance {
                 a_failing_item_is_retried_alone_and_one_failing_for_good_fails_its_step,
                 retry_of_a_run_with_a_loop_reruns_only_the_items_that_did_not_succeed,
                 a_looped_workflow_step_starts_the_next_item_when_a_child_run_ends,
+                a_loop_that_continues_on_error_ends_with_its_error_and_the_run_goes_on,
             );
         }
     };

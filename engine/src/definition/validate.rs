@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::error::{DefinitionError, DefinitionErrors};
 use super::input_schema::InputSchema;
 use super::locate::Seg;
-use super::model::{PRIORITIES, Step, WAIT_KIND, Workflow, WorkflowMap};
+use super::model::{MAX_ITEMS, PRIORITIES, Step, WAIT_KIND, Workflow, WorkflowMap};
 use super::parse::{Format, ParsedSource, make_error, parse_source};
 use super::template::{ENV, is_template};
 
@@ -389,6 +389,22 @@ impl Check<'_, '_> {
                 self.wait(i, step, signals);
             }
             self.loops(i, step);
+            if !step.run_if.is_default() && step.needs.is_empty() {
+                let key = self.src.spelling(
+                    self.wi,
+                    &[Seg::Key(self.part), Seg::Index(i)],
+                    &["run_if", "runIf"],
+                );
+                self.err(
+                    &[Seg::Key(self.part), Seg::Index(i), Seg::Key(key)],
+                    false,
+                    format!(
+                        "run_if {} says what the steps a step needs must have come to; `{}` \
+                         needs none",
+                        step.run_if, step.id
+                    ),
+                );
+            }
             // `item` and `index` are the item a `for_each` step runs for: its `with` sees them,
             // its `when` and `for_each` (rendered before any item exists) do not. A `workflow`
             // step's `with.for_each` hands each child `input.item` instead.
@@ -442,11 +458,14 @@ impl Check<'_, '_> {
                 "parallel limits the items of a for_each; this step has none".to_owned(),
             );
         }
-        if step.parallel == Some(0) {
+        if step
+            .parallel
+            .is_some_and(|p| p == 0 || p as usize > MAX_ITEMS)
+        {
             self.err(
                 &at("parallel"),
                 false,
-                "parallel must be 1 or more".to_owned(),
+                format!("parallel must be from 1 to {MAX_ITEMS}"),
             );
         }
         if step.for_each.is_none() {

@@ -200,8 +200,8 @@ pub(crate) trait Tx: Send {
     async fn make_ready(&mut self, runs: &[RunId], now: Millis) -> Result<u64>;
     /// Those of `jobs` whose step says `continue_on_error`.
     async fn continuing_on_error(&mut self, jobs: &[JobId]) -> Result<BTreeSet<JobId>>;
-    /// The active child runs of a `workflow` step.
-    async fn active_child_runs(&mut self, job: JobId) -> Result<Vec<RunId>>;
+    /// The active child runs of `workflow` steps.
+    async fn active_child_runs(&mut self, jobs: &[JobId]) -> Result<Vec<RunId>>;
     /// Ends a `parked` step as tolerated (see `Settlement::Tolerate`); returns it when it was
     /// parked.
     async fn tolerate_parked_step(
@@ -651,6 +651,13 @@ async fn progress_loops(
                 let open = tx.open_items(loop_job).await?;
                 if !open.is_empty() {
                     tx.cancel_jobs(&open, now).await?;
+                    // The child runs of `workflow` items: only their gates matter now.
+                    let why = format!("a sibling of its item failed: {error}");
+                    let cancelled = cancel_children(tx, &open, &why, now).await?;
+                    effects.finished(&cancelled);
+                    if open_gates(tx, &cancelled, now).await? {
+                        effects.woke();
+                    }
                 }
                 fail_parked(tx, loop_job, &error, now, moved).await?;
             }
@@ -675,6 +682,34 @@ async fn progress_loops(
         }
     }
     Ok(())
+}
+
+/// Cancels the active child runs of `jobs` and everything under them; returns them, their
+/// parent steps forgotten (those are ending: only their gates matter).
+async fn cancel_children(
+    tx: &mut dyn Tx,
+    jobs: &[JobId],
+    why: &str,
+    now: Millis,
+) -> Result<Vec<FinishedRun>> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let children = tx.active_child_runs(jobs).await?;
+    if children.is_empty() {
+        return Ok(Vec::new());
+    }
+    let roots: Vec<&str> = children.iter().map(String::as_str).collect();
+    let ended = tx.cancel_descendants(&roots, why, now).await?;
+    let all: Vec<&str> = ended.iter().map(|r| r.id.as_str()).collect();
+    tx.cancel_open_jobs(&all, now).await?;
+    Ok(ended
+        .into_iter()
+        .map(|r| FinishedRun {
+            parent_job_id: None,
+            ..r
+        })
+        .collect())
 }
 
 /// Fails a parked step (a `workflow` step whose child run failed, a `for_each` step whose item
@@ -892,26 +927,15 @@ async fn advance(
         tx.cancel_jobs(&cancelled, now).await?;
         // The child runs of cancelled `workflow` steps: only their gates matter now, not their
         // parents.
-        let mut children = Vec::new();
+        let mut items = Vec::new();
         for job in &parked {
-            children.extend(tx.active_child_runs(*job).await?);
-            let items = tx.open_items(*job).await?;
-            if !items.is_empty() {
-                tx.cancel_jobs(&items, now).await?;
-            }
+            items.extend(tx.open_items(*job).await?);
         }
-        if !children.is_empty() {
-            let roots: Vec<&str> = children.iter().map(String::as_str).collect();
-            let ended = tx
-                .cancel_descendants(&roots, "its parent run failed", now)
-                .await?;
-            let all: Vec<&str> = ended.iter().map(|r| r.id.as_str()).collect();
-            tx.cancel_open_jobs(&all, now).await?;
-            finished.extend(ended.into_iter().map(|r| FinishedRun {
-                parent_job_id: None,
-                ..r
-            }));
+        if !items.is_empty() {
+            tx.cancel_jobs(&items, now).await?;
         }
+        parked.extend(items);
+        finished.extend(cancel_children(tx, &parked, "its parent run failed", now).await?);
     }
     if !skipped.is_empty() {
         tx.skip_waiting_jobs(&skipped, now).await?;
@@ -1011,7 +1035,7 @@ async fn settle_parents(
                 if let Some(step) = fail_parked(tx, parent, &error, now, &mut moved).await? {
                     // Its other children are of no use to anyone now.
                     let why = format!("step {} of run {} ended", step.step_id, step.run_id);
-                    for child in tx.active_child_runs(parent).await? {
+                    for child in tx.active_child_runs(&[parent]).await? {
                         orphans.push((child, why.clone()));
                     }
                 }

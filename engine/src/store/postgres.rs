@@ -460,7 +460,7 @@ impl Tx for PgTx<'_> {
                  SELECT bool_and(state IN {jobs:successful}) AS done, \
                      coalesce(jsonb_object_agg(step_id, output) FILTER (WHERE is_sink), '{}') \
                          AS output \
-                 FROM jobs WHERE run_id = c.id) AS s \
+                 FROM jobs WHERE run_id = c.id AND loop_job_id IS NULL) AS s \
              WHERE runs.id = c.id AND runs.status = {run:running} AND s.done \
              RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
                  runs.concurrency_key"
@@ -626,11 +626,11 @@ impl Tx for PgTx<'_> {
         Ok(tolerant.into_iter().collect())
     }
 
-    async fn active_child_runs(&mut self, job: JobId) -> Result<Vec<RunId>> {
+    async fn active_child_runs(&mut self, jobs: &[JobId]) -> Result<Vec<RunId>> {
         Ok(sqlx::query_scalar(statement!(
-            "SELECT id FROM runs WHERE parent_job_id = $1 AND status IN {runs:active}"
+            "SELECT id FROM runs WHERE parent_job_id = ANY($1) AND status IN {runs:active}"
         ))
-        .bind(job)
+        .bind(jobs)
         .fetch_all(&mut *self.0)
         .await?)
     }
@@ -864,7 +864,7 @@ impl Tx for PgTx<'_> {
         Ok(sqlx::query_as(statement!(
             "SELECT j.id, c.id FROM jobs AS j JOIN runs AS c ON c.parent_job_id = j.id \
              WHERE j.run_id = ANY($1::text[]) AND j.state IN {jobs:unsuccessful} \
-                 AND c.status <> {run:succeeded} \
+                 AND NOT j.on_failure AND j.loop_job_id IS NULL AND c.status <> {run:succeeded} \
              ORDER BY c.id FOR UPDATE OF c"
         ))
         .bind(runs)
@@ -1020,8 +1020,8 @@ impl Tx for PgTx<'_> {
         now: Millis,
     ) -> Result<()> {
         // An item waits for one need no step names, so no count of needs (a gate opening, a
-        // retry) ever makes it ready: `release_items` does. The data-modifying parts see the
-        // rows as they were, so the last one touches only items a retry found failed.
+        // retry) ever makes it ready: `release_items` does. A retry's items that did not
+        // succeed wait again, with the value rendered now; those past its list go.
         sqlx::query(statement!(
             "WITH l AS ( \
                  UPDATE jobs SET parallel = $3 WHERE id = $1 \
@@ -1034,14 +1034,15 @@ impl Tx for PgTx<'_> {
                      '[]', 1, false, l.attempt_budget, l.attempt_budget, l.priority, $4, $1, \
                      i.ord - 1, i.value \
                  FROM l CROSS JOIN jsonb_array_elements($2) WITH ORDINALITY AS i(value, ord) \
-                 ON CONFLICT (run_id, step_id) DO NOTHING) \
-             UPDATE jobs SET state = {job:waiting}, output = NULL, error = NULL, \
-                 checkpoint = NULL, finished_at = NULL, max_attempts = attempt + attempt_budget \
-             WHERE loop_job_id = $1 AND state IN {jobs:unsuccessful}"
+                 ON CONFLICT (run_id, step_id) DO UPDATE SET item = excluded.item, \
+                     state = {job:waiting}, output = NULL, error = NULL, checkpoint = NULL, \
+                     finished_at = NULL, max_attempts = jobs.attempt + jobs.attempt_budget \
+                 WHERE jobs.state IN {jobs:unsuccessful}) \
+             DELETE FROM jobs WHERE loop_job_id = $1 AND item_index >= jsonb_array_length($2)"
         ))
         .bind(loop_job)
         .bind(Value::Array(items.to_vec()))
-        .bind(parallel.map(|p| p as i32))
+        .bind(parallel.map(|p| i32::try_from(p).unwrap_or(i32::MAX)))
         .bind(now)
         .execute(&mut *self.0)
         .await?;

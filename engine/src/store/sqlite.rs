@@ -459,8 +459,8 @@ impl Tx for SqliteTx<'_> {
                  output = (SELECT json_group_object(step_id, json(output)) FROM jobs \
                            WHERE run_id = runs.id AND is_sink = 1) \
              WHERE id IN (SELECT value FROM json_each(?1)) AND +status = {run:running} \
-                 AND NOT EXISTS (SELECT 1 FROM jobs \
-                     WHERE run_id = runs.id AND state NOT IN {jobs:successful}) \
+                 AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = runs.id \
+                     AND state NOT IN {jobs:successful} AND loop_job_id IS NULL) \
              RETURNING id, workflow_id, status, parent_job_id, concurrency_key"
         ))
         .bind(to_json(&runs))
@@ -606,11 +606,12 @@ impl Tx for SqliteTx<'_> {
         Ok(tolerant.into_iter().collect())
     }
 
-    async fn active_child_runs(&mut self, job: JobId) -> Result<Vec<RunId>> {
+    async fn active_child_runs(&mut self, jobs: &[JobId]) -> Result<Vec<RunId>> {
         Ok(sqlx::query_scalar(statement!(
-            "SELECT id FROM runs WHERE parent_job_id = ? AND status IN {runs:active}"
+            "SELECT id FROM runs WHERE parent_job_id IN (SELECT value FROM json_each(?)) \
+                 AND status IN {runs:active}"
         ))
-        .bind(job)
+        .bind(to_json(&jobs))
         .fetch_all(&mut *self.0)
         .await?)
     }
@@ -782,7 +783,8 @@ impl Tx for SqliteTx<'_> {
         Ok(sqlx::query_as(statement!(
             "SELECT j.id, c.id FROM jobs AS j JOIN runs AS c ON c.parent_job_id = j.id \
              WHERE j.run_id IN (SELECT value FROM json_each(?1)) \
-                 AND j.state IN {jobs:unsuccessful} AND c.status != {run:succeeded}"
+                 AND j.state IN {jobs:unsuccessful} AND NOT j.on_failure \
+                 AND j.loop_job_id IS NULL AND c.status != {run:succeeded}"
         ))
         .bind(to_json(&runs))
         .fetch_all(&mut *self.0)
@@ -824,6 +826,12 @@ impl Tx for SqliteTx<'_> {
     ) -> Result<()> {
         // An item waits for one need no step names, so no count of needs (a gate opening, a
         // retry) ever makes it ready: `release_items` does.
+        // A retry's items: those past the list rendered now go, the others run again.
+        sqlx::query("DELETE FROM jobs WHERE loop_job_id = ?1 AND item_index >= ?2")
+            .bind(loop_job)
+            .bind(items.len() as i64)
+            .execute(&mut *self.0)
+            .await?;
         sqlx::query(statement!(
             "UPDATE jobs SET state = {job:waiting}, output = NULL, error = NULL, \
                  checkpoint = NULL, finished_at = NULL, max_attempts = attempt + attempt_budget \
@@ -843,7 +851,8 @@ impl Tx for SqliteTx<'_> {
              SELECT l.run_id, l.step_id || '[' || i.key || ']', {job:waiting}, '[]', 1, 0, \
                  l.attempt_budget, l.attempt_budget, l.priority, ?3, l.id, i.key, i.value \
              FROM jobs AS l, json_each(?2) AS i WHERE l.id = ?1 \
-             ON CONFLICT (run_id, step_id) DO NOTHING"
+             ON CONFLICT (run_id, step_id) DO UPDATE SET item = excluded.item \
+                 WHERE jobs.state != {job:succeeded}"
         ))
         .bind(loop_job)
         // Each item as its JSON text, which `json_each` hands back as it is.

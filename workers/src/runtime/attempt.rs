@@ -65,9 +65,10 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
         // A failure of a step that continues on error is tolerated by the store, whichever way
         // it came.
         let settlement = settle(job.lease.attempt, &policy, result, now, rand::random());
+        // An item counts as its step: one series per step, not per item.
         switchyard_engine::metrics::step_finished(
             &job.workflow_id,
-            &job.step_id,
+            job.item.as_ref().map_or(&job.step_id, |i| &i.step_id),
             settlement.target().as_str(),
             started.elapsed(),
         );
@@ -140,7 +141,7 @@ async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResul
         item: job.item.as_ref().map(|i| (i.value.clone(), i.index)),
     };
     // A step woken from a park has run already: its condition held. An item's step did too.
-    let first_run = job.checkpoint.is_none() && job.item.is_none();
+    let first_run = first_run(job);
     if let (Some(when), true) = (&step.when, first_run) {
         let condition = Value::String(when.clone());
         let scope = ctx.clone();
@@ -160,7 +161,7 @@ async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResul
         }
     }
     if let (Some(for_each), true) = (&step.for_each, first_run) {
-        return match loop_items(for_each, &ctx).await {
+        return match loop_items(for_each, &ctx, &secrets).await {
             Ok(items) if items.is_empty() => (
                 AttemptResult::Succeeded {
                     output: Value::Array(items),
@@ -383,8 +384,27 @@ fn unreadable_definition(job: &ClaimedJob, e: &EngineError) -> StepFailure {
     }
 }
 
-/// The items a `for_each` renders: a list of at most [`MAX_ITEMS`] values a store can hold.
-async fn loop_items(for_each: &str, ctx: &TemplateContext) -> Result<Vec<Value>, StepFailure> {
+/// Whether this claim starts the step's series: it has not parked yet. A callback or signal
+/// delivered before it ran waits in its checkpoint, alone. An item's step started long before.
+fn first_run(job: &ClaimedJob) -> bool {
+    job.item.is_none()
+        && match &job.checkpoint {
+            None => true,
+            Some(Value::Object(kept)) => kept
+                .keys()
+                .all(|k| k == "callback" || k == "callback_token"),
+            Some(_) => false,
+        }
+}
+
+/// The items a `for_each` renders: a list of at most [`MAX_ITEMS`] values a store can hold,
+/// none holding a secret (items are stored; a secret's reference would be, and would not
+/// resolve).
+async fn loop_items(
+    for_each: &str,
+    ctx: &TemplateContext,
+    secrets: &Secrets,
+) -> Result<Vec<Value>, StepFailure> {
     let template = Value::String(for_each.to_owned());
     let scope = ctx.clone();
     let rendered = tokio::task::spawn_blocking(move || render_value(&template, &scope))
@@ -410,6 +430,12 @@ async fn loop_items(for_each: &str, ctx: &TemplateContext) -> Result<Vec<Value>,
         check_storable(item).map_err(|problem| {
             StepFailure::permanent("for_each", format!("item {index} {problem}"))
         })?;
+        if let Some(path) = secrets.find_in(item) {
+            return Err(StepFailure::permanent(
+                "secret_misplaced",
+                format!("for_each item {index} holds a secret (at {path}); items are stored"),
+            ));
+        }
     }
     Ok(items)
 }
