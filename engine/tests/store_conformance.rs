@@ -2464,8 +2464,14 @@ pub async fn a_loop_runs_at_most_parallel_items_at_once_and_gives_their_outputs_
             assert_eq!(item.step_id, "each");
             assert_eq!(job.step_id, format!("each[{}]", item.index));
             assert_eq!(item.value, json!({ "n": item.index }));
-            assert_eq!(job.outputs.get("list"), Some(&json!("listed")), "{job:?}");
+            // What every item shares is read once per loop, not carried by each claim.
+            assert!(job.outputs.is_empty() && job.input.is_null(), "{job:?}");
         }
+        let shared = store
+            .loop_context(jobs[0].item.as_ref().unwrap().loop_job)
+            .await
+            .unwrap();
+        assert_eq!(shared.outputs.get("list"), Some(&json!("listed")));
         // Out of order: the step's output keeps the items' order.
         let completions = jobs
             .iter()

@@ -358,9 +358,19 @@ pub struct ClaimedJob {
     pub outputs: serde_json::Map<String, Value>,
 }
 
-/// One item of a `for_each` step, as its job is claimed.
+/// What every item of a `for_each` step sees (see `Store::loop_context`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoopContext {
+    pub input: Value,
+    pub outputs: serde_json::Map<String, Value>,
+}
+
+/// One item of a `for_each` step, as its job is claimed: with neither its run's input nor any
+/// outputs, which every item shares (`Store::loop_context`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoopItem {
+    /// The `for_each` step's job.
+    pub loop_job: JobId,
     /// The `for_each` step's id (the item's job is `step[index]`).
     pub step_id: String,
     pub index: i64,
@@ -630,6 +640,9 @@ pub trait Store: Send + Sync + 'static {
     /// Runs in `status`, created at or after `created_after` when given.
     async fn count_runs(&self, status: RunStatus, created_after: Option<Millis>) -> Result<i64>;
     async fn run(&self, run_id: &str) -> Result<RunDetail>;
+    /// What the items of a `for_each` step see besides their item: its run's input and the
+    /// outputs the step was given. Read once per loop by a worker, not with every item.
+    async fn loop_context(&self, loop_job: JobId) -> Result<LoopContext>;
     /// Deletes finished runs whose retention has passed, at most `limit`; returns how many.
     async fn prune(&self, now: Millis, limit: u32) -> Result<u64>;
 

@@ -1392,10 +1392,10 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
              INSERT INTO leases (token, expires_at, job_ids) \
              SELECT $1, $2, array_agg(id) FROM claimed HAVING count(*) > 0) \
          SELECT c.id, c.run_id, c.step_id, c.attempt, c.checkpoint, r.workflow_id, \
-             r.version, r.input, r.scheduled_at, r.error AS run_error, \
-             l.step_id AS loop_step, c.item_index, c.item, \
-             CASE WHEN c.loop_job_id IS NOT NULL THEN l.checkpoint->'outputs' \
-                 WHEN c.needs <> '[]' THEN (SELECT jsonb_object_agg(j.step_id, j.output) \
+             r.version, CASE WHEN c.loop_job_id IS NULL THEN r.input END AS input, \
+             r.scheduled_at, r.error AS run_error, \
+             c.loop_job_id, l.step_id AS loop_step, c.item_index, c.item, \
+             CASE WHEN c.needs <> '[]' THEN (SELECT jsonb_object_agg(j.step_id, j.output) \
                  FROM jobs AS j WHERE j.run_id = c.run_id AND j.state IN {jobs:successful} \
                      AND j.loop_job_id IS NULL) \
              END AS outputs \
@@ -1420,12 +1420,13 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
             step_id: row.get("step_id"),
             workflow_id: row.get("workflow_id"),
             version: row.get("version"),
-            input: row.get("input"),
+            input: row.get::<Option<Value>, _>("input").unwrap_or(Value::Null),
             scheduled_at: row.get("scheduled_at"),
             run_error: row.get("run_error"),
             item: row
                 .get::<Option<String>, _>("loop_step")
                 .map(|step_id| LoopItem {
+                    loop_job: row.get("loop_job_id"),
                     step_id,
                     index: row.get::<Option<i32>, _>("item_index").map_or(0, i64::from),
                     value: row.get::<Option<Value>, _>("item").unwrap_or(Value::Null),
@@ -1825,6 +1826,24 @@ impl Store for PostgresStore {
             output: row.get("output"),
             scheduled_at: row.get("scheduled_at"),
             steps,
+        })
+    }
+
+    async fn loop_context(&self, loop_job: JobId) -> Result<LoopContext> {
+        let row = sqlx::query(
+            "SELECT r.input, l.checkpoint->'outputs' AS outputs \
+             FROM jobs AS l JOIN runs AS r ON r.id = l.run_id WHERE l.id = $1",
+        )
+        .bind(loop_job)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("the for_each step of job {loop_job}")))?;
+        Ok(LoopContext {
+            input: row.get("input"),
+            outputs: match row.get::<Option<Value>, _>("outputs") {
+                Some(Value::Object(map)) => map,
+                _ => serde_json::Map::new(),
+            },
         })
     }
 

@@ -166,27 +166,22 @@ impl SqliteStore {
         .into_iter()
         .map(|r| (r.get("id"), r))
         .collect();
-        // An item is given the outputs its step was given, kept with that step: no item reads
-        // its siblings.
+        // An item is given neither its run's input nor outputs: every item shares them
+        // (`Store::loop_context`).
         let loop_ids: BTreeSet<JobId> = rows
             .iter()
             .filter_map(|r| r.get::<Option<JobId>, _>("loop_job_id"))
             .collect();
-        let mut loops: BTreeMap<JobId, (String, serde_json::Map<String, Value>)> = BTreeMap::new();
+        let mut loops: BTreeMap<JobId, String> = BTreeMap::new();
         if !loop_ids.is_empty() {
             for row in sqlx::query(
-                "SELECT id, step_id, checkpoint->'outputs' AS outputs FROM jobs \
-                 WHERE id IN (SELECT value FROM json_each(?))",
+                "SELECT id, step_id FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
             )
             .bind(to_json(&loop_ids))
             .fetch_all(&self.reader)
             .await?
             {
-                let outputs = match parse_json(row.get("outputs")) {
-                    Some(Value::Object(map)) => map,
-                    _ => serde_json::Map::new(),
-                };
-                loops.insert(row.get("id"), (row.get("step_id"), outputs));
+                loops.insert(row.get("id"), row.get("step_id"));
             }
         }
         let mut outputs: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
@@ -212,7 +207,7 @@ impl SqliteStore {
                     .ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?;
                 let looped = row
                     .get::<Option<JobId>, _>("loop_job_id")
-                    .and_then(|id| loops.get(&id));
+                    .and_then(|id| Some((id, loops.get(&id)?)));
                 Ok(ClaimedJob {
                     lease: Lease {
                         job_id: row.get("id"),
@@ -222,17 +217,21 @@ impl SqliteStore {
                     step_id: row.get("step_id"),
                     workflow_id: run.get("workflow_id"),
                     version: run.get("version"),
-                    input: parse_json(run.get("input")).unwrap_or(Value::Null),
+                    input: match looped {
+                        Some(_) => Value::Null,
+                        None => parse_json(run.get("input")).unwrap_or(Value::Null),
+                    },
                     scheduled_at: run.get("scheduled_at"),
                     run_error: run.get("error"),
-                    item: looped.map(|(step_id, _)| LoopItem {
+                    item: looped.map(|(loop_job, step_id)| LoopItem {
+                        loop_job,
                         step_id: step_id.clone(),
                         index: row.get::<Option<i64>, _>("item_index").unwrap_or_default(),
                         value: parse_json(row.get("item")).unwrap_or(Value::Null),
                     }),
                     checkpoint: parse_json(row.get("checkpoint")),
                     outputs: match looped {
-                        Some((_, given)) => given.clone(),
+                        Some(_) => serde_json::Map::new(),
                         None => outputs.get(&run_id).cloned().unwrap_or_default(),
                     },
                     run_id,
@@ -1625,6 +1624,24 @@ impl Store for SqliteStore {
             output: parse_json(row.get("output")),
             scheduled_at: row.get("scheduled_at"),
             steps,
+        })
+    }
+
+    async fn loop_context(&self, loop_job: JobId) -> Result<LoopContext> {
+        let row = sqlx::query(
+            "SELECT r.input, l.checkpoint->'outputs' AS outputs \
+             FROM jobs AS l JOIN runs AS r ON r.id = l.run_id WHERE l.id = ?",
+        )
+        .bind(loop_job)
+        .fetch_optional(&self.reader)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("the for_each step of job {loop_job}")))?;
+        Ok(LoopContext {
+            input: parse_json(row.get("input")).unwrap_or(Value::Null),
+            outputs: match parse_json(row.get("outputs")) {
+                Some(Value::Object(map)) => map,
+                _ => serde_json::Map::new(),
+            },
         })
     }
 

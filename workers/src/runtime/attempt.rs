@@ -14,7 +14,9 @@ use switchyard_engine::definition::{
 use switchyard_engine::plan::{Trigger, kind_of, plan_run};
 use switchyard_engine::service::{Engine, EngineError};
 use switchyard_engine::state::{AttemptResult, Settlement, StepFailure, settle};
-use switchyard_engine::store::{ClaimedJob, Completion, NewRun, ParentLink, check_storable};
+use switchyard_engine::store::{
+    ClaimedJob, Completion, JobId, LoopContext, NewRun, ParentLink, check_storable,
+};
 use tracing::Instrument;
 
 use super::{WorkerConfig, panic_message};
@@ -26,6 +28,34 @@ pub(super) struct Steps {
     pub engine: Arc<Engine>,
     pub registry: Registry,
     pub config: WorkerConfig,
+    /// What the items of running loops share, by the loop step's job (see [`Steps::loop_context`]).
+    pub loops: std::sync::Mutex<BTreeMap<JobId, Arc<LoopContext>>>,
+}
+
+/// How many loops' contexts a worker keeps; past it, it forgets them all and reads again.
+const LOOPS_KEPT: usize = 64;
+
+impl Steps {
+    /// The run input and outputs every item of a loop sees: read once per loop, not carried by
+    /// each item's claim (a loop over a list in its input would carry the list 10,000 times).
+    async fn loop_context(&self, loop_job: JobId) -> Result<Arc<LoopContext>, EngineError> {
+        if let Some(context) = self.lock_loops().get(&loop_job) {
+            return Ok(context.clone());
+        }
+        let context = Arc::new(self.engine.store().loop_context(loop_job).await?);
+        let mut loops = self.lock_loops();
+        if loops.len() >= LOOPS_KEPT {
+            loops.clear();
+        }
+        loops.insert(loop_job, context.clone());
+        Ok(context)
+    }
+
+    fn lock_loops(&self) -> std::sync::MutexGuard<'_, BTreeMap<JobId, Arc<LoopContext>>> {
+        self.loops
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
@@ -123,9 +153,21 @@ async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResul
         }
     };
     let secrets = Secrets::new(secrets);
+    let (input, steps) = match &job.item {
+        None => (job.input.clone(), job.outputs.clone()),
+        Some(item) => match shared.loop_context(item.loop_job).await {
+            Ok(shared) => (shared.input.clone(), shared.outputs.clone()),
+            Err(e) => {
+                return failed(StepFailure::transient(
+                    "loop_context",
+                    format!("the input and outputs of its loop could not be read: {e}"),
+                ));
+            }
+        },
+    };
     let ctx = TemplateContext {
-        input: job.input.clone(),
-        steps: job.outputs.clone(),
+        input,
+        steps,
         vars,
         secrets: secrets.clone(),
         run: json!({

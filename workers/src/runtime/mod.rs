@@ -76,6 +76,7 @@ pub async fn run_worker(
         engine: engine.clone(),
         registry,
         config,
+        loops: Default::default(),
     });
     let run_step: RunStep = Arc::new(move |job| Box::pin(attempt::execute(steps.clone(), job)));
     driver::drive(engine, run_step, timing, shutdown).await
