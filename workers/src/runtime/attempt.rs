@@ -155,6 +155,9 @@ async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResul
     let secrets = Secrets::new(secrets);
     let (input, steps) = match &job.item {
         None => (job.input.clone(), job.outputs.clone()),
+        // An item whose step renders nothing needs none of it (copying a large input for each
+        // of 10,000 items is what a loop spends its time on).
+        Some(_) if !has_template(&step.with) => (Value::Null, serde_json::Map::new()),
         Some(item) => match shared.loop_context(item.loop_job).await {
             Ok(shared) => (shared.input.clone(), shared.outputs.clone()),
             Err(e) => {
