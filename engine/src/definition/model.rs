@@ -430,7 +430,7 @@ pub struct Step {
     pub for_each: Option<String>,
     /// How many items of a `for_each` run at once (default: all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 10_000))]
     pub parallel: Option<u32>,
 }
 
