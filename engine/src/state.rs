@@ -342,12 +342,16 @@ pub fn gate_opening(oldest_pending_limit: Option<i64>, running: i64) -> i64 {
     oldest_pending_limit.unwrap_or(0) - running
 }
 
-/// How many waiting items of a `for_each` step start now: its `parallel` less those running
-/// (every one when it has no limit).
-pub fn loop_room(parallel: Option<i64>, active: i64, waiting: i64) -> i64 {
-    parallel
-        .map_or(waiting, |limit| limit - active)
-        .clamp(0, waiting)
+/// How many waiting items of a `for_each` step start now: when its items were created, its
+/// `parallel` (every one without a limit); later, one for each item that succeeded, whose slot
+/// it takes (without a limit, none waits).
+pub fn loop_start(parallel: Option<i64>, created: bool, succeeded: i64) -> i64 {
+    match (parallel, created) {
+        (None, true) => crate::definition::MAX_ITEMS as i64,
+        (None, false) => 0,
+        (Some(limit), true) => limit,
+        (Some(_), false) => succeeded,
+    }
 }
 
 /// The error of a run that ran past its deadline.
@@ -668,5 +672,16 @@ mod tests {
         assert_eq!(retry.clone().continuing_on_error(true), retry);
         let lost = settle_lost_lease(2, 2, 7).continuing_on_error(true);
         assert_eq!(lost.target(), JobState::Succeeded);
+    }
+
+    #[test]
+    fn a_loop_starts_parallel_items_then_one_for_each_that_succeeded() {
+        assert_eq!(loop_start(Some(10), true, 0), 10);
+        assert_eq!(loop_start(Some(10), false, 3), 3);
+        assert_eq!(
+            loop_start(None, true, 0),
+            crate::definition::MAX_ITEMS as i64
+        );
+        assert_eq!(loop_start(None, false, 3), 0, "without a limit, none waits");
     }
 }

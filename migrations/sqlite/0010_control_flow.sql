@@ -11,4 +11,8 @@ ALTER TABLE jobs ADD COLUMN loop_job_id INTEGER;
 ALTER TABLE jobs ADD COLUMN item_index INTEGER;
 ALTER TABLE jobs ADD COLUMN item TEXT;
 ALTER TABLE jobs ADD COLUMN parallel INTEGER;
+-- On the step's job, while its items run: how many have not succeeded, and the index the next
+-- release starts from (items start in order), so a loop's progress reads only what it changes.
+ALTER TABLE jobs ADD COLUMN items_left INTEGER;
+ALTER TABLE jobs ADD COLUMN next_item INTEGER;
 CREATE INDEX jobs_loop_items ON jobs (loop_job_id, item_index) WHERE loop_job_id IS NOT NULL;

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::flow::{self, FlowStep, RunOutcome};
 use crate::state::{
-    JobState, Millis, RunStatus, Settlement, fire_skip_reason, gate_opening, gate_room, loop_room,
+    JobState, Millis, RunStatus, Settlement, fire_skip_reason, gate_opening, gate_room, loop_start,
     settle_lost_lease, timeout_error,
 };
 
@@ -120,13 +120,12 @@ pub(crate) struct NewVersion<'a> {
     pub origin: DefinitionOrigin,
 }
 
-/// How far a `for_each` step's items have come (see [`Tx::loop_load`]).
+/// How far a `for_each` step's items have come (see [`Tx::count_down_loop`]).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct LoopLoad {
-    pub loop_job: JobId,
+pub(crate) struct LoopProgress {
+    /// Its items that have not succeeded yet.
+    pub left: i64,
     pub parallel: Option<i64>,
-    pub active: i64,
-    pub waiting: i64,
 }
 
 /// The runs of a concurrency key that hold or wait for a slot.
@@ -278,7 +277,8 @@ pub(crate) trait Tx: Send {
 
     /// Creates the items of a `for_each` step's job, `waiting`, with the step's attempt budget;
     /// items it had already (a retry of its run) are kept, those that failed or were cancelled
-    /// put back to `waiting`. Records `parallel` on the step's job.
+    /// put back to `waiting`. Records on the step's job its `parallel`, how many items have not
+    /// succeeded, and that releases start from the first.
     async fn insert_items(
         &mut self,
         loop_job: JobId,
@@ -286,10 +286,15 @@ pub(crate) trait Tx: Send {
         parallel: Option<u32>,
         now: Millis,
     ) -> Result<()>;
-    /// For each `parked` step among `loops`: its `parallel`, and how many of its items are
-    /// unfinished but not `waiting`, and how many are `waiting`.
-    async fn loop_load(&mut self, loops: &[JobId]) -> Result<Vec<LoopLoad>>;
-    /// Makes the first `count` `waiting` items of a `for_each` step `available`, in item order.
+    /// Counts `succeeded` more items of a `parked` `for_each` step as done; returns how many are
+    /// left, and its `parallel` (`None` when the step is not parked).
+    async fn count_down_loop(
+        &mut self,
+        loop_job: JobId,
+        succeeded: i64,
+    ) -> Result<Option<LoopProgress>>;
+    /// Makes the next `count` `waiting` items of a `for_each` step `available`, in item order,
+    /// from where the last release stopped (items start in order, so none waits before it).
     async fn release_items(
         &mut self,
         loop_job: JobId,
@@ -556,7 +561,7 @@ pub(crate) async fn complete(
     let mut sinks = Vec::new();
     let mut failed = Vec::new();
     let mut flowing = BTreeSet::new();
-    let mut looping: BTreeMap<JobId, Option<String>> = BTreeMap::new();
+    let mut looping: BTreeMap<JobId, LoopMoves> = BTreeMap::new();
     for job in settled.jobs {
         accepted.push(job.id);
         if let Some(loop_job) = job.loop_job {
@@ -568,11 +573,14 @@ pub(crate) async fn complete(
                         job.step_id,
                         job.error.unwrap_or_default()
                     );
-                    looping.entry(loop_job).or_default().get_or_insert(error);
+                    looping
+                        .entry(loop_job)
+                        .or_default()
+                        .failure
+                        .get_or_insert(error);
                 }
-                _ => {
-                    looping.entry(loop_job).or_default();
-                }
+                JobState::Succeeded => looping.entry(loop_job).or_default().succeeded += 1,
+                _ => {}
             }
             continue;
         }
@@ -610,7 +618,7 @@ pub(crate) async fn complete(
             let job = completion.lease.job_id;
             if accepted.contains(&job) {
                 tx.insert_items(job, items, *parallel, now).await?;
-                looping.entry(job).or_default();
+                looping.entry(job).or_default().started = true;
             }
         }
     }
@@ -639,14 +647,13 @@ pub(crate) async fn complete(
 /// their outputs; the others start waiting items as room frees up under `parallel`.
 async fn progress_loops(
     tx: &mut dyn Tx,
-    looping: BTreeMap<JobId, Option<String>>,
+    looping: BTreeMap<JobId, LoopMoves>,
     now: Millis,
     effects: &mut Effects,
     moved: &mut Moved,
 ) -> Result<()> {
-    let mut going = Vec::new();
-    for (loop_job, failure) in looping {
-        match failure {
+    for (loop_job, moves) in looping {
+        match moves.failure {
             Some(error) => {
                 let open = tx.open_items(loop_job).await?;
                 if !open.is_empty() {
@@ -661,24 +668,21 @@ async fn progress_loops(
                 }
                 fail_parked(tx, loop_job, &error, now, moved).await?;
             }
-            None => going.push(loop_job),
-        }
-    }
-    if going.is_empty() {
-        return Ok(());
-    }
-    for load in tx.loop_load(&going).await? {
-        if load.active == 0 && load.waiting == 0 {
-            moved
-                .succeeded
-                .extend(tx.finish_loop(load.loop_job, now).await?);
-            continue;
-        }
-        let room = loop_room(load.parallel, load.active, load.waiting);
-        if room > 0 {
-            effects
-                .ready
-                .extend(tx.release_items(load.loop_job, room, now).await?);
+            None => {
+                let Some(progress) = tx.count_down_loop(loop_job, moves.succeeded).await? else {
+                    continue;
+                };
+                if progress.left <= 0 {
+                    moved.succeeded.extend(tx.finish_loop(loop_job, now).await?);
+                    continue;
+                }
+                let start = loop_start(progress.parallel, moves.started, moves.succeeded);
+                if start > 0 {
+                    effects
+                        .ready
+                        .extend(tx.release_items(loop_job, start, now).await?);
+                }
+            }
         }
     }
     Ok(())
@@ -733,6 +737,7 @@ async fn fail_parked(
                 .looping
                 .entry(loop_job)
                 .or_default()
+                .failure
                 .get_or_insert(error);
         } else if step.flow {
             moved.flowing.insert(step.run_id);
@@ -781,9 +786,7 @@ async fn cascade(
         // Items first: a loop they finish is a step that succeeded or failed like any other.
         for item in std::mem::take(&mut moved.succeeded) {
             match item.loop_job {
-                Some(loop_job) => {
-                    moved.looping.entry(loop_job).or_default();
-                }
+                Some(loop_job) => moved.looping.entry(loop_job).or_default().succeeded += 1,
                 None => moved.succeeded.push(item),
             }
         }
@@ -1003,8 +1006,19 @@ struct Moved {
     ended: Vec<(RunId, String)>,
     /// Runs with control flow whose steps finished: `flow::advance` decides what follows.
     flowing: BTreeSet<RunId>,
-    /// `for_each` steps whose items settled, each with the first item that failed for good.
-    looping: BTreeMap<JobId, Option<String>>,
+    /// `for_each` steps whose items were created or settled.
+    looping: BTreeMap<JobId, LoopMoves>,
+}
+
+/// What a transaction did to the items of one `for_each` step.
+#[derive(Debug, Default)]
+struct LoopMoves {
+    /// Its items were created (or, on a retry, put back to waiting).
+    started: bool,
+    /// How many of its items succeeded.
+    succeeded: i64,
+    /// The first of its items that failed for good.
+    failure: Option<String>,
 }
 
 /// What settling parents led to: the steps that moved, and child runs to cancel with their

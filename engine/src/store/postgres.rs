@@ -27,7 +27,7 @@ use sqlx::{PgConnection, QueryBuilder, Row};
 use tokio::sync::Notify;
 
 use super::machine::{
-    self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, LoopLoad,
+    self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, LoopProgress,
     NewVersion, Settled, SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
@@ -1046,31 +1046,35 @@ impl Tx for PgTx<'_> {
         .bind(now)
         .execute(&mut *self.0)
         .await?;
+        // Counted once the statement above is seen: what a retry kept has succeeded.
+        sqlx::query(statement!(
+            "UPDATE jobs SET next_item = 0, items_left = (SELECT count(*) FROM jobs \
+                 WHERE loop_job_id = $1 AND state <> {job:succeeded}) \
+             WHERE id = $1"
+        ))
+        .bind(loop_job)
+        .execute(&mut *self.0)
+        .await?;
         Ok(())
     }
 
-    async fn loop_load(&mut self, loops: &[JobId]) -> Result<Vec<LoopLoad>> {
-        let rows = sqlx::query(statement!(
-            "SELECT l.id, l.parallel, \
-                 count(i.id) FILTER (WHERE i.state IN {jobs:open} \
-                     AND i.state <> {job:waiting}) AS active, \
-                 count(i.id) FILTER (WHERE i.state = {job:waiting}) AS waiting \
-             FROM jobs AS l LEFT JOIN jobs AS i ON i.loop_job_id = l.id \
-             WHERE l.id = ANY($1) AND l.state = {job:parked} \
-             GROUP BY l.id, l.parallel"
+    async fn count_down_loop(
+        &mut self,
+        loop_job: JobId,
+        succeeded: i64,
+    ) -> Result<Option<LoopProgress>> {
+        let row = sqlx::query(statement!(
+            "UPDATE jobs SET items_left = items_left - $2 \
+             WHERE id = $1 AND state = {job:parked} RETURNING items_left, parallel"
         ))
-        .bind(loops)
-        .fetch_all(&mut *self.0)
+        .bind(loop_job)
+        .bind(succeeded as i32)
+        .fetch_optional(&mut *self.0)
         .await?;
-        Ok(rows
-            .iter()
-            .map(|row| LoopLoad {
-                loop_job: row.get("id"),
-                parallel: row.get::<Option<i32>, _>("parallel").map(i64::from),
-                active: row.get("active"),
-                waiting: row.get("waiting"),
-            })
-            .collect())
+        Ok(row.map(|row| LoopProgress {
+            left: row.get::<Option<i32>, _>("items_left").map_or(0, i64::from),
+            parallel: row.get::<Option<i32>, _>("parallel").map(i64::from),
+        }))
     }
 
     async fn release_items(
@@ -1084,11 +1088,15 @@ impl Tx for PgTx<'_> {
                  UPDATE jobs SET state = {job:available}, run_after = $3 \
                  WHERE id = ANY(ARRAY(SELECT id FROM jobs \
                      WHERE loop_job_id = $1 AND state = {job:waiting} \
+                         AND item_index >= (SELECT next_item FROM jobs WHERE id = $1) \
                      ORDER BY item_index LIMIT $2)) \
-                 RETURNING id, run_after, priority), \
+                 RETURNING id, run_after, priority, item_index), \
              queued AS ( \
                  INSERT INTO job_queue (run_after, job_id, priority) \
-                 SELECT run_after, id, priority FROM made ON CONFLICT DO NOTHING) \
+                 SELECT run_after, id, priority FROM made ON CONFLICT DO NOTHING), \
+             moved_on AS ( \
+                 UPDATE jobs SET next_item = (SELECT max(item_index) + 1 FROM made) \
+                 WHERE id = $1 AND EXISTS (SELECT 1 FROM made)) \
              SELECT id FROM made"
         ))
         .bind(loop_job)

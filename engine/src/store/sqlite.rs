@@ -19,7 +19,7 @@ use sqlx::{Row, SqliteConnection};
 use tokio::sync::Notify;
 
 use super::machine::{
-    self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, LoopLoad,
+    self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, LoopProgress,
     NewVersion, Settled, SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
@@ -859,31 +859,34 @@ impl Tx for SqliteTx<'_> {
         .bind(now)
         .execute(&mut *self.0)
         .await?;
+        sqlx::query(statement!(
+            "UPDATE jobs SET next_item = 0, items_left = (SELECT count(*) FROM jobs \
+                 WHERE loop_job_id = ?1 AND state != {job:succeeded}) \
+             WHERE id = ?1"
+        ))
+        .bind(loop_job)
+        .execute(&mut *self.0)
+        .await?;
         Ok(())
     }
 
-    async fn loop_load(&mut self, loops: &[JobId]) -> Result<Vec<LoopLoad>> {
-        let rows = sqlx::query(statement!(
-            "SELECT l.id, l.parallel, \
-                 count(i.id) FILTER (WHERE i.state IN {jobs:open} \
-                     AND i.state != {job:waiting}) AS active, \
-                 count(i.id) FILTER (WHERE i.state = {job:waiting}) AS waiting \
-             FROM jobs AS l LEFT JOIN jobs AS i ON i.loop_job_id = l.id \
-             WHERE l.id IN (SELECT value FROM json_each(?1)) AND l.state = {job:parked} \
-             GROUP BY l.id, l.parallel"
+    async fn count_down_loop(
+        &mut self,
+        loop_job: JobId,
+        succeeded: i64,
+    ) -> Result<Option<LoopProgress>> {
+        let row = sqlx::query(statement!(
+            "UPDATE jobs SET items_left = items_left - ?2 \
+             WHERE id = ?1 AND state = {job:parked} RETURNING items_left, parallel"
         ))
-        .bind(to_json(&loops))
-        .fetch_all(&mut *self.0)
+        .bind(loop_job)
+        .bind(succeeded)
+        .fetch_optional(&mut *self.0)
         .await?;
-        Ok(rows
-            .iter()
-            .map(|row| LoopLoad {
-                loop_job: row.get("id"),
-                parallel: row.get("parallel"),
-                active: row.get("active"),
-                waiting: row.get("waiting"),
-            })
-            .collect())
+        Ok(row.map(|row| LoopProgress {
+            left: row.get::<Option<i64>, _>("items_left").unwrap_or(0),
+            parallel: row.get("parallel"),
+        }))
     }
 
     async fn release_items(
@@ -892,17 +895,26 @@ impl Tx for SqliteTx<'_> {
         count: i64,
         now: Millis,
     ) -> Result<Vec<JobId>> {
-        Ok(sqlx::query_scalar(statement!(
+        let made: Vec<(JobId, i64)> = sqlx::query_as(statement!(
             "UPDATE jobs SET state = {job:available}, run_after = ?3 \
              WHERE id IN (SELECT id FROM jobs WHERE loop_job_id = ?1 AND state = {job:waiting} \
+                 AND item_index >= (SELECT next_item FROM jobs WHERE id = ?1) \
                  ORDER BY item_index LIMIT ?2) \
-             RETURNING id"
+             RETURNING id, item_index"
         ))
         .bind(loop_job)
         .bind(count)
         .bind(now)
         .fetch_all(&mut *self.0)
-        .await?)
+        .await?;
+        if let Some(last) = made.iter().map(|(_, index)| *index).max() {
+            sqlx::query("UPDATE jobs SET next_item = ?2 WHERE id = ?1")
+                .bind(loop_job)
+                .bind(last + 1)
+                .execute(&mut *self.0)
+                .await?;
+        }
+        Ok(made.into_iter().map(|(id, _)| id).collect())
     }
 
     async fn open_items(&mut self, loop_job: JobId) -> Result<Vec<JobId>> {
