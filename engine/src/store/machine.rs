@@ -301,8 +301,8 @@ pub(crate) trait Tx: Send {
         count: i64,
         now: Millis,
     ) -> Result<Vec<JobId>>;
-    /// The unfinished items of a `for_each` step.
-    async fn open_items(&mut self, loop_job: JobId) -> Result<Vec<JobId>>;
+    /// The unfinished items of these `for_each` steps.
+    async fn open_items(&mut self, loops: &[JobId]) -> Result<Vec<JobId>>;
     /// Succeeds a `parked` `for_each` step whose items all succeeded, with their outputs in item
     /// order; returns it when it did.
     async fn finish_loop(&mut self, loop_job: JobId, now: Millis) -> Result<Option<Succeeded>>;
@@ -655,7 +655,7 @@ async fn progress_loops(
     for (loop_job, moves) in looping {
         match moves.failure {
             Some(error) => {
-                let open = tx.open_items(loop_job).await?;
+                let open = tx.open_items(&[loop_job]).await?;
                 if !open.is_empty() {
                     tx.cancel_jobs(&open, now).await?;
                     // The child runs of `workflow` items: only their gates matter now.
@@ -930,10 +930,11 @@ async fn advance(
         tx.cancel_jobs(&cancelled, now).await?;
         // The child runs of cancelled `workflow` steps: only their gates matter now, not their
         // parents.
-        let mut items = Vec::new();
-        for job in &parked {
-            items.extend(tx.open_items(*job).await?);
-        }
+        let items = if parked.is_empty() {
+            Vec::new()
+        } else {
+            tx.open_items(&parked).await?
+        };
         if !items.is_empty() {
             tx.cancel_jobs(&items, now).await?;
         }

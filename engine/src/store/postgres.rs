@@ -1106,11 +1106,11 @@ impl Tx for PgTx<'_> {
         .await?)
     }
 
-    async fn open_items(&mut self, loop_job: JobId) -> Result<Vec<JobId>> {
+    async fn open_items(&mut self, loops: &[JobId]) -> Result<Vec<JobId>> {
         Ok(sqlx::query_scalar(statement!(
-            "SELECT id FROM jobs WHERE loop_job_id = $1 AND state IN {jobs:open}"
+            "SELECT id FROM jobs WHERE loop_job_id = ANY($1) AND state IN {jobs:open}"
         ))
-        .bind(loop_job)
+        .bind(loops)
         .fetch_all(&mut *self.0)
         .await?)
     }

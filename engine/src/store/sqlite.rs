@@ -917,11 +917,12 @@ impl Tx for SqliteTx<'_> {
         Ok(made.into_iter().map(|(id, _)| id).collect())
     }
 
-    async fn open_items(&mut self, loop_job: JobId) -> Result<Vec<JobId>> {
+    async fn open_items(&mut self, loops: &[JobId]) -> Result<Vec<JobId>> {
         Ok(sqlx::query_scalar(statement!(
-            "SELECT id FROM jobs WHERE loop_job_id = ?1 AND state IN {jobs:open}"
+            "SELECT id FROM jobs WHERE loop_job_id IN (SELECT value FROM json_each(?1)) \
+                 AND state IN {jobs:open}"
         ))
-        .bind(loop_job)
+        .bind(to_json(&loops))
         .fetch_all(&mut *self.0)
         .await?)
     }

@@ -459,14 +459,14 @@ async fn loop_items(
     let Value::Array(items) = rendered else {
         return Err(StepFailure::permanent(
             "for_each",
-            format!("for_each must render to a list, not {}", kind_of(&rendered)),
+            format!("must render to a list, not {}", kind_of(&rendered)),
         ));
     };
     if items.len() > MAX_ITEMS {
         return Err(StepFailure::permanent(
             "for_each",
             format!(
-                "for_each rendered {} items; a step loops over {MAX_ITEMS} at most",
+                "rendered {} items; a step loops over {MAX_ITEMS} at most",
                 items.len()
             ),
         ));
