@@ -1,7 +1,7 @@
 //! Encrypted connections to PostgreSQL: `sslmode=require` in the database URL makes the store
 //! connect over TLS (and refuse to connect without it).
 
-use switchyard_engine::store::{PostgresStore, Store};
+use switchyard_engine::store::{PostgresStore, Reads, Store};
 
 #[tokio::test]
 async fn sslmode_require_connects_the_store_over_tls() {

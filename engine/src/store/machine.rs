@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use super::{
     CallbackAnswer, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, Install,
     InstallParams, JobId, Lease, NewAuditEntry, NewRun, NewWebhookEvent, Result, RunId, Signal,
-    SignalOutcome, SkippedFire, StoreError, StoredDefinition, Swept, WebhookAction, WebhookEvent,
-    WebhookOutcome, completion_rows, decide_install, install_audit,
+    SignalOutcome, SkippedFire, StoreError, StoredDefinition, Swept, TokenRevocation,
+    WebhookAction, WebhookEvent, WebhookOutcome, completion_rows, decide_install, install_audit,
 };
 use crate::flow::{self, FlowStep, RunOutcome};
 use crate::state::{
@@ -48,7 +48,7 @@ pub(crate) struct FailedStep {
 }
 
 /// A run a transaction just finished, and what it may settle next.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct FinishedRun {
     pub id: RunId,
     pub workflow_id: String,
@@ -126,6 +126,24 @@ pub(crate) struct LoopProgress {
     /// Its items that have not succeeded yet.
     pub left: i64,
     pub parallel: Option<i64>,
+}
+
+/// A setting's address.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SettingKey<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+/// Before when each kind of record is deleted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RecordCutoffs {
+    /// Fires (except each workflow's newest: the scheduler counts missed fires from it),
+    /// alerts and webhook events.
+    pub records_before: Millis,
+    pub audit_before: Millis,
+    /// Revocations of tokens that expired by then.
+    pub revocations_before: Millis,
 }
 
 /// The runs of a concurrency key that hold or wait for a slot.
@@ -317,6 +335,34 @@ pub(crate) trait Tx: Send {
     /// How many runs of the workflow are active.
     async fn active_runs_of(&mut self, workflow_id: &str) -> Result<i64>;
     async fn record_audit(&mut self, entry: &NewAuditEntry, now: Millis) -> Result<()>;
+    /// Pauses or resumes a workflow; returns whether it exists.
+    async fn set_paused(&mut self, id: &str, paused: bool, now: Millis) -> Result<bool>;
+
+    /// Stores a setting, replacing any earlier value.
+    async fn put_setting(&mut self, key: SettingKey<'_>, value: &Value, now: Millis) -> Result<()>;
+    /// Stores `value` unless the setting exists; returns the stored value either way.
+    async fn init_setting(
+        &mut self,
+        key: SettingKey<'_>,
+        value: &Value,
+        now: Millis,
+    ) -> Result<Value>;
+    /// Returns whether the setting existed.
+    async fn delete_setting(&mut self, key: SettingKey<'_>) -> Result<bool>;
+    /// Replaces the setting's value where it still is `old`; returns whether it did.
+    async fn swap_setting(&mut self, key: SettingKey<'_>, old: &Value, new: &Value)
+    -> Result<bool>;
+    /// Records a revocation unless the token is revoked already; returns whether this call did.
+    async fn revoke_token(&mut self, revocation: &TokenRevocation, now: Millis) -> Result<bool>;
+    /// Writes a row of its own, in a namespace nothing lists.
+    async fn probe_write(&mut self, now: Millis) -> Result<()>;
+
+    /// Up to `limit` runs whose retention ended by `now`, held for deletion.
+    async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>>;
+    /// Deletes these runs with their jobs; returns how many runs it deleted.
+    async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64>;
+    /// Deletes the records whose retention ended (see [`RecordCutoffs`]).
+    async fn delete_old_records(&mut self, cutoffs: &RecordCutoffs) -> Result<()>;
 
     /// Records a fire unless it is recorded already; returns whether this call recorded it.
     async fn record_fire(

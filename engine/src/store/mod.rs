@@ -3,6 +3,7 @@
 //! of jobs in a constant number of statements, and every state change is guarded by the state it
 //! expects (and, for jobs, by attempt and lease token).
 
+mod driver;
 mod machine;
 mod postgres;
 mod sql;
@@ -246,6 +247,37 @@ fn parse_state<T: std::str::FromStr>(text: &str) -> Result<T> {
         .map_err(|_| StoreError::Database(format!("unknown state {text:?} in database")))
 }
 
+/// Enums stored by name decode from text columns in either database, so a row type derives
+/// `FromRow` once for both drivers.
+macro_rules! decode_by_name {
+    ($($ty:ty),*) => {$(
+        impl<DB: sqlx::Database> sqlx::Type<DB> for $ty
+        where
+            str: sqlx::Type<DB>,
+        {
+            fn type_info() -> DB::TypeInfo {
+                <str as sqlx::Type<DB>>::type_info()
+            }
+            fn compatible(ty: &DB::TypeInfo) -> bool {
+                <str as sqlx::Type<DB>>::compatible(ty)
+            }
+        }
+
+        impl<'r, DB: sqlx::Database> sqlx::Decode<'r, DB> for $ty
+        where
+            &'r str: sqlx::Decode<'r, DB>,
+        {
+            fn decode(
+                value: DB::ValueRef<'r>,
+            ) -> std::result::Result<Self, sqlx::error::BoxDynError> {
+                let name = <&str as sqlx::Decode<DB>>::decode(value)?;
+                Ok(parse_state(name)?)
+            }
+        }
+    )*};
+}
+decode_by_name!(JobState, RunStatus, DefinitionOrigin);
+
 /// One JSON row per completion, the batch both stores' fenced update reads. JSON values travel
 /// as text, so a `null` output stays a JSON null rather than becoming NULL.
 pub(crate) fn completion_rows(completions: &[Completion], now: Millis) -> Value {
@@ -427,7 +459,7 @@ pub struct FireRecord {
     pub recorded_at: Millis,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct WorkflowState {
     pub id: String,
     pub latest_version: i64,
@@ -506,7 +538,7 @@ pub struct RunFilter {
     pub limit: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RunSummary {
     pub id: RunId,
     pub workflow_id: String,
@@ -553,8 +585,47 @@ pub struct Swept {
     pub timed_out_runs: u64,
 }
 
+/// What the engine reads from the database: each answer one query or a few, changing nothing.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Reads: Send + Sync + 'static {
+    /// One workflow's state, if it exists (was installed and not removed).
+    async fn workflow(&self, id: &str) -> Result<Option<WorkflowState>>;
+    async fn workflow_version(&self, id: &str, version: i64) -> Result<Value>;
+    async fn workflows(&self) -> Result<Vec<WorkflowState>>;
+    async fn fires(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<FireRecord>>;
+    /// Jobs claimable now: the backlog workers have not taken yet.
+    async fn queue_depth(&self, now: Millis) -> Result<i64>;
+    /// The earliest time a job becomes claimable or a run times out, if any. An expiring lease
+    /// is not one: the sweep settles it, and wakes the workers if that made a job claimable.
+    async fn next_due(&self) -> Result<Option<Millis>>;
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>>;
+    /// Runs in `status`, created at or after `created_after` when given.
+    async fn count_runs(&self, status: RunStatus, created_after: Option<Millis>) -> Result<i64>;
+    async fn run(&self, run_id: &str) -> Result<RunDetail>;
+    /// What the items of a `for_each` step see besides their item: its run's input and the
+    /// outputs the step was given. Read once per loop by a worker, not with every item.
+    async fn loop_context(&self, loop_job: JobId) -> Result<LoopContext>;
+
+    /// Alerts of failed and timed-out runs and refused fires, newest first.
+    async fn alerts(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<Alert>>;
+    async fn setting(&self, namespace: &str, name: &str) -> Result<Option<Setting>>;
+    /// Every setting of a namespace, by name.
+    async fn settings(&self, namespace: &str) -> Result<Vec<Setting>>;
+    /// Newest first.
+    async fn webhook_events(&self, source: Option<&str>, limit: u32) -> Result<Vec<WebhookEvent>>;
+    /// A round trip that reads nothing: whether the database answers.
+    async fn ping(&self) -> Result<()>;
+    /// Newest first; with `before`, only entries older than that entry id.
+    async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>>;
+    /// The ids of revoked tokens that would still be valid at `now`.
+    async fn revoked_tokens(&self, now: Millis) -> Result<Vec<String>>;
+}
+
+/// Every durable change, each in one transaction. Implemented once, in `driver.rs`, for every
+/// database driver; the reads come with it.
+#[async_trait]
+pub trait Store: Reads {
     /// Applies pending migrations; safe to call on every start.
     async fn migrate(&self) -> Result<()>;
 
@@ -564,14 +635,10 @@ pub trait Store: Send + Sync + 'static {
     /// Stores each workflow as a new version where [`decide_install`] says so, all in one
     /// transaction; returns the version new runs of each use.
     async fn upsert_workflows(&self, install: InstallParams<'_>, now: Millis) -> Result<Vec<i64>>;
-    /// One workflow's state, if it exists (was installed and not removed).
-    async fn workflow(&self, id: &str) -> Result<Option<WorkflowState>>;
     /// Removes a workflow: it stops being listed, scheduled and startable; its runs, fires and
     /// versions stay (runs keep the version they started with). While it has runs that have not
     /// ended, a `Conflict`, unless `force`.
     async fn remove_workflow(&self, id: &str, force: bool) -> Result<()>;
-    async fn workflow_version(&self, id: &str, version: i64) -> Result<Value>;
-    async fn workflows(&self) -> Result<Vec<WorkflowState>>;
     async fn set_paused(&self, id: &str, paused: bool, now: Millis) -> Result<()>;
 
     /// Creates runs and their first jobs in one transaction. Returns each run's id, which is an
@@ -584,7 +651,6 @@ pub trait Store: Send + Sync + 'static {
     /// Records a fire that started no run unless that fire is recorded already; returns whether
     /// this call recorded it. A refused fire also raises its alert, in the same transaction.
     async fn skip_fire(&self, fire: SkippedFire<'_>, now: Millis) -> Result<bool>;
-    async fn fires(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<FireRecord>>;
 
     /// Leases up to `limit` claimable jobs, oldest due first.
     async fn claim(&self, params: ClaimParams) -> Result<Vec<ClaimedJob>>;
@@ -626,28 +692,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Settles expired leases as lost attempts and times out runs past their deadline.
     async fn sweep(&self, now: Millis) -> Result<Swept>;
-    /// Jobs claimable now: the backlog workers have not taken yet.
-    async fn queue_depth(&self, now: Millis) -> Result<i64>;
-    /// The earliest time a job becomes claimable or a run times out, if any. An expiring lease
-    /// is not one: the sweep settles it, and wakes the workers if that made a job claimable.
-    async fn next_due(&self) -> Result<Option<Millis>>;
 
     async fn cancel_run(&self, run_id: &str, now: Millis) -> Result<RunStatus>;
     /// Puts a finished, unsuccessful run's failed and cancelled steps back in line.
     async fn retry_run(&self, run_id: &str, now: Millis) -> Result<()>;
-
-    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>>;
-    /// Runs in `status`, created at or after `created_after` when given.
-    async fn count_runs(&self, status: RunStatus, created_after: Option<Millis>) -> Result<i64>;
-    async fn run(&self, run_id: &str) -> Result<RunDetail>;
-    /// What the items of a `for_each` step see besides their item: its run's input and the
-    /// outputs the step was given. Read once per loop by a worker, not with every item.
-    async fn loop_context(&self, loop_job: JobId) -> Result<LoopContext>;
     /// Deletes finished runs whose retention has passed, at most `limit`; returns how many.
     async fn prune(&self, now: Millis, limit: u32) -> Result<u64>;
-
-    /// Alerts of failed and timed-out runs and refused fires, newest first.
-    async fn alerts(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<Alert>>;
 
     /// Stores a setting, replacing any earlier value.
     async fn put_setting(
@@ -666,9 +716,6 @@ pub trait Store: Send + Sync + 'static {
         value: &Value,
         now: Millis,
     ) -> Result<Value>;
-    async fn setting(&self, namespace: &str, name: &str) -> Result<Option<Setting>>;
-    /// Every setting of a namespace, by name.
-    async fn settings(&self, namespace: &str) -> Result<Vec<Setting>>;
     /// Returns whether the setting existed.
     async fn delete_setting(&self, namespace: &str, name: &str) -> Result<bool>;
 
@@ -681,14 +728,10 @@ pub trait Store: Send + Sync + 'static {
         action: WebhookAction,
         now: Millis,
     ) -> Result<WebhookOutcome>;
-    /// Newest first.
-    async fn webhook_events(&self, source: Option<&str>, limit: u32) -> Result<Vec<WebhookEvent>>;
 
     /// Commits one small write, to learn whether the database can write at all (a full disk
     /// fails it); see `health.rs`.
     async fn probe_write(&self, now: Millis) -> Result<()>;
-    /// A round trip that reads nothing: whether the database answers.
-    async fn ping(&self) -> Result<()>;
     /// Applies `changes` in one transaction, with `audit` recorded in it when any change applied.
     /// Returns, per change, whether it applied: a put always does, a delete when the setting
     /// existed, a swap when the stored value still equals its `old`. So a concurrent write wins
@@ -700,8 +743,6 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<Vec<bool>>;
     async fn record_audit(&self, entry: NewAuditEntry, now: Millis) -> Result<()>;
-    /// Newest first; with `before`, only entries older than that entry id.
-    async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>>;
     /// Revokes a token by its id, with `audit` in the same transaction. Returns whether this call
     /// revoked it: revoking it again changes nothing.
     async fn revoke_token(
@@ -710,8 +751,6 @@ pub trait Store: Send + Sync + 'static {
         audit: NewAuditEntry,
         now: Millis,
     ) -> Result<bool>;
-    /// The ids of revoked tokens that would still be valid at `now`.
-    async fn revoked_tokens(&self, now: Millis) -> Result<Vec<String>>;
 }
 
 /// One change of [`Store::change_settings`].
@@ -904,13 +943,18 @@ impl DefinitionOrigin {
             DefinitionOrigin::Api => "api",
         }
     }
+}
 
-    pub(crate) fn parse(text: &str) -> Self {
-        if text == "api" {
+impl std::str::FromStr for DefinitionOrigin {
+    type Err = std::convert::Infallible;
+
+    /// Only `api` is the API's; anything else came from files.
+    fn from_str(text: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(if text == "api" {
             DefinitionOrigin::Api
         } else {
             DefinitionOrigin::Files
-        }
+        })
     }
 }
 

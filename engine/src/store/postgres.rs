@@ -16,6 +16,7 @@
 //! a dead process cannot hold (its transaction ends with its connection).
 
 use std::collections::BTreeSet;
+use std::ops::DerefMut;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +24,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{PgConnection, QueryBuilder, Row};
+use sqlx::{FromRow, PgConnection, QueryBuilder, Row};
 use tokio::sync::Notify;
 
+use super::driver::Driver;
 use super::machine::{
     self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, LoopProgress,
-    NewVersion, Settled, SettledJob, Succeeded, Tx,
+    NewVersion, RecordCutoffs, SettingKey, Settled, SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -96,30 +98,9 @@ impl PostgresStore {
         runs: Vec<NewRun>,
         now: Millis,
     ) -> Result<Vec<RunId>> {
-        let ids = machine::insert_runs(&mut PgTx(conn), runs, now).await?;
+        let ids = machine::insert_runs(&mut PgTx(&mut *conn), runs, now).await?;
         self.notify(conn).await?;
         Ok(ids)
-    }
-
-    /// Commits `tx` and acts on what it did: workers in every process hear of jobs it made
-    /// claimable that its own claim (`claimed`) did not take, through a `NOTIFY` delivered at
-    /// the commit; the runs it finished are counted once it has committed.
-    async fn commit(
-        &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
-        effects: Effects,
-        claimed: &[JobId],
-    ) -> Result<()> {
-        let wake = effects.wakes_others(claimed);
-        if wake {
-            self.notify(&mut tx).await?;
-        }
-        tx.commit().await?;
-        effects.publish();
-        if wake {
-            self.wakeup.notify_one();
-        }
-        Ok(())
     }
 
     async fn notify(&self, conn: &mut PgConnection) -> Result<()> {
@@ -200,16 +181,6 @@ fn setting_from_row(row: &PgRow) -> Setting {
     }
 }
 
-fn finished_from_row(row: &PgRow) -> Result<FinishedRun> {
-    Ok(FinishedRun {
-        id: row.get("id"),
-        workflow_id: row.get("workflow_id"),
-        status: parse_state(row.get::<&str, _>("status"))?,
-        parent_job_id: row.get("parent_job_id"),
-        concurrency_key: row.get("concurrency_key"),
-    })
-}
-
 /// Every waiting job counts down the needs that just succeeded, and becomes available (and
 /// queued) at zero. `OFFSET 0` keeps the lookup a per-step index probe; flattened into a join, it
 /// becomes a scan of every job. Selects the jobs it changed from `succeeded(run_id, step_id)`,
@@ -242,12 +213,12 @@ const CALLBACK_WAITING: &str = "(jobs.checkpoint ? 'callback' \
 
 /// A transaction's connection, as the state machine drives it: the caller's own too
 /// (`enqueue_in`).
-struct PgTx<'c>(&'c mut PgConnection);
+pub struct PgTx<C>(C);
 
 #[async_trait]
-impl Tx for PgTx<'_> {
+impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
     async fn lock_key(&mut self, key: &str) -> Result<()> {
-        lock_key(self.0, key).await
+        lock_key(&mut self.0, key).await
     }
 
     async fn lock_runs_of_jobs(&mut self, jobs: &[JobId]) -> Result<()> {
@@ -452,7 +423,7 @@ impl Tx for PgTx<'_> {
 
     async fn finish_done_runs(&mut self, runs: &[&str], now: Millis) -> Result<Vec<FinishedRun>> {
         // One read of each run's jobs answers both: whether all succeeded, and the output.
-        let rows = sqlx::query(statement!(
+        Ok(sqlx::query_as(statement!(
             "UPDATE runs SET status = {run:succeeded}, finished_at = $2, \
                  expires_at = $2 + retention_ms, output = s.output \
              FROM unnest($1::text[]) AS c(id) \
@@ -468,8 +439,7 @@ impl Tx for PgTx<'_> {
         .bind(runs)
         .bind(now)
         .fetch_all(&mut *self.0)
-        .await?;
-        rows.iter().map(finished_from_row).collect()
+        .await?)
     }
 
     async fn end_active_runs(
@@ -480,7 +450,7 @@ impl Tx for PgTx<'_> {
     ) -> Result<Vec<FinishedRun>> {
         let (ids, errors): (Vec<&str>, Vec<&str>) =
             runs.iter().map(|(r, e)| (r.as_str(), e.as_str())).unzip();
-        let rows = sqlx::query(statement!(
+        Ok(sqlx::query_as(statement!(
             "UPDATE runs SET status = $3, error = c.error, finished_at = $4, \
                  expires_at = $4 + retention_ms \
              FROM unnest($1::text[], $2::text[]) AS c(id, error) \
@@ -493,8 +463,7 @@ impl Tx for PgTx<'_> {
         .bind(status.as_str())
         .bind(now)
         .fetch_all(&mut *self.0)
-        .await?;
-        rows.iter().map(finished_from_row).collect()
+        .await?)
     }
 
     async fn raise_alerts(&mut self, runs: &[&str], now: Millis) -> Result<()> {
@@ -516,7 +485,7 @@ impl Tx for PgTx<'_> {
         error: &str,
         now: Millis,
     ) -> Result<Vec<FinishedRun>> {
-        let rows = sqlx::query(statement!(
+        Ok(sqlx::query_as(statement!(
             "WITH RECURSIVE tree(id) AS ( \
                  SELECT unnest($1::text[]) COLLATE \"C\" \
                  UNION SELECT runs.id FROM runs JOIN tree ON runs.parent_run_id = tree.id) \
@@ -529,8 +498,7 @@ impl Tx for PgTx<'_> {
         .bind(now)
         .bind(error)
         .fetch_all(&mut *self.0)
-        .await?;
-        rows.iter().map(finished_from_row).collect()
+        .await?)
     }
 
     async fn cancel_open_jobs(&mut self, runs: &[&str], now: Millis) -> Result<()> {
@@ -850,7 +818,7 @@ impl Tx for PgTx<'_> {
         if let Some((status, Some(key))) = &gated
             && status == RunStatus::Pending.as_str()
         {
-            lock_key(self.0, &format!("gate/{key}")).await?;
+            lock_key(&mut self.0, &format!("gate/{key}")).await?;
         }
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
@@ -1269,7 +1237,166 @@ impl Tx for PgTx<'_> {
     }
 
     async fn record_audit(&mut self, entry: &NewAuditEntry, now: Millis) -> Result<()> {
-        insert_audit(self.0, entry, now).await
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, target, detail) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(now)
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(&entry.target)
+        .bind(&entry.detail)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_paused(&mut self, id: &str, paused: bool, now: Millis) -> Result<bool> {
+        let done = sqlx::query("UPDATE workflows SET paused = $1, updated_at = $2 WHERE id = $3")
+            .bind(paused)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn put_setting(&mut self, key: SettingKey<'_>, value: &Value, now: Millis) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO settings (namespace, name, value, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (namespace, name) DO UPDATE SET value = excluded.value, \
+                 updated_at = excluded.updated_at",
+        )
+        .bind(key.namespace)
+        .bind(key.name)
+        .bind(value)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn init_setting(
+        &mut self,
+        key: SettingKey<'_>,
+        value: &Value,
+        now: Millis,
+    ) -> Result<Value> {
+        // The upsert that changes nothing still returns the row, so one statement answers both
+        // the winner and the losers of a race.
+        Ok(sqlx::query_scalar(
+            "INSERT INTO settings (namespace, name, value, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (namespace, name) DO UPDATE SET value = settings.value \
+             RETURNING value",
+        )
+        .bind(key.namespace)
+        .bind(key.name)
+        .bind(value)
+        .bind(now)
+        .fetch_one(&mut *self.0)
+        .await?)
+    }
+
+    async fn delete_setting(&mut self, key: SettingKey<'_>) -> Result<bool> {
+        let deleted = sqlx::query("DELETE FROM settings WHERE namespace = $1 AND name = $2")
+            .bind(key.namespace)
+            .bind(key.name)
+            .execute(&mut *self.0)
+            .await?
+            .rows_affected();
+        Ok(deleted > 0)
+    }
+
+    async fn swap_setting(
+        &mut self,
+        key: SettingKey<'_>,
+        old: &Value,
+        new: &Value,
+    ) -> Result<bool> {
+        let swapped = sqlx::query(
+            "UPDATE settings SET value = $1 \
+             WHERE namespace = $2 AND name = $3 AND value = $4::jsonb",
+        )
+        .bind(new)
+        .bind(key.namespace)
+        .bind(key.name)
+        .bind(old)
+        .execute(&mut *self.0)
+        .await?
+        .rows_affected();
+        Ok(swapped > 0)
+    }
+
+    async fn revoke_token(&mut self, revocation: &TokenRevocation, now: Millis) -> Result<bool> {
+        let revoked = sqlx::query(
+            "INSERT INTO revoked_tokens (jti, expires_at, revoked_at, revoked_by) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (jti) DO NOTHING",
+        )
+        .bind(&revocation.jti)
+        .bind(revocation.expires_at)
+        .bind(now)
+        .bind(&revocation.revoked_by)
+        .execute(&mut *self.0)
+        .await?
+        .rows_affected();
+        Ok(revoked > 0)
+    }
+
+    async fn probe_write(&mut self, now: Millis) -> Result<()> {
+        sqlx::query(PROBE_WRITE)
+            .bind(now)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM runs WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64> {
+        sqlx::query("DELETE FROM jobs WHERE run_id = ANY($1::text[])")
+            .bind(runs)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(sqlx::query("DELETE FROM runs WHERE id = ANY($1::text[])")
+            .bind(runs)
+            .execute(&mut *self.0)
+            .await?
+            .rows_affected())
+    }
+
+    async fn delete_old_records(&mut self, cutoffs: &RecordCutoffs) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM fires WHERE fire_at < $1 AND fire_at < \
+                 (SELECT max(fire_at) FROM fires AS f WHERE f.workflow_id = fires.workflow_id)",
+        )
+        .bind(cutoffs.records_before)
+        .execute(&mut *self.0)
+        .await?;
+        sqlx::query("DELETE FROM alerts WHERE created_at < $1")
+            .bind(cutoffs.records_before)
+            .execute(&mut *self.0)
+            .await?;
+        sqlx::query("DELETE FROM webhook_events WHERE received_at < $1")
+            .bind(cutoffs.records_before)
+            .execute(&mut *self.0)
+            .await?;
+        sqlx::query("DELETE FROM revoked_tokens WHERE expires_at <= $1")
+            .bind(cutoffs.revocations_before)
+            .execute(&mut *self.0)
+            .await?;
+        sqlx::query("DELETE FROM audit_log WHERE at < $1")
+            .bind(cutoffs.audit_before)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
     }
 
     async fn record_fire(
@@ -1349,7 +1476,7 @@ impl Tx for PgTx<'_> {
 
 /// Leases up to `params.limit` due jobs in one statement: takes the oldest rows no other claim
 /// holds, leases them, and reads what their workers need.
-async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<ClaimedJob>> {
+async fn claim_in(conn: &mut PgConnection, params: &ClaimParams) -> Result<Vec<ClaimedJob>> {
     if params.limit == 0 {
         return Ok(Vec::new());
     }
@@ -1457,20 +1584,6 @@ async fn claim_in(conn: &mut PgConnection, params: ClaimParams) -> Result<Vec<Cl
         .collect())
 }
 
-fn summary_from_row(row: &PgRow) -> Result<RunSummary> {
-    Ok(RunSummary {
-        id: row.get("id"),
-        workflow_id: row.get("workflow_id"),
-        version: row.get("version"),
-        status: parse_state(row.get::<&str, _>("status"))?,
-        parent_run_id: row.get("parent_run_id"),
-        error: row.get("error"),
-        created_at: row.get("created_at"),
-        started_at: row.get("started_at"),
-        finished_at: row.get("finished_at"),
-    })
-}
-
 /// A row of its own in a namespace nothing lists: the write `probe_write` commits.
 const PROBE_WRITE: &str = "INSERT INTO settings (namespace, name, value, updated_at) \
      VALUES ('probe', 'write', '0', $1) \
@@ -1480,17 +1593,6 @@ const WORKFLOW_STATE: &str = "SELECT w.id, w.latest_version, w.paused, w.created
          (SELECT max(fire_at) FROM fires WHERE workflow_id = w.id) AS last_fire_at \
      FROM workflows AS w \
      JOIN workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.latest_version";
-
-fn workflow_from_row(row: &PgRow) -> WorkflowState {
-    WorkflowState {
-        id: row.get("id"),
-        latest_version: row.get("latest_version"),
-        origin: DefinitionOrigin::parse(row.get("origin")),
-        paused: row.get("paused"),
-        created_at: row.get("created_at"),
-        last_fire_at: row.get("last_fire_at"),
-    }
-}
 
 const WEBHOOK_EVENT_COLUMNS: &str =
     "id, source, event_id, workflow_id, payload, run_id, error, received_at";
@@ -1503,64 +1605,13 @@ fn attempt_of(row: &PgRow) -> u32 {
 }
 
 #[async_trait]
-impl Store for PostgresStore {
-    async fn migrate(&self) -> Result<()> {
-        let schema = search_path_schema(&self.pool).await?;
-        // Created only where missing: a user without CREATE on the database can still migrate
-        // an existing schema. Processes starting together may race on the catalog; a second
-        // look finds the winner's schema.
-        for tries in 1..=5u64 {
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-                    .bind(&schema)
-                    .fetch_one(&self.pool)
-                    .await?;
-            if exists {
-                break;
-            }
-            let created = sqlx::query(&format!(
-                "CREATE SCHEMA IF NOT EXISTS \"{}\"",
-                schema.replace('"', "\"\"")
-            ))
-            .execute(&self.pool)
-            .await;
-            match created {
-                Ok(_) => break,
-                Err(_) if tries < 5 => tokio::time::sleep(Duration::from_millis(50 * tries)).await,
-                Err(e) => return Err(StoreError::Migration(e.to_string())),
-            }
-        }
-        // The migrator serialises concurrent processes on an advisory lock.
-        MIGRATOR
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Migration(e.to_string()))
-    }
-
-    fn wakeup(&self) -> Arc<Notify> {
-        self.wakeup.clone()
-    }
-
-    async fn upsert_workflows(&self, install: InstallParams<'_>, now: Millis) -> Result<Vec<i64>> {
-        let mut tx = self.pool.begin().await?;
-        let versions = machine::upsert_workflows(&mut PgTx(&mut tx), install, now).await?;
-        tx.commit().await?;
-        Ok(versions)
-    }
-
+impl Reads for PostgresStore {
     async fn workflow(&self, id: &str) -> Result<Option<WorkflowState>> {
         let row = sqlx::query(&format!("{WORKFLOW_STATE} WHERE w.id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(workflow_from_row))
-    }
-
-    async fn remove_workflow(&self, id: &str, force: bool) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        machine::remove_workflow(&mut PgTx(&mut tx), id, force).await?;
-        tx.commit().await?;
-        Ok(())
+        Ok(row.as_ref().map(WorkflowState::from_row).transpose()?)
     }
 
     async fn workflow_version(&self, id: &str, version: i64) -> Result<Value> {
@@ -1578,45 +1629,10 @@ impl Store for PostgresStore {
         let rows = sqlx::query(&format!("{WORKFLOW_STATE} ORDER BY w.id"))
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(workflow_from_row).collect())
-    }
-
-    async fn set_paused(&self, id: &str, paused: bool, now: Millis) -> Result<()> {
-        let done = sqlx::query("UPDATE workflows SET paused = $1, updated_at = $2 WHERE id = $3")
-            .bind(paused)
-            .bind(now)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("workflow {id}")));
-        }
-        Ok(())
-    }
-
-    async fn create_runs(&self, runs: Vec<NewRun>, now: Millis) -> Result<Vec<RunId>> {
-        let mut tx = self.pool.begin().await?;
-        let ids = machine::insert_runs(&mut PgTx(&mut tx), runs, now).await?;
-        let mut effects = Effects::default();
-        effects.woke();
-        self.commit(tx, effects, &[]).await?;
-        Ok(ids)
-    }
-
-    async fn fire(&self, fire: FireParams, now: Millis) -> Result<FireOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let mut effects = Effects::default();
-        let outcome = machine::fire(&mut PgTx(&mut tx), fire, now, &mut effects).await?;
-        self.commit(tx, effects, &[]).await?;
-        Ok(outcome)
-    }
-
-    async fn skip_fire(&self, fire: SkippedFire<'_>, now: Millis) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let mut effects = Effects::default();
-        let recorded = machine::skip_fire(&mut PgTx(&mut tx), fire, now, &mut effects).await?;
-        self.commit(tx, effects, &[]).await?;
-        Ok(recorded)
+        Ok(rows
+            .iter()
+            .map(WorkflowState::from_row)
+            .collect::<sqlx::Result<_>>()?)
     }
 
     async fn fires(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<FireRecord>> {
@@ -1640,79 +1656,6 @@ impl Store for PostgresStore {
             .collect())
     }
 
-    async fn claim(&self, params: ClaimParams) -> Result<Vec<ClaimedJob>> {
-        let mut conn = self.pool.acquire().await?;
-        claim_in(&mut conn, params).await
-    }
-
-    async fn heartbeat(&self, leases: &[Lease], lease_until: Millis) -> Result<Vec<JobId>> {
-        if leases.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ids: Vec<JobId> = leases.iter().map(|l| l.job_id).collect();
-        let attempts: Vec<i32> = leases.iter().map(|l| l.attempt as i32).collect();
-        let tokens: Vec<&str> = leases.iter().map(|l| l.token.as_str()).collect();
-        // A claim's lease row covers all its jobs: extending it for one extends it for the rest,
-        // which the same worker holds (or has settled, or lost to a reclaim that changed their
-        // token).
-        Ok(sqlx::query_scalar(statement!(
-            "WITH extended AS ( \
-                 UPDATE leases SET expires_at = $4 WHERE token = ANY($3::text[])) \
-             SELECT jobs.id \
-             FROM unnest($1::bigint[], $2::int[], $3::text[]) AS c(id, attempt, token) \
-             JOIN jobs ON jobs.id = c.id AND jobs.attempt = c.attempt \
-                 AND jobs.lease_token = c.token AND jobs.state = {job:running}"
-        ))
-        .bind(&ids)
-        .bind(&attempts)
-        .bind(&tokens)
-        .bind(lease_until)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn complete_and_claim(
-        &self,
-        completions: Vec<Completion>,
-        claim: ClaimParams,
-        now: Millis,
-    ) -> Result<(Vec<JobId>, Vec<ClaimedJob>)> {
-        let mut tx = self.pool.begin().await?;
-        let mut effects = Effects::default();
-        let accepted =
-            machine::complete(&mut PgTx(&mut tx), completions, now, &mut effects).await?;
-        let claimed = claim_in(&mut tx, claim).await?;
-        self.commit(tx, effects, &machine::claimed_ids(&claimed))
-            .await?;
-        Ok((accepted, claimed))
-    }
-
-    async fn deliver_signal(&self, signal: &Signal, now: Millis) -> Result<SignalOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let mut effects = Effects::default();
-        let outcome =
-            machine::deliver_signal(&mut PgTx(&mut tx), signal, now, &mut effects).await?;
-        self.commit(tx, effects, &[]).await?;
-        Ok(outcome)
-    }
-
-    async fn deliver_callback(&self, answer: &CallbackAnswer, now: Millis) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let mut effects = Effects::default();
-        let given =
-            machine::deliver_callback(&mut PgTx(&mut tx), answer, now, &mut effects).await?;
-        self.commit(tx, effects, &[]).await?;
-        Ok(given)
-    }
-
-    async fn sweep(&self, now: Millis) -> Result<Swept> {
-        let mut tx = self.pool.begin().await?;
-        let mut effects = Effects::default();
-        let swept = machine::sweep(&mut PgTx(&mut tx), now, &mut effects).await?;
-        self.commit(tx, effects, &[]).await?;
-        Ok(swept)
-    }
-
     async fn queue_depth(&self, now: Millis) -> Result<i64> {
         Ok(sqlx::query_scalar(
             "SELECT (SELECT count(*) FROM job_queue WHERE priority = 0 AND run_after <= $1) \
@@ -1733,22 +1676,6 @@ impl Store for PostgresStore {
         ))
         .fetch_one(&self.pool)
         .await?)
-    }
-
-    async fn cancel_run(&self, run_id: &str, now: Millis) -> Result<RunStatus> {
-        let mut tx = self.pool.begin().await?;
-        let mut effects = Effects::default();
-        let status = machine::cancel_run(&mut PgTx(&mut tx), run_id, now, &mut effects).await?;
-        self.commit(tx, effects, &[]).await?;
-        Ok(status)
-    }
-
-    async fn retry_run(&self, run_id: &str, now: Millis) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let mut effects = Effects::default();
-        machine::retry_run(&mut PgTx(&mut tx), run_id, now, &mut effects).await?;
-        self.commit(tx, effects, &[]).await?;
-        Ok(())
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>> {
@@ -1780,8 +1707,7 @@ impl Store for PostgresStore {
         query
             .push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(i64::from(filter.limit));
-        let rows = query.build().fetch_all(&self.pool).await?;
-        rows.iter().map(summary_from_row).collect()
+        Ok(query.build_query_as().fetch_all(&self.pool).await?)
     }
 
     async fn count_runs(&self, status: RunStatus, created_after: Option<Millis>) -> Result<i64> {
@@ -1829,7 +1755,7 @@ impl Store for PostgresStore {
         })
         .collect::<Result<_>>()?;
         Ok(RunDetail {
-            summary: summary_from_row(&row)?,
+            summary: RunSummary::from_row(&row)?,
             input: row.get("input"),
             output: row.get("output"),
             scheduled_at: row.get("scheduled_at"),
@@ -1855,57 +1781,6 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn prune(&self, now: Millis, limit: u32) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        // Fire records outlive their runs by the default retention; the newest of each workflow
-        // stays, since the scheduler counts missed fires from it.
-        sqlx::query(
-            "DELETE FROM fires WHERE fire_at < $1 \
-             AND fire_at < (SELECT max(fire_at) FROM fires AS f WHERE f.workflow_id = fires.workflow_id)",
-        )
-        .bind(now - RECORDS_KEPT_MS)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM alerts WHERE created_at < $1")
-            .bind(now - RECORDS_KEPT_MS)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM webhook_events WHERE received_at < $1")
-            .bind(now - RECORDS_KEPT_MS)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM revoked_tokens WHERE expires_at <= $1")
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM audit_log WHERE at < $1")
-            .bind(now - AUDIT_KEPT_MS)
-            .execute(&mut *tx)
-            .await?;
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM runs WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-        if ids.is_empty() {
-            tx.commit().await?;
-            return Ok(0);
-        }
-        sqlx::query("DELETE FROM jobs WHERE run_id = ANY($1::text[])")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
-        let deleted = sqlx::query("DELETE FROM runs WHERE id = ANY($1::text[])")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(deleted)
-    }
-
     async fn alerts(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<Alert>> {
         Ok(sqlx::query_as(
             "SELECT id, workflow_id, run_id, kind, message, created_at FROM alerts \
@@ -1915,49 +1790,6 @@ impl Store for PostgresStore {
         .bind(workflow_id)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn put_setting(
-        &self,
-        namespace: &str,
-        name: &str,
-        value: &Value,
-        now: Millis,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO settings (namespace, name, value, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (namespace, name) DO UPDATE SET value = excluded.value, \
-                 updated_at = excluded.updated_at",
-        )
-        .bind(namespace)
-        .bind(name)
-        .bind(value)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn init_setting(
-        &self,
-        namespace: &str,
-        name: &str,
-        value: &Value,
-        now: Millis,
-    ) -> Result<Value> {
-        // The upsert that changes nothing still returns the row, so one statement answers both
-        // the winner and the losers of a race.
-        Ok(sqlx::query_scalar(
-            "INSERT INTO settings (namespace, name, value, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (namespace, name) DO UPDATE SET value = settings.value \
-             RETURNING value",
-        )
-        .bind(namespace)
-        .bind(name)
-        .bind(value)
-        .bind(now)
-        .fetch_one(&self.pool)
         .await?)
     }
 
@@ -1982,30 +1814,6 @@ impl Store for PostgresStore {
         Ok(rows.iter().map(setting_from_row).collect())
     }
 
-    async fn delete_setting(&self, namespace: &str, name: &str) -> Result<bool> {
-        let deleted = sqlx::query("DELETE FROM settings WHERE namespace = $1 AND name = $2")
-            .bind(namespace)
-            .bind(name)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(deleted > 0)
-    }
-
-    async fn receive_webhook(
-        &self,
-        event: NewWebhookEvent,
-        action: WebhookAction,
-        now: Millis,
-    ) -> Result<WebhookOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let mut effects = Effects::default();
-        let outcome =
-            machine::receive_webhook(&mut PgTx(&mut tx), event, action, now, &mut effects).await?;
-        self.commit(tx, effects, &[]).await?;
-        Ok(outcome)
-    }
-
     async fn webhook_events(&self, source: Option<&str>, limit: u32) -> Result<Vec<WebhookEvent>> {
         Ok(sqlx::query_as(&format!(
             "SELECT {WEBHOOK_EVENT_COLUMNS} FROM webhook_events \
@@ -2017,79 +1825,10 @@ impl Store for PostgresStore {
         .fetch_all(&self.pool)
         .await?)
     }
+
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
-    }
-
-    async fn probe_write(&self, now: Millis) -> Result<()> {
-        sqlx::query(PROBE_WRITE)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn change_settings(
-        &self,
-        changes: Vec<SettingChange>,
-        audit: Option<NewAuditEntry>,
-        now: Millis,
-    ) -> Result<Vec<bool>> {
-        let mut tx = self.pool.begin().await?;
-        let mut applied = Vec::with_capacity(changes.len());
-        for change in &changes {
-            let rows = match change {
-                SettingChange::Put {
-                    namespace,
-                    name,
-                    value,
-                } => sqlx::query(
-                    "INSERT INTO settings (namespace, name, value, updated_at) \
-                     VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (namespace, name) DO UPDATE SET value = excluded.value, \
-                         updated_at = excluded.updated_at",
-                )
-                .bind(namespace)
-                .bind(name)
-                .bind(value)
-                .bind(now),
-                SettingChange::Delete { namespace, name } => {
-                    sqlx::query("DELETE FROM settings WHERE namespace = $1 AND name = $2")
-                        .bind(namespace)
-                        .bind(name)
-                }
-                SettingChange::Swap {
-                    namespace,
-                    name,
-                    old,
-                    new,
-                } => sqlx::query(
-                    "UPDATE settings SET value = $1 \
-                     WHERE namespace = $2 AND name = $3 AND value = $4::jsonb",
-                )
-                .bind(new)
-                .bind(namespace)
-                .bind(name)
-                .bind(old),
-            }
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            applied.push(rows > 0);
-        }
-        if let Some(entry) = audit
-            && applied.iter().any(|a| *a)
-        {
-            insert_audit(&mut tx, &entry, now).await?;
-        }
-        tx.commit().await?;
-        Ok(applied)
-    }
-
-    async fn record_audit(&self, entry: NewAuditEntry, now: Millis) -> Result<()> {
-        let mut conn = self.pool.acquire().await?;
-        insert_audit(&mut conn, &entry, now).await
     }
 
     async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>> {
@@ -2103,32 +1842,6 @@ impl Store for PostgresStore {
         .await?)
     }
 
-    async fn revoke_token(
-        &self,
-        revocation: TokenRevocation,
-        audit: NewAuditEntry,
-        now: Millis,
-    ) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let revoked = sqlx::query(
-            "INSERT INTO revoked_tokens (jti, expires_at, revoked_at, revoked_by) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (jti) DO NOTHING",
-        )
-        .bind(&revocation.jti)
-        .bind(revocation.expires_at)
-        .bind(now)
-        .bind(&revocation.revoked_by)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            > 0;
-        if revoked {
-            insert_audit(&mut tx, &audit, now).await?;
-        }
-        tx.commit().await?;
-        Ok(revoked)
-    }
-
     async fn revoked_tokens(&self, now: Millis) -> Result<Vec<String>> {
         Ok(
             sqlx::query_scalar("SELECT jti FROM revoked_tokens WHERE expires_at > $1")
@@ -2139,16 +1852,103 @@ impl Store for PostgresStore {
     }
 }
 
-async fn insert_audit(conn: &mut PgConnection, entry: &NewAuditEntry, now: Millis) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO audit_log (at, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(now)
-    .bind(&entry.actor)
-    .bind(&entry.action)
-    .bind(&entry.target)
-    .bind(&entry.detail)
-    .execute(conn)
-    .await?;
-    Ok(())
+#[async_trait]
+impl Driver for PostgresStore {
+    type Tx = PgTx<sqlx::Transaction<'static, sqlx::Postgres>>;
+    type Leased = Vec<ClaimedJob>;
+
+    async fn apply_migrations(&self) -> Result<()> {
+        let schema = search_path_schema(&self.pool).await?;
+        // Created only where missing: a user without CREATE on the database can still migrate
+        // an existing schema. Processes starting together may race on the catalog; a second
+        // look finds the winner's schema.
+        for tries in 1..=5u64 {
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                    .bind(&schema)
+                    .fetch_one(&self.pool)
+                    .await?;
+            if exists {
+                break;
+            }
+            let created = sqlx::query(&format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+                schema.replace('"', "\"\"")
+            ))
+            .execute(&self.pool)
+            .await;
+            match created {
+                Ok(_) => break,
+                Err(_) if tries < 5 => tokio::time::sleep(Duration::from_millis(50 * tries)).await,
+                Err(e) => return Err(StoreError::Migration(e.to_string())),
+            }
+        }
+        // The migrator serialises concurrent processes on an advisory lock.
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))
+    }
+
+    fn wakeups(&self) -> Arc<Notify> {
+        self.wakeup.clone()
+    }
+
+    async fn begin(&self) -> Result<Self::Tx> {
+        Ok(PgTx(self.pool.begin().await?))
+    }
+
+    /// Workers in every process hear of the jobs through a `NOTIFY` delivered at the commit.
+    async fn commit(&self, mut tx: Self::Tx, effects: Effects, claimed: &[JobId]) -> Result<()> {
+        let wake = effects.wakes_others(claimed);
+        if wake {
+            self.notify(&mut tx.0).await?;
+        }
+        tx.0.commit().await?;
+        effects.publish();
+        if wake {
+            self.wakeup.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn claim_jobs(&self, params: &ClaimParams) -> Result<Vec<ClaimedJob>> {
+        let mut conn = self.pool.acquire().await?;
+        claim_in(&mut conn, params).await
+    }
+
+    async fn lease(&self, tx: &mut Self::Tx, params: &ClaimParams) -> Result<Vec<ClaimedJob>> {
+        claim_in(&mut tx.0, params).await
+    }
+
+    fn leased_ids(leased: &Vec<ClaimedJob>) -> Vec<JobId> {
+        machine::claimed_ids(leased)
+    }
+
+    async fn claimed(&self, leased: Vec<ClaimedJob>) -> Result<Vec<ClaimedJob>> {
+        Ok(leased)
+    }
+
+    async fn extend_leases(&self, leases: &[Lease], lease_until: Millis) -> Result<Vec<JobId>> {
+        let ids: Vec<JobId> = leases.iter().map(|l| l.job_id).collect();
+        let attempts: Vec<i32> = leases.iter().map(|l| l.attempt as i32).collect();
+        let tokens: Vec<&str> = leases.iter().map(|l| l.token.as_str()).collect();
+        // A claim's lease row covers all its jobs: extending it for one extends it for the rest,
+        // which the same worker holds (or has settled, or lost to a reclaim that changed their
+        // token).
+        Ok(sqlx::query_scalar(statement!(
+            "WITH extended AS ( \
+                 UPDATE leases SET expires_at = $4 WHERE token = ANY($3::text[])) \
+             SELECT jobs.id \
+             FROM unnest($1::bigint[], $2::int[], $3::text[]) AS c(id, attempt, token) \
+             JOIN jobs ON jobs.id = c.id AND jobs.attempt = c.attempt \
+                 AND jobs.lease_token = c.token AND jobs.state = {job:running}"
+        ))
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&tokens)
+        .bind(lease_until)
+        .fetch_all(&self.pool)
+        .await?)
+    }
 }

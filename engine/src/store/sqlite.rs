@@ -5,6 +5,7 @@
 //! statements per batch, not rows, set the throughput.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::DerefMut;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +16,13 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Row, SqliteConnection};
+use sqlx::{FromRow, Row, SqliteConnection};
 use tokio::sync::Notify;
 
+use super::driver::Driver;
 use super::machine::{
-    self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, LoopProgress,
-    NewVersion, Settled, SettledJob, Succeeded, Tx,
+    Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, LoopProgress,
+    NewVersion, RecordCutoffs, SettingKey, Settled, SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -82,29 +84,10 @@ async fn open_pool(options: SqliteConnectOptions, size: u32, writer: bool) -> Re
     }
 }
 
-impl SqliteStore {
-    /// Acts on what a committed transaction did: counts the runs it finished, and wakes this
-    /// process's workers when it made jobs claimable that its own claim did not take. (One
-    /// process holds the database, so waking its own workers is waking everyone.)
-    fn after_commit(&self, effects: Effects, claimed: &[JobId]) {
-        if effects.wakes_others(claimed) {
-            self.wakeup.notify_one();
-        }
-        effects.publish();
-    }
-
-    /// Write transactions take the write lock up front (`BEGIN IMMEDIATE`): a deferred one that
-    /// reads first and then writes fails at once with `SQLITE_BUSY` when another process writes,
-    /// instead of waiting out the busy timeout.
-    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
-    }
-}
-
 /// Jobs a claim just leased, not yet read out: the runs and outputs are read after the commit,
 /// through the reader pool.
 #[derive(Default)]
-struct Leased {
+pub struct Leased {
     token: String,
     rows: Vec<SqliteRow>,
 }
@@ -256,22 +239,12 @@ fn parse_json(text: Option<String>) -> Option<Value> {
     text.and_then(|t| serde_json::from_str(&t).ok())
 }
 
-fn finished_from_row(row: &SqliteRow) -> Result<FinishedRun> {
-    Ok(FinishedRun {
-        id: row.get("id"),
-        workflow_id: row.get("workflow_id"),
-        status: parse_state(row.get::<&str, _>("status"))?,
-        parent_job_id: row.get("parent_job_id"),
-        concurrency_key: row.get("concurrency_key"),
-    })
-}
-
 /// A write transaction's connection, as the state machine drives it. One writer serialises every
 /// transaction, so locks are no-ops. Batches travel as JSON arrays read by `json_each`.
-struct SqliteTx<'c>(&'c mut SqliteConnection);
+pub struct SqliteTx<C>(C);
 
 #[async_trait]
-impl Tx for SqliteTx<'_> {
+impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
     async fn lock_key(&mut self, _key: &str) -> Result<()> {
         Ok(())
     }
@@ -428,7 +401,7 @@ impl Tx for SqliteTx<'_> {
         let promoted = if succeeded.is_empty() {
             Vec::new()
         } else {
-            promote(self.0, &succeeded, now).await?
+            promote(&mut self.0, &succeeded, now).await?
         };
         Ok(Settled { jobs, promoted })
     }
@@ -442,7 +415,7 @@ impl Tx for SqliteTx<'_> {
             .iter()
             .map(|s| (s.run_id.as_str(), s.step_id.as_str()))
             .collect();
-        Ok(promote(self.0, &steps, now)
+        Ok(promote(&mut self.0, &steps, now)
             .await?
             .into_iter()
             .filter(|(_, state)| *state == JobState::Available)
@@ -452,7 +425,7 @@ impl Tx for SqliteTx<'_> {
 
     async fn finish_done_runs(&mut self, runs: &[&str], now: Millis) -> Result<Vec<FinishedRun>> {
         // (`+status` keeps SQLite from walking every running run by the status index.)
-        let rows = sqlx::query(statement!(
+        Ok(sqlx::query_as(statement!(
             "UPDATE runs SET status = {run:succeeded}, finished_at = ?2, \
                  expires_at = ?2 + retention_ms, \
                  output = (SELECT json_group_object(step_id, json(output)) FROM jobs \
@@ -465,8 +438,7 @@ impl Tx for SqliteTx<'_> {
         .bind(to_json(&runs))
         .bind(now)
         .fetch_all(&mut *self.0)
-        .await?;
-        rows.iter().map(finished_from_row).collect()
+        .await?)
     }
 
     async fn end_active_runs(
@@ -475,7 +447,7 @@ impl Tx for SqliteTx<'_> {
         status: RunStatus,
         now: Millis,
     ) -> Result<Vec<FinishedRun>> {
-        let rows = sqlx::query(statement!(
+        Ok(sqlx::query_as(statement!(
             "UPDATE runs SET status = ?2, error = c.value->>1, finished_at = ?3, \
                  expires_at = ?3 + retention_ms \
              FROM json_each(?1) AS c \
@@ -487,8 +459,7 @@ impl Tx for SqliteTx<'_> {
         .bind(status.as_str())
         .bind(now)
         .fetch_all(&mut *self.0)
-        .await?;
-        rows.iter().map(finished_from_row).collect()
+        .await?)
     }
 
     async fn raise_alerts(&mut self, runs: &[&str], now: Millis) -> Result<()> {
@@ -510,7 +481,7 @@ impl Tx for SqliteTx<'_> {
         error: &str,
         now: Millis,
     ) -> Result<Vec<FinishedRun>> {
-        let rows = sqlx::query(statement!(
+        Ok(sqlx::query_as(statement!(
             "WITH RECURSIVE tree(id) AS ( \
                  SELECT value FROM json_each(?1) \
                  UNION SELECT runs.id FROM runs JOIN tree ON runs.parent_run_id = tree.id) \
@@ -523,8 +494,7 @@ impl Tx for SqliteTx<'_> {
         .bind(now)
         .bind(error)
         .fetch_all(&mut *self.0)
-        .await?;
-        rows.iter().map(finished_from_row).collect()
+        .await?)
     }
 
     async fn cancel_open_jobs(&mut self, runs: &[&str], now: Millis) -> Result<()> {
@@ -1178,7 +1148,177 @@ impl Tx for SqliteTx<'_> {
     }
 
     async fn record_audit(&mut self, entry: &NewAuditEntry, now: Millis) -> Result<()> {
-        insert_audit(self.0, entry, now).await
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(now)
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(&entry.target)
+        .bind(to_json(&entry.detail))
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_paused(&mut self, id: &str, paused: bool, now: Millis) -> Result<bool> {
+        let done = sqlx::query("UPDATE workflows SET paused = ?, updated_at = ? WHERE id = ?")
+            .bind(paused)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn put_setting(&mut self, key: SettingKey<'_>, value: &Value, now: Millis) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO settings (namespace, name, value, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (namespace, name) DO UPDATE SET value = excluded.value, \
+                 updated_at = excluded.updated_at",
+        )
+        .bind(key.namespace)
+        .bind(key.name)
+        .bind(to_json(value))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn init_setting(
+        &mut self,
+        key: SettingKey<'_>,
+        value: &Value,
+        now: Millis,
+    ) -> Result<Value> {
+        sqlx::query(
+            "INSERT INTO settings (namespace, name, value, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (namespace, name) DO NOTHING",
+        )
+        .bind(key.namespace)
+        .bind(key.name)
+        .bind(to_json(value))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        let stored: String =
+            sqlx::query_scalar("SELECT value FROM settings WHERE namespace = ? AND name = ?")
+                .bind(key.namespace)
+                .bind(key.name)
+                .fetch_one(&mut *self.0)
+                .await?;
+        parse_json(Some(stored)).ok_or_else(|| {
+            StoreError::Database(format!(
+                "setting {}/{} is not JSON",
+                key.namespace, key.name
+            ))
+        })
+    }
+
+    async fn delete_setting(&mut self, key: SettingKey<'_>) -> Result<bool> {
+        let deleted = sqlx::query("DELETE FROM settings WHERE namespace = ? AND name = ?")
+            .bind(key.namespace)
+            .bind(key.name)
+            .execute(&mut *self.0)
+            .await?
+            .rows_affected();
+        Ok(deleted > 0)
+    }
+
+    // Stored text is what `to_json` made of the value, so the text compares.
+    async fn swap_setting(
+        &mut self,
+        key: SettingKey<'_>,
+        old: &Value,
+        new: &Value,
+    ) -> Result<bool> {
+        let swapped = sqlx::query(
+            "UPDATE settings SET value = ? WHERE namespace = ? AND name = ? AND value = ?",
+        )
+        .bind(to_json(new))
+        .bind(key.namespace)
+        .bind(key.name)
+        .bind(to_json(old))
+        .execute(&mut *self.0)
+        .await?
+        .rows_affected();
+        Ok(swapped > 0)
+    }
+
+    async fn revoke_token(&mut self, revocation: &TokenRevocation, now: Millis) -> Result<bool> {
+        let revoked = sqlx::query(
+            "INSERT INTO revoked_tokens (jti, expires_at, revoked_at, revoked_by) \
+             VALUES (?, ?, ?, ?) ON CONFLICT (jti) DO NOTHING",
+        )
+        .bind(&revocation.jti)
+        .bind(revocation.expires_at)
+        .bind(now)
+        .bind(&revocation.revoked_by)
+        .execute(&mut *self.0)
+        .await?
+        .rows_affected();
+        Ok(revoked > 0)
+    }
+
+    async fn probe_write(&mut self, now: Millis) -> Result<()> {
+        sqlx::query(PROBE_WRITE)
+            .bind(now)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM runs WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64> {
+        let ids = to_json(&runs);
+        sqlx::query("DELETE FROM jobs WHERE run_id IN (SELECT value FROM json_each(?))")
+            .bind(&ids)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(
+            sqlx::query("DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?))")
+                .bind(&ids)
+                .execute(&mut *self.0)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    async fn delete_old_records(&mut self, cutoffs: &RecordCutoffs) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM fires WHERE fire_at < ?1 AND fire_at < \
+                 (SELECT max(fire_at) FROM fires AS f WHERE f.workflow_id = fires.workflow_id)",
+        )
+        .bind(cutoffs.records_before)
+        .execute(&mut *self.0)
+        .await?;
+        sqlx::query("DELETE FROM alerts WHERE created_at < ?1")
+            .bind(cutoffs.records_before)
+            .execute(&mut *self.0)
+            .await?;
+        sqlx::query("DELETE FROM webhook_events WHERE received_at < ?1")
+            .bind(cutoffs.records_before)
+            .execute(&mut *self.0)
+            .await?;
+        sqlx::query("DELETE FROM revoked_tokens WHERE expires_at <= ?1")
+            .bind(cutoffs.revocations_before)
+            .execute(&mut *self.0)
+            .await?;
+        sqlx::query("DELETE FROM audit_log WHERE at < ?1")
+            .bind(cutoffs.audit_before)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
     }
 
     async fn record_fire(
@@ -1287,20 +1427,6 @@ async fn promote(
         .collect()
 }
 
-fn summary_from_row(row: &SqliteRow) -> Result<RunSummary> {
-    Ok(RunSummary {
-        id: row.get("id"),
-        workflow_id: row.get("workflow_id"),
-        version: row.get("version"),
-        status: parse_state(row.get::<&str, _>("status"))?,
-        parent_run_id: row.get("parent_run_id"),
-        error: row.get("error"),
-        created_at: row.get("created_at"),
-        started_at: row.get("started_at"),
-        finished_at: row.get("finished_at"),
-    })
-}
-
 /// A row of its own in a namespace nothing lists: the write `probe_write` commits.
 const PROBE_WRITE: &str = "INSERT INTO settings (namespace, name, value, updated_at) \
      VALUES ('probe', 'write', '0', ?1) \
@@ -1311,17 +1437,6 @@ const WORKFLOW_STATE: &str = "SELECT w.id, w.latest_version, w.paused, w.created
      FROM workflows AS w \
      JOIN workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.latest_version";
 
-fn workflow_from_row(row: &SqliteRow) -> WorkflowState {
-    WorkflowState {
-        id: row.get("id"),
-        latest_version: row.get("latest_version"),
-        origin: DefinitionOrigin::parse(row.get("origin")),
-        paused: row.get("paused"),
-        created_at: row.get("created_at"),
-        last_fire_at: row.get("last_fire_at"),
-    }
-}
-
 const WEBHOOK_EVENT_COLUMNS: &str =
     "id, source, event_id, workflow_id, payload, run_id, error, received_at";
 
@@ -1329,47 +1444,13 @@ const SUMMARY_COLUMNS: &str =
     "id, workflow_id, version, status, parent_run_id, error, created_at, started_at, finished_at";
 
 #[async_trait]
-impl Store for SqliteStore {
-    async fn migrate(&self) -> Result<()> {
-        // Two processes starting on a new file both see no migration applied and race; the loser
-        // fails on `CREATE TABLE`. Looking again finds the winner's migration recorded.
-        let mut tries = 0;
-        loop {
-            match MIGRATOR.run(&self.writer).await {
-                Ok(()) => return Ok(()),
-                Err(_) if tries < 5 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
-                }
-                Err(e) => return Err(StoreError::Migration(e.to_string())),
-            }
-        }
-    }
-
-    fn wakeup(&self) -> Arc<Notify> {
-        self.wakeup.clone()
-    }
-
-    async fn upsert_workflows(&self, install: InstallParams<'_>, now: Millis) -> Result<Vec<i64>> {
-        let mut tx = self.write_tx().await?;
-        let versions = machine::upsert_workflows(&mut SqliteTx(&mut tx), install, now).await?;
-        tx.commit().await?;
-        Ok(versions)
-    }
-
+impl Reads for SqliteStore {
     async fn workflow(&self, id: &str) -> Result<Option<WorkflowState>> {
         let row = sqlx::query(&format!("{WORKFLOW_STATE} WHERE w.id = ?"))
             .bind(id)
             .fetch_optional(&self.reader)
             .await?;
-        Ok(row.as_ref().map(workflow_from_row))
-    }
-
-    async fn remove_workflow(&self, id: &str, force: bool) -> Result<()> {
-        let mut tx = self.write_tx().await?;
-        machine::remove_workflow(&mut SqliteTx(&mut tx), id, force).await?;
-        tx.commit().await?;
-        Ok(())
+        Ok(row.as_ref().map(WorkflowState::from_row).transpose()?)
     }
 
     async fn workflow_version(&self, id: &str, version: i64) -> Result<Value> {
@@ -1387,46 +1468,10 @@ impl Store for SqliteStore {
         let rows = sqlx::query(&format!("{WORKFLOW_STATE} ORDER BY w.id"))
             .fetch_all(&self.reader)
             .await?;
-        Ok(rows.iter().map(workflow_from_row).collect())
-    }
-
-    async fn set_paused(&self, id: &str, paused: bool, now: Millis) -> Result<()> {
-        let done = sqlx::query("UPDATE workflows SET paused = ?, updated_at = ? WHERE id = ?")
-            .bind(paused)
-            .bind(now)
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("workflow {id}")));
-        }
-        Ok(())
-    }
-
-    async fn create_runs(&self, runs: Vec<NewRun>, now: Millis) -> Result<Vec<RunId>> {
-        let mut tx = self.write_tx().await?;
-        let ids = machine::insert_runs(&mut SqliteTx(&mut tx), runs, now).await?;
-        tx.commit().await?;
-        self.wakeup.notify_one();
-        Ok(ids)
-    }
-
-    async fn fire(&self, fire: FireParams, now: Millis) -> Result<FireOutcome> {
-        let mut tx = self.write_tx().await?;
-        let mut effects = Effects::default();
-        let outcome = machine::fire(&mut SqliteTx(&mut tx), fire, now, &mut effects).await?;
-        tx.commit().await?;
-        self.after_commit(effects, &[]);
-        Ok(outcome)
-    }
-
-    async fn skip_fire(&self, fire: SkippedFire<'_>, now: Millis) -> Result<bool> {
-        let mut tx = self.write_tx().await?;
-        let mut effects = Effects::default();
-        let recorded = machine::skip_fire(&mut SqliteTx(&mut tx), fire, now, &mut effects).await?;
-        tx.commit().await?;
-        self.after_commit(effects, &[]);
-        Ok(recorded)
+        Ok(rows
+            .iter()
+            .map(WorkflowState::from_row)
+            .collect::<sqlx::Result<_>>()?)
     }
 
     async fn fires(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<FireRecord>> {
@@ -1448,79 +1493,6 @@ impl Store for SqliteStore {
                 recorded_at: row.get("recorded_at"),
             })
             .collect())
-    }
-
-    async fn claim(&self, params: ClaimParams) -> Result<Vec<ClaimedJob>> {
-        let mut conn = self.writer.acquire().await?;
-        let leased = lease_jobs(&mut conn, &params).await?;
-        drop(conn);
-        self.claimed_jobs(leased).await
-    }
-
-    async fn heartbeat(&self, leases: &[Lease], lease_until: Millis) -> Result<Vec<JobId>> {
-        if leases.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(sqlx::query_scalar(statement!(
-            "UPDATE jobs SET lease_expires_at = ?2 FROM json_each(?1) AS c \
-             WHERE jobs.id = c.value->>'job_id' AND jobs.attempt = c.value->>'attempt' \
-                 AND jobs.lease_token = c.value->>'token' AND jobs.state = {job:running} \
-             RETURNING jobs.id"
-        ))
-        .bind(to_json(&leases))
-        .bind(lease_until)
-        .fetch_all(&self.writer)
-        .await?)
-    }
-
-    async fn complete_and_claim(
-        &self,
-        completions: Vec<Completion>,
-        claim: ClaimParams,
-        now: Millis,
-    ) -> Result<(Vec<JobId>, Vec<ClaimedJob>)> {
-        let mut tx = self.write_tx().await?;
-        let mut effects = Effects::default();
-        let accepted =
-            machine::complete(&mut SqliteTx(&mut tx), completions, now, &mut effects).await?;
-        let leased = if claim.limit == 0 {
-            Leased::default()
-        } else {
-            lease_jobs(&mut tx, &claim).await?
-        };
-        tx.commit().await?;
-        let claimed: Vec<JobId> = leased.rows.iter().map(|r| r.get("id")).collect();
-        self.after_commit(effects, &claimed);
-        Ok((accepted, self.claimed_jobs(leased).await?))
-    }
-
-    async fn deliver_signal(&self, signal: &Signal, now: Millis) -> Result<SignalOutcome> {
-        let mut tx = self.write_tx().await?;
-        let mut effects = Effects::default();
-        let outcome =
-            machine::deliver_signal(&mut SqliteTx(&mut tx), signal, now, &mut effects).await?;
-        tx.commit().await?;
-        self.after_commit(effects, &[]);
-        Ok(outcome)
-    }
-
-    async fn deliver_callback(&self, answer: &CallbackAnswer, now: Millis) -> Result<bool> {
-        let mut tx = self.write_tx().await?;
-        let mut effects = Effects::default();
-        let given =
-            machine::deliver_callback(&mut SqliteTx(&mut tx), answer, now, &mut effects).await?;
-        tx.commit().await?;
-        self.after_commit(effects, &[]);
-        Ok(given)
-    }
-
-    async fn sweep(&self, now: Millis) -> Result<Swept> {
-        let mut tx = self.write_tx().await?;
-        let mut effects = Effects::default();
-        let swept = machine::sweep(&mut SqliteTx(&mut tx), now, &mut effects).await?;
-        tx.commit().await?;
-        self.after_commit(effects, &[]);
-        Ok(swept)
     }
 
     async fn queue_depth(&self, now: Millis) -> Result<i64> {
@@ -1551,26 +1523,8 @@ impl Store for SqliteStore {
         .map(|due: i64| (due < 9_000_000_000_000_000_000).then_some(due))?)
     }
 
-    async fn cancel_run(&self, run_id: &str, now: Millis) -> Result<RunStatus> {
-        let mut tx = self.write_tx().await?;
-        let mut effects = Effects::default();
-        let status = machine::cancel_run(&mut SqliteTx(&mut tx), run_id, now, &mut effects).await?;
-        tx.commit().await?;
-        self.after_commit(effects, &[]);
-        Ok(status)
-    }
-
-    async fn retry_run(&self, run_id: &str, now: Millis) -> Result<()> {
-        let mut tx = self.write_tx().await?;
-        let mut effects = Effects::default();
-        machine::retry_run(&mut SqliteTx(&mut tx), run_id, now, &mut effects).await?;
-        tx.commit().await?;
-        self.after_commit(effects, &[]);
-        Ok(())
-    }
-
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>> {
-        let rows = sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {SUMMARY_COLUMNS} FROM runs \
              WHERE (?1 IS NULL OR workflow_id = ?1) AND (?2 IS NULL OR status = ?2) \
                  AND (?3 IS NULL OR created_at >= ?3) AND (?4 IS NULL OR created_at < ?4) \
@@ -1585,8 +1539,7 @@ impl Store for SqliteStore {
         .bind(filter.after_cursor.as_ref().map(|(at, _)| *at))
         .bind(filter.after_cursor.as_ref().map(|(_, id)| id.as_str()))
         .fetch_all(&self.reader)
-        .await?;
-        rows.iter().map(summary_from_row).collect()
+        .await?)
     }
 
     async fn count_runs(&self, status: RunStatus, created_after: Option<Millis>) -> Result<i64> {
@@ -1632,7 +1585,7 @@ impl Store for SqliteStore {
         })
         .collect::<Result<_>>()?;
         Ok(RunDetail {
-            summary: summary_from_row(&row)?,
+            summary: RunSummary::from_row(&row)?,
             input: parse_json(row.get("input")).unwrap_or(Value::Null),
             output: parse_json(row.get("output")),
             scheduled_at: row.get("scheduled_at"),
@@ -1658,58 +1611,6 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn prune(&self, now: Millis, limit: u32) -> Result<u64> {
-        let mut tx = self.write_tx().await?;
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM runs WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
-        )
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        // Fire records outlive their runs by the default retention; the newest of each workflow
-        // stays, since the scheduler counts missed fires from it.
-        sqlx::query(
-            "DELETE FROM fires WHERE fire_at < ?1 \
-             AND fire_at < (SELECT max(fire_at) FROM fires AS f WHERE f.workflow_id = fires.workflow_id)",
-        )
-        .bind(now - RECORDS_KEPT_MS)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM alerts WHERE created_at < ?1")
-            .bind(now - RECORDS_KEPT_MS)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM webhook_events WHERE received_at < ?1")
-            .bind(now - RECORDS_KEPT_MS)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM revoked_tokens WHERE expires_at <= ?1")
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM audit_log WHERE at < ?1")
-            .bind(now - AUDIT_KEPT_MS)
-            .execute(&mut *tx)
-            .await?;
-        if ids.is_empty() {
-            tx.commit().await?;
-            return Ok(0);
-        }
-        let ids = to_json(&ids);
-        sqlx::query("DELETE FROM jobs WHERE run_id IN (SELECT value FROM json_each(?))")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
-        let deleted = sqlx::query("DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?))")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(deleted)
-    }
-
     async fn alerts(&self, workflow_id: Option<&str>, limit: u32) -> Result<Vec<Alert>> {
         Ok(sqlx::query_as(
             "SELECT id, workflow_id, run_id, kind, message, created_at FROM alerts \
@@ -1719,58 +1620,6 @@ impl Store for SqliteStore {
         .bind(limit)
         .fetch_all(&self.reader)
         .await?)
-    }
-
-    async fn put_setting(
-        &self,
-        namespace: &str,
-        name: &str,
-        value: &Value,
-        now: Millis,
-    ) -> Result<()> {
-        let mut tx = self.write_tx().await?;
-        sqlx::query(
-            "INSERT INTO settings (namespace, name, value, updated_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (namespace, name) DO UPDATE SET value = excluded.value, \
-                 updated_at = excluded.updated_at",
-        )
-        .bind(namespace)
-        .bind(name)
-        .bind(to_json(value))
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn init_setting(
-        &self,
-        namespace: &str,
-        name: &str,
-        value: &Value,
-        now: Millis,
-    ) -> Result<Value> {
-        let mut tx = self.write_tx().await?;
-        sqlx::query(
-            "INSERT INTO settings (namespace, name, value, updated_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (namespace, name) DO NOTHING",
-        )
-        .bind(namespace)
-        .bind(name)
-        .bind(to_json(value))
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let stored: String =
-            sqlx::query_scalar("SELECT value FROM settings WHERE namespace = ? AND name = ?")
-                .bind(namespace)
-                .bind(name)
-                .fetch_one(&mut *tx)
-                .await?;
-        tx.commit().await?;
-        parse_json(Some(stored))
-            .ok_or_else(|| StoreError::Database(format!("setting {namespace}/{name} is not JSON")))
     }
 
     async fn setting(&self, namespace: &str, name: &str) -> Result<Option<Setting>> {
@@ -1794,34 +1643,6 @@ impl Store for SqliteStore {
         rows.iter().map(setting_from_row).collect()
     }
 
-    async fn delete_setting(&self, namespace: &str, name: &str) -> Result<bool> {
-        let mut tx = self.write_tx().await?;
-        let deleted = sqlx::query("DELETE FROM settings WHERE namespace = ? AND name = ?")
-            .bind(namespace)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(deleted > 0)
-    }
-
-    async fn receive_webhook(
-        &self,
-        event: NewWebhookEvent,
-        action: WebhookAction,
-        now: Millis,
-    ) -> Result<WebhookOutcome> {
-        let mut tx = self.write_tx().await?;
-        let mut effects = Effects::default();
-        let outcome =
-            machine::receive_webhook(&mut SqliteTx(&mut tx), event, action, now, &mut effects)
-                .await?;
-        tx.commit().await?;
-        self.after_commit(effects, &[]);
-        Ok(outcome)
-    }
-
     async fn webhook_events(&self, source: Option<&str>, limit: u32) -> Result<Vec<WebhookEvent>> {
         Ok(sqlx::query_as(&format!(
             "SELECT {WEBHOOK_EVENT_COLUMNS} FROM webhook_events \
@@ -1833,78 +1654,9 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?)
     }
+
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
-        Ok(())
-    }
-
-    async fn probe_write(&self, now: Millis) -> Result<()> {
-        let mut tx = self.write_tx().await?;
-        sqlx::query(PROBE_WRITE).bind(now).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn change_settings(
-        &self,
-        changes: Vec<SettingChange>,
-        audit: Option<NewAuditEntry>,
-        now: Millis,
-    ) -> Result<Vec<bool>> {
-        let mut tx = self.write_tx().await?;
-        let mut applied = Vec::with_capacity(changes.len());
-        for change in &changes {
-            let rows = match change {
-                SettingChange::Put {
-                    namespace,
-                    name,
-                    value,
-                } => sqlx::query(
-                    "INSERT INTO settings (namespace, name, value, updated_at) VALUES (?, ?, ?, ?) \
-                     ON CONFLICT (namespace, name) DO UPDATE SET value = excluded.value, \
-                         updated_at = excluded.updated_at",
-                )
-                .bind(namespace)
-                .bind(name)
-                .bind(to_json(value))
-                .bind(now),
-                SettingChange::Delete { namespace, name } => {
-                    sqlx::query("DELETE FROM settings WHERE namespace = ? AND name = ?")
-                        .bind(namespace)
-                        .bind(name)
-                }
-                // Stored text is what `to_json` made of the value, so the text compares.
-                SettingChange::Swap {
-                    namespace,
-                    name,
-                    old,
-                    new,
-                } => sqlx::query(
-                    "UPDATE settings SET value = ? WHERE namespace = ? AND name = ? AND value = ?",
-                )
-                .bind(to_json(new))
-                .bind(namespace)
-                .bind(name)
-                .bind(to_json(old)),
-            }
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            applied.push(rows > 0);
-        }
-        if let Some(entry) = audit
-            && applied.iter().any(|a| *a)
-        {
-            insert_audit(&mut tx, &entry, now).await?;
-        }
-        tx.commit().await?;
-        Ok(applied)
-    }
-
-    async fn record_audit(&self, entry: NewAuditEntry, now: Millis) -> Result<()> {
-        let mut tx = self.write_tx().await?;
-        insert_audit(&mut tx, &entry, now).await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -1919,32 +1671,6 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn revoke_token(
-        &self,
-        revocation: TokenRevocation,
-        audit: NewAuditEntry,
-        now: Millis,
-    ) -> Result<bool> {
-        let mut tx = self.write_tx().await?;
-        let revoked = sqlx::query(
-            "INSERT INTO revoked_tokens (jti, expires_at, revoked_at, revoked_by) \
-             VALUES (?, ?, ?, ?) ON CONFLICT (jti) DO NOTHING",
-        )
-        .bind(&revocation.jti)
-        .bind(revocation.expires_at)
-        .bind(now)
-        .bind(&revocation.revoked_by)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            > 0;
-        if revoked {
-            insert_audit(&mut tx, &audit, now).await?;
-        }
-        tx.commit().await?;
-        Ok(revoked)
-    }
-
     async fn revoked_tokens(&self, now: Millis) -> Result<Vec<String>> {
         Ok(
             sqlx::query_scalar("SELECT jti FROM revoked_tokens WHERE expires_at > ?")
@@ -1955,18 +1681,77 @@ impl Store for SqliteStore {
     }
 }
 
-async fn insert_audit(
-    conn: &mut SqliteConnection,
-    entry: &NewAuditEntry,
-    now: Millis,
-) -> Result<()> {
-    sqlx::query("INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)")
-        .bind(now)
-        .bind(&entry.actor)
-        .bind(&entry.action)
-        .bind(&entry.target)
-        .bind(to_json(&entry.detail))
-        .execute(conn)
-        .await?;
-    Ok(())
+#[async_trait]
+impl Driver for SqliteStore {
+    type Tx = SqliteTx<sqlx::Transaction<'static, sqlx::Sqlite>>;
+    type Leased = Leased;
+
+    async fn apply_migrations(&self) -> Result<()> {
+        // Two processes starting on a new file both see no migration applied and race; the loser
+        // fails on `CREATE TABLE`. Looking again finds the winner's migration recorded.
+        let mut tries = 0;
+        loop {
+            match MIGRATOR.run(&self.writer).await {
+                Ok(()) => return Ok(()),
+                Err(_) if tries < 5 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                }
+                Err(e) => return Err(StoreError::Migration(e.to_string())),
+            }
+        }
+    }
+
+    fn wakeups(&self) -> Arc<Notify> {
+        self.wakeup.clone()
+    }
+
+    /// Write transactions take the write lock up front (`BEGIN IMMEDIATE`): a deferred one that
+    /// reads first and then writes fails at once with `SQLITE_BUSY` when another process writes,
+    /// instead of waiting out the busy timeout.
+    async fn begin(&self) -> Result<Self::Tx> {
+        Ok(SqliteTx(self.writer.begin_with("BEGIN IMMEDIATE").await?))
+    }
+
+    /// One process holds the database, so waking its own workers is waking everyone.
+    async fn commit(&self, tx: Self::Tx, effects: Effects, claimed: &[JobId]) -> Result<()> {
+        tx.0.commit().await?;
+        if effects.wakes_others(claimed) {
+            self.wakeup.notify_one();
+        }
+        effects.publish();
+        Ok(())
+    }
+
+    async fn claim_jobs(&self, params: &ClaimParams) -> Result<Vec<ClaimedJob>> {
+        let mut conn = self.writer.acquire().await?;
+        let leased = lease_jobs(&mut conn, params).await?;
+        drop(conn);
+        self.claimed_jobs(leased).await
+    }
+
+    async fn lease(&self, tx: &mut Self::Tx, params: &ClaimParams) -> Result<Leased> {
+        lease_jobs(&mut tx.0, params).await
+    }
+
+    fn leased_ids(leased: &Leased) -> Vec<JobId> {
+        leased.rows.iter().map(|r| r.get("id")).collect()
+    }
+
+    async fn claimed(&self, leased: Leased) -> Result<Vec<ClaimedJob>> {
+        self.claimed_jobs(leased).await
+    }
+
+    async fn extend_leases(&self, leases: &[Lease], lease_until: Millis) -> Result<Vec<JobId>> {
+        Ok(sqlx::query_scalar(statement!(
+            "UPDATE jobs SET lease_expires_at = ?2 FROM json_each(?1) AS c \
+             WHERE jobs.id = c.value->>'job_id' AND jobs.attempt = c.value->>'attempt' \
+                 AND jobs.lease_token = c.value->>'token' AND jobs.state = {job:running} \
+             RETURNING jobs.id"
+        ))
+        .bind(to_json(&leases))
+        .bind(lease_until)
+        .fetch_all(&self.writer)
+        .await?)
+    }
 }
