@@ -285,6 +285,11 @@ async fn open(global: &Global) -> anyhow::Result<(Arc<Engine>, MasterKeys)> {
     let options = store::ConnectOptions {
         max_connections: global.db_connections,
     };
+    // A relative SQLite path names a file in the current folder: from another folder, a command
+    // would open a new, empty database and find nothing there.
+    let new_file = store::sqlite_file(&global.database)
+        .filter(|file| !file.exists())
+        .map(|file| std::path::absolute(&file).unwrap_or(file));
     let engine = Arc::new(
         Engine::open(&global.database, &options, Arc::new(SystemClock))
             .await
@@ -306,6 +311,13 @@ async fn open(global: &Global) -> anyhow::Result<(Arc<Engine>, MasterKeys)> {
         );
     }
     switchyard_engine::settings::use_master_keys(&engine, master.clone());
+    if let Some(file) = new_file {
+        eprintln!(
+            "note: created a new, empty database: {} (--database or SWITCHYARD_DATABASE_URL \
+             names another)",
+            file.display()
+        );
+    }
     Ok((engine, master))
 }
 
@@ -589,9 +601,27 @@ async fn run(
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
+    eprintln!(
+        "waiting for run {run_id} in {}",
+        database_name(&global.database)
+    );
+    let started = std::time::Instant::now();
+    let mut told_unclaimed = false;
     let mut shown: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let detail = engine.run(&run_id).await?;
+        if !told_unclaimed
+            && started.elapsed() >= UNCLAIMED_NOTICE
+            && detail.summary.status == RunStatus::Running
+            && detail.steps.iter().all(|s| s.started_at.is_none())
+        {
+            told_unclaimed = true;
+            eprintln!(
+                "no worker has taken this run in {} s: is `switchyard serve` or `switchyard \
+                 worker` running on this database? The run waits in it until one does.",
+                UNCLAIMED_NOTICE.as_secs()
+            );
+        }
         // A loop's items show as a count of those finished, not one line each.
         for (step, (finished, total)) in item_progress(&detail) {
             let progress = format!("items {finished}/{total} finished");
@@ -634,6 +664,18 @@ async fn run(
             });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How long `run --wait` watches a run no worker takes before it says so.
+const UNCLAIMED_NOTICE: Duration = Duration::from_secs(5);
+
+/// The database as typed (password hidden), and for a SQLite file its absolute path.
+fn database_name(url: &str) -> String {
+    let typed = store::redact_url(url);
+    match store::sqlite_file(url).map(|file| std::path::absolute(&file).unwrap_or(file)) {
+        Some(file) => format!("{typed} ({})", file.display()),
+        None => typed,
     }
 }
 

@@ -329,3 +329,97 @@ fn the_triage_example_branches_loops_and_runs_its_failure_handler() {
         "{report}"
     );
 }
+
+#[test]
+fn run_wait_names_its_database_and_says_when_no_worker_takes_the_run() {
+    let sandbox = Sandbox::new("noworker", "id: lonely\nsteps:\n  - {id: a, type: noop}\n");
+    let mut waiter = sandbox
+        .command()
+        .args(["run", "lonely", "--wait"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(waiter.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let told = loop {
+        let Some(line) = lines.next() else {
+            break false;
+        };
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("no worker has taken this run") {
+            break true;
+        }
+    };
+    waiter.kill().unwrap();
+    waiter.wait().unwrap();
+    assert!(told, "no notice in:\n{}", seen.join("\n"));
+    let file = sandbox.dir.join("switchyard.db");
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("waiting for run") && l.contains(&*file.to_string_lossy())),
+        "the database is not named:\n{}",
+        seen.join("\n")
+    );
+}
+
+#[test]
+fn a_command_that_creates_a_new_database_file_says_where() {
+    let sandbox = Sandbox::new("newfile", "id: x\nsteps:\n  - {id: a, type: noop}\n");
+    let out = sandbox.command().args(["runs"]).output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = sandbox.dir.join("switchyard.db");
+    assert!(
+        stderr.contains("created a new, empty database")
+            && stderr.contains(&*file.to_string_lossy()),
+        "{stderr}"
+    );
+    let again = sandbox.command().args(["runs"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&again.stderr).contains("created a new"),
+        "an existing file is not new"
+    );
+}
+
+#[test]
+fn connection_errors_name_their_cause_and_the_url_as_typed() {
+    let sandbox = Sandbox::new("badurl", "id: x\nsteps:\n  - {id: a, type: noop}\n");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let refused = format!("postgres://someone:hunter2@127.0.0.1:{port}/test");
+    let path = sandbox.dir.join("x.db").display().to_string();
+    for (url, cause) in [
+        (refused.as_str(), "connection refused"),
+        (
+            "postgres://postgres@no-such-host.invalid/test",
+            "unknown host",
+        ),
+        (path.as_str(), "not a database URL"),
+    ] {
+        let started = std::time::Instant::now();
+        let out = sandbox
+            .command()
+            .args(["--database", url, "runs"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(cause), "{url}: {stderr}");
+        assert!(
+            !stderr.contains("hunter2"),
+            "the password is shown: {stderr}"
+        );
+        let shown = url.replace("hunter2", "***");
+        assert!(stderr.contains(&shown), "{shown} is not echoed: {stderr}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{url} took {:?}",
+            started.elapsed()
+        );
+    }
+}

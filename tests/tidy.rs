@@ -1,6 +1,6 @@
 //! Architecture invariants checked on the source text, as part of `cargo test`: the surfaces
-//! reach the store only through `Engine`, and only `engine/src/api/` serves HTTP and describes
-//! the JSON it answers with.
+//! reach the store only through `Engine`; only `engine/src/api/` serves HTTP and describes the
+//! JSON it answers with; `Store` is written once, over the database drivers.
 
 use std::path::{Path, PathBuf};
 
@@ -100,6 +100,46 @@ fn only_the_api_serves_http_and_describes_json() {
         found.is_empty(),
         "only `engine/src/api/` serves HTTP and defines the JSON it answers with, converted \
          from engine types:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn every_store_operation_is_written_once_over_the_drivers() {
+    let found = offences(
+        &["engine/src", "workers/src", "src"],
+        &["engine/src/store/driver.rs", "engine/src/store/machine.rs"],
+        &[
+            " Store for ",
+            "machine::insert_runs(",
+            "machine::complete(",
+            ".commit()",
+        ],
+        &[
+            Exception {
+                file: "engine/src/store/postgres.rs",
+                needle: "machine::insert_runs(",
+                times: 1,
+                why: "`enqueue_in` starts runs in the caller's transaction, which it commits",
+            },
+            Exception {
+                file: "engine/src/store/postgres.rs",
+                needle: ".commit()",
+                times: 1,
+                why: "`Driver::commit`",
+            },
+            Exception {
+                file: "engine/src/store/sqlite.rs",
+                needle: ".commit()",
+                times: 1,
+                why: "`Driver::commit`",
+            },
+        ],
+    );
+    assert!(
+        found.is_empty(),
+        "`Store` is implemented once, in `store/driver.rs`, over what each driver gives; a \
+         driver opens and commits transactions only as `Driver::begin` and `Driver::commit`:\n{}",
         found.join("\n")
     );
 }

@@ -33,8 +33,14 @@ pub enum StoreError {
     Conflict(String),
     #[error("database unavailable: {0}")]
     Unavailable(String),
-    #[error("unsupported database URL {0:?}: expected sqlite://PATH or postgres://...")]
+    #[error(
+        "not a database URL: {0} (a SQLite file is sqlite://PATH, relative to the current \
+         folder, or sqlite:///ABSOLUTE/PATH; PostgreSQL is postgres://USER@HOST:PORT/DATABASE)"
+    )]
     UnsupportedUrl(String),
+    /// The first connection failed; the message names the cause (the caller names the URL).
+    #[error("cannot connect: {0}")]
+    Connect(String),
     #[error("migration failed: {0}")]
     Migration(String),
     /// A value the database cannot hold, such as a NUL character in PostgreSQL text.
@@ -990,7 +996,15 @@ pub fn redact_url(url: &str) -> String {
             parsed.to_string()
         }
         Ok(_) => url.to_owned(),
-        Err(_) => "<unparsable database URL>".to_owned(),
+        // Shown as typed (a path given for a URL, say) unless it may hold a password.
+        Err(_) if !url.contains('@') => url.to_owned(),
+        Err(_) => match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let host = rest.rsplit_once('@').map_or("", |(_, host)| host);
+                format!("{scheme}://***@{host}")
+            }
+            None => "<a database URL with '@' that does not parse>".to_owned(),
+        },
     }
 }
 

@@ -66,6 +66,25 @@ impl PostgresStore {
             // small, or without statistics (autovacuum may be off), must not scan it whole once
             // it has grown: a prepared statement keeps its plan.
             .options([("jit", "off"), ("enable_seqscan", "off")]);
+        // The pool retries a failing connection until its acquire timeout and then says only
+        // that it timed out; one connection of its own fails fast and says why.
+        match tokio::time::timeout(
+            FIRST_CONNECT,
+            <PgConnection as sqlx::Connection>::connect_with(&options),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => {
+                let _ = sqlx::Connection::close(conn).await;
+            }
+            Ok(Err(e)) => return Err(connect_error(e)),
+            Err(_) => {
+                return Err(StoreError::Connect(format!(
+                    "no answer within {} s",
+                    FIRST_CONNECT.as_secs()
+                )));
+            }
+        }
         let pool = PgPoolOptions::new()
             // `PgListener` holds one of the pool's connections for as long as it listens.
             .max_connections(max_connections.max(1) + 1)
@@ -111,6 +130,34 @@ impl PostgresStore {
             .await?;
         Ok(())
     }
+}
+
+/// How long the first connection may take before `connect` gives up.
+const FIRST_CONNECT: Duration = Duration::from_secs(5);
+
+/// The first connection's failure, with its cause in words: nothing listens there, the host is
+/// unknown, the database does not exist, or the server refused the user. A server starting up or
+/// shutting down stays a transient `Unavailable`.
+fn connect_error(e: sqlx::Error) -> StoreError {
+    let cause = match &e {
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "connection refused: is PostgreSQL running, on this host and port?".to_owned()
+        }
+        sqlx::Error::Io(io) if io.to_string().contains("lookup") => {
+            format!("unknown host ({io})")
+        }
+        sqlx::Error::Io(io) => io.to_string(),
+        sqlx::Error::Tls(tls) => format!("TLS: {tls}"),
+        sqlx::Error::Database(db)
+            if db
+                .code()
+                .is_some_and(|c| c == "3D000" || c.starts_with("28")) =>
+        {
+            db.message().to_owned()
+        }
+        _ => return StoreError::from(e),
+    };
+    StoreError::Connect(cause)
 }
 
 /// The first schema of the connection's `search_path`: where migrations create the tables.
