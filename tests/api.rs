@@ -535,6 +535,19 @@ async fn the_same_idempotency_key_starts_one_run() {
     assert_ne!(second, run);
 
     assert_eq!(api.run_ids(&operator).await, [second, run]);
+
+    let reused = send(
+        api.authed(Method::POST, "/api/workflows/hello/start", &operator)
+            .header("Idempotency-Key", "order-7")
+            .json(&json!({"input": {"name": "someone else"}})),
+    )
+    .await;
+    reused.assert_error(409, "conflict");
+    assert!(
+        reused.body["message"].as_str().unwrap().contains(run),
+        "{reused}"
+    );
+    assert_eq!(api.run_ids(&operator).await.len(), 2);
 }
 
 #[tokio::test]

@@ -1434,6 +1434,38 @@ pub async fn idempotency_key_returns_the_first_run(store: Arc<dyn Store>) {
     assert_eq!(first, second);
 }
 
+pub async fn a_reused_idempotency_key_with_another_input_is_a_conflict(store: Arc<dyn Store>) {
+    let trigger = Trigger {
+        idempotency_key: Some("order-8".into()),
+        ..Trigger::default()
+    };
+    let version = install(&*store, &linear()).await;
+    let with = |input: Value| plan_run(&linear(), version, input, trigger.clone()).unwrap();
+    let first = store
+        .create_runs(vec![with(json!({"amount": 5}))], T0)
+        .await
+        .unwrap();
+    let again = store
+        .create_runs(vec![with(json!({"amount": 5}))], T0)
+        .await
+        .unwrap();
+    assert_eq!(first, again, "the same input is the same request");
+    let other = store
+        .create_runs(vec![with(json!({"amount": 6}))], T0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&other, StoreError::Conflict(m) if m.contains(&first[0])),
+        "{other:?}"
+    );
+    let all = RunFilter {
+        limit: 10,
+        ..RunFilter::default()
+    };
+    let runs = store.list_runs(&all).await.unwrap();
+    assert_eq!(runs.len(), 1, "the refused start changed nothing");
+}
+
 pub async fn run_keeps_the_version_it_started_with(store: Arc<dyn Store>) {
     let run = start(&*store, &linear(), Trigger::default()).await;
     let mut changed = linear();
@@ -2724,6 +2756,7 @@ macro_rules! conformance {
                 paused_workflow_fires_are_recorded_as_skipped,
                 concurrency_key_holds_runs_until_a_slot_frees,
                 idempotency_key_returns_the_first_run,
+                a_reused_idempotency_key_with_another_input_is_a_conflict,
                 run_keeps_the_version_it_started_with,
                 finished_runs_are_pruned_after_retention,
                 old_fire_records_are_pruned_but_the_latest_stays,

@@ -226,6 +226,7 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
         (status = 200, description = "The run this idempotency key started before", body = StartedRun),
         (status = 403, description = "The token's role is below operator", body = ErrorBody),
         (status = 404, description = "No such workflow", body = ErrorBody),
+        (status = 409, description = "The idempotency key started a run with another input", body = ErrorBody),
         (status = 422, description = "The input does not fit the workflow", body = ErrorBody),
     )
 )]

@@ -128,6 +128,14 @@ pub(crate) struct LoopProgress {
     pub parallel: Option<i64>,
 }
 
+/// A run started under an idempotency key.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct KeyedRun {
+    pub idempotency_key: String,
+    pub id: RunId,
+    pub input: Option<sqlx::types::Json<Value>>,
+}
+
 /// A setting's address.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SettingKey<'a> {
@@ -167,7 +175,7 @@ pub(crate) trait Tx: Send {
     /// settling a run's last two steps must not each see the other unfinished.
     async fn lock_runs_of_jobs(&mut self, jobs: &[JobId]) -> Result<()>;
 
-    async fn runs_by_idempotency_key(&mut self, keys: &[&str]) -> Result<Vec<(String, RunId)>>;
+    async fn runs_by_idempotency_key(&mut self, keys: &[&str]) -> Result<Vec<KeyedRun>>;
     async fn gate_load(&mut self, key: &str) -> Result<GateLoad>;
     /// Inserts runs (rows of [`run_rows`]) unless their idempotency key is taken; returns the
     /// ids inserted.
@@ -506,14 +514,13 @@ pub(crate) async fn insert_runs(
         .iter()
         .filter_map(|r| r.idempotency_key.as_deref())
         .collect();
-    let mut known: BTreeMap<String, RunId> = if keys.is_empty() {
-        BTreeMap::new()
-    } else {
-        tx.runs_by_idempotency_key(&keys)
-            .await?
-            .into_iter()
-            .collect()
-    };
+    let mut known: BTreeMap<String, RunId> = BTreeMap::new();
+    if !keys.is_empty() {
+        for earlier in tx.runs_by_idempotency_key(&keys).await? {
+            same_input_under_key(&runs, &earlier)?;
+            known.insert(earlier.idempotency_key, earlier.id);
+        }
+    }
     let fresh: Vec<&NewRun> = runs
         .iter()
         .filter(|r| {
@@ -566,7 +573,10 @@ pub(crate) async fn insert_runs(
         .filter_map(|r| r.idempotency_key.as_deref())
         .collect();
     if !lost.is_empty() {
-        known.extend(tx.runs_by_idempotency_key(&lost).await?);
+        for earlier in tx.runs_by_idempotency_key(&lost).await? {
+            same_input_under_key(&runs, &earlier)?;
+            known.insert(earlier.idempotency_key, earlier.id);
+        }
     }
     Ok(runs
         .iter()
@@ -577,6 +587,23 @@ pub(crate) async fn insert_runs(
             _ => r.id.clone(),
         })
         .collect())
+}
+
+/// A key names one request (Stripe's rule): reusing it with another input is a mistake to
+/// report, not a start to answer with the earlier run.
+fn same_input_under_key(runs: &[NewRun], earlier: &KeyedRun) -> Result<()> {
+    let stored = earlier.input.as_ref().map_or(&Value::Null, |json| &json.0);
+    let differs = runs.iter().any(|run| {
+        run.idempotency_key.as_deref() == Some(earlier.idempotency_key.as_str())
+            && run.input != *stored
+    });
+    if differs {
+        return Err(StoreError::Conflict(format!(
+            "this idempotency key started run {} with another input; a new run needs a new key",
+            earlier.id
+        )));
+    }
+    Ok(())
 }
 
 /// Applies settlements fenced by their leases, then everything that follows from them; returns

@@ -29,8 +29,8 @@ use tokio::sync::Notify;
 
 use super::driver::Driver;
 use super::machine::{
-    self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, LoopProgress,
-    NewVersion, RecordCutoffs, SettingKey, Settled, SettledJob, Succeeded, Tx,
+    self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, KeyedRun,
+    LoopProgress, NewVersion, RecordCutoffs, SettingKey, Settled, SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -279,9 +279,9 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         Ok(())
     }
 
-    async fn runs_by_idempotency_key(&mut self, keys: &[&str]) -> Result<Vec<(String, RunId)>> {
+    async fn runs_by_idempotency_key(&mut self, keys: &[&str]) -> Result<Vec<KeyedRun>> {
         Ok(sqlx::query_as(
-            "SELECT idempotency_key, id FROM runs WHERE idempotency_key = ANY($1::text[])",
+            "SELECT idempotency_key, id, input FROM runs WHERE idempotency_key = ANY($1::text[])",
         )
         .bind(keys)
         .fetch_all(&mut *self.0)

@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 
 use super::driver::Driver;
 use super::machine::{
-    Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, LoopProgress,
+    Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, KeyedRun, LoopProgress,
     NewVersion, RecordCutoffs, SettingKey, Settled, SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
@@ -253,9 +253,9 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         Ok(())
     }
 
-    async fn runs_by_idempotency_key(&mut self, keys: &[&str]) -> Result<Vec<(String, RunId)>> {
+    async fn runs_by_idempotency_key(&mut self, keys: &[&str]) -> Result<Vec<KeyedRun>> {
         Ok(sqlx::query_as(
-            "SELECT idempotency_key, id FROM runs \
+            "SELECT idempotency_key, id, input FROM runs \
              WHERE idempotency_key IN (SELECT value FROM json_each(?))",
         )
         .bind(to_json(&keys))
