@@ -51,6 +51,9 @@ pub struct Global {
     /// `./switchyard.key` for PostgreSQL), created on first use.
     #[arg(long, global = true, env = "SWITCHYARD_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// Show times in UTC instead of the local time zone.
+    #[arg(long, global = true)]
+    pub utc: bool,
     /// Log lines as text (the default) or as JSON objects, one a line, for log pipelines.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -190,6 +193,12 @@ pub enum Command {
         /// Remove it although runs of it have not ended (they finish with their version).
         #[arg(long)]
         force: bool,
+    },
+    /// List workflows: versions, schedules, next fires, paused.
+    Workflows {
+        /// Print JSON, in the shape the API answers with.
+        #[arg(long)]
+        json: bool,
     },
     /// List schedule fires, with the reason of each skipped one.
     Fires {

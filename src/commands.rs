@@ -22,7 +22,7 @@ use switchyard_engine::maintenance::run_maintenance;
 use switchyard_engine::plan::Trigger;
 use switchyard_engine::scheduler::run_scheduler;
 use switchyard_engine::service::Engine;
-use switchyard_engine::state::{JobState, Millis, RunStatus};
+use switchyard_engine::state::{JobState, RunStatus};
 use switchyard_engine::store::{self, DefinitionOrigin, RunDetail, RunFilter};
 use switchyard_workers::{EgressPolicy, Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
@@ -31,6 +31,7 @@ use tokio::task::JoinSet;
 use crate::cli::{
     ApiArgs, Cli, Command, Global, KeysAction, LogFormat, TokenAction, UserAction, WorkerArgs,
 };
+use crate::display::{self, duration, time};
 
 /// Writes a line to stdout. A reader that went away (`switchyard runs | head`) ends the command
 /// quietly, as it would any Unix tool, instead of a panic on the broken pipe.
@@ -46,6 +47,9 @@ macro_rules! out {
         }
     }};
 }
+
+/// How many next fires `workflows` lists per workflow.
+const NEXT_FIRES_SHOWN: usize = 3;
 
 /// Exit codes of `run --wait` beyond 0 (succeeded) and 1 (failed or error).
 const EXIT_CANCELLED: u8 = 3;
@@ -72,6 +76,9 @@ pub fn init_logging(cli: &Cli) {
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let Cli { global, command } = cli;
+    if global.utc {
+        display::use_utc();
+    }
     match command {
         Command::Validate { paths } => validate(&global, paths),
         Command::Schema => {
@@ -178,29 +185,24 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 let runs: Vec<types::RunSummary> = runs.into_iter().map(Into::into).collect();
                 out!("{}", serde_json::to_string_pretty(&runs)?);
             } else {
-                out!(
-                    "{:<36}  {:<20}  {:<9}  {:<20}  {:>9}",
-                    "RUN",
-                    "WORKFLOW",
-                    "STATUS",
-                    "CREATED",
-                    "DURATION"
-                );
+                let mut table =
+                    display::table(&["RUN", "WORKFLOW", "STATUS", "CREATED", "DURATION"]);
                 for r in runs {
-                    out!(
-                        "{:<36}  {:<20}  {:<9}  {:<20}  {:>9}",
+                    table.add_row([
                         r.id,
                         r.workflow_id,
-                        r.status,
+                        r.status.to_string(),
                         time(r.created_at),
-                        duration(r.started_at, r.finished_at)
-                    );
+                        duration(r.started_at, r.finished_at),
+                    ]);
                 }
+                out!("{}", table.trim_fmt());
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Show { run, json } => {
             let (engine, _) = open(&global).await?;
+            let run = engine.resolve_run(&run).await?;
             let detail = engine.run(&run).await?;
             if json {
                 out!(
@@ -214,12 +216,14 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Cancel { run } => {
             let (engine, _) = open(&global).await?;
+            let run = engine.resolve_run(&run).await?;
             let status = engine.cancel(&run).await?;
             out!("run {run} is {status}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Retry { run } => {
             let (engine, _) = open(&global).await?;
+            let run = engine.resolve_run(&run).await?;
             engine.retry(&run).await?;
             out!("run {run} is running again from its unsuccessful steps");
             Ok(ExitCode::SUCCESS)
@@ -231,6 +235,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map_err(|e| anyhow::anyhow!("--payload is not valid JSON: {e}"))?,
             };
             let (engine, _) = open(&global).await?;
+            let run = engine.resolve_run(&run).await?;
             engine.signal(&run, &name, payload).await?;
             out!("run {run} has signal {name}");
             Ok(ExitCode::SUCCESS)
@@ -253,6 +258,39 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             out!("workflow {workflow} removed: it no longer fires or starts; its runs stay");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Workflows { json } => {
+            let (engine, _) = open(&global).await?;
+            let overviews = engine.overviews(NEXT_FIRES_SHOWN).await?;
+            if json {
+                let infos: Vec<types::WorkflowInfo> = overviews.iter().map(Into::into).collect();
+                out!("{}", serde_json::to_string_pretty(&infos)?);
+            } else {
+                let mut table =
+                    display::table(&["WORKFLOW", "VERSION", "SCHEDULE", "NEXT FIRES", "STATE"]);
+                for o in overviews {
+                    let schedule = o
+                        .workflow
+                        .schedule
+                        .as_ref()
+                        .map_or("-".to_owned(), |s| format!("{} ({})", s.cron, s.timezone));
+                    let fires: Vec<String> = o.next_fires.iter().map(|at| time(*at)).collect();
+                    let state = if o.state.paused { "paused" } else { "active" };
+                    table.add_row([
+                        o.state.id,
+                        o.state.latest_version.to_string(),
+                        schedule,
+                        if fires.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            fires.join("\n")
+                        },
+                        state.to_owned(),
+                    ]);
+                }
+                out!("{}", table.trim_fmt());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Fires {
             workflow,
             limit,
@@ -264,15 +302,16 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 let fires: Vec<types::FireRecord> = fires.into_iter().map(Into::into).collect();
                 out!("{}", serde_json::to_string_pretty(&fires)?);
             } else {
-                out!("{:<20}  {:<20}  OUTCOME", "WORKFLOW", "FIRE TIME");
+                let mut table = display::table(&["WORKFLOW", "FIRE TIME", "OUTCOME"]);
                 for f in fires {
                     let outcome = match (&f.run_id, &f.skipped_reason) {
                         (Some(run), _) => format!("run {run}"),
                         (None, Some(reason)) => format!("skipped: {reason}"),
                         (None, None) => "recorded".to_owned(),
                     };
-                    out!("{:<20}  {:<20}  {outcome}", f.workflow_id, time(f.fire_at));
+                    table.add_row([f.workflow_id, time(f.fire_at), outcome]);
                 }
+                out!("{}", table.trim_fmt());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -679,21 +718,6 @@ fn database_name(url: &str) -> String {
     }
 }
 
-fn time(ms: Millis) -> String {
-    jiff::Timestamp::from_millisecond(ms)
-        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
-        .unwrap_or_else(|_| ms.to_string())
-}
-
-fn duration(from: Option<Millis>, to: Option<Millis>) -> String {
-    match (from, to) {
-        (Some(a), Some(b)) => format!("{} ms", b - a),
-        (Some(_), None) => "running".to_owned(),
-        _ => "-".to_owned(),
-    }
-}
-
-/// The step a `for_each` item's job belongs to (`each` of `each[3]`).
 fn loop_step(item: &str) -> &str {
     item.rsplit_once('[').map_or(item, |(step, _)| step)
 }
@@ -759,7 +783,24 @@ fn print_run(detail: &RunDetail) {
         if let Some(error) = &s.error {
             out!("      {label}: {error}");
         }
+        if let Some(output) = s.output.as_ref().filter(|o| !o.is_null()) {
+            out!("      output: {}", shortened(&output.to_string()));
+        }
         print_items(detail, &s.step_id);
+    }
+}
+
+/// Longest step output `show` prints on its line; `--json` has them whole.
+const OUTPUT_SHOWN: usize = 200;
+
+fn shortened(text: &str) -> String {
+    match text.char_indices().nth(OUTPUT_SHOWN) {
+        Some((at, _)) => format!(
+            "{}... ({} bytes; `show RUN --json` has it whole)",
+            &text[..at],
+            text.len()
+        ),
+        None => text.to_owned(),
     }
 }
 

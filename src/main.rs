@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod display;
 
 use clap::Parser;
 

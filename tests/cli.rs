@@ -5,7 +5,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 
-use common::{Sandbox, start_counter, step};
+use common::{Sandbox, last_line, start_counter, step};
 
 #[test]
 fn failed_run_exits_non_zero_after_its_retries() {
@@ -422,4 +422,69 @@ fn connection_errors_name_their_cause_and_the_url_as_typed() {
             started.elapsed()
         );
     }
+}
+
+#[test]
+fn workflows_lists_versions_schedules_and_next_fires_in_the_chosen_zone() {
+    let sandbox = Sandbox::new(
+        "workflows",
+        "id: nightly\nschedule: {cron: \"0 3 * * *\", timezone: Europe/Paris}\nsteps:\n  - {id: a, type: noop}\n",
+    );
+    sandbox.cli(&["migrate"]);
+    // `run` installs the definitions; the run itself is not what this test looks at.
+    sandbox.cli(&["run", "nightly"]);
+    let listed = sandbox.cli(&["--utc", "workflows"]);
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with("nightly"))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(row.contains("0 3 * * * (Europe/Paris)"), "{listed}");
+    assert!(
+        row.contains(":00:00 UTC") && row.ends_with("active"),
+        "{listed}"
+    );
+    assert_eq!(
+        listed.lines().filter(|l| l.contains(":00:00 UTC")).count(),
+        3,
+        "three next fires: {listed}"
+    );
+    sandbox.cli(&["pause", "nightly"]);
+    let paused = sandbox.cli(&["workflows"]);
+    let row = paused.lines().find(|l| l.starts_with("nightly")).unwrap();
+    assert!(
+        row.ends_with("paused") && !paused.contains(":00:00"),
+        "{paused}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&sandbox.cli(&["workflows", "--json"])).unwrap();
+    assert_eq!(json[0]["id"], "nightly");
+    assert_eq!(json[0]["paused"], true);
+}
+
+#[test]
+fn a_unique_start_of_a_run_id_names_the_run_and_an_ambiguous_one_is_refused() {
+    let sandbox = Sandbox::new("prefix", "id: quick\nsteps:\n  - {id: a, type: noop}\n");
+    let first = last_line(&sandbox.cli(&["run", "quick"]));
+    let second = last_line(&sandbox.cli(&["run", "quick"]));
+    let common = first
+        .chars()
+        .zip(second.chars())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let unique = &first[..common + 1];
+    let shown = sandbox.cli(&["show", unique]);
+    assert!(shown.starts_with(&format!("run       {first}")), "{shown}");
+    let out = sandbox
+        .command()
+        .args(["show", &first[..common]])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("more than one run") && stderr.contains(&first) && stderr.contains(&second),
+        "{stderr}"
+    );
+    sandbox.cli(&["cancel", unique]);
+    assert_eq!(sandbox.show(&first)["status"], "cancelled");
 }

@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::clock::Clock;
 use crate::definition::{Workflow, WorkflowMap};
 use crate::plan::{PlanError, Trigger, plan_run};
+use crate::scheduler::CronSchedule;
 use crate::state::{Millis, RunStatus, Settlement};
 use crate::store::{
     Alert, AuditEntry, CallbackAnswer, ClaimParams, ClaimedJob, Completion, ConnectOptions,
@@ -24,6 +25,8 @@ pub enum EngineError {
     UnknownWorkflow(String),
     #[error("unknown run {0:?}")]
     UnknownRun(String),
+    #[error("{given:?} starts more than one run's id ({matches}): give more of it")]
+    AmbiguousRun { given: String, matches: String },
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error("stored definition of {id} v{version} does not load: {message}")]
@@ -83,6 +86,33 @@ pub enum WebhookDelivery {
 /// changes once stored.
 #[derive(Default)]
 struct VersionCache(Mutex<HashMap<(String, i64), Arc<Workflow>>>);
+
+/// A workflow as it stands: what the store holds of it, the definition its new runs use, and
+/// when its schedule fires next (never while paused).
+#[derive(Debug, Clone)]
+pub struct WorkflowOverview {
+    pub state: WorkflowState,
+    pub workflow: Arc<Workflow>,
+    pub next_fires: Vec<Millis>,
+}
+
+impl WorkflowOverview {
+    fn new(state: WorkflowState, workflow: Arc<Workflow>, now: Millis, fires: usize) -> Self {
+        let next_fires = match workflow.schedule.as_ref().map(CronSchedule::parse) {
+            Some(Ok(cron)) if !state.paused => {
+                std::iter::successors(cron.next_after(now), |at| cron.next_after(*at))
+                    .take(fires)
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        WorkflowOverview {
+            state,
+            workflow,
+            next_fires,
+        }
+    }
+}
 
 pub struct Engine {
     store: Arc<dyn Store>,
@@ -264,6 +294,23 @@ impl Engine {
 
     pub async fn workflows(&self) -> Result<Vec<WorkflowState>> {
         Ok(self.store.workflows().await?)
+    }
+
+    /// Every workflow with the definition its new runs use and its next `fires` fire times.
+    pub async fn overviews(&self, fires: usize) -> Result<Vec<WorkflowOverview>> {
+        let now = self.now();
+        let mut out = Vec::new();
+        for state in self.workflows().await? {
+            let workflow = self.version(&state.id, state.latest_version).await?;
+            out.push(WorkflowOverview::new(state, workflow, now, fires));
+        }
+        Ok(out)
+    }
+
+    pub async fn overview(&self, id: &str, fires: usize) -> Result<WorkflowOverview> {
+        let state = self.workflow_state(id).await?;
+        let workflow = self.version(id, state.latest_version).await?;
+        Ok(WorkflowOverview::new(state, workflow, self.now(), fires))
     }
 
     /// Plans a run of the latest version of `id`.
@@ -514,6 +561,35 @@ impl Engine {
 
     pub async fn runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>> {
         Ok(self.store.list_runs(filter).await?)
+    }
+
+    /// The run a person means by `given`: its id, or the start of exactly one run's id (as
+    /// `switchyard runs` shows them; ids start with their time, so runs started close together
+    /// share the first characters).
+    pub async fn resolve_run(&self, given: &str) -> Result<RunId> {
+        let prefix = given.to_ascii_lowercase();
+        if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(EngineError::UnknownRun(given.to_owned()));
+        }
+        const SHOWN: usize = 3;
+        let found = self
+            .store
+            .run_ids_starting(&prefix, SHOWN as u32 + 1)
+            .await?;
+        match found.as_slice() {
+            [] => Err(EngineError::UnknownRun(given.to_owned())),
+            [one] => Ok(one.clone()),
+            many => {
+                let mut matches = many[..many.len().min(SHOWN)].join(", ");
+                if many.len() > SHOWN {
+                    matches.push_str(", ...");
+                }
+                Err(EngineError::AmbiguousRun {
+                    given: given.to_owned(),
+                    matches,
+                })
+            }
+        }
     }
 
     pub async fn run(&self, run_id: &str) -> Result<RunDetail> {

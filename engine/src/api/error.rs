@@ -251,6 +251,9 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownRun(id) => {
                 ApiError::new(ErrorCode::NotFound, format!("unknown run {id:?}"))
             }
+            ambiguous @ EngineError::AmbiguousRun { .. } => {
+                ApiError::new(ErrorCode::NotFound, ambiguous.to_string())
+            }
             EngineError::Plan(PlanError::InputSchema {
                 workflow,
                 violations,

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::service::WorkflowOverview;
 use crate::state::Millis;
 use crate::store;
 
@@ -288,6 +289,58 @@ impl From<crate::auth::User> for User {
             name: user.name,
             role: user.role.into(),
             updated_at: user.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WorkflowInfo {
+    pub id: String,
+    pub name: Option<String>,
+    pub category: Option<String>,
+    pub description: Option<String>,
+    /// The version new runs start with.
+    pub version: i64,
+    pub paused: bool,
+    pub schedule: Option<ScheduleInfo>,
+    pub created_at: Millis,
+    pub last_fire_at: Option<Millis>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ScheduleInfo {
+    pub cron: String,
+    pub timezone: String,
+    /// `skip`, `queue` or `allow`.
+    #[schema(value_type = String)]
+    pub overlap: crate::definition::Overlap,
+    /// `none`, `latest` or `all`.
+    #[schema(value_type = String)]
+    pub catch_up: crate::definition::CatchUp,
+    /// The next fire times (ms since the epoch); none while paused.
+    pub next_fires: Vec<Millis>,
+}
+
+impl From<&WorkflowOverview> for WorkflowInfo {
+    fn from(overview: &WorkflowOverview) -> Self {
+        let (state, workflow) = (&overview.state, &overview.workflow);
+        let schedule = workflow.schedule.as_ref().map(|s| ScheduleInfo {
+            cron: s.cron.clone(),
+            timezone: s.timezone.clone(),
+            overlap: s.overlap,
+            catch_up: s.catch_up,
+            next_fires: overview.next_fires.clone(),
+        });
+        WorkflowInfo {
+            id: state.id.clone(),
+            name: workflow.name.clone(),
+            category: workflow.category.clone(),
+            description: workflow.description.clone(),
+            version: state.latest_version,
+            paused: state.paused,
+            schedule,
+            created_at: state.created_at,
+            last_fire_at: state.last_fire_at,
         }
     }
 }

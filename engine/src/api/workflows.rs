@@ -9,12 +9,10 @@ use serde_json::Value;
 use super::AppState;
 use super::auth::{Admin, Operator, Viewer};
 use super::error::{ApiError, Bytes, ErrorBody, ErrorCode, Json, Path, Query};
-use super::types::FireRecord;
+use super::types::{FireRecord, WorkflowInfo};
 use crate::definition::{Format, Workflow, WorkflowMap, check_str};
 use crate::plan::Trigger;
-use crate::scheduler::CronSchedule;
-use crate::state::Millis;
-use crate::store::{DefinitionOrigin, WorkflowState};
+use crate::store::DefinitionOrigin;
 
 /// How many upcoming fires a workflow listing shows.
 const NEXT_FIRES: usize = 3;
@@ -30,84 +28,12 @@ pub struct PublicWorkflow {
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct WorkflowInfo {
-    pub id: String,
-    pub name: Option<String>,
-    pub category: Option<String>,
-    pub description: Option<String>,
-    /// The version new runs start with.
-    pub version: i64,
-    pub paused: bool,
-    pub schedule: Option<ScheduleInfo>,
-    pub created_at: Millis,
-    pub last_fire_at: Option<Millis>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ScheduleInfo {
-    pub cron: String,
-    pub timezone: String,
-    /// `skip`, `queue` or `allow`.
-    #[schema(value_type = String)]
-    pub overlap: crate::definition::Overlap,
-    /// `none`, `latest` or `all`.
-    #[schema(value_type = String)]
-    pub catch_up: crate::definition::CatchUp,
-    /// The next fire times (ms since the epoch); none while paused.
-    pub next_fires: Vec<Millis>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct WorkflowDetail {
     #[serde(flatten)]
     pub info: WorkflowInfo,
     /// The definition of `version`, in the shape of the definition format.
     #[schema(value_type = Object)]
     pub definition: Value,
-}
-
-fn info(state: &WorkflowState, workflow: &Workflow, now: Millis) -> WorkflowInfo {
-    let schedule = workflow.schedule.as_ref().map(|s| ScheduleInfo {
-        cron: s.cron.clone(),
-        timezone: s.timezone.clone(),
-        overlap: s.overlap,
-        catch_up: s.catch_up,
-        next_fires: match CronSchedule::parse(s) {
-            Ok(cron) if !state.paused => {
-                let mut fires = Vec::with_capacity(NEXT_FIRES);
-                let mut after = now;
-                while fires.len() < NEXT_FIRES {
-                    let Some(next) = cron.next_after(after) else {
-                        break;
-                    };
-                    fires.push(next);
-                    after = next;
-                }
-                fires
-            }
-            _ => Vec::new(),
-        },
-    });
-    WorkflowInfo {
-        id: state.id.clone(),
-        name: workflow.name.clone(),
-        category: workflow.category.clone(),
-        description: workflow.description.clone(),
-        version: state.latest_version,
-        paused: state.paused,
-        schedule,
-        created_at: state.created_at,
-        last_fire_at: state.last_fire_at,
-    }
-}
-
-async fn all(state: &AppState) -> Result<Vec<(WorkflowState, std::sync::Arc<Workflow>)>, ApiError> {
-    let mut out = Vec::new();
-    for ws in state.engine.workflows().await? {
-        let workflow = state.engine.version(&ws.id, ws.latest_version).await?;
-        out.push((ws, workflow));
-    }
-    Ok(out)
 }
 
 /// Names and descriptions of every workflow; no definitions, no runs.
@@ -121,16 +47,18 @@ pub async fn public_workflows(
     State(state): State<AppState>,
 ) -> Result<Json<Vec<PublicWorkflow>>, ApiError> {
     Ok(Json(
-        all(&state)
+        state
+            .engine
+            .overviews(0)
             .await?
             .into_iter()
-            .map(|(ws, wf)| PublicWorkflow {
-                id: ws.id,
-                name: wf.name.clone(),
-                category: wf.category.clone(),
-                description: wf.description.clone(),
-                scheduled: wf.schedule.is_some(),
-                paused: ws.paused,
+            .map(|o| PublicWorkflow {
+                id: o.state.id,
+                name: o.workflow.name.clone(),
+                category: o.workflow.category.clone(),
+                description: o.workflow.description.clone(),
+                scheduled: o.workflow.schedule.is_some(),
+                paused: o.state.paused,
             })
             .collect(),
     ))
@@ -151,12 +79,13 @@ pub async fn list_workflows(
     _: Viewer,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<WorkflowInfo>>, ApiError> {
-    let now = state.engine.now();
     Ok(Json(
-        all(&state)
+        state
+            .engine
+            .overviews(NEXT_FIRES)
             .await?
             .iter()
-            .map(|(ws, wf)| info(ws, wf, now))
+            .map(WorkflowInfo::from)
             .collect(),
     ))
 }
@@ -178,11 +107,11 @@ pub async fn show_workflow(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<WorkflowDetail>, ApiError> {
-    let ws = state.engine.workflow_state(&id).await?;
-    let workflow = state.engine.version(&id, ws.latest_version).await?;
+    let overview = state.engine.overview(&id, NEXT_FIRES).await?;
     Ok(Json(WorkflowDetail {
-        info: info(&ws, &workflow, state.engine.now()),
-        definition: serde_json::to_value(workflow.as_ref()).expect("definitions serialize"),
+        info: WorkflowInfo::from(&overview),
+        definition: serde_json::to_value(overview.workflow.as_ref())
+            .expect("definitions serialize"),
     }))
 }
 
@@ -327,8 +256,8 @@ async fn checked_body(
         )
     })?;
     let mut existing = WorkflowMap::new();
-    for (ws, wf) in all(state).await? {
-        existing.insert(ws.id, wf);
+    for overview in state.engine.overviews(0).await? {
+        existing.insert(overview.state.id, overview.workflow);
     }
     let kinds: Vec<&str> = state.step_kinds.iter().map(String::as_str).collect();
     check_str("request body", text, format, &existing, &kinds).map_err(|errors| {

@@ -1593,6 +1593,16 @@ impl Reads for SqliteStore {
         })
     }
 
+    async fn run_ids_starting(&self, prefix: &str, limit: u32) -> Result<Vec<RunId>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM runs WHERE id >= ?1 AND id < ?1 || '~' ORDER BY id LIMIT ?2",
+        )
+        .bind(prefix)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
     async fn loop_context(&self, loop_job: JobId) -> Result<LoopContext> {
         let row = sqlx::query(
             "SELECT r.input, l.checkpoint->'outputs' AS outputs \
