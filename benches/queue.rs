@@ -37,6 +37,9 @@ impl StepKind for Probe {
     fn name(&self) -> &'static str {
         "probe"
     }
+    fn with_schema(&self) -> Value {
+        serde_json::json!({})
+    }
     async fn run(&self, call: StepCall) -> StepResult {
         let n = call.with.get("n").and_then(Value::as_u64).unwrap_or(0);
         let _ = self.0.send((n, Instant::now()));

@@ -15,7 +15,7 @@ use switchyard_engine::api::{
 };
 use switchyard_engine::auth::{TokenKeys, cli_actor, put_user};
 use switchyard_engine::clock::SystemClock;
-use switchyard_engine::definition::{WorkflowMap, json_schema, load_paths};
+use switchyard_engine::definition::{WorkflowMap, json_schema_with, load_paths};
 use switchyard_engine::health::{Heartbeats, watch_database};
 use switchyard_engine::keys::{self, MasterKeys};
 use switchyard_engine::maintenance::run_maintenance;
@@ -82,7 +82,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match command {
         Command::Validate { paths } => validate(&global, paths),
         Command::Schema => {
-            out!("{}", serde_json::to_string_pretty(&json_schema())?);
+            out!(
+                "{}",
+                serde_json::to_string_pretty(&json_schema_with(&Registry::builtin().step_kinds()))?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Token {
@@ -351,10 +354,9 @@ async fn open(global: &Global) -> anyhow::Result<(Arc<Engine>, MasterKeys)> {
     }
     switchyard_engine::settings::use_master_keys(&engine, master.clone());
     if let Some(file) = new_file {
-        eprintln!(
-            "note: created a new, empty database: {} (--database or SWITCHYARD_DATABASE_URL \
-             names another)",
-            file.display()
+        tracing::warn!(
+            path = %file.display(),
+            "created a new, empty database (--database or SWITCHYARD_DATABASE_URL names another)"
         );
     }
     Ok((engine, master))
@@ -372,7 +374,7 @@ async fn token_keys(engine: &Engine, master: &MasterKeys) -> anyhow::Result<Toke
 
 fn load_definitions(paths: &[std::path::PathBuf]) -> anyhow::Result<WorkflowMap> {
     let registry = Registry::builtin();
-    load_paths(paths, &registry.names()).map_err(|errors| anyhow::anyhow!("{errors}"))
+    load_paths(paths, &registry.step_kinds()).map_err(|errors| anyhow::anyhow!("{errors}"))
 }
 
 fn validate(global: &Global, paths: Vec<std::path::PathBuf>) -> anyhow::Result<ExitCode> {
@@ -381,7 +383,7 @@ fn validate(global: &Global, paths: Vec<std::path::PathBuf>) -> anyhow::Result<E
     } else {
         paths
     };
-    match load_paths(&paths, &Registry::builtin().names()) {
+    match load_paths(&paths, &Registry::builtin().step_kinds()) {
         Ok(workflows) => {
             out!("ok: {} workflows", workflows.len());
             Ok(ExitCode::SUCCESS)
@@ -487,13 +489,7 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
             engine: engine.clone(),
             heartbeats: heartbeats.clone(),
             keys,
-            step_kinds: Arc::new(
-                Registry::builtin()
-                    .names()
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect(),
-            ),
+            step_kinds: Arc::new(Registry::builtin().step_kinds()),
             limiter: RateLimiter::new(RateLimit {
                 per_second: api.api_rate,
                 burst: api.api_burst,

@@ -954,6 +954,27 @@ steps:
 }
 
 #[tokio::test]
+async fn an_uploaded_definition_is_refused_with_each_key_its_step_kind_does_not_take() {
+    let api = Api::start("typed-with").await;
+    let admin = api.token("admin", &[]);
+    let typo = "id: typed\nsteps:\n  - id: a\n    type: http\n    with: {url: \"https://example.com\", methd: GET, timeout: 5 parsecs}\n";
+    let reply = api
+        .send_yaml(Method::POST, "/api/admin/workflows", &admin, typo)
+        .await;
+    let message = reply.assert_error(422, "invalid_definition");
+    assert!(
+        message.contains("request body:5:40: http step: `with` takes no key `methd`")
+            && message.contains("not a duration"),
+        "{reply}"
+    );
+    let listed = api.get("/api/workflows", &admin).await;
+    assert!(
+        !listed.to_string().contains("typed"),
+        "nothing was stored: {listed}"
+    );
+}
+
+#[tokio::test]
 async fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
     let api = Api::start("bad-input").await;
     let admin = api.token("admin", &[]);

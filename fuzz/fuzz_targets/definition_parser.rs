@@ -3,16 +3,20 @@
 //! `RUSTC_BOOTSTRAP=1 cargo fuzz run definition_parser`).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use switchyard_engine::definition::{self, Format, TemplateContext, WorkflowMap};
+use std::sync::LazyLock;
 
-const KINDS: &[&str] = &["http", "transform", "sleep", "noop", "workflow"];
+use libfuzzer_sys::fuzz_target;
+use switchyard_engine::definition::{self, Format, StepKinds, TemplateContext, WorkflowMap};
+
+/// The built-in kinds, each `with` checked against what it takes.
+static KINDS: LazyLock<StepKinds> =
+    LazyLock::new(|| switchyard_workers::Registry::builtin().step_kinds());
 
 fuzz_target!(|data: &[u8]| {
     for format in [Format::Yaml, Format::Json] {
         let _ = definition::parse_bytes("fuzz", data, format);
         if let Ok(text) = std::str::from_utf8(data) {
-            let _ = definition::check_str("fuzz", text, format, &WorkflowMap::new(), KINDS);
+            let _ = definition::check_str("fuzz", text, format, &WorkflowMap::new(), &KINDS);
         }
     }
     // Templates are part of definitions too; the fuel limit must hold on any of them.

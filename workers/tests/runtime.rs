@@ -179,6 +179,9 @@ impl StepKind for PanicsOnce {
     fn name(&self) -> &'static str {
         "panics_once"
     }
+    fn with_schema(&self) -> Value {
+        serde_json::json!({})
+    }
     async fn run(&self, call: StepCall) -> StepResult {
         if call.attempt == 1 {
             panic!("first attempt");
@@ -294,6 +297,9 @@ struct Poison;
 impl StepKind for Poison {
     fn name(&self) -> &'static str {
         "poison"
+    }
+    fn with_schema(&self) -> Value {
+        serde_json::json!({})
     }
     async fn run(&self, call: StepCall) -> StepResult {
         match call.with["poison"].as_str() {

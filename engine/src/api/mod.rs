@@ -44,8 +44,9 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub heartbeats: Arc<Heartbeats>,
     pub keys: TokenKeys,
-    /// The step kinds this deployment's workers run, for validating definitions.
-    pub step_kinds: Arc<Vec<String>>,
+    /// The step kinds this deployment's workers run, with what each takes in `with`, for
+    /// validating definitions.
+    pub step_kinds: Arc<crate::definition::StepKinds>,
     pub limiter: Arc<RateLimiter>,
     /// The Prometheus recorder's handle, when the process installed one.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,

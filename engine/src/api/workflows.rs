@@ -259,8 +259,7 @@ async fn checked_body(
     for overview in state.engine.overviews(0).await? {
         existing.insert(overview.state.id, overview.workflow);
     }
-    let kinds: Vec<&str> = state.step_kinds.iter().map(String::as_str).collect();
-    check_str("request body", text, format, &existing, &kinds).map_err(|errors| {
+    check_str("request body", text, format, &existing, &state.step_kinds).map_err(|errors| {
         ApiError::with_status(
             StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::InvalidDefinition,

@@ -18,6 +18,15 @@ pub struct DefinitionError {
 #[derive(Debug, Clone, Default, PartialEq, Eq, thiserror::Error)]
 pub struct DefinitionErrors(pub Vec<DefinitionError>);
 
+impl DefinitionErrors {
+    /// The problems in source order: by origin, then line and column (checks find them in
+    /// another order).
+    pub(crate) fn in_source_order(mut errors: Vec<DefinitionError>) -> Self {
+        errors.sort_by(|a, b| (&a.origin, a.line, a.column).cmp(&(&b.origin, b.line, b.column)));
+        DefinitionErrors(errors)
+    }
+}
+
 impl fmt::Display for DefinitionErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, e) in self.0.iter().enumerate() {

@@ -8,6 +8,7 @@
 
 mod error;
 mod input_schema;
+mod kinds;
 mod locate;
 pub mod model;
 mod parse;
@@ -17,11 +18,12 @@ mod validate;
 
 pub use error::{DefinitionError, DefinitionErrors};
 pub use input_schema::{InputSchema, Violation};
+pub use kinds::{DURATION_FORMAT, PathPart, StepKinds, WithProblem, templated};
 pub use model::*;
 pub use parse::{
     Format, MAX_DEFINITION_BYTES, ParsedSource, load_paths, parse_bytes, parse_source, parse_str,
 };
-pub use schema::{DefinitionFile, WorkflowsFile, json_schema};
+pub use schema::{DefinitionFile, WorkflowsFile, json_schema, json_schema_with};
 pub use template::{
     SecretError, Secrets, TemplateContext, TemplateError, has_template, is_truthy, reads_run_data,
     render_str, render_value,

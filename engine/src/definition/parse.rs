@@ -10,6 +10,7 @@ use serde::de::{MapAccess, Visitor};
 use serde_saphyr::{DefaultMessageFormatter, MessageFormatter};
 
 use super::error::{DefinitionError, DefinitionErrors};
+use super::kinds::StepKinds;
 use super::locate::{LocNode, Pos, START, Seg, pos};
 use super::model::{Workflow, WorkflowMap};
 
@@ -327,10 +328,7 @@ impl<'de> Deserialize<'de> for Ordered {
 
 /// Loads every `.yaml`/`.yml`/`.json` file among `paths` (directories are read one level deep,
 /// in name order) and validates them all together. Every problem of every file is reported.
-pub fn load_paths(
-    paths: &[PathBuf],
-    known_kinds: &[&str],
-) -> Result<WorkflowMap, DefinitionErrors> {
+pub fn load_paths(paths: &[PathBuf], kinds: &StepKinds) -> Result<WorkflowMap, DefinitionErrors> {
     let mut errors = Vec::new();
     let mut files = Vec::new();
     for path in paths {
@@ -379,12 +377,12 @@ pub fn load_paths(
         }
     }
 
-    match super::validate::validate(&sources, &WorkflowMap::new(), known_kinds) {
+    match super::validate::validate(&sources, &WorkflowMap::new(), kinds) {
         Ok(map) if errors.is_empty() => Ok(map),
-        Ok(_) => Err(DefinitionErrors(errors)),
+        Ok(_) => Err(DefinitionErrors::in_source_order(errors)),
         Err(e) => {
             errors.extend(e.0);
-            Err(DefinitionErrors(errors))
+            Err(DefinitionErrors::in_source_order(errors))
         }
     }
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde_json::Value;
 
+use super::kinds::StepKinds;
 use super::model::Workflow;
 
 /// A definition file: one workflow (with `id`), or `workflows: {<id>: <workflow>}`.
@@ -52,6 +53,34 @@ const ALIASES: &[(&str, &str, &str)] = &[
     ("Notifications", "webhook_url", "webhookUrl"),
     ("ScheduleObject", "catch_up", "catchUp"),
 ];
+
+/// [`json_schema`] with each step's `with` checked against its kind's schema (templates allowed
+/// wherever a value is), so that editors complete and check it per `type`.
+pub fn json_schema_with(kinds: &StepKinds) -> Value {
+    let mut schema = json_schema();
+    let by_kind: Vec<Value> = kinds
+        .schemas()
+        .map(|(name, with)| {
+            serde_json::json!({
+                "if": { "properties": { "type": { "const": name } }, "required": ["type"] },
+                "then": { "properties": { "with": with } }
+            })
+        })
+        .collect();
+    if let Some(step) = schema
+        .pointer_mut("/$defs/Step")
+        .and_then(Value::as_object_mut)
+    {
+        if let Some(Value::Object(kind)) =
+            step.get_mut("properties").and_then(|p| p.get_mut("type"))
+        {
+            let names: Vec<&str> = kinds.names();
+            kind.insert("enum".to_owned(), serde_json::json!(names));
+        }
+        step.insert("allOf".to_owned(), Value::Array(by_kind));
+    }
+    schema
+}
 
 /// The schema of [`DefinitionFile`] (Draft 2020-12), aliases included.
 pub fn json_schema() -> Value {

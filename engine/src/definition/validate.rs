@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::error::{DefinitionError, DefinitionErrors};
 use super::input_schema::InputSchema;
+use super::kinds::{PathPart, StepKinds};
 use super::locate::Seg;
 use super::model::{MAX_ITEMS, PRIORITIES, Step, WAIT_KIND, Workflow, WorkflowMap};
 use super::parse::{Format, ParsedSource, make_error, parse_source};
@@ -40,20 +41,20 @@ pub fn check_str(
     text: &str,
     format: Format,
     existing: &WorkflowMap,
-    known_kinds: &[&str],
+    kinds: &StepKinds,
 ) -> Result<Vec<Workflow>, DefinitionErrors> {
     let source = parse_source(origin, text, format)?;
-    validate(std::slice::from_ref(&source), existing, known_kinds)?;
+    validate(std::slice::from_ref(&source), existing, kinds)?;
     Ok(source.workflows)
 }
 
 /// Validates parsed sources together. `existing` holds workflows loaded elsewhere (e.g. the store)
 /// that `type: workflow` steps may name; a source workflow with the same id replaces one there.
-/// `known_kinds` are the step kinds the workers provide. Returns the sources' workflows by id.
+/// `kinds` are the step kinds the workers provide, with what each takes in `with`. Returns the sources' workflows by id.
 pub fn validate(
     sources: &[ParsedSource],
     existing: &WorkflowMap,
-    known_kinds: &[&str],
+    kinds: &StepKinds,
 ) -> Result<WorkflowMap, DefinitionErrors> {
     let mut errors: Vec<DefinitionError> = Vec::new();
     let mut map = WorkflowMap::new();
@@ -94,7 +95,7 @@ pub fn validate(
             let mut check = Check {
                 src,
                 wi,
-                known_kinds,
+                kinds,
                 all: &all,
                 errors: &mut errors,
                 part: "steps",
@@ -107,7 +108,7 @@ pub fn validate(
     if errors.is_empty() {
         Ok(map)
     } else {
-        Err(DefinitionErrors(errors))
+        Err(DefinitionErrors::in_source_order(errors))
     }
 }
 
@@ -122,7 +123,7 @@ fn valid_id(id: &str) -> bool {
 struct Check<'a, 'e> {
     src: &'a ParsedSource,
     wi: usize,
-    known_kinds: &'a [&'a str],
+    kinds: &'a StepKinds,
     all: &'a HashMap<&'a str, &'a Workflow>,
     errors: &'e mut Vec<DefinitionError>,
     /// The list of steps being checked: `steps` or `on_failure`.
@@ -133,6 +134,18 @@ impl Check<'_, '_> {
     fn err(&mut self, path: &[Seg<'_>], key: bool, message: String) {
         let at = self.src.at(self.wi, path, key);
         self.errors.push(make_error(&self.src.origin, at, message));
+    }
+
+    /// Step `i`'s `with` against what its kind takes, each problem at its key or value.
+    fn with_fits_kind(&mut self, i: usize, step: &Step) {
+        for problem in self.kinds.check(&step.kind, &step.with) {
+            let mut path = vec![Seg::Key(self.part), Seg::Index(i), Seg::Key("with")];
+            path.extend(problem.path.iter().map(|part| match part {
+                PathPart::Key(key) => Seg::Key(key),
+                PathPart::Index(index) => Seg::Index(*index),
+            }));
+            self.err(&path, problem.at_key, problem.message);
+        }
     }
 
     fn workflow(&mut self, wf: &Workflow) {
@@ -304,19 +317,18 @@ impl Check<'_, '_> {
             } else {
                 index.insert(&step.id, i);
             }
-            if !self.known_kinds.contains(&step.kind.as_str()) {
-                let mut kinds = self.known_kinds.to_vec();
-                kinds.sort_unstable();
+            if !self.kinds.contains(&step.kind) {
                 self.err(
                     &[Seg::Key(self.part), Seg::Index(i), Seg::Key("type")],
                     false,
                     format!(
                         "unknown step type `{}` (known: {})",
                         step.kind,
-                        kinds.join(", ")
+                        self.kinds.names().join(", ")
                     ),
                 );
             }
+            self.with_fits_kind(i, step);
             if step.timeout.is_some_and(|t| t.0.is_zero()) {
                 self.err(
                     &[Seg::Key(self.part), Seg::Index(i), Seg::Key("timeout")],
@@ -480,17 +492,17 @@ impl Check<'_, '_> {
         }
     }
 
-    /// `with: { signal: NAME, timeout }`: a literal name, one step per name (a signal finds its
-    /// step by name), and a duration.
+    /// `with.signal`: a literal name, one step per name (a signal finds its step by name). That
+    /// it is there, and `timeout` a duration, is what the kind's `with` schema says.
     fn wait<'w>(&mut self, i: usize, step: &'w Step, signals: &mut HashMap<&'w str, &'w str>) {
-        let with = [Seg::Key(self.part), Seg::Index(i), Seg::Key("with")];
-        let signal_path = [with[0], with[1], with[2], Seg::Key("signal")];
+        let signal_path = [
+            Seg::Key(self.part),
+            Seg::Index(i),
+            Seg::Key("with"),
+            Seg::Key("signal"),
+        ];
         match step.with.get("signal").and_then(Value::as_str) {
-            None => self.err(
-                &with,
-                false,
-                "a `wait` step needs `with.signal`: the name of the signal it waits for".to_owned(),
-            ),
+            None => {}
             Some(name) if !valid_id(name) => self.err(
                 &signal_path,
                 false,
@@ -508,15 +520,6 @@ impl Check<'_, '_> {
                     );
                 }
             }
-        }
-        match step.with.get("timeout") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(text)) if humantime::parse_duration(text).is_ok() => {}
-            Some(other) => self.err(
-                &[with[0], with[1], with[2], Seg::Key("timeout")],
-                false,
-                format!("`timeout` must be a duration such as \"24h\", not {other}"),
-            ),
         }
     }
 

@@ -19,10 +19,12 @@ use reqwest::header::{
     RETRY_AFTER,
 };
 use reqwest::{Method, StatusCode, Url};
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use switchyard_engine::state::StepFailure;
 
-use super::{StepCall, StepKind, StepOutcome, StepResult, str_field};
+use super::{StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
 use crate::egress::{CheckedResolver, EgressPolicy, Refused};
 
 /// Characters of a failed answer's body quoted in the error: enough to tell what went wrong,
@@ -31,6 +33,69 @@ const EXCERPT: usize = 256;
 /// The largest body read; a bigger one fails the attempt. Outputs are capped at 1 MiB anyway.
 const MAX_BODY: usize = 1024 * 1024;
 const MAX_REDIRECTS: usize = 10;
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct HttpWith {
+    /// `GET` (the default), `HEAD`, `POST`, `PUT`, `PATCH`, `DELETE` or `OPTIONS`.
+    #[schemars(extend("pattern" = "(?i)^(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS)$"))]
+    method: Option<String>,
+    url: String,
+    /// Header names and values; values may reference secrets.
+    #[serde(default)]
+    #[schemars(schema_with = "header_values")]
+    headers: Option<Map<String, Value>>,
+    /// `{bearer: TOKEN}` or `{basic: {username, password}}`; values may reference secrets.
+    #[serde(default)]
+    #[schemars(schema_with = "auth")]
+    auth: Option<Value>,
+    /// Query parameters, added to the URL.
+    #[serde(default)]
+    #[schemars(schema_with = "header_values")]
+    query: Option<Value>,
+    /// Sent as JSON.
+    #[schemars(with = "Option<serde_json::Value>")]
+    body: Option<Value>,
+    /// How long the request may take, such as `10s`.
+    #[schemars(extend("format" = "duration"))]
+    timeout: Option<String>,
+}
+
+fn header_values(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "additionalProperties": { "type": ["string", "number", "boolean"] }
+    })
+}
+
+fn auth(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "oneOf": [
+            {
+                "type": "object",
+                "additionalProperties": false,
+                "required": ["bearer"],
+                "properties": { "bearer": { "type": "string" } }
+            },
+            {
+                "type": "object",
+                "additionalProperties": false,
+                "required": ["basic"],
+                "properties": {
+                    "basic": {
+                        "type": "object",
+                        "additionalProperties": false,
+                        "required": ["username", "password"],
+                        "properties": {
+                            "username": { "type": "string" },
+                            "password": { "type": "string" }
+                        }
+                    }
+                }
+            }
+        ]
+    })
+}
 
 pub struct Http {
     policy: Arc<EgressPolicy>,
@@ -86,7 +151,7 @@ fn refused(why: Refused) -> StepFailure {
 }
 
 /// The request's headers, and the names of those that carry a secret.
-fn headers(call: &StepCall) -> Result<(HeaderMap, Vec<HeaderName>), StepFailure> {
+fn headers(call: &StepCall, with: &HttpWith) -> Result<(HeaderMap, Vec<HeaderName>), StepFailure> {
     let mut map = HeaderMap::new();
     let mut secret = Vec::new();
     let mut add = |name: HeaderName, text: &str, carries: bool| -> Result<(), StepFailure> {
@@ -103,10 +168,7 @@ fn headers(call: &StepCall) -> Result<(HeaderMap, Vec<HeaderName>), StepFailure>
         map.insert(name, value);
         Ok(())
     };
-    if let Some(given) = call.with.get("headers") {
-        let given = given
-            .as_object()
-            .ok_or_else(|| invalid("http step: `with.headers` must be a map"))?;
+    if let Some(given) = &with.headers {
         for (name, value) in given {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| invalid(format!("http step: bad header name {name:?}")))?;
@@ -117,7 +179,7 @@ fn headers(call: &StepCall) -> Result<(HeaderMap, Vec<HeaderName>), StepFailure>
             add(name, &text, false)?;
         }
     }
-    if let Some(auth) = call.with.get("auth") {
+    if let Some(auth) = &with.auth {
         let (value, carries) = authorization(call, auth)?;
         add(AUTHORIZATION, &value, carries)?;
     }
@@ -238,30 +300,34 @@ impl StepKind for Http {
         "http"
     }
 
+    fn with_schema(&self) -> Value {
+        with_schema::<HttpWith>()
+    }
+
     fn secret_fields(&self) -> &'static [&'static str] {
         &["headers", "auth"]
     }
 
     async fn run(&self, call: StepCall) -> StepResult {
-        let with = &call.with;
-        let text = str_field(with, "http", "url")?;
-        let given = with.get("method").and_then(Value::as_str).unwrap_or("GET");
+        let with: HttpWith = parse_with("http", &call.with)?;
+        let text = with.url.as_str();
+        let given = with.method.as_deref().unwrap_or("GET");
         let mut method = Method::from_bytes(given.to_ascii_uppercase().as_bytes())
             .map_err(|_| invalid(format!("http step: unknown method {given:?}")))?;
         let from_input = call.reads_run_data("url");
-        let (mut headers, secret_headers) = headers(&call)?;
+        let (mut headers, secret_headers) = headers(&call, &with)?;
         let carries_secrets = !secret_headers.is_empty();
-        let timeout = match with.get("timeout").and_then(Value::as_str) {
+        let timeout = match with.timeout.as_deref() {
             Some(t) => Some(
                 humantime::parse_duration(t)
                     .map_err(|e| invalid(format!("http step: `with.timeout` {t:?}: {e}")))?,
             ),
             None => None,
         };
-        let mut body = with.get("body").filter(|b| !b.is_null()).cloned();
+        let mut body = with.body.clone().filter(|b| !b.is_null());
         // The query joins the URL once, as reqwest encodes it; a redirect's Location is whole.
         let mut request = self.client.request(method.clone(), text);
-        if let Some(query) = with.get("query") {
+        if let Some(query) = &with.query {
             request = request.query(query);
         }
         let mut url = request
@@ -415,20 +481,27 @@ mod tests {
         }
     }
 
+    /// The headers a step with `with` sends.
+    fn headers_of(with: Value) -> (HeaderMap, Vec<HeaderName>) {
+        let mut with = with;
+        with["url"] = json!("http://example.com/");
+        let call = call(with);
+        let parsed: HttpWith = parse_with("http", &call.with).unwrap();
+        headers(&call, &parsed).unwrap()
+    }
+
     #[test]
     fn idempotency_key_is_sent_unless_the_step_sets_one() {
-        let (h, _) = headers(&call(json!({}))).unwrap();
+        let (h, _) = headers_of(json!({}));
         assert_eq!(h["idempotency-key"], "run:step");
-        let (h, _) = headers(&call(json!({ "headers": { "Idempotency-Key": "mine" } }))).unwrap();
+        let (h, _) = headers_of(json!({ "headers": { "Idempotency-Key": "mine" } }));
         assert_eq!(h["idempotency-key"], "mine");
     }
 
     #[test]
     fn basic_auth_encodes_the_resolved_credentials() {
-        let (h, _) = headers(&call(
-            json!({ "auth": { "basic": { "username": "ann", "password": "pw" } } }),
-        ))
-        .unwrap();
+        let (h, _) =
+            headers_of(json!({ "auth": { "basic": { "username": "ann", "password": "pw" } } }));
         assert_eq!(h[AUTHORIZATION], "Basic YW5uOnB3");
     }
 }

@@ -13,8 +13,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use schemars::JsonSchema;
+use schemars::generate::SchemaSettings;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
-use switchyard_engine::definition::Secrets;
+use switchyard_engine::definition::{Secrets, StepKinds};
 
 use crate::egress::EgressPolicy;
 use switchyard_engine::state::{Millis, StepFailure};
@@ -89,6 +92,9 @@ pub trait StepKind: Send + Sync + 'static {
     fn secret_fields(&self) -> &'static [&'static str] {
         &[]
     }
+    /// What `with` takes, as a JSON Schema (see [`with_schema`]): definitions are checked
+    /// against it when they load, and editors complete it.
+    fn with_schema(&self) -> Value;
     async fn run(&self, call: StepCall) -> StepResult;
 }
 
@@ -130,14 +136,38 @@ impl Registry {
         names.sort_unstable();
         names
     }
+
+    /// The kinds with what each takes in `with`, for checking definitions.
+    pub fn step_kinds(&self) -> StepKinds {
+        StepKinds::new(
+            self.0
+                .iter()
+                .map(|(name, kind)| ((*name).to_owned(), kind.with_schema())),
+        )
+        .expect("the built-in kinds' `with` schemas compile")
+    }
 }
 
-/// Reads `with.<field>` as a string, or fails naming the field.
-fn str_field<'a>(with: &'a Value, kind: &str, field: &str) -> Result<&'a str, StepFailure> {
-    with.get(field).and_then(Value::as_str).ok_or_else(|| {
-        StepFailure::permanent(
-            "invalid_parameters",
-            format!("{kind} step needs `with.{field}` as a string"),
-        )
+/// The JSON Schema of `T` as a step kind's `with`: draft 2020-12, every subschema inline.
+pub(crate) fn with_schema<T: JsonSchema>() -> Value {
+    let mut schema = SchemaSettings::draft2020_12()
+        .with(|s| s.inline_subschemas = true)
+        .into_generator()
+        .into_root_schema_for::<T>()
+        .to_value();
+    if let Some(map) = schema.as_object_mut() {
+        map.remove("$schema");
+        map.remove("title");
+    }
+    schema
+}
+
+/// Reads the rendered `with` (absent: `{}`) as the kind's parameters, or fails the attempt for
+/// good naming what is wrong: rendering may give what loading could not check.
+pub(crate) fn parse_with<T: DeserializeOwned>(kind: &str, with: &Value) -> Result<T, StepFailure> {
+    let empty = Value::Object(serde_json::Map::new());
+    let with = if with.is_null() { &empty } else { with };
+    T::deserialize(with).map_err(|e| {
+        StepFailure::permanent("invalid_parameters", format!("{kind} step: `with`: {e}"))
     })
 }

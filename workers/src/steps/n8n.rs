@@ -12,16 +12,38 @@
 //! attempt: a worker that dies between the call and the park calls again on the next attempt.
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
 use switchyard_engine::callback::{self, N8N_CALLBACK_PATH};
 use switchyard_engine::state::StepFailure;
 
 use std::sync::Arc;
 
-use super::{Http, StepCall, StepKind, StepOutcome, StepResult, str_field};
+use super::{Http, StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
 use crate::egress::EgressPolicy;
 
 const DEFAULT_TIMEOUT: &str = "1h";
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct N8nWith {
+    /// The URL of an n8n Webhook trigger.
+    url: String,
+    /// Sent as `input` in the body.
+    #[schemars(with = "Option<serde_json::Value>")]
+    input: Option<Value>,
+    /// Headers to send; values may reference secrets.
+    #[schemars(with = "Option<std::collections::BTreeMap<String, String>>")]
+    headers: Option<Map<String, Value>>,
+    /// Park until n8n calls back (or `timeout` passes) instead of taking its first answer.
+    wait: Option<bool>,
+    /// With `wait`, how long n8n may take to call back (default 1h).
+    #[schemars(extend("format" = "duration"))]
+    timeout: Option<String>,
+    /// With `wait`, where n8n calls back instead of `--public-url`'s `/api/webhooks/n8n`.
+    callback_url: Option<String>,
+}
 
 pub struct N8n {
     http: Http,
@@ -42,9 +64,9 @@ impl N8n {
         }
     }
 
-    fn callback_url(&self, with: &Value) -> Result<String, StepFailure> {
-        if let Some(url) = with.get("callback_url").and_then(Value::as_str) {
-            return Ok(url.to_owned());
+    fn callback_url(&self, with: &N8nWith) -> Result<String, StepFailure> {
+        if let Some(url) = &with.callback_url {
+            return Ok(url.clone());
         }
         match &self.public_url {
             Some(base) => Ok(format!("{base}{N8N_CALLBACK_PATH}")),
@@ -56,11 +78,16 @@ impl N8n {
     }
 
     /// One POST through the `http` step kind; its failures (retryable or not) are this step's.
-    async fn post(&self, call: &StepCall, body: Value) -> Result<Value, StepFailure> {
-        let url = str_field(&call.with, "n8n", "url")?;
-        let mut with = json!({ "method": "POST", "url": url, "body": body, "timeout": "30s" });
-        if let Some(headers) = call.with.get("headers") {
-            with["headers"] = headers.clone();
+    async fn post(
+        &self,
+        call: &StepCall,
+        given: &N8nWith,
+        body: Value,
+    ) -> Result<Value, StepFailure> {
+        let mut with =
+            json!({ "method": "POST", "url": given.url, "body": body, "timeout": "30s" });
+        if let Some(headers) = &given.headers {
+            with["headers"] = Value::Object(headers.clone());
         }
         let request = StepCall {
             with,
@@ -87,23 +114,19 @@ impl StepKind for N8n {
         &["headers"]
     }
 
+    fn with_schema(&self) -> Value {
+        with_schema::<N8nWith>()
+    }
+
     async fn run(&self, call: StepCall) -> StepResult {
-        let wait = match call.with.get("wait") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "n8n step: `with.wait` must be true or false, not {other}"
-                )));
-            }
-        };
+        let with: N8nWith = parse_with("n8n", &call.with)?;
         let mut body = json!({
             "run_id": call.run_id,
             "step_id": call.step_id,
-            "input": call.with.get("input").cloned().unwrap_or(Value::Null),
+            "input": with.input.clone().unwrap_or(Value::Null),
         });
-        if !wait {
-            return self.post(&call, body).await.map(StepOutcome::Output);
+        if !with.wait.unwrap_or(false) {
+            return self.post(&call, &with, body).await.map(StepOutcome::Output);
         }
         // What this attempt stored so far. An earlier attempt's token is not this one's, and the
         // store drops the token when an attempt is given back (a worker shutting down): then
@@ -113,14 +136,10 @@ impl StepKind for N8n {
                 && c["callback_token"].is_string()
         });
         let Some(mut state) = state else {
-            let text = call
-                .with
-                .get("timeout")
-                .and_then(Value::as_str)
-                .unwrap_or(DEFAULT_TIMEOUT);
+            let text = with.timeout.as_deref().unwrap_or(DEFAULT_TIMEOUT);
             let timeout = humantime::parse_duration(text)
                 .map_err(|e| invalid(format!("n8n step: `with.timeout` {text:?}: {e}")))?;
-            self.callback_url(&call.with)?;
+            self.callback_url(&with)?;
             return Ok(StepOutcome::Park {
                 until: Some(call.now),
                 checkpoint: json!({
@@ -151,10 +170,10 @@ impl StepKind for N8n {
         if state["called"] != Value::Bool(true) {
             let secret = state["callback_token"].as_str().unwrap_or_default();
             body["callback"] = json!({
-                "url": self.callback_url(&call.with)?,
+                "url": self.callback_url(&with)?,
                 "token": callback::token(&call.run_id, &call.step_id, secret),
             });
-            self.post(&call, body).await?;
+            self.post(&call, &with, body).await?;
             state["called"] = Value::Bool(true);
         } else if call.now >= deadline {
             return Err(StepFailure::transient(

@@ -2,17 +2,31 @@
 //! hands it back when the time comes, after a restart too.
 
 use async_trait::async_trait;
-use serde_json::json;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{Value, json};
 use switchyard_engine::state::StepFailure;
 
-use super::{StepCall, StepKind, StepOutcome, StepResult, str_field};
+use super::{StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
 
 pub struct Sleep;
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SleepWith {
+    /// How long, such as `30s`, `5m` or `1h 30m`.
+    #[schemars(extend("format" = "duration"))]
+    duration: String,
+}
 
 #[async_trait]
 impl StepKind for Sleep {
     fn name(&self) -> &'static str {
         "sleep"
+    }
+
+    fn with_schema(&self) -> Value {
+        with_schema::<SleepWith>()
     }
 
     async fn run(&self, call: StepCall) -> StepResult {
@@ -24,8 +38,8 @@ impl StepKind for Sleep {
         {
             Some(until) => until,
             None => {
-                let text = str_field(&call.with, "sleep", "duration")?;
-                let duration = humantime::parse_duration(text).map_err(|e| {
+                let SleepWith { duration: text } = parse_with("sleep", &call.with)?;
+                let duration = humantime::parse_duration(&text).map_err(|e| {
                     StepFailure::permanent(
                         "invalid_parameters",
                         format!("sleep step: `with.duration` {text:?}: {e}"),

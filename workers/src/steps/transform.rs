@@ -1,11 +1,21 @@
-//! `transform`: its output is its rendered `with.output` (or the whole `with` when there is no
-//! `output` key). Templates did the work already.
+//! `transform`: its output is its rendered `with.output`. Templates did the work already.
 
 use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::Value;
 
-use super::{StepCall, StepKind, StepOutcome, StepResult};
+use super::{StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
 
 pub struct Transform;
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct TransformWith {
+    /// The step's output: any value, with templates anywhere in it.
+    #[schemars(with = "serde_json::Value")]
+    output: Value,
+}
 
 #[async_trait]
 impl StepKind for Transform {
@@ -13,13 +23,12 @@ impl StepKind for Transform {
         "transform"
     }
 
+    fn with_schema(&self) -> Value {
+        with_schema::<TransformWith>()
+    }
+
     async fn run(&self, call: StepCall) -> StepResult {
-        let output = match call.with {
-            serde_json::Value::Object(mut map) if map.contains_key("output") => {
-                map.remove("output").unwrap_or_default()
-            }
-            other => other,
-        };
+        let TransformWith { output } = parse_with("transform", &call.with)?;
         Ok(StepOutcome::Output(output))
     }
 }

@@ -6,13 +6,25 @@
 //! policy, and a retry waits again.
 
 use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use switchyard_engine::callback::signal_token;
 use switchyard_engine::state::StepFailure;
 
-use super::{StepCall, StepKind, StepOutcome, StepResult, str_field};
+use super::{StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
 
 pub struct Wait;
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct WaitWith {
+    /// The signal's name (`[a-z0-9_-]+`), as `switchyard signal RUN NAME` sends it.
+    signal: String,
+    /// How long to wait before the attempt fails, such as `24h`; none: as long as the run may.
+    #[schemars(extend("format" = "duration"))]
+    timeout: Option<String>,
+}
 
 fn invalid(message: String) -> StepFailure {
     StepFailure::permanent("invalid_parameters", message)
@@ -24,9 +36,16 @@ impl StepKind for Wait {
         "wait"
     }
 
+    fn with_schema(&self) -> Value {
+        with_schema::<WaitWith>()
+    }
+
     async fn run(&self, call: StepCall) -> StepResult {
-        let name = str_field(&call.with, "wait", "signal")?;
-        let token = signal_token(name);
+        let WaitWith {
+            signal: name,
+            timeout,
+        } = parse_with("wait", &call.with)?;
+        let token = signal_token(&name);
         let checkpoint = call
             .checkpoint
             .as_ref()
@@ -37,26 +56,21 @@ impl StepKind for Wait {
         // What this attempt parked with; an earlier attempt's deadline is not this one's.
         let parked = checkpoint.filter(|c| c["attempt"].as_u64() == Some(u64::from(call.attempt)));
         let Some(parked) = parked else {
-            let timeout = match call.with.get("timeout") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(text)) => Some(
+            let wait = match &timeout {
+                None => None,
+                Some(text) => Some(
                     humantime::parse_duration(text)
                         .map_err(|e| invalid(format!("wait step: `with.timeout` {text:?}: {e}")))?,
                 ),
-                Some(other) => {
-                    return Err(invalid(format!(
-                        "wait step: `with.timeout` must be a duration such as \"24h\", not {other}"
-                    )));
-                }
             };
-            let deadline = timeout.map(|t| call.now.saturating_add(t.as_millis() as i64));
+            let deadline = wait.map(|t| call.now.saturating_add(t.as_millis() as i64));
             return Ok(StepOutcome::Park {
                 until: deadline,
                 checkpoint: json!({
                     "callback_token": token,
                     "attempt": call.attempt,
                     "deadline": deadline,
-                    "timeout": call.with.get("timeout"),
+                    "timeout": timeout,
                 }),
             });
         };

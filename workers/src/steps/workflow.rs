@@ -4,12 +4,30 @@
 //! is merged into every child's input.
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
 use switchyard_engine::state::StepFailure;
 
-use super::{ChildRun, StepCall, StepKind, StepOutcome, StepResult};
+use super::{ChildRun, StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
 
 pub struct StartWorkflows;
+
+/// Either `workflows` (each started once) or `workflow` (once, or once per item of
+/// `for_each`); the definition check says which combinations it takes.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct WorkflowWith {
+    /// Workflow ids, each started once.
+    workflows: Option<Vec<String>>,
+    /// A workflow id, started once or once per item of `for_each`.
+    workflow: Option<String>,
+    /// A list: one child run of `workflow` per item, with `{item, index}` in its input.
+    #[schemars(with = "Option<Vec<serde_json::Value>>")]
+    for_each: Option<Value>,
+    /// Merged into every child's input.
+    input: Option<Map<String, Value>>,
+}
 
 fn invalid(message: impl Into<String>) -> StepFailure {
     StepFailure::permanent("invalid_parameters", message)
@@ -21,49 +39,38 @@ impl StepKind for StartWorkflows {
         "workflow"
     }
 
+    fn with_schema(&self) -> Value {
+        with_schema::<WorkflowWith>()
+    }
+
     async fn run(&self, call: StepCall) -> StepResult {
-        let with = &call.with;
-        let shared = match with.get("input") {
-            None | Some(Value::Null) => serde_json::Map::new(),
-            Some(Value::Object(map)) => map.clone(),
-            Some(_) => return Err(invalid("workflow step: `with.input` must be an object")),
-        };
-        let children = if let Some(list) = with.get("workflows") {
-            let ids = list
-                .as_array()
-                .ok_or_else(|| invalid("workflow step: `with.workflows` must be a list of ids"))?;
-            ids.iter()
-                .map(|id| {
-                    let workflow = id.as_str().ok_or_else(|| {
-                        invalid("workflow step: `with.workflows` must be a list of ids")
-                    })?;
-                    Ok(ChildRun {
-                        workflow: workflow.to_owned(),
-                        input: Value::Object(shared.clone()),
-                    })
+        let with: WorkflowWith = parse_with("workflow", &call.with)?;
+        let shared = with.input.unwrap_or_default();
+        let children = if let Some(ids) = with.workflows {
+            ids.into_iter()
+                .map(|workflow| ChildRun {
+                    workflow,
+                    input: Value::Object(shared.clone()),
                 })
-                .collect::<Result<Vec<_>, StepFailure>>()?
+                .collect()
         } else {
-            let workflow = with
-                .get("workflow")
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    invalid("workflow step needs `with.workflows` (a list) or `with.workflow`")
-                })?;
-            match with.get("for_each") {
-                None => vec![ChildRun {
-                    workflow: workflow.to_owned(),
+            let workflow = with.workflow.ok_or_else(|| {
+                invalid("workflow step needs `with.workflows` (a list) or `with.workflow`")
+            })?;
+            match with.for_each {
+                None | Some(Value::Null) => vec![ChildRun {
+                    workflow,
                     input: Value::Object(shared),
                 }],
                 Some(Value::Array(items)) => items
-                    .iter()
+                    .into_iter()
                     .enumerate()
                     .map(|(index, item)| {
                         let mut input = shared.clone();
-                        input.insert("item".into(), item.clone());
+                        input.insert("item".into(), item);
                         input.insert("index".into(), json!(index));
                         ChildRun {
-                            workflow: workflow.to_owned(),
+                            workflow: workflow.clone(),
                             input: Value::Object(input),
                         }
                     })
