@@ -1289,3 +1289,25 @@ fn a_loop_names_its_limit_sensibly_and_only_on_kinds_that_can_loop() {
         "id: t\nsteps:\n  - {id: a, type: wait, for_each: '{{ [1] }}', with: {signal: go}}\n";
     assert_one_error(waits, 3, 19, "a wait step cannot loop");
 }
+
+#[test]
+fn crons_and_negative_numbers_are_explained_in_words() {
+    assert_one_error(
+        "id: c\nschedule: \"61 * * * *\"\nsteps:\n  - {id: a, type: noop}\n",
+        2,
+        11,
+        "the minute field `61` is not valid (it takes 0-59)",
+    );
+    assert_one_error(
+        "id: c\nschedule: \"* * *\"\nsteps:\n  - {id: a, type: noop}\n",
+        2,
+        11,
+        "it has 3 fields; a cron expression has 5",
+    );
+    assert_one_error(
+        "id: c\nretry: {max_retries: -1}\nsteps:\n  - {id: a, type: noop}\n",
+        2,
+        22,
+        "expected a whole number, 0 or more",
+    );
+}

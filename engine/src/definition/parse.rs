@@ -211,7 +211,33 @@ fn yaml_error(origin: &str, err: &serde_saphyr::Error) -> DefinitionErrors {
     let message = DefaultMessageFormatter
         .format_message(err.without_snippet())
         .into_owned();
-    DefinitionErrors(vec![make_error(origin, at, message)])
+    DefinitionErrors(vec![make_error(origin, at, plain(message))])
+}
+
+/// The parser's words for a number of the wrong kind, in a person's.
+fn plain(message: String) -> String {
+    let unsigned = [
+        "invalid u8",
+        "invalid u16",
+        "invalid u32",
+        "invalid u64",
+        "invalid usize",
+    ];
+    let signed = [
+        "invalid i8",
+        "invalid i16",
+        "invalid i32",
+        "invalid i64",
+        "invalid isize",
+    ];
+    let text = message.trim();
+    if unsigned.contains(&text) {
+        "expected a whole number, 0 or more".to_owned()
+    } else if signed.contains(&text) {
+        "expected a whole number".to_owned()
+    } else {
+        message
+    }
 }
 
 /// Parses without cross-workflow validation, keeping source positions for [`super::validate`].

@@ -164,7 +164,11 @@ impl Check<'_, '_> {
                 self.err(
                     &[Seg::Key("schedule"), Seg::Key("cron")],
                     false,
-                    format!("invalid cron expression `{}`: {e}", schedule.cron),
+                    format!(
+                        "invalid cron expression `{}`: {}",
+                        schedule.cron,
+                        cron_problem(&schedule.cron, &e)
+                    ),
                 );
             }
             if jiff::tz::TimeZone::get(&schedule.timezone).is_err() {
@@ -590,6 +594,41 @@ pub(crate) fn parse_cron(expr: &str) -> Result<croner::Cron, croner::errors::Cro
         .year(Year::Disallowed)
         .build()
         .parse(expr)
+}
+
+/// What is wrong with a cron expression croner refused, in words: the field count, or the first
+/// field that croner refuses on its own (the others made `*`) with the values that field takes.
+fn cron_problem(expr: &str, error: &croner::errors::CronError) -> String {
+    const FIVE: [(&str, &str); 5] = [
+        ("minute", "0-59"),
+        ("hour", "0-23"),
+        ("day-of-month", "1-31"),
+        ("month", "1-12 or JAN-DEC"),
+        ("day-of-week", "0-7 or SUN-SAT, 0 and 7 both Sunday"),
+    ];
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let names: Vec<(&str, &str)> = match fields.len() {
+        5 => FIVE.to_vec(),
+        6 => std::iter::once(("second", "0-59")).chain(FIVE).collect(),
+        n => {
+            return format!(
+                "it has {n} fields; a cron expression has 5 (minute hour day-of-month month \
+                 day-of-week), or 6 with seconds first"
+            );
+        }
+    };
+    for (i, (name, takes)) in names.iter().enumerate() {
+        let alone: Vec<&str> = (0..fields.len())
+            .map(|j| if j == i { fields[j] } else { "*" })
+            .collect();
+        if parse_cron(&alone.join(" ")).is_err() {
+            return format!(
+                "the {name} field `{}` is not valid (it takes {takes})",
+                fields[i]
+            );
+        }
+    }
+    error.to_string()
 }
 
 /// Every string in `value` that holds a template, with its path.
