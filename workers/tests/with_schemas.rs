@@ -113,6 +113,28 @@ steps:
     assert_eq!(found, Vec::<String>::new());
 }
 
+#[test]
+fn a_script_step_takes_its_code_written_out() {
+    let found = problems(
+        "id: scripted
+steps:
+  - id: run
+    type: script
+    with:
+      run: python3
+      code: \"print({{ input.expr }})\"
+      input: \"{{ input }}\"
+",
+    );
+    assert_eq!(
+        found,
+        [
+            "7:13: script step: `with.code`: holds a template; write it out (a run's data never \
+          becomes it)"
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_kind_refuses_for_good_what_only_rendering_could_show() {
     let kind = Registry::builtin();

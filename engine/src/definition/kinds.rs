@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use jsonschema::error::{TypeKind, ValidationErrorKind};
 use serde_json::{Map, Value, json};
 
-/// A string holding a template (`{{ }}`, `{% %}` or `{# #}`; see `template::is_template`).
-const TEMPLATE_PATTERN: &str = r"\{\{|\{%|\{#";
+/// A string holding a template (`{{ }}`, `{% %}` or `{# #}`; see `template::is_template`). A
+/// kind refuses templates in a field with `not: {pattern: TEMPLATE_PATTERN}`.
+pub const TEMPLATE_PATTERN: &str = r"\{\{|\{%|\{#";
 
 /// The `format` of a duration field (`30s`, `5m`, `1h 30m`), checked with humantime.
 pub const DURATION_FORMAT: &str = "duration";
@@ -219,6 +220,9 @@ fn explain(error: &jsonschema::ValidationError<'_>, out: &mut Vec<(String, Probl
         }
         ValidationErrorKind::Format { format } if format == DURATION_FORMAT => {
             Problem::NotDuration(error.instance().clone().into_owned())
+        }
+        ValidationErrorKind::Not { schema } if schema["pattern"] == TEMPLATE_PATTERN => {
+            Problem::Other("holds a template; write it out (a run's data never becomes it)".into())
         }
         ValidationErrorKind::Type { kind } => {
             let names: Vec<String> = match kind {

@@ -4,6 +4,7 @@
 mod http;
 mod n8n;
 mod noop;
+mod script;
 mod sleep;
 mod transform;
 mod wait;
@@ -25,6 +26,7 @@ use switchyard_engine::state::{Millis, StepFailure};
 pub use http::Http;
 pub use n8n::N8n;
 pub use noop::Noop;
+pub use script::Script;
 pub use sleep::Sleep;
 pub use transform::Transform;
 pub use wait::Wait;
@@ -116,6 +118,7 @@ impl Registry {
         registry.add(Http::with_policy(egress.clone()));
         registry.add(N8n::with_policy(public_url, egress));
         registry.add(Transform);
+        registry.add(Script);
         registry.add(Sleep);
         registry.add(Noop);
         registry.add(Wait);

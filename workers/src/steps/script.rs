@@ -1,0 +1,237 @@
+//! `script`: a few lines of code run as a step, as n8n's Code node or Windmill's scripts do.
+//! `with: { run: python3, code: "...", input, env }` writes `code` to a file in a scratch folder
+//! of its own and runs `run <file>` there, with `input` as JSON on standard input. The output is
+//! the last line of standard output that parses as JSON (`null` when none does); an exit status
+//! other than 0 fails the attempt (retryably) with the end of standard error.
+//!
+//! The script gets a clean environment: `PATH` (the worker's, to find its interpreter), `HOME`
+//! (its scratch folder), `LANG`, and the variables `env` names, whose values may be secrets.
+//! It runs in a process group of its own, killed whole when the step times out, is cancelled,
+//! or its worker stops waiting: nothing it started outlives the attempt. `code` and `run` are
+//! the definition's own text: templates in them could turn a run's input into code, so loading
+//! refuses them (and the kind refuses them again).
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+
+use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::Value;
+use switchyard_engine::definition::TEMPLATE_PATTERN;
+use switchyard_engine::state::StepFailure;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use super::{StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
+
+/// Most of standard output kept to find the output in; a script that prints more fails.
+const MAX_STDOUT: usize = 1024 * 1024;
+/// The end of standard error kept for a failure's message.
+const STDERR_TAIL: usize = 2048;
+
+pub struct Script;
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ScriptWith {
+    /// The program that runs the code, found on the worker's PATH, with any arguments before
+    /// the code's file: `python3`, `node`, `bash`, `deno run`.
+    #[schemars(extend("not" = { "pattern": TEMPLATE_PATTERN }))]
+    run: String,
+    /// The code, written out: no template.
+    #[schemars(extend("not" = { "pattern": TEMPLATE_PATTERN }))]
+    code: String,
+    /// Sent as JSON on standard input (default `null`).
+    #[schemars(with = "Option<serde_json::Value>")]
+    input: Option<Value>,
+    /// Environment variables the script gets besides PATH, HOME and LANG; values may
+    /// reference secrets.
+    env: Option<BTreeMap<String, String>>,
+}
+
+fn invalid(message: impl Into<String>) -> StepFailure {
+    StepFailure::permanent("invalid_parameters", message)
+}
+
+/// Kills a script's whole process group when dropped: on success it has ended already; on a
+/// timeout or cancel the attempt's future is dropped mid-run, and this is what stops it.
+#[cfg(unix)]
+struct ProcessGroup(Option<rustix::process::Pid>);
+
+#[cfg(unix)]
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// Reads `stream` to its end, keeping at most `limit` bytes: the first ones, or with `tail`
+/// the last ones. Returns them and whether more came.
+async fn read_bounded(
+    mut stream: impl AsyncRead + Unpin,
+    limit: usize,
+    tail: bool,
+) -> std::io::Result<(Vec<u8>, bool)> {
+    let mut kept = Vec::new();
+    let mut more = false;
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok((kept, more));
+        }
+        kept.extend_from_slice(&chunk[..n]);
+        if kept.len() > limit {
+            more = true;
+            if tail {
+                kept.drain(..kept.len() - limit);
+            } else {
+                kept.truncate(limit);
+            }
+        }
+    }
+}
+
+/// The last line of `stdout` that parses as JSON.
+fn last_json_line(stdout: &str) -> Option<Value> {
+    stdout
+        .lines()
+        .rev()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .find_map(|line| serde_json::from_str(line).ok())
+}
+
+#[async_trait]
+impl StepKind for Script {
+    fn name(&self) -> &'static str {
+        "script"
+    }
+
+    fn secret_fields(&self) -> &'static [&'static str] {
+        &["env"]
+    }
+
+    fn with_schema(&self) -> Value {
+        with_schema::<ScriptWith>()
+    }
+
+    async fn run(&self, call: StepCall) -> StepResult {
+        let with: ScriptWith = parse_with("script", &call.with)?;
+        if call.reads_run_data("code") || call.reads_run_data("run") {
+            return Err(invalid(
+                "script step: `code` and `run` are written out in the definition; pass data in \
+                 `input`",
+            ));
+        }
+        let mut words = with.run.split_whitespace();
+        let program = words
+            .next()
+            .ok_or_else(|| invalid("script step: `with.run` names no program"))?;
+        let scratch = tempfile::Builder::new()
+            .prefix("switchyard-script-")
+            .tempdir()
+            .map_err(|e| StepFailure::transient("script", format!("no scratch folder: {e}")))?;
+        let file = scratch.path().join("step");
+        tokio::fs::write(&file, &with.code)
+            .await
+            .map_err(|e| StepFailure::transient("script", format!("cannot write the code: {e}")))?;
+
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(words)
+            .arg(&file)
+            .current_dir(scratch.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", scratch.path())
+            .env("LANG", "C.UTF-8")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        #[cfg(unix)]
+        command.process_group(0);
+        for (name, value) in with.env.iter().flatten() {
+            let value = call
+                .secrets
+                .reveal(value)
+                .map_err(|e| invalid(format!("script step: `with.env.{name}`: {e}")))?;
+            command.env(name, value);
+        }
+        let mut child = command.spawn().map_err(|e| {
+            invalid(format!(
+                "script step: cannot run `{program}` (is it installed on the worker's PATH?): {e}"
+            ))
+        })?;
+        #[cfg(unix)]
+        let _group = ProcessGroup(
+            child
+                .id()
+                .and_then(|id| rustix::process::Pid::from_raw(id as i32)),
+        );
+
+        let input = serde_json::to_vec(&with.input.unwrap_or(Value::Null))
+            .expect("a JSON value serializes");
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        // A script that does not read its input must not block on a full pipe, nor fail us.
+        let feed = async move {
+            let _ = stdin.write_all(&input).await;
+            drop(stdin);
+        };
+        let (_, out, err, status) = tokio::join!(
+            feed,
+            read_bounded(stdout, MAX_STDOUT, false),
+            read_bounded(stderr, STDERR_TAIL, true),
+            child.wait(),
+        );
+        let io = |e: std::io::Error| StepFailure::transient("script", e.to_string());
+        let (out, too_much) = out.map_err(io)?;
+        let (err, _) = err.map_err(io)?;
+        let status = status.map_err(io)?;
+        let stderr = String::from_utf8_lossy(&err);
+        if !status.success() {
+            let how = match status.code() {
+                Some(code) => format!("exited with status {code}"),
+                None => "was killed by a signal".to_owned(),
+            };
+            let tail = stderr.trim();
+            return Err(StepFailure::transient(
+                "script",
+                if tail.is_empty() {
+                    format!("`{}` {how}", with.run)
+                } else {
+                    format!("`{}` {how}: {tail}", with.run)
+                },
+            ));
+        }
+        if too_much {
+            return Err(invalid(format!(
+                "script step: the script printed over {MAX_STDOUT} bytes; print the output as \
+                 one JSON line"
+            )));
+        }
+        let mut output = last_json_line(&String::from_utf8_lossy(&out)).unwrap_or(Value::Null);
+        call.secrets.redact_sent(&mut output);
+        Ok(StepOutcome::Output(output))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_output_is_the_last_line_that_parses_as_json() {
+        assert_eq!(
+            last_json_line("working...\n{\"a\": 1}\ndone\n"),
+            Some(serde_json::json!({"a": 1}))
+        );
+        assert_eq!(last_json_line("1\n[2]\n  \n"), Some(serde_json::json!([2])));
+        assert_eq!(last_json_line("no json here\n"), None);
+    }
+}

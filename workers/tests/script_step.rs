@@ -1,0 +1,165 @@
+//! The `script` step kind on real interpreters: what goes in, what comes out, what it may see,
+//! and that nothing it starts outlives its attempt.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use switchyard_engine::definition::{Secrets, TemplateContext, render_value};
+use switchyard_workers::{Registry, StepCall, StepOutcome};
+
+/// A call with `with` rendered as the worker renders it, with the secret `token`.
+fn call(with: Value) -> StepCall {
+    let secrets = Secrets::new(BTreeMap::from([("token".to_owned(), "tok-123".to_owned())]));
+    let ctx = TemplateContext {
+        secrets: secrets.clone(),
+        ..TemplateContext::default()
+    };
+    StepCall {
+        with: render_value(&with, &ctx).unwrap(),
+        secrets,
+        reads_run_data: Vec::new(),
+        checkpoint: None,
+        idempotency_key: "run:step".into(),
+        run_id: "run".into(),
+        step_id: "step".into(),
+        attempt: 1,
+        now: 0,
+    }
+}
+
+async fn run(with: Value) -> Result<Value, switchyard_engine::state::StepFailure> {
+    let registry = Registry::builtin();
+    match registry.get("script").unwrap().run(call(with)).await? {
+        StepOutcome::Output(output) => Ok(output),
+        other => panic!("a script answers with output, not {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_script_reads_its_input_and_its_last_json_line_is_the_output() {
+    let output = run(json!({
+        "run": "python3",
+        "code": "import json, sys\ndata = json.load(sys.stdin)\nprint('thinking...')\nprint(json.dumps({'words': len(data['text'].split())}))\nprint('done')\n",
+        "input": { "text": "one two three" }
+    }))
+    .await
+    .unwrap();
+    assert_eq!(output, json!({ "words": 3 }));
+    let nothing = run(json!({ "run": "sh", "code": "echo no json here" }))
+        .await
+        .unwrap();
+    assert_eq!(nothing, Value::Null);
+}
+
+#[tokio::test]
+async fn a_failing_script_fails_the_attempt_with_the_end_of_what_it_printed_to_stderr() {
+    let failure = run(json!({
+        "run": "bash",
+        "code": "echo starting >&2\necho 'KeyError: price' >&2\nexit 3\n"
+    }))
+    .await
+    .unwrap_err();
+    assert!(failure.retryable, "{failure:?}");
+    assert!(
+        failure.message.contains("exited with status 3")
+            && failure.message.contains("KeyError: price"),
+        "{failure:?}"
+    );
+    let missing = run(json!({ "run": "no-such-interpreter", "code": "x" }))
+        .await
+        .unwrap_err();
+    assert!(!missing.retryable, "{missing:?}");
+    assert!(
+        missing.message.contains("no-such-interpreter"),
+        "{missing:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_script_sees_only_the_variables_it_names_and_secrets_never_come_back() {
+    let output = run(json!({
+        "run": "sh",
+        "code": "printf '{\"names\": \"%s\", \"token\": \"%s\"}\\n' \"$(env | cut -d= -f1 | sort | tr '\\n' ' ')\" \"$API_TOKEN\"",
+        "env": { "API_TOKEN": "{{ secrets.token }}", "REGION": "eu" }
+    }))
+    .await
+    .unwrap();
+    let names: Vec<&str> = output["names"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    for name in &names {
+        assert!(
+            [
+                "API_TOKEN",
+                "HOME",
+                "LANG",
+                "PATH",
+                "PWD",
+                "REGION",
+                "SHLVL",
+                "_",
+                "OLDPWD"
+            ]
+            .contains(name),
+            "the script saw {name}: {names:?}"
+        );
+    }
+    assert!(names.contains(&"API_TOKEN") && names.contains(&"REGION"));
+    assert_eq!(
+        output["token"], "[secret]",
+        "the secret went in, and not back out"
+    );
+}
+
+#[tokio::test]
+async fn a_script_whose_attempt_ends_early_is_killed_with_everything_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let script = run(json!({
+        "run": "bash",
+        "code": format!("sleep 300 &\necho $! > {}\nwait\n", pid_file.display())
+    }));
+    // The step's timeout, or a cancel: the attempt's future is dropped while the script runs.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), script)
+            .await
+            .is_err()
+    );
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut gone = false;
+    for _ in 0..50 {
+        // `kill -0` fails once the process has been reaped or is a zombie of init.
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| !stat.contains(") Z "))
+            .unwrap_or(false);
+        if !alive {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        gone,
+        "the script's background `sleep` ({pid}) outlived its attempt"
+    );
+}
+
+#[tokio::test]
+async fn code_is_never_a_template() {
+    let mut call = call(json!({ "run": "sh", "code": "echo {}" }));
+    call.reads_run_data = vec!["code".into()];
+    let failure = Registry::builtin()
+        .get("script")
+        .unwrap()
+        .run(call)
+        .await
+        .unwrap_err();
+    assert!(failure.message.contains("written out"), "{failure:?}");
+}
