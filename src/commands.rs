@@ -84,7 +84,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Schema => {
             out!(
                 "{}",
-                serde_json::to_string_pretty(&json_schema_with(&Registry::builtin().step_kinds()))?
+                serde_json::to_string_pretty(&json_schema_with(&step_kinds()?))?
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -372,9 +372,15 @@ async fn token_keys(engine: &Engine, master: &MasterKeys) -> anyhow::Result<Toke
     .context("loading the token signing keys")
 }
 
+/// The built-in step kinds with what each takes in `with`.
+fn step_kinds() -> anyhow::Result<switchyard_engine::definition::StepKinds> {
+    Registry::builtin()
+        .step_kinds()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
 fn load_definitions(paths: &[std::path::PathBuf]) -> anyhow::Result<WorkflowMap> {
-    let registry = Registry::builtin();
-    load_paths(paths, &registry.step_kinds()).map_err(|errors| anyhow::anyhow!("{errors}"))
+    load_paths(paths, &step_kinds()?).map_err(|errors| anyhow::anyhow!("{errors}"))
 }
 
 fn validate(global: &Global, paths: Vec<std::path::PathBuf>) -> anyhow::Result<ExitCode> {
@@ -383,7 +389,7 @@ fn validate(global: &Global, paths: Vec<std::path::PathBuf>) -> anyhow::Result<E
     } else {
         paths
     };
-    match load_paths(&paths, &Registry::builtin().step_kinds()) {
+    match load_paths(&paths, &step_kinds()?) {
         Ok(workflows) => {
             out!("ok: {} workflows", workflows.len());
             Ok(ExitCode::SUCCESS)
@@ -489,7 +495,7 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
             engine: engine.clone(),
             heartbeats: heartbeats.clone(),
             keys,
-            step_kinds: Arc::new(Registry::builtin().step_kinds()),
+            step_kinds: Arc::new(step_kinds()?),
             limiter: RateLimiter::new(RateLimit {
                 per_second: api.api_rate,
                 burst: api.api_burst,

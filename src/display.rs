@@ -22,9 +22,13 @@ fn zone() -> &'static TimeZone {
 
 /// `2026-12-01 14:03:07 CET`.
 pub fn time(ms: Millis) -> String {
+    time_in(ms, zone())
+}
+
+fn time_in(ms: Millis, zone: &TimeZone) -> String {
     match Timestamp::from_millisecond(ms) {
         Ok(at) => at
-            .to_zoned(zone().clone())
+            .to_zoned(zone.clone())
             .strftime("%Y-%m-%d %H:%M:%S %Z")
             .to_string(),
         Err(_) => ms.to_string(),
@@ -79,7 +83,8 @@ mod tests {
 
     #[test]
     fn times_name_their_zone() {
-        use_utc();
-        assert_eq!(time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(time_in(0, &TimeZone::UTC), "1970-01-01 00:00:00 UTC");
+        let paris = TimeZone::get("Europe/Paris").unwrap();
+        assert_eq!(time_in(0, &paris), "1970-01-01 01:00:00 CET");
     }
 }

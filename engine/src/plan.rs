@@ -76,6 +76,10 @@ pub fn plan_run(
     if !PRIORITIES.contains(&priority) {
         return Err(PlanError::Priority(priority));
     }
+    let request_digest = trigger
+        .idempotency_key
+        .as_ref()
+        .map(|_| crate::store::request_digest(&input, trigger.priority));
     let mut merged = workflow.inputs.clone();
     match input {
         Value::Null => {}
@@ -161,6 +165,7 @@ pub fn plan_run(
         retention_ms: workflow.retention().as_millis() as i64,
         scheduled_at: trigger.scheduled_at,
         idempotency_key: trigger.idempotency_key,
+        request_digest,
         priority,
         jobs,
     })

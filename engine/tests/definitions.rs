@@ -1308,6 +1308,6 @@ fn crons_and_negative_numbers_are_explained_in_words() {
         "id: c\nretry: {max_retries: -1}\nsteps:\n  - {id: a, type: noop}\n",
         2,
         22,
-        "expected a whole number, 0 or more",
+        "expected a whole number from 0 to 4294967295",
     );
 }

@@ -1464,6 +1464,43 @@ pub async fn a_reused_idempotency_key_with_another_input_is_a_conflict(store: Ar
     };
     let runs = store.list_runs(&all).await.unwrap();
     assert_eq!(runs.len(), 1, "the refused start changed nothing");
+
+    // What counts is the request as sent: a new version's defaults change the run's input, not
+    // what an honest retry asks for.
+    let mut changed = linear();
+    changed.inputs.insert("region".into(), json!("eu"));
+    let version = install(&*store, &changed).await;
+    let retried = plan_run(&changed, version, json!({"amount": 5}), trigger.clone()).unwrap();
+    assert_eq!(store.create_runs(vec![retried], T0).await.unwrap(), first);
+}
+
+pub async fn runs_are_found_by_the_start_of_their_id(store: Arc<dyn Store>) {
+    let first = start(&*store, &linear(), Trigger::default()).await;
+    let second = start(&*store, &linear(), Trigger::default()).await;
+    let common = first
+        .chars()
+        .zip(second.chars())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let both = store.run_ids_starting(&first[..common], 10).await.unwrap();
+    let mut expected = vec![first.clone(), second.clone()];
+    expected.sort();
+    assert_eq!(both, expected);
+    assert_eq!(
+        store
+            .run_ids_starting(&first[..common + 1], 10)
+            .await
+            .unwrap(),
+        std::slice::from_ref(&first)
+    );
+    assert_eq!(store.run_ids_starting(&first, 10).await.unwrap(), [first]);
+    assert!(
+        store
+            .run_ids_starting("ffffffff", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 pub async fn run_keeps_the_version_it_started_with(store: Arc<dyn Store>) {
@@ -2757,6 +2794,7 @@ macro_rules! conformance {
                 concurrency_key_holds_runs_until_a_slot_frees,
                 idempotency_key_returns_the_first_run,
                 a_reused_idempotency_key_with_another_input_is_a_conflict,
+                runs_are_found_by_the_start_of_their_id,
                 run_keeps_the_version_it_started_with,
                 finished_runs_are_pruned_after_retention,
                 old_fire_records_are_pruned_but_the_latest_stays,

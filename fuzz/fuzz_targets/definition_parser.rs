@@ -10,7 +10,7 @@ use switchyard_engine::definition::{self, Format, StepKinds, TemplateContext, Wo
 
 /// The built-in kinds, each `with` checked against what it takes.
 static KINDS: LazyLock<StepKinds> =
-    LazyLock::new(|| switchyard_workers::Registry::builtin().step_kinds());
+    LazyLock::new(|| switchyard_workers::Registry::builtin().step_kinds().unwrap());
 
 fuzz_target!(|data: &[u8]| {
     for format in [Format::Yaml, Format::Json] {

@@ -6,7 +6,7 @@ use switchyard_engine::definition::{self, Format, StepKinds, WorkflowMap, json_s
 use switchyard_workers::{Registry, StepCall};
 
 fn kinds() -> StepKinds {
-    Registry::builtin().step_kinds()
+    Registry::builtin().step_kinds().unwrap()
 }
 
 /// Every problem of `yaml`, as `line:column: message`.
@@ -111,6 +111,50 @@ steps:
 ",
     );
     assert_eq!(found, Vec::<String>::new());
+}
+
+#[test]
+fn the_forms_the_kinds_always_took_still_load() {
+    let found = problems(
+        "id: forms
+steps:
+  - id: purge
+    type: http
+    with:
+      method: PURGE
+      url: https://cdn.example.com/page
+      query: [[tag, a], [tag, b]]
+      headers: { X-Retry: 3, X-Flag: true }
+      auth: null
+  - id: lower
+    type: http
+    with: { method: post, url: https://example.com, query: { page: 2 }, headers: null }
+  - id: call
+    type: n8n
+    with: { url: https://n8n.example.com/webhook/x, headers: { X-Count: 3 }, wait: false }
+",
+    );
+    assert_eq!(found, Vec::<String>::new());
+}
+
+#[test]
+fn a_wait_step_needs_its_signal_and_a_duration() {
+    let found = problems(
+        "id: waiting
+steps:
+  - id: approve
+    type: wait
+    with: { timeout: soon }
+",
+    );
+    assert_eq!(
+        found,
+        [
+            "5:5: wait step needs `with.signal`",
+            "5:22: wait step: `with.timeout` is \"soon\", not a duration (write it like 30s, 5m \
+             or 1h 30m)",
+        ]
+    );
 }
 
 #[test]

@@ -129,6 +129,9 @@ impl StepKinds {
                 Problem::Unexpected(keys) => {
                     let takes = allowed_keys(&schema.templated, &path);
                     for key in keys {
+                        if problems.len() >= MAX_PROBLEMS {
+                            break;
+                        }
                         let mut at = path.clone();
                         at.push(PathPart::Key(key.clone()));
                         problems.push(WithProblem {

@@ -214,30 +214,19 @@ fn yaml_error(origin: &str, err: &serde_saphyr::Error) -> DefinitionErrors {
     DefinitionErrors(vec![make_error(origin, at, plain(message))])
 }
 
-/// The parser's words for a number of the wrong kind, in a person's.
+/// The parser's words for a number of the wrong kind (negative, too large, a fraction), in a
+/// person's.
 fn plain(message: String) -> String {
-    let unsigned = [
-        "invalid u8",
-        "invalid u16",
-        "invalid u32",
-        "invalid u64",
-        "invalid usize",
-    ];
-    let signed = [
-        "invalid i8",
-        "invalid i16",
-        "invalid i32",
-        "invalid i64",
-        "invalid isize",
-    ];
-    let text = message.trim();
-    if unsigned.contains(&text) {
-        "expected a whole number, 0 or more".to_owned()
-    } else if signed.contains(&text) {
-        "expected a whole number".to_owned()
-    } else {
-        message
-    }
+    let range = match message.trim() {
+        "invalid u8" => "0 to 255",
+        "invalid u16" => "0 to 65535",
+        "invalid u32" => "0 to 4294967295",
+        "invalid u64" | "invalid usize" => "0 to 18446744073709551615",
+        "invalid i32" => "-2147483648 to 2147483647",
+        "invalid i64" | "invalid isize" => "-9223372036854775808 to 9223372036854775807",
+        _ => return message,
+    };
+    format!("expected a whole number from {range}")
 }
 
 /// Parses without cross-workflow validation, keeping source positions for [`super::validate`].

@@ -133,7 +133,8 @@ pub(crate) struct LoopProgress {
 pub(crate) struct KeyedRun {
     pub idempotency_key: String,
     pub id: RunId,
-    pub input: Option<sqlx::types::Json<Value>>,
+    /// `None` for a run started before digests were kept: then any request matches.
+    pub request_digest: Option<String>,
 }
 
 /// A setting's address.
@@ -473,6 +474,7 @@ fn run_rows(runs: &[(&NewRun, bool)], now: Millis) -> (Value, Vec<Value>) {
             "concurrency_key": run.concurrency.as_ref().map(|c| &c.key),
             "concurrency_limit": run.concurrency.as_ref().map(|c| c.limit),
             "idempotency_key": run.idempotency_key,
+            "request_digest": run.request_digest,
             "timeout_ms": run.timeout_ms,
             "deadline_at": run.timeout_ms.map(|t| now + t),
             "retention_ms": run.retention_ms,
@@ -592,10 +594,15 @@ pub(crate) async fn insert_runs(
 /// A key names one request (Stripe's rule): reusing it with another input is a mistake to
 /// report, not a start to answer with the earlier run.
 fn same_input_under_key(runs: &[NewRun], earlier: &KeyedRun) -> Result<()> {
-    let stored = earlier.input.as_ref().map_or(&Value::Null, |json| &json.0);
+    let Some(stored) = &earlier.request_digest else {
+        return Ok(());
+    };
     let differs = runs.iter().any(|run| {
         run.idempotency_key.as_deref() == Some(earlier.idempotency_key.as_str())
-            && run.input != *stored
+            && run
+                .request_digest
+                .as_ref()
+                .is_some_and(|asked| asked != stored)
     });
     if differs {
         return Err(StoreError::Conflict(format!(

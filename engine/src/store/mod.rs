@@ -208,6 +208,16 @@ pub fn storable_text(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A digest of a start's request: its input as sent (before the workflow's defaults, which a
+/// new version may change) and its priority. JSON objects serialize with sorted keys, so the
+/// same request always digests the same.
+pub fn request_digest(input: &Value, priority: Option<i32>) -> String {
+    use sha2::Digest;
+    let text = serde_json::to_string(&serde_json::json!([input, priority]))
+        .expect("a JSON value serializes");
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
 /// How long fire records, alerts and webhook events are kept: the default retention of runs.
 pub(crate) const RECORDS_KEPT_MS: Millis =
     crate::definition::DEFAULT_RETENTION.as_millis() as Millis;
@@ -342,6 +352,9 @@ pub struct NewRun {
     pub scheduled_at: Option<Millis>,
     /// A second start with the same key returns the first run.
     pub idempotency_key: Option<String>,
+    /// With a key: what the start asked for (see [`request_digest`]); a later start with the
+    /// same key must ask for the same.
+    pub request_digest: Option<String>,
     /// Its jobs are claimed before those of lower priority (see [`crate::definition::PRIORITIES`]).
     pub priority: i32,
     pub jobs: Vec<NewJob>,
@@ -992,21 +1005,35 @@ impl Default for ConnectOptions {
 
 /// The URL with its password masked, for messages and logs.
 pub fn redact_url(url: &str) -> String {
+    const HIDDEN: &str = "***";
     match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some(HIDDEN));
+            }
+            // libpq also takes the password as a parameter (`?password=...`).
+            if parsed.query_pairs().any(|(k, _)| k == "password") {
+                let pairs: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k == "password" {
+                            HIDDEN.into()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             parsed.to_string()
         }
-        Ok(_) => url.to_owned(),
-        // Shown as typed (a path given for a URL, say) unless it may hold a password.
-        Err(_) if !url.contains('@') => url.to_owned(),
-        Err(_) => match url.split_once("://") {
-            Some((scheme, rest)) => {
-                let host = rest.rsplit_once('@').map_or("", |(_, host)| host);
-                format!("{scheme}://***@{host}")
-            }
-            None => "<a database URL with '@' that does not parse>".to_owned(),
-        },
+        // Shown as typed when it cannot hold a password: a path given for a URL, say. Not a
+        // libpq `key=value` string or anything with user information in it.
+        Err(_) if !url.contains(['@', '=']) => url.to_owned(),
+        Err(_) => {
+            "<a database URL that does not parse, not shown: it may hold a password>".to_owned()
+        }
     }
 }
 
@@ -1030,9 +1057,12 @@ pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Arc<dyn
     }
 }
 
-/// The file of a `sqlite:` URL; `None` for an in-memory database.
+/// The file of a `sqlite:` URL; `None` for an in-memory database or any other URL.
 pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
     use std::str::FromStr;
+    if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+        return None;
+    }
     let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
     let file = options.get_filename();
     (!file.as_os_str().is_empty() && file != std::path::Path::new(":memory:"))
@@ -1076,6 +1106,35 @@ fn keep_private(file: &std::path::Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_database_url_is_shown_without_its_password() {
+        for (url, shown) in [
+            ("postgres://app:s3cret@db/sy", "postgres://app:***@db/sy"),
+            (
+                "postgres://app@db/sy?sslmode=require&password=s3cret",
+                "postgres://app@db/sy?sslmode=require&password=***",
+            ),
+            ("/tmp/x.db", "/tmp/x.db"),
+            ("sqlite://switchyard.db", "sqlite://switchyard.db"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+        for url in ["host=db user=app password=s3cret", "nope://a:s3cret@[bad"] {
+            assert!(!redact_url(url).contains("s3cret"), "{url}");
+        }
+    }
+
+    #[test]
+    fn only_a_sqlite_url_names_a_file() {
+        assert_eq!(
+            sqlite_file("sqlite://data/s.db"),
+            Some(std::path::PathBuf::from("data/s.db"))
+        );
+        assert_eq!(sqlite_file("postgres://app:s3cret@db/sy"), None);
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+    }
+
     use super::*;
     use serde_json::json;
 

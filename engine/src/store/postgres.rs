@@ -66,25 +66,7 @@ impl PostgresStore {
             // small, or without statistics (autovacuum may be off), must not scan it whole once
             // it has grown: a prepared statement keeps its plan.
             .options([("jit", "off"), ("enable_seqscan", "off")]);
-        // The pool retries a failing connection until its acquire timeout and then says only
-        // that it timed out; one connection of its own fails fast and says why.
-        match tokio::time::timeout(
-            FIRST_CONNECT,
-            <PgConnection as sqlx::Connection>::connect_with(&options),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => {
-                let _ = sqlx::Connection::close(conn).await;
-            }
-            Ok(Err(e)) => return Err(connect_error(e)),
-            Err(_) => {
-                return Err(StoreError::Connect(format!(
-                    "no answer within {} s",
-                    FIRST_CONNECT.as_secs()
-                )));
-            }
-        }
+        first_connection(&options).await?;
         let pool = PgPoolOptions::new()
             // `PgListener` holds one of the pool's connections for as long as it listens.
             .max_connections(max_connections.max(1) + 1)
@@ -132,8 +114,43 @@ impl PostgresStore {
     }
 }
 
-/// How long the first connection may take before `connect` gives up.
+/// How long `connect` tries for a first connection before it gives up and says why.
 const FIRST_CONNECT: Duration = Duration::from_secs(5);
+
+/// One connection of its own before the pool's: the pool retries a failing connection until its
+/// acquire timeout and then says only that it timed out. A server that refuses connections or
+/// is starting up (it may be restarting, or starting beside this process) is tried again until
+/// [`FIRST_CONNECT`] has passed; then the last cause is the error.
+async fn first_connection(options: &PgConnectOptions) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + FIRST_CONNECT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let tried = tokio::time::timeout(
+            left,
+            <PgConnection as sqlx::Connection>::connect_with(options),
+        )
+        .await;
+        let error = match tried {
+            Ok(Ok(conn)) => {
+                let _ = sqlx::Connection::close(conn).await;
+                return Ok(());
+            }
+            Ok(Err(e)) => connect_error(e),
+            Err(_) => {
+                StoreError::Connect(format!("no answer within {} s", FIRST_CONNECT.as_secs()))
+            }
+        };
+        let worth_waiting = match &error {
+            StoreError::Unavailable(_) => true,
+            StoreError::Connect(cause) => cause.starts_with("connection refused"),
+            _ => false,
+        };
+        if !worth_waiting || tokio::time::Instant::now() + Duration::from_millis(250) >= deadline {
+            return Err(error);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
 
 /// The first connection's failure, with its cause in words: nothing listens there, the host is
 /// unknown, the database does not exist, or the server refused the user. A server starting up or
@@ -281,7 +298,7 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
 
     async fn runs_by_idempotency_key(&mut self, keys: &[&str]) -> Result<Vec<KeyedRun>> {
         Ok(sqlx::query_as(
-            "SELECT idempotency_key, id, input FROM runs WHERE idempotency_key = ANY($1::text[])",
+            "SELECT idempotency_key, id, request_digest FROM runs WHERE idempotency_key = ANY($1::text[])",
         )
         .bind(keys)
         .fetch_all(&mut *self.0)
@@ -312,16 +329,16 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
             "INSERT INTO runs (id, workflow_id, version, status, input, parent_run_id, \
                  parent_job_id, child_index, concurrency_key, concurrency_limit, idempotency_key, \
                  timeout_ms, deadline_at, retention_ms, scheduled_at, created_at, started_at, \
-                 priority) \
+                 priority, request_digest) \
              SELECT r.id, r.workflow_id, r.version, r.status, coalesce(r.input, 'null'), \
                  r.parent_run_id, r.parent_job_id, r.child_index, r.concurrency_key, \
                  r.concurrency_limit, r.idempotency_key, r.timeout_ms, r.deadline_at, \
-                 r.retention_ms, r.scheduled_at, $2, r.started_at, r.priority \
+                 r.retention_ms, r.scheduled_at, $2, r.started_at, r.priority, r.request_digest \
              FROM jsonb_to_recordset($1) AS r(id text, workflow_id text, version bigint, \
                  status text, input jsonb, parent_run_id text, parent_job_id bigint, \
                  child_index bigint, concurrency_key text, concurrency_limit bigint, \
                  idempotency_key text, timeout_ms bigint, deadline_at bigint, retention_ms bigint, \
-                 scheduled_at bigint, started_at bigint, priority smallint) \
+                 scheduled_at bigint, started_at bigint, priority smallint, request_digest text) \
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
              RETURNING id",
         )

@@ -262,7 +262,7 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
     async fn runs_by_idempotency_key(&mut self, keys: &[&str]) -> Result<Vec<KeyedRun>> {
         rows_as(
             sqlx::query(
-                "SELECT idempotency_key, id, input FROM runs \
+                "SELECT idempotency_key, id, request_digest FROM runs \
              WHERE idempotency_key IN (SELECT value FROM json_each(?))",
             )
             .bind(to_json(&keys))
@@ -296,14 +296,14 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
             "INSERT INTO runs (id, workflow_id, version, status, input, parent_run_id, \
                  parent_job_id, child_index, concurrency_key, concurrency_limit, idempotency_key, \
                  timeout_ms, deadline_at, retention_ms, scheduled_at, created_at, started_at, \
-                 priority) \
+                 priority, request_digest) \
              SELECT r.value->>'id', r.value->>'workflow_id', r.value->>'version', \
                  r.value->>'status', coalesce(r.value->'input', 'null'), \
                  r.value->>'parent_run_id', r.value->>'parent_job_id', r.value->>'child_index', \
                  r.value->>'concurrency_key', r.value->>'concurrency_limit', \
                  r.value->>'idempotency_key', r.value->>'timeout_ms', r.value->>'deadline_at', \
                  r.value->>'retention_ms', r.value->>'scheduled_at', ?2, r.value->>'started_at', \
-                 r.value->>'priority' \
+                 r.value->>'priority', r.value->>'request_digest' \
              FROM json_each(?1) AS r WHERE true \
              ON CONFLICT DO NOTHING RETURNING id",
         )

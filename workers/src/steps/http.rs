@@ -37,8 +37,9 @@ const MAX_REDIRECTS: usize = 10;
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct HttpWith {
-    /// `GET` (the default), `HEAD`, `POST`, `PUT`, `PATCH`, `DELETE` or `OPTIONS`.
-    #[schemars(extend("pattern" = "(?i)^(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS)$"))]
+    /// `GET` (the default), `POST`, `PUT`, `PATCH`, `DELETE`, ... or any other method name
+    /// (`PURGE`, `PROPFIND`).
+    #[schemars(extend("pattern" = "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"))]
     method: Option<String>,
     url: String,
     /// Header names and values; values may reference secrets.
@@ -49,9 +50,10 @@ struct HttpWith {
     #[serde(default)]
     #[schemars(schema_with = "auth")]
     auth: Option<Value>,
-    /// Query parameters, added to the URL.
+    /// Query parameters, added to the URL: a map, or a list of `[name, value]` pairs to repeat a
+    /// name.
     #[serde(default)]
-    #[schemars(schema_with = "header_values")]
+    #[schemars(schema_with = "query_values")]
     query: Option<Value>,
     /// Sent as JSON.
     #[schemars(with = "Option<serde_json::Value>")]
@@ -61,16 +63,41 @@ struct HttpWith {
     timeout: Option<String>,
 }
 
-fn header_values(_: &mut SchemaGenerator) -> Schema {
+/// Header values: text, or numbers and booleans sent as text.
+pub(super) fn header_values(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
-        "type": "object",
+        "type": ["object", "null"],
         "additionalProperties": { "type": ["string", "number", "boolean"] }
+    })
+}
+
+fn query_values(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "anyOf": [
+            {
+                "type": ["object", "null"],
+                "additionalProperties": { "type": ["string", "number", "boolean"] }
+            },
+            {
+                "type": "array",
+                "items": {
+                    "type": "array",
+                    "prefixItems": [
+                        { "type": "string" },
+                        { "type": ["string", "number", "boolean"] }
+                    ],
+                    "minItems": 2,
+                    "maxItems": 2
+                }
+            }
+        ]
     })
 }
 
 fn auth(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "oneOf": [
+            { "type": "null" },
             {
                 "type": "object",
                 "additionalProperties": false,

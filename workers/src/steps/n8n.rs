@@ -34,7 +34,8 @@ struct N8nWith {
     #[schemars(with = "Option<serde_json::Value>")]
     input: Option<Value>,
     /// Headers to send; values may reference secrets.
-    #[schemars(with = "Option<std::collections::BTreeMap<String, String>>")]
+    #[serde(default)]
+    #[schemars(schema_with = "super::http::header_values")]
     headers: Option<Map<String, Value>>,
     /// Park until n8n calls back (or `timeout` passes) instead of taking its first answer.
     wait: Option<bool>,
