@@ -66,8 +66,12 @@ pub fn init_logging(cli: &Cli) {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never into a file or a pipe.
-        .with_ansi(std::io::stderr().is_terminal());
+        // Colour codes only for a person at a terminal, never into a file or a pipe, and not
+        // when `NO_COLOR` says no (https://no-color.org).
+        .with_ansi(
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        );
     match cli.global.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
@@ -214,6 +218,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 print_run(&detail);
+                let children = engine.child_runs(&run, CHILDREN_SHOWN + 1).await?;
+                print_children(&children);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -789,6 +795,33 @@ fn print_run(detail: &RunDetail) {
             out!("      output: {}", shortened(&output.to_string()));
         }
         print_items(detail, &s.step_id);
+    }
+}
+
+/// Most child runs `show` lists.
+const CHILDREN_SHOWN: u32 = 20;
+
+/// The runs this run's `workflow` steps started (`children` holds one more than are shown when
+/// there are more).
+fn print_children(children: &[store::RunSummary]) {
+    if children.is_empty() {
+        return;
+    }
+    out!("child runs");
+    let mut table = display::table(&["RUN", "WORKFLOW", "STATUS", "DURATION"]);
+    for child in children.iter().take(CHILDREN_SHOWN as usize) {
+        table.add_row([
+            child.id.clone(),
+            child.workflow_id.clone(),
+            child.status.to_string(),
+            duration(child.started_at, child.finished_at),
+        ]);
+    }
+    for line in table.trim_fmt().lines() {
+        out!("  {line}");
+    }
+    if children.len() > CHILDREN_SHOWN as usize {
+        out!("  ... and more");
     }
 }
 

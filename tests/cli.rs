@@ -201,6 +201,15 @@ fn fanout_demo_aggregates_seven_children() {
         detail["output"]["aggregate"]["results"][0]["report"],
         "amazon_influencer-item"
     );
+    // `show` lists what the run started, and each step's output.
+    let shown = sandbox.cli(&["show", &run]);
+    let children: Vec<&str> = shown
+        .lines()
+        .skip_while(|l| *l != "child runs")
+        .filter(|l| l.contains("fanout_child") && l.contains("succeeded"))
+        .collect();
+    assert_eq!(children.len(), 7, "{shown}");
+    assert!(shown.contains("      output: {"), "{shown}");
 }
 
 #[test]

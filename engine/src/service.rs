@@ -592,6 +592,11 @@ impl Engine {
         }
     }
 
+    /// Up to `limit` runs that `run_id`'s `workflow` steps started, oldest first.
+    pub async fn child_runs(&self, run_id: &str, limit: u32) -> Result<Vec<RunSummary>> {
+        Ok(self.store.child_runs(run_id, limit).await?)
+    }
+
     pub async fn run(&self, run_id: &str) -> Result<RunDetail> {
         self.store
             .run(run_id)

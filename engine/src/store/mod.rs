@@ -622,6 +622,8 @@ pub trait Reads: Send + Sync + 'static {
     /// Runs in `status`, created at or after `created_after` when given.
     async fn count_runs(&self, status: RunStatus, created_after: Option<Millis>) -> Result<i64>;
     async fn run(&self, run_id: &str) -> Result<RunDetail>;
+    /// Up to `limit` child runs of `parent`, oldest first.
+    async fn child_runs(&self, parent: &str, limit: u32) -> Result<Vec<RunSummary>>;
     /// Up to `limit` run ids that start with `prefix` (lower-case hex and dashes), in id order.
     async fn run_ids_starting(&self, prefix: &str, limit: u32) -> Result<Vec<RunId>>;
     /// What the items of a `for_each` step see besides their item: its run's input and the

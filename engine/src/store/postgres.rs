@@ -1827,6 +1827,17 @@ impl Reads for PostgresStore {
         })
     }
 
+    async fn child_runs(&self, parent: &str, limit: u32) -> Result<Vec<RunSummary>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {SUMMARY_COLUMNS} FROM runs WHERE parent_run_id = $1 \
+             ORDER BY created_at, id LIMIT $2"
+        ))
+        .bind(parent)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn run_ids_starting(&self, prefix: &str, limit: u32) -> Result<Vec<RunId>> {
         Ok(sqlx::query_scalar(
             "SELECT id FROM runs WHERE id >= $1 AND id < $1 || '~' ORDER BY id LIMIT $2",

@@ -1611,6 +1611,19 @@ impl Reads for SqliteStore {
         })
     }
 
+    async fn child_runs(&self, parent: &str, limit: u32) -> Result<Vec<RunSummary>> {
+        rows_as(
+            sqlx::query(&format!(
+                "SELECT {SUMMARY_COLUMNS} FROM runs WHERE parent_run_id = ? \
+                 ORDER BY created_at, id LIMIT ?"
+            ))
+            .bind(parent)
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await?,
+        )
+    }
+
     async fn run_ids_starting(&self, prefix: &str, limit: u32) -> Result<Vec<RunId>> {
         Ok(sqlx::query_scalar(
             "SELECT id FROM runs WHERE id >= ?1 AND id < ?1 || '~' ORDER BY id LIMIT ?2",
