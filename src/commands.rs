@@ -430,6 +430,28 @@ fn env_values(prefix: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Definitions stored through the API before the step kinds said what they take in `with` are
+/// not checked again when they load from the database: name each problem now, since its step
+/// will fail when it runs.
+async fn warn_of_stored_definitions_the_kinds_refuse(engine: &Engine) -> anyhow::Result<()> {
+    let kinds = step_kinds()?;
+    for overview in engine.overviews(0).await? {
+        let workflow = &overview.workflow;
+        for step in workflow.steps.iter().chain(&workflow.on_failure) {
+            for problem in kinds.check(&step.kind, &step.with) {
+                tracing::warn!(
+                    workflow = %workflow.id,
+                    version = overview.state.latest_version,
+                    step = %step.id,
+                    "{}; the step will fail when it runs, until a new version fixes it",
+                    problem.message
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What a long-running process serves over HTTP.
 enum Http {
     /// `serve`: the admin API, `/health` and `/metrics`; and the scheduler runs here.
@@ -458,6 +480,7 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
             tracing::warn!(workflow = %id, "no definition file provides this scheduled workflow, \
                 yet it fires from the database; `switchyard remove {id}` stops it");
         }
+        warn_of_stored_definitions_the_kinds_refuse(&engine).await?;
     }
     let (stop, stopped) = watch::channel(false);
     let heartbeats = Arc::new(Heartbeats::default());

@@ -497,3 +497,29 @@ fn a_unique_start_of_a_run_id_names_the_run_and_an_ambiguous_one_is_refused() {
     sandbox.cli(&["cancel", unique]);
     assert_eq!(sandbox.show(&first)["status"], "cancelled");
 }
+
+#[tokio::test]
+async fn serve_names_a_stored_definition_whose_with_its_kind_no_longer_takes() {
+    let mut sandbox = Sandbox::new(
+        "stored-with",
+        "id: old\nsteps:\n  - {id: shape, type: transform, with: {output: 1}}\n",
+    );
+    sandbox.cli(&["migrate"]);
+    sandbox.cli(&["run", "old"]);
+    // As stored by a version that took anything in `with`, and not in a file any more.
+    let pool = sqlx::SqlitePool::connect(&sandbox.database).await.unwrap();
+    sqlx::query(
+        "UPDATE workflow_versions SET definition = \
+         json_set(definition, '$.steps[0].with', json('{\"outptu\": 1}'))",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    std::fs::remove_file(sandbox.dir.join("definitions/test.yaml")).unwrap();
+    sandbox.serve();
+    sandbox.wait_for("serve to name the stored step", || {
+        let logs = sandbox.server_logs();
+        logs.contains("transform step: `with` takes no key `outptu`") && logs.contains("step=shape")
+    });
+}
