@@ -22,7 +22,7 @@ use switchyard_engine::maintenance::run_maintenance;
 use switchyard_engine::plan::Trigger;
 use switchyard_engine::scheduler::run_scheduler;
 use switchyard_engine::service::Engine;
-use switchyard_engine::state::{JobState, RunStatus};
+use switchyard_engine::state::{JobState, Millis, RunStatus};
 use switchyard_engine::store::{self, DefinitionOrigin, RunDetail, RunFilter};
 use switchyard_workers::{EgressPolicy, Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
@@ -677,7 +677,7 @@ async fn run(
     );
     let started = std::time::Instant::now();
     let mut told_unclaimed = false;
-    let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    let mut view = WaitView::new();
     loop {
         let detail = engine.run(&run_id).await?;
         if !told_unclaimed
@@ -691,32 +691,10 @@ async fn run(
                  worker` running on this database? The run waits in it until one does.",
                 UNCLAIMED_NOTICE.as_secs()
             );
+            view.below();
         }
-        // A loop's items show as a count of those finished, not one line each.
-        for (step, (finished, total)) in item_progress(&detail) {
-            let progress = format!("items {finished}/{total} finished");
-            if shown.get(&format!("{step}[]")) != Some(&progress) {
-                eprintln!("  {step:<24} {progress}");
-                shown.insert(format!("{step}[]"), progress);
-            }
-        }
-        for step in detail.steps.iter().filter(|s| s.item_index.is_none()) {
-            let state = step.state.to_string();
-            if shown.get(&step.step_id) != Some(&state) {
-                let attempt = if step.attempt > 1 {
-                    format!(" (attempt {})", step.attempt)
-                } else {
-                    String::new()
-                };
-                let error = step
-                    .error
-                    .as_deref()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default();
-                eprintln!("  {:<24} {state}{attempt}{error}", step.step_id);
-                shown.insert(step.step_id.clone(), state);
-            }
-        }
+        let children = engine.child_runs(&run_id, CHILDREN_COUNTED).await?;
+        view.show(&detail, &children, engine.now());
         let status = detail.summary.status;
         if status.is_finished() {
             eprintln!("run {run_id} {status}");
@@ -737,6 +715,80 @@ async fn run(
     }
 }
 
+/// Most child runs `run --wait` counts.
+const CHILDREN_COUNTED: u32 = 1000;
+
+/// How `run --wait` shows a run's progress: at a terminal, one block redrawn in place (each step
+/// with its state and time, loops' items and child runs counted); elsewhere, a line for each
+/// change, which reads in a log.
+enum WaitView {
+    Live { drawn: usize },
+    Lines { shown: BTreeMap<String, String> },
+}
+
+impl WaitView {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        if std::io::stderr().is_terminal() {
+            WaitView::Live { drawn: 0 }
+        } else {
+            WaitView::Lines {
+                shown: BTreeMap::new(),
+            }
+        }
+    }
+
+    /// Something else was printed: the block goes on below it.
+    fn below(&mut self) {
+        if let WaitView::Live { drawn } = self {
+            *drawn = 0;
+        }
+    }
+
+    fn show(&mut self, detail: &RunDetail, children: &[store::RunSummary], now: Millis) {
+        match self {
+            WaitView::Live { drawn } => {
+                let block = display::progress(detail, children, now);
+                // Up to the block's first line, clear to the end, draw it again.
+                if *drawn > 0 {
+                    eprint!("\x1b[{drawn}F\x1b[J");
+                }
+                for line in &block {
+                    eprintln!("{line}");
+                }
+                *drawn = block.len();
+            }
+            WaitView::Lines { shown } => {
+                // A loop's items show as a count of those finished, not one line each.
+                for (step, (finished, total)) in display::item_progress(detail) {
+                    let progress = format!("items {finished}/{total} finished");
+                    if shown.get(&format!("{step}[]")) != Some(&progress) {
+                        eprintln!("  {step:<24} {progress}");
+                        shown.insert(format!("{step}[]"), progress);
+                    }
+                }
+                for step in detail.steps.iter().filter(|s| s.item_index.is_none()) {
+                    let state = step.state.to_string();
+                    if shown.get(&step.step_id) != Some(&state) {
+                        let attempt = if step.attempt > 1 {
+                            format!(" (attempt {})", step.attempt)
+                        } else {
+                            String::new()
+                        };
+                        let error = step
+                            .error
+                            .as_deref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default();
+                        eprintln!("  {:<24} {state}{attempt}{error}", step.step_id);
+                        shown.insert(step.step_id.clone(), state);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// How long `run --wait` watches a run no worker takes before it says so.
 const UNCLAIMED_NOTICE: Duration = Duration::from_secs(5);
 
@@ -747,21 +799,6 @@ fn database_name(url: &str) -> String {
         Some(file) => format!("{typed} ({})", file.display()),
         None => typed,
     }
-}
-
-fn loop_step(item: &str) -> &str {
-    item.rsplit_once('[').map_or(item, |(step, _)| step)
-}
-
-/// For each `for_each` step of a run: how many of its items have finished, of how many.
-fn item_progress(detail: &RunDetail) -> BTreeMap<&str, (usize, usize)> {
-    let mut progress: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
-    for item in detail.steps.iter().filter(|s| s.item_index.is_some()) {
-        let entry = progress.entry(loop_step(&item.step_id)).or_default();
-        entry.0 += usize::from(item.state.is_finished());
-        entry.1 += 1;
-    }
-    progress
 }
 
 /// Most items `show` lists one by one (those that did not succeed), per `for_each` step.
@@ -867,7 +904,7 @@ fn print_items(detail: &RunDetail, step: &str) {
     let items: Vec<&store::JobDetail> = detail
         .steps
         .iter()
-        .filter(|s| s.item_index.is_some() && loop_step(&s.step_id) == step)
+        .filter(|s| s.item_index.is_some() && display::loop_step(&s.step_id) == step)
         .collect();
     if items.is_empty() {
         return;
