@@ -170,6 +170,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What a run's steps printed (a script's output, each request and its status).
+    Logs {
+        run: String,
+        /// Only this step's lines (a loop's items too).
+        #[arg(long)]
+        step: Option<String>,
+        /// Keep printing new lines until the run ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// Cancel a run; a running step stops within one heartbeat.
     Cancel { run: String },
     /// Run a failed, cancelled or timed-out run's unsuccessful steps again.

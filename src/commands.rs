@@ -223,6 +223,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Logs { run, step, follow } => {
+            let (engine, _) = open(&global).await?;
+            let run = engine.resolve_run(&run).await?;
+            print_logs(&engine, &run, step.as_deref(), follow).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Cancel { run } => {
             let (engine, _) = open(&global).await?;
             let run = engine.resolve_run(&run).await?;
@@ -855,6 +861,43 @@ fn print_run(detail: &RunDetail) {
             out!("      output: {}", shortened(&output.to_string()));
         }
         print_items(detail, &s.step_id);
+    }
+}
+
+/// Prints a run's log lines, `HH:MM:SS step#attempt stream | text`; with `follow`, goes on
+/// until the run has ended and its last lines are printed.
+async fn print_logs(
+    engine: &Engine,
+    run: &str,
+    step: Option<&str>,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let mut after = None;
+    loop {
+        // Read before the status: lines stored before the run ended are then all printed.
+        let finished = engine.run(run).await?.summary.status.is_finished();
+        loop {
+            let lines = engine.step_logs(run, after, 1000).await?;
+            let Some(last) = lines.last() else { break };
+            after = Some(last.id);
+            for line in lines
+                .iter()
+                .filter(|l| step.is_none_or(|s| display::loop_step(&l.step_id) == s))
+            {
+                out!(
+                    "{} {}#{} {} | {}",
+                    display::clock(line.at),
+                    line.step_id,
+                    line.attempt,
+                    line.stream,
+                    line.text
+                );
+            }
+        }
+        if !follow || finished {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

@@ -38,6 +38,17 @@ fn time_in(ms: Millis, zone: &TimeZone) -> String {
     }
 }
 
+/// `14:03:07.250`, in the zone `time` uses.
+pub fn clock(ms: Millis) -> String {
+    match Timestamp::from_millisecond(ms) {
+        Ok(at) => at
+            .to_zoned(zone().clone())
+            .strftime("%H:%M:%S%.3f")
+            .to_string(),
+        Err(_) => ms.to_string(),
+    }
+}
+
 /// `350 ms`, `4.2 s`, `3m 05s`, `2h 10m`.
 pub fn span(ms: Millis) -> String {
     let ms = ms.max(0);

@@ -1892,3 +1892,26 @@ fn header_kid(token: &str) -> String {
     .unwrap();
     header["kid"].as_str().expect("a kid").to_owned()
 }
+
+#[tokio::test]
+async fn a_runs_logs_are_paged_and_an_unknown_run_is_a_404() {
+    let api = Api::start("logs-api").await;
+    let operator = api.token("operator", &[]);
+    let started = api
+        .post(
+            "/api/workflows/hello/start",
+            &operator,
+            json!({"input": {}}),
+        )
+        .await;
+    let run = started.body["run_id"].as_str().unwrap().to_owned();
+    let page = api.get(&format!("/api/runs/{run}/logs"), &operator).await;
+    assert_eq!(page.status, 200, "{page}");
+    assert_eq!(page.body["lines"], json!([]), "{page}");
+    api.get(&format!("/api/runs/{run}/logs?limit=0"), &operator)
+        .await
+        .assert_error(400, "invalid_query");
+    api.get("/api/runs/no-such-run/logs", &operator)
+        .await
+        .assert_error(404, "not_found");
+}

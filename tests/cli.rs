@@ -523,3 +523,58 @@ async fn serve_names_a_stored_definition_whose_with_its_kind_no_longer_takes() {
         logs.contains("transform step: `with` takes no key `outptu`") && logs.contains("step=shape")
     });
 }
+
+#[test]
+fn logs_show_what_each_step_printed_without_its_secrets() {
+    let (base, _hits) = start_counter();
+    let mut sandbox = Sandbox::new(
+        "logs",
+        &format!(
+            "id: printed
+steps:
+  - id: fetch
+    type: http
+    with: {{ url: \"{base}/status/200\" }}
+  - id: count
+    type: script
+    needs: [fetch]
+    with:
+      run: sh
+      env: {{ TOKEN: \"{{{{ secrets.token }}}}\" }}
+      code: |
+        echo \"counting with $TOKEN\"
+        echo 'a warning' >&2
+        echo '{{\"n\": 3}}'
+"
+        ),
+    );
+    sandbox
+        .env
+        .push(("SWITCHYARD_SECRET_TOKEN".into(), "tok-9f8e7d".into()));
+    sandbox.serve();
+    let out = sandbox.output_within(&["run", "printed", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let logs = sandbox.cli(&["logs", &run]);
+    assert!(logs.contains("fetch#1 info | GET "), "{logs}");
+    assert!(logs.contains("HTTP 200 OK in"), "{logs}");
+    assert!(
+        logs.contains("count#1 stdout | counting with [secret]"),
+        "{logs}"
+    );
+    assert!(logs.contains("count#1 stderr | a warning"), "{logs}");
+    assert!(
+        !logs.contains("tok-9f8e7d"),
+        "a secret reached the log: {logs}"
+    );
+    let only = sandbox.cli(&["logs", &run, "--step", "count"]);
+    assert!(
+        !only.contains("fetch#1") && only.contains("count#1"),
+        "{only}"
+    );
+    assert_eq!(step(&sandbox.show(&run), "count")["output"]["n"], 3);
+}

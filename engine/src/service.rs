@@ -415,6 +415,7 @@ impl Engine {
                             error: format!("the database refused this attempt's result: {e}"),
                         },
                         children: Vec::new(),
+                        logs: Vec::new(),
                     };
                     match retry_transient("completion", || {
                         self.store.complete(vec![failure.clone()], self.now())
@@ -590,6 +591,16 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// Up to `limit` lines `run_id`'s steps printed, after the line `after`.
+    pub async fn step_logs(
+        &self,
+        run_id: &str,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<crate::store::LogEntry>> {
+        Ok(self.store.step_logs(run_id, after, limit).await?)
     }
 
     /// Up to `limit` runs that `run_id`'s `workflow` steps started, oldest first.

@@ -54,6 +54,7 @@ async fn a_refused_completion_fails_only_its_step(store: Arc<dyn Store>) {
                 output: if i == 6 { json!("poison") } else { json!("ok") },
             },
             children: Vec::new(),
+            logs: Vec::new(),
         })
         .collect();
 

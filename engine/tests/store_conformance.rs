@@ -10,8 +10,9 @@ use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::state::{JobState, Millis, RunStatus, Settlement};
 use switchyard_engine::store::{
     CallbackAnswer, ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams,
-    InstallParams, NewAuditEntry, NewRun, NewWebhookEvent, RunFilter, SettingChange, Signal,
-    SignalOutcome, SkippedFire, Store, StoreError, TokenRevocation, WebhookAction, WebhookOutcome,
+    InstallParams, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, RunFilter, SettingChange,
+    Signal, SignalOutcome, SkippedFire, Store, StoreError, TokenRevocation, WebhookAction,
+    WebhookOutcome,
 };
 
 const T0: Millis = 1_800_000_000_000;
@@ -73,6 +74,7 @@ fn park(job: &ClaimedJob, until: Millis, checkpoint: Value) -> Completion {
             checkpoint,
         },
         children: Vec::new(),
+        logs: Vec::new(),
     }
 }
 
@@ -81,6 +83,7 @@ fn done(job: &ClaimedJob, output: Value) -> Completion {
         lease: job.lease.clone(),
         settlement: Settlement::Succeed { output },
         children: Vec::new(),
+        logs: Vec::new(),
     }
 }
 
@@ -91,6 +94,7 @@ fn failed(job: &ClaimedJob, error: &str) -> Completion {
             error: error.into(),
         },
         children: Vec::new(),
+        logs: Vec::new(),
     }
 }
 
@@ -125,6 +129,7 @@ async fn park_with_children(
                     checkpoint: json!({}),
                 },
                 children,
+                logs: Vec::new(),
             }],
             T0,
         )
@@ -277,6 +282,7 @@ pub async fn retry_waits_for_its_stored_time(store: Arc<dyn Store>) {
                     error: "boom".into(),
                 },
                 children: Vec::new(),
+                logs: Vec::new(),
             }],
             T0,
         )
@@ -638,6 +644,7 @@ pub async fn a_signal_to_a_running_step_wakes_it_as_it_parks_unless_it_timed_out
             error: "timeout".into(),
         },
         children: Vec::new(),
+        logs: Vec::new(),
     };
     store.complete(vec![retry], T0 + 11).await.unwrap();
     let again = claim(&*store, T0 + LEASE * 10, 1).await.remove(0);
@@ -715,6 +722,7 @@ pub async fn callback_for_an_attempt_that_ended_is_refused(store: Arc<dyn Store>
             error: "n8n answered 502".into(),
         },
         children: Vec::new(),
+        logs: Vec::new(),
     };
     store.complete(vec![retry], T0).await.unwrap();
     assert!(
@@ -743,6 +751,7 @@ pub async fn a_step_given_back_keeps_its_callback(store: Arc<dyn Store>) {
         lease: running.lease.clone(),
         settlement: Settlement::Release,
         children: Vec::new(),
+        logs: Vec::new(),
     };
     store.complete(vec![released], T0 + 2).await.unwrap();
     let again = claim(&*store, T0 + 2, 1).await.remove(0);
@@ -1207,6 +1216,7 @@ async fn job_in_state(
                         lease,
                         settlement,
                         children: Vec::new(),
+                        logs: Vec::new(),
                     }],
                     T0,
                 )
@@ -1323,6 +1333,7 @@ fn done_with(lease: &switchyard_engine::store::Lease, output: Value) -> Completi
         lease: lease.clone(),
         settlement: Settlement::Succeed { output },
         children: Vec::new(),
+        logs: Vec::new(),
     }
 }
 
@@ -1516,6 +1527,58 @@ pub async fn run_keeps_the_version_it_started_with(store: Arc<dyn Store>) {
     assert_eq!(store.run(&run).await.unwrap().summary.version, 1);
     let job = claim(&*store, T0, 1).await.remove(0);
     assert_eq!(job.version, 1);
+}
+
+fn printed(completion: Completion, text: &str) -> Completion {
+    Completion {
+        logs: vec![LogLine {
+            at: T0,
+            stream: "stdout".into(),
+            text: text.into(),
+        }],
+        ..completion
+    }
+}
+
+pub async fn an_attempts_lines_are_kept_only_with_its_accepted_settlement(store: Arc<dyn Store>) {
+    let wf = workflow("id: short\nretention: 1h\nsteps:\n  - {id: a, type: noop}\n");
+    let run = start(&*store, &wf, Trigger::default()).await;
+    let first = claim(&*store, T0, 1).await.remove(0);
+    store.sweep(T0 + LEASE + 1).await.unwrap();
+    let second = claim(&*store, T0 + LEASE + 2, 1).await.remove(0);
+    let late = store
+        .complete(
+            vec![printed(done(&first, json!(1)), "late")],
+            T0 + LEASE + 3,
+        )
+        .await
+        .unwrap();
+    assert!(late.is_empty());
+    store
+        .complete(
+            vec![printed(done(&second, json!(2)), "kept\0 with a NUL")],
+            T0 + LEASE + 4,
+        )
+        .await
+        .unwrap();
+    let lines = store.step_logs(&run, None, 10).await.unwrap();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0].step_id, "a");
+    assert_eq!(lines[0].attempt, 2);
+    assert_eq!(lines[0].stream, "stdout");
+    assert_eq!(lines[0].text, "kept\u{fffd} with a NUL");
+    assert!(
+        store
+            .step_logs(&run, Some(lines[0].id), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.prune(T0 + LEASE + 4 + 3_600_000, 100).await.unwrap();
+    assert!(
+        store.step_logs(&run, None, 10).await.unwrap().is_empty(),
+        "pruned with the run"
+    );
 }
 
 pub async fn finished_runs_are_pruned_after_retention(store: Arc<dyn Store>) {
@@ -2295,6 +2358,7 @@ fn skip(job: &ClaimedJob, reason: &str) -> Completion {
             reason: reason.into(),
         },
         children: Vec::new(),
+        logs: Vec::new(),
     }
 }
 
@@ -2489,6 +2553,7 @@ fn looped(job: &ClaimedJob, items: Vec<Value>, parallel: Option<u32>) -> Complet
             checkpoint: json!({ "outputs": job.outputs }),
         },
         children: Vec::new(),
+        logs: Vec::new(),
     }
 }
 
@@ -2584,6 +2649,7 @@ pub async fn a_failing_item_is_retried_alone_and_one_failing_for_good_fails_its_
                     error: "flaky".into(),
                 },
                 children: Vec::new(),
+                logs: Vec::new(),
             },
             i => done(j, json!(i)),
         })
@@ -2797,6 +2863,7 @@ macro_rules! conformance {
                 runs_are_found_by_the_start_of_their_id,
                 run_keeps_the_version_it_started_with,
                 finished_runs_are_pruned_after_retention,
+                an_attempts_lines_are_kept_only_with_its_accepted_settlement,
                 old_fire_records_are_pruned_but_the_latest_stays,
                 a_refused_fire_is_recorded_once_with_an_alert_and_a_chosen_skip_without,
                 batch_claim_takes_up_to_the_limit_oldest_first,

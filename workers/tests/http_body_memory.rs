@@ -27,6 +27,7 @@ fn call(url: String) -> StepCall {
         step_id: "step".into(),
         attempt: 1,
         now: 0,
+        log: Default::default(),
     }
 }
 

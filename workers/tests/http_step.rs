@@ -67,6 +67,7 @@ fn call(with: Value, reads_run_data: &[&str]) -> StepCall {
         step_id: "step".into(),
         attempt: 1,
         now: 0,
+        log: Default::default(),
     }
 }
 

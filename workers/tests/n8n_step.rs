@@ -34,6 +34,7 @@ fn call(with: Value, checkpoint: Option<Value>, now: i64) -> StepCall {
         step_id: "ask".into(),
         attempt: 1,
         now,
+        log: Default::default(),
     }
 }
 

@@ -25,6 +25,7 @@ fn call(with: Value) -> StepCall {
         step_id: "step".into(),
         attempt: 1,
         now: 0,
+        log: Default::default(),
     }
 }
 

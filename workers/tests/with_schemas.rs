@@ -193,6 +193,7 @@ async fn a_kind_refuses_for_good_what_only_rendering_could_show() {
         step_id: "s".into(),
         attempt: 1,
         now: 0,
+        log: Default::default(),
     };
     let failure = sleep.run(call.clone()).await.unwrap_err();
     assert!(!failure.retryable, "{failure:?}");

@@ -208,6 +208,7 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(workflows::list_fires))
         .routes(routes!(runs::list_runs))
         .routes(routes!(runs::show_run))
+        .routes(routes!(runs::run_logs))
         .routes(routes!(runs::cancel_run))
         .routes(routes!(runs::retry_run))
         .routes(routes!(runs::signal_run))

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::auth::{Operator, Viewer};
 use super::error::{ApiError, ErrorBody, ErrorCode, Json, Path, Query};
-use super::types::{Alert, RunDetail, RunStatus, RunSummary};
+use super::types::{Alert, LogLine, RunDetail, RunStatus, RunSummary};
 use crate::state::Millis;
 use crate::store::RunFilter;
 
@@ -117,6 +117,64 @@ pub async fn show_run(
     Path(id): Path<String>,
 ) -> Result<Json<RunDetail>, ApiError> {
     Ok(Json(state.engine.run(&id).await?.into()))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    /// `next_after` of the previous page: only lines stored after it.
+    pub after: Option<i64>,
+    /// Page size, 1 to 1000 (default 500).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LogPage {
+    /// In the order the steps printed them.
+    pub lines: Vec<LogLine>,
+    /// Pass as `after` for the lines stored since; the same as given when there are none yet.
+    pub next_after: Option<i64>,
+}
+
+/// What the run's steps printed (a script's output, each request and its status), attempt by
+/// attempt; poll with `after` to follow a run.
+#[utoipa::path(
+    get,
+    path = "/api/runs/{id}/logs",
+    tag = "runs",
+    params(("id" = String, Path, description = "Run id"), LogQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Lines of the run's steps", body = LogPage),
+        (status = 400, description = "A query parameter out of range", body = ErrorBody),
+        (status = 404, description = "No such run", body = ErrorBody),
+    )
+)]
+pub async fn run_logs(
+    _: Viewer,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<LogQuery>,
+) -> Result<Json<LogPage>, ApiError> {
+    let limit = query.limit.unwrap_or(500);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidQuery,
+            "limit must be from 1 to 1000",
+        ));
+    }
+    let lines = state.engine.step_logs(&id, query.after, limit).await?;
+    if lines.is_empty() && query.after.is_none() {
+        // No lines yet, or no such run: only the second is an error.
+        state.engine.run(&id).await?;
+    }
+    let next_after = lines.last().map(|l| l.id).or(query.after);
+    Ok(Json(LogPage {
+        lines: lines.into_iter().map(Into::into).collect(),
+        next_after,
+    }))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

@@ -344,3 +344,30 @@ impl From<&WorkflowOverview> for WorkflowInfo {
         }
     }
 }
+
+/// A line a step printed.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LogLine {
+    /// Increases with every line stored.
+    pub id: i64,
+    pub step_id: String,
+    pub attempt: i32,
+    /// When it was printed (ms since the epoch).
+    pub at: Millis,
+    /// `stdout`, `stderr`, or `info` (what a step kind notes: a request and its status).
+    pub stream: String,
+    pub text: String,
+}
+
+impl From<store::LogEntry> for LogLine {
+    fn from(l: store::LogEntry) -> Self {
+        LogLine {
+            id: l.id,
+            step_id: l.step_id,
+            attempt: l.attempt,
+            at: l.at,
+            stream: l.stream,
+            text: l.text,
+        }
+    }
+}

@@ -368,7 +368,9 @@ pub(crate) trait Tx: Send {
 
     /// Up to `limit` runs whose retention ended by `now`, held for deletion.
     async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>>;
-    /// Deletes these runs with their jobs; returns how many runs it deleted.
+    /// Stores log lines (rows `{run_id, step_id, attempt, at, stream, text}`).
+    async fn append_logs(&mut self, rows: Value) -> Result<()>;
+    /// Deletes these runs with their jobs and logs; returns how many runs it deleted.
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64>;
     /// Deletes the records whose retention ended (see [`RecordCutoffs`]).
     async fn delete_old_records(&mut self, cutoffs: &RecordCutoffs) -> Result<()>;
@@ -591,6 +593,36 @@ pub(crate) async fn insert_runs(
         .collect())
 }
 
+/// Stores what the attempts whose settlement was accepted printed; a late attempt's lines go
+/// with its refused settlement.
+async fn keep_logs(
+    tx: &mut dyn Tx,
+    completions: &[Completion],
+    settled: &[SettledJob],
+) -> Result<()> {
+    let jobs: BTreeMap<JobId, &SettledJob> = settled.iter().map(|j| (j.id, j)).collect();
+    let rows: Vec<Value> = completions
+        .iter()
+        .filter_map(|c| Some((c, *jobs.get(&c.lease.job_id)?)))
+        .flat_map(|(c, job)| {
+            c.logs.iter().map(move |line| {
+                json!({
+                    "run_id": job.run_id,
+                    "step_id": job.step_id,
+                    "attempt": c.lease.attempt,
+                    "at": line.at,
+                    "stream": line.stream,
+                    "text": super::storable_text(&line.text),
+                })
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    tx.append_logs(Value::Array(rows)).await
+}
+
 /// A key names one request (Stripe's rule): reusing it with another input is a mistake to
 /// report, not a start to answer with the earlier run.
 fn same_input_under_key(runs: &[NewRun], earlier: &KeyedRun) -> Result<()> {
@@ -637,6 +669,7 @@ pub(crate) async fn complete(
             .filter(|(_, state)| *state == JobState::Available)
             .map(|(id, _)| *id),
     );
+    keep_logs(tx, &completions, &settled.jobs).await?;
     let mut accepted = Vec::with_capacity(settled.jobs.len());
     let mut sinks = Vec::new();
     let mut failed = Vec::new();
@@ -1154,6 +1187,7 @@ pub(crate) async fn sweep(tx: &mut dyn Tx, now: Millis, effects: &mut Effects) -
             settlement: settle_lost_lease(expired.lease.attempt, expired.max_attempts, now),
             lease: expired.lease,
             children: Vec::new(),
+            logs: Vec::new(),
         })
         .collect();
     let reclaimed = complete(tx, lost, now, effects).await?.len() as u64;

@@ -442,6 +442,29 @@ pub struct Completion {
     pub settlement: Settlement,
     /// Child runs a `workflow` step starts; created in the same transaction as its parking.
     pub children: Vec<NewRun>,
+    /// What the attempt printed; kept only when its settlement is accepted.
+    pub logs: Vec<LogLine>,
+}
+
+/// A line a step printed or noted during an attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub at: Millis,
+    /// `stdout` or `stderr` (a script's), or `info` (what a kind notes: a request and its status).
+    pub stream: String,
+    pub text: String,
+}
+
+/// A stored log line.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct LogEntry {
+    /// Increases with every line stored: where the next read goes on from.
+    pub id: i64,
+    pub step_id: String,
+    pub attempt: i32,
+    pub at: Millis,
+    pub stream: String,
+    pub text: String,
 }
 
 #[derive(Debug, Clone)]
@@ -622,6 +645,14 @@ pub trait Reads: Send + Sync + 'static {
     /// Runs in `status`, created at or after `created_after` when given.
     async fn count_runs(&self, status: RunStatus, created_after: Option<Millis>) -> Result<i64>;
     async fn run(&self, run_id: &str) -> Result<RunDetail>;
+    /// Up to `limit` log lines of `run_id` after the line `after` (from the first: `None`), in
+    /// the order they were stored.
+    async fn step_logs(
+        &self,
+        run_id: &str,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LogEntry>>;
     /// Up to `limit` child runs of `parent`, oldest first.
     async fn child_runs(&self, parent: &str, limit: u32) -> Result<Vec<RunSummary>>;
     /// Up to `limit` run ids that start with `prefix` (lower-case hex and dashes), in id order.

@@ -1424,7 +1424,24 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         .await?)
     }
 
+    async fn append_logs(&mut self, rows: Value) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO step_logs (run_id, step_id, attempt, at, stream, text) \
+             SELECT l.run_id, l.step_id, l.attempt, l.at, l.stream, l.text \
+             FROM jsonb_to_recordset($1) AS l(run_id text, step_id text, attempt int, \
+                 at bigint, stream text, text text)",
+        )
+        .bind(rows)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64> {
+        sqlx::query("DELETE FROM step_logs WHERE run_id = ANY($1::text[])")
+            .bind(runs)
+            .execute(&mut *self.0)
+            .await?;
         sqlx::query("DELETE FROM jobs WHERE run_id = ANY($1::text[])")
             .bind(runs)
             .execute(&mut *self.0)
@@ -1825,6 +1842,23 @@ impl Reads for PostgresStore {
             scheduled_at: row.get("scheduled_at"),
             steps,
         })
+    }
+
+    async fn step_logs(
+        &self,
+        run_id: &str,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LogEntry>> {
+        Ok(sqlx::query_as(
+            "SELECT id, step_id, attempt, at, stream, text FROM step_logs \
+             WHERE run_id = $1 AND id > coalesce($2, 0) ORDER BY id LIMIT $3",
+        )
+        .bind(run_id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     async fn child_runs(&self, parent: &str, limit: u32) -> Result<Vec<RunSummary>> {

@@ -1295,8 +1295,25 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         .await?)
     }
 
+    async fn append_logs(&mut self, rows: Value) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO step_logs (run_id, step_id, attempt, at, stream, text) \
+             SELECT l.value->>'run_id', l.value->>'step_id', l.value->>'attempt', \
+                 l.value->>'at', l.value->>'stream', l.value->>'text' \
+             FROM json_each(?1) AS l",
+        )
+        .bind(to_json(&rows))
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64> {
         let ids = to_json(&runs);
+        sqlx::query("DELETE FROM step_logs WHERE run_id IN (SELECT value FROM json_each(?))")
+            .bind(&ids)
+            .execute(&mut *self.0)
+            .await?;
         sqlx::query("DELETE FROM jobs WHERE run_id IN (SELECT value FROM json_each(?))")
             .bind(&ids)
             .execute(&mut *self.0)
@@ -1609,6 +1626,25 @@ impl Reads for SqliteStore {
             scheduled_at: row.get("scheduled_at"),
             steps,
         })
+    }
+
+    async fn step_logs(
+        &self,
+        run_id: &str,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LogEntry>> {
+        rows_as(
+            sqlx::query(
+                "SELECT id, step_id, attempt, at, stream, text FROM step_logs \
+                 WHERE run_id = ?1 AND id > coalesce(?2, 0) ORDER BY id LIMIT ?3",
+            )
+            .bind(run_id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await?,
+        )
     }
 
     async fn child_runs(&self, parent: &str, limit: u32) -> Result<Vec<RunSummary>> {

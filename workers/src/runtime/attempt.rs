@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use super::{WorkerConfig, panic_message};
 use crate::steps::EVERY_FIELD;
-use crate::steps::{ChildRun, Registry, StepCall, StepOutcome};
+use crate::steps::{ChildRun, Registry, StepCall, StepLog, StepOutcome};
 
 /// What every attempt of this process shares.
 pub(super) struct Steps {
@@ -63,6 +63,7 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
         step = %job.step_id, attempt = job.lease.attempt);
     async move {
         let started = std::time::Instant::now();
+        let log = StepLog::default();
         let (result, children, policy) =
             match shared.engine.version(&job.workflow_id, job.version).await {
                 Err(e) => (
@@ -85,7 +86,7 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
                             RetryPolicy::default(),
                         ),
                         Some(step) => {
-                            let (result, children) = attempt(&shared, &job, step).await;
+                            let (result, children) = attempt(&shared, &job, step, &log).await;
                             (result, children, workflow.retry_policy(step))
                         }
                     }
@@ -126,6 +127,7 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
             lease: job.lease.clone(),
             settlement,
             children,
+            logs: log.take(),
         }
     }
     .instrument(span)
@@ -133,7 +135,12 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
 }
 
 /// Runs one attempt of a claimed job. Never fails: every problem is an attempt result.
-async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResult, Vec<NewRun>) {
+async fn attempt(
+    shared: &Steps,
+    job: &ClaimedJob,
+    step: &Step,
+    log: &StepLog,
+) -> (AttemptResult, Vec<NewRun>) {
     let engine = &shared.engine;
     let config = &shared.config;
     let failed = |f: StepFailure| (AttemptResult::Failed(f), Vec::new());
@@ -276,6 +283,7 @@ async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResul
         _ => Vec::new(),
     };
     let sent = secrets.clone();
+    log.redact_with(sent.clone());
     let call = StepCall {
         with,
         secrets,
@@ -286,6 +294,7 @@ async fn attempt(shared: &Steps, job: &ClaimedJob, step: &Step) -> (AttemptResul
         step_id: job.step_id.clone(),
         attempt: job.lease.attempt,
         now: engine.now(),
+        log: log.clone(),
     };
     // A step kind that panics fails its attempt like any error, under the step's retry policy:
     // the job is settled now, not when a lease its claim shares with other jobs runs out.

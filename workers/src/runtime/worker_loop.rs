@@ -365,6 +365,7 @@ fn released(lease: Lease) -> Completion {
         lease,
         settlement: Settlement::Release,
         children: Vec::new(),
+        logs: Vec::new(),
     }
 }
 

@@ -392,7 +392,20 @@ impl StepKind for Http {
             if let Some(timeout) = timeout {
                 request = request.timeout(timeout);
             }
-            let response = request.send().await.map_err(|e| send_error(&target, e))?;
+            let sent = std::time::Instant::now();
+            let response = request.send().await.map_err(|e| {
+                let failure = send_error(&target, e);
+                call.log.line("info", failure.message.clone());
+                failure
+            })?;
+            call.log.line(
+                "info",
+                format!(
+                    "{target}: HTTP {} in {} ms",
+                    response.status(),
+                    sent.elapsed().as_millis()
+                ),
+            );
             let location = response
                 .headers()
                 .get(LOCATION)
@@ -481,6 +494,7 @@ mod tests {
             step_id: "step".into(),
             attempt: 1,
             now: 0,
+            log: Default::default(),
         }
     }
 

@@ -19,6 +19,7 @@ use schemars::generate::SchemaSettings;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use switchyard_engine::definition::{Secrets, StepKinds};
+use switchyard_engine::store::LogLine;
 
 use crate::egress::EgressPolicy;
 use switchyard_engine::state::{Millis, StepFailure};
@@ -50,6 +51,89 @@ pub struct StepCall {
     pub step_id: String,
     pub attempt: u32,
     pub now: Millis,
+    /// Where the step writes what it prints.
+    pub log: StepLog,
+}
+
+/// Most a step's lines may hold in one attempt; what comes after is dropped, with a note.
+pub const MAX_LOG_BYTES: usize = 1024 * 1024;
+
+/// What a step prints during its attempt (a script's output, a request and its status), kept
+/// with its settlement for `switchyard logs`: at most [`MAX_LOG_BYTES`], and with every value
+/// the attempt sent that carries a secret replaced by `[secret]`.
+#[derive(Clone, Default)]
+pub struct StepLog(Arc<std::sync::Mutex<LogBuffer>>);
+
+#[derive(Default)]
+struct LogBuffer {
+    lines: Vec<LogLine>,
+    bytes: usize,
+    dropped: usize,
+    secrets: Option<Secrets>,
+}
+
+impl std::fmt::Debug for StepLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepLog")
+            .field("lines", &self.buffer().lines.len())
+            .finish()
+    }
+}
+
+impl StepLog {
+    /// Clears the lines of what `secrets` reveals before they are kept.
+    pub fn redact_with(&self, secrets: Secrets) {
+        self.buffer().secrets = Some(secrets);
+    }
+
+    fn buffer(&self) -> std::sync::MutexGuard<'_, LogBuffer> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds a line to `stream` (`stdout`, `stderr`, or `info` for what a kind notes).
+    pub fn line(&self, stream: &str, text: impl Into<String>) {
+        let text = text.into();
+        let mut buffer = self.buffer();
+        if buffer.bytes + text.len() > MAX_LOG_BYTES {
+            buffer.dropped += text.len();
+            return;
+        }
+        buffer.bytes += text.len();
+        let at = jiff::Timestamp::now().as_millisecond();
+        buffer.lines.push(LogLine {
+            at,
+            stream: stream.to_owned(),
+            text,
+        });
+    }
+
+    /// The lines so far, redacted, with a note of what did not fit; the log is empty after.
+    pub fn take(&self) -> Vec<LogLine> {
+        let mut buffer = self.buffer();
+        let mut lines = std::mem::take(&mut buffer.lines);
+        if buffer.dropped > 0 {
+            lines.push(LogLine {
+                at: jiff::Timestamp::now().as_millisecond(),
+                stream: "info".to_owned(),
+                text: format!(
+                    "{} more bytes were not kept: an attempt keeps {MAX_LOG_BYTES} at most",
+                    buffer.dropped
+                ),
+            });
+        }
+        if let Some(secrets) = &buffer.secrets {
+            for line in &mut lines {
+                let mut text = Value::String(std::mem::take(&mut line.text));
+                secrets.redact_sent(&mut text);
+                line.text = text.as_str().unwrap_or_default().to_owned();
+            }
+        }
+        buffer.bytes = 0;
+        buffer.dropped = 0;
+        lines
+    }
 }
 
 /// In [`StepCall::reads_run_data`]: `with` was rendered whole from run data, every field with it.

@@ -26,8 +26,10 @@ use super::{StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema
 
 /// Most of standard output kept to find the output in; a script that prints more fails.
 const MAX_STDOUT: usize = 1024 * 1024;
-/// The end of standard error kept for a failure's message.
-const STDERR_TAIL: usize = 2048;
+/// The end of standard error kept for the log; a failure's message quotes its last
+/// [`ERROR_TAIL`] bytes.
+const STDERR_TAIL: usize = 64 * 1024;
+const ERROR_TAIL: usize = 2048;
 
 pub struct Script;
 
@@ -194,12 +196,24 @@ impl StepKind for Script {
         let (err, _) = err.map_err(io)?;
         let status = status.map_err(io)?;
         let stderr = String::from_utf8_lossy(&err);
+        let stdout = String::from_utf8_lossy(&out);
+        for line in stdout.lines() {
+            call.log.line("stdout", line);
+        }
+        for line in stderr.lines() {
+            call.log.line("stderr", line);
+        }
         if !status.success() {
             let how = match status.code() {
                 Some(code) => format!("exited with status {code}"),
                 None => "was killed by a signal".to_owned(),
             };
-            let tail = stderr.trim();
+            let trimmed = stderr.trim();
+            let mut cut = trimmed.len().saturating_sub(ERROR_TAIL);
+            while !trimmed.is_char_boundary(cut) {
+                cut += 1;
+            }
+            let tail = &trimmed[cut..];
             return Err(StepFailure::transient(
                 "script",
                 if tail.is_empty() {
@@ -215,7 +229,7 @@ impl StepKind for Script {
                  one JSON line"
             )));
         }
-        let mut output = last_json_line(&String::from_utf8_lossy(&out)).unwrap_or(Value::Null);
+        let mut output = last_json_line(&stdout).unwrap_or(Value::Null);
         call.secrets.redact_sent(&mut output);
         Ok(StepOutcome::Output(output))
     }

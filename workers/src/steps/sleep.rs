@@ -74,6 +74,7 @@ mod tests {
             step_id: "s".into(),
             attempt: 1,
             now,
+            log: Default::default(),
         }
     }
 

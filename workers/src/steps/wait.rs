@@ -106,6 +106,7 @@ mod tests {
             step_id: "s".into(),
             attempt,
             now,
+            log: Default::default(),
         }
     }
 

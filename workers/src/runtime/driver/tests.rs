@@ -161,6 +161,7 @@ fn steps(store: &Arc<FakeStore>) -> RunStep {
                     output: Value::Null,
                 },
                 children: Vec::new(),
+                logs: Vec::new(),
             }
         })
     })

@@ -176,6 +176,7 @@ fn succeeded(lease: &Lease) -> Completion {
             output: Value::Null,
         },
         children: Vec::new(),
+        logs: Vec::new(),
     }
 }
 

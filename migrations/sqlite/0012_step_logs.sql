@@ -1,0 +1,12 @@
+-- What a step printed (a script's output, a request and its status), per attempt, written with the
+-- attempt's settlement and deleted with its run.
+CREATE TABLE step_logs (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id   TEXT NOT NULL,
+    step_id  TEXT NOT NULL,
+    attempt  INTEGER NOT NULL,
+    at       INTEGER NOT NULL,
+    stream   TEXT NOT NULL,
+    text     TEXT NOT NULL
+);
+CREATE INDEX step_logs_by_run ON step_logs (run_id, id);
