@@ -1915,3 +1915,76 @@ async fn a_runs_logs_are_paged_and_an_unknown_run_is_a_404() {
         .await
         .assert_error(404, "not_found");
 }
+
+#[tokio::test]
+async fn following_a_runs_logs_streams_each_line_as_it_comes_and_ends_with_the_run() {
+    let api = Api::with_definition(
+        "logs-follow",
+        "id: chatty
+steps:
+  - id: talk
+    type: script
+    with:
+      run: sh
+      code: |
+        echo first
+        echo second >&2
+        sleep 1
+        echo '{\"done\": true}'
+",
+    )
+    .await;
+    let viewer = api.token("viewer", &[]);
+    let operator = api.token("operator", &[]);
+    let run = api.start_run("chatty", &operator).await;
+    let started = Instant::now();
+    let reply = api
+        .authed(
+            Method::GET,
+            &format!("/api/runs/{run}/logs/follow"),
+            &viewer,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    assert!(
+        reply.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    // The stream ends by itself once the run has ended.
+    let body = tokio::time::timeout(Duration::from_secs(30), reply.text())
+        .await
+        .expect("the stream ended with the run")
+        .unwrap();
+    let lines: Vec<Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    let texts: Vec<&str> = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["first", "{\"done\": true}", "second"], "{body}");
+    assert!(body.contains("\nid: "), "each event names its line: {body}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "it waited for the run"
+    );
+    // Resuming after the last line gives nothing more.
+    let last = lines.last().unwrap()["id"].as_i64().unwrap();
+    let again = api
+        .authed(
+            Method::GET,
+            &format!("/api/runs/{run}/logs/follow"),
+            &viewer,
+        )
+        .header("Last-Event-ID", last.to_string())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!again.contains("data: "), "{again}");
+}

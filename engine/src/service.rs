@@ -593,6 +593,14 @@ impl Engine {
         }
     }
 
+    /// One run without its steps.
+    pub async fn run_summary(&self, run_id: &str) -> Result<RunSummary> {
+        self.store
+            .run_summary(run_id)
+            .await?
+            .ok_or_else(|| EngineError::UnknownRun(run_id.to_owned()))
+    }
+
     /// Up to `limit` lines `run_id`'s steps printed, after the line `after`.
     pub async fn step_logs(
         &self,

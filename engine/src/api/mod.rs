@@ -209,6 +209,7 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::list_runs))
         .routes(routes!(runs::show_run))
         .routes(routes!(runs::run_logs))
+        .routes(routes!(runs::follow_run_logs))
         .routes(routes!(runs::cancel_run))
         .routes(routes!(runs::retry_run))
         .routes(routes!(runs::signal_run))

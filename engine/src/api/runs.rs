@@ -1,6 +1,10 @@
 //! Runs: list and filter with cursor pagination, show with steps and attempts, cancel, retry.
 
+use std::convert::Infallible;
+
 use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::{Stream, StreamExt, stream};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
@@ -168,13 +172,86 @@ pub async fn run_logs(
     let lines = state.engine.step_logs(&id, query.after, limit).await?;
     if lines.is_empty() && query.after.is_none() {
         // No lines yet, or no such run: only the second is an error.
-        state.engine.run(&id).await?;
+        state.engine.run_summary(&id).await?;
     }
     let next_after = lines.last().map(|l| l.id).or(query.after);
     Ok(Json(LogPage {
         lines: lines.into_iter().map(Into::into).collect(),
         next_after,
     }))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct FollowQuery {
+    /// Only lines stored after this one (`id` of a line, or `next_after`).
+    pub after: Option<i64>,
+}
+
+/// How often a follower looks for new lines.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The run's log lines as they come, as server-sent events: each event's `data` is one line
+/// (`LogLine`) and its `id` the line's, so a client that reconnects goes on after it
+/// (`Last-Event-ID`, or `after`). The stream ends once the run has ended and its last lines are
+/// sent.
+#[utoipa::path(
+    get,
+    path = "/api/runs/{id}/logs/follow",
+    tag = "runs",
+    params(("id" = String, Path, description = "Run id"), FollowQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Server-sent events, one a line", content_type = "text/event-stream", body = String),
+        (status = 404, description = "No such run", body = ErrorBody),
+    )
+)]
+pub async fn follow_run_logs(
+    _: Viewer,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    Query(query): Query<FollowQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    state.engine.run_summary(&id).await?;
+    let resumed = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let start = (state.engine.clone(), id, resumed.or(query.after), false);
+    let lines = stream::unfold(start, |(engine, id, after, ended)| async move {
+        if ended {
+            return None;
+        }
+        loop {
+            // The status first: lines stored before the run ended are then all read below.
+            let finished = match engine.run_summary(&id).await {
+                Ok(run) => run.status.is_finished(),
+                Err(_) => true,
+            };
+            let lines = engine.step_logs(&id, after, 500).await.unwrap_or_default();
+            if let Some(last) = lines.last().map(|l| l.id) {
+                let events: Vec<Result<Event, Infallible>> = lines
+                    .into_iter()
+                    .map(|line| {
+                        let id = line.id.to_string();
+                        let line = LogLine::from(line);
+                        Ok(Event::default()
+                            .id(id)
+                            .json_data(&line)
+                            .unwrap_or_else(|_| Event::default()))
+                    })
+                    .collect();
+                return Some((events, (engine, id, Some(last), false)));
+            }
+            if finished {
+                return None;
+            }
+            tokio::time::sleep(FOLLOW_EVERY).await;
+        }
+    });
+    Ok(Sse::new(lines.flat_map(stream::iter)).keep_alive(KeepAlive::default()))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

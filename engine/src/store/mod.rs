@@ -653,6 +653,8 @@ pub trait Reads: Send + Sync + 'static {
         after: Option<i64>,
         limit: u32,
     ) -> Result<Vec<LogEntry>>;
+    /// One run without its steps.
+    async fn run_summary(&self, run_id: &str) -> Result<Option<RunSummary>>;
     /// Up to `limit` child runs of `parent`, oldest first.
     async fn child_runs(&self, parent: &str, limit: u32) -> Result<Vec<RunSummary>>;
     /// Up to `limit` run ids that start with `prefix` (lower-case hex and dashes), in id order.

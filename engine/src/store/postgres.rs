@@ -1861,6 +1861,15 @@ impl Reads for PostgresStore {
         .await?)
     }
 
+    async fn run_summary(&self, run_id: &str) -> Result<Option<RunSummary>> {
+        Ok(
+            sqlx::query_as(&format!("SELECT {SUMMARY_COLUMNS} FROM runs WHERE id = $1"))
+                .bind(run_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     async fn child_runs(&self, parent: &str, limit: u32) -> Result<Vec<RunSummary>> {
         Ok(sqlx::query_as(&format!(
             "SELECT {SUMMARY_COLUMNS} FROM runs WHERE parent_run_id = $1 \

@@ -1647,6 +1647,14 @@ impl Reads for SqliteStore {
         )
     }
 
+    async fn run_summary(&self, run_id: &str) -> Result<Option<RunSummary>> {
+        let row = sqlx::query(&format!("SELECT {SUMMARY_COLUMNS} FROM runs WHERE id = ?"))
+            .bind(run_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.as_ref().map(RunSummary::from_row).transpose()?)
+    }
+
     async fn child_runs(&self, parent: &str, limit: u32) -> Result<Vec<RunSummary>> {
         rows_as(
             sqlx::query(&format!(
