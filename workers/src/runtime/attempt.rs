@@ -116,7 +116,12 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
             Settlement::Fail { error } | Settlement::Tolerate { error } => {
                 tracing::warn!(%error, "step failed")
             }
-            Settlement::Park { until, .. } => tracing::info!(?until, "step parked"),
+            Settlement::Park {
+                until: Some(until), ..
+            } => tracing::info!(until, "step parked"),
+            Settlement::Park { until: None, .. } => {
+                tracing::info!("step parked until an answer or a signal wakes it")
+            }
             Settlement::Loop { items, .. } => {
                 tracing::info!(items = items.len(), "step waits for its items")
             }
