@@ -1988,3 +1988,20 @@ steps:
         .unwrap();
     assert!(!again.contains("data: "), "{again}");
 }
+
+#[tokio::test]
+async fn times_come_as_epoch_milliseconds_and_as_rfc3339_beside_them() {
+    let api = Api::start("rfc3339").await;
+    let operator = api.token("operator", &[]);
+    let run = api.start_run("hello", &operator).await;
+    let detail = api.run(&run, &operator).await;
+    let created = detail.body["created_at"].as_i64().unwrap();
+    let text = detail.body["created_at_rfc3339"].as_str().unwrap();
+    assert!(text.ends_with('Z'), "{text}");
+    let parsed: jiff::Timestamp = text.parse().unwrap();
+    assert_eq!(parsed.as_millisecond(), created);
+    assert!(detail.body["finished_at_rfc3339"].is_null(), "{detail}");
+    let listed = api.get("/api/workflows", &operator).await;
+    let fires = &listed.body[0]["schedule"]["next_fires_rfc3339"];
+    assert_eq!(fires.as_array().map(Vec::len), Some(3), "{listed}");
+}

@@ -10,6 +10,22 @@ use crate::service::WorkflowOverview;
 use crate::state::Millis;
 use crate::store;
 
+/// `2026-12-01T03:43:26.123Z`: a time as RFC 3339, in UTC, for readers who do not count
+/// milliseconds since the epoch.
+fn rfc3339(ms: Millis) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+fn rfc3339_opt(ms: Option<Millis>) -> Option<String> {
+    ms.map(rfc3339)
+}
+
+fn rfc3339_all(ms: &[Millis]) -> Vec<String> {
+    ms.iter().copied().map(rfc3339).collect()
+}
+
 /// An enum of the wire with the variants of an engine enum, converted both ways: a variant the
 /// engine adds does not compile until the API names it.
 macro_rules! wire_enum {
@@ -80,8 +96,14 @@ pub struct RunSummary {
     pub parent_run_id: Option<String>,
     pub error: Option<String>,
     pub created_at: Millis,
+    /// `created_at` as RFC 3339, in UTC.
+    pub created_at_rfc3339: String,
     pub started_at: Option<Millis>,
+    /// `started_at` as RFC 3339, in UTC.
+    pub started_at_rfc3339: Option<String>,
     pub finished_at: Option<Millis>,
+    /// `finished_at` as RFC 3339, in UTC.
+    pub finished_at_rfc3339: Option<String>,
 }
 
 impl From<store::RunSummary> for RunSummary {
@@ -94,8 +116,11 @@ impl From<store::RunSummary> for RunSummary {
             parent_run_id: run.parent_run_id,
             error: run.error,
             created_at: run.created_at,
+            created_at_rfc3339: rfc3339(run.created_at),
             started_at: run.started_at,
+            started_at_rfc3339: rfc3339_opt(run.started_at),
             finished_at: run.finished_at,
+            finished_at_rfc3339: rfc3339_opt(run.finished_at),
         }
     }
 }
@@ -107,6 +132,8 @@ pub struct RunDetail {
     pub input: Value,
     pub output: Option<Value>,
     pub scheduled_at: Option<Millis>,
+    /// `scheduled_at` as RFC 3339, in UTC.
+    pub scheduled_at_rfc3339: Option<String>,
     pub steps: Vec<JobDetail>,
 }
 
@@ -117,6 +144,7 @@ impl From<store::RunDetail> for RunDetail {
             input: run.input,
             output: run.output,
             scheduled_at: run.scheduled_at,
+            scheduled_at_rfc3339: rfc3339_opt(run.scheduled_at),
             steps: run.steps.into_iter().map(JobDetail::from).collect(),
         }
     }
@@ -137,8 +165,14 @@ pub struct JobDetail {
     /// (a failure handler) the run did not fail.
     pub skipped_reason: Option<String>,
     pub run_after: Option<Millis>,
+    /// `run_after` as RFC 3339, in UTC.
+    pub run_after_rfc3339: Option<String>,
     pub started_at: Option<Millis>,
+    /// `started_at` as RFC 3339, in UTC.
+    pub started_at_rfc3339: Option<String>,
     pub finished_at: Option<Millis>,
+    /// `finished_at` as RFC 3339, in UTC.
+    pub finished_at_rfc3339: Option<String>,
     /// One entry per unsuccessful attempt: `{attempt, started_at, finished_at, outcome, error}`;
     /// a succeeding attempt is the job's own `started_at`/`finished_at`.
     #[schema(value_type = Vec<Object>)]
@@ -162,8 +196,11 @@ impl From<store::JobDetail> for JobDetail {
             item_index: job.item_index,
             skipped_reason,
             run_after: job.run_after,
+            run_after_rfc3339: rfc3339_opt(job.run_after),
             started_at: job.started_at,
+            started_at_rfc3339: rfc3339_opt(job.started_at),
             finished_at: job.finished_at,
+            finished_at_rfc3339: rfc3339_opt(job.finished_at),
             attempts: job.attempts,
         }
     }
@@ -173,9 +210,13 @@ impl From<store::JobDetail> for JobDetail {
 pub struct FireRecord {
     pub workflow_id: String,
     pub fire_at: Millis,
+    /// `fire_at` as RFC 3339, in UTC.
+    pub fire_at_rfc3339: String,
     pub run_id: Option<String>,
     pub skipped_reason: Option<String>,
     pub recorded_at: Millis,
+    /// `recorded_at` as RFC 3339, in UTC.
+    pub recorded_at_rfc3339: String,
 }
 
 impl From<store::FireRecord> for FireRecord {
@@ -183,9 +224,11 @@ impl From<store::FireRecord> for FireRecord {
         FireRecord {
             workflow_id: fire.workflow_id,
             fire_at: fire.fire_at,
+            fire_at_rfc3339: rfc3339(fire.fire_at),
             run_id: fire.run_id,
             skipped_reason: fire.skipped_reason,
             recorded_at: fire.recorded_at,
+            recorded_at_rfc3339: rfc3339(fire.recorded_at),
         }
     }
 }
@@ -204,6 +247,8 @@ pub struct Alert {
     /// The run's error, or why the fire started no run.
     pub message: String,
     pub created_at: Millis,
+    /// `created_at` as RFC 3339, in UTC.
+    pub created_at_rfc3339: String,
 }
 
 impl From<store::Alert> for Alert {
@@ -215,6 +260,7 @@ impl From<store::Alert> for Alert {
             kind: alert.kind,
             message: alert.message,
             created_at: alert.created_at,
+            created_at_rfc3339: rfc3339(alert.created_at),
         }
     }
 }
@@ -233,6 +279,8 @@ pub struct WebhookEvent {
     /// Why it was refused.
     pub error: Option<String>,
     pub received_at: Millis,
+    /// `received_at` as RFC 3339, in UTC.
+    pub received_at_rfc3339: String,
 }
 
 impl From<store::WebhookEvent> for WebhookEvent {
@@ -246,6 +294,7 @@ impl From<store::WebhookEvent> for WebhookEvent {
             run_id: event.run_id,
             error: event.error,
             received_at: event.received_at,
+            received_at_rfc3339: rfc3339(event.received_at),
         }
     }
 }
@@ -256,6 +305,8 @@ pub struct AuditEntry {
     pub id: i64,
     /// When (ms since the epoch).
     pub at: Millis,
+    /// `at` as RFC 3339, in UTC.
+    pub at_rfc3339: String,
     pub actor: String,
     pub action: String,
     pub target: String,
@@ -267,6 +318,7 @@ impl From<store::AuditEntry> for AuditEntry {
         AuditEntry {
             id: entry.id,
             at: entry.at,
+            at_rfc3339: rfc3339(entry.at),
             actor: entry.actor,
             action: entry.action,
             target: entry.target,
@@ -281,6 +333,8 @@ pub struct User {
     pub name: String,
     pub role: Role,
     pub updated_at: Millis,
+    /// `updated_at` as RFC 3339, in UTC.
+    pub updated_at_rfc3339: String,
 }
 
 impl From<crate::auth::User> for User {
@@ -289,6 +343,7 @@ impl From<crate::auth::User> for User {
             name: user.name,
             role: user.role.into(),
             updated_at: user.updated_at,
+            updated_at_rfc3339: rfc3339(user.updated_at),
         }
     }
 }
@@ -304,7 +359,11 @@ pub struct WorkflowInfo {
     pub paused: bool,
     pub schedule: Option<ScheduleInfo>,
     pub created_at: Millis,
+    /// `created_at` as RFC 3339, in UTC.
+    pub created_at_rfc3339: String,
     pub last_fire_at: Option<Millis>,
+    /// `last_fire_at` as RFC 3339, in UTC.
+    pub last_fire_at_rfc3339: Option<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -319,6 +378,8 @@ pub struct ScheduleInfo {
     pub catch_up: crate::definition::CatchUp,
     /// The next fire times (ms since the epoch); none while paused.
     pub next_fires: Vec<Millis>,
+    /// `next_fires` as RFC 3339, in UTC.
+    pub next_fires_rfc3339: Vec<String>,
 }
 
 impl From<&WorkflowOverview> for WorkflowInfo {
@@ -330,6 +391,7 @@ impl From<&WorkflowOverview> for WorkflowInfo {
             overlap: s.overlap,
             catch_up: s.catch_up,
             next_fires: overview.next_fires.clone(),
+            next_fires_rfc3339: rfc3339_all(&overview.next_fires),
         });
         WorkflowInfo {
             id: state.id.clone(),
@@ -340,7 +402,9 @@ impl From<&WorkflowOverview> for WorkflowInfo {
             paused: state.paused,
             schedule,
             created_at: state.created_at,
+            created_at_rfc3339: rfc3339(state.created_at),
             last_fire_at: state.last_fire_at,
+            last_fire_at_rfc3339: rfc3339_opt(state.last_fire_at),
         }
     }
 }
@@ -354,6 +418,8 @@ pub struct LogLine {
     pub attempt: i32,
     /// When it was printed (ms since the epoch).
     pub at: Millis,
+    /// `at` as RFC 3339, in UTC.
+    pub at_rfc3339: String,
     /// `stdout`, `stderr`, or `info` (what a step kind notes: a request and its status).
     pub stream: String,
     pub text: String,
@@ -366,6 +432,7 @@ impl From<store::LogEntry> for LogLine {
             step_id: l.step_id,
             attempt: l.attempt,
             at: l.at,
+            at_rfc3339: rfc3339(l.at),
             stream: l.stream,
             text: l.text,
         }
