@@ -242,3 +242,56 @@ fn the_published_schema_checks_with_per_kind_and_is_committed() {
         json!({ "url": "https://example.com", "methd": "GET" })
     )));
 }
+
+#[test]
+fn a_script_file_beside_the_definition_is_read_into_it_when_it_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("definitions");
+    std::fs::create_dir_all(defs.join("scripts")).unwrap();
+    std::fs::write(defs.join("scripts/count.py"), "print('{\"n\": 1}')\n").unwrap();
+    std::fs::write(dir.path().join("secret.txt"), "not for you").unwrap();
+    let definition = "id: filed
+steps:
+  - id: count
+    type: script
+    with: { run: python3, file: scripts/count.py }
+";
+    std::fs::write(defs.join("filed.yaml"), definition).unwrap();
+    let loaded = definition::load_paths(std::slice::from_ref(&defs), &kinds())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let with = &loaded["filed"].steps[0].with;
+    assert_eq!(with["code"], "print('{\"n\": 1}')\n");
+    assert!(with.get("file").is_none(), "{with}");
+
+    std::fs::write(
+        defs.join("filed.yaml"),
+        definition.replace("scripts/count.py", "../secret.txt"),
+    )
+    .unwrap();
+    let err = definition::load_paths(std::slice::from_ref(&defs), &kinds())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "filed.yaml:5:33: `with.file` \"../secret.txt\": is outside the definition's folder"
+        ),
+        "{err}"
+    );
+    std::fs::write(
+        defs.join("filed.yaml"),
+        definition.replace("count.py", "gone.py"),
+    )
+    .unwrap();
+    let err = definition::load_paths(&[defs], &kinds())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`with.file` \"scripts/gone.py\": cannot be read"),
+        "{err}"
+    );
+
+    // Over the API there is no folder to read from.
+    let found = problems(definition);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("only a definition file can"), "{found:?}");
+}

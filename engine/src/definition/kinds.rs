@@ -26,6 +26,8 @@ struct KindSchema {
     /// The kind's schema with templates allowed anywhere a value is.
     templated: Value,
     validator: jsonschema::Validator,
+    /// `with` keys that name a file whose text becomes another key (see `files.rs`).
+    files: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for StepKinds {
@@ -63,11 +65,21 @@ impl StepKinds {
                 })
                 .build(&templated)
                 .map_err(|e| format!("the `with` schema of step kind {name}: {e}"))?;
+            let files = schema["properties"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(key, property)| {
+                    let into = property[super::files::FILE_FOR].as_str()?;
+                    Some((key.clone(), into.to_owned()))
+                })
+                .collect();
             out.insert(
                 name,
                 Some(KindSchema {
                     templated,
                     validator,
+                    files,
                 }),
             );
         }
@@ -86,6 +98,18 @@ impl StepKinds {
 
     pub fn contains(&self, name: &str) -> bool {
         self.0.contains_key(name)
+    }
+
+    /// The `with` keys of `kind` that name a file, each with the key its text becomes.
+    pub(crate) fn file_fields(&self, kind: &str) -> Vec<(&str, &str)> {
+        match self.0.get(kind) {
+            Some(Some(schema)) => schema
+                .files
+                .iter()
+                .map(|(key, into)| (key.as_str(), into.as_str()))
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// Each typed kind's `with` schema, templates allowed, for the published schema.
@@ -361,10 +385,13 @@ fn allow_template(node: &Value) -> Value {
     let constrained = ["type", "enum", "const", "format", "anyOf", "oneOf", "allOf"]
         .iter()
         .any(|k| map.contains_key(*k));
+    // A field that refuses templates (`not: {pattern: TEMPLATE_PATTERN}`) takes none.
+    let refuses_templates =
+        map.get("not").and_then(|n| n.get("pattern")) == Some(&json!(TEMPLATE_PATTERN));
     let Value::Object(mut inner) = template_children(node) else {
         unreachable!("an object stays an object");
     };
-    if !constrained || plain_string {
+    if !constrained || plain_string || refuses_templates {
         return Value::Object(inner);
     }
     let mut wrapper = Map::new();

@@ -7,6 +7,7 @@
 //! reporting every problem as `origin:line:column: message`.
 
 mod error;
+mod files;
 mod input_schema;
 mod kinds;
 mod locate;
@@ -17,6 +18,7 @@ mod template;
 mod validate;
 
 pub use error::{DefinitionError, DefinitionErrors};
+pub use files::FILE_FOR;
 pub use input_schema::{InputSchema, Violation};
 pub use kinds::{DURATION_FORMAT, PathPart, StepKinds, TEMPLATE_PATTERN, WithProblem, templated};
 pub use model::*;

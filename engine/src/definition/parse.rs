@@ -387,7 +387,18 @@ pub fn load_paths(paths: &[PathBuf], kinds: &StepKinds) -> Result<WorkflowMap, D
                 parse_source(&origin, text, format)
             });
         match parsed {
-            Ok(source) => sources.push(source),
+            Ok(mut source) => {
+                let folder = match path.parent() {
+                    Some(folder) if !folder.as_os_str().is_empty() => folder,
+                    _ => Path::new("."),
+                };
+                errors.extend(super::files::read_named_files(
+                    &mut source,
+                    Some(folder),
+                    kinds,
+                ));
+                sources.push(source);
+            }
             Err(e) => errors.extend(e.0),
         }
     }

@@ -43,7 +43,11 @@ pub fn check_str(
     existing: &WorkflowMap,
     kinds: &StepKinds,
 ) -> Result<Vec<Workflow>, DefinitionErrors> {
-    let source = parse_source(origin, text, format)?;
+    let mut source = parse_source(origin, text, format)?;
+    let unread = super::files::read_named_files(&mut source, None, kinds);
+    if !unread.is_empty() {
+        return Err(DefinitionErrors::in_source_order(unread));
+    }
     validate(std::slice::from_ref(&source), existing, kinds)?;
     Ok(source.workflows)
 }

@@ -35,6 +35,7 @@ pub struct Script;
 
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("oneOf" = [{ "required": ["code"] }, { "required": ["file"] }]))]
 struct ScriptWith {
     /// The program that runs the code, found on the worker's PATH, with any arguments before
     /// the code's file: `python3`, `node`, `bash`, `deno run`.
@@ -42,7 +43,11 @@ struct ScriptWith {
     run: String,
     /// The code, written out: no template.
     #[schemars(extend("not" = { "pattern": TEMPLATE_PATTERN }))]
-    code: String,
+    code: Option<String>,
+    /// Instead of `code`: a file beside the definition file (in its folder), whose text becomes
+    /// `code` when the definition loads.
+    #[schemars(extend("x-file-for" = "code"))]
+    file: Option<String>,
     /// Sent as JSON on standard input (default `null`).
     #[schemars(with = "Option<serde_json::Value>")]
     input: Option<Value>,
@@ -122,6 +127,15 @@ impl StepKind for Script {
 
     async fn run(&self, call: StepCall) -> StepResult {
         let with: ScriptWith = parse_with("script", &call.with)?;
+        let Some(code) = with.code else {
+            return Err(invalid(match with.file {
+                Some(file) => format!(
+                    "script step: `with.file` {file:?} was not read: only a definition loaded \
+                     from a file may name one"
+                ),
+                None => "script step needs `with.code`".to_owned(),
+            }));
+        };
         if call.reads_run_data("code") || call.reads_run_data("run") {
             return Err(invalid(
                 "script step: `code` and `run` are written out in the definition; pass data in \
@@ -137,7 +151,7 @@ impl StepKind for Script {
             .tempdir()
             .map_err(|e| StepFailure::transient("script", format!("no scratch folder: {e}")))?;
         let file = scratch.path().join("step");
-        tokio::fs::write(&file, &with.code)
+        tokio::fs::write(&file, &code)
             .await
             .map_err(|e| StepFailure::transient("script", format!("cannot write the code: {e}")))?;
 
