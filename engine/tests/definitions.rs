@@ -251,7 +251,30 @@ fn bad_duration_is_reported_at_its_value() {
         "id: t\nsteps:\n  - id: a\n    type: noop\n    timeout: 5 parsecs\n",
         5,
         14,
-        "invalid duration",
+        "\"5 parsecs\" is not a duration (write it like 30s, 5m or 1h 30m)",
+    );
+}
+
+#[test]
+fn every_value_of_the_wrong_type_in_a_file_is_named_not_only_the_first() {
+    let errs = errors(
+        "id: t
+retry: {max_retries: -1, initial: soonish}
+timeout: 5 parsecs
+steps:
+  - {id: a, type: noop, timeout: never}
+  - {id: b, type: noop, needs: [a], retry: {max_retries: 1.5}}
+",
+    );
+    assert_eq!(
+        errs,
+        [
+            "wf.yaml:2:22: expected a whole number from 0 to 4294967295",
+            "wf.yaml:2:35: \"soonish\" is not a duration (write it like 30s, 5m or 1h 30m)",
+            "wf.yaml:3:10: \"5 parsecs\" is not a duration (write it like 30s, 5m or 1h 30m)",
+            "wf.yaml:5:34: \"never\" is not a duration (write it like 30s, 5m or 1h 30m)",
+            "wf.yaml:6:58: expected a whole number from 0 to 4294967295",
+        ]
     );
 }
 

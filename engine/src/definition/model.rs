@@ -505,7 +505,11 @@ impl<'de> Deserialize<'de> for DurationSpec {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text)
             .map(DurationSpec)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "{text:?} is not a duration (write it like 30s, 5m or 1h 30m)"
+                ))
+            })
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde::de::{MapAccess, Visitor};
+use serde_json::Value;
 use serde_saphyr::{DefaultMessageFormatter, MessageFormatter};
 
 use super::error::{DefinitionError, DefinitionErrors};
@@ -214,9 +215,115 @@ fn yaml_error(origin: &str, err: &serde_saphyr::Error) -> DefinitionErrors {
     DefinitionErrors(vec![make_error(origin, at, plain(message))])
 }
 
+/// Most type errors reported for one file.
+const MAX_TYPE_ERRORS: usize = 20;
+
+/// The parser stops at the first value of the wrong type. To name the others too, the document
+/// is read again as plain data, and deserialized from it over and over, each time without the
+/// value that failed last, so that each next failure shows (`serde_path_to_error` names where),
+/// up to [`MAX_TYPE_ERRORS`].
+fn more_type_errors<T: serde::de::DeserializeOwned>(
+    origin: &str,
+    text: &str,
+    locs: &LocNode,
+    first: &serde_saphyr::Error,
+) -> DefinitionErrors {
+    let mut errors = yaml_error(origin, first).0;
+    let Ok(mut data) = serde_saphyr::from_str_with_options::<Value>(text, options()) else {
+        return DefinitionErrors(errors);
+    };
+    for _ in 0..MAX_TYPE_ERRORS {
+        let error = match serde_path_to_error::deserialize::<_, T>(&data) {
+            Ok(_) => break,
+            Err(e) => e,
+        };
+        let path: Vec<String> = error
+            .path()
+            .iter()
+            .map(|segment| match segment {
+                serde_path_to_error::Segment::Seq { index } => index.to_string(),
+                serde_path_to_error::Segment::Map { key } => key.clone(),
+                _ => String::new(),
+            })
+            .collect();
+        let segs: Vec<Seg<'_>> = path
+            .iter()
+            .zip(error.path().iter())
+            .map(|(part, segment)| match segment {
+                serde_path_to_error::Segment::Seq { index } => Seg::Index(*index),
+                _ => Seg::Key(part),
+            })
+            .collect();
+        let message = plain(error.inner().to_string());
+        // A key that is not known is named at the key; anything else at its value. The parser
+        // named one of them already, at one of the two.
+        let at_key = locs.find(&segs, true).unwrap_or(START);
+        let at_value = locs.find(&segs, false).unwrap_or(START);
+        let at = if message.starts_with("unknown field") {
+            at_key
+        } else {
+            at_value
+        };
+        // One of them is the failure the parser named already, in its own words.
+        if !errors
+            .iter()
+            .any(|e| [at_key, at_value].contains(&(e.line, e.column)))
+        {
+            errors.push(make_error(origin, at, message));
+        }
+        // Without the value that failed, the next deserialization goes further; a failure no
+        // value can be removed for (a missing field) ends the search.
+        if path.is_empty() || !remove_at(&mut data, &path) {
+            break;
+        }
+    }
+    DefinitionErrors::in_source_order(errors)
+}
+
+/// Removes the value at `path` from `data`; whether there was one.
+fn remove_at(data: &mut Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = data;
+    for part in parents {
+        at = match at {
+            Value::Object(map) => match map.get_mut(part) {
+                Some(next) => next,
+                None => return false,
+            },
+            Value::Array(items) => {
+                match part.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(next) => next,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        };
+    }
+    match at {
+        Value::Object(map) => map.remove(last).is_some(),
+        Value::Array(items) => match last.parse::<usize>() {
+            // An item that failed becomes null: removing it would shift the indexes after it.
+            Ok(i) if i < items.len() && !items[i].is_null() => {
+                items[i] = Value::Null;
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 /// The parser's words for a number of the wrong kind (negative, too large, a fraction), in a
 /// person's.
 fn plain(message: String) -> String {
+    let message = match message.rsplit_once(", expected ") {
+        Some((_, expected)) if expected.len() <= 5 && expected.starts_with(['u', 'i']) => {
+            format!("invalid {expected}")
+        }
+        _ => message,
+    };
     let range = match message.trim() {
         "invalid u8" => "0 to 255",
         "invalid u16" => "0 to 65535",
@@ -262,7 +369,7 @@ pub fn parse_source(
     let mut problems = Vec::new();
     let workflows = if many {
         let file: ManyRepr = serde_saphyr::from_str_with_options(text, options())
-            .map_err(|e| yaml_error(origin, &e))?;
+            .map_err(|e| more_type_errors::<ManyRepr>(origin, text, &locs, &e))?;
         let mut workflows = Vec::with_capacity(file.workflows.0.len());
         for (key, mut wf) in file.workflows.0 {
             if !wf.id.is_empty() && wf.id != key {
@@ -284,7 +391,7 @@ pub fn parse_source(
         workflows
     } else {
         let wf: Workflow = serde_saphyr::from_str_with_options(text, options())
-            .map_err(|e| yaml_error(origin, &e))?;
+            .map_err(|e| more_type_errors::<Workflow>(origin, text, &locs, &e))?;
         if wf.id.is_empty() {
             problems.push(make_error(
                 origin,
