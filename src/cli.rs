@@ -80,6 +80,10 @@ pub struct WorkerArgs {
     /// steps with `wait: true` give n8n this address to call back.
     #[arg(long, env = "SWITCHYARD_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Run `script` steps. A script runs with this process's own rights (its files, its network,
+    /// beyond the egress rules): allow it only where whoever may install a definition may.
+    #[arg(long, env = "SWITCHYARD_ALLOW_SCRIPTS")]
+    pub allow_scripts: bool,
     /// Destinations steps may reach even where a deny rule says otherwise: address ranges
     /// (10.0.0.0/8), addresses, host names (api.example.com, *.example.com). Repeatable or
     /// comma-separated.

@@ -467,6 +467,14 @@ enum Http {
 }
 
 async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    // A step's process (a `script`) runs as this user: it must not read this process's memory
+    // or environment (`/proc/<pid>/environ`: the master key, the secrets) as its owner could.
+    #[cfg(target_os = "linux")]
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
+        tracing::warn!(error = %e, "this process stays readable by other processes of its user");
+    }
     let control_plane = matches!(http, Some(Http::Api(..)));
     // A control plane with a broken definition refuses to start: better than running half of them.
     let definitions = if control_plane {
@@ -558,7 +566,10 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
             allow: args.egress_allow.clone(),
             deny: args.egress_deny.clone(),
         });
-        let registry = Registry::builtin_with(args.public_url.clone(), egress);
+        let mut registry = Registry::builtin_with(args.public_url.clone(), egress);
+        if args.allow_scripts {
+            registry = registry.allowing_scripts();
+        }
         tasks.spawn(run_worker(engine.clone(), registry, config, stopped));
     } else if !control_plane {
         bail!("`worker --workers 0` would run nothing");

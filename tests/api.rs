@@ -1918,7 +1918,7 @@ async fn a_runs_logs_are_paged_and_an_unknown_run_is_a_404() {
 
 #[tokio::test]
 async fn following_a_runs_logs_streams_each_line_as_it_comes_and_ends_with_the_run() {
-    let api = Api::with_definition(
+    let api = Api::launch(
         "logs-follow",
         "id: chatty
 steps:
@@ -1932,6 +1932,8 @@ steps:
         sleep 1
         echo '{\"done\": true}'
 ",
+        &["--allow-scripts"],
+        &[],
     )
     .await;
     let viewer = api.token("viewer", &[]);

@@ -551,6 +551,9 @@ steps:
     sandbox
         .env
         .push(("SWITCHYARD_SECRET_TOKEN".into(), "tok-9f8e7d".into()));
+    sandbox
+        .env
+        .push(("SWITCHYARD_ALLOW_SCRIPTS".into(), "true".into()));
     sandbox.serve();
     let out = sandbox.output_within(&["run", "printed", "--wait"]);
     assert!(

@@ -30,7 +30,7 @@ fn call(with: Value) -> StepCall {
 }
 
 async fn run(with: Value) -> Result<Value, switchyard_engine::state::StepFailure> {
-    let registry = Registry::builtin();
+    let registry = Registry::builtin().allowing_scripts();
     match registry.get("script").unwrap().run(call(with)).await? {
         StepOutcome::Output(output) => Ok(output),
         other => panic!("a script answers with output, not {other:?}"),
@@ -157,10 +157,93 @@ async fn code_is_never_a_template() {
     let mut call = call(json!({ "run": "sh", "code": "echo {}" }));
     call.reads_run_data = vec!["code".into()];
     let failure = Registry::builtin()
+        .allowing_scripts()
         .get("script")
         .unwrap()
         .run(call)
         .await
         .unwrap_err();
     assert!(failure.message.contains("written out"), "{failure:?}");
+}
+
+#[tokio::test]
+async fn a_worker_runs_no_script_unless_its_operator_allows_it() {
+    let failure = Registry::builtin()
+        .get("script")
+        .unwrap()
+        .run(call(json!({ "run": "sh", "code": "echo hi" })))
+        .await
+        .unwrap_err();
+    assert!(!failure.retryable);
+    assert!(failure.message.contains("--allow-scripts"), "{failure:?}");
+}
+
+#[tokio::test]
+async fn a_script_is_given_no_variable_that_changes_what_runs() {
+    for name in [
+        "BASH_ENV",
+        "LD_PRELOAD",
+        "PATH",
+        "NODE_OPTIONS",
+        "PYTHONPATH",
+        "1BAD",
+        "A-B",
+    ] {
+        let failure = run(json!({ "run": "sh", "code": "echo hi", "env": { name: "x" } }))
+            .await
+            .unwrap_err();
+        assert!(
+            failure
+                .message
+                .contains("not a variable a script may be given"),
+            "{name}: {failure:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_script_that_leaves_something_running_ends_when_it_exits() {
+    let started = std::time::Instant::now();
+    let output = tokio::time::timeout(
+        Duration::from_secs(20),
+        run(json!({ "run": "sh", "code": "sleep 300 &\necho '{\"left\": true}'\n" })),
+    )
+    .await
+    .expect("the step ended")
+    .unwrap();
+    assert_eq!(output, json!({ "left": true }));
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn a_secret_over_several_lines_is_redacted_whole_in_the_log() {
+    let secrets = Secrets::new(BTreeMap::from([(
+        "pem".to_owned(),
+        "-----BEGIN KEY-----\nAAAA\n-----END KEY-----".to_owned(),
+    )]));
+    let ctx = TemplateContext {
+        secrets: secrets.clone(),
+        ..TemplateContext::default()
+    };
+    let with = json!({ "run": "sh", "code": "echo \"$KEY\"\necho done", "env": { "KEY": "{{ secrets.pem }}" } });
+    let mut call = call(json!({}));
+    call.with = render_value(&with, &ctx).unwrap();
+    call.secrets = secrets;
+    let log = call.log.clone();
+    log.redact_with(call.secrets.clone());
+    Registry::builtin()
+        .allowing_scripts()
+        .get("script")
+        .unwrap()
+        .run(call)
+        .await
+        .unwrap();
+    let lines: Vec<String> = log.take().into_iter().map(|l| l.text).collect();
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("AAAA") || l.contains("BEGIN")),
+        "{lines:?}"
+    );
+    assert!(lines.contains(&"[secret]".to_owned()), "{lines:?}");
 }

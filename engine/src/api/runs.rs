@@ -170,8 +170,8 @@ pub async fn run_logs(
         ));
     }
     let lines = state.engine.step_logs(&id, query.after, limit).await?;
-    if lines.is_empty() && query.after.is_none() {
-        // No lines yet, or no such run: only the second is an error.
+    if lines.is_empty() {
+        // No lines (yet), or no such run: only the second is an error.
         state.engine.run_summary(&id).await?;
     }
     let next_after = lines.last().map(|l| l.id).or(query.after);

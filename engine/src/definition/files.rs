@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::error::DefinitionError;
 use super::kinds::StepKinds;
 use super::locate::Seg;
-use super::parse::{MAX_DEFINITION_BYTES, ParsedSource, make_error};
+use super::parse::{MAX_DEFINITION_BYTES, ParsedSource, make_error, read_capped};
 
 /// The schema keyword that makes a property name a file whose text becomes another field.
 pub const FILE_FOR: &str = "x-file-for";
@@ -41,6 +41,20 @@ pub(crate) fn read_named_files(
                     let Some(Value::String(name)) = step.with.get(key) else {
                         continue;
                     };
+                    if step.with.get(into).is_some() {
+                        let path = [
+                            Seg::Key(part),
+                            Seg::Index(si),
+                            Seg::Key("with"),
+                            Seg::Key(key),
+                        ];
+                        problems.push(make_error(
+                            &source.origin,
+                            source.at(wi, &path, true),
+                            format!("`with.{key}` and `with.{into}` both give it: keep one"),
+                        ));
+                        continue;
+                    }
                     let path = [
                         Seg::Key(part),
                         Seg::Index(si),
@@ -88,7 +102,10 @@ fn read_beside(folder: Option<&Path>, name: &str) -> Result<String, String> {
     if !path.starts_with(&folder) {
         return Err("is outside the definition's folder".into());
     }
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot be read: {e}"))?;
+    if !path.is_file() {
+        return Err("is not a file".into());
+    }
+    let bytes = read_capped(&path).map_err(|e| format!("cannot be read: {e}"))?;
     if bytes.len() > MAX_DEFINITION_BYTES {
         return Err(format!("is over {MAX_DEFINITION_BYTES} bytes"));
     }

@@ -522,7 +522,7 @@ pub fn load_paths(paths: &[PathBuf], kinds: &StepKinds) -> Result<WorkflowMap, D
 
 /// Reads at most one byte past the limit, so a huge (or endless, e.g. a FIFO) file costs no more
 /// than the limit, and the size check still trips.
-fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
     let file = std::fs::File::open(path)?;
     let mut bytes = Vec::new();
     file.take(MAX_DEFINITION_BYTES as u64 + 1)

@@ -364,7 +364,14 @@ impl StepKind for Http {
             .clone();
         let mut hops = 0;
         let (target, mut response) = loop {
-            let target = format!("{method} {}", url.as_str().split('?').next().unwrap_or(""));
+            // Named without its query or any user and password in it: it reaches logs.
+            let mut shown = url.clone();
+            let _ = shown.set_username("");
+            let _ = shown.set_password(None);
+            let target = format!(
+                "{method} {}",
+                shown.as_str().split('?').next().unwrap_or("")
+            );
             // A redirect's target is chosen by the server, not the definition's author: every
             // hop after the first is treated as a URL from run data.
             let untrusted = from_input || hops > 0;

@@ -202,12 +202,18 @@ impl Registry {
         registry.add(Http::with_policy(egress.clone()));
         registry.add(N8n::with_policy(public_url, egress));
         registry.add(Transform);
-        registry.add(Script);
+        registry.add(Script::refused());
         registry.add(Sleep);
         registry.add(Noop);
         registry.add(Wait);
         registry.add(StartWorkflows);
         registry
+    }
+
+    /// The same kinds, with `script` steps run rather than refused (`--allow-scripts`).
+    pub fn allowing_scripts(mut self) -> Self {
+        self.add(Script::allowed());
+        self
     }
 
     pub fn add(&mut self, kind: impl StepKind) {

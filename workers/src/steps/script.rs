@@ -31,7 +31,23 @@ const MAX_STDOUT: usize = 1024 * 1024;
 const STDERR_TAIL: usize = 64 * 1024;
 const ERROR_TAIL: usize = 2048;
 
-pub struct Script;
+/// Runs scripts only where the operator allowed it (`--allow-scripts`): a script runs with the
+/// worker's own rights, so whoever may install a definition may then do what the worker's user
+/// can.
+pub struct Script {
+    allowed: bool,
+}
+
+impl Script {
+    pub fn allowed() -> Self {
+        Script { allowed: true }
+    }
+
+    /// Knows what a `script` step takes (definitions load) but runs none.
+    pub fn refused() -> Self {
+        Script { allowed: false }
+    }
+}
 
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -39,10 +55,10 @@ pub struct Script;
 struct ScriptWith {
     /// The program that runs the code, found on the worker's PATH, with any arguments before
     /// the code's file: `python3`, `node`, `bash`, `deno run`.
-    #[schemars(extend("not" = { "pattern": TEMPLATE_PATTERN }))]
+    #[schemars(extend("not" = { "type": "string", "pattern": TEMPLATE_PATTERN }))]
     run: String,
     /// The code, written out: no template.
-    #[schemars(extend("not" = { "pattern": TEMPLATE_PATTERN }))]
+    #[schemars(extend("not" = { "type": "string", "pattern": TEMPLATE_PATTERN }))]
     code: Option<String>,
     /// Instead of `code`: a file beside the definition file (in its folder), whose text becomes
     /// `code` when the definition loads.
@@ -52,7 +68,8 @@ struct ScriptWith {
     #[schemars(with = "Option<serde_json::Value>")]
     input: Option<Value>,
     /// Environment variables the script gets besides PATH, HOME and LANG; values may
-    /// reference secrets.
+    /// reference secrets. Written out as a map (its names are never a template's).
+    #[schemars(extend("not" = { "type": "string", "pattern": TEMPLATE_PATTERN }))]
     env: Option<BTreeMap<String, String>>,
 }
 
@@ -66,11 +83,62 @@ fn invalid(message: impl Into<String>) -> StepFailure {
 struct ProcessGroup(Option<rustix::process::Pid>);
 
 #[cfg(unix)]
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        if let Some(group) = self.0 {
+impl ProcessGroup {
+    fn kill(&mut self) {
+        if let Some(group) = self.0.take() {
             let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
         }
+    }
+}
+
+#[cfg(unix)]
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A task that ends when its handle is dropped: an attempt dropped mid-run leaves no reader or
+/// writer of the script's pipes behind.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self) -> Option<T> {
+        (&mut self.0).await.ok()
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long the output may take to end once the script has exited and its group is killed.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Which end of a stream a limit cut.
+enum Cut {
+    Start,
+    End,
+}
+
+/// `bytes` as text with every value this attempt sent that carries a secret replaced, and,
+/// where a limit cut the stream (`cut`), without the line it halved.
+fn redacted(call: &StepCall, bytes: &[u8], cut: bool, at: Cut) -> String {
+    let mut text = Value::String(String::from_utf8_lossy(bytes).into_owned());
+    call.secrets.redact_sent(&mut text);
+    let text = text.as_str().unwrap_or_default();
+    match (cut, at) {
+        (false, _) => text.to_owned(),
+        (true, Cut::Start) => text
+            .split_once('\n')
+            .map_or("", |(_, rest)| rest)
+            .to_owned(),
+        (true, Cut::End) => text
+            .rsplit_once('\n')
+            .map_or("", |(kept, _)| kept)
+            .to_owned(),
     }
 }
 
@@ -101,6 +169,28 @@ async fn read_bounded(
     }
 }
 
+/// Whether a script may be given a variable named `name`: not one that makes its interpreter
+/// or the dynamic loader run something else.
+fn allowed_variable(name: &str) -> bool {
+    let well_formed = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let upper = name.to_ascii_uppercase();
+    let changes_what_runs = [
+        "PATH",
+        "HOME",
+        "BASH_ENV",
+        "ENV",
+        "NODE_OPTIONS",
+        "RUBYOPT",
+        "IFS",
+    ]
+    .contains(&upper.as_str())
+        || ["LD_", "PYTHON", "PERL5", "DYLD_"]
+            .iter()
+            .any(|prefix| upper.starts_with(prefix));
+    well_formed && !changes_what_runs
+}
+
 /// The last line of `stdout` that parses as JSON.
 fn last_json_line(stdout: &str) -> Option<Value> {
     stdout
@@ -126,6 +216,12 @@ impl StepKind for Script {
     }
 
     async fn run(&self, call: StepCall) -> StepResult {
+        if !self.allowed {
+            return Err(invalid(
+                "this worker runs no `script` steps: start it with --allow-scripts \
+                 (SWITCHYARD_ALLOW_SCRIPTS=true) where scripts may run with the worker's own rights",
+            ));
+        }
         let with: ScriptWith = parse_with("script", &call.with)?;
         let Some(code) = with.code else {
             return Err(invalid(match with.file {
@@ -171,6 +267,13 @@ impl StepKind for Script {
         #[cfg(unix)]
         command.process_group(0);
         for (name, value) in with.env.iter().flatten() {
+            if !allowed_variable(name) {
+                return Err(invalid(format!(
+                    "script step: `with.env.{name}` is not a variable a script may be given \
+                     (names are letters, digits and `_`; not PATH, HOME, LD_*, BASH_ENV, ENV, \
+                     NODE_OPTIONS, PYTHON*, PERL5*, RUBYOPT: those change what runs)"
+                )));
+            }
             let value = call
                 .secrets
                 .reveal(value)
@@ -183,7 +286,7 @@ impl StepKind for Script {
             ))
         })?;
         #[cfg(unix)]
-        let _group = ProcessGroup(
+        let mut group = ProcessGroup(
             child
                 .id()
                 .and_then(|id| rustix::process::Pid::from_raw(id as i32)),
@@ -195,22 +298,34 @@ impl StepKind for Script {
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         // A script that does not read its input must not block on a full pipe, nor fail us.
-        let feed = async move {
+        let feed = AbortOnDrop(tokio::spawn(async move {
             let _ = stdin.write_all(&input).await;
-            drop(stdin);
-        };
-        let (_, out, err, status) = tokio::join!(
-            feed,
-            read_bounded(stdout, MAX_STDOUT, false),
-            read_bounded(stderr, STDERR_TAIL, true),
-            child.wait(),
-        );
+        }));
+        let out = AbortOnDrop(tokio::spawn(read_bounded(stdout, MAX_STDOUT, false)));
+        let err = AbortOnDrop(tokio::spawn(read_bounded(stderr, STDERR_TAIL, true)));
         let io = |e: std::io::Error| StepFailure::transient("script", e.to_string());
-        let (out, too_much) = out.map_err(io)?;
-        let (err, _) = err.map_err(io)?;
-        let status = status.map_err(io)?;
-        let stderr = String::from_utf8_lossy(&err);
-        let stdout = String::from_utf8_lossy(&out);
+        let status = child.wait().await.map_err(io)?;
+        // What the script left running would keep its pipes open and the step waiting: it ends
+        // with the script.
+        #[cfg(unix)]
+        group.kill();
+        drop(feed);
+        let drained = |task: AbortOnDrop<std::io::Result<(Vec<u8>, bool)>>| async move {
+            match tokio::time::timeout(DRAIN, task.join()).await {
+                Ok(Some(read)) => read.map_err(io),
+                _ => Err(StepFailure::transient(
+                    "script",
+                    "the script's output did not end after it exited (something it started \
+                     left its own process group)",
+                )),
+            }
+        };
+        let (out, too_much) = drained(out).await?;
+        let (err, cut) = drained(err).await?;
+        // Secrets go before anything is split or cut: a secret over several lines, or one a
+        // cut would halve, is still found whole.
+        let stdout = redacted(&call, &out, too_much, Cut::End);
+        let stderr = redacted(&call, &err, cut, Cut::Start);
         for line in stdout.lines() {
             call.log.line("stdout", line);
         }
@@ -223,11 +338,15 @@ impl StepKind for Script {
                 None => "was killed by a signal".to_owned(),
             };
             let trimmed = stderr.trim();
-            let mut cut = trimmed.len().saturating_sub(ERROR_TAIL);
-            while !trimmed.is_char_boundary(cut) {
-                cut += 1;
+            let mut at = trimmed.len().saturating_sub(ERROR_TAIL);
+            while !trimmed.is_char_boundary(at) {
+                at += 1;
             }
-            let tail = &trimmed[cut..];
+            // Whole lines only: a cut line could hold part of a secret.
+            let tail = match at {
+                0 => trimmed,
+                _ => trimmed[at..].split_once('\n').map_or("", |(_, rest)| rest),
+            };
             return Err(StepFailure::transient(
                 "script",
                 if tail.is_empty() {
@@ -243,8 +362,7 @@ impl StepKind for Script {
                  one JSON line"
             )));
         }
-        let mut output = last_json_line(&stdout).unwrap_or(Value::Null);
-        call.secrets.redact_sent(&mut output);
+        let output = last_json_line(&stdout).unwrap_or(Value::Null);
         Ok(StepOutcome::Output(output))
     }
 }
