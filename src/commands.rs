@@ -886,22 +886,32 @@ async fn print_logs(
     let mut after = None;
     loop {
         // Read before the status: lines stored before the run ended are then all printed.
-        let finished = engine.run(run).await?.summary.status.is_finished();
+        let finished = engine.run_summary(run).await?.status.is_finished();
         loop {
             let lines = engine.step_logs(run, after, 1000).await?;
             let Some(last) = lines.last() else { break };
             after = Some(last.id);
-            for line in lines
-                .iter()
-                .filter(|l| step.is_none_or(|s| display::loop_step(&l.step_id) == s))
-            {
+            for line in lines.iter().filter(|l| {
+                step.is_none_or(|s| l.step_id == s || display::loop_step(&l.step_id) == s)
+            }) {
+                // What a script printed may hold terminal control sequences: shown, not obeyed.
+                let text: String = line
+                    .text
+                    .chars()
+                    .map(|c| {
+                        if c.is_control() && c != '\t' {
+                            '\u{fffd}'
+                        } else {
+                            c
+                        }
+                    })
+                    .collect();
                 out!(
-                    "{} {}#{} {} | {}",
+                    "{} {}#{} {} | {text}",
                     display::clock(line.at),
                     line.step_id,
                     line.attempt,
                     line.stream,
-                    line.text
                 );
             }
         }

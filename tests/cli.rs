@@ -544,6 +544,8 @@ steps:
       code: |
         echo \"counting with $TOKEN\"
         echo 'a warning' >&2
+        word=abc
+        echo \"length ${{#word}} {{{{ as written }}}}\"
         echo '{{\"n\": 3}}'
 "
         ),
@@ -570,6 +572,11 @@ steps:
         "{logs}"
     );
     assert!(logs.contains("count#1 stderr | a warning"), "{logs}");
+    // Code is taken as written: `${#word}` is the shell's, `{{ }}` is no template.
+    assert!(
+        logs.contains("count#1 stdout | length 3 {{ as written }}"),
+        "{logs}"
+    );
     assert!(
         !logs.contains("tok-9f8e7d"),
         "a secret reached the log: {logs}"

@@ -158,23 +158,29 @@ steps:
 }
 
 #[test]
-fn a_script_step_takes_its_code_written_out() {
+fn a_script_steps_code_is_taken_as_written_and_its_env_names_too() {
     let found = problems(
         "id: scripted
 steps:
   - id: run
     type: script
     with:
-      run: python3
-      code: \"print({{ input.expr }})\"
+      run: bash
+      code: |
+        items=(a b c)
+        echo \"{\\\"count\\\": ${#items[@]}, \\\"raw\\\": \\\"{{ not a template }}\\\"}\"
       input: \"{{ input }}\"
+  - id: env
+    type: script
+    with: { run: sh, code: echo, env: \"{{ input.env }}\" }
 ",
     );
     assert_eq!(
         found,
         [
-            "7:13: script step: `with.code`: holds a template; write it out (a run's data never \
-          becomes it)"
+            "13:39: script step: `with.env` is \"{{ input.env }}\", where object is expected",
+            "13:39: script step: `with.env`: holds a template; write it out (a run's data never \
+             becomes it)"
         ]
     );
 }

@@ -191,6 +191,9 @@ pub struct FollowQuery {
 
 /// How often a follower looks for new lines.
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long one stream lasts at most: a run may wait for days, and a token may be revoked
+/// meanwhile. The client reconnects with `Last-Event-ID` and is authorised again.
+const FOLLOW_AT_MOST: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The run's log lines as they come, as server-sent events: each event's `data` is one line
 /// (`LogLine`) and its `id` the line's, so a client that reconnects goes on after it
@@ -219,18 +222,29 @@ pub async fn follow_run_logs(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
+    let until = tokio::time::Instant::now() + FOLLOW_AT_MOST;
     let start = (state.engine.clone(), id, resumed.or(query.after), false);
-    let lines = stream::unfold(start, |(engine, id, after, ended)| async move {
-        if ended {
+    let lines = stream::unfold(start, move |(engine, id, after, ended)| async move {
+        if ended || tokio::time::Instant::now() >= until {
             return None;
         }
         loop {
-            // The status first: lines stored before the run ended are then all read below.
-            let finished = match engine.run_summary(&id).await {
-                Ok(run) => run.status.is_finished(),
-                Err(_) => true,
+            // The status first: lines stored before the run ended are then all read below. A
+            // database that fails ends the stream with an `error` event, not as if the run had.
+            let read = async {
+                let finished = engine.run_summary(&id).await?.status.is_finished();
+                Ok::<_, crate::service::EngineError>((
+                    finished,
+                    engine.step_logs(&id, after, 500).await?,
+                ))
             };
-            let lines = engine.step_logs(&id, after, 500).await.unwrap_or_default();
+            let (finished, lines) = match read.await {
+                Ok(read) => read,
+                Err(e) => {
+                    let event = Event::default().event("error").data(e.to_string());
+                    return Some((vec![Ok(event)], (engine, id, after, true)));
+                }
+            };
             if let Some(last) = lines.last().map(|l| l.id) {
                 let events: Vec<Result<Event, Infallible>> = lines
                     .into_iter()
@@ -245,7 +259,7 @@ pub async fn follow_run_logs(
                     .collect();
                 return Some((events, (engine, id, Some(last), false)));
             }
-            if finished {
+            if finished || tokio::time::Instant::now() >= until {
                 return None;
             }
             tokio::time::sleep(FOLLOW_EVERY).await;

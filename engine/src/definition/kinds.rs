@@ -12,6 +12,9 @@ use serde_json::{Map, Value, json};
 /// kind refuses templates in a field with `not: {pattern: TEMPLATE_PATTERN}`.
 pub const TEMPLATE_PATTERN: &str = r"\{\{|\{%|\{#";
 
+/// The schema keyword of a `with` field taken as written, never rendered (a script's code).
+pub const LITERAL: &str = "x-literal";
+
 /// The `format` of a duration field (`30s`, `5m`, `1h 30m`), checked with humantime.
 pub const DURATION_FORMAT: &str = "duration";
 
@@ -28,6 +31,8 @@ struct KindSchema {
     validator: jsonschema::Validator,
     /// `with` keys that name a file whose text becomes another key (see `files.rs`).
     files: Vec<(String, String)>,
+    /// `with` keys taken as written (see [`LITERAL`]).
+    literal: Vec<String>,
 }
 
 impl std::fmt::Debug for StepKinds {
@@ -74,12 +79,20 @@ impl StepKinds {
                     Some((key.clone(), into.to_owned()))
                 })
                 .collect();
+            let literal = schema["properties"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, property)| property[LITERAL] == Value::Bool(true))
+                .map(|(key, _)| key.clone())
+                .collect();
             out.insert(
                 name,
                 Some(KindSchema {
                     templated,
                     validator,
                     files,
+                    literal,
                 }),
             );
         }
@@ -98,6 +111,14 @@ impl StepKinds {
 
     pub fn contains(&self, name: &str) -> bool {
         self.0.contains_key(name)
+    }
+
+    /// The `with` keys of `kind` taken as written: no template is looked for in them.
+    pub(crate) fn literal_fields(&self, kind: &str) -> &[String] {
+        match self.0.get(kind) {
+            Some(Some(schema)) => &schema.literal,
+            _ => &[],
+        }
     }
 
     /// The `with` keys of `kind` that name a file, each with the key its text becomes.
@@ -385,9 +406,11 @@ fn allow_template(node: &Value) -> Value {
     let constrained = ["type", "enum", "const", "format", "anyOf", "oneOf", "allOf"]
         .iter()
         .any(|k| map.contains_key(*k));
-    // A field that refuses templates (`not: {pattern: TEMPLATE_PATTERN}`) takes none.
-    let refuses_templates =
-        map.get("not").and_then(|n| n.get("pattern")) == Some(&json!(TEMPLATE_PATTERN));
+    // A field that refuses templates (`not: {pattern: TEMPLATE_PATTERN}`) takes none, and one
+    // taken as written has none.
+    let refuses_templates = map.get("not").and_then(|n| n.get("pattern"))
+        == Some(&json!(TEMPLATE_PATTERN))
+        || map.get(LITERAL) == Some(&Value::Bool(true));
     let Value::Object(mut inner) = template_children(node) else {
         unreachable!("an object stays an object");
     };

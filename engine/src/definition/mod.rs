@@ -20,7 +20,9 @@ mod validate;
 pub use error::{DefinitionError, DefinitionErrors};
 pub use files::FILE_FOR;
 pub use input_schema::{InputSchema, Violation};
-pub use kinds::{DURATION_FORMAT, PathPart, StepKinds, TEMPLATE_PATTERN, WithProblem, templated};
+pub use kinds::{
+    DURATION_FORMAT, LITERAL, PathPart, StepKinds, TEMPLATE_PATTERN, WithProblem, templated,
+};
 pub use model::*;
 pub use parse::{
     Format, MAX_DEFINITION_BYTES, ParsedSource, load_paths, parse_bytes, parse_source, parse_str,

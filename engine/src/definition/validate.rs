@@ -429,7 +429,16 @@ impl Check<'_, '_> {
             // its `when` and `for_each` (rendered before any item exists) do not. A `workflow`
             // step's `with.for_each` hands each child `input.item` instead.
             let mut strings = Vec::new();
-            collect_templates(&step.with, &mut vec![Seg::Key("with")], &mut strings);
+            let literal = self.kinds.literal_fields(&step.kind);
+            match &step.with {
+                Value::Object(fields) => {
+                    for (key, value) in fields.iter().filter(|(k, _)| !literal.contains(k)) {
+                        let mut path = vec![Seg::Key("with"), Seg::Key(key)];
+                        collect_templates(value, &mut path, &mut strings);
+                    }
+                }
+                whole => collect_templates(whole, &mut vec![Seg::Key("with")], &mut strings),
+            }
             let looped = strings.len();
             if let Some(when) = &step.when {
                 strings.push((vec![Seg::Key("when")], when.as_str()));

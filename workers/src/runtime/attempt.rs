@@ -239,15 +239,31 @@ async fn attempt(
     }
     // A template may sort or search long lists within its fuel for seconds: off the async
     // threads, where it would stall every other step of this worker.
-    let rendered = if has_template(&step.with) {
-        let template = step.with.clone();
+    // Fields the kind takes as written (a script's code) are not templates, whatever they hold.
+    let literal = kind.literal_fields();
+    let (template, kept) = match &step.with {
+        Value::Object(fields) if !literal.is_empty() => {
+            let (kept, rest): (serde_json::Map<_, _>, serde_json::Map<_, _>) = fields
+                .clone()
+                .into_iter()
+                .partition(|(field, _)| literal.contains(&field.as_str()));
+            (Value::Object(rest), kept)
+        }
+        other => (other.clone(), serde_json::Map::new()),
+    };
+    let rendered = if has_template(&template) {
+        let template = template.clone();
         tokio::task::spawn_blocking(move || render_value(&template, &ctx))
             .await
             .unwrap_or_else(|e| Err(TemplateError::Render(format!("the render stopped: {e}"))))
     } else {
-        Ok(step.with.clone())
+        Ok(template.clone())
     };
     let with = match rendered {
+        Ok(Value::Object(mut fields)) => {
+            fields.extend(kept);
+            Value::Object(fields)
+        }
         Ok(with) => with,
         Err(e) => return failed(StepFailure::permanent("template", e.to_string())),
     };
@@ -277,7 +293,7 @@ async fn attempt(
             ),
         ));
     }
-    let reads_run_data = match &step.with {
+    let reads_run_data = match &template {
         Value::Object(fields) => fields
             .iter()
             .filter(|(_, template)| reads_run_data(template))

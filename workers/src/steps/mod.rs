@@ -55,8 +55,10 @@ pub struct StepCall {
     pub log: StepLog,
 }
 
-/// Most a step's lines may hold in one attempt; what comes after is dropped, with a note.
+/// Most a step's lines may hold in one attempt, each line counting [`LINE_COST`] more than its
+/// text (a row of its own); what comes after is dropped, with a note.
 pub const MAX_LOG_BYTES: usize = 1024 * 1024;
+const LINE_COST: usize = 64;
 
 /// What a step prints during its attempt (a script's output, a request and its status), kept
 /// with its settlement for `switchyard logs`: at most [`MAX_LOG_BYTES`], and with every value
@@ -95,12 +97,13 @@ impl StepLog {
     /// Adds a line to `stream` (`stdout`, `stderr`, or `info` for what a kind notes).
     pub fn line(&self, stream: &str, text: impl Into<String>) {
         let text = text.into();
+        let cost = text.len() + LINE_COST;
         let mut buffer = self.buffer();
-        if buffer.bytes + text.len() > MAX_LOG_BYTES {
+        if buffer.bytes + cost > MAX_LOG_BYTES {
             buffer.dropped += text.len();
             return;
         }
-        buffer.bytes += text.len();
+        buffer.bytes += cost;
         let at = jiff::Timestamp::now().as_millisecond();
         buffer.lines.push(LogLine {
             at,
@@ -118,7 +121,7 @@ impl StepLog {
                 at: jiff::Timestamp::now().as_millisecond(),
                 stream: "info".to_owned(),
                 text: format!(
-                    "{} more bytes were not kept: an attempt keeps {MAX_LOG_BYTES} at most",
+                    "{} more bytes were not kept: an attempt keeps about {MAX_LOG_BYTES} at most",
                     buffer.dropped
                 ),
             });
@@ -178,6 +181,11 @@ pub trait StepKind: Send + Sync + 'static {
     fn secret_fields(&self) -> &'static [&'static str] {
         &[]
     }
+    /// The top-level `with` fields taken as written, never rendered: code, in which `{{`, `{%`
+    /// and `{#` are the code's own (a shell's `${#list[@]}`, a Python f-string).
+    fn literal_fields(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// What `with` takes, as a JSON Schema (see [`with_schema`]): definitions are checked
     /// against it when they load, and editors complete it.
     fn with_schema(&self) -> Value;
@@ -233,11 +241,15 @@ impl Registry {
     /// The kinds with what each takes in `with`, for checking definitions. Fails when a kind
     /// declares a schema that does not compile.
     pub fn step_kinds(&self) -> Result<StepKinds, String> {
-        StepKinds::new(
-            self.0
-                .iter()
-                .map(|(name, kind)| ((*name).to_owned(), kind.with_schema())),
-        )
+        StepKinds::new(self.0.iter().map(|(name, kind)| {
+            let mut schema = kind.with_schema();
+            for field in kind.literal_fields() {
+                if let Some(property) = schema.pointer_mut(&format!("/properties/{field}")) {
+                    property[switchyard_engine::definition::LITERAL] = Value::Bool(true);
+                }
+            }
+            ((*name).to_owned(), schema)
+        }))
     }
 }
 

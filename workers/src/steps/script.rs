@@ -8,8 +8,8 @@
 //! (its scratch folder), `LANG`, and the variables `env` names, whose values may be secrets.
 //! It runs in a process group of its own, killed whole when the step times out, is cancelled,
 //! or its worker stops waiting: nothing it started outlives the attempt. `code` and `run` are
-//! the definition's own text: templates in them could turn a run's input into code, so loading
-//! refuses them (and the kind refuses them again).
+//! the definition's own text, taken as written and never rendered: a run's input never becomes
+//! code, and `{{` or `${#list[@]}` in code are the code's own.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -54,11 +54,9 @@ impl Script {
 #[schemars(extend("oneOf" = [{ "required": ["code"] }, { "required": ["file"] }]))]
 struct ScriptWith {
     /// The program that runs the code, found on the worker's PATH, with any arguments before
-    /// the code's file: `python3`, `node`, `bash`, `deno run`.
-    #[schemars(extend("not" = { "type": "string", "pattern": TEMPLATE_PATTERN }))]
+    /// the code's file: `python3`, `node`, `bash`, `deno run`. Taken as written.
     run: String,
-    /// The code, written out: no template.
-    #[schemars(extend("not" = { "type": "string", "pattern": TEMPLATE_PATTERN }))]
+    /// The code, taken as written: `{{` and `{#` in it are the code's own, not templates.
     code: Option<String>,
     /// Instead of `code`: a file beside the definition file (in its folder), whose text becomes
     /// `code` when the definition loads.
@@ -209,6 +207,10 @@ impl StepKind for Script {
 
     fn secret_fields(&self) -> &'static [&'static str] {
         &["env"]
+    }
+
+    fn literal_fields(&self) -> &'static [&'static str] {
+        &["run", "code"]
     }
 
     fn with_schema(&self) -> Value {
