@@ -153,18 +153,24 @@ impl StepKind for N8n {
         };
         if let Some(answer) = state.get("callback") {
             return match answer.get("error").filter(|e| !e.is_null()) {
-                Some(error) => Err(StepFailure::transient(
-                    "n8n",
-                    format!(
-                        "n8n reported an error: {}",
-                        error
-                            .as_str()
-                            .map_or_else(|| error.to_string(), str::to_owned)
-                    ),
-                )),
-                None => Ok(StepOutcome::Output(
-                    answer.get("output").cloned().unwrap_or(Value::Null),
-                )),
+                Some(error) => {
+                    call.log.line("info", "n8n called back with an error");
+                    Err(StepFailure::transient(
+                        "n8n",
+                        format!(
+                            "n8n reported an error: {}",
+                            error
+                                .as_str()
+                                .map_or_else(|| error.to_string(), str::to_owned)
+                        ),
+                    ))
+                }
+                None => {
+                    call.log.line("info", "n8n called back");
+                    Ok(StepOutcome::Output(
+                        answer.get("output").cloned().unwrap_or(Value::Null),
+                    ))
+                }
             };
         }
         let deadline = state["deadline"].as_i64().unwrap_or(call.now);
@@ -175,6 +181,8 @@ impl StepKind for N8n {
                 "token": callback::token(&call.run_id, &call.step_id, secret),
             });
             self.post(&call, &with, body).await?;
+            call.log
+                .line("info", "n8n took the call; waiting for it to call back");
             state["called"] = Value::Bool(true);
         } else if call.now >= deadline {
             return Err(StepFailure::transient(
