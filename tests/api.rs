@@ -1967,7 +1967,19 @@ steps:
         .map(|data| serde_json::from_str(data).unwrap())
         .collect();
     let texts: Vec<&str> = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
-    assert_eq!(texts, ["first", "{\"done\": true}", "second"], "{body}");
+    // Each line as it was printed: the two before the pause (two pipes, in either order), then
+    // the last one a second later.
+    assert_eq!(texts.len(), 3, "{body}");
+    assert!(
+        texts[..2].contains(&"first") && texts[..2].contains(&"second"),
+        "{body}"
+    );
+    assert_eq!(texts[2], "{\"done\": true}", "{body}");
+    let gap = lines[2]["at"].as_i64().unwrap() - lines[0]["at"].as_i64().unwrap();
+    assert!(
+        gap >= 900,
+        "the lines carry the times they were printed at: {body}"
+    );
     assert!(body.contains("\nid: "), "each event names its line: {body}");
     assert!(
         started.elapsed() >= Duration::from_millis(900),

@@ -247,3 +247,18 @@ async fn a_secret_over_several_lines_is_redacted_whole_in_the_log() {
     );
     assert!(lines.contains(&"[secret]".to_owned()), "{lines:?}");
 }
+
+#[tokio::test]
+async fn what_a_script_printed_before_its_step_timed_out_is_kept() {
+    let call = call(json!({ "run": "sh", "code": "echo before\nsleep 30\necho after" }));
+    let log = call.log.clone();
+    let registry = Registry::builtin().allowing_scripts();
+    let script = registry.get("script").unwrap().run(call);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), script)
+            .await
+            .is_err()
+    );
+    let lines: Vec<String> = log.take().into_iter().map(|l| l.text).collect();
+    assert_eq!(lines, ["before"]);
+}

@@ -10,7 +10,7 @@ mod transform;
 mod wait;
 mod workflow;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -127,16 +127,51 @@ impl StepLog {
             });
         }
         if let Some(secrets) = &buffer.secrets {
-            for line in &mut lines {
-                let mut text = Value::String(std::mem::take(&mut line.text));
-                secrets.redact_sent(&mut text);
-                line.text = text.as_str().unwrap_or_default().to_owned();
-            }
+            lines = redact_streams(lines, secrets);
         }
         buffer.bytes = 0;
         buffer.dropped = 0;
         lines
     }
+}
+
+/// `lines` with every value the attempt sent that carries a secret replaced, a secret printed
+/// over several lines too: each stream's lines are searched as one text, then split again (a
+/// line that held only part of a secret takes the time of the line where the part began).
+fn redact_streams(lines: Vec<LogLine>, secrets: &Secrets) -> Vec<LogLine> {
+    // Each line keeps its place in the order they were printed.
+    let mut streams: BTreeMap<String, Vec<(usize, LogLine)>> = BTreeMap::new();
+    for (place, line) in lines.into_iter().enumerate() {
+        streams
+            .entry(line.stream.clone())
+            .or_default()
+            .push((place, line));
+    }
+    let mut out: Vec<(usize, LogLine)> = Vec::new();
+    for (stream, lines) in streams {
+        let joined: Vec<&str> = lines.iter().map(|(_, l)| l.text.as_str()).collect();
+        let mut text = Value::String(joined.join("\n"));
+        secrets.redact_sent(&mut text);
+        let redacted: Vec<&str> = text.as_str().unwrap_or_default().split('\n').collect();
+        for (i, text) in redacted.iter().enumerate() {
+            let (place, line) = &lines[i.min(lines.len() - 1)];
+            let place = if redacted.len() == lines.len() {
+                *place
+            } else {
+                place + i
+            };
+            out.push((
+                place,
+                LogLine {
+                    at: line.at,
+                    stream: stream.clone(),
+                    text: (*text).to_owned(),
+                },
+            ));
+        }
+    }
+    out.sort_by_key(|(place, _)| *place);
+    out.into_iter().map(|(_, line)| line).collect()
 }
 
 /// In [`StepCall::reads_run_data`]: `with` was rendered whole from run data, every field with it.

@@ -22,7 +22,7 @@ use switchyard_engine::definition::TEMPLATE_PATTERN;
 use switchyard_engine::state::StepFailure;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::{StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
+use super::{StepCall, StepKind, StepLog, StepOutcome, StepResult, parse_with, with_schema};
 
 /// Most of standard output kept to find the output in; a script that prints more fails.
 const MAX_STDOUT: usize = 1024 * 1024;
@@ -140,20 +140,44 @@ fn redacted(call: &StepCall, bytes: &[u8], cut: bool, at: Cut) -> String {
     }
 }
 
-/// Reads `stream` to its end, keeping at most `limit` bytes: the first ones, or with `tail`
-/// the last ones. Returns them and whether more came.
+/// The longest line the log keeps whole; the rest of a longer one is dropped.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Reads `stream` to its end: each line goes to the step's log under `name` as it comes (so a
+/// script that times out leaves what it printed), and at most `limit` bytes are kept, the first
+/// ones, or with `tail` the last ones. Returns them and whether more came.
 async fn read_bounded(
     mut stream: impl AsyncRead + Unpin,
     limit: usize,
     tail: bool,
+    log: StepLog,
+    name: &'static str,
 ) -> std::io::Result<(Vec<u8>, bool)> {
     let mut kept = Vec::new();
     let mut more = false;
+    let mut line: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
+            if !line.is_empty() {
+                log.line(name, String::from_utf8_lossy(&line));
+            }
             return Ok((kept, more));
+        }
+        for piece in chunk[..n].split_inclusive(|b| *b == b'\n') {
+            let ends = piece.ends_with(b"\n");
+            let text = if ends {
+                &piece[..piece.len() - 1]
+            } else {
+                piece
+            };
+            let room = MAX_LINE.saturating_sub(line.len());
+            line.extend_from_slice(&text[..text.len().min(room)]);
+            if ends {
+                log.line(name, String::from_utf8_lossy(&line));
+                line.clear();
+            }
         }
         kept.extend_from_slice(&chunk[..n]);
         if kept.len() > limit {
@@ -303,8 +327,20 @@ impl StepKind for Script {
         let feed = AbortOnDrop(tokio::spawn(async move {
             let _ = stdin.write_all(&input).await;
         }));
-        let out = AbortOnDrop(tokio::spawn(read_bounded(stdout, MAX_STDOUT, false)));
-        let err = AbortOnDrop(tokio::spawn(read_bounded(stderr, STDERR_TAIL, true)));
+        let out = AbortOnDrop(tokio::spawn(read_bounded(
+            stdout,
+            MAX_STDOUT,
+            false,
+            call.log.clone(),
+            "stdout",
+        )));
+        let err = AbortOnDrop(tokio::spawn(read_bounded(
+            stderr,
+            STDERR_TAIL,
+            true,
+            call.log.clone(),
+            "stderr",
+        )));
         let io = |e: std::io::Error| StepFailure::transient("script", e.to_string());
         let status = child.wait().await.map_err(io)?;
         // What the script left running would keep its pipes open and the step waiting: it ends
@@ -328,12 +364,6 @@ impl StepKind for Script {
         // cut would halve, is still found whole.
         let stdout = redacted(&call, &out, too_much, Cut::End);
         let stderr = redacted(&call, &err, cut, Cut::Start);
-        for line in stdout.lines() {
-            call.log.line("stdout", line);
-        }
-        for line in stderr.lines() {
-            call.log.line("stderr", line);
-        }
         if !status.success() {
             let how = match status.code() {
                 Some(code) => format!("exited with status {code}"),
