@@ -710,7 +710,9 @@ async fn run(
             );
             view.below();
         }
-        let children = engine.child_runs(&run_id, CHILDREN_COUNTED).await?;
+        let children = engine
+            .child_runs(&run_id, display::CHILDREN_COUNTED)
+            .await?;
         view.show(&detail, &children, engine.now());
         let status = detail.summary.status;
         if status.is_finished() {
@@ -731,9 +733,6 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
-
-/// Most child runs `run --wait` counts.
-const CHILDREN_COUNTED: u32 = 1000;
 
 /// How `run --wait` shows a run's progress: at a terminal, one block redrawn in place (each step
 /// with its state and time, loops' items and child runs counted); elsewhere, a line for each
@@ -766,12 +765,14 @@ impl WaitView {
         match self {
             WaitView::Live { drawn } => {
                 let block = display::progress(detail, children, now);
-                // Up to the block's first line, clear to the end, draw it again.
+                // Up to the block's first line, clear to the end, draw it again. A line wider
+                // than the terminal would wrap and leave copies behind: each is cut to fit.
                 if *drawn > 0 {
                     eprint!("\x1b[{drawn}F\x1b[J");
                 }
+                let width = terminal_width();
                 for line in &block {
-                    eprintln!("{line}");
+                    eprintln!("{}", display::fitted(line, width));
                 }
                 *drawn = block.len();
             }
@@ -803,6 +804,21 @@ impl WaitView {
                 }
             }
         }
+    }
+}
+
+/// The width of the terminal on stderr, if it says.
+fn terminal_width() -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::termios::tcgetwinsize(std::io::stderr())
+            .ok()
+            .map(|size| usize::from(size.ws_col))
+            .filter(|cols| *cols > 0)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
     }
 }
 

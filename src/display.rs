@@ -84,6 +84,9 @@ pub fn item_progress(detail: &RunDetail) -> BTreeMap<&str, (usize, usize)> {
     progress
 }
 
+/// Most child runs `run --wait` reads to count.
+pub const CHILDREN_COUNTED: u32 = 1000;
+
 /// The block `run --wait` redraws at a terminal: the run with its status and time so far, then
 /// each step (a loop's items counted, not listed) with its state and time, then the child runs
 /// counted by whether they have finished.
@@ -122,12 +125,29 @@ pub fn progress(detail: &RunDetail, children: &[RunSummary], now: Millis) -> Vec
     }
     if !children.is_empty() {
         let finished = children.iter().filter(|c| c.status.is_finished()).count();
+        // Only the first ones are read: a fan-out of more is counted as "at least".
+        let more = if children.len() >= CHILDREN_COUNTED as usize {
+            " (of the first)"
+        } else {
+            ""
+        };
         lines.push(format!(
-            "  child runs: {finished}/{} finished",
+            "  child runs: {finished}/{} finished{more}",
             children.len()
         ));
     }
     lines
+}
+
+/// `line` cut to `width` characters (the last one `…`) when it is wider.
+pub fn fitted(line: &str, width: Option<usize>) -> String {
+    match width {
+        Some(width) if width > 1 && line.chars().count() > width => {
+            let kept: String = line.chars().take(width - 1).collect();
+            format!("{kept}…")
+        }
+        _ => line.to_owned(),
+    }
 }
 
 /// A table with a header row, columns padded to fit, no borders: it reads in a terminal and
@@ -216,6 +236,13 @@ mod tests {
         assert!(block[2].starts_with("  after") && block[2].contains("waiting"));
         assert_eq!(block[3], "  child runs: 1/1 finished");
         assert_eq!(block.len(), 4);
+    }
+
+    #[test]
+    fn a_line_wider_than_the_terminal_is_cut_to_fit() {
+        assert_eq!(fitted("abcdef", Some(4)), "abc…");
+        assert_eq!(fitted("abc", Some(4)), "abc");
+        assert_eq!(fitted("abcdef", None), "abcdef");
     }
 
     #[test]
