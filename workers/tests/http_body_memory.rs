@@ -17,18 +17,7 @@ fn peak_rss_kib() -> u64 {
 }
 
 fn call(url: String) -> StepCall {
-    StepCall {
-        with: json!({ "url": url }),
-        secrets: Default::default(),
-        reads_run_data: Vec::new(),
-        checkpoint: None,
-        idempotency_key: "run:step".into(),
-        run_id: "run".into(),
-        step_id: "step".into(),
-        attempt: 1,
-        now: 0,
-        log: Default::default(),
-    }
+    StepCall::first_attempt(json!({ "url": url }), Default::default())
 }
 
 #[tokio::test]

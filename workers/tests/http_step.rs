@@ -58,16 +58,8 @@ fn call(with: Value, reads_run_data: &[&str]) -> StepCall {
         ..TemplateContext::default()
     };
     StepCall {
-        with: render_value(&with, &ctx).unwrap(),
-        secrets,
         reads_run_data: reads_run_data.iter().map(|f| (*f).to_owned()).collect(),
-        checkpoint: None,
-        idempotency_key: "run:step".into(),
-        run_id: "run".into(),
-        step_id: "step".into(),
-        attempt: 1,
-        now: 0,
-        log: Default::default(),
+        ..StepCall::first_attempt(render_value(&with, &ctx).unwrap(), secrets)
     }
 }
 

@@ -15,18 +15,7 @@ fn call(with: Value) -> StepCall {
         secrets: secrets.clone(),
         ..TemplateContext::default()
     };
-    StepCall {
-        with: render_value(&with, &ctx).unwrap(),
-        secrets,
-        reads_run_data: Vec::new(),
-        checkpoint: None,
-        idempotency_key: "run:step".into(),
-        run_id: "run".into(),
-        step_id: "step".into(),
-        attempt: 1,
-        now: 0,
-        log: Default::default(),
-    }
+    StepCall::first_attempt(render_value(&with, &ctx).unwrap(), secrets)
 }
 
 async fn run(with: Value) -> Result<Value, switchyard_engine::state::StepFailure> {

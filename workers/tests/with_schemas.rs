@@ -189,18 +189,7 @@ steps:
 async fn a_kind_refuses_for_good_what_only_rendering_could_show() {
     let kind = Registry::builtin();
     let sleep = kind.get("sleep").unwrap();
-    let call = StepCall {
-        with: json!({ "duration": "soon" }),
-        secrets: Default::default(),
-        reads_run_data: Vec::new(),
-        checkpoint: None,
-        idempotency_key: "r:s".into(),
-        run_id: "r".into(),
-        step_id: "s".into(),
-        attempt: 1,
-        now: 0,
-        log: Default::default(),
-    };
+    let call = StepCall::first_attempt(json!({ "duration": "soon" }), Default::default());
     let failure = sleep.run(call.clone()).await.unwrap_err();
     assert!(!failure.retryable, "{failure:?}");
     assert!(failure.message.contains("duration"), "{failure:?}");

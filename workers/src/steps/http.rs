@@ -491,18 +491,7 @@ mod tests {
     use switchyard_engine::definition::Secrets;
 
     fn call(with: Value) -> StepCall {
-        StepCall {
-            with,
-            secrets: Secrets::default(),
-            reads_run_data: Vec::new(),
-            checkpoint: None,
-            idempotency_key: "run:step".into(),
-            run_id: "run".into(),
-            step_id: "step".into(),
-            attempt: 1,
-            now: 0,
-            log: Default::default(),
-        }
+        StepCall::first_attempt(with, Secrets::default())
     }
 
     #[test]

@@ -178,6 +178,23 @@ fn redact_streams(lines: Vec<LogLine>, secrets: &Secrets) -> Vec<LogLine> {
 pub const EVERY_FIELD: &str = "*";
 
 impl StepCall {
+    /// The first attempt's call of a step with `with` as rendered, outside any run: for trying
+    /// a kind on its own (its tests, an embedder's kinds).
+    pub fn first_attempt(with: Value, secrets: Secrets) -> Self {
+        StepCall {
+            with,
+            secrets,
+            reads_run_data: Vec::new(),
+            checkpoint: None,
+            idempotency_key: "run:step".into(),
+            run_id: "run".into(),
+            step_id: "step".into(),
+            attempt: 1,
+            now: 0,
+            log: StepLog::default(),
+        }
+    }
+
     /// Whether `with.<field>` was rendered from the run's input or step outputs.
     pub fn reads_run_data(&self, field: &str) -> bool {
         self.reads_run_data
