@@ -710,9 +710,15 @@ async fn run(
             );
             view.below();
         }
-        let children = engine
-            .child_runs(&run_id, display::CHILDREN_COUNTED)
-            .await?;
+        // Only the live block counts child runs: plain lines would read them for nothing.
+        let children = match view {
+            WaitView::Live { .. } => {
+                engine
+                    .child_runs(&run_id, display::CHILDREN_COUNTED)
+                    .await?
+            }
+            WaitView::Lines { .. } => Vec::new(),
+        };
         view.show(&detail, &children, engine.now());
         let status = detail.summary.status;
         if status.is_finished() {

@@ -129,8 +129,8 @@ pub async fn show_run(
 pub struct LogQuery {
     /// `next_after` of the previous page: only lines stored after it.
     pub after: Option<i64>,
-    /// Page size, 1 to 1000 (default 500).
-    #[param(minimum = 1, maximum = 1000)]
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 
@@ -162,13 +162,7 @@ pub async fn run_logs(
     Path(id): Path<String>,
     Query(query): Query<LogQuery>,
 ) -> Result<Json<LogPage>, ApiError> {
-    let limit = query.limit.unwrap_or(500);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidQuery,
-            "limit must be from 1 to 1000",
-        ));
-    }
+    let limit = super::page_limit(query.limit)?;
     let lines = state.engine.step_logs(&id, query.after, limit).await?;
     if lines.is_empty() {
         // No lines (yet), or no such run: only the second is an error.

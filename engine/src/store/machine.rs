@@ -600,6 +600,9 @@ async fn keep_logs(
     completions: &[Completion],
     settled: &[SettledJob],
 ) -> Result<()> {
+    if completions.iter().all(|c| c.logs.is_empty()) {
+        return Ok(());
+    }
     let jobs: BTreeMap<JobId, &SettledJob> = settled.iter().map(|j| (j.id, j)).collect();
     let rows: Vec<Value> = completions
         .iter()

@@ -1454,29 +1454,31 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
     }
 
     async fn delete_old_records(&mut self, cutoffs: &RecordCutoffs) -> Result<()> {
-        sqlx::query(
-            "DELETE FROM fires WHERE fire_at < $1 AND fire_at < \
-                 (SELECT max(fire_at) FROM fires AS f WHERE f.workflow_id = fires.workflow_id)",
-        )
-        .bind(cutoffs.records_before)
-        .execute(&mut *self.0)
-        .await?;
-        sqlx::query("DELETE FROM alerts WHERE created_at < $1")
-            .bind(cutoffs.records_before)
-            .execute(&mut *self.0)
-            .await?;
-        sqlx::query("DELETE FROM webhook_events WHERE received_at < $1")
-            .bind(cutoffs.records_before)
-            .execute(&mut *self.0)
-            .await?;
-        sqlx::query("DELETE FROM revoked_tokens WHERE expires_at <= $1")
-            .bind(cutoffs.revocations_before)
-            .execute(&mut *self.0)
-            .await?;
-        sqlx::query("DELETE FROM audit_log WHERE at < $1")
-            .bind(cutoffs.audit_before)
-            .execute(&mut *self.0)
-            .await?;
+        for (statement, before) in [
+            (
+                "DELETE FROM fires WHERE fire_at < $1 AND fire_at < \
+                     (SELECT max(fire_at) FROM fires AS f WHERE f.workflow_id = fires.workflow_id)",
+                cutoffs.records_before,
+            ),
+            (
+                "DELETE FROM alerts WHERE created_at < $1",
+                cutoffs.records_before,
+            ),
+            (
+                "DELETE FROM webhook_events WHERE received_at < $1",
+                cutoffs.records_before,
+            ),
+            (
+                "DELETE FROM revoked_tokens WHERE expires_at <= $1",
+                cutoffs.revocations_before,
+            ),
+            ("DELETE FROM audit_log WHERE at < $1", cutoffs.audit_before),
+        ] {
+            sqlx::query(statement)
+                .bind(before)
+                .execute(&mut *self.0)
+                .await?;
+        }
         Ok(())
     }
 
