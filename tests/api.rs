@@ -1929,7 +1929,7 @@ steps:
       code: |
         echo first
         echo second >&2
-        sleep 1
+        sleep 3
         echo '{\"done\": true}'
 ",
         &["--allow-scripts"],
@@ -1940,7 +1940,7 @@ steps:
     let operator = api.token("operator", &[]);
     let run = api.start_run("chatty", &operator).await;
     let started = Instant::now();
-    let reply = api
+    let mut reply = api
         .authed(
             Method::GET,
             &format!("/api/runs/{run}/logs/follow"),
@@ -1956,11 +1956,32 @@ steps:
             .unwrap()
             .starts_with("text/event-stream")
     );
+    // A line comes while its step still runs, not when the attempt ends.
+    let mut body = String::new();
+    while !body.contains("first") {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), reply.chunk())
+            .await
+            .expect("a line came")
+            .unwrap()
+            .expect("the stream goes on until the run ends");
+        body.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let status = api
+        .authed(Method::GET, &format!("/api/runs/{run}"), &viewer)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["status"]
+        .clone();
+    assert_eq!(status, "running", "{body}");
     // The stream ends by itself once the run has ended.
-    let body = tokio::time::timeout(Duration::from_secs(30), reply.text())
+    let rest = tokio::time::timeout(Duration::from_secs(30), reply.text())
         .await
         .expect("the stream ended with the run")
         .unwrap();
+    body.push_str(&rest);
     let lines: Vec<Value> = body
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
@@ -1968,7 +1989,7 @@ steps:
         .collect();
     let texts: Vec<&str> = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
     // Each line as it was printed: the two before the pause (two pipes, in either order), then
-    // the last one a second later.
+    // the last one seconds later.
     assert_eq!(texts.len(), 3, "{body}");
     assert!(
         texts[..2].contains(&"first") && texts[..2].contains(&"second"),
@@ -1977,12 +1998,12 @@ steps:
     assert_eq!(texts[2], "{\"done\": true}", "{body}");
     let gap = lines[2]["at"].as_i64().unwrap() - lines[0]["at"].as_i64().unwrap();
     assert!(
-        gap >= 900,
+        gap >= 2_900,
         "the lines carry the times they were printed at: {body}"
     );
     assert!(body.contains("\nid: "), "each event names its line: {body}");
     assert!(
-        started.elapsed() >= Duration::from_millis(900),
+        started.elapsed() >= Duration::from_millis(2_900),
         "it waited for the run"
     );
     // Resuming after the last line gives nothing more.

@@ -1581,6 +1581,58 @@ pub async fn an_attempts_lines_are_kept_only_with_its_accepted_settlement(store:
     );
 }
 
+pub async fn lines_stored_while_a_step_runs_are_kept_only_under_its_lease(store: Arc<dyn Store>) {
+    let run = start(&*store, &linear(), Trigger::default()).await;
+    let first = claim(&*store, T0, 1).await.remove(0);
+    let line = |text: &str| LogLine {
+        at: T0,
+        stream: "stdout".into(),
+        text: text.into(),
+    };
+    assert!(
+        store
+            .append_live_logs(&first.lease, &[line("one"), line("two")])
+            .await
+            .unwrap()
+    );
+    let forged = switchyard_engine::store::Lease {
+        token: "forged".into(),
+        ..first.lease.clone()
+    };
+    assert!(
+        !store
+            .append_live_logs(&forged, &[line("forged")])
+            .await
+            .unwrap()
+    );
+    store.sweep(T0 + LEASE + 1).await.unwrap();
+    let second = claim(&*store, T0 + LEASE + 2, 1).await.remove(0);
+    assert!(
+        !store
+            .append_live_logs(&first.lease, &[line("late")])
+            .await
+            .unwrap(),
+        "the first attempt lost its job"
+    );
+    assert!(
+        store
+            .append_live_logs(&second.lease, &[line("three")])
+            .await
+            .unwrap()
+    );
+    store
+        .complete(
+            vec![printed(done(&second, json!(2)), "four")],
+            T0 + LEASE + 3,
+        )
+        .await
+        .unwrap();
+    let lines = store.step_logs(&run, None, 10).await.unwrap();
+    let seen: Vec<(i32, &str)> = lines.iter().map(|l| (l.attempt, l.text.as_str())).collect();
+    assert_eq!(seen, [(1, "one"), (1, "two"), (2, "three"), (2, "four")]);
+    assert!(lines.iter().all(|l| l.step_id == "a"));
+}
+
 pub async fn finished_runs_are_pruned_after_retention(store: Arc<dyn Store>) {
     let wf = workflow("id: short\nretention: 1h\nsteps:\n  - {id: a, type: noop}\n");
     let run = start(&*store, &wf, Trigger::default()).await;
@@ -2830,6 +2882,7 @@ macro_rules! conformance {
                 late_completion_from_expired_lease_is_rejected,
                 completion_with_a_forged_token_is_rejected,
                 heartbeat_extends_a_lease_so_it_is_not_reclaimed,
+                lines_stored_while_a_step_runs_are_kept_only_under_its_lease,
                 retry_waits_for_its_stored_time,
                 failed_step_fails_the_run_and_cancels_the_rest,
                 retry_run_reruns_only_unsuccessful_steps,

@@ -227,6 +227,10 @@ async fn a_secret_over_several_lines_is_redacted_whole_in_the_log() {
         .run(call)
         .await
         .unwrap();
+    assert!(
+        log.take_live().is_none(),
+        "no line is stored before the stream can be redacted whole"
+    );
     let lines: Vec<String> = log.take().into_iter().map(|l| l.text).collect();
     assert!(
         !lines
@@ -235,6 +239,36 @@ async fn a_secret_over_several_lines_is_redacted_whole_in_the_log() {
         "{lines:?}"
     );
     assert!(lines.contains(&"[secret]".to_owned()), "{lines:?}");
+}
+
+#[tokio::test]
+async fn lines_stored_while_a_script_runs_are_redacted_and_not_stored_again() {
+    let secrets = Secrets::new(BTreeMap::from([("token".to_owned(), "s3cr3t".to_owned())]));
+    let ctx = TemplateContext {
+        secrets: secrets.clone(),
+        ..TemplateContext::default()
+    };
+    let with = json!({ "run": "sh", "code": "echo \"token=$T\"\nsleep 30", "env": { "T": "{{ secrets.token }}" } });
+    let mut call = call(json!({}));
+    call.with = render_value(&with, &ctx).unwrap();
+    call.secrets = secrets;
+    let log = call.log.clone();
+    log.redact_with(call.secrets.clone());
+    let registry = Registry::builtin().allowing_scripts();
+    let script = registry.get("script").unwrap().run(call);
+    tokio::pin!(script);
+    let live = loop {
+        tokio::select! {
+            _ = &mut script => panic!("the script ended early"),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        if let Some(lines) = log.take_live() {
+            break lines;
+        }
+    };
+    let texts: Vec<&str> = live.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["token=[secret]"]);
+    assert!(log.take().is_empty(), "each line is handed out once");
 }
 
 #[tokio::test]

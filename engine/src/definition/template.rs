@@ -145,6 +145,16 @@ impl Secrets {
         }
     }
 
+    /// Whether a value this attempt sent holds a line break: printed, it spans lines, so lines
+    /// can only be redacted together.
+    pub fn sent_spans_lines(&self) -> bool {
+        self.sent
+            .lock()
+            .expect("sent secrets poisoned")
+            .iter()
+            .any(|s| s.contains('\n'))
+    }
+
     /// Replaces in `value` every value this attempt sent with a secret in it, as a service that
     /// echoes its request would return them. Only what was sent is looked for: searching for
     /// every secret would tell whoever starts a run whether a guess in its input was right.

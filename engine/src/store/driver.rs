@@ -12,9 +12,9 @@ use tokio::sync::Notify;
 use super::machine::{self, Effects, RecordCutoffs, SettingKey, Tx};
 use super::{
     AUDIT_KEPT_MS, CallbackAnswer, ClaimParams, ClaimedJob, Completion, FireOutcome, FireParams,
-    InstallParams, JobId, Lease, NewAuditEntry, NewRun, NewWebhookEvent, RECORDS_KEPT_MS, Reads,
-    Result, RunId, SettingChange, Signal, SignalOutcome, SkippedFire, Store, StoreError, Swept,
-    TokenRevocation, WebhookAction, WebhookOutcome,
+    InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, RECORDS_KEPT_MS,
+    Reads, Result, RunId, SettingChange, Signal, SignalOutcome, SkippedFire, Store, StoreError,
+    Swept, TokenRevocation, WebhookAction, WebhookOutcome,
 };
 use crate::state::{Millis, RunStatus};
 
@@ -116,6 +116,13 @@ impl<D: Driver> Store for D {
             return Ok(Vec::new());
         }
         self.extend_leases(leases, lease_until).await
+    }
+
+    async fn append_live_logs(&self, lease: &Lease, lines: &[LogLine]) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let held = machine::append_live_logs(&mut tx, lease, lines).await?;
+        self.commit(tx, Effects::default(), &[]).await?;
+        Ok(held)
     }
 
     async fn complete_and_claim(

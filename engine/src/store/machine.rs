@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 
 use super::{
     CallbackAnswer, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, Install,
-    InstallParams, JobId, Lease, NewAuditEntry, NewRun, NewWebhookEvent, Result, RunId, Signal,
-    SignalOutcome, SkippedFire, StoreError, StoredDefinition, Swept, TokenRevocation,
+    InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, Result, RunId,
+    Signal, SignalOutcome, SkippedFire, StoreError, StoredDefinition, Swept, TokenRevocation,
     WebhookAction, WebhookEvent, WebhookOutcome, completion_rows, decide_install, install_audit,
 };
 use crate::flow::{self, FlowStep, RunOutcome};
@@ -370,6 +370,8 @@ pub(crate) trait Tx: Send {
     async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>>;
     /// Stores log lines (rows `{run_id, step_id, attempt, at, stream, text}`).
     async fn append_logs(&mut self, rows: Value) -> Result<()>;
+    /// The run and step of the job `lease` holds, while it still runs under it.
+    async fn held_job(&mut self, lease: &Lease) -> Result<Option<(RunId, String)>>;
     /// Deletes these runs with their jobs and logs; returns how many runs it deleted.
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64>;
     /// Deletes the records whose retention ended (see [`RecordCutoffs`]).
@@ -607,23 +609,50 @@ async fn keep_logs(
     let rows: Vec<Value> = completions
         .iter()
         .filter_map(|c| Some((c, *jobs.get(&c.lease.job_id)?)))
-        .flat_map(|(c, job)| {
-            c.logs.iter().map(move |line| {
-                json!({
-                    "run_id": job.run_id,
-                    "step_id": job.step_id,
-                    "attempt": c.lease.attempt,
-                    "at": line.at,
-                    "stream": line.stream,
-                    "text": super::storable_text(&line.text),
-                })
-            })
-        })
+        .flat_map(|(c, job)| log_rows(&job.run_id, &job.step_id, c.lease.attempt, &c.logs))
         .collect();
     if rows.is_empty() {
         return Ok(());
     }
     tx.append_logs(Value::Array(rows)).await
+}
+
+fn log_rows<'a>(
+    run_id: &'a str,
+    step_id: &'a str,
+    attempt: u32,
+    lines: &'a [LogLine],
+) -> impl Iterator<Item = Value> + 'a {
+    lines.iter().map(move |line| {
+        json!({
+            "run_id": run_id,
+            "step_id": step_id,
+            "attempt": attempt,
+            "at": line.at,
+            "stream": line.stream,
+            "text": super::storable_text(&line.text),
+        })
+    })
+}
+
+/// Stores lines an attempt printed so far, while its lease holds: a worker that lost its job
+/// writes no more of it. Returns whether the lease held.
+pub(crate) async fn append_live_logs(
+    tx: &mut dyn Tx,
+    lease: &Lease,
+    lines: &[LogLine],
+) -> Result<bool> {
+    // Under the run's lock, as a completion's lines are: a follower reading the lines after the
+    // last it saw never skips one that committed after a later one.
+    tx.lock_runs_of_jobs(&[lease.job_id]).await?;
+    let Some((run_id, step_id)) = tx.held_job(lease).await? else {
+        return Ok(false);
+    };
+    let rows: Vec<Value> = log_rows(&run_id, &step_id, lease.attempt, lines).collect();
+    if !rows.is_empty() {
+        tx.append_logs(Value::Array(rows)).await?;
+    }
+    Ok(true)
 }
 
 /// A key names one request (Stripe's rule): reusing it with another input is a mistake to

@@ -713,6 +713,9 @@ pub trait Store: Reads {
     /// Extends the leases still held; returns the job ids whose lease was extended. A job missing
     /// from the answer was cancelled or reclaimed: its worker must drop it.
     async fn heartbeat(&self, leases: &[Lease], lease_until: Millis) -> Result<Vec<JobId>>;
+    /// Stores lines an attempt printed so far, while its lease holds (so `logs --follow` shows
+    /// a long step as it goes); returns whether it held. The rest go with its completion.
+    async fn append_live_logs(&self, lease: &Lease, lines: &[LogLine]) -> Result<bool>;
     /// Applies settlements whose lease still holds; returns the accepted job ids. Also settles
     /// what follows in the same transaction: dependents become available, runs finish, parents
     /// of finished child runs settle, concurrency gates open. Then, in the same transaction,

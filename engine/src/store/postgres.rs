@@ -1437,6 +1437,18 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         Ok(())
     }
 
+    async fn held_job(&mut self, lease: &Lease) -> Result<Option<(RunId, String)>> {
+        Ok(sqlx::query_as(statement!(
+            "SELECT run_id, step_id FROM jobs \
+             WHERE id = $1 AND attempt = $2 AND lease_token = $3 AND state = {job:running}"
+        ))
+        .bind(lease.job_id)
+        .bind(lease.attempt as i32)
+        .bind(&lease.token)
+        .fetch_optional(&mut *self.0)
+        .await?)
+    }
+
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64> {
         sqlx::query("DELETE FROM step_logs WHERE run_id = ANY($1::text[])")
             .bind(runs)

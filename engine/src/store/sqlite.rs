@@ -1308,6 +1308,18 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         Ok(())
     }
 
+    async fn held_job(&mut self, lease: &Lease) -> Result<Option<(RunId, String)>> {
+        Ok(sqlx::query_as(statement!(
+            "SELECT run_id, step_id FROM jobs \
+             WHERE id = ? AND attempt = ? AND lease_token = ? AND state = {job:running}"
+        ))
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.token)
+        .fetch_optional(&mut *self.0)
+        .await?)
+    }
+
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64> {
         let ids = to_json(&runs);
         sqlx::query("DELETE FROM step_logs WHERE run_id IN (SELECT value FROM json_each(?))")

@@ -15,7 +15,7 @@ use switchyard_engine::plan::{Trigger, kind_of, plan_run};
 use switchyard_engine::service::{Engine, EngineError};
 use switchyard_engine::state::{AttemptResult, Settlement, StepFailure, settle};
 use switchyard_engine::store::{
-    ClaimedJob, Completion, JobId, LoopContext, NewRun, ParentLink, check_storable,
+    ClaimedJob, Completion, JobId, Lease, LoopContext, NewRun, ParentLink, check_storable,
 };
 use tracing::Instrument;
 
@@ -86,7 +86,13 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
                             RetryPolicy::default(),
                         ),
                         Some(step) => {
-                            let (result, children) = attempt(&shared, &job, step, &log).await;
+                            let (result, children) = storing_live_logs(
+                                &shared.engine,
+                                &job.lease,
+                                &log,
+                                attempt(&shared, &job, step, &log),
+                            )
+                            .await;
                             (result, children, workflow.retry_policy(step))
                         }
                     }
@@ -137,6 +143,47 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
     }
     .instrument(span)
     .await
+}
+
+/// How often the lines a running step printed are stored, for `logs --follow`.
+const LIVE_LOGS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs `work`, storing what the attempt prints every [`LIVE_LOGS_EVERY`] meanwhile. A write
+/// under way when `work` ends is finished, not dropped, so that no line is stored twice: the
+/// lines left go with the completion.
+async fn storing_live_logs<T>(
+    engine: &Engine,
+    lease: &Lease,
+    log: &StepLog,
+    work: impl Future<Output = T>,
+) -> T {
+    let done = tokio::sync::Notify::new();
+    let work = async {
+        let out = work.await;
+        done.notify_one();
+        out
+    };
+    let store = async {
+        loop {
+            tokio::select! {
+                () = done.notified() => return,
+                () = tokio::time::sleep(LIVE_LOGS_EVERY) => {}
+            }
+            let Some(lines) = log.take_live() else {
+                continue;
+            };
+            match engine.store().append_live_logs(lease, &lines).await {
+                Ok(true) => {}
+                // Its job is someone else's now: its completion will be refused, lines and all.
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "log lines wait for the completion");
+                    log.put_back(lines);
+                }
+            }
+        }
+    };
+    tokio::join!(work, store).0
 }
 
 /// Runs one attempt of a claimed job. Never fails: every problem is an attempt result.

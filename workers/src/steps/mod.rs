@@ -112,6 +112,34 @@ impl StepLog {
         });
     }
 
+    /// The lines so far, redacted, to be stored while the attempt goes on; the byte budget
+    /// still counts them. `None` while a secret this attempt sent spans lines: those wait for
+    /// [`StepLog::take`], which redacts each stream whole.
+    pub fn take_live(&self) -> Option<Vec<LogLine>> {
+        let mut buffer = self.buffer();
+        if buffer.lines.is_empty()
+            || buffer
+                .secrets
+                .as_ref()
+                .is_some_and(Secrets::sent_spans_lines)
+        {
+            return None;
+        }
+        let lines = std::mem::take(&mut buffer.lines);
+        Some(match &buffer.secrets {
+            Some(secrets) => redact_streams(lines, secrets),
+            None => lines,
+        })
+    }
+
+    /// Puts back lines [`StepLog::take_live`] took that could not be stored, before those
+    /// printed since.
+    pub fn put_back(&self, mut lines: Vec<LogLine>) {
+        let mut buffer = self.buffer();
+        lines.append(&mut buffer.lines);
+        buffer.lines = lines;
+    }
+
     /// The lines so far, redacted, with a note of what did not fit; the log is empty after.
     pub fn take(&self) -> Vec<LogLine> {
         let mut buffer = self.buffer();
