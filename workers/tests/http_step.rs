@@ -37,6 +37,30 @@ async fn server() -> (String, Seen) {
             }),
         )
         .route(
+            "/broken",
+            get(|| async {
+                let page = format!(
+                    "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">\n<TITLE>502 Bad Gateway: \
+                     upstream   refused</TITLE><style>{}</style></head>\n<body>...</body></html>",
+                    "body { margin: 0 }".repeat(2_000)
+                );
+                (
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    [("content-type", "text/html; charset=utf-8")],
+                    page,
+                )
+            }),
+        )
+        .route(
+            "/plain",
+            get(|| async {
+                (
+                    axum::http::StatusCode::BAD_REQUEST,
+                    format!("field `name`\n  is missing {}", "x".repeat(100_000)),
+                )
+            }),
+        )
+        .route(
             "/hop",
             get(
                 |axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>| async move {
@@ -227,6 +251,39 @@ async fn a_url_from_run_data_gets_secrets_only_on_a_host_the_operator_allows_by_
     assert!(seen.lock().unwrap().is_empty());
     http.run(call(with("127.0.0.1"), &["url"])).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_answer_is_quoted_in_one_short_line_and_an_html_page_by_its_title() {
+    let (base, _) = server().await;
+    let failure = |path: &str| {
+        let url = format!("{base}{path}");
+        async move {
+            Http::new()
+                .run(call(json!({ "url": url }), &[]))
+                .await
+                .unwrap_err()
+        }
+    };
+    let page = failure("/broken").await;
+    assert!(
+        page.message
+            .ends_with("HTTP 502 Bad Gateway: 502 Bad Gateway: upstream refused"),
+        "{}",
+        page.message
+    );
+    assert!(page.retryable);
+    let plain = failure("/plain").await;
+    assert!(
+        plain
+            .message
+            .contains("HTTP 400 Bad Request: field `name` is missing xxx"),
+        "{}",
+        plain.message
+    );
+    assert!(plain.message.ends_with("x..."), "{}", plain.message);
+    assert!(plain.message.len() < 400, "{}", plain.message);
+    assert!(!plain.retryable);
 }
 
 #[tokio::test]

@@ -30,6 +30,8 @@ use crate::egress::{CheckedResolver, EgressPolicy, Refused};
 /// Characters of a failed answer's body quoted in the error: enough to tell what went wrong,
 /// too little to carry an internal API's answer to whoever reads the run.
 const EXCERPT: usize = 256;
+/// How much of a failed answer is read for its excerpt: enough to reach an HTML page's title.
+const ERROR_READ: usize = 16 * 1024;
 /// The largest body read; a bigger one fails the attempt. Outputs are capped at 1 MiB anyway.
 const MAX_BODY: usize = 1024 * 1024;
 const MAX_REDIRECTS: usize = 10;
@@ -272,11 +274,23 @@ fn retryable(status: StatusCode) -> bool {
     status.is_server_error() || matches!(status.as_u16(), 408 | 425 | 429)
 }
 
-fn excerpt(body: &str) -> &str {
-    match body.char_indices().nth(EXCERPT) {
-        Some((cut, _)) => &body[..cut],
-        None => body,
+/// A failed answer's body in a line of at most [`EXCERPT`] characters: an HTML error page by
+/// its title, whose markup would fill the excerpt and say nothing.
+fn what_it_says(body: &str, html: bool) -> String {
+    let text = if html { page_title(body) } else { None }.unwrap_or(body);
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(EXCERPT) {
+        Some((cut, _)) => format!("{}...", &line[..cut]),
+        None => line,
     }
+}
+
+fn page_title(page: &str) -> Option<&str> {
+    let lower = page.to_ascii_lowercase();
+    let open = lower.find("<title")?;
+    let start = open + lower[open..].find('>')? + 1;
+    let end = start + lower[start..].find("</title")?;
+    Some(&page[start..end]).filter(|t| !t.trim().is_empty())
 }
 
 /// What a failed send says; a refusal by the egress policy, found among the causes, is final.
@@ -301,18 +315,29 @@ async fn read_body(
     if response.content_length().is_some_and(|n| n > limit as u64) {
         return Ok(None);
     }
+    let body = read_start(response, limit + 1, target).await?;
+    Ok((body.len() <= limit).then_some(body))
+}
+
+/// The first `limit` bytes of the body, or all of it when shorter.
+async fn read_start(
+    response: &mut reqwest::Response,
+    limit: usize,
+    target: &str,
+) -> Result<Vec<u8>, StepFailure> {
     let mut body = Vec::new();
     while let Some(chunk) = response
         .chunk()
         .await
         .map_err(|e| StepFailure::transient("http", format!("{target}: reading body: {e}")))?
     {
-        if body.len() + chunk.len() > limit {
-            return Ok(None);
+        let room = limit - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() == limit {
+            break;
         }
-        body.extend_from_slice(&chunk);
     }
-    Ok(Some(body))
+    Ok(body)
 }
 
 fn same_origin(a: &Url, b: &Url) -> bool {
@@ -451,13 +476,19 @@ impl StepKind for Http {
         let status = response.status();
         let response_headers = response.headers().clone();
         if !status.is_success() {
-            let text = match read_body(&mut response, EXCERPT * 4, &target).await {
-                Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
-                _ => String::new(),
-            };
+            let start = read_start(&mut response, ERROR_READ, &target)
+                .await
+                .unwrap_or_default();
+            let html = response_headers
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("html"));
             return Err(StepFailure {
                 kind: "http".into(),
-                message: format!("{target}: HTTP {status}: {}", excerpt(&text)),
+                message: format!(
+                    "{target}: HTTP {status}: {}",
+                    what_it_says(&String::from_utf8_lossy(&start), html)
+                ),
                 status: Some(status.as_u16()),
                 retryable: retryable(status),
                 retry_after: retry_after(&response_headers, call.now),
