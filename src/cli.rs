@@ -80,6 +80,10 @@ pub struct WorkerArgs {
     /// steps with `wait: true` give n8n this address to call back.
     #[arg(long, env = "SWITCHYARD_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// n8n's base URL, such as http://localhost:5678: a workflow with no steps runs as a call
+    /// of its n8n workflow's Webhook trigger, `{n8n-url}/webhook/{workflow id}`.
+    #[arg(long, env = "SWITCHYARD_N8N_URL")]
+    pub n8n_url: Option<String>,
     /// Run `script` steps. A script runs with this process's own rights (its files, its network,
     /// beyond the egress rules): allow it only where whoever may install a definition may.
     #[arg(long, env = "SWITCHYARD_ALLOW_SCRIPTS")]

@@ -24,7 +24,7 @@ use switchyard_engine::scheduler::run_scheduler;
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::{JobState, Millis, RunStatus};
 use switchyard_engine::store::{self, DefinitionOrigin, RunDetail, RunFilter};
-use switchyard_workers::{EgressPolicy, Registry, WorkerConfig, run_worker};
+use switchyard_workers::{EgressPolicy, N8nUrls, Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -566,7 +566,13 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
             allow: args.egress_allow.clone(),
             deny: args.egress_deny.clone(),
         });
-        let mut registry = Registry::builtin_with(args.public_url.clone(), egress);
+        let mut registry = Registry::builtin_with(
+            N8nUrls {
+                n8n: args.n8n_url.clone(),
+                public: args.public_url.clone(),
+            },
+            egress,
+        );
         if args.allow_scripts {
             registry = registry.allowing_scripts();
         }

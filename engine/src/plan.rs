@@ -7,10 +7,9 @@ use crate::store::{ConcurrencyGate, NewJob, NewRun, ParentLink, RunId, check_sto
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    #[error(
-        "workflow {0} has no steps: its work lives in n8n; give it a step `type: n8n` with the \
-         URL of the n8n workflow's Webhook trigger"
-    )]
+    /// Only a version stored before workflows without steps ran in n8n has none: loading a
+    /// definition gives one such a step.
+    #[error("workflow {0} has no steps in this version: install its definition again")]
     NoSteps(String),
     #[error("input of workflow {workflow} must be a JSON object, got {got}")]
     InputNotObject { workflow: String, got: &'static str },

@@ -12,7 +12,15 @@ use switchyard_engine::definition::{
     TemplateError, WorkflowMap,
 };
 
-const KIND_NAMES: &[&str] = &["http", "transform", "sleep", "noop", "workflow", "wait"];
+const KIND_NAMES: &[&str] = &[
+    "http",
+    "n8n",
+    "transform",
+    "sleep",
+    "noop",
+    "workflow",
+    "wait",
+];
 
 /// The kinds these tests know, taking anything in `with`: what each takes is the workers'
 /// (`workers/tests/with_schemas.rs`).
@@ -66,9 +74,19 @@ fn seed_configuration_loads_unchanged() {
     let map = definition::load_paths(&[path], &kinds()).unwrap_or_else(|e| panic!("{e}"));
     let wf = &map["amazon_influencer"];
     assert_eq!(wf.id, "amazon_influencer");
-    assert!(
-        wf.steps.is_empty(),
-        "the seed's workflows are step-less (run by n8n)"
+    // The seed's workflows have no steps: their work lives in n8n, which calls back where
+    // `webhookUrl` says.
+    assert_eq!(wf.steps.len(), 1);
+    assert_eq!(wf.steps[0].kind, "n8n");
+    assert_eq!(
+        wf.steps[0].with,
+        json!({
+            "webhook": "amazon_influencer",
+            "input": "{{ input }}",
+            "wait": true,
+            "timeout": "30m",
+            "callback_url": "/api/webhooks/n8n",
+        })
     );
     let schedule = wf.schedule.as_ref().expect("schedule");
     assert_eq!(schedule.cron, "0 8,16 * * *");
@@ -85,19 +103,7 @@ fn seed_configuration_loads_unchanged() {
 #[test]
 fn shipped_definitions_load_together() {
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../definitions"));
-    let map = definition::load_paths(
-        &[dir],
-        &definition::StepKinds::untyped(&[
-            "http",
-            "n8n",
-            "transform",
-            "sleep",
-            "noop",
-            "workflow",
-            "wait",
-        ]),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let map = definition::load_paths(&[dir], &kinds()).unwrap_or_else(|e| panic!("{e}"));
     for id in ["hello", "fanout_demo", "amazon_influencer", "approval"] {
         assert!(map.contains_key(id), "{id} missing from definitions/");
     }
@@ -186,9 +192,20 @@ fn bare_integer_concurrency_is_a_plain_limit() {
 }
 
 #[test]
-fn step_less_workflows_are_valid() {
-    let wfs = check("id: bridge_only\ntimeout: 5m\n").unwrap();
-    assert!(wfs[0].steps.is_empty());
+fn a_workflow_without_steps_runs_as_one_n8n_step_that_calls_its_webhook_and_waits() {
+    let wfs = check("id: bridge_only\n").unwrap();
+    let step = &wfs[0].steps[0];
+    assert_eq!((step.id.as_str(), step.kind.as_str()), ("n8n", "n8n"));
+    assert_eq!(
+        step.with,
+        json!({ "webhook": "bridge_only", "input": "{{ input }}", "wait": true })
+    );
+    let with_steps = check("id: own\nsteps:\n  - {id: a, type: noop}\n").unwrap();
+    assert_eq!(
+        with_steps[0].steps.len(),
+        1,
+        "only a workflow without steps"
+    );
 }
 
 #[test]
@@ -434,7 +451,7 @@ fn unknown_step_type_lists_known_kinds() {
         "id: k\nsteps:\n  - id: a\n    type: teleport\n",
         4,
         11,
-        "unknown step type `teleport` (known: http, noop, sleep, transform, wait, workflow)",
+        "unknown step type `teleport` (known: http, n8n, noop, sleep, transform, wait, workflow)",
     );
 }
 

@@ -8,4 +8,4 @@ pub mod steps;
 
 pub use egress::{Destination, EgressPolicy};
 pub use runtime::{WorkerConfig, run_worker};
-pub use steps::{N8n, Registry, StepCall, StepKind, StepLog, StepOutcome, StepResult};
+pub use steps::{N8n, N8nUrls, Registry, StepCall, StepKind, StepLog, StepOutcome, StepResult};

@@ -4,19 +4,49 @@ use std::sync::{Arc, Mutex};
 
 use axum::routing::post;
 use serde_json::{Value, json};
-use switchyard_workers::{N8n, StepCall, StepKind, StepOutcome};
+use switchyard_workers::{N8n, N8nUrls, StepCall, StepKind, StepOutcome};
 
-/// Answers every POST to `/webhook/flow` with `{"rows": 7}` and keeps the bodies it got.
+/// Answers every POST to `/webhook/flow` with `{"rows": 7}` and keeps the bodies it got; a
+/// POST to `/webhook-waiting/{execution}` as n8n answers a resume: 200 with what its Wait node
+/// passes on for execution 1, 409 for 2 (running), 404 for any other.
 async fn fake_n8n() -> (String, Arc<Mutex<Vec<Value>>>) {
     let bodies = Arc::new(Mutex::new(Vec::new()));
     let kept = bodies.clone();
-    let app = axum::Router::new().route(
-        "/webhook/flow",
-        post(move |axum::Json(body): axum::Json<Value>| {
-            kept.lock().unwrap().push(body);
-            async { axum::Json(json!({ "rows": 7 })) }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/webhook/flow",
+            post(move |axum::Json(body): axum::Json<Value>| {
+                kept.lock().unwrap().push(body);
+                async { axum::Json(json!({ "rows": 7 })) }
+            }),
+        )
+        .route(
+            "/webhook-waiting/{execution}",
+            post(
+                |axum::extract::Path(execution): axum::extract::Path<u32>,
+                 axum::Json(body): axum::Json<Value>| async move {
+                    use axum::http::StatusCode;
+                    match execution {
+                        1 => (
+                            StatusCode::OK,
+                            axum::Json(json!({ "resumed_with": body["input"] })),
+                        ),
+                        2 => (
+                            StatusCode::CONFLICT,
+                            axum::Json(
+                                json!({ "message": "The execution \"2\" is running already." }),
+                            ),
+                        ),
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            axum::Json(
+                                json!({ "message": "The requested webhook is not registered." }),
+                            ),
+                        ),
+                    }
+                },
+            ),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -38,6 +68,13 @@ fn call(with: Value, checkpoint: Option<Value>, now: i64) -> StepCall {
     }
 }
 
+fn public(url: &str) -> N8nUrls {
+    N8nUrls {
+        public: Some(url.into()),
+        ..N8nUrls::default()
+    }
+}
+
 fn parked(outcome: StepOutcome) -> (Option<i64>, Value) {
     match outcome {
         StepOutcome::Park { until, checkpoint } => (until, checkpoint),
@@ -49,7 +86,10 @@ fn parked(outcome: StepOutcome) -> (Option<i64>, Value) {
 async fn without_wait_the_step_succeeds_with_the_answer_of_n8n() {
     let (n8n, bodies) = fake_n8n().await;
     let with = json!({ "url": format!("{n8n}/webhook/flow"), "input": { "q": 1 } });
-    let outcome = N8n::new(None).run(call(with, None, 0)).await.unwrap();
+    let outcome = N8n::new(N8nUrls::default())
+        .run(call(with, None, 0))
+        .await
+        .unwrap();
     assert_eq!(outcome, StepOutcome::Output(json!({ "rows": 7 })));
     assert_eq!(
         *bodies.lock().unwrap(),
@@ -60,7 +100,7 @@ async fn without_wait_the_step_succeeds_with_the_answer_of_n8n() {
 #[tokio::test]
 async fn a_waiting_step_stores_its_token_then_calls_n8n_then_waits_until_its_deadline() {
     let (n8n, bodies) = fake_n8n().await;
-    let step = N8n::new(Some("https://switchyard.example/".into()));
+    let step = N8n::new(public("https://switchyard.example/"));
     let with = json!({ "url": format!("{n8n}/webhook/flow"), "wait": true, "timeout": "10s" });
 
     let (until, first) = parked(step.run(call(with.clone(), None, 1_000)).await.unwrap());
@@ -136,10 +176,78 @@ async fn a_waiting_step_stores_its_token_then_calls_n8n_then_waits_until_its_dea
 async fn a_waiting_step_without_a_public_address_fails_and_calls_nothing() {
     let (n8n, bodies) = fake_n8n().await;
     let with = json!({ "url": format!("{n8n}/webhook/flow"), "wait": true });
-    let error = N8n::new(None).run(call(with, None, 0)).await.unwrap_err();
+    let error = N8n::new(N8nUrls::default())
+        .run(call(with, None, 0))
+        .await
+        .unwrap_err();
     assert!(
         !error.retryable && error.message.contains("--public-url"),
         "{error:?}"
     );
     assert!(bodies.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_webhook_path_is_called_under_the_n8n_url_and_without_it_the_error_names_the_flag() {
+    let (n8n, bodies) = fake_n8n().await;
+    let with = json!({ "webhook": "flow", "input": { "q": 2 } });
+    let step = N8n::new(N8nUrls {
+        n8n: Some(format!("{n8n}/")),
+        public: None,
+    });
+    let outcome = step.run(call(with.clone(), None, 0)).await.unwrap();
+    assert_eq!(outcome, StepOutcome::Output(json!({ "rows": 7 })));
+    assert_eq!(bodies.lock().unwrap()[0]["input"], json!({ "q": 2 }));
+
+    let error = N8n::new(N8nUrls::default())
+        .run(call(with, None, 0))
+        .await
+        .unwrap_err();
+    assert!(
+        !error.retryable && error.message.contains("--n8n-url"),
+        "{error:?}"
+    );
+    let both = json!({ "webhook": "flow", "url": format!("{n8n}/webhook/flow") });
+    let error = step.run(call(both, None, 0)).await.unwrap_err();
+    assert!(error.message.contains("exactly one of"), "{error:?}");
+    assert_eq!(bodies.lock().unwrap().len(), 1, "nothing more was called");
+}
+
+#[tokio::test]
+async fn a_relative_callback_url_is_given_to_n8n_under_the_public_url() {
+    let (n8n, bodies) = fake_n8n().await;
+    let step = N8n::new(public("https://switchyard.example"));
+    let with = json!({
+        "url": format!("{n8n}/webhook/flow"),
+        "wait": true,
+        "callback_url": "/api/webhooks/n8n",
+    });
+    let (_, stored) = parked(step.run(call(with.clone(), None, 0)).await.unwrap());
+    parked(step.run(call(with, Some(stored), 1)).await.unwrap());
+    assert_eq!(
+        bodies.lock().unwrap()[0]["callback"]["url"],
+        "https://switchyard.example/api/webhooks/n8n"
+    );
+}
+
+#[tokio::test]
+async fn resuming_a_wait_node_gives_its_answer_and_names_what_409_and_404_mean() {
+    let (n8n, _) = fake_n8n().await;
+    let step = N8n::new(N8nUrls::default());
+    let resume = |execution: u32| json!({ "resume_url": format!("{n8n}/webhook-waiting/{execution}"), "input": { "ok": true } });
+    let outcome = step.run(call(resume(1), None, 0)).await.unwrap();
+    assert_eq!(
+        outcome,
+        StepOutcome::Output(json!({ "resumed_with": { "ok": true } }))
+    );
+    let running = step.run(call(resume(2), None, 0)).await.unwrap_err();
+    assert!(
+        running.retryable && running.message.contains("not waiting in a Wait node"),
+        "{running:?}"
+    );
+    let gone = step.run(call(resume(3), None, 0)).await.unwrap_err();
+    assert!(
+        !gone.retryable && gone.message.contains("nothing waits at this resume URL"),
+        "{gone:?}"
+    );
 }

@@ -528,7 +528,49 @@ impl Step {
     }
 }
 
+/// The step a workflow with no steps of its own runs: its work lives in n8n.
+pub const N8N_STEP: &str = "n8n";
+
 impl Workflow {
+    /// A workflow with no steps (the seed's: its work lives in n8n) runs as one `n8n` step that
+    /// calls its n8n workflow's Webhook trigger, `{--n8n-url}/webhook/{id}`, with the run's input,
+    /// and waits for n8n to call back, at most the workflow's timeout. A relative
+    /// `notifications.webhook_url` is where n8n calls back, under `--public-url`.
+    pub(crate) fn imply_n8n_step(&mut self) {
+        if !self.steps.is_empty() {
+            return;
+        }
+        let mut with = serde_json::json!({
+            "webhook": self.id,
+            "input": "{{ input }}",
+            "wait": true,
+        });
+        if let Some(timeout) = self.timeout {
+            with["timeout"] = humantime::format_duration(timeout.0).to_string().into();
+        }
+        if let Some(path) = self
+            .notifications
+            .as_ref()
+            .and_then(|n| n.webhook_url.as_deref())
+            .filter(|url| url.starts_with('/'))
+        {
+            with["callback_url"] = path.into();
+        }
+        self.steps.push(Step {
+            id: N8N_STEP.to_owned(),
+            kind: "n8n".to_owned(),
+            needs: Vec::new(),
+            with,
+            timeout: None,
+            retry: None,
+            continue_on_error: false,
+            when: None,
+            run_if: RunIf::default(),
+            for_each: None,
+            parallel: None,
+        });
+    }
+
     /// The retry policy that governs `step`.
     pub fn retry_policy(&self, step: &Step) -> RetryPolicy {
         step.retry

@@ -402,6 +402,8 @@ pub fn parse_source(
         }
         vec![wf]
     };
+    let mut workflows = workflows;
+    workflows.iter_mut().for_each(Workflow::imply_n8n_step);
     Ok(ParsedSource {
         origin: origin.to_owned(),
         workflows,

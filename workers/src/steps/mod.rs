@@ -25,7 +25,7 @@ use crate::egress::EgressPolicy;
 use switchyard_engine::state::{Millis, StepFailure};
 
 pub use http::Http;
-pub use n8n::N8n;
+pub use n8n::{N8n, N8nUrls};
 pub use noop::Noop;
 pub use script::Script;
 pub use sleep::Sleep;
@@ -278,17 +278,17 @@ pub struct Registry(HashMap<&'static str, Arc<dyn StepKind>>);
 
 impl Registry {
     /// Every kind that ships with Switchyard, with no egress rules beyond the default and no
-    /// public address for n8n to call back.
+    /// n8n addresses.
     pub fn builtin() -> Self {
-        Registry::builtin_with(None, Default::default())
+        Registry::builtin_with(N8nUrls::default(), Default::default())
     }
 
     /// Every kind that ships with Switchyard: outbound requests under `egress`, n8n steps that
-    /// wait given `public_url` (`--public-url`) to call back.
-    pub fn builtin_with(public_url: Option<String>, egress: Arc<EgressPolicy>) -> Self {
+    /// reach n8n and are called back through `n8n`.
+    pub fn builtin_with(n8n: N8nUrls, egress: Arc<EgressPolicy>) -> Self {
         let mut registry = Registry::default();
         registry.add(Http::with_policy(egress.clone()));
-        registry.add(N8n::with_policy(public_url, egress));
+        registry.add(N8n::with_policy(n8n, egress));
         registry.add(Transform);
         registry.add(Script::refused());
         registry.add(Sleep);

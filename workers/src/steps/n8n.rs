@@ -1,5 +1,6 @@
-//! `n8n`: the outbound half of the n8n bridge. Posts to an n8n Webhook-trigger URL
-//! `{run_id, step_id, input}` (`with: { url, input, headers, wait, timeout }`).
+//! `n8n`: the outbound half of the n8n bridge. Posts `{run_id, step_id, input}` to an n8n
+//! Webhook trigger (`with: { url | webhook, input, headers, wait, timeout, callback_url }`), or
+//! to the `$execution.resumeUrl` of an execution waiting in a Wait node (`with.resume_url`).
 //!
 //! Without `wait`, the step succeeds with the body n8n answers. With `wait: true` the body also
 //! carries `callback: {url, token}`, and the step parks, its worker slot free, until n8n posts
@@ -29,7 +30,12 @@ const DEFAULT_TIMEOUT: &str = "1h";
 #[serde(deny_unknown_fields)]
 struct N8nWith {
     /// The URL of an n8n Webhook trigger.
-    url: String,
+    url: Option<String>,
+    /// The path of an n8n Webhook trigger: calls `{--n8n-url}/webhook/{webhook}`.
+    webhook: Option<String>,
+    /// An n8n execution's `$execution.resumeUrl`: resumes it where it waits in a Wait node
+    /// ("Resume: On Webhook Call"); n8n's answer is the output.
+    resume_url: Option<String>,
     /// Sent as `input` in the body.
     #[schemars(with = "Option<serde_json::Value>")]
     input: Option<Value>,
@@ -42,51 +48,92 @@ struct N8nWith {
     /// With `wait`, how long n8n may take to call back (default 1h).
     #[schemars(extend("format" = "duration"))]
     timeout: Option<String>,
-    /// With `wait`, where n8n calls back instead of `--public-url`'s `/api/webhooks/n8n`.
+    /// With `wait`, where n8n calls back instead of `--public-url`'s `/api/webhooks/n8n`: a URL,
+    /// or a path under `--public-url`.
     callback_url: Option<String>,
+}
+
+/// The two addresses of the bridge: n8n's, and the API's as n8n reaches it.
+#[derive(Debug, Clone, Default)]
+pub struct N8nUrls {
+    /// n8n's base URL (`--n8n-url`), for `with.webhook`.
+    pub n8n: Option<String>,
+    /// The API's address as n8n reaches it (`--public-url`), for the callback URL.
+    pub public: Option<String>,
 }
 
 pub struct N8n {
     http: Http,
-    /// The API's address as n8n reaches it (`--public-url`), for the callback URL.
-    public_url: Option<String>,
+    urls: N8nUrls,
 }
 
 impl N8n {
-    pub fn new(public_url: Option<String>) -> Self {
-        N8n::with_policy(public_url, Default::default())
+    pub fn new(urls: N8nUrls) -> Self {
+        N8n::with_policy(urls, Default::default())
     }
 
     /// Calls n8n under the egress policy `policy`, like the `http` kind.
-    pub fn with_policy(public_url: Option<String>, policy: Arc<EgressPolicy>) -> Self {
+    pub fn with_policy(urls: N8nUrls, policy: Arc<EgressPolicy>) -> Self {
+        let base = |u: Option<String>| u.map(|u| u.trim_end_matches('/').to_owned());
         N8n {
             http: Http::with_policy(policy),
-            public_url: public_url.map(|u| u.trim_end_matches('/').to_owned()),
+            urls: N8nUrls {
+                n8n: base(urls.n8n),
+                public: base(urls.public),
+            },
         }
     }
 
     fn callback_url(&self, with: &N8nWith) -> Result<String, StepFailure> {
-        if let Some(url) = &with.callback_url {
-            return Ok(url.clone());
+        let path = match &with.callback_url {
+            Some(path) if path.starts_with('/') => path.as_str(),
+            Some(url) => return Ok(url.clone()),
+            None => N8N_CALLBACK_PATH,
+        };
+        match &self.urls.public {
+            Some(base) => Ok(format!("{base}{path}")),
+            None => Err(invalid(format!(
+                "n8n step: `wait: true` needs the address n8n calls back ({path}): start the \
+                 worker with --public-url (SWITCHYARD_PUBLIC_URL) or set `with.callback_url` to \
+                 a full URL"
+            ))),
         }
-        match &self.public_url {
-            Some(base) => Ok(format!("{base}{N8N_CALLBACK_PATH}")),
-            None => Err(invalid(
-                "n8n step: `wait: true` needs the address n8n calls back: start the worker with \
-                 --public-url (SWITCHYARD_PUBLIC_URL) or set `with.callback_url`",
+    }
+
+    /// Where the call goes: exactly one of `url`, `webhook` and `resume_url`.
+    fn target(&self, with: &N8nWith) -> Result<Target, StepFailure> {
+        match (&with.url, &with.webhook, &with.resume_url) {
+            (Some(url), None, None) => Ok(Target::Webhook(url.clone())),
+            (None, Some(path), None) => match &self.urls.n8n {
+                Some(base) => Ok(Target::Webhook(format!(
+                    "{base}/webhook/{}",
+                    path.trim_start_matches('/')
+                ))),
+                None => Err(invalid(format!(
+                    "n8n step: `webhook: {path}` is a path in n8n, and this worker does not know \
+                     where n8n is: start it with --n8n-url (SWITCHYARD_N8N_URL), n8n's base URL"
+                ))),
+            },
+            (None, None, Some(url)) => Ok(Target::Resume(url.clone())),
+            _ => Err(invalid(
+                "n8n step: give exactly one of `url`, `webhook` and `resume_url`",
             )),
         }
     }
 
-    /// One POST through the `http` step kind; its failures (retryable or not) are this step's.
+    /// One POST through the `http` step kind; its failures (retryable or not) are this step's,
+    /// but for what n8n's answers to a resume mean.
     async fn post(
         &self,
         call: &StepCall,
         given: &N8nWith,
+        target: &Target,
         body: Value,
     ) -> Result<Value, StepFailure> {
-        let mut with =
-            json!({ "method": "POST", "url": given.url, "body": body, "timeout": "30s" });
+        let url = match target {
+            Target::Webhook(url) | Target::Resume(url) => url,
+        };
+        let mut with = json!({ "method": "POST", "url": url, "body": body, "timeout": "30s" });
         if let Some(headers) = &given.headers {
             with["headers"] = Value::Object(headers.clone());
         }
@@ -94,10 +141,44 @@ impl N8n {
             with,
             ..call.clone()
         };
-        match self.http.run(request).await? {
-            StepOutcome::Output(mut answer) => Ok(answer["body"].take()),
-            other => unreachable!("the http step kind only answers with output, not {other:?}"),
+        match self.http.run(request).await {
+            Ok(StepOutcome::Output(mut answer)) => Ok(answer["body"].take()),
+            Ok(other) => {
+                unreachable!("the http step kind only answers with output, not {other:?}")
+            }
+            Err(failure) if matches!(target, Target::Resume(_)) => Err(resume_failure(failure)),
+            Err(failure) => Err(failure),
         }
+    }
+}
+
+enum Target {
+    /// A Webhook trigger: starts an execution.
+    Webhook(String),
+    /// `$execution.resumeUrl`: resumes one that waits.
+    Resume(String),
+}
+
+/// n8n answers a resume with 409 while its execution is not waiting (still running towards
+/// the Wait node: worth another attempt) and 404 when nothing waits at that URL.
+fn resume_failure(failure: StepFailure) -> StepFailure {
+    let message = match failure.status {
+        Some(409) => format!(
+            "n8n's execution is not waiting in a Wait node (it is still running, or ended): \
+             {}",
+            failure.message
+        ),
+        Some(404) => format!(
+            "nothing waits at this resume URL (the execution ended, or the Wait node takes \
+             another method or suffix): {}",
+            failure.message
+        ),
+        _ => return failure,
+    };
+    StepFailure {
+        message,
+        retryable: failure.status == Some(409),
+        ..failure
     }
 }
 
@@ -121,13 +202,17 @@ impl StepKind for N8n {
 
     async fn run(&self, call: StepCall) -> StepResult {
         let with: N8nWith = parse_with("n8n", &call.with)?;
+        let target = self.target(&with)?;
         let mut body = json!({
             "run_id": call.run_id,
             "step_id": call.step_id,
             "input": with.input.clone().unwrap_or(Value::Null),
         });
         if !with.wait.unwrap_or(false) {
-            return self.post(&call, &with, body).await.map(StepOutcome::Output);
+            return self
+                .post(&call, &with, &target, body)
+                .await
+                .map(StepOutcome::Output);
         }
         // What this attempt stored so far. An earlier attempt's token is not this one's, and the
         // store drops the token when an attempt is given back (a worker shutting down): then
@@ -180,7 +265,7 @@ impl StepKind for N8n {
                 "url": self.callback_url(&with)?,
                 "token": callback::token(&call.run_id, &call.step_id, secret),
             });
-            self.post(&call, &with, body).await?;
+            self.post(&call, &with, &target, body).await?;
             call.log
                 .line("info", "n8n took the call; waiting for it to call back");
             state["called"] = Value::Bool(true);
