@@ -263,7 +263,8 @@ pub enum KeysAction {
 pub enum TokenAction {
     /// Print a new bearer token as the last line of standard output.
     Create {
-        /// viewer (read), operator (start, cancel, retry, pause, signal) or admin (everything).
+        /// viewer (read), operator (start, cancel, retry, pause, signal), admin (everything), or
+        /// webhook (deliver webhooks and answer waiting n8n steps, nothing else: n8n's key).
         #[arg(long, value_parser = parse_role)]
         role: Role,
         /// How long the token is valid, e.g. `30m`, `12h`, `30days`; at most 365 days.
@@ -291,6 +292,7 @@ pub enum UserAction {
 
 fn parse_role(text: &str) -> Result<Role, String> {
     text.parse()
+        .map_err(|_| format!("unknown role {text:?}: one of {}", Role::names().join(", ")))
 }
 
 /// A run status by its name, with the names listed in `--help` and in the error.

@@ -652,40 +652,78 @@ async fn n8n_starts_one_run_per_signed_event_and_every_event_is_logged() {
     assert_eq!(reply.status, 200, "{reply}");
     assert_eq!(reply.body["run_id"], run.as_str(), "{reply}");
     assert_eq!(reply.body["duplicate"], true, "{reply}");
+    // The same id with another body is not a repeat, and says so.
+    let changed = serde_json::to_vec(
+        &json!({"event_id": "exec-41", "workflow": "hello", "input": {"name": "other"}}),
+    )
+    .unwrap();
+    let reply = deliver(changed.clone(), n8n_signature(SECRET, &changed)).await;
+    let message = reply.assert_error(409, "conflict");
+    assert!(message.contains("another body"), "{message}");
 
-    let unknown = serde_json::to_vec(&json!({"event_id": "exec-42", "workflow": "nope"})).unwrap();
+    // A delivery refused because its workflow is not deployed yet is accepted when n8n retries
+    // it once the workflow is: only an accepted delivery is final. Fields n8n adds are kept.
+    let unknown = serde_json::to_vec(
+        &json!({"event_id": "exec-42", "workflow": "nope", "executionId": "981"}),
+    )
+    .unwrap();
     let reply = deliver(unknown.clone(), n8n_signature(SECRET, &unknown)).await;
     reply.assert_error(404, "not_found");
+    let reply = api
+        .send_yaml(
+            Method::POST,
+            "/api/admin/workflows",
+            &admin,
+            "id: nope\nsteps:\n  - {id: a, type: noop}\n",
+        )
+        .await;
+    assert!((200..300).contains(&reply.status), "{reply}");
     let reply = deliver(unknown.clone(), n8n_signature(SECRET, &unknown)).await;
-    reply.assert_error(400, "refused_before");
+    assert_eq!(reply.status, 201, "{reply}");
+    assert_eq!(reply.body["duplicate"], false, "{reply}");
+    let nope_run = reply.body["run_id"].as_str().unwrap().to_owned();
 
-    // Without a signature, an operator's token is the way in; a viewer's is not enough.
+    // Without a signature, a webhook key (n8n's Header Auth credential) or an operator's token
+    // is the way in; a viewer's is not enough, and a webhook key opens nothing else.
     let by_token = json!({"event_id": "exec-43", "workflow": "hello"});
     api.post("/api/webhooks/n8n", &viewer, by_token.clone())
         .await
         .assert_error(403, "forbidden");
-    let operator = api.token("operator", &[]);
-    let reply = api.post("/api/webhooks/n8n", &operator, by_token).await;
+    let key = api.token("webhook", &[]);
+    let reply = api.post("/api/webhooks/n8n", &key, by_token).await;
     assert_eq!(reply.status, 201, "{reply}");
     let second_run = reply.body["run_id"].as_str().unwrap().to_owned();
+    api.get("/api/runs", &key)
+        .await
+        .assert_error(403, "forbidden");
+    let operator = api.token("operator", &[]);
+    let reply = api
+        .post(
+            "/api/webhooks/n8n",
+            &operator,
+            json!({"event_id": "exec-44", "workflow": "hello"}),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{reply}");
+    let third_run = reply.body["run_id"].as_str().unwrap().to_owned();
     send(api.request(Method::GET, "/api/webhook-events"))
         .await
         .assert_error(401, "unauthorized");
 
     let reply = api.get("/api/webhook-events?source=n8n", &viewer).await;
     assert_eq!(reply.status, 200, "{reply}");
-    assert_eq!(reply.body[0]["event_id"], "exec-43", "{reply}");
-    let events = &reply.body.as_array().unwrap()[1..];
+    assert_eq!(reply.body[0]["event_id"], "exec-44", "{reply}");
+    assert_eq!(reply.body[1]["event_id"], "exec-43", "{reply}");
+    let events = &reply.body.as_array().unwrap()[2..];
     assert_eq!(
         events.len(),
         2,
         "only authenticated deliveries, once each: {reply}"
     );
     assert_eq!(events[0]["event_id"], "exec-42", "{reply}");
-    assert!(
-        events[0]["error"].as_str().unwrap().contains("nope"),
-        "{reply}"
-    );
+    assert_eq!(events[0]["run_id"], nope_run.as_str(), "{reply}");
+    assert_eq!(events[0]["error"], Value::Null, "{reply}");
+    assert_eq!(events[0]["payload"]["executionId"], "981", "{reply}");
     assert_eq!(events[1]["event_id"], "exec-41", "{reply}");
     assert_eq!(events[1]["run_id"], run.as_str(), "{reply}");
     assert_eq!(
@@ -695,7 +733,7 @@ async fn n8n_starts_one_run_per_signed_event_and_every_event_is_logged() {
     );
     assert_eq!(
         api.run_ids(&viewer).await,
-        vec![second_run, run],
+        vec![third_run, second_run, nope_run, run],
         "one run per event"
     );
 }
@@ -732,7 +770,16 @@ async fn an_n8n_step_waits_for_n8n_to_call_back_with_its_result() {
     );
     let api = Api::with_definition("n8n-callback", &definition).await;
     let operator = api.token("operator", &[]);
-    let run = api.start_run("enrich", &operator).await;
+    // n8n starts the run, under its execution's id...
+    let reply = api
+        .post(
+            "/api/webhooks/n8n",
+            &operator,
+            json!({"event_id": "exec-7", "workflow": "enrich"}),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{reply}");
+    let run = reply.body["run_id"].as_str().unwrap().to_owned();
 
     let call = tokio::time::timeout(Duration::from_secs(30), calls.recv())
         .await
@@ -755,7 +802,8 @@ async fn an_n8n_step_waits_for_n8n_to_call_back_with_its_result() {
         )
         .await;
     reply.assert_error(409, "not_waiting");
-    let answer = json!({"event_id": "e-2", "callback": token, "output": {"total": 42}});
+    // ...and answers the step under the same id: another event, for the step it names.
+    let answer = json!({"event_id": "exec-7", "callback": token, "output": {"total": 42}});
     let reply = send(
         api.authed(Method::POST, "/api/webhooks/n8n", &operator)
             .json(&answer),

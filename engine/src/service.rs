@@ -35,9 +35,12 @@ pub enum EngineError {
         version: i64,
         message: String,
     },
-    /// The first delivery of a webhook event was refused; a repeat changes nothing.
-    #[error("event {event_id} was refused when first delivered: {reason}")]
-    RefusedBefore { event_id: String, reason: String },
+    /// A webhook event id delivered before with another body.
+    #[error(
+        "event {0} was delivered before with another body: a repeat carries the same body, and \
+         another event needs another id"
+    )]
+    EventIdReused(String),
     /// An answer a store cannot hold.
     #[error("answer {0}")]
     UnstorableAnswer(crate::store::Unstorable),
@@ -80,6 +83,19 @@ pub enum WebhookDelivery {
         token: String,
         result: Value,
     },
+}
+
+impl WebhookDelivery {
+    /// Where its event id must be unique: among the starts of its source, or among the answers
+    /// to its step (a sender may reuse the id of the delivery that started the run).
+    fn scope(&self) -> String {
+        match self {
+            WebhookDelivery::Start { .. } => String::new(),
+            WebhookDelivery::Answer {
+                run_id, step_id, ..
+            } => format!("{run_id}/{step_id}"),
+        }
+    }
 }
 
 /// Workflow versions by (id, version), loaded from the store once and kept: a version never
@@ -445,6 +461,10 @@ impl Engine {
         event: NewWebhookEvent,
         delivery: WebhookDelivery,
     ) -> Result<(RunId, bool)> {
+        let event = NewWebhookEvent {
+            scope: delivery.scope(),
+            ..event
+        };
         let mut refusal = None;
         let action = match delivery {
             WebhookDelivery::Start { workflow, input } => {
@@ -501,9 +521,7 @@ impl Engine {
             WebhookOutcome::Refused(reason) => {
                 Err(refusal.unwrap_or(EngineError::NotWaiting(reason)))
             }
-            WebhookOutcome::RefusedBefore(reason) => {
-                Err(EngineError::RefusedBefore { event_id, reason })
-            }
+            WebhookOutcome::OtherBody => Err(EngineError::EventIdReused(event_id)),
         }
     }
 

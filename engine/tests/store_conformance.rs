@@ -936,7 +936,7 @@ pub async fn retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones(store:
     assert_eq!(run_status(&*store, &run).await, RunStatus::Succeeded);
 }
 
-pub async fn a_webhook_event_is_logged_once_per_source_and_id(store: Arc<dyn Store>) {
+pub async fn a_webhook_event_is_logged_once_per_source_scope_and_id(store: Arc<dyn Store>) {
     let wf = linear();
     let version = install(&*store, &wf).await;
     let event = |id: &str, source: &str| NewWebhookEvent {
@@ -944,6 +944,7 @@ pub async fn a_webhook_event_is_logged_once_per_source_and_id(store: Arc<dyn Sto
         event_id: id.into(),
         workflow_id: Some("linear".into()),
         payload: json!({ "event_id": id }),
+        ..NewWebhookEvent::default()
     };
     let start = |key: &str| {
         WebhookAction::Start(
@@ -991,7 +992,20 @@ pub async fn a_webhook_event_is_logged_once_per_source_and_id(store: Arc<dyn Sto
             .len(),
         1
     );
-    // The same id from another source is another event; refused, it stays refused.
+    // The same id with another body is a mistake to report, not a repeat.
+    let other_body = NewWebhookEvent {
+        payload: json!({ "event_id": "e-1", "changed": true }),
+        ..event("e-1", "n8n")
+    };
+    assert_eq!(
+        store
+            .receive_webhook(other_body, start("n8n/e-1"), T0 + 1)
+            .await
+            .unwrap(),
+        WebhookOutcome::OtherBody
+    );
+    // The same id from another source is another event. Refused, it is tried again when it
+    // comes again (its cause may be fixed): only an accepted delivery is final.
     let refused = WebhookAction::Refuse("no such workflow".into());
     assert_eq!(
         store
@@ -1000,12 +1014,34 @@ pub async fn a_webhook_event_is_logged_once_per_source_and_id(store: Arc<dyn Sto
             .unwrap(),
         WebhookOutcome::Refused("no such workflow".into())
     );
-    assert_eq!(
-        store
-            .receive_webhook(event("e-1", "stripe"), start("stripe/e-1"), T0 + 3)
-            .await
-            .unwrap(),
-        WebhookOutcome::RefusedBefore("no such workflow".into())
+    let retried = store
+        .receive_webhook(event("e-1", "stripe"), start("stripe/e-1"), T0 + 3)
+        .await
+        .unwrap();
+    let WebhookOutcome::Done {
+        run_id: stripe_run,
+        repeated: false,
+    } = retried
+    else {
+        panic!("{retried:?}")
+    };
+    assert_ne!(stripe_run, run_id);
+    // An answer is deduplicated among its step's answers, apart from the starts: the id of
+    // the delivery that started the run reaches the step.
+    let answer_to_a = |token: &str| {
+        (
+            NewWebhookEvent {
+                scope: format!("{run_id}/a"),
+                ..event("e-1", "n8n")
+            },
+            WebhookAction::Answer(answer(&run_id, "a", token, json!({ "output": 1 }))),
+        )
+    };
+    let (scoped, action) = answer_to_a("nobody");
+    let outcome = store.receive_webhook(scoped, action, T0 + 3).await.unwrap();
+    assert!(
+        matches!(&outcome, WebhookOutcome::Refused(why) if why.contains("waits")),
+        "taken as its own event: {outcome:?}"
     );
     // An answer no step waits for is refused, and logged so.
     let answer = WebhookAction::Answer(answer(&run_id, "a", "nobody", json!({ "output": 1 })));
@@ -1023,17 +1059,24 @@ pub async fn a_webhook_event_is_logged_once_per_source_and_id(store: Arc<dyn Sto
         all.iter()
             .map(|e| (e.source.as_str(), e.event_id.as_str()))
             .collect::<Vec<_>>(),
-        [("n8n", "e-2"), ("stripe", "e-1"), ("n8n", "e-1")],
+        [
+            ("n8n", "e-2"),
+            ("n8n", "e-1"),
+            ("stripe", "e-1"),
+            ("n8n", "e-1")
+        ],
         "newest first"
     );
     assert!(all[0].error.as_deref().is_some_and(|e| e.contains("waits")));
-    assert_eq!(all[1].error.as_deref(), Some("no such workflow"));
-    assert_eq!(all[2].run_id.as_deref(), Some(run_id.as_str()));
-    assert_eq!(all[2].payload, json!({ "event_id": "e-1" }));
-    assert_eq!(all[2].received_at, T0);
+    assert!(all[1].error.as_deref().is_some_and(|e| e.contains("waits")));
+    assert_eq!(all[2].run_id.as_deref(), Some(stripe_run.as_str()));
+    assert_eq!(all[2].error, None, "accepted at last");
+    assert_eq!(all[3].run_id.as_deref(), Some(run_id.as_str()));
+    assert_eq!(all[3].payload, json!({ "event_id": "e-1" }));
+    assert_eq!(all[3].received_at, T0);
     assert_eq!(
         store.webhook_events(Some("n8n"), 10).await.unwrap().len(),
-        2
+        3
     );
 }
 
@@ -1058,6 +1101,7 @@ pub async fn a_webhook_event_delivered_twice_at_once_starts_one_run(store: Arc<d
                 event_id: "twice".into(),
                 workflow_id: Some("linear".into()),
                 payload: json!({}),
+                ..NewWebhookEvent::default()
             };
             store
                 .receive_webhook(event, WebhookAction::Start(run), T0)
@@ -2905,7 +2949,7 @@ macro_rules! conformance {
                 a_step_parked_with_a_scalar_checkpoint_settles,
                 workflow_step_succeeds_with_child_outputs_in_order,
                 retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones,
-                a_webhook_event_is_logged_once_per_source_and_id,
+                a_webhook_event_is_logged_once_per_source_scope_and_id,
                 a_webhook_event_delivered_twice_at_once_starts_one_run,
                 a_fire_creates_exactly_one_run_with_two_schedulers,
                 overlapping_fire_is_skipped_with_its_reason,

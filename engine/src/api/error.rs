@@ -64,9 +64,6 @@ pub enum ErrorCode {
     /// The definition in the body names another workflow than the path.
     #[strum(props(status = 400))]
     IdMismatch,
-    /// A webhook event id refused when first delivered: its repeats are refused too.
-    #[strum(props(status = 400))]
-    RefusedBefore,
     /// No valid token (missing, malformed, forged, expired, revoked) or webhook signature.
     #[strum(props(status = 401))]
     Unauthorized,
@@ -272,9 +269,7 @@ impl From<EngineError> for ApiError {
             },
             EngineError::Plan(e @ PlanError::BadInputSchema { .. }) => ApiError::internal(&e),
             EngineError::Plan(e) => ApiError::new(ErrorCode::InvalidInput, e.to_string()),
-            EngineError::RefusedBefore { .. } => {
-                ApiError::new(ErrorCode::RefusedBefore, e.to_string())
-            }
+            EngineError::EventIdReused(_) => ApiError::new(ErrorCode::Conflict, e.to_string()),
             EngineError::NotWaiting(message) => ApiError::new(ErrorCode::NotWaiting, message),
             EngineError::UnknownSignal { .. } => ApiError::new(ErrorCode::NotFound, e.to_string()),
             EngineError::AlreadySignalled { .. } => {

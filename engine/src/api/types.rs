@@ -79,8 +79,10 @@ wire_enum!(
 );
 
 wire_enum!(
-    /// What a caller may do; each role can do everything the ones before it can.
+    /// What a caller may do: viewer, operator and admin each can do everything the ones before
+    /// it can; webhook only delivers webhooks.
     Role = crate::auth::Role {
+        Webhook,
         Viewer,
         Operator,
         Admin,

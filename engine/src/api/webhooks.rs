@@ -27,8 +27,8 @@ const MAX_EVENT_ID: usize = 200;
 
 /// A delivery from n8n's HTTP Request node: either `workflow` (start a run with `input`) or
 /// `callback` (answer an `n8n` step that waits, with `output` or `error`).
+/// Other fields (n8n adds `executionId` and such) are kept in the event log and ignored.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct N8nEvent {
     /// Unique per delivery. A repeated id is answered with what the first delivery did, and
     /// does nothing again.
@@ -145,6 +145,7 @@ pub async fn n8n_webhook(
         event_id: event.event_id.clone(),
         workflow_id: event.workflow.clone(),
         payload,
+        ..NewWebhookEvent::default()
     };
     let (run_id, repeated) = state.engine.receive_webhook(logged, delivery).await?;
     if answer {
@@ -171,7 +172,7 @@ pub async fn n8n_webhook(
 async fn authenticate(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
     let Some(signature) = headers.get(SIGNATURE_HEADER) else {
         if headers.contains_key(axum::http::header::AUTHORIZATION) {
-            return caller_with_role(state, headers, Role::Operator)
+            return caller_with_role(state, headers, Role::Webhook)
                 .await
                 .map(|_| ());
         }

@@ -51,10 +51,29 @@ pub enum AuthError {
     Store(#[from] StoreError),
 }
 
-/// What a caller may do; each role can do everything the ones before it can.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+/// What a caller may do: viewer, operator and admin each can do everything the ones before it
+/// can; webhook stands apart.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Role {
+    /// A sender of webhooks (n8n's Header Auth credential): delivers events and answers
+    /// waiting steps, and nothing else, not even reading.
+    Webhook,
     /// Reads workflows, runs, fires and events.
     Viewer,
     /// Also starts, cancels and retries runs and pauses schedules.
@@ -65,33 +84,26 @@ pub enum Role {
 
 impl Role {
     pub fn allows(self, needed: Role) -> bool {
-        self >= needed
+        match (self, needed) {
+            (Role::Webhook, needed) => needed == Role::Webhook,
+            // Whoever may start runs may deliver what starts them.
+            (_, Role::Webhook) => self >= Role::Operator,
+            _ => self >= needed,
+        }
     }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        }
+        self.into()
     }
-}
 
-impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "viewer" => Ok(Role::Viewer),
-            "operator" => Ok(Role::Operator),
-            "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role {other:?}: viewer, operator or admin")),
-        }
+    /// Every role's name.
+    pub fn names() -> &'static [&'static str] {
+        <Role as strum::VariantNames>::VARIANTS
     }
-}
 
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+    /// Whether a user (who logs in) may hold it: a webhook key is a token only.
+    pub fn for_users(self) -> bool {
+        self != Role::Webhook
     }
 }
 
@@ -113,5 +125,16 @@ mod tests {
         assert!(Role::Operator.allows(Role::Viewer));
         assert!(!Role::Viewer.allows(Role::Operator));
         assert!(!Role::Operator.allows(Role::Admin));
+    }
+
+    #[test]
+    fn a_webhook_key_delivers_webhooks_and_nothing_else() {
+        assert!(Role::Webhook.allows(Role::Webhook));
+        assert!(!Role::Webhook.allows(Role::Viewer));
+        assert!(Role::Operator.allows(Role::Webhook));
+        assert!(Role::Admin.allows(Role::Webhook));
+        assert!(!Role::Viewer.allows(Role::Webhook));
+        assert_eq!("webhook".parse::<Role>(), Ok(Role::Webhook));
+        assert_eq!(Role::Operator.to_string(), "operator");
     }
 }

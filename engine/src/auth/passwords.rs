@@ -199,6 +199,12 @@ pub async fn put_user(
             "a user name is 1 to 64 letters, digits, '.', '_', '-' or '@'".into(),
         ));
     }
+    if !role.for_users() {
+        return Err(AuthError::InvalidUser(format!(
+            "a user's role is viewer, operator or admin; {role} is for tokens \
+             (switchyard token create --role {role})"
+        )));
+    }
     if password.chars().count() < 8 {
         return Err(AuthError::InvalidUser(
             "a password has at least 8 characters".into(),

@@ -1499,8 +1499,8 @@ pub(crate) async fn receive_webhook(
 ) -> Result<WebhookOutcome> {
     let (logged, fresh) = tx.log_webhook_event(&event, now).await?;
     if !fresh {
-        if let Some(error) = logged.error {
-            return Ok(WebhookOutcome::RefusedBefore(error));
+        if logged.payload != event.payload {
+            return Ok(WebhookOutcome::OtherBody);
         }
         if let Some(run_id) = logged.run_id {
             return Ok(WebhookOutcome::Done {
@@ -1509,14 +1509,15 @@ pub(crate) async fn receive_webhook(
             });
         }
     }
-    // A first delivery, or a repeat of one that left no mark (it failed on the way).
+    // A first delivery, or a repeat of one that was refused (its cause may be fixed now: only
+    // an accepted delivery is final) or left no mark (it failed on the way).
     let outcome = match action {
         WebhookAction::Refuse(reason) => WebhookOutcome::Refused(reason),
         WebhookAction::Answer(answer) => {
             if deliver_callback(tx, &answer, now, effects).await? {
                 WebhookOutcome::Done {
                     run_id: answer.run_id,
-                    repeated: !fresh,
+                    repeated: false,
                 }
             } else {
                 WebhookOutcome::Refused(format!(
@@ -1531,18 +1532,16 @@ pub(crate) async fn receive_webhook(
             effects.woke();
             WebhookOutcome::Done {
                 run_id,
-                repeated: !fresh,
+                repeated: false,
             }
         }
     };
     let disposition = match &outcome {
-        WebhookOutcome::Done { run_id, .. } => Some(Disposition::Run(run_id)),
-        WebhookOutcome::Refused(reason) => Some(Disposition::Declined(reason)),
-        WebhookOutcome::RefusedBefore(_) => None,
+        WebhookOutcome::Done { run_id, .. } => Disposition::Run(run_id),
+        WebhookOutcome::Refused(reason) => Disposition::Declined(reason),
+        WebhookOutcome::OtherBody => unreachable!("decided above"),
     };
-    if let Some(disposition) = disposition {
-        tx.settle_webhook_event(logged.id, disposition).await?;
-    }
+    tx.settle_webhook_event(logged.id, disposition).await?;
     Ok(outcome)
 }
 

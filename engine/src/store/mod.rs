@@ -868,10 +868,13 @@ pub struct TokenRevocation {
 }
 
 /// An inbound webhook event to log.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewWebhookEvent {
     /// Who sent it, such as `n8n`.
     pub source: String,
+    /// Where its id is unique within its source: `""` for what starts runs, `run/step` for an
+    /// answer to that step.
+    pub scope: String,
     /// The sender's id of the delivery.
     pub event_id: String,
     pub workflow_id: Option<String>,
@@ -950,10 +953,11 @@ pub enum WebhookOutcome {
     /// It started this run, or answered a step of it; `repeated` when an earlier delivery of the
     /// same event did.
     Done { run_id: RunId, repeated: bool },
-    /// The first delivery of this event was refused, with this reason: nothing happens again.
-    RefusedBefore(String),
-    /// This delivery is refused, with this reason, now logged.
+    /// This delivery is refused, with this reason, now logged; a later delivery of the same
+    /// event is tried again.
     Refused(String),
+    /// An earlier delivery of this event id had another body.
+    OtherBody,
 }
 
 /// An inbound webhook event as logged, with what it did.

@@ -1049,9 +1049,10 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         now: Millis,
     ) -> Result<(WebhookEvent, bool)> {
         let inserted: Option<WebhookEvent> = sqlx::query_as(&format!(
-            "INSERT INTO webhook_events (source, event_id, workflow_id, payload, received_at) \
-             VALUES (?1, ?2, ?3, ?5, ?4) \
-             ON CONFLICT (source, event_id) DO NOTHING \
+            "INSERT INTO webhook_events \
+                 (source, event_id, workflow_id, payload, received_at, scope) \
+             VALUES (?1, ?2, ?3, ?5, ?4, ?6) \
+             ON CONFLICT (source, scope, event_id) DO NOTHING \
              RETURNING {WEBHOOK_EVENT_COLUMNS}"
         ))
         .bind(&event.source)
@@ -1059,6 +1060,7 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         .bind(&event.workflow_id)
         .bind(now)
         .bind(&event.payload)
+        .bind(&event.scope)
         .fetch_optional(&mut *self.0)
         .await?;
         if let Some(stored) = inserted {
@@ -1066,10 +1068,11 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         }
         let first = sqlx::query_as(&format!(
             "SELECT {WEBHOOK_EVENT_COLUMNS} FROM webhook_events \
-             WHERE source = ?1 AND event_id = ?2"
+             WHERE source = ?1 AND event_id = ?2 AND scope = ?3"
         ))
         .bind(&event.source)
         .bind(&event.event_id)
+        .bind(&event.scope)
         .fetch_one(&mut *self.0)
         .await?;
         Ok((first, false))
@@ -1078,7 +1081,7 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
     async fn settle_webhook_event(&mut self, id: i64, outcome: Disposition<'_>) -> Result<()> {
         sqlx::query(
             "UPDATE webhook_events SET run_id = coalesce(run_id, ?2), \
-                 error = CASE WHEN coalesce(run_id, ?2) IS NULL THEN coalesce(error, ?3) END \
+                 error = CASE WHEN coalesce(run_id, ?2) IS NULL THEN coalesce(?3, error) END \
              WHERE id = ?1",
         )
         .bind(id)
