@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchyard_engine::auth::Role;
-use switchyard_engine::state::RunStatus;
+use switchyard_engine::state::{NotificationStatus, RunStatus};
 use switchyard_workers::Destination;
 
 #[derive(Debug, Parser)]
@@ -228,6 +228,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List run notifications (the outbox): where each goes, its deliveries, the last error.
+    Notifications {
+        #[arg(long, value_parser = notification_status())]
+        status: Option<NotificationStatus>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Print JSON, in the shape the API answers with.
+        #[arg(long)]
+        json: bool,
+    },
     /// Apply database migrations.
     Migrate,
     /// API tokens.
@@ -299,6 +309,13 @@ fn parse_role(text: &str) -> Result<Role, String> {
 fn run_status() -> impl clap::builder::TypedValueParser<Value = RunStatus> {
     use clap::builder::TypedValueParser;
     clap::builder::PossibleValuesParser::new(RunStatus::ALL.iter().map(|s| s.as_str()))
+        .map(|name| name.parse().expect("a listed name parses"))
+}
+
+/// A notification status by its name, listed in `--help` and in the error.
+fn notification_status() -> impl clap::builder::TypedValueParser<Value = NotificationStatus> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(NotificationStatus::ALL.iter().map(|s| s.as_str()))
         .map(|name| name.parse().expect("a listed name parses"))
 }
 

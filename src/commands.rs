@@ -22,8 +22,9 @@ use switchyard_engine::maintenance::run_maintenance;
 use switchyard_engine::plan::Trigger;
 use switchyard_engine::scheduler::run_scheduler;
 use switchyard_engine::service::Engine;
-use switchyard_engine::state::{JobState, Millis, RunStatus};
+use switchyard_engine::state::{JobState, Millis, NotificationStatus, RunStatus};
 use switchyard_engine::store::{self, DefinitionOrigin, RunDetail, RunFilter};
+use switchyard_workers::notifier::{NOTIFICATION_SECRET, NotifierConfig, run_notifier};
 use switchyard_workers::{EgressPolicy, N8nUrls, Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -330,6 +331,48 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Notifications {
+            status,
+            limit,
+            json,
+        } => {
+            let (engine, _) = open(&global).await?;
+            let found = engine.notifications(status, limit).await?;
+            if json {
+                let found: Vec<types::Notification> = found.into_iter().map(Into::into).collect();
+                out!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                let mut table = display::table(&[
+                    "RUN",
+                    "WORKFLOW",
+                    "ENDED",
+                    "URL",
+                    "STATUS",
+                    "ATTEMPTS",
+                    "NEXT / DONE",
+                    "LAST ERROR",
+                ]);
+                for n in found {
+                    let when = match n.delivered_at {
+                        Some(at) => time(at),
+                        None if n.status == NotificationStatus::Pending => time(n.next_at),
+                        None => String::new(),
+                    };
+                    table.add_row([
+                        n.run_id,
+                        n.workflow_id,
+                        n.run_status.to_string(),
+                        n.url,
+                        n.status.to_string(),
+                        n.attempts.to_string(),
+                        when,
+                        n.last_error.unwrap_or_default(),
+                    ]);
+                }
+                out!("{}", table.trim_fmt());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -571,11 +614,19 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
                 n8n: args.n8n_url.clone(),
                 public: args.public_url.clone(),
             },
-            egress,
+            egress.clone(),
         );
         if args.allow_scripts {
             registry = registry.allowing_scripts();
         }
+        // Every process with workers sends notifications too: one more sender is one more
+        // place they go out from, never a second delivery at once.
+        let notifier = NotifierConfig {
+            http: switchyard_workers::steps::Http::with_policy(egress),
+            public_url: args.public_url.clone(),
+            env_secret: config.secrets.get(NOTIFICATION_SECRET).cloned(),
+        };
+        tasks.spawn(run_notifier(engine.clone(), notifier, stopped.clone()));
         tasks.spawn(run_worker(engine.clone(), registry, config, stopped));
     } else if !control_plane {
         bail!("`worker --workers 0` would run nothing");

@@ -16,6 +16,7 @@ pub mod plan;
 pub mod scheduler;
 pub mod service;
 pub mod settings;
+pub mod signature;
 pub mod state;
 pub mod store;
 #[doc(hidden)]

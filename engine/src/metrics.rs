@@ -17,6 +17,8 @@ pub const STEP_DURATION: &str = "workflow_step_duration_seconds";
 pub const QUEUE_DEPTH: &str = "workflow_queue_depth";
 pub const CLAIM_DURATION: &str = "workflow_claim_duration_seconds";
 pub const SCHEDULER_LAG: &str = "workflow_scheduler_lag_seconds";
+pub const NOTIFICATIONS_PENDING: &str = "workflow_notifications_pending";
+pub const NOTIFICATIONS_FAILED: &str = "workflow_notifications_failed";
 
 /// Histogram buckets, in seconds, for step and claim durations and scheduler lag.
 pub const BUCKETS: &[f64] = &[
@@ -46,6 +48,14 @@ pub fn describe() {
         SCHEDULER_LAG,
         metrics::Unit::Seconds,
         "How late a schedule fire was recorded after its time"
+    );
+    describe_gauge!(
+        NOTIFICATIONS_PENDING,
+        "Run notifications not delivered yet, in the outbox"
+    );
+    describe_gauge!(
+        NOTIFICATIONS_FAILED,
+        "Run notifications given up after their last attempt"
     );
 }
 
@@ -89,6 +99,11 @@ pub fn queue_depth(depth: i64) {
 
 pub fn claimed(took: Duration) {
     histogram!(CLAIM_DURATION).record(took.as_secs_f64());
+}
+
+pub fn notifications(pending: i64, failed: i64) {
+    gauge!(NOTIFICATIONS_PENDING).set(pending as f64);
+    gauge!(NOTIFICATIONS_FAILED).set(failed as f64);
 }
 
 pub fn fire_recorded(lag: Duration) {

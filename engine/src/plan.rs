@@ -166,6 +166,14 @@ pub fn plan_run(
         idempotency_key: trigger.idempotency_key,
         request_digest,
         priority,
+        notify: workflow.notifications.as_ref().and_then(|n| {
+            let url = n.webhook_url.as_ref().filter(|u| !u.starts_with('/'))?;
+            (n.on_success || n.on_failure).then(|| crate::store::NotifyTarget {
+                url: url.clone(),
+                on_success: n.on_success,
+                on_failure: n.on_failure,
+            })
+        }),
         jobs,
     })
 }

@@ -475,7 +475,7 @@ impl Engine {
                     ..Trigger::default()
                 };
                 match self.plan(&workflow, input, trigger).await {
-                    Ok(run) => WebhookAction::Start(run),
+                    Ok(run) => WebhookAction::Start(Box::new(run)),
                     Err(e @ (EngineError::UnknownWorkflow(_) | EngineError::Plan(_))) => {
                         let action = WebhookAction::Refuse(e.to_string());
                         refusal = Some(e);
@@ -682,6 +682,15 @@ impl Engine {
         limit: u32,
     ) -> Result<Vec<WebhookEvent>> {
         Ok(self.store.webhook_events(source, limit).await?)
+    }
+
+    /// Run notifications, newest first.
+    pub async fn notifications(
+        &self,
+        status: Option<crate::state::NotificationStatus>,
+        limit: u32,
+    ) -> Result<Vec<crate::store::Notification>> {
+        Ok(self.store.notifications(status, limit).await?)
     }
 
     /// The audit log, newest first; with `before`, only entries older than that entry id.

@@ -51,6 +51,19 @@ state_enum!(
     }
 );
 
+state_enum!(
+    /// Where a run's notification stands in the outbox.
+    NotificationStatus { Pending, Delivered, Failed }
+);
+
+impl NotificationStatus {
+    pub const ALL: &'static [NotificationStatus] = NotificationStatus::VARIANTS;
+
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
 impl RunStatus {
     pub const ALL: &'static [RunStatus] = RunStatus::VARIANTS;
     /// A run still going: it may start jobs, and its jobs may be claimed.

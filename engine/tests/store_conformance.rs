@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use switchyard_engine::definition::{Format, Workflow, parse_str};
 use switchyard_engine::plan::{Trigger, plan_run};
-use switchyard_engine::state::{JobState, Millis, RunStatus, Settlement};
+use switchyard_engine::state::{JobState, Millis, NotificationStatus, RunStatus, Settlement};
 use switchyard_engine::store::{
     CallbackAnswer, ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams,
     InstallParams, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, RunFilter, SettingChange,
@@ -947,7 +947,7 @@ pub async fn a_webhook_event_is_logged_once_per_source_scope_and_id(store: Arc<d
         ..NewWebhookEvent::default()
     };
     let start = |key: &str| {
-        WebhookAction::Start(
+        WebhookAction::Start(Box::new(
             plan_run(
                 &wf,
                 version,
@@ -958,7 +958,7 @@ pub async fn a_webhook_event_is_logged_once_per_source_scope_and_id(store: Arc<d
                 },
             )
             .unwrap(),
-        )
+        ))
     };
     let first = store
         .receive_webhook(event("e-1", "n8n"), start("n8n/e-1"), T0)
@@ -1104,7 +1104,7 @@ pub async fn a_webhook_event_delivered_twice_at_once_starts_one_run(store: Arc<d
                 ..NewWebhookEvent::default()
             };
             store
-                .receive_webhook(event, WebhookAction::Start(run), T0)
+                .receive_webhook(event, WebhookAction::Start(Box::new(run)), T0)
                 .await
                 .unwrap()
         }
@@ -1675,6 +1675,133 @@ pub async fn lines_stored_while_a_step_runs_are_kept_only_under_its_lease(store:
     let seen: Vec<(i32, &str)> = lines.iter().map(|l| (l.attempt, l.text.as_str())).collect();
     assert_eq!(seen, [(1, "one"), (1, "two"), (2, "three"), (2, "four")]);
     assert!(lines.iter().all(|l| l.step_id == "a"));
+}
+
+pub async fn a_run_that_ends_writes_its_notification_and_one_sender_at_a_time_delivers_it(
+    store: Arc<dyn Store>,
+) {
+    let wf = workflow(
+        "id: told\nnotifications: {onSuccess: true, onFailure: true, webhookUrl: 'https://receiver.test/hook'}\n\
+         steps:\n  - {id: a, type: noop}\n",
+    );
+    let run = start(&*store, &wf, Trigger::default()).await;
+    assert!(store.notifications(None, 10).await.unwrap().is_empty());
+    let job = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![done(&job, json!({"n": 1}))], T0 + 5)
+        .await
+        .unwrap();
+    // Written with the run's end, in its transaction.
+    let listed = store.notifications(None, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].run_id, run);
+    assert_eq!(listed[0].run_status, RunStatus::Succeeded);
+    assert_eq!(listed[0].status, NotificationStatus::Pending);
+    assert_eq!(listed[0].url, "https://receiver.test/hook");
+    assert_eq!(store.notification_counts().await.unwrap(), (1, 0));
+
+    let first = store.hold_notifications(T0 + 5, 60_000, 10).await.unwrap();
+    assert_eq!(first.notifications.len(), 1);
+    let held = &first.notifications[0];
+    assert_eq!(
+        held.output.as_ref().map(|o| &o.0),
+        Some(&json!({"a": {"n": 1}}))
+    );
+    assert_eq!(held.finished_at, Some(T0 + 5));
+    assert!(
+        store
+            .hold_notifications(T0 + 6, 60_000, 10)
+            .await
+            .unwrap()
+            .notifications
+            .is_empty(),
+        "a second sender gets nothing while the first holds it"
+    );
+    assert!(
+        store
+            .settle_notification(held, &first.token, Err("HTTP 503".into()), T0 + 10)
+            .await
+            .unwrap()
+    );
+    let after = &store.notifications(None, 10).await.unwrap()[0];
+    assert_eq!(
+        (after.status, after.attempts, after.next_at),
+        (NotificationStatus::Pending, 1, T0 + 1_010)
+    );
+    assert_eq!(after.last_error.as_deref(), Some("HTTP 503"));
+    assert!(
+        store
+            .hold_notifications(T0 + 1_009, 60_000, 10)
+            .await
+            .unwrap()
+            .notifications
+            .is_empty(),
+        "not due before its retry"
+    );
+    let second = store
+        .hold_notifications(T0 + 1_010, 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        second.notifications[0].event_id, held.event_id,
+        "the same event"
+    );
+    assert!(
+        !store
+            .settle_notification(held, &first.token, Ok(()), T0 + 1_011)
+            .await
+            .unwrap(),
+        "the first hold is over"
+    );
+    assert!(
+        store
+            .settle_notification(&second.notifications[0], &second.token, Ok(()), T0 + 1_012)
+            .await
+            .unwrap()
+    );
+    let delivered = &store
+        .notifications(Some(NotificationStatus::Delivered), 10)
+        .await
+        .unwrap()[0];
+    assert_eq!(delivered.delivered_at, Some(T0 + 1_012));
+    assert_eq!(delivered.attempts, 2);
+    assert_eq!(store.notification_counts().await.unwrap(), (0, 0));
+}
+
+pub async fn only_the_ends_a_workflow_asks_for_are_notified(store: Arc<dyn Store>) {
+    let wf = workflow(
+        "id: quiet\nnotifications: {on_failure: true, webhook_url: 'https://receiver.test/f'}\n\
+         steps:\n  - {id: a, type: noop}\n",
+    );
+    start(&*store, &wf, Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    store
+        .complete(vec![done(&job, Value::Null)], T0)
+        .await
+        .unwrap();
+    assert!(store.notifications(None, 10).await.unwrap().is_empty());
+    let failing = start(&*store, &wf, Trigger::default()).await;
+    let job = claim(&*store, T0 + 1, 1).await.remove(0);
+    store
+        .complete(vec![failed(&job, "boom")], T0 + 1)
+        .await
+        .unwrap();
+    let listed = store.notifications(None, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].run_id, failing);
+    assert_eq!(listed[0].run_status, RunStatus::Failed);
+    // A path is where n8n calls back, not a receiver of notifications.
+    let bridge = workflow(
+        "id: bridge\nnotifications: {onSuccess: true, webhookUrl: /api/webhooks/n8n}\n\
+         steps:\n  - {id: a, type: noop}\n",
+    );
+    start(&*store, &bridge, Trigger::default()).await;
+    let job = claim(&*store, T0 + 2, 1).await.remove(0);
+    store
+        .complete(vec![done(&job, Value::Null)], T0 + 2)
+        .await
+        .unwrap();
+    assert_eq!(store.notifications(None, 10).await.unwrap().len(), 1);
 }
 
 pub async fn finished_runs_are_pruned_after_retention(store: Arc<dyn Store>) {
@@ -2927,6 +3054,8 @@ macro_rules! conformance {
                 completion_with_a_forged_token_is_rejected,
                 heartbeat_extends_a_lease_so_it_is_not_reclaimed,
                 lines_stored_while_a_step_runs_are_kept_only_under_its_lease,
+                a_run_that_ends_writes_its_notification_and_one_sender_at_a_time_delivers_it,
+                only_the_ends_a_workflow_asks_for_are_notified,
                 retry_waits_for_its_stored_time,
                 failed_step_fails_the_run_and_cancels_the_rest,
                 retry_run_reruns_only_unsuccessful_steps,

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod egress;
+pub mod notifier;
 pub mod runtime;
 pub mod steps;
 

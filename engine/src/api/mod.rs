@@ -216,6 +216,7 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::list_alerts))
         .routes(routes!(webhooks::n8n_webhook))
         .routes(routes!(webhooks::list_webhook_events))
+        .routes(routes!(webhooks::list_notifications))
         .routes(routes!(admin::system_metrics))
         .routes(routes!(workflows::create_workflows))
         .routes(routes!(admin::list_variables))

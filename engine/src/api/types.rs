@@ -267,6 +267,63 @@ impl From<store::Alert> for Alert {
     }
 }
 
+wire_enum!(
+    /// Where a run's notification stands: waiting for (another) delivery, delivered, or given
+    /// up after its last attempt.
+    NotificationStatus = crate::state::NotificationStatus {
+        Pending,
+        Delivered,
+        Failed,
+    }
+);
+
+/// A run's notification in the outbox, with its deliveries so far.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Notification {
+    pub id: i64,
+    /// Stable across deliveries: receivers drop repeats by it.
+    pub event_id: String,
+    pub run_id: String,
+    pub workflow_id: String,
+    pub url: String,
+    /// How the run ended.
+    pub run_status: RunStatus,
+    pub status: NotificationStatus,
+    /// Deliveries tried so far.
+    pub attempts: i32,
+    /// When the next delivery is due, while pending.
+    pub next_at: Millis,
+    pub next_at_rfc3339: String,
+    /// What the last failed delivery got.
+    pub last_error: Option<String>,
+    pub created_at: Millis,
+    pub created_at_rfc3339: String,
+    pub delivered_at: Option<Millis>,
+    pub delivered_at_rfc3339: Option<String>,
+}
+
+impl From<store::Notification> for Notification {
+    fn from(n: store::Notification) -> Self {
+        Notification {
+            id: n.id,
+            event_id: n.event_id,
+            run_id: n.run_id,
+            workflow_id: n.workflow_id,
+            url: n.url,
+            run_status: n.run_status.into(),
+            status: n.status.into(),
+            attempts: n.attempts,
+            next_at: n.next_at,
+            next_at_rfc3339: rfc3339(n.next_at),
+            last_error: n.last_error,
+            created_at: n.created_at,
+            created_at_rfc3339: rfc3339(n.created_at),
+            delivered_at: n.delivered_at,
+            delivered_at_rfc3339: rfc3339_opt(n.delivered_at),
+        }
+    }
+}
+
 /// An inbound webhook event as logged, with what it did.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct WebhookEvent {

@@ -11,7 +11,7 @@ use sha2::Sha256;
 
 use super::auth::{Viewer, caller_with_role};
 use super::error::{ApiError, Bytes, ErrorBody, ErrorCode, Json, Query};
-use super::types::WebhookEvent;
+use super::types::{Notification, NotificationStatus, WebhookEvent};
 use super::{AppState, Logged};
 use crate::auth::Role;
 use crate::callback;
@@ -214,6 +214,43 @@ async fn authenticate(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Res
             "header X-Switchyard-Signature: does not match the body",
         )
     })
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationQuery {
+    /// Only notifications in this state.
+    pub status: Option<NotificationStatus>,
+    /// At most this many, newest first, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+}
+
+/// Run notifications (the outbox), newest first: where each goes, its deliveries so far and
+/// the last error; kept 30 days once delivered or given up.
+#[utoipa::path(
+    get,
+    path = "/api/notifications",
+    tag = "webhooks",
+    params(NotificationQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Notifications", body = Vec<Notification>),
+        (status = 400, description = "A bad filter", body = ErrorBody),
+    )
+)]
+pub async fn list_notifications(
+    _: Viewer,
+    State(state): State<AppState>,
+    Query(query): Query<NotificationQuery>,
+) -> Result<Json<Vec<Notification>>, ApiError> {
+    let limit = super::page_limit(query.limit)?;
+    let found = state
+        .engine
+        .notifications(query.status.map(Into::into), limit)
+        .await?;
+    Ok(Json(found.into_iter().map(Notification::from).collect()))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

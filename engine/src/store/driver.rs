@@ -12,9 +12,10 @@ use tokio::sync::Notify;
 use super::machine::{self, Effects, RecordCutoffs, SettingKey, Tx};
 use super::{
     AUDIT_KEPT_MS, CallbackAnswer, ClaimParams, ClaimedJob, Completion, FireOutcome, FireParams,
-    InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, RECORDS_KEPT_MS,
-    Reads, Result, RunId, SettingChange, Signal, SignalOutcome, SkippedFire, Store, StoreError,
-    Swept, TokenRevocation, WebhookAction, WebhookOutcome,
+    HeldNotifications, InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun,
+    NewWebhookEvent, Notification, RECORDS_KEPT_MS, Reads, Result, RunId, SettingChange, Signal,
+    SignalOutcome, SkippedFire, Store, StoreError, Swept, TokenRevocation, WebhookAction,
+    WebhookOutcome,
 };
 use crate::state::{Millis, RunStatus};
 
@@ -116,6 +117,37 @@ impl<D: Driver> Store for D {
             return Ok(Vec::new());
         }
         self.extend_leases(leases, lease_until).await
+    }
+
+    async fn hold_notifications(
+        &self,
+        now: Millis,
+        hold_ms: Millis,
+        limit: u32,
+    ) -> Result<HeldNotifications> {
+        let token = format!("{:032x}", rand::random::<u128>());
+        let until = now + hold_ms;
+        let mut tx = self.begin().await?;
+        let notifications = tx.hold_notifications(now, until, &token, limit).await?;
+        self.commit(tx, Effects::default(), &[]).await?;
+        Ok(HeldNotifications {
+            token,
+            until,
+            notifications,
+        })
+    }
+
+    async fn settle_notification(
+        &self,
+        held: &Notification,
+        token: &str,
+        result: std::result::Result<(), String>,
+        now: Millis,
+    ) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let still = machine::settle_notification(&mut tx, held, token, result, now).await?;
+        self.commit(tx, Effects::default(), &[]).await?;
+        Ok(still)
     }
 
     async fn append_live_logs(&self, lease: &Lease, lines: &[LogLine]) -> Result<bool> {

@@ -13,14 +13,15 @@ use serde_json::{Value, json};
 
 use super::{
     CallbackAnswer, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, Install,
-    InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, Result, RunId,
-    Signal, SignalOutcome, SkippedFire, StoreError, StoredDefinition, Swept, TokenRevocation,
-    WebhookAction, WebhookEvent, WebhookOutcome, completion_rows, decide_install, install_audit,
+    InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, Notification,
+    NotifyTarget, Result, RunId, Signal, SignalOutcome, SkippedFire, StoreError, StoredDefinition,
+    Swept, TokenRevocation, WebhookAction, WebhookEvent, WebhookOutcome, completion_rows,
+    decide_install, install_audit,
 };
 use crate::flow::{self, FlowStep, RunOutcome};
 use crate::state::{
-    JobState, Millis, RunStatus, Settlement, fire_skip_reason, gate_opening, gate_room, loop_start,
-    settle_lost_lease, timeout_error,
+    JobState, Millis, NotificationStatus, RunStatus, Settlement, fire_skip_reason, gate_opening,
+    gate_room, loop_start, settle_lost_lease, timeout_error,
 };
 
 /// A step whose job just succeeded. Only a sink's success can finish its run: every other step
@@ -55,6 +56,104 @@ pub(crate) struct FinishedRun {
     pub status: RunStatus,
     pub parent_job_id: Option<JobId>,
     pub concurrency_key: Option<String>,
+    pub notify: Option<sqlx::types::Json<NotifyTarget>>,
+}
+
+/// What a delivery of a notification leaves it as.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NotificationUpdate {
+    pub status: NotificationStatus,
+    pub attempts: i32,
+    pub next_at: Millis,
+    pub last_error: Option<String>,
+    pub delivered_at: Option<Millis>,
+}
+
+/// Deliveries of a notification before it is given up as `failed`: with the waits of
+/// [`notification_update`], about ten hours.
+pub const NOTIFICATION_ATTEMPTS: i32 = 20;
+
+/// A delivery's result decides what becomes of its notification: a 2xx delivers it; anything
+/// else is tried again after 1 s, 2 s, 4 s ... at most an hour apart, until the last attempt
+/// fails it.
+pub(crate) fn notification_update(
+    attempts_before: i32,
+    result: std::result::Result<(), String>,
+    now: Millis,
+) -> NotificationUpdate {
+    let attempts = attempts_before + 1;
+    match result {
+        Ok(()) => NotificationUpdate {
+            status: NotificationStatus::Delivered,
+            attempts,
+            next_at: now,
+            last_error: None,
+            delivered_at: Some(now),
+        },
+        Err(error) => {
+            let wait_secs = 1_i64 << (attempts - 1).clamp(0, 12);
+            NotificationUpdate {
+                status: if attempts >= NOTIFICATION_ATTEMPTS {
+                    NotificationStatus::Failed
+                } else {
+                    NotificationStatus::Pending
+                },
+                attempts,
+                next_at: now + wait_secs.min(3_600) * 1_000,
+                last_error: Some(error),
+                delivered_at: None,
+            }
+        }
+    }
+}
+
+/// Records a sender's delivery of a notification it holds under `token`; returns whether it
+/// still held it.
+pub(crate) async fn settle_notification(
+    tx: &mut dyn Tx,
+    held: &Notification,
+    token: &str,
+    result: std::result::Result<(), String>,
+    now: Millis,
+) -> Result<bool> {
+    let update = notification_update(held.attempts, result, now);
+    tx.update_notification(held.id, token, &update).await
+}
+
+/// What follows from runs ending, in the transaction that ended them: their gates open, their
+/// notifications join the outbox, and they are counted once it commits.
+async fn runs_ended(
+    tx: &mut dyn Tx,
+    runs: &[FinishedRun],
+    now: Millis,
+    effects: &mut Effects,
+) -> Result<()> {
+    effects.finished(runs);
+    if open_gates(tx, runs, now).await? {
+        effects.woke();
+    }
+    let notices: Vec<Value> = runs
+        .iter()
+        .filter_map(|run| {
+            let target = run.notify.as_ref()?;
+            let wanted = match run.status {
+                RunStatus::Succeeded => target.on_success,
+                RunStatus::Failed | RunStatus::TimedOut => target.on_failure,
+                _ => false,
+            };
+            wanted.then(|| {
+                json!({
+                    "event_id": uuid::Uuid::now_v7().to_string(),
+                    "run_id": run.id,
+                    "url": target.url,
+                })
+            })
+        })
+        .collect();
+    if !notices.is_empty() {
+        tx.insert_notifications(Value::Array(notices), now).await?;
+    }
+    Ok(())
 }
 
 /// A job a settlement changed, as the database returned it.
@@ -372,6 +471,26 @@ pub(crate) trait Tx: Send {
     async fn append_logs(&mut self, rows: Value) -> Result<()>;
     /// The run and step of the job `lease` holds, while it still runs under it.
     async fn held_job(&mut self, lease: &Lease) -> Result<Option<(RunId, String)>>;
+
+    /// Writes notifications (rows `{event_id, run_id, url}`) of runs that just ended, each with
+    /// what its run came to, `pending` and due `now`.
+    async fn insert_notifications(&mut self, rows: Value, now: Millis) -> Result<()>;
+    /// Holds up to `limit` pending notifications due by `now` that no sender holds, under
+    /// `token` until `until`.
+    async fn hold_notifications(
+        &mut self,
+        now: Millis,
+        until: Millis,
+        token: &str,
+        limit: u32,
+    ) -> Result<Vec<Notification>>;
+    /// Applies `update` to a notification still held under `token`; returns whether it was.
+    async fn update_notification(
+        &mut self,
+        id: i64,
+        token: &str,
+        update: &NotificationUpdate,
+    ) -> Result<bool>;
     /// Deletes these runs with their jobs and logs; returns how many runs it deleted.
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64>;
     /// Deletes the records whose retention ended (see [`RecordCutoffs`]).
@@ -485,6 +604,7 @@ fn run_rows(runs: &[(&NewRun, bool)], now: Millis) -> (Value, Vec<Value>) {
             "scheduled_at": run.scheduled_at,
             "started_at": (!gated).then_some(now),
             "priority": run.priority,
+            "notify": run.notify,
         }));
         for job in &run.jobs {
             // A failure handler waits for more than its needs, so that no count of succeeded
@@ -806,10 +926,7 @@ async fn progress_loops(
                     // The child runs of `workflow` items: only their gates matter now.
                     let why = format!("a sibling of its item failed: {error}");
                     let cancelled = cancel_children(tx, &open, &why, now).await?;
-                    effects.finished(&cancelled);
-                    if open_gates(tx, &cancelled, now).await? {
-                        effects.woke();
-                    }
+                    runs_ended(tx, &cancelled, now, effects).await?;
                 }
                 fail_parked(tx, loop_job, &error, now, moved).await?;
             }
@@ -968,10 +1085,7 @@ async fn cascade(
             let runs: Vec<RunId> = std::mem::take(&mut flowing).into_iter().collect();
             finished.extend(advance(tx, &runs, now, effects).await?);
         }
-        effects.finished(&finished);
-        if open_gates(tx, &finished, now).await? {
-            effects.woke();
-        }
+        runs_ended(tx, &finished, now, effects).await?;
         let (parents, orphans) = settle_parents(tx, &finished, now).await?;
         moved = parents;
         if !orphans.is_empty() {
@@ -984,10 +1098,7 @@ async fn cascade(
                     ..r
                 })
                 .collect();
-            effects.finished(&cancelled);
-            if open_gates(tx, &cancelled, now).await? {
-                effects.woke();
-            }
+            runs_ended(tx, &cancelled, now, effects).await?;
         }
         // a parent whose child did not succeed fails like any step
         ended_as = RunStatus::Failed;
@@ -1528,7 +1639,7 @@ pub(crate) async fn receive_webhook(
             }
         }
         WebhookAction::Start(run) => {
-            let run_id = insert_runs(tx, vec![run], now).await?.remove(0);
+            let run_id = insert_runs(tx, vec![*run], now).await?.remove(0);
             effects.woke();
             WebhookOutcome::Done {
                 run_id,
@@ -1562,6 +1673,7 @@ mod tests {
             status,
             parent_job_id: parent,
             concurrency_key: None,
+            notify: None,
         }
     }
 
@@ -1578,6 +1690,29 @@ mod tests {
         assert_eq!(outcomes.len(), 2);
         assert_eq!(outcomes[&1].map(|r| r.id.as_str()), Some("b"));
         assert!(outcomes[&2].is_none());
+    }
+
+    #[test]
+    fn a_notification_is_retried_at_doubling_waits_up_to_an_hour_then_given_up() {
+        let mut attempts = 0;
+        let mut waits = Vec::new();
+        loop {
+            let update = notification_update(attempts, Err("503".into()), 0);
+            attempts = update.attempts;
+            if update.status == NotificationStatus::Failed {
+                break;
+            }
+            assert_eq!(update.status, NotificationStatus::Pending);
+            waits.push(update.next_at / 1_000);
+        }
+        assert_eq!(attempts, NOTIFICATION_ATTEMPTS);
+        assert_eq!(&waits[..4], [1, 2, 4, 8]);
+        assert_eq!(*waits.last().unwrap(), 3_600);
+        let delivered = notification_update(3, Ok(()), 7);
+        assert_eq!(
+            (delivered.status, delivered.delivered_at),
+            (NotificationStatus::Delivered, Some(7))
+        );
     }
 
     #[test]

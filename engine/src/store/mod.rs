@@ -20,7 +20,7 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::definition::RunIf;
-use crate::state::{JobState, Millis, RunStatus, Settlement};
+use crate::state::{JobState, Millis, NotificationStatus, RunStatus, Settlement};
 
 pub type RunId = String;
 pub type JobId = i64;
@@ -292,7 +292,7 @@ macro_rules! decode_by_name {
         }
     )*};
 }
-decode_by_name!(JobState, RunStatus, DefinitionOrigin);
+decode_by_name!(JobState, RunStatus, NotificationStatus, DefinitionOrigin);
 
 /// One JSON row per completion, the batch both stores' fenced update reads. JSON values travel
 /// as text, so a `null` output stays a JSON null rather than becoming NULL.
@@ -357,7 +357,51 @@ pub struct NewRun {
     pub request_digest: Option<String>,
     /// Its jobs are claimed before those of lower priority (see [`crate::definition::PRIORITIES`]).
     pub priority: i32,
+    /// Where its end is announced, if anywhere.
+    pub notify: Option<NotifyTarget>,
     pub jobs: Vec<NewJob>,
+}
+
+/// A run's notification in the outbox (`GET /api/notifications`).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Notification {
+    pub id: i64,
+    /// Stable across deliveries: a receiver drops repeats by it.
+    pub event_id: String,
+    pub run_id: RunId,
+    pub workflow_id: String,
+    pub url: String,
+    /// How the run ended.
+    pub run_status: RunStatus,
+    pub run_error: Option<String>,
+    pub output: Option<sqlx::types::Json<Value>>,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    pub status: NotificationStatus,
+    /// Deliveries tried so far.
+    pub attempts: i32,
+    /// When the next delivery is due, while pending.
+    pub next_at: Millis,
+    pub last_error: Option<String>,
+    pub created_at: Millis,
+    pub delivered_at: Option<Millis>,
+}
+
+/// Notifications a sender holds, each under `token` until `until`.
+#[derive(Debug, Clone)]
+pub struct HeldNotifications {
+    pub token: String,
+    pub until: Millis,
+    pub notifications: Vec<Notification>,
+}
+
+/// Where and when a run's end is announced: its workflow's `notifications` with an absolute
+/// `webhook_url`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotifyTarget {
+    pub url: String,
+    pub on_success: bool,
+    pub on_failure: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -670,6 +714,14 @@ pub trait Reads: Send + Sync + 'static {
     async fn settings(&self, namespace: &str) -> Result<Vec<Setting>>;
     /// Newest first.
     async fn webhook_events(&self, source: Option<&str>, limit: u32) -> Result<Vec<WebhookEvent>>;
+    /// Run notifications, newest first, without their runs' outputs.
+    async fn notifications(
+        &self,
+        status: Option<NotificationStatus>,
+        limit: u32,
+    ) -> Result<Vec<Notification>>;
+    /// How many notifications are pending and how many failed for good.
+    async fn notification_counts(&self) -> Result<(i64, i64)>;
     /// A round trip that reads nothing: whether the database answers.
     async fn ping(&self) -> Result<()>;
     /// Newest first; with `before`, only entries older than that entry id.
@@ -713,6 +765,23 @@ pub trait Store: Reads {
     /// Extends the leases still held; returns the job ids whose lease was extended. A job missing
     /// from the answer was cancelled or reclaimed: its worker must drop it.
     async fn heartbeat(&self, leases: &[Lease], lease_until: Millis) -> Result<Vec<JobId>>;
+    /// Holds up to `limit` pending notifications that are due, for one sender, for `hold_ms`: no
+    /// other sender gets them meanwhile.
+    async fn hold_notifications(
+        &self,
+        now: Millis,
+        hold_ms: Millis,
+        limit: u32,
+    ) -> Result<HeldNotifications>;
+    /// Records how a delivery of `held` went (an error is tried again later, or fails it for
+    /// good); returns whether the sender still held it.
+    async fn settle_notification(
+        &self,
+        held: &Notification,
+        token: &str,
+        result: std::result::Result<(), String>,
+        now: Millis,
+    ) -> Result<bool>;
     /// Stores lines an attempt printed so far, while its lease holds (so `logs --follow` shows
     /// a long step as it goes); returns whether it held. The rest go with its completion.
     async fn append_live_logs(&self, lease: &Lease, lines: &[LogLine]) -> Result<bool>;
@@ -939,7 +1008,7 @@ pub struct InstallParams<'a> {
 #[derive(Debug, Clone)]
 pub enum WebhookAction {
     /// Start this run (planned with the delivery's idempotency key).
-    Start(NewRun),
+    Start(Box<NewRun>),
     /// Hand the result to the step that waits for it (see [`Store::deliver_callback`]).
     Answer(CallbackAnswer),
     /// Nothing can be done (no such workflow, an input the workflow refuses): logged with this

@@ -30,7 +30,8 @@ use tokio::sync::Notify;
 use super::driver::Driver;
 use super::machine::{
     self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, KeyedRun,
-    LoopProgress, NewVersion, RecordCutoffs, SettingKey, Settled, SettledJob, Succeeded, Tx,
+    LoopProgress, NewVersion, NotificationUpdate, RecordCutoffs, SettingKey, Settled, SettledJob,
+    Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -329,16 +330,18 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
             "INSERT INTO runs (id, workflow_id, version, status, input, parent_run_id, \
                  parent_job_id, child_index, concurrency_key, concurrency_limit, idempotency_key, \
                  timeout_ms, deadline_at, retention_ms, scheduled_at, created_at, started_at, \
-                 priority, request_digest) \
+                 priority, request_digest, notify) \
              SELECT r.id, r.workflow_id, r.version, r.status, coalesce(r.input, 'null'), \
                  r.parent_run_id, r.parent_job_id, r.child_index, r.concurrency_key, \
                  r.concurrency_limit, r.idempotency_key, r.timeout_ms, r.deadline_at, \
-                 r.retention_ms, r.scheduled_at, $2, r.started_at, r.priority, r.request_digest \
+                 r.retention_ms, r.scheduled_at, $2, r.started_at, r.priority, r.request_digest, \
+                 r.notify \
              FROM jsonb_to_recordset($1) AS r(id text, workflow_id text, version bigint, \
                  status text, input jsonb, parent_run_id text, parent_job_id bigint, \
                  child_index bigint, concurrency_key text, concurrency_limit bigint, \
                  idempotency_key text, timeout_ms bigint, deadline_at bigint, retention_ms bigint, \
-                 scheduled_at bigint, started_at bigint, priority smallint, request_digest text) \
+                 scheduled_at bigint, started_at bigint, priority smallint, request_digest text, \
+                 notify jsonb) \
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
              RETURNING id",
         )
@@ -498,7 +501,7 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
                  FROM jobs WHERE run_id = c.id AND loop_job_id IS NULL) AS s \
              WHERE runs.id = c.id AND runs.status = {run:running} AND s.done \
              RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
-                 runs.concurrency_key"
+                 runs.concurrency_key, runs.notify"
         ))
         .bind(runs)
         .bind(now)
@@ -520,7 +523,7 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
              FROM unnest($1::text[], $2::text[]) AS c(id, error) \
              WHERE runs.id = c.id AND runs.status IN {runs:active} \
              RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
-                 runs.concurrency_key"
+                 runs.concurrency_key, runs.notify"
         ))
         .bind(&ids)
         .bind(&errors)
@@ -556,7 +559,7 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
              UPDATE runs SET status = {run:cancelled}, error = $3, \
                  finished_at = $2, expires_at = $2 + retention_ms \
              WHERE id IN (SELECT id FROM tree) AND status IN {runs:active} \
-             RETURNING id, workflow_id, status, parent_job_id, concurrency_key"
+             RETURNING id, workflow_id, status, parent_job_id, concurrency_key, notify"
         ))
         .bind(roots)
         .bind(now)
@@ -1440,6 +1443,69 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         Ok(())
     }
 
+    async fn insert_notifications(&mut self, rows: Value, now: Millis) -> Result<()> {
+        sqlx::query(statement!(
+            "INSERT INTO notifications (event_id, run_id, workflow_id, url, run_status, \
+                 run_error, output, started_at, finished_at, status, next_at, created_at) \
+             SELECT n.event_id, r.id, r.workflow_id, n.url, r.status, r.error, r.output, \
+                 r.started_at, r.finished_at, {notice:pending}, $2, $2 \
+             FROM jsonb_to_recordset($1) AS n(event_id text, run_id text, url text) \
+             JOIN runs AS r ON r.id = n.run_id"
+        ))
+        .bind(rows)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn hold_notifications(
+        &mut self,
+        now: Millis,
+        until: Millis,
+        token: &str,
+        limit: u32,
+    ) -> Result<Vec<Notification>> {
+        Ok(sqlx::query_as(statement!(&format!(
+            "UPDATE notifications SET claim_token = $3, claimed_until = $2 \
+             WHERE id IN (SELECT id FROM notifications \
+                 WHERE status = {{notice:pending}} AND next_at <= $1 \
+                     AND (claimed_until IS NULL OR claimed_until <= $1) \
+                 ORDER BY next_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             RETURNING {NOTIFICATION_COLUMNS}"
+        )))
+        .bind(now)
+        .bind(until)
+        .bind(token)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn update_notification(
+        &mut self,
+        id: i64,
+        token: &str,
+        update: &NotificationUpdate,
+    ) -> Result<bool> {
+        Ok(sqlx::query(
+            "UPDATE notifications SET status = $3, attempts = $4, next_at = $5, \
+                 last_error = $6, delivered_at = $7, claim_token = NULL, claimed_until = NULL \
+             WHERE id = $1 AND claim_token = $2",
+        )
+        .bind(id)
+        .bind(token)
+        .bind(update.status.as_str())
+        .bind(update.attempts)
+        .bind(update.next_at)
+        .bind(&update.last_error)
+        .bind(update.delivered_at)
+        .execute(&mut *self.0)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
     async fn held_job(&mut self, lease: &Lease) -> Result<Option<(RunId, String)>> {
         Ok(sqlx::query_as(statement!(
             "SELECT run_id, step_id FROM jobs \
@@ -1481,6 +1547,13 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
             ),
             (
                 "DELETE FROM webhook_events WHERE received_at < $1",
+                cutoffs.records_before,
+            ),
+            (
+                statement!(
+                    "DELETE FROM notifications WHERE created_at < $1 \
+                     AND status <> {notice:pending}"
+                ),
                 cutoffs.records_before,
             ),
             (
@@ -1691,6 +1764,10 @@ const WORKFLOW_STATE: &str = "SELECT w.id, w.latest_version, w.paused, w.created
          (SELECT max(fire_at) FROM fires WHERE workflow_id = w.id) AS last_fire_at \
      FROM workflows AS w \
      JOIN workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.latest_version";
+
+const NOTIFICATION_COLUMNS: &str = "id, event_id, run_id, workflow_id, url, run_status, \
+     run_error, output, started_at, finished_at, status, attempts, next_at, last_error, \
+     created_at, delivered_at";
 
 const WEBHOOK_EVENT_COLUMNS: &str =
     "id, source, event_id, workflow_id, payload, run_id, error, received_at";
@@ -1968,6 +2045,32 @@ impl Reads for PostgresStore {
         .bind(source)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn notifications(
+        &self,
+        status: Option<NotificationStatus>,
+        limit: u32,
+    ) -> Result<Vec<Notification>> {
+        // A list need not carry up to a megabyte of output per row.
+        Ok(sqlx::query_as(&format!(
+            "SELECT {} FROM notifications WHERE ($1::text IS NULL OR status = $1) \
+             ORDER BY created_at DESC, id DESC LIMIT $2",
+            NOTIFICATION_COLUMNS.replace("output", "NULL::jsonb AS output")
+        ))
+        .bind(status.map(NotificationStatus::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn notification_counts(&self) -> Result<(i64, i64)> {
+        Ok(sqlx::query_as(statement!(
+            "SELECT count(*) FILTER (WHERE status = {notice:pending}), \
+                 count(*) FILTER (WHERE status = {notice:failed}) FROM notifications"
+        ))
+        .fetch_one(&self.pool)
         .await?)
     }
 

@@ -3,7 +3,7 @@
 //! so no state is spelled twice and a set (claimable, open, active) has one definition, in
 //! `state.rs`. [`statement!`] expands a statement once and keeps it, so the hot path pays nothing.
 
-use crate::state::{JobState, RunStatus};
+use crate::state::{JobState, NotificationStatus, RunStatus};
 
 fn quoted(name: &str) -> String {
     format!("'{name}'")
@@ -23,6 +23,9 @@ pub(crate) fn states(sql: &str) -> String {
     }
     for &s in RunStatus::ALL {
         out = out.replace(&format!("{{run:{s}}}"), &quoted(s.as_str()));
+    }
+    for &s in NotificationStatus::ALL {
+        out = out.replace(&format!("{{notice:{s}}}"), &quoted(s.as_str()));
     }
     for (token, states) in [
         ("{jobs:claimable}", set(JobState::CLAIMABLE)),
@@ -46,6 +49,7 @@ pub(crate) fn states(sql: &str) -> String {
         .find("{job:")
         .or_else(|| out.find("{jobs:"))
         .or_else(|| out.find("{run:").or_else(|| out.find("{runs:")))
+        .or_else(|| out.find("{notice:"))
     {
         panic!(
             "unknown state token in SQL: {}",

@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use super::driver::Driver;
 use super::machine::{
     Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, KeyedRun, LoopProgress,
-    NewVersion, RecordCutoffs, SettingKey, Settled, SettledJob, Succeeded, Tx,
+    NewVersion, NotificationUpdate, RecordCutoffs, SettingKey, Settled, SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -296,14 +296,14 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
             "INSERT INTO runs (id, workflow_id, version, status, input, parent_run_id, \
                  parent_job_id, child_index, concurrency_key, concurrency_limit, idempotency_key, \
                  timeout_ms, deadline_at, retention_ms, scheduled_at, created_at, started_at, \
-                 priority, request_digest) \
+                 priority, request_digest, notify) \
              SELECT r.value->>'id', r.value->>'workflow_id', r.value->>'version', \
                  r.value->>'status', coalesce(r.value->'input', 'null'), \
                  r.value->>'parent_run_id', r.value->>'parent_job_id', r.value->>'child_index', \
                  r.value->>'concurrency_key', r.value->>'concurrency_limit', \
                  r.value->>'idempotency_key', r.value->>'timeout_ms', r.value->>'deadline_at', \
                  r.value->>'retention_ms', r.value->>'scheduled_at', ?2, r.value->>'started_at', \
-                 r.value->>'priority', r.value->>'request_digest' \
+                 r.value->>'priority', r.value->>'request_digest', r.value->>'notify' \
              FROM json_each(?1) AS r WHERE true \
              ON CONFLICT DO NOTHING RETURNING id",
         )
@@ -442,7 +442,7 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
              WHERE id IN (SELECT value FROM json_each(?1)) AND +status = {run:running} \
                  AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = runs.id \
                      AND state NOT IN {jobs:successful} AND loop_job_id IS NULL) \
-             RETURNING id, workflow_id, status, parent_job_id, concurrency_key"
+             RETURNING id, workflow_id, status, parent_job_id, concurrency_key, notify"
             ))
             .bind(to_json(&runs))
             .bind(now)
@@ -464,7 +464,7 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
              FROM json_each(?1) AS c \
              WHERE runs.id = c.value->>0 AND +runs.status IN {runs:active} \
              RETURNING runs.id, runs.workflow_id, runs.status, runs.parent_job_id, \
-                 runs.concurrency_key"
+                 runs.concurrency_key, runs.notify"
             ))
             .bind(to_json(&runs))
             .bind(status.as_str())
@@ -501,7 +501,7 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
              UPDATE runs SET status = {run:cancelled}, error = ?3, \
                  finished_at = ?2, expires_at = ?2 + retention_ms \
              WHERE id IN (SELECT id FROM tree) AND status IN {runs:active} \
-             RETURNING id, workflow_id, status, parent_job_id, concurrency_key"
+             RETURNING id, workflow_id, status, parent_job_id, concurrency_key, notify"
             ))
             .bind(to_json(&roots))
             .bind(now)
@@ -1311,6 +1311,68 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         Ok(())
     }
 
+    async fn insert_notifications(&mut self, rows: Value, now: Millis) -> Result<()> {
+        sqlx::query(statement!(
+            "INSERT INTO notifications (event_id, run_id, workflow_id, url, run_status, \
+                 run_error, output, started_at, finished_at, status, next_at, created_at) \
+             SELECT n.value->>'event_id', r.id, r.workflow_id, n.value->>'url', r.status, \
+                 r.error, r.output, r.started_at, r.finished_at, {notice:pending}, ?2, ?2 \
+             FROM json_each(?1) AS n JOIN runs AS r ON r.id = n.value->>'run_id'"
+        ))
+        .bind(to_json(&rows))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn hold_notifications(
+        &mut self,
+        now: Millis,
+        until: Millis,
+        token: &str,
+        limit: u32,
+    ) -> Result<Vec<Notification>> {
+        Ok(sqlx::query_as(statement!(&format!(
+            "UPDATE notifications SET claim_token = ?3, claimed_until = ?2 \
+             WHERE id IN (SELECT id FROM notifications \
+                 WHERE status = {{notice:pending}} AND next_at <= ?1 \
+                     AND (claimed_until IS NULL OR claimed_until <= ?1) \
+                 ORDER BY next_at LIMIT ?4) \
+             RETURNING {NOTIFICATION_COLUMNS}"
+        )))
+        .bind(now)
+        .bind(until)
+        .bind(token)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn update_notification(
+        &mut self,
+        id: i64,
+        token: &str,
+        update: &NotificationUpdate,
+    ) -> Result<bool> {
+        Ok(sqlx::query(
+            "UPDATE notifications SET status = ?3, attempts = ?4, next_at = ?5, \
+                 last_error = ?6, delivered_at = ?7, claim_token = NULL, claimed_until = NULL \
+             WHERE id = ?1 AND claim_token = ?2",
+        )
+        .bind(id)
+        .bind(token)
+        .bind(update.status.as_str())
+        .bind(update.attempts)
+        .bind(update.next_at)
+        .bind(&update.last_error)
+        .bind(update.delivered_at)
+        .execute(&mut *self.0)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
     async fn held_job(&mut self, lease: &Lease) -> Result<Option<(RunId, String)>> {
         Ok(sqlx::query_as(statement!(
             "SELECT run_id, step_id FROM jobs \
@@ -1355,6 +1417,13 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
             ),
             (
                 "DELETE FROM webhook_events WHERE received_at < ?1",
+                cutoffs.records_before,
+            ),
+            (
+                statement!(
+                    "DELETE FROM notifications WHERE created_at < ?1 \
+                     AND status <> {notice:pending}"
+                ),
                 cutoffs.records_before,
             ),
             (
@@ -1486,6 +1555,10 @@ const WORKFLOW_STATE: &str = "SELECT w.id, w.latest_version, w.paused, w.created
          (SELECT max(fire_at) FROM fires WHERE workflow_id = w.id) AS last_fire_at \
      FROM workflows AS w \
      JOIN workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.latest_version";
+
+const NOTIFICATION_COLUMNS: &str = "id, event_id, run_id, workflow_id, url, run_status, \
+     run_error, output, started_at, finished_at, status, attempts, next_at, last_error, \
+     created_at, delivered_at";
 
 const WEBHOOK_EVENT_COLUMNS: &str =
     "id, source, event_id, workflow_id, payload, run_id, error, received_at";
@@ -1759,6 +1832,34 @@ impl Reads for SqliteStore {
             .fetch_all(&self.reader)
             .await?,
         )
+    }
+
+    async fn notifications(
+        &self,
+        status: Option<NotificationStatus>,
+        limit: u32,
+    ) -> Result<Vec<Notification>> {
+        // A list need not carry up to a megabyte of output per row.
+        rows_as(
+            sqlx::query(&format!(
+                "SELECT {} FROM notifications WHERE (?1 IS NULL OR status = ?1) \
+                 ORDER BY created_at DESC, id DESC LIMIT ?2",
+                NOTIFICATION_COLUMNS.replace("output", "NULL AS output")
+            ))
+            .bind(status.map(NotificationStatus::as_str))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?,
+        )
+    }
+
+    async fn notification_counts(&self) -> Result<(i64, i64)> {
+        Ok(sqlx::query_as(statement!(
+            "SELECT coalesce(sum(status = {notice:pending}), 0), \
+                 coalesce(sum(status = {notice:failed}), 0) FROM notifications"
+        ))
+        .fetch_one(&self.reader)
+        .await?)
     }
 
     async fn ping(&self) -> Result<()> {

@@ -4,6 +4,7 @@
 mod http;
 mod n8n;
 mod noop;
+mod notify;
 mod script;
 mod sleep;
 mod transform;
@@ -27,6 +28,7 @@ use switchyard_engine::state::{Millis, StepFailure};
 pub use http::Http;
 pub use n8n::{N8n, N8nUrls};
 pub use noop::Noop;
+pub use notify::Notify;
 pub use script::Script;
 pub use sleep::Sleep;
 pub use transform::Transform;
@@ -288,6 +290,7 @@ impl Registry {
     pub fn builtin_with(n8n: N8nUrls, egress: Arc<EgressPolicy>) -> Self {
         let mut registry = Registry::default();
         registry.add(Http::with_policy(egress.clone()));
+        registry.add(Notify::new(Http::with_policy(egress.clone())));
         registry.add(N8n::with_policy(n8n, egress));
         registry.add(Transform);
         registry.add(Script::refused());
