@@ -228,6 +228,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List webhook triggers: the path each serves under /api/hooks/, its workflow and how a
+    /// delivery is checked.
+    Hooks {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List run notifications (the outbox): where each goes, its deliveries, the last error.
     Notifications {
         #[arg(long, value_parser = notification_status())]

@@ -15,7 +15,7 @@ use switchyard_engine::api::{
 };
 use switchyard_engine::auth::{TokenKeys, cli_actor, put_user};
 use switchyard_engine::clock::SystemClock;
-use switchyard_engine::definition::{WorkflowMap, json_schema_with, load_paths};
+use switchyard_engine::definition::{Respond, WorkflowMap, json_schema_with, load_paths};
 use switchyard_engine::health::{Heartbeats, watch_database};
 use switchyard_engine::keys::{self, MasterKeys};
 use switchyard_engine::maintenance::run_maintenance;
@@ -326,6 +326,44 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         (None, None) => "recorded".to_owned(),
                     };
                     table.add_row([f.workflow_id, time(f.fire_at), outcome]);
+                }
+                out!("{}", table.trim_fmt());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Hooks { json } => {
+            let (engine, _) = open(&global).await?;
+            let hooks = engine.hooks_by_path().await?;
+            if json {
+                let listed: Vec<serde_json::Value> = hooks
+                    .iter()
+                    .map(|(path, hook)| {
+                        serde_json::json!({
+                            "path": path,
+                            "url_path": format!("/api/hooks/{path}"),
+                            "workflow": hook.workflow.id,
+                            "trigger": hook.trigger,
+                        })
+                    })
+                    .collect();
+                out!("{}", serde_json::to_string_pretty(&listed)?);
+            } else {
+                let mut table = display::table(&["PATH", "WORKFLOW", "AUTH", "SECRET", "RESPOND"]);
+                for (path, hook) in hooks {
+                    let trigger = &hook.trigger;
+                    let respond = match trigger.respond {
+                        Respond::Accepted => "accepted".to_owned(),
+                        Respond::Wait(limit) => {
+                            format!("wait {}", humantime::format_duration(limit.0))
+                        }
+                    };
+                    table.add_row([
+                        format!("/api/hooks/{path}"),
+                        hook.workflow.id.clone(),
+                        <&str>::from(trigger.auth).to_owned(),
+                        trigger.secret.clone().unwrap_or_default(),
+                        respond,
+                    ]);
                 }
                 out!("{}", table.trim_fmt());
             }

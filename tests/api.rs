@@ -2088,3 +2088,206 @@ async fn times_come_as_epoch_milliseconds_and_as_rfc3339_beside_them() {
     let fires = &listed.body[0]["schedule"]["next_fires_rfc3339"];
     assert_eq!(fires.as_array().map(Vec::len), Some(3), "{listed}");
 }
+
+/// Signs `body` at `t` as Stripe does (and as `hmac-sha256` triggers take it):
+/// `t=<t>,v1=<hex HMAC-SHA256 of "t.body">`.
+fn stripe_signature(secret: &str, t: i64, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+const HOOKS: &str = "workflows:
+  payments:
+    triggers:
+      - webhook: { path: stripe/payments, auth: stripe, secret: stripe_webhook_secret }
+    steps:
+      - { id: a, type: transform, with: { output: \"{{ input.body.data.object.amount }}\" } }
+  signed:
+    triggers:
+      - webhook: { path: signed, auth: hmac-sha256, secret: hook_secret, respond: { wait: 10s } }
+    steps:
+      - { id: echo, type: transform, with: { output: { body: \"{{ input.body }}\", query: \"{{ input.query }}\", headers: \"{{ input.headers }}\" } } }
+  tokened:
+    triggers:
+      - webhook: { path: tokened, auth: bearer, dedupe_key: \"{{ input.body.order }}\" }
+    steps:
+      - { id: a, type: noop }
+  open:
+    triggers:
+      - webhook: { path: open, auth: none, public: true }
+    steps:
+      - { id: a, type: noop }
+";
+
+#[tokio::test]
+async fn stripe_deliveries_start_one_run_per_event_and_forged_stale_or_foreign_ones_none() {
+    let api = Api::with_definition("hooks-stripe", HOOKS).await;
+    let admin = api.token("admin", &[]);
+    let viewer = api.token("viewer", &[]);
+    const SECRET: &str = "whsec_test_123";
+    let reply = api
+        .put(
+            "/api/admin/secrets/stripe_webhook_secret",
+            &admin,
+            json!({"value": SECRET}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{reply}");
+    let event = serde_json::to_vec(&json!({
+        "id": "evt_1", "type": "checkout.session.completed",
+        "data": {"object": {"amount": 4200}},
+    }))
+    .unwrap();
+    let deliver = |body: Vec<u8>, signature: Option<String>| {
+        let mut request = api
+            .request(Method::POST, "/api/hooks/stripe/payments")
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(signature) = signature {
+            request = request.header("Stripe-Signature", signature);
+        }
+        send(request)
+    };
+    let now = jiff::Timestamp::now().as_second();
+
+    // Refused, each with the same words: which check failed is not told.
+    let mut tampered = event.clone();
+    tampered[10] ^= 1;
+    let refusals = [
+        deliver(event.clone(), None).await,
+        deliver(
+            event.clone(),
+            Some(stripe_signature("whsec_other", now, &event)),
+        )
+        .await,
+        deliver(
+            event.clone(),
+            Some(stripe_signature(SECRET, now - 400, &event)),
+        )
+        .await,
+        deliver(
+            tampered.clone(),
+            Some(stripe_signature(SECRET, now, &event)),
+        )
+        .await,
+        deliver(event.clone(), Some(format!("t={now},v1=zz"))).await,
+    ];
+    let messages: Vec<String> = refusals
+        .iter()
+        .map(|r| r.assert_error(401, "unauthorized").to_owned())
+        .collect();
+    assert!(messages.iter().all(|m| *m == messages[0]), "{messages:?}");
+    assert!(messages[0].starts_with("signature"), "{messages:?}");
+    assert!(
+        api.run_ids(&viewer).await.is_empty(),
+        "no run from a refused delivery"
+    );
+
+    // Signed, with an older secret's signature beside it as Stripe sends while rolling.
+    let signed = stripe_signature(SECRET, now, &event);
+    let rolled = format!("{signed},v1={}", "0".repeat(64));
+    let reply = deliver(event.clone(), Some(rolled)).await;
+    assert_eq!(reply.status, 202, "{reply}");
+    assert_eq!(reply.body["event_id"], "evt_1", "{reply}");
+    assert_eq!(reply.body["duplicate"], false, "{reply}");
+    let run = reply.body["run_id"].as_str().unwrap().to_owned();
+    // Stripe retrying, or someone replaying it within the tolerance: the same run, no other.
+    let reply = deliver(event.clone(), Some(signed)).await;
+    assert_eq!(reply.status, 200, "{reply}");
+    assert_eq!(reply.body["run_id"], run.as_str(), "{reply}");
+    assert_eq!(reply.body["duplicate"], true, "{reply}");
+    let finished = api.finished_run(&run, &viewer).await;
+    assert_eq!(finished.body["status"], "succeeded", "{finished}");
+    let amount = &finished.body["output"]["a"];
+    assert!(
+        *amount == json!(4200) || *amount == json!("4200"),
+        "{finished}"
+    );
+    assert_eq!(
+        finished.body["input"]["headers"].get("stripe-signature"),
+        None,
+        "the signature stays out of the input: {finished}"
+    );
+    assert_eq!(api.run_ids(&viewer).await, vec![run.clone()]);
+    let events = api
+        .get("/api/webhook-events?source=hook:stripe/payments", &viewer)
+        .await;
+    assert_eq!(events.body.as_array().unwrap().len(), 1, "{events}");
+    assert_eq!(events.body[0]["run_id"], run.as_str(), "{events}");
+
+    send(api.request(Method::POST, "/api/hooks/nowhere"))
+        .await
+        .assert_error(404, "not_found");
+}
+
+#[tokio::test]
+async fn hmac_bearer_and_public_triggers_take_what_they_should_and_can_wait_for_the_run() {
+    let api = Api::with_definition("hooks-kinds", HOOKS).await;
+    let admin = api.token("admin", &[]);
+    let viewer = api.token("viewer", &[]);
+    let reply = api
+        .put(
+            "/api/admin/secrets/hook_secret",
+            &admin,
+            json!({"value": "shh"}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{reply}");
+
+    // hmac-sha256, answered once the run has ended (`respond: {wait}`), with its output.
+    let body = br#"{"order": 7}"#.to_vec();
+    let now = jiff::Timestamp::now().as_second();
+    let reply = send(
+        api.request(Method::POST, "/api/hooks/signed?src=shop")
+            .header(CONTENT_TYPE, "application/json")
+            .header("X-Signature", stripe_signature("shh", now, &body))
+            .header("X-Event-Id", "order-7")
+            .body(body.clone()),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply}");
+    assert_eq!(reply.body["status"], "succeeded", "{reply}");
+    assert_eq!(reply.body["event_id"], "order-7", "{reply}");
+    let echo = &reply.body["output"]["echo"];
+    assert_eq!(echo["body"], json!({"order": 7}), "{reply}");
+    assert_eq!(echo["query"], json!({"src": "shop"}), "{reply}");
+    assert_eq!(echo["headers"]["x-event-id"], "order-7", "{reply}");
+    assert_eq!(echo["headers"].get("x-signature"), None, "{reply}");
+
+    // bearer: an operator's token or a webhook key, not a viewer's; `dedupe_key` names the
+    // delivery.
+    let order = json!({"order": "A-1"});
+    api.post("/api/hooks/tokened", &viewer, order.clone())
+        .await
+        .assert_error(403, "forbidden");
+    send(api.request(Method::POST, "/api/hooks/tokened").json(&order))
+        .await
+        .assert_error(401, "unauthorized");
+    let key = api.token("webhook", &[]);
+    let first = api.post("/api/hooks/tokened", &key, order.clone()).await;
+    assert_eq!(first.status, 202, "{first}");
+    assert_eq!(first.body["event_id"], "A-1", "{first}");
+    let operator = api.token("operator", &[]);
+    let again = api.post("/api/hooks/tokened", &operator, order).await;
+    assert_eq!(again.status, 200, "{again}");
+    assert_eq!(again.body["run_id"], first.body["run_id"], "{again}");
+
+    // none, declared public: anyone; the same body twice is one delivery.
+    let open = || {
+        send(
+            api.request(Method::POST, "/api/hooks/open")
+                .header(CONTENT_TYPE, "text/plain")
+                .body("ping"),
+        )
+    };
+    let reply = open().await;
+    assert_eq!(reply.status, 202, "{reply}");
+    assert_eq!(open().await.body["run_id"], reply.body["run_id"]);
+    let run = api
+        .finished_run(reply.body["run_id"].as_str().unwrap(), &viewer)
+        .await;
+    assert_eq!(run.body["input"]["body"], "ping", "{run}");
+}

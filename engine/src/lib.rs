@@ -9,6 +9,7 @@ pub mod clock;
 pub mod definition;
 pub mod flow;
 pub mod health;
+pub mod hooks;
 pub mod keys;
 pub mod maintenance;
 pub mod metrics;

@@ -136,6 +136,7 @@ pub struct Engine {
     versions: VersionCache,
     settings: crate::settings::SettingsCache,
     health: crate::health::DatabaseHealth,
+    hooks: crate::hooks::HookIndex,
 }
 
 impl Engine {
@@ -146,7 +147,12 @@ impl Engine {
             versions: VersionCache::default(),
             settings: Default::default(),
             health: Default::default(),
+            hooks: Default::default(),
         }
+    }
+
+    pub(crate) fn hooks(&self) -> &crate::hooks::HookIndex {
+        &self.hooks
     }
 
     /// The store itself, for the worker runtime and tests. Surfaces (the API, the CLI) must not

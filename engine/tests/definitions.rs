@@ -1351,3 +1351,50 @@ fn crons_and_negative_numbers_are_explained_in_words() {
         "expected a whole number from 0 to 4294967295",
     );
 }
+
+#[test]
+fn webhook_triggers_need_a_servable_path_a_secret_to_sign_with_and_public_to_be_open() {
+    let errs = errors(
+        "workflows:
+  a:
+    triggers:
+      - webhook: { path: Pay Here, auth: stripe }
+      - webhook: { path: open, auth: none }
+      - webhook: { path: tok, auth: bearer, secret: s }
+      - webhook: { path: shared, auth: bearer }
+    steps: [{id: s, type: noop}]
+  b:
+    triggers:
+      - webhook: { path: shared, auth: hmac-sha256, secret: s, respond: { wait: 5s } }
+    steps: [{id: s, type: noop}]
+",
+    );
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("wf.yaml:4:26: webhook path `Pay Here`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].contains("name the secret that signs deliveries"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[2].contains("`auth: none` lets anyone start runs"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[3].contains("`secret` is for `auth: hmac-sha256`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[4].starts_with(
+            "wf.yaml:11:26: webhook path `shared` is also workflow a's (at wf.yaml:7:26)"
+        ),
+        "{errs:#?}"
+    );
+    let ok = check(
+        "id: pay\ntriggers:\n  - webhook: { path: stripe/payments, auth: stripe, secret: whsec, dedupeKey: \"{{ input.body.id }}\" }\n  - webhook: { path: open, auth: none, public: true }\nsteps: [{id: s, type: noop}]\n",
+    )
+    .unwrap();
+    assert_eq!(ok[0].triggers.len(), 2);
+}

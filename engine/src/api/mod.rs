@@ -10,6 +10,7 @@ mod admin;
 mod auth;
 mod error;
 mod gate;
+mod hooks;
 mod limits;
 mod public;
 mod runs;
@@ -88,6 +89,8 @@ pub fn observability_router(state: Observability) -> Router {
             with `violations` for an input that fails its workflow's `input_schema`."
     ),
     modifiers(&BearerAuth),
+    // Routed by hand (`router`): its path may hold `/`, which a documented `{path}` cannot.
+    paths(hooks::deliver_hook),
     tags(
         (name = "public", description = "No token needed"),
         (name = "auth", description = "Tokens"),
@@ -243,6 +246,11 @@ pub fn router(state: AppState) -> Router {
     let (router, doc) = routes_and_document();
     let doc = Arc::new(doc);
     router
+        // A trigger's path may hold `/`, which the documented `{path}` cannot say.
+        .route(
+            "/api/hooks/{*path}",
+            axum::routing::post(hooks::deliver_hook),
+        )
         .route(
             "/api/openapi.json",
             axum::routing::get(move || {

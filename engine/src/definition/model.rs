@@ -41,6 +41,9 @@ pub struct Workflow {
     pub priority: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notifications: Option<Notifications>,
+    /// What else starts runs besides schedules, the API and the CLI: webhook triggers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<WorkflowTrigger>,
     /// Input defaults, merged under the input a trigger gives.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub inputs: serde_json::Map<String, Value>,
@@ -376,6 +379,75 @@ impl JsonSchema for Concurrency {
                 generator.subschema_for::<ConcurrencyFields>(),
             ]
         })
+    }
+}
+
+/// A way a workflow's runs start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum WorkflowTrigger {
+    /// `POST /api/hooks/{path}` starts a run with `{body, headers, query}` as its input.
+    Webhook(WebhookTrigger),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookTrigger {
+    /// Served at `/api/hooks/{path}`: `[a-z0-9_-]` segments separated by `/`.
+    pub path: String,
+    /// How a delivery proves who sent it.
+    pub auth: HookAuth,
+    /// With `hmac-sha256` or `stripe`: the name of the secret that signs deliveries (set with
+    /// `PUT /api/admin/secrets/{name}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// `accepted` (the default): 202 `{run_id}` at once. `{wait: 30s}`: 200 with the run's
+    /// output if it ends in time, else 202 `{run_id}`.
+    #[serde(default, skip_serializing_if = "Respond::is_default")]
+    pub respond: Respond,
+    /// A template over the run's input (`input.body`, `input.headers`, `input.query`) naming
+    /// the delivery, where neither Stripe's `id` nor an `X-Event-Id` header does: one run per
+    /// name, however often it is delivered.
+    #[serde(default, alias = "dedupeKey", skip_serializing_if = "Option::is_none")]
+    pub dedupe_key: Option<String>,
+    /// Required with `auth: none`: anyone may start runs of this workflow.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub public: bool,
+}
+
+/// How a webhook delivery is authenticated.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, strum::IntoStaticStr,
+)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum HookAuth {
+    /// `X-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "t.body">` under `secret`, at most
+    /// 5 minutes from now.
+    HmacSha256,
+    /// Stripe's `Stripe-Signature: t=...,v1=...` under `secret` (the endpoint's `whsec_...`),
+    /// at most 300 s from now; any of several `v1` values.
+    Stripe,
+    /// An API token of role operator or above, or a webhook key, as `Authorization: Bearer`.
+    Bearer,
+    /// Nothing: only with `public: true`.
+    None,
+}
+
+/// What a webhook delivery is answered with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Respond {
+    /// 202 `{run_id}` at once.
+    #[default]
+    Accepted,
+    /// Waits up to this long for the run to end: 200 with its output, else 202 `{run_id}`.
+    Wait(DurationSpec),
+}
+
+impl Respond {
+    fn is_default(&self) -> bool {
+        *self == Respond::Accepted
     }
 }
 

@@ -52,6 +52,7 @@ const ALIASES: &[(&str, &str, &str)] = &[
     ("Notifications", "on_failure", "onFailure"),
     ("Notifications", "webhook_url", "webhookUrl"),
     ("ScheduleObject", "catch_up", "catchUp"),
+    ("WebhookTrigger", "dedupe_key", "dedupeKey"),
 ];
 
 /// [`json_schema`] with each step's `with` checked against its kind's schema (templates allowed

@@ -11,7 +11,9 @@ use super::error::{DefinitionError, DefinitionErrors};
 use super::input_schema::InputSchema;
 use super::kinds::{PathPart, StepKinds};
 use super::locate::Seg;
-use super::model::{MAX_ITEMS, PRIORITIES, Step, WAIT_KIND, Workflow, WorkflowMap};
+use super::model::{
+    HookAuth, MAX_ITEMS, PRIORITIES, Step, WAIT_KIND, Workflow, WorkflowMap, WorkflowTrigger,
+};
 use super::parse::{Format, ParsedSource, make_error, parse_source};
 use super::template::{ENV, is_template};
 
@@ -63,6 +65,7 @@ pub fn validate(
     let mut errors: Vec<DefinitionError> = Vec::new();
     let mut map = WorkflowMap::new();
     let mut first_seen: HashMap<&str, (usize, usize)> = HashMap::new();
+    let mut hook_paths: HashMap<&str, (&str, &str, (usize, usize))> = HashMap::new();
 
     for (si, src) in sources.iter().enumerate() {
         errors.extend(src.problems.iter().cloned());
@@ -83,6 +86,39 @@ pub fn validate(
                 continue;
             }
             first_seen.insert(&wf.id, (si, wi));
+            for (ti, trigger) in wf.triggers.iter().enumerate() {
+                let WorkflowTrigger::Webhook(hook) = trigger;
+                if let Some((other, origin, (line, col))) = hook_paths.get(hook.path.as_str()) {
+                    let path = [
+                        Seg::Key("triggers"),
+                        Seg::Index(ti),
+                        Seg::Key("webhook"),
+                        Seg::Key("path"),
+                    ];
+                    errors.push(src.error(
+                        src.at(wi, &path, false),
+                        format!(
+                            "webhook path `{}` is also workflow {other}'s (at {origin}:{line}:{col})",
+                            hook.path
+                        ),
+                    ));
+                } else {
+                    let path = [
+                        Seg::Key("triggers"),
+                        Seg::Index(ti),
+                        Seg::Key("webhook"),
+                        Seg::Key("path"),
+                    ];
+                    hook_paths.insert(
+                        hook.path.as_str(),
+                        (
+                            wf.id.as_str(),
+                            src.origin.as_str(),
+                            src.at(wi, &path, false),
+                        ),
+                    );
+                }
+            }
             map.insert(wf.id.clone(), Arc::new(wf.clone()));
         }
     }
@@ -135,6 +171,67 @@ struct Check<'a, 'e> {
 }
 
 impl Check<'_, '_> {
+    /// Each webhook trigger: a path that can be served, an authentication that holds.
+    fn triggers(&mut self, wf: &Workflow) {
+        for (i, trigger) in wf.triggers.iter().enumerate() {
+            let WorkflowTrigger::Webhook(hook) = trigger;
+            let at = |key| {
+                [
+                    Seg::Key("triggers"),
+                    Seg::Index(i),
+                    Seg::Key("webhook"),
+                    Seg::Key(key),
+                ]
+            };
+            if !valid_hook_path(&hook.path) {
+                self.err(
+                    &at("path"),
+                    false,
+                    format!(
+                        "webhook path `{}`: use `[a-z0-9_-]` segments separated by `/`, such as \
+                         stripe/payments",
+                        hook.path
+                    ),
+                );
+            }
+            match (hook.auth, &hook.secret) {
+                (HookAuth::HmacSha256 | HookAuth::Stripe, None) => self.err(
+                    &at("auth"),
+                    false,
+                    "this auth checks a signature: name the secret that signs deliveries in \
+                     `secret`"
+                        .to_owned(),
+                ),
+                (HookAuth::Bearer | HookAuth::None, Some(_)) => self.err(
+                    &at("secret"),
+                    true,
+                    "`secret` is for `auth: hmac-sha256` or `auth: stripe`".to_owned(),
+                ),
+                _ => {}
+            }
+            if hook.auth == HookAuth::None && !hook.public {
+                self.err(
+                    &at("auth"),
+                    false,
+                    "`auth: none` lets anyone start runs: say so with `public: true`, or choose \
+                     hmac-sha256, stripe or bearer"
+                        .to_owned(),
+                );
+            }
+            if let Some(key) = &hook.dedupe_key {
+                for msg in template_problems(
+                    key,
+                    &Scope {
+                        steps: None,
+                        item: false,
+                    },
+                ) {
+                    self.err(&at("dedupe_key"), false, msg);
+                }
+            }
+        }
+    }
+
     fn err(&mut self, path: &[Seg<'_>], key: bool, message: String) {
         let at = self.src.at(self.wi, path, key);
         self.errors.push(make_error(&self.src.origin, at, message));
@@ -261,6 +358,7 @@ impl Check<'_, '_> {
                 format!("webhook_url `{url}` must be an http(s) URL or a path starting with `/`"),
             );
         }
+        self.triggers(wf);
         let mut signals = HashMap::new();
         self.part = "steps";
         self.steps(wf, &wf.steps, &mut signals);
@@ -913,4 +1011,16 @@ fn start_cycles(
             format!("workflow `{from}` starts itself: {}", names.join(" -> ")),
         ));
     }
+}
+
+/// A webhook path: `[a-z0-9_-]` segments separated by `/`, at most 200 bytes.
+pub fn valid_hook_path(path: &str) -> bool {
+    !path.is_empty()
+        && path.len() <= 200
+        && path.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        })
 }
