@@ -34,9 +34,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// n8n with its own home under `dir`: the credential holding `key`, then the example workflow,
-/// imported and published; started on a free port.
-fn start_n8n(binary: &Path, dir: &Path, key: &str) -> N8n {
+/// n8n with its own home under `dir`: the credential holding `key`, then the example workflow
+/// answering Switchyard at `switchyard`, imported and published; started on a free port.
+fn start_n8n(binary: &Path, dir: &Path, key: &str, switchyard: &str) -> N8n {
     let home = dir.join("n8n");
     std::fs::create_dir_all(&home).unwrap();
     let port = free_port();
@@ -66,7 +66,18 @@ fn start_n8n(binary: &Path, dir: &Path, key: &str) -> N8n {
         .to_string(),
     )
     .unwrap();
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/n8n/amazon_influencer.json");
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/n8n/amazon_influencer.json"),
+    )
+    .unwrap();
+    // As README says: its answer goes to this Switchyard's address.
+    assert!(shipped.contains("\"http://localhost:8080/api/webhooks/n8n\""));
+    let example = dir.join("amazon_influencer.json");
+    std::fs::write(
+        &example,
+        shipped.replace("http://localhost:8080", switchyard),
+    )
+    .unwrap();
     for args in [
         vec![
             "import:credentials".to_owned(),
@@ -133,9 +144,9 @@ fn the_seeds_workflow_runs_through_a_real_n8n_which_answers_with_a_webhook_key()
         "--subject",
         "n8n",
     ]));
-    let n8n = start_n8n(Path::new(&binary), &sandbox.dir, &key);
     let listen = format!("127.0.0.1:{}", free_port());
     let public = format!("http://{listen}");
+    let n8n = start_n8n(Path::new(&binary), &sandbox.dir, &key, &public);
     sandbox.spawn(&[
         "serve",
         "--listen",

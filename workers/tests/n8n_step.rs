@@ -251,3 +251,39 @@ async fn resuming_a_wait_node_gives_its_answer_and_names_what_409_and_404_mean()
         "{gone:?}"
     );
 }
+
+#[tokio::test]
+async fn a_target_from_run_data_may_not_reach_loopback_nor_leave_the_webhook_path() {
+    let (n8n, bodies) = fake_n8n().await;
+    let step = N8n::new(N8nUrls {
+        n8n: Some(n8n.clone()),
+        public: None,
+    });
+    for (field, with) in [
+        (
+            "resume_url",
+            json!({ "resume_url": format!("{n8n}/webhook-waiting/1") }),
+        ),
+        ("url", json!({ "url": format!("{n8n}/webhook/flow") })),
+    ] {
+        let mut from_input = call(with, None, 0);
+        from_input.reads_run_data = vec![field.to_owned()];
+        let error = step.run(from_input).await.unwrap_err();
+        assert!(!error.retryable, "{field}: {error:?}");
+    }
+    for path in ["../rest/workflows", "flow/../../x", "a//b", "flow?x=1"] {
+        let error = step
+            .run(call(json!({ "webhook": path }), None, 0))
+            .await
+            .unwrap_err();
+        assert!(
+            error.message.contains("not a Webhook trigger's path"),
+            "{path}: {error:?}"
+        );
+    }
+    assert!(bodies.lock().unwrap().is_empty(), "nothing reached n8n");
+    // A path from run data goes to the n8n the operator named, wherever that is.
+    let mut path_from_input = call(json!({ "webhook": "flow" }), None, 0);
+    path_from_input.reads_run_data = vec!["webhook".to_owned()];
+    step.run(path_from_input).await.unwrap();
+}

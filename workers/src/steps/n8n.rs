@@ -104,11 +104,12 @@ impl N8n {
     fn target(&self, with: &N8nWith) -> Result<Target, StepFailure> {
         match (&with.url, &with.webhook, &with.resume_url) {
             (Some(url), None, None) => Ok(Target::Webhook(url.clone())),
+            (None, Some(path), None) if !webhook_path(path) => Err(invalid(format!(
+                "n8n step: `webhook: {path}` is not a Webhook trigger's path: `[A-Za-z0-9_-]` \
+                 segments separated by `/`"
+            ))),
             (None, Some(path), None) => match &self.urls.n8n {
-                Some(base) => Ok(Target::Webhook(format!(
-                    "{base}/webhook/{}",
-                    path.trim_start_matches('/')
-                ))),
+                Some(base) => Ok(Target::Webhook(format!("{base}/webhook/{path}"))),
                 None => Err(invalid(format!(
                     "n8n step: `webhook: {path}` is a path in n8n, and this worker does not know \
                      where n8n is: start it with --n8n-url (SWITCHYARD_N8N_URL), n8n's base URL"
@@ -137,8 +138,17 @@ impl N8n {
         if let Some(headers) = &given.headers {
             with["headers"] = Value::Object(headers.clone());
         }
+        // A URL a run's data chose is held to the egress rules for such URLs (no loopback,
+        // secrets only to hosts allowed by name). `webhook` is only a path, checked above, on
+        // the host the operator named with --n8n-url.
+        let from_run_data = call.reads_run_data("url") || call.reads_run_data("resume_url");
         let request = StepCall {
             with,
+            reads_run_data: if from_run_data {
+                vec!["url".to_owned()]
+            } else {
+                Vec::new()
+            },
             ..call.clone()
         };
         match self.http.run(request).await {
@@ -150,6 +160,17 @@ impl N8n {
             Err(failure) => Err(failure),
         }
     }
+}
+
+/// A Webhook trigger's path: no empty or `..` segment can take the call elsewhere on n8n.
+fn webhook_path(path: &str) -> bool {
+    !path.is_empty()
+        && path.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
 }
 
 enum Target {
