@@ -151,7 +151,7 @@ fn camel_case_aliases_of_the_seed_are_accepted() {
 id: camel
 schedule: { cron: "*/5 * * * *", catchUp: all }
 retryPolicy: { maxRetries: 0, nonRetryable: [500] }
-notifications: { onSuccess: true, onFailure: false, webhookUrl: /hook }
+notifications: { onSuccess: true, onFailure: false, webhookUrl: "https://hooks.example/done" }
 steps:
   - id: a
     type: noop
@@ -1397,4 +1397,16 @@ fn webhook_triggers_need_a_servable_path_a_secret_to_sign_with_and_public_to_be_
     )
     .unwrap();
     assert_eq!(ok[0].triggers.len(), 2);
+}
+
+#[test]
+fn a_path_as_webhook_url_needs_a_workflow_that_runs_in_n8n() {
+    assert_one_error(
+        "id: local\nnotifications: {onFailure: true, webhookUrl: /api/webhooks/n8n}\nsteps:\n  - {id: a, type: noop}\n",
+        2,
+        46,
+        "is a path: where n8n calls back",
+    );
+    check("id: bridged\nnotifications: {onFailure: true, webhookUrl: /api/webhooks/n8n}\n")
+        .unwrap();
 }

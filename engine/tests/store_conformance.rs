@@ -1768,6 +1768,31 @@ pub async fn a_run_that_ends_writes_its_notification_and_one_sender_at_a_time_de
     assert_eq!(store.notification_counts().await.unwrap(), (0, 0));
 }
 
+pub async fn a_notification_carries_an_output_up_to_64_kib_and_says_when_it_left_one_out(
+    store: Arc<dyn Store>,
+) {
+    let wf = workflow(
+        "id: big\nnotifications: {on_success: true, webhook_url: 'https://receiver.test/b'}\n\
+         steps:\n  - {id: a, type: noop}\n",
+    );
+    for (i, size) in [60_000, 70_000].into_iter().enumerate() {
+        start(&*store, &wf, Trigger::default()).await;
+        let job = claim(&*store, T0 + i as i64, 1).await.remove(0);
+        store
+            .complete(vec![done(&job, json!("x".repeat(size)))], T0 + i as i64)
+            .await
+            .unwrap();
+    }
+    let held = store.hold_notifications(T0 + 5, 60_000, 10).await.unwrap();
+    let mut kept: Vec<(bool, bool)> = held
+        .notifications
+        .iter()
+        .map(|n| (n.output.is_some(), n.output_omitted))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, [(false, true), (true, false)]);
+}
+
 pub async fn only_the_ends_a_workflow_asks_for_are_notified(store: Arc<dyn Store>) {
     let wf = workflow(
         "id: quiet\nnotifications: {on_failure: true, webhook_url: 'https://receiver.test/f'}\n\
@@ -3056,6 +3081,7 @@ macro_rules! conformance {
                 lines_stored_while_a_step_runs_are_kept_only_under_its_lease,
                 a_run_that_ends_writes_its_notification_and_one_sender_at_a_time_delivers_it,
                 only_the_ends_a_workflow_asks_for_are_notified,
+                a_notification_carries_an_output_up_to_64_kib_and_says_when_it_left_one_out,
                 retry_waits_for_its_stored_time,
                 failed_step_fails_the_run_and_cancels_the_rest,
                 retry_run_reruns_only_unsuccessful_steps,

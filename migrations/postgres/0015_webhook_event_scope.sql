@@ -4,3 +4,5 @@
 ALTER TABLE webhook_events ADD COLUMN scope TEXT NOT NULL DEFAULT '';
 ALTER TABLE webhook_events DROP CONSTRAINT webhook_events_source_event_id_key;
 CREATE UNIQUE INDEX webhook_events_once ON webhook_events (source, scope, event_id);
+-- Answers logged before scopes existed keep a scope of their own, apart from the starts.
+UPDATE webhook_events SET scope = 'answer' WHERE payload ? 'callback';

@@ -13,7 +13,8 @@ CREATE TABLE notifications (
     url            TEXT NOT NULL,
     run_status     TEXT NOT NULL,
     run_error      TEXT,
-    output         JSONB,
+    output         JSONB,  -- only up to 64 KiB: receivers get a link to a larger one
+    output_omitted BOOLEAN NOT NULL DEFAULT false,
     started_at     BIGINT,
     finished_at    BIGINT,
     status         TEXT NOT NULL,

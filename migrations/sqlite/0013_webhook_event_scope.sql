@@ -17,6 +17,9 @@ CREATE TABLE webhook_events_scoped (
 INSERT INTO webhook_events_scoped
     (id, source, event_id, workflow_id, payload, run_id, error, received_at)
 SELECT id, source, event_id, workflow_id, payload, run_id, error, received_at FROM webhook_events;
+-- Answers logged before scopes existed keep a scope of their own, apart from the starts.
+UPDATE webhook_events_scoped SET scope = 'answer'
+WHERE json_type(payload, '$.callback') IS NOT NULL;
 DROP TABLE webhook_events;
 ALTER TABLE webhook_events_scoped RENAME TO webhook_events;
 CREATE INDEX webhook_events_by_received ON webhook_events (received_at DESC, id DESC);

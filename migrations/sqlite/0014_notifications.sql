@@ -13,7 +13,8 @@ CREATE TABLE notifications (
     url            TEXT NOT NULL,
     run_status     TEXT NOT NULL,
     run_error      TEXT,
-    output         TEXT,
+    output         TEXT,  -- only up to 64 KiB: receivers get a link to a larger one
+    output_omitted INTEGER NOT NULL DEFAULT 0,
     started_at     INTEGER,
     finished_at    INTEGER,
     status         TEXT NOT NULL,

@@ -19,21 +19,22 @@ use switchyard_engine::state::StepFailure;
 use switchyard_engine::store::Notification;
 use tokio::sync::watch;
 
-use crate::steps::{Http, StepCall, StepKind};
+use crate::steps::{Http, StepCall, StepKind, StepLog};
 
 /// The secret notifications are signed with (`PUT /api/admin/secrets/notification_secret`).
 pub const NOTIFICATION_SECRET: &str = "notification_secret";
-/// Outputs larger than this are replaced by a link to the run.
-pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
-/// How long a sender holds what it took: twice a delivery's 30 s timeout.
+/// How long a sender holds what it took: twice a delivery's 30 s timeout (a batch is sent all
+/// at once, and a redirect is not followed, so no delivery takes longer).
 const HOLD_MS: i64 = 60_000;
-const BATCH: u32 = 64;
-const AT_ONCE: usize = 16;
-const IDLE: Duration = Duration::from_millis(500);
+/// Notifications held and sent at once.
+const BATCH: u32 = 16;
+const IDLE: Duration = Duration::from_secs(1);
+/// How often the pending and failed gauges are counted.
+const COUNT_EVERY: Duration = Duration::from_secs(15);
 
 /// What a receiver gets: `{event_id, workflow, run_id, status, started_at, finished_at, error?,
-/// output?}`, the output replaced by `output_url` (the run in the API) when over
-/// [`MAX_OUTPUT_BYTES`].
+/// output?}`. An output over `NOTIFIED_OUTPUT_BYTES` (which the outbox does not keep) is left out,
+/// with `output_omitted: true` and, under `--public-url`, `output_url`: the run in the API.
 pub fn body(notification: &Notification, public_url: Option<&str>) -> Value {
     let mut body = json!({
         "event_id": notification.event_id,
@@ -46,56 +47,65 @@ pub fn body(notification: &Notification, public_url: Option<&str>) -> Value {
     if let Some(error) = &notification.run_error {
         body["error"] = error.clone().into();
     }
-    if let Some(output) = &notification.output {
-        let size = serde_json::to_vec(&output.0).map_or(usize::MAX, |b| b.len());
-        if size <= MAX_OUTPUT_BYTES {
-            body["output"] = output.0.clone();
-        } else {
-            let base = public_url.unwrap_or_default().trim_end_matches('/');
-            body["output_url"] = format!("{base}/api/runs/{}", notification.run_id).into();
+    match &notification.output {
+        Some(output) if !notification.output_omitted => body["output"] = output.0.clone(),
+        _ if notification.output_omitted => {
+            body["output_omitted"] = true.into();
+            if let Some(base) = public_url {
+                let base = base.trim_end_matches('/');
+                body["output_url"] = format!("{base}/api/runs/{}", notification.run_id).into();
+            }
         }
+        _ => {}
     }
     body
 }
 
-/// POSTs `body` to `url` as JSON through the `http` kind (its egress rules, timeouts and error
-/// excerpts), with `X-Switchyard-Signature` over the exact bytes sent when `secret` is given.
-/// `url_from_run_data`: the URL was rendered from a run's data, and is held to the egress rules
-/// for such URLs.
-pub(crate) async fn post_signed(
-    http: &Http,
-    url: &str,
-    url_from_run_data: bool,
-    body: &Value,
-    secret: Option<&str>,
-    now_secs: i64,
-) -> Result<Value, StepFailure> {
+/// A signed POST: a run's notification, or a `notify` step's.
+pub(crate) struct SignedPost<'a> {
+    pub url: &'a str,
+    /// The URL was rendered from a run's data: it is held to the egress rules for such URLs.
+    pub url_from_run_data: bool,
+    pub body: &'a Value,
+    /// Sent as `X-Switchyard-Event-Id` and `Idempotency-Key`: the same on every delivery.
+    pub event_id: &'a str,
+    pub secret: Option<&'a str>,
+    pub now_secs: i64,
+    /// Where the request and its status are noted.
+    pub log: StepLog,
+}
+
+/// POSTs `body` as JSON through the `http` kind (its egress rules, timeouts and error excerpts),
+/// with `X-Switchyard-Signature` over the exact bytes sent when there is a secret. A redirect is
+/// a failure: followed, it would turn the POST into a GET without its body.
+pub(crate) async fn post_signed(http: &Http, post: SignedPost<'_>) -> Result<Value, StepFailure> {
     // reqwest serialises a JSON body with serde_json too: these are the bytes it sends.
-    let bytes = serde_json::to_vec(body)
+    let bytes = serde_json::to_vec(post.body)
         .map_err(|e| StepFailure::permanent("invalid_parameters", e.to_string()))?;
     let mut headers = serde_json::Map::new();
-    if let Some(secret) = secret {
+    if let Some(secret) = post.secret {
         headers.insert(
             signature::HEADER.to_owned(),
-            signature::sign(secret.as_bytes(), now_secs, &bytes).into(),
+            signature::sign(secret.as_bytes(), post.now_secs, &bytes).into(),
         );
     }
-    if let Some(event_id) = body.get("event_id").and_then(Value::as_str) {
-        headers.insert("x-switchyard-event-id".to_owned(), event_id.into());
-    }
+    headers.insert("x-switchyard-event-id".to_owned(), post.event_id.into());
     let with = json!({
         "method": "POST",
-        "url": url,
+        "url": post.url,
         "headers": headers,
-        "body": body,
+        "body": post.body,
         "timeout": "30s",
+        "follow_redirects": false,
     });
     let call = StepCall {
-        reads_run_data: if url_from_run_data {
+        reads_run_data: if post.url_from_run_data {
             vec!["url".to_owned()]
         } else {
             Vec::new()
         },
+        idempotency_key: post.event_id.to_owned(),
+        log: post.log,
         ..StepCall::first_attempt(with, Secrets::default())
     };
     match http.run(call).await? {
@@ -120,6 +130,7 @@ pub async fn run_notifier(
     config: NotifierConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut counted: Option<std::time::Instant> = None;
     while !*shutdown.borrow() {
         let sent = match send_due(&engine, &config).await {
             Ok(sent) => sent,
@@ -128,8 +139,11 @@ pub async fn run_notifier(
                 0
             }
         };
-        if let Ok((pending, failed)) = engine.store().notification_counts().await {
-            switchyard_engine::metrics::notifications(pending, failed);
+        if counted.is_none_or(|at| at.elapsed() >= COUNT_EVERY) {
+            counted = Some(std::time::Instant::now());
+            if let Ok((pending, failed)) = engine.store().notification_counts().await {
+                switchyard_engine::metrics::notifications(pending, failed);
+            }
         }
         if sent < BATCH as usize {
             tokio::select! {
@@ -161,13 +175,21 @@ async fn send_due(
         .cloned();
     let count = held.notifications.len();
     futures::stream::iter(held.notifications.iter())
-        .for_each_concurrent(AT_ONCE, |notification| {
+        .for_each_concurrent(None, |notification| {
             let secret = secret.as_deref();
             let token = held.token.as_str();
             async move {
                 let body = body(notification, public_url);
-                let now_secs = engine.now() / 1_000;
-                let result = post_signed(http, &notification.url, false, &body, secret, now_secs)
+                let post = SignedPost {
+                    url: &notification.url,
+                    url_from_run_data: false,
+                    body: &body,
+                    event_id: &notification.event_id,
+                    secret,
+                    now_secs: engine.now() / 1_000,
+                    log: StepLog::default(),
+                };
+                let result = post_signed(http, post)
                     .await
                     .map(|_| ())
                     .map_err(|failure| failure.message);

@@ -65,6 +65,8 @@ async fn a_notify_step_posts_its_body_signed_with_a_stable_event_id() {
     let (headers, body) = got.lock().unwrap()[0].clone();
     let sent: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(sent, json!({ "order": 7, "event_id": "run-9:tell" }));
+    assert_eq!(headers["idempotency-key"], "run-9:tell");
+    assert_eq!(headers["x-switchyard-event-id"], "run-9:tell");
     let header = headers["x-switchyard-signature"].to_str().unwrap();
     let now = jiff::Timestamp::now().as_second();
     assert_eq!(
@@ -75,6 +77,26 @@ async fn a_notify_step_posts_its_body_signed_with_a_stable_event_id() {
         !output.to_string().contains("whsec"),
         "the secret stays out of the output"
     );
+}
+
+#[tokio::test]
+async fn a_signed_notification_never_goes_to_a_url_from_run_data() {
+    let (_, got) = receiver().await;
+    let mut call = call(json!({
+        "url": "https://attacker.example/collect",
+        "body": { "anything": "they choose" },
+        "secret": "{{ secrets.notification_secret }}",
+    }));
+    call.reads_run_data = vec!["url".into()];
+    let error = Notify::new(Default::default()).run(call).await.unwrap_err();
+    assert!(
+        !error.retryable
+            && error
+                .message
+                .contains("only to a `url` the definition names"),
+        "{error:?}"
+    );
+    assert!(got.lock().unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -62,7 +62,8 @@ pub struct WebhookReceipt {
 
 /// Starts a run for n8n, or hands n8n's result to the `n8n` step that waits for it.
 /// Authenticated by an `X-Switchyard-Signature: sha256=<hex>` header (the HMAC-SHA256 of the
-/// body under the secret `n8n_webhook_secret`) or an operator's bearer token.
+/// body under the secret `n8n_webhook_secret`), or a webhook key (`token create --role webhook`)
+/// or an operator's token as `Authorization: Bearer`.
 #[utoipa::path(
     post,
     path = "/api/webhooks/n8n",

@@ -70,7 +70,7 @@ pub(crate) struct NotificationUpdate {
 }
 
 /// Deliveries of a notification before it is given up as `failed`: with the waits of
-/// [`notification_update`], about ten hours.
+/// [`notification_update`], about eight hours.
 pub const NOTIFICATION_ATTEMPTS: i32 = 20;
 
 /// A delivery's result decides what becomes of its notification: a 2xx delivers it; anything
@@ -514,7 +514,8 @@ pub(crate) trait Tx: Send {
         event: &NewWebhookEvent,
         now: Millis,
     ) -> Result<(WebhookEvent, bool)>;
-    /// Records what a logged event did, unless an earlier delivery of it recorded a run.
+    /// Records what the latest delivery of a logged event did: the run it started or answered,
+    /// or why it was refused (the machine settles an event only while no delivery has a run).
     async fn settle_webhook_event(&mut self, id: i64, outcome: Disposition<'_>) -> Result<()>;
 
     /// Records the alert of a fire that started no run though it should have.

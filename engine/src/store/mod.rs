@@ -374,7 +374,10 @@ pub struct Notification {
     /// How the run ended.
     pub run_status: RunStatus,
     pub run_error: Option<String>,
+    /// The run's output, when it is at most [`NOTIFIED_OUTPUT_BYTES`].
     pub output: Option<sqlx::types::Json<Value>>,
+    /// The run had a larger output, which the notification does not carry.
+    pub output_omitted: bool,
     pub started_at: Option<Millis>,
     pub finished_at: Option<Millis>,
     pub status: NotificationStatus,
@@ -386,6 +389,10 @@ pub struct Notification {
     pub created_at: Millis,
     pub delivered_at: Option<Millis>,
 }
+
+/// The largest run output a notification carries; a larger one is left out (receivers read
+/// the run).
+pub const NOTIFIED_OUTPUT_BYTES: i64 = 64 * 1024;
 
 /// Notifications a sender holds, each under `token` until `until`.
 #[derive(Debug, Clone)]

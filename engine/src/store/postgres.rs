@@ -1219,16 +1219,12 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
     }
 
     async fn settle_webhook_event(&mut self, id: i64, outcome: Disposition<'_>) -> Result<()> {
-        sqlx::query(
-            "UPDATE webhook_events SET run_id = coalesce(run_id, $2), \
-                 error = CASE WHEN coalesce(run_id, $2) IS NULL THEN coalesce($3, error) END \
-             WHERE id = $1",
-        )
-        .bind(id)
-        .bind(outcome.run_id())
-        .bind(outcome.reason())
-        .execute(&mut *self.0)
-        .await?;
+        sqlx::query("UPDATE webhook_events SET run_id = $2, error = $3 WHERE id = $1")
+            .bind(id)
+            .bind(outcome.run_id())
+            .bind(outcome.reason())
+            .execute(&mut *self.0)
+            .await?;
         Ok(())
     }
 
@@ -1446,14 +1442,18 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
     async fn insert_notifications(&mut self, rows: Value, now: Millis) -> Result<()> {
         sqlx::query(statement!(
             "INSERT INTO notifications (event_id, run_id, workflow_id, url, run_status, \
-                 run_error, output, started_at, finished_at, status, next_at, created_at) \
-             SELECT n.event_id, r.id, r.workflow_id, n.url, r.status, r.error, r.output, \
+                 run_error, output, output_omitted, started_at, finished_at, status, next_at, \
+                 created_at) \
+             SELECT n.event_id, r.id, r.workflow_id, n.url, r.status, r.error, \
+                 CASE WHEN s.size <= $3 THEN r.output END, coalesce(s.size > $3, false), \
                  r.started_at, r.finished_at, {notice:pending}, $2, $2 \
              FROM jsonb_to_recordset($1) AS n(event_id text, run_id text, url text) \
-             JOIN runs AS r ON r.id = n.run_id"
+             JOIN runs AS r ON r.id = n.run_id \
+             CROSS JOIN LATERAL (SELECT octet_length(r.output::text) AS size) AS s"
         ))
         .bind(rows)
         .bind(now)
+        .bind(NOTIFIED_OUTPUT_BYTES)
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -1766,7 +1766,7 @@ const WORKFLOW_STATE: &str = "SELECT w.id, w.latest_version, w.paused, w.created
      JOIN workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.latest_version";
 
 const NOTIFICATION_COLUMNS: &str = "id, event_id, run_id, workflow_id, url, run_status, \
-     run_error, output, started_at, finished_at, status, attempts, next_at, last_error, \
+     run_error, output, output_omitted, started_at, finished_at, status, attempts, next_at, last_error, \
      created_at, delivered_at";
 
 const WEBHOOK_EVENT_COLUMNS: &str =
@@ -2057,7 +2057,7 @@ impl Reads for PostgresStore {
         Ok(sqlx::query_as(&format!(
             "SELECT {} FROM notifications WHERE ($1::text IS NULL OR status = $1) \
              ORDER BY created_at DESC, id DESC LIMIT $2",
-            NOTIFICATION_COLUMNS.replace("output", "NULL::jsonb AS output")
+            NOTIFICATION_COLUMNS.replace(" output,", " NULL::jsonb AS output,")
         ))
         .bind(status.map(NotificationStatus::as_str))
         .bind(i64::from(limit))

@@ -63,6 +63,8 @@ struct HttpWith {
     /// How long the request may take, such as `10s`.
     #[schemars(extend("format" = "duration"))]
     timeout: Option<String>,
+    /// Follow redirects (the default), or take a 3xx answer as a failure.
+    follow_redirects: Option<bool>,
 }
 
 /// Header values: text, or numbers and booleans sent as text.
@@ -362,6 +364,7 @@ impl StepKind for Http {
 
     async fn run(&self, call: StepCall) -> StepResult {
         let with: HttpWith = parse_with("http", &call.with)?;
+        let follow_redirects = with.follow_redirects.unwrap_or(true);
         let text = with.url.as_str();
         let given = with.method.as_deref().unwrap_or("GET");
         let mut method = Method::from_bytes(given.to_ascii_uppercase().as_bytes())
@@ -442,7 +445,7 @@ impl StepKind for Http {
                 .headers()
                 .get(LOCATION)
                 .and_then(|l| l.to_str().ok())
-                .filter(|_| response.status().is_redirection());
+                .filter(|_| response.status().is_redirection() && follow_redirects);
             let Some(location) = location else {
                 break (target, response);
             };

@@ -11,7 +11,7 @@ use serde_json::Value;
 use switchyard_engine::state::StepFailure;
 
 use super::{Http, StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
-use crate::notifier::post_signed;
+use crate::notifier::{SignedPost, post_signed};
 
 pub struct Notify {
     http: Http,
@@ -60,24 +60,31 @@ impl StepKind for Notify {
                 .entry("event_id")
                 .or_insert_with(|| call.idempotency_key.clone().into());
         }
+        let url_from_run_data = call.reads_run_data("url");
+        if url_from_run_data && with.secret.is_some() {
+            // Else whoever chooses a run's input could have any body of theirs signed, sent to
+            // them, and replayed to a real receiver within the signature's tolerance.
+            return Err(StepFailure::permanent(
+                "invalid_parameters",
+                "notify step: a signed notification goes only to a `url` the definition names, \
+                 not one rendered from the run's input or step outputs",
+            ));
+        }
         let secret = match &with.secret {
             Some(reference) => Some(call.secrets.reveal(reference).map_err(|e| {
                 StepFailure::permanent("invalid_parameters", format!("notify step: secret: {e}"))
             })?),
             None => None,
         };
-        let now_secs = jiff::Timestamp::now().as_second();
-        call.log.line("info", format!("POST {}", with.url));
-        let from_run_data = call.reads_run_data("url");
-        post_signed(
-            &self.http,
-            &with.url,
-            from_run_data,
-            &body,
-            secret.as_deref(),
-            now_secs,
-        )
-        .await
-        .map(StepOutcome::Output)
+        let post = SignedPost {
+            url: &with.url,
+            url_from_run_data,
+            body: &body,
+            event_id: &call.idempotency_key,
+            secret: secret.as_deref(),
+            now_secs: jiff::Timestamp::now().as_second(),
+            log: call.log.clone(),
+        };
+        post_signed(&self.http, post).await.map(StepOutcome::Output)
     }
 }
