@@ -52,6 +52,16 @@ async fn server() -> (String, Seen) {
             }),
         )
         .route(
+            "/refuse",
+            get(|headers: HeaderMap| async move {
+                let key = headers["x-api-key"].to_str().unwrap_or_default().to_owned();
+                (
+                    axum::http::StatusCode::FORBIDDEN,
+                    format!("key   {key}   is not valid"),
+                )
+            }),
+        )
+        .route(
             "/plain",
             get(|| async {
                 (
@@ -284,6 +294,32 @@ async fn a_failed_answer_is_quoted_in_one_short_line_and_an_html_page_by_its_tit
     assert!(plain.message.ends_with("x..."), "{}", plain.message);
     assert!(plain.message.len() < 400, "{}", plain.message);
     assert!(!plain.retryable);
+}
+
+#[tokio::test]
+async fn a_secret_echoed_in_a_refusal_is_redacted_before_the_excerpt_folds_its_spaces() {
+    let (base, _) = server().await;
+    let secrets = Secrets::new(BTreeMap::from([(
+        "spaced".to_owned(),
+        "tok  with  spaces".to_owned(),
+    )]));
+    let ctx = TemplateContext {
+        secrets: secrets.clone(),
+        ..TemplateContext::default()
+    };
+    let with = json!({
+        "url": format!("{base}/refuse"),
+        "headers": { "X-Api-Key": "{{ secrets.spaced }}" },
+    });
+    let call = StepCall::first_attempt(render_value(&with, &ctx).unwrap(), secrets);
+    let failure = Http::new().run(call).await.unwrap_err();
+    assert!(
+        failure
+            .message
+            .ends_with("HTTP 403 Forbidden: key [secret] is not valid"),
+        "{}",
+        failure.message
+    );
 }
 
 #[tokio::test]

@@ -486,11 +486,15 @@ impl StepKind for Http {
                 .get(reqwest::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("html"));
+            // Redacted before it is cut and its spaces folded: an echoed secret that holds line
+            // breaks would not be found after.
+            let mut said = Value::String(String::from_utf8_lossy(&start).into_owned());
+            call.secrets.redact_sent(&mut said);
             return Err(StepFailure {
                 kind: "http".into(),
                 message: format!(
                     "{target}: HTTP {status}: {}",
-                    what_it_says(&String::from_utf8_lossy(&start), html)
+                    what_it_says(said.as_str().unwrap_or_default(), html)
                 ),
                 status: Some(status.as_u16()),
                 retryable: retryable(status),
