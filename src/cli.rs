@@ -228,6 +228,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Convert an n8n workflow export (JSON) into a definition, with a report of what was
+    /// converted, what needs a look, and what stays in n8n.
+    #[command(name = "import-n8n")]
+    ImportN8n {
+        /// The export: n8n's editor, ... → Download, or `n8n export:workflow`.
+        file: std::path::PathBuf,
+        /// Where to write the definition (default: standard output).
+        #[arg(short, long)]
+        output: Option<std::path::PathBuf>,
+    },
     /// List webhook triggers: the path each serves under /api/hooks/, its workflow and how a
     /// delivery is checked.
     Hooks {

@@ -86,6 +86,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     match command {
         Command::Validate { paths } => validate(&global, paths),
+        Command::ImportN8n { file, output } => import_n8n(&file, output.as_deref()),
         Command::Schema => {
             out!(
                 "{}",
@@ -466,6 +467,64 @@ async fn token_keys(engine: &Engine, master: &MasterKeys) -> anyhow::Result<Toke
 }
 
 /// The built-in step kinds with what each takes in `with`.
+/// `import-n8n`: the definition to `output` (or stdout), the report to stderr; checked as
+/// `validate` would, so what it writes loads.
+fn import_n8n(
+    file: &std::path::Path,
+    output: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let imported = switchyard_engine::n8n_import::import(&text)
+        .with_context(|| format!("{}", file.display()))?;
+    let origin = output.map_or_else(
+        || format!("{}.yaml", imported.id),
+        |o| o.display().to_string(),
+    );
+    // The workflows it starts come in their own imports.
+    let mut children = WorkflowMap::new();
+    for child in &imported.children {
+        let stub = format!("id: {child}\nsteps: [{{id: a, type: noop}}]\n");
+        let parsed = switchyard_engine::definition::parse_str(
+            "child",
+            &stub,
+            switchyard_engine::definition::Format::Yaml,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for workflow in parsed {
+            children.insert(child.clone(), Arc::new(workflow));
+        }
+    }
+    switchyard_engine::definition::check_str(
+        &origin,
+        &imported.yaml,
+        switchyard_engine::definition::Format::Yaml,
+        &children,
+        &step_kinds()?,
+    )
+    .map_err(|errors| {
+        anyhow::anyhow!("the imported definition does not load (please report it):\n{errors}")
+    })?;
+    let mut table = display::table(&["NODE", "BECAME", "DETAIL"]);
+    for note in &imported.report {
+        table.add_row([
+            note.node.clone(),
+            note.outcome.as_str().to_owned(),
+            note.detail.clone(),
+        ]);
+    }
+    eprintln!("{}", table.trim_fmt());
+    match output {
+        Some(path) => {
+            std::fs::write(path, &imported.yaml)
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote workflow {} to {}", imported.id, path.display());
+        }
+        None => out!("{}", imported.yaml.trim_end()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn step_kinds() -> anyhow::Result<switchyard_engine::definition::StepKinds> {
     Registry::builtin()
         .step_kinds()

@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod keys;
 pub mod maintenance;
 pub mod metrics;
+pub mod n8n_import;
 pub mod plan;
 pub mod scheduler;
 pub mod service;
