@@ -38,6 +38,8 @@ pub const STRIPE_HEADER: &str = "stripe-signature";
 #[derive(Debug, Clone)]
 pub struct Hook {
     pub workflow: Arc<Workflow>,
+    /// The workflow's latest version when the index was read.
+    pub version: i64,
     pub trigger: WebhookTrigger,
 }
 
@@ -113,6 +115,7 @@ impl Engine {
                 // over another's is served by the first in id order.
                 index.entry(trigger.path.clone()).or_insert_with(|| Hook {
                     workflow: overview.workflow.clone(),
+                    version: overview.state.latest_version,
                     trigger: trigger.clone(),
                 });
             }
@@ -175,6 +178,7 @@ impl Engine {
         let start = WebhookDelivery::Start {
             workflow: hook.workflow.id.clone(),
             input,
+            known: Some((hook.version, hook.workflow.clone())),
         };
         let (run_id, repeated) = self.receive_webhook(logged, start).await?;
         Ok((event_id, run_id, repeated))

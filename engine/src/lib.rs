@@ -10,6 +10,7 @@ pub mod definition;
 pub mod flow;
 pub mod health;
 pub mod hooks;
+mod intake;
 pub mod keys;
 pub mod maintenance;
 pub mod metrics;

@@ -74,8 +74,13 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 /// What an inbound webhook delivery asks the engine to do.
 #[derive(Debug, Clone)]
 pub enum WebhookDelivery {
-    /// Start a run of `workflow` with `input`.
-    Start { workflow: String, input: Value },
+    /// Start a run of `workflow` with `input`; of `known` (a version and its definition) where
+    /// the caller has read it already, else of the latest version.
+    Start {
+        workflow: String,
+        input: Value,
+        known: Option<(i64, Arc<Workflow>)>,
+    },
     /// Hand `result` to the step of `run_id` waiting under `token`.
     Answer {
         run_id: RunId,
@@ -137,6 +142,7 @@ pub struct Engine {
     settings: crate::settings::SettingsCache,
     health: crate::health::DatabaseHealth,
     hooks: crate::hooks::HookIndex,
+    intake: std::sync::OnceLock<crate::intake::Intake>,
 }
 
 impl Engine {
@@ -148,7 +154,14 @@ impl Engine {
             settings: Default::default(),
             health: Default::default(),
             hooks: Default::default(),
+            intake: Default::default(),
         }
+    }
+
+    /// The webhook intake, started on first use (on the runtime of its first caller).
+    fn intake(&self) -> &crate::intake::Intake {
+        self.intake
+            .get_or_init(|| crate::intake::Intake::start(self.store.clone(), self.clock.clone()))
     }
 
     pub(crate) fn hooks(&self) -> &crate::hooks::HookIndex {
@@ -473,14 +486,24 @@ impl Engine {
         };
         let mut refusal = None;
         let action = match delivery {
-            WebhookDelivery::Start { workflow, input } => {
+            WebhookDelivery::Start {
+                workflow,
+                input,
+                known,
+            } => {
                 // A repeated delivery whose first left no run (it failed on the way) asks for the
                 // same run: the key makes it the first's, or starts it now.
                 let trigger = Trigger {
                     idempotency_key: Some(format!("{}/{}", event.source, event.event_id)),
                     ..Trigger::default()
                 };
-                match self.plan(&workflow, input, trigger).await {
+                let planned = match known {
+                    Some((version, definition)) => {
+                        plan_run(&definition, version, input, trigger).map_err(EngineError::from)
+                    }
+                    None => self.plan(&workflow, input, trigger).await,
+                };
+                match planned {
                     Ok(run) => WebhookAction::Start(Box::new(run)),
                     Err(e @ (EngineError::UnknownWorkflow(_) | EngineError::Plan(_))) => {
                         let action = WebhookAction::Refuse(e.to_string());
@@ -513,11 +536,7 @@ impl Engine {
         };
         let (event_id, workflow) = (event.event_id.clone(), event.workflow_id.clone());
         let started = matches!(action, WebhookAction::Start(_));
-        match self
-            .store
-            .receive_webhook(event, action, self.now())
-            .await?
-        {
+        match self.intake().receive(event, action).await? {
             WebhookOutcome::Done { run_id, repeated } => {
                 if started && !repeated {
                     crate::metrics::run_started(workflow.as_deref().unwrap_or_default());

@@ -1080,6 +1080,89 @@ pub async fn a_webhook_event_is_logged_once_per_source_scope_and_id(store: Arc<d
     );
 }
 
+pub async fn deliveries_in_one_batch_are_each_answered_and_a_repeat_in_it_starts_nothing(
+    store: Arc<dyn Store>,
+) {
+    let wf = linear();
+    let version = install(&*store, &wf).await;
+    let event = |id: &str, body: Value| NewWebhookEvent {
+        source: "hook:in".into(),
+        event_id: id.into(),
+        workflow_id: Some("linear".into()),
+        payload: body,
+        ..NewWebhookEvent::default()
+    };
+    let start = |key: &str| {
+        WebhookAction::Start(Box::new(
+            plan_run(
+                &wf,
+                version,
+                Value::Null,
+                Trigger {
+                    idempotency_key: Some(key.into()),
+                    ..Trigger::default()
+                },
+            )
+            .unwrap(),
+        ))
+    };
+    let outcomes = store
+        .receive_webhooks(
+            vec![
+                (event("a", json!(1)), start("hook:in/a")),
+                (event("b", json!(2)), WebhookAction::Refuse("no".into())),
+                (event("a", json!(1)), start("hook:in/a")),
+                (event("a", json!(9)), start("hook:in/a")),
+                (event("c", json!(3)), start("hook:in/c")),
+            ],
+            T0,
+        )
+        .await
+        .unwrap();
+    let WebhookOutcome::Done {
+        run_id: a,
+        repeated: false,
+    } = &outcomes[0]
+    else {
+        panic!("{outcomes:?}")
+    };
+    assert_eq!(outcomes[1], WebhookOutcome::Refused("no".into()));
+    assert_eq!(
+        outcomes[2],
+        WebhookOutcome::Done {
+            run_id: a.clone(),
+            repeated: true
+        }
+    );
+    assert_eq!(outcomes[3], WebhookOutcome::OtherBody);
+    assert!(
+        matches!(&outcomes[4], WebhookOutcome::Done { run_id, repeated: false } if run_id != a),
+        "{outcomes:?}"
+    );
+    let runs = store
+        .list_runs(&RunFilter {
+            limit: 10,
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 2, "one run per event");
+    let logged = store.webhook_events(Some("hook:in"), 10).await.unwrap();
+    assert_eq!(logged.len(), 3, "each event logged once");
+    // Delivered again in a later batch: the same runs, nothing new.
+    let again = store
+        .receive_webhooks(vec![(event("a", json!(1)), start("hook:in/a"))], T0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        again[0],
+        WebhookOutcome::Done {
+            run_id: a.clone(),
+            repeated: true
+        }
+    );
+}
+
 pub async fn a_webhook_event_delivered_twice_at_once_starts_one_run(store: Arc<dyn Store>) {
     let wf = linear();
     let version = install(&*store, &wf).await;
@@ -3106,6 +3189,7 @@ macro_rules! conformance {
                 retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones,
                 a_webhook_event_is_logged_once_per_source_scope_and_id,
                 a_webhook_event_delivered_twice_at_once_starts_one_run,
+                deliveries_in_one_batch_are_each_answered_and_a_repeat_in_it_starts_nothing,
                 a_fire_creates_exactly_one_run_with_two_schedulers,
                 overlapping_fire_is_skipped_with_its_reason,
                 paused_workflow_fires_are_recorded_as_skipped,

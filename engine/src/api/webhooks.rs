@@ -138,6 +138,7 @@ pub async fn n8n_webhook(
         (None, workflow) => WebhookDelivery::Start {
             workflow: workflow.expect("an event without a callback names its workflow"),
             input: event.input,
+            known: None,
         },
     };
     let answer = matches!(delivery, WebhookDelivery::Answer { .. });

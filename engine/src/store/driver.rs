@@ -248,13 +248,12 @@ impl<D: Driver> Store for D {
         Ok(existed)
     }
 
-    async fn receive_webhook(
+    async fn receive_webhooks(
         &self,
-        event: NewWebhookEvent,
-        action: WebhookAction,
+        deliveries: Vec<(NewWebhookEvent, WebhookAction)>,
         now: Millis,
-    ) -> Result<WebhookOutcome> {
-        transition!(self, machine::receive_webhook, event, action, now)
+    ) -> Result<Vec<WebhookOutcome>> {
+        transition!(self, machine::receive_webhooks, deliveries, now)
     }
 
     async fn probe_write(&self, now: Millis) -> Result<()> {

@@ -507,16 +507,17 @@ pub(crate) trait Tx: Send {
     async fn workflow_paused(&mut self, workflow_id: &str) -> Result<Option<bool>>;
     /// An active run of the workflow that no other run started.
     async fn active_top_level_run(&mut self, workflow_id: &str) -> Result<Option<RunId>>;
-    /// Logs a webhook event unless one with its source and id is logged; returns the event as
-    /// logged, and whether this call logged it.
-    async fn log_webhook_event(
+    /// Logs each event (their keys distinct) unless one with its source, scope and id is
+    /// logged; returns, in order, each event as logged, and whether this call logged it.
+    async fn log_webhook_events(
         &mut self,
-        event: &NewWebhookEvent,
+        events: &[&NewWebhookEvent],
         now: Millis,
-    ) -> Result<(WebhookEvent, bool)>;
-    /// Records what the latest delivery of a logged event did: the run it started or answered,
-    /// or why it was refused (the machine settles an event only while no delivery has a run).
-    async fn settle_webhook_event(&mut self, id: i64, outcome: Disposition<'_>) -> Result<()>;
+    ) -> Result<Vec<(WebhookEvent, bool)>>;
+    /// Records what the latest delivery of logged events did (rows `{id, run_id, error}`): the
+    /// run it started or answered, or why it was refused (the machine settles an event only
+    /// while no delivery has a run).
+    async fn settle_webhook_events(&mut self, rows: Value) -> Result<()>;
 
     /// Records the alert of a fire that started no run though it should have.
     async fn raise_fire_alert(
@@ -1601,60 +1602,124 @@ pub(crate) async fn deliver_signal(
     })
 }
 
-/// Logs a webhook delivery and does what it asks (see `Store::receive_webhook`).
-pub(crate) async fn receive_webhook(
+/// Logs webhook deliveries and does what each asks (see `Store::receive_webhooks`), with one
+/// statement for all where it can: many deliveries share a transaction.
+pub(crate) async fn receive_webhooks(
     tx: &mut dyn Tx,
-    event: NewWebhookEvent,
-    action: WebhookAction,
+    deliveries: Vec<(NewWebhookEvent, WebhookAction)>,
     now: Millis,
     effects: &mut Effects,
-) -> Result<WebhookOutcome> {
-    let (logged, fresh) = tx.log_webhook_event(&event, now).await?;
-    if !fresh {
-        if logged.payload != event.payload {
-            return Ok(WebhookOutcome::OtherBody);
-        }
-        if let Some(run_id) = logged.run_id {
-            return Ok(WebhookOutcome::Done {
-                run_id,
-                repeated: true,
-            });
+) -> Result<Vec<WebhookOutcome>> {
+    // A delivery whose event came earlier in the same batch is a repeat of that one.
+    let mut first_of: BTreeMap<(&str, &str, &str), usize> = BTreeMap::new();
+    let mut repeat_of: BTreeMap<usize, usize> = BTreeMap::new();
+    for (i, (event, _)) in deliveries.iter().enumerate() {
+        let key = (
+            event.source.as_str(),
+            event.scope.as_str(),
+            event.event_id.as_str(),
+        );
+        match first_of.get(&key) {
+            Some(&first) => {
+                repeat_of.insert(i, first);
+            }
+            None => {
+                first_of.insert(key, i);
+            }
         }
     }
-    // A first delivery, or a repeat of one that was refused (its cause may be fixed now: only
-    // an accepted delivery is final) or left no mark (it failed on the way).
-    let outcome = match action {
-        WebhookAction::Refuse(reason) => WebhookOutcome::Refused(reason),
-        WebhookAction::Answer(answer) => {
-            if deliver_callback(tx, &answer, now, effects).await? {
-                WebhookOutcome::Done {
-                    run_id: answer.run_id,
-                    repeated: false,
-                }
-            } else {
-                WebhookOutcome::Refused(format!(
-                    "no step {} of run {} waits under this callback token: it timed out, was \
-                     cancelled, or has its result",
-                    answer.step_id, answer.run_id
-                ))
+    let firsts: Vec<usize> = (0..deliveries.len())
+        .filter(|i| !repeat_of.contains_key(i))
+        .collect();
+    let events: Vec<&NewWebhookEvent> = firsts.iter().map(|&i| &deliveries[i].0).collect();
+    let logged = tx.log_webhook_events(&events, now).await?;
+
+    let mut outcomes: Vec<Option<WebhookOutcome>> = vec![None; deliveries.len()];
+    let mut starts: Vec<(usize, i64, NewRun)> = Vec::new();
+    let mut settled: Vec<(usize, i64)> = Vec::new();
+    let mut actions: Vec<Option<WebhookAction>> =
+        deliveries.iter().map(|(_, a)| Some(a.clone())).collect();
+    for (&i, (row, fresh)) in firsts.iter().zip(logged) {
+        let event = &deliveries[i].0;
+        if !fresh {
+            if row.payload != event.payload {
+                outcomes[i] = Some(WebhookOutcome::OtherBody);
+                continue;
+            }
+            if let Some(run_id) = row.run_id {
+                outcomes[i] = Some(WebhookOutcome::Done {
+                    run_id,
+                    repeated: true,
+                });
+                continue;
             }
         }
-        WebhookAction::Start(run) => {
-            let run_id = insert_runs(tx, vec![*run], now).await?.remove(0);
-            effects.woke();
-            WebhookOutcome::Done {
+        // A first delivery, or a repeat of one that was refused (its cause may be fixed now:
+        // only an accepted delivery is final).
+        match actions[i].take().expect("each action is taken once") {
+            WebhookAction::Refuse(reason) => {
+                outcomes[i] = Some(WebhookOutcome::Refused(reason));
+                settled.push((i, row.id));
+            }
+            WebhookAction::Answer(answer) => {
+                outcomes[i] = Some(if deliver_callback(tx, &answer, now, effects).await? {
+                    WebhookOutcome::Done {
+                        run_id: answer.run_id,
+                        repeated: false,
+                    }
+                } else {
+                    WebhookOutcome::Refused(format!(
+                        "no step {} of run {} waits under this callback token: it timed out, \
+                         was cancelled, or has its result",
+                        answer.step_id, answer.run_id
+                    ))
+                });
+                settled.push((i, row.id));
+            }
+            WebhookAction::Start(run) => starts.push((i, row.id, *run)),
+        }
+    }
+    if !starts.is_empty() {
+        let runs: Vec<NewRun> = starts.iter().map(|(_, _, run)| run.clone()).collect();
+        let ids = insert_runs(tx, runs, now).await?;
+        effects.woke();
+        for ((i, row, _), run_id) in starts.into_iter().zip(ids) {
+            outcomes[i] = Some(WebhookOutcome::Done {
                 run_id,
                 repeated: false,
-            }
+            });
+            settled.push((i, row));
         }
-    };
-    let disposition = match &outcome {
-        WebhookOutcome::Done { run_id, .. } => Disposition::Run(run_id),
-        WebhookOutcome::Refused(reason) => Disposition::Declined(reason),
-        WebhookOutcome::OtherBody => unreachable!("decided above"),
-    };
-    tx.settle_webhook_event(logged.id, disposition).await?;
-    Ok(outcome)
+    }
+    let rows: Vec<Value> = settled
+        .iter()
+        .map(|&(i, id)| {
+            let disposition = match outcomes[i].as_ref().expect("decided above") {
+                WebhookOutcome::Done { run_id, .. } => Disposition::Run(run_id),
+                WebhookOutcome::Refused(reason) => Disposition::Declined(reason),
+                WebhookOutcome::OtherBody => unreachable!("never settled"),
+            };
+            json!({ "id": id, "run_id": disposition.run_id(), "error": disposition.reason() })
+        })
+        .collect();
+    if !rows.is_empty() {
+        tx.settle_webhook_events(Value::Array(rows)).await?;
+    }
+    for (i, first) in repeat_of {
+        let same_body = deliveries[i].0.payload == deliveries[first].0.payload;
+        outcomes[i] = Some(match outcomes[first].clone().expect("decided above") {
+            _ if !same_body => WebhookOutcome::OtherBody,
+            WebhookOutcome::Done { run_id, .. } => WebhookOutcome::Done {
+                run_id,
+                repeated: true,
+            },
+            other => other,
+        });
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.expect("every delivery has its outcome"))
+        .collect())
 }
 
 /// The ids of claimed jobs, for [`Effects::wakes_others`].

@@ -854,15 +854,26 @@ pub trait Store: Reads {
     /// Returns whether the setting existed.
     async fn delete_setting(&self, namespace: &str, name: &str) -> Result<bool>;
 
-    /// Logs an inbound webhook delivery once per (source, event id) and does what it asks, in
-    /// one transaction: a repeated delivery is answered with what the first did, and does
-    /// nothing again; one whose first delivery was refused stays refused.
+    /// Logs inbound webhook deliveries, each once per (source, scope, event id), and does what
+    /// each asks, all in one transaction (one commit for many callers): a repeated delivery is
+    /// answered with what the first did, and does nothing again. One outcome per delivery, in
+    /// order.
+    async fn receive_webhooks(
+        &self,
+        deliveries: Vec<(NewWebhookEvent, WebhookAction)>,
+        now: Millis,
+    ) -> Result<Vec<WebhookOutcome>>;
+
+    /// [`Store::receive_webhooks`] for one delivery.
     async fn receive_webhook(
         &self,
         event: NewWebhookEvent,
         action: WebhookAction,
         now: Millis,
-    ) -> Result<WebhookOutcome>;
+    ) -> Result<WebhookOutcome> {
+        let mut outcomes = self.receive_webhooks(vec![(event, action)], now).await?;
+        Ok(outcomes.remove(0))
+    }
 
     /// Commits one small write, to learn whether the database can write at all (a full disk
     /// fails it); see `health.rs`.
@@ -1041,6 +1052,8 @@ pub enum WebhookOutcome {
 pub struct WebhookEvent {
     pub id: i64,
     pub source: String,
+    /// `""` for what starts runs, `run/step` for an answer to that step.
+    pub scope: String,
     pub event_id: String,
     pub workflow_id: Option<String>,
     /// The request body.
@@ -1050,6 +1063,28 @@ pub struct WebhookEvent {
     /// Why it was refused.
     pub error: Option<String>,
     pub received_at: Millis,
+}
+
+/// `columns` (`"a, b"`) each prefixed by `table.`: where a join would make them ambiguous.
+pub(crate) fn qualified(columns: &str, table: &str) -> String {
+    columns
+        .split(',')
+        .map(|c| format!("{table}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Logged events by (source, scope, event id), each with whether this transaction logged it.
+pub(crate) fn keyed_events(
+    rows: Vec<WebhookEvent>,
+    fresh: bool,
+) -> std::collections::HashMap<(String, String, String), (WebhookEvent, bool)> {
+    rows.into_iter()
+        .map(|row| {
+            let key = (row.source.clone(), row.scope.clone(), row.event_id.clone());
+            (key, (row, fresh))
+        })
+        .collect()
 }
 
 /// A run that failed or timed out, recorded in the transaction that ended it.

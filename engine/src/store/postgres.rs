@@ -1183,48 +1183,68 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         Ok(())
     }
 
-    async fn log_webhook_event(
+    async fn log_webhook_events(
         &mut self,
-        event: &NewWebhookEvent,
+        events: &[&NewWebhookEvent],
         now: Millis,
-    ) -> Result<(WebhookEvent, bool)> {
-        let inserted: Option<WebhookEvent> = sqlx::query_as(&format!(
+    ) -> Result<Vec<(WebhookEvent, bool)>> {
+        let rows: Vec<Value> = events
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "source": e.source, "scope": e.scope, "event_id": e.event_id,
+                    "workflow_id": e.workflow_id, "payload": e.payload,
+                })
+            })
+            .collect();
+        let inserted: Vec<WebhookEvent> = sqlx::query_as(&format!(
             "INSERT INTO webhook_events \
-                 (source, event_id, workflow_id, payload, received_at, scope) \
-             VALUES ($1, $2, $3, $5::jsonb, $4, $6) \
+                 (source, scope, event_id, workflow_id, payload, received_at) \
+             SELECT e.source, e.scope, e.event_id, e.workflow_id, e.payload, $2 \
+             FROM jsonb_to_recordset($1) AS e(source text, scope text, event_id text, \
+                 workflow_id text, payload jsonb) \
              ON CONFLICT (source, scope, event_id) DO NOTHING \
              RETURNING {WEBHOOK_EVENT_COLUMNS}"
         ))
-        .bind(&event.source)
-        .bind(&event.event_id)
-        .bind(&event.workflow_id)
+        .bind(Value::Array(rows.clone()))
         .bind(now)
-        .bind(&event.payload)
-        .bind(&event.scope)
-        .fetch_optional(&mut *self.0)
+        .fetch_all(&mut *self.0)
         .await?;
-        if let Some(stored) = inserted {
-            return Ok((stored, true));
+        let mut found = keyed_events(inserted, true);
+        if found.len() < events.len() {
+            // Logged before: read after the insert, which waited for any concurrent one.
+            let earlier: Vec<WebhookEvent> = sqlx::query_as(&format!(
+                "SELECT {} FROM webhook_events AS w \
+                 JOIN jsonb_to_recordset($1) AS e(source text, scope text, event_id text) \
+                     ON w.source = e.source AND w.scope = e.scope AND w.event_id = e.event_id",
+                qualified(WEBHOOK_EVENT_COLUMNS, "w")
+            ))
+            .bind(Value::Array(rows))
+            .fetch_all(&mut *self.0)
+            .await?;
+            for (key, row) in keyed_events(earlier, false) {
+                found.entry(key).or_insert(row);
+            }
         }
-        let first = sqlx::query_as(&format!(
-            "SELECT {WEBHOOK_EVENT_COLUMNS} FROM webhook_events \
-             WHERE source = $1 AND event_id = $2 AND scope = $3"
-        ))
-        .bind(&event.source)
-        .bind(&event.event_id)
-        .bind(&event.scope)
-        .fetch_one(&mut *self.0)
-        .await?;
-        Ok((first, false))
+        events
+            .iter()
+            .map(|e| {
+                found
+                    .remove(&(e.source.clone(), e.scope.clone(), e.event_id.clone()))
+                    .ok_or_else(|| StoreError::Unavailable("a webhook event was not logged".into()))
+            })
+            .collect()
     }
 
-    async fn settle_webhook_event(&mut self, id: i64, outcome: Disposition<'_>) -> Result<()> {
-        sqlx::query("UPDATE webhook_events SET run_id = $2, error = $3 WHERE id = $1")
-            .bind(id)
-            .bind(outcome.run_id())
-            .bind(outcome.reason())
-            .execute(&mut *self.0)
-            .await?;
+    async fn settle_webhook_events(&mut self, rows: Value) -> Result<()> {
+        sqlx::query(
+            "UPDATE webhook_events SET run_id = s.run_id, error = s.error \
+             FROM jsonb_to_recordset($1) AS s(id bigint, run_id text, error text) \
+             WHERE webhook_events.id = s.id",
+        )
+        .bind(rows)
+        .execute(&mut *self.0)
+        .await?;
         Ok(())
     }
 
@@ -1770,7 +1790,7 @@ const NOTIFICATION_COLUMNS: &str = "id, event_id, run_id, workflow_id, url, run_
      created_at, delivered_at";
 
 const WEBHOOK_EVENT_COLUMNS: &str =
-    "id, source, event_id, workflow_id, payload, run_id, error, received_at";
+    "id, source, scope, event_id, workflow_id, payload, run_id, error, received_at";
 
 const SUMMARY_COLUMNS: &str =
     "id, workflow_id, version, status, parent_run_id, error, created_at, started_at, finished_at";
