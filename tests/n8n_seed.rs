@@ -176,3 +176,19 @@ fn the_seeds_workflow_runs_through_a_real_n8n_which_answers_with_a_webhook_key()
     assert_eq!(answered["posts"], 3, "{shown}");
     assert_eq!(answered["run_id"], run.as_str(), "{shown}");
 }
+
+#[test]
+fn without_an_n8n_url_the_seeds_workflow_fails_with_an_error_that_names_the_flag() {
+    let mut sandbox = Sandbox::shipped("n8n-seed-no-url", "workflow-config.json");
+    sandbox.serve();
+    let out = sandbox.output_within(&["run", "amazon_influencer", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "the run failed");
+    let run = last_line(&String::from_utf8_lossy(&out.stdout));
+    let shown = sandbox.show(&run);
+    assert_eq!(shown["status"], "failed", "{shown}");
+    let error = step(&shown, "n8n")["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(error.contains("--n8n-url"), "{shown}");
+}
