@@ -2,8 +2,8 @@
 //! SQLite and PostgreSQL. `cargo bench --bench webhooks` prints, as measured on this machine:
 //! - signed deliveries (`hmac-sha256`, `respond: accepted`) accepted per second: 20,000
 //!   deliveries, each a distinct event, 64 in flight, the API's rate limit raised; the server
-//!   runs no workers, so the figure is what accepting costs (a logged event and a run created,
-//!   in one transaction each);
+//!   runs no workers, so the figure is what accepting costs (a logged event and a run created
+//!   for each, deliveries arriving together committed together);
 //! - notifications delivered per second to a receiver in this process: the server restarted with
 //!   workers runs those 20,000 one-step runs, and every run's end is notified; timed from the
 //!   start to the last delivery, and from the first delivery to the last.

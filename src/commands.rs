@@ -466,7 +466,6 @@ async fn token_keys(engine: &Engine, master: &MasterKeys) -> anyhow::Result<Toke
     .context("loading the token signing keys")
 }
 
-/// The built-in step kinds with what each takes in `with`.
 /// `import-n8n`: the definition to `output` (or stdout), the report to stderr; checked as
 /// `validate` would, so what it writes loads.
 fn import_n8n(
@@ -525,6 +524,7 @@ fn import_n8n(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The built-in step kinds with what each takes in `with`.
 fn step_kinds() -> anyhow::Result<switchyard_engine::definition::StepKinds> {
     Registry::builtin()
         .step_kinds()

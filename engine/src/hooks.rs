@@ -25,10 +25,15 @@ const MAX_EVENT_ID: usize = 200;
 /// Headers that authenticate a delivery: they stay out of the run's input.
 const AUTH_HEADERS: &[&str] = &[
     "authorization",
+    "proxy-authorization",
     "cookie",
     "stripe-signature",
     "x-signature",
     "x-switchyard-signature",
+    "x-api-key",
+    "x-hub-signature",
+    "x-hub-signature-256",
+    "x-gitlab-token",
 ];
 /// The header a `hmac-sha256` delivery is signed in.
 pub const HMAC_HEADER: &str = "x-signature";
@@ -173,6 +178,9 @@ impl Engine {
             event_id: event_id.clone(),
             workflow_id: Some(hook.workflow.id.clone()),
             payload: delivery.parsed.clone(),
+            // Stripe signs its event ids, and sends one event again with fields that changed
+            // (`pending_webhooks`): a signed id names the event whatever the body.
+            id_names_event: hook.trigger.auth == HookAuth::Stripe,
             ..NewWebhookEvent::default()
         };
         let start = WebhookDelivery::Start {
@@ -200,26 +208,31 @@ fn hook_input(delivery: &Delivery<'_>) -> Value {
     })
 }
 
-/// What names a delivery: Stripe's event `id`, an `X-Event-Id` header, the trigger's
-/// `dedupe_key`, or else the body itself (a replay is the same body).
+/// What names a delivery: Stripe's event `id`, the trigger's `dedupe_key`, an `X-Event-Id`
+/// header where the body is not signed, or else the body itself (a replay is the same body).
+/// A signed delivery is named only by what its signature covers: else whoever saw one could
+/// replay it under new ids, each starting a run.
 fn event_id(hook: &Hook, delivery: &Delivery<'_>, input: &Value) -> Result<String, HookError> {
+    let signed = matches!(hook.trigger.auth, HookAuth::HmacSha256 | HookAuth::Stripe);
     let named = if hook.trigger.auth == HookAuth::Stripe {
         delivery.parsed["id"]
             .as_str()
             .map(str::to_owned)
             .ok_or(HookError::NoStripeId)?
-    } else if let Some(id) = delivery.header("x-event-id") {
-        id.to_owned()
     } else if let Some(template) = &hook.trigger.dedupe_key {
         let ctx = TemplateContext {
             input: input.clone(),
             ..TemplateContext::default()
         };
         render_str(template, &ctx).map_err(|e| HookError::DedupeKey(e.to_string()))?
+    } else if let Some(id) = delivery.header("x-event-id").filter(|_| !signed) {
+        id.to_owned()
     } else {
-        hex::encode(Sha256::digest(delivery.body))
+        String::new()
     };
-    Ok(if named.is_empty() || named.len() > MAX_EVENT_ID {
+    Ok(if named.is_empty() {
+        hex::encode(Sha256::digest(delivery.body))
+    } else if named.len() > MAX_EVENT_ID {
         hex::encode(Sha256::digest(named.as_bytes()))
     } else {
         named

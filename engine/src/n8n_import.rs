@@ -89,6 +89,8 @@ struct StepOut {
     needs: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     when: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_if: Option<&'static str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     continue_on_error: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -120,6 +122,8 @@ struct Upstream {
     path: Option<String>,
     needs: BTreeSet<String>,
     conditions: Vec<String>,
+    /// Branches of an IF or Switch meet here again: it runs once none of its needs failed.
+    joins: bool,
 }
 
 struct Importer<'a> {
@@ -127,6 +131,8 @@ struct Importer<'a> {
     /// Step id of each converted node, and the template path of its output's items.
     steps: HashMap<&'a str, (String, String)>,
     trigger_path: HashMap<&'a str, String>,
+    /// Nodes whose steps may be skipped: with a `when`, or after one that may be.
+    conditional: BTreeSet<&'a str>,
     report: Vec<Note>,
 }
 
@@ -180,6 +186,7 @@ pub fn import(export: &str) -> Result<Imported, ImportError> {
         nodes,
         steps: HashMap::new(),
         trigger_path: HashMap::new(),
+        conditional: BTreeSet::new(),
         report: Vec::new(),
     };
     let mut definition = Definition {
@@ -205,6 +212,7 @@ pub fn import(export: &str) -> Result<Imported, ImportError> {
             kind: "noop".into(),
             needs: Vec::new(),
             when: None,
+            run_if: None,
             continue_on_error: false,
             retry: None,
             with: Value::Null,
@@ -391,9 +399,12 @@ impl<'a> Importer<'a> {
     /// conditions IF and Switch nodes on the way put on it.
     fn upstream(&self, node: &Node<'a>, depth: usize) -> Upstream {
         let mut up = Upstream::default();
+        // Items come from any input: the node runs when one of them carries items.
+        let mut per_input: Vec<Vec<String>> = Vec::new();
         for (from, output) in &node.inputs {
             if let Some(path) = self.trigger_path.get(from) {
                 up.path = Some(path.clone());
+                per_input.push(Vec::new());
                 continue;
             }
             let source = &self.nodes[from];
@@ -405,15 +416,41 @@ impl<'a> Importer<'a> {
                     }
                     up.path = up.path.or(through.path);
                     up.needs.extend(through.needs);
-                    up.conditions.extend(through.conditions);
+                    up.joins |= through.joins;
+                    per_input.push(through.conditions);
                 }
                 _ => {
                     if let Some((step, path)) = self.steps.get(from) {
                         up.needs.insert(step.clone());
                         up.path = Some(path.clone());
                     }
+                    per_input.push(Vec::new());
                 }
             }
+        }
+        let conditional_input = node
+            .inputs
+            .iter()
+            .any(|(from, _)| self.conditional.contains(from));
+        if per_input.len() > 1 && (conditional_input || per_input.iter().any(|c| !c.is_empty())) {
+            // Branches meeting again: some of the steps it needs will have been skipped.
+            up.joins = true;
+        }
+        if per_input.iter().all(|c| !c.is_empty()) {
+            let each: Vec<String> = per_input
+                .iter()
+                .map(|c| {
+                    c.iter()
+                        .map(|t| format!("({t})"))
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                })
+                .collect();
+            up.conditions = if each.len() == 1 {
+                per_input.remove(0)
+            } else {
+                vec![each.join(" or ")]
+            };
         }
         up
     }
@@ -439,6 +476,13 @@ impl<'a> Importer<'a> {
         let (step, outcome, detail) = self.convert(name);
         self.note(name, outcome, detail);
         Ok(step.map(|converted| {
+            let after_conditional = self.nodes[name]
+                .inputs
+                .iter()
+                .any(|(from, _)| self.conditional.contains(from));
+            if converted.step.when.is_some() || after_conditional {
+                self.conditional.insert(name);
+            }
             self.steps
                 .insert(name, (converted.step.id.clone(), converted.output_path));
             converted.step
@@ -459,6 +503,15 @@ impl<'a> Importer<'a> {
             .filter(|k| *k == "if" || *k == "switch")
         {
             return match self.conditions_of(node, &up) {
+                Ok(()) if branch == "switch" => (
+                    None,
+                    Outcome::Check,
+                    "switch: `when` on the steps behind each output. n8n sends an item to the \
+                     first rule that holds, and to its fallback output when none does; here the \
+                     steps of each output run when its own rule holds, and a fallback output's \
+                     always"
+                        .to_owned(),
+                ),
                 Ok(()) => (
                     None,
                     Outcome::Converted,
@@ -472,6 +525,16 @@ impl<'a> Importer<'a> {
                     ),
                 ),
             };
+        }
+        let mut cautions: Vec<String> = Vec::new();
+        for (from, output) in &node.inputs {
+            let source = &self.nodes[from];
+            if *output > 0 && !matches!(source.kind.strip_prefix(N8N), Some("if" | "switch")) {
+                cautions.push(format!(
+                    "it takes {from}'s error output, and here runs after {from} succeeds: give \
+                     {from} `continue_on_error` and this step `run_if: any_failed`"
+                ));
+            }
         }
         let id = self.unique_id(name);
         let paths = NodePaths {
@@ -514,13 +577,18 @@ impl<'a> Importer<'a> {
                 if node.param("sendBody") == true {
                     let body = match node.param("specifyBody").as_str() {
                         Some("json") => {
-                            let text = node.param("jsonBody");
-                            match text
-                                .as_str()
-                                .and_then(|t| serde_json::from_str::<Value>(t).ok())
-                            {
-                                Some(literal) => literal,
-                                None => translate(text),
+                            let text = node.param("jsonBody").as_str().unwrap_or_default();
+                            // `={ "a": "{{ $json.x }}" }`: JSON whose strings hold expressions.
+                            let (expression, json) = match text.strip_prefix('=') {
+                                Some(rest) => (true, rest),
+                                None => (false, text),
+                            };
+                            match serde_json::from_str::<Value>(json) {
+                                Ok(skeleton) if expression => {
+                                    translate_leaves(skeleton, &mut translate)
+                                }
+                                Ok(literal) => literal,
+                                Err(_) => translate(node.param("jsonBody")),
                             }
                         }
                         _ => Value::Object(pairs(node.param("bodyParameters"), &mut translate)),
@@ -666,12 +734,17 @@ impl<'a> Importer<'a> {
                 )
             }
         };
-        let outcome = if outcome == Outcome::Converted && !checks.is_empty() {
-            Outcome::Check
-        } else {
-            outcome
-        };
+        let outcome =
+            if outcome == Outcome::Converted && !(checks.is_empty() && cautions.is_empty()) {
+                Outcome::Check
+            } else {
+                outcome
+            };
         let mut detail = detail;
+        for caution in &cautions {
+            detail.push_str("; ");
+            detail.push_str(caution);
+        }
         let untranslated: Vec<&String> = checks.iter().filter(|c| *c != "credential").collect();
         if !untranslated.is_empty() {
             detail.push_str(&format!(
@@ -702,6 +775,7 @@ impl<'a> Importer<'a> {
                         .join(" and ")
                 )
             }),
+            run_if: up.joins.then_some("none_failed"),
             continue_on_error: node.value["onError"] == "continueRegularOutput",
             retry,
             with,
@@ -933,6 +1007,26 @@ fn conditions_expr(
     Ok(tests.join(joiner))
 }
 
+/// `value` with each string leaf that holds `{{ ... }}` translated as an expression.
+fn translate_leaves(value: Value, translate: &mut dyn FnMut(&Value) -> Value) -> Value {
+    match value {
+        Value::String(text) if text.contains("{{") => translate(&Value::String(format!("={text}"))),
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(|item| translate_leaves(item, translate))
+                .collect(),
+        ),
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k, translate_leaves(v, translate)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 fn insert_dotted(map: &mut Map<String, Value>, field: &str, value: Value) {
     match field.split_once('.') {
         Some((head, tail)) => {
@@ -1009,4 +1103,75 @@ fn schedule(rule: &Value) -> Result<(String, bool), String> {
         other => return Err(format!("a schedule rule by {other}")),
     };
     Ok((cron, intervals.len() > 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, kind: &str, x: i64, parameters: Value) -> Value {
+        json!({ "name": name, "type": format!("n8n-nodes-base.{kind}"), "position": [x, 0],
+                "parameters": parameters })
+    }
+
+    fn imported(nodes: Vec<Value>, connections: Value) -> Value {
+        let export = json!({ "name": "t", "nodes": nodes, "connections": connections });
+        serde_saphyr::from_str(&import(&export.to_string()).unwrap().yaml).unwrap()
+    }
+
+    #[test]
+    fn a_json_body_with_expressions_is_json_with_templates_in_its_strings() {
+        let body = "={ \"a\": \"{{ $json.body.x }}\", \"n\": 1 }";
+        let definition = imported(
+            vec![
+                node(
+                    "Hook",
+                    "webhook",
+                    0,
+                    json!({ "path": "p", "httpMethod": "POST" }),
+                ),
+                node(
+                    "Send",
+                    "httpRequest",
+                    1,
+                    json!({ "method": "POST", "url": "https://x.example",
+                    "sendBody": true, "specifyBody": "json", "jsonBody": body }),
+                ),
+            ],
+            json!({ "Hook": { "main": [[{ "node": "Send", "type": "main", "index": 0 }]] } }),
+        );
+        assert_eq!(
+            definition["steps"][0]["with"]["body"],
+            json!({ "a": "{{ input.body.x }}", "n": 1 })
+        );
+    }
+
+    #[test]
+    fn branches_of_an_if_that_meet_again_run_the_step_after_them() {
+        let condition = json!({ "conditions": { "conditions": [{ "leftValue": "={{ $json.body.n }}",
+            "rightValue": 1, "operator": { "operation": "gt" } }], "combinator": "and" } });
+        let set =
+            |v: &str| json!({ "assignments": { "assignments": [{ "name": "v", "value": v }] } });
+        let definition = imported(
+            vec![
+                node("Hook", "webhook", 0, json!({ "path": "p" })),
+                node("If", "if", 1, condition),
+                node("Yes", "set", 2, set("yes")),
+                node("No", "set", 3, set("no")),
+                node("After", "set", 4, set("after")),
+            ],
+            json!({
+                "Hook": { "main": [[{ "node": "If", "type": "main", "index": 0 }]] },
+                "If": { "main": [[{ "node": "Yes", "type": "main", "index": 0 }],
+                                 [{ "node": "No", "type": "main", "index": 0 }]] },
+                "Yes": { "main": [[{ "node": "After", "type": "main", "index": 0 }]] },
+                "No": { "main": [[{ "node": "After", "type": "main", "index": 0 }]] },
+            }),
+        );
+        let after = &definition["steps"][2];
+        assert_eq!(after["id"], "after");
+        assert_eq!(after["needs"], json!(["no", "yes"]));
+        assert_eq!(after["run_if"], "none_failed");
+        assert!(after.get("when").is_none(), "{after}");
+    }
 }

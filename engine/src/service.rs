@@ -44,6 +44,9 @@ pub enum EngineError {
     /// An answer a store cannot hold.
     #[error("answer {0}")]
     UnstorableAnswer(crate::store::Unstorable),
+    /// A webhook body a store cannot log.
+    #[error("body {0}")]
+    UnstorableEvent(crate::store::Unstorable),
     /// An answer or a signal for a step that no longer waits for one.
     #[error("{0}")]
     NotWaiting(String),
@@ -480,6 +483,9 @@ impl Engine {
         event: NewWebhookEvent,
         delivery: WebhookDelivery,
     ) -> Result<(RunId, bool)> {
+        // Logged whole: a body no store can hold (a NUL, nesting too deep) is refused here, not
+        // in the batch it would fail.
+        check_storable(&event.payload).map_err(EngineError::UnstorableEvent)?;
         let event = NewWebhookEvent {
             scope: delivery.scope(),
             ..event
@@ -493,8 +499,14 @@ impl Engine {
             } => {
                 // A repeated delivery whose first left no run (it failed on the way) asks for the
                 // same run: the key makes it the first's, or starts it now.
+                // The source's length keeps the key unambiguous: a hook's path may hold `/`.
                 let trigger = Trigger {
-                    idempotency_key: Some(format!("{}/{}", event.source, event.event_id)),
+                    idempotency_key: Some(format!(
+                        "{}:{}/{}",
+                        event.source.len(),
+                        event.source,
+                        event.event_id
+                    )),
                     ..Trigger::default()
                 };
                 let planned = match known {

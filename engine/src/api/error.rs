@@ -280,6 +280,11 @@ impl From<EngineError> for ApiError {
                 ErrorCode::InvalidBody,
                 format!("request body: `payload`: {e}"),
             ),
+            EngineError::UnstorableEvent(_) => ApiError::with_status(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::InvalidBody,
+                format!("request {e}"),
+            ),
             EngineError::UnstorableAnswer(_) => ApiError::with_status(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 ErrorCode::InvalidBody,

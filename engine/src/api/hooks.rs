@@ -15,8 +15,10 @@ use crate::auth::Role;
 use crate::definition::{HookAuth, Respond};
 use crate::hooks::{Delivery, HookError};
 
-/// How often a delivery that waits for its run looks at it.
+/// How soon a delivery that waits for its run first looks at it again; then twice as late
+/// each time, up to [`WAIT_POLL_MAX`].
 const WAIT_POLL: Duration = Duration::from_millis(25);
+const WAIT_POLL_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct HookReceipt {
@@ -114,6 +116,7 @@ pub async fn deliver_hook(
     };
     if let Respond::Wait(limit) = hook.trigger.respond {
         let deadline = tokio::time::Instant::now() + limit.0;
+        let mut poll = WAIT_POLL;
         loop {
             let run = state.engine.run(&receipt.run_id).await?;
             if run.summary.status.is_finished() {
@@ -122,10 +125,11 @@ pub async fn deliver_hook(
                 status = StatusCode::OK;
                 break;
             }
-            if tokio::time::Instant::now() + WAIT_POLL > deadline {
+            if tokio::time::Instant::now() + poll > deadline {
                 break;
             }
-            tokio::time::sleep(WAIT_POLL).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(WAIT_POLL_MAX);
         }
     }
     Ok((status, Json(receipt)))

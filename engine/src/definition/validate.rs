@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use croner::parser::{CronParser, Seconds, Year};
 use serde_json::Value;
@@ -12,7 +13,8 @@ use super::input_schema::InputSchema;
 use super::kinds::{PathPart, StepKinds};
 use super::locate::Seg;
 use super::model::{
-    HookAuth, MAX_ITEMS, PRIORITIES, Step, WAIT_KIND, Workflow, WorkflowMap, WorkflowTrigger,
+    HookAuth, MAX_ITEMS, PRIORITIES, Respond, Step, WAIT_KIND, Workflow, WorkflowMap,
+    WorkflowTrigger,
 };
 use super::parse::{Format, ParsedSource, make_error, parse_source};
 use super::template::{ENV, is_template};
@@ -123,6 +125,24 @@ pub fn validate(
         }
     }
 
+    // A path a workflow loaded before (installed through the API) serves, unless the sources
+    // replace that workflow.
+    for (id, wf) in existing.iter().filter(|(id, _)| !map.contains_key(*id)) {
+        for WorkflowTrigger::Webhook(hook) in &wf.triggers {
+            if let Some((other, origin, (line, col))) = hook_paths.get(hook.path.as_str()) {
+                errors.push(make_error(
+                    origin,
+                    (*line, *col),
+                    format!(
+                        "webhook path `{}` of workflow {other} is also workflow {id}'s, \
+                         installed before: remove one, or give another path",
+                        hook.path
+                    ),
+                ));
+            }
+        }
+    }
+
     // Every workflow a child step may name: the sources' and those loaded before.
     let mut all: HashMap<&str, &Workflow> =
         existing.iter().map(|(k, v)| (k.as_str(), &**v)).collect();
@@ -208,6 +228,17 @@ impl Check<'_, '_> {
                     "`secret` is for `auth: hmac-sha256` or `auth: stripe`".to_owned(),
                 ),
                 _ => {}
+            }
+            if let Respond::Wait(limit) = hook.respond
+                && !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&limit.0)
+            {
+                self.err(
+                    &at("respond"),
+                    false,
+                    "a webhook waits 1s to 60s for its run; a longer run answers 202 {run_id}, \
+                     and its caller reads the run"
+                        .to_owned(),
+                );
             }
             if hook.auth == HookAuth::None && !hook.public {
                 self.err(

@@ -1642,7 +1642,7 @@ pub(crate) async fn receive_webhooks(
     for (&i, (row, fresh)) in firsts.iter().zip(logged) {
         let event = &deliveries[i].0;
         if !fresh {
-            if row.payload != event.payload {
+            if row.payload != event.payload && !event.id_names_event {
                 outcomes[i] = Some(WebhookOutcome::OtherBody);
                 continue;
             }
@@ -1706,7 +1706,8 @@ pub(crate) async fn receive_webhooks(
         tx.settle_webhook_events(Value::Array(rows)).await?;
     }
     for (i, first) in repeat_of {
-        let same_body = deliveries[i].0.payload == deliveries[first].0.payload;
+        let same_body = deliveries[i].0.id_names_event
+            || deliveries[i].0.payload == deliveries[first].0.payload;
         outcomes[i] = Some(match outcomes[first].clone().expect("decided above") {
             _ if !same_body => WebhookOutcome::OtherBody,
             WebhookOutcome::Done { run_id, .. } => WebhookOutcome::Done {

@@ -966,6 +966,9 @@ pub struct NewWebhookEvent {
     pub event_id: String,
     pub workflow_id: Option<String>,
     pub payload: Value,
+    /// A repeat of its id is the same event whatever its body (the id is signed); else a
+    /// repeat with another body is refused.
+    pub id_names_event: bool,
 }
 
 /// A signal for the step `step_id` of `run_id`, the `wait` step that waits for `name`.

@@ -1200,9 +1200,11 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         let inserted: Vec<WebhookEvent> = sqlx::query_as(&format!(
             "INSERT INTO webhook_events \
                  (source, scope, event_id, workflow_id, payload, received_at) \
-             SELECT e.source, e.scope, e.event_id, e.workflow_id, e.payload, $2 \
+             SELECT e.source, e.scope, e.event_id, e.workflow_id, \
+                 coalesce(e.payload, 'null'::jsonb), $2 \
              FROM jsonb_to_recordset($1) AS e(source text, scope text, event_id text, \
                  workflow_id text, payload jsonb) \
+             ORDER BY e.source, e.scope, e.event_id \
              ON CONFLICT (source, scope, event_id) DO NOTHING \
              RETURNING {WEBHOOK_EVENT_COLUMNS}"
         ))
@@ -1238,7 +1240,10 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
 
     async fn settle_webhook_events(&mut self, rows: Value) -> Result<()> {
         sqlx::query(
-            "UPDATE webhook_events SET run_id = s.run_id, error = s.error \
+            // A run a concurrent delivery recorded stays: only an accepted delivery is final.
+            "UPDATE webhook_events SET run_id = coalesce(webhook_events.run_id, s.run_id), \
+                 error = CASE WHEN coalesce(webhook_events.run_id, s.run_id) IS NULL \
+                     THEN s.error END \
              FROM jsonb_to_recordset($1) AS s(id bigint, run_id text, error text) \
              WHERE webhook_events.id = s.id",
         )

@@ -1103,7 +1103,11 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
 
     async fn settle_webhook_events(&mut self, rows: Value) -> Result<()> {
         sqlx::query(
-            "UPDATE webhook_events SET run_id = s.value->>'run_id', error = s.value->>'error' \
+            // A run a concurrent delivery recorded stays: only an accepted delivery is final.
+            "UPDATE webhook_events \
+             SET run_id = coalesce(webhook_events.run_id, s.value->>'run_id'), \
+                 error = CASE WHEN coalesce(webhook_events.run_id, s.value->>'run_id') IS NULL \
+                     THEN s.value->>'error' END \
              FROM json_each(?1) AS s WHERE webhook_events.id = s.value->>'id'",
         )
         .bind(to_json(&rows))
