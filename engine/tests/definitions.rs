@@ -1157,6 +1157,8 @@ fn templates_that_read_the_run_input_or_step_outputs_are_told_apart() {
         ("{{ input.url }}", true),
         ("https://x/{{ steps.a.output.id }}", true),
         ("{% for p in input.paths %}{{ p }}{% endfor %}", true),
+        // A `for_each` item may come from the run's input.
+        ("{{ item.url }}", true),
         ("{{ vars.api }}/products", false),
         ("https://api.example/{{ run.id }}", false),
         ("https://plain.example", false),

@@ -392,8 +392,10 @@ pub fn render_value(template: &Value, ctx: &TemplateContext) -> Result<Value, Te
 /// starts a run, or a service a step called, chose. A template that does not parse counts as
 /// reading them: it is refused when rendered anyway.
 pub fn reads_run_data(template: &Value) -> bool {
+    // `item` too: a `for_each` list may come from the run's data (a loop over a literal list
+    // is held to the same rules, which costs it nothing it needs).
     let reads = |variables: std::collections::HashSet<String>| {
-        variables.contains("input") || variables.contains("steps")
+        variables.contains("input") || variables.contains("steps") || variables.contains("item")
     };
     match template {
         Value::String(s) if is_template(s) => match whole_expression(s) {
