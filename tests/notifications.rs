@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,7 +11,7 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use common::{Sandbox, last_line};
+use common::{Sandbox, last_line, serve_in_thread};
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
@@ -29,38 +28,20 @@ struct Receiver {
 
 impl Receiver {
     fn start() -> (String, Receiver) {
+        async fn hook(State(r): State<Receiver>, headers: HeaderMap, body: String) -> StatusCode {
+            let accept = r.accept.load(Ordering::SeqCst);
+            r.got.lock().unwrap().push((headers, body, accept));
+            if accept {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
         let receiver = Receiver::default();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = receiver.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                async fn hook(
-                    State(r): State<Receiver>,
-                    headers: HeaderMap,
-                    body: String,
-                ) -> StatusCode {
-                    let accept = r.accept.load(Ordering::SeqCst);
-                    r.got.lock().unwrap().push((headers, body, accept));
-                    if accept {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    }
-                }
-                let app = axum::Router::new()
-                    .route("/hook", post(hook))
-                    .with_state(state);
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
-        (format!("http://{addr}"), receiver)
+        let app = axum::Router::new()
+            .route("/hook", post(hook))
+            .with_state(receiver.clone());
+        (serve_in_thread(app), receiver)
     }
 
     fn deliveries(&self) -> Vec<(HeaderMap, String, bool)> {

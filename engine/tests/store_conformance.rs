@@ -936,6 +936,17 @@ pub async fn retry_reopens_failed_child_runs_and_keeps_the_succeeded_ones(store:
     assert_eq!(run_status(&*store, &run).await, RunStatus::Succeeded);
 }
 
+/// A webhook delivery's start of `wf`, under the idempotency key `key`.
+fn keyed_start(wf: &Workflow, version: i64, key: &str) -> WebhookAction {
+    let trigger = Trigger {
+        idempotency_key: Some(key.into()),
+        ..Trigger::default()
+    };
+    WebhookAction::Start(Box::new(
+        plan_run(wf, version, Value::Null, trigger).unwrap(),
+    ))
+}
+
 pub async fn a_webhook_event_is_logged_once_per_source_scope_and_id(store: Arc<dyn Store>) {
     let wf = linear();
     let version = install(&*store, &wf).await;
@@ -946,20 +957,7 @@ pub async fn a_webhook_event_is_logged_once_per_source_scope_and_id(store: Arc<d
         payload: json!({ "event_id": id }),
         ..NewWebhookEvent::default()
     };
-    let start = |key: &str| {
-        WebhookAction::Start(Box::new(
-            plan_run(
-                &wf,
-                version,
-                Value::Null,
-                Trigger {
-                    idempotency_key: Some(key.into()),
-                    ..Trigger::default()
-                },
-            )
-            .unwrap(),
-        ))
-    };
+    let start = |key: &str| keyed_start(&wf, version, key);
     let first = store
         .receive_webhook(event("e-1", "n8n"), start("n8n/e-1"), T0)
         .await
@@ -1092,20 +1090,7 @@ pub async fn deliveries_in_one_batch_are_each_answered_and_a_repeat_in_it_starts
         payload: body,
         ..NewWebhookEvent::default()
     };
-    let start = |key: &str| {
-        WebhookAction::Start(Box::new(
-            plan_run(
-                &wf,
-                version,
-                Value::Null,
-                Trigger {
-                    idempotency_key: Some(key.into()),
-                    ..Trigger::default()
-                },
-            )
-            .unwrap(),
-        ))
-    };
+    let start = |key: &str| keyed_start(&wf, version, key);
     let outcomes = store
         .receive_webhooks(
             vec![

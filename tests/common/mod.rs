@@ -24,88 +24,94 @@ pub type Hits = Arc<Mutex<HashMap<String, u32>>>;
 /// that SHA-256 (a secret's value stays out of the URL), 403 otherwise.
 pub fn start_counter() -> (String, Hits) {
     let hits: Hits = Arc::default();
+    let state = hits.clone();
+    async fn fast(State(h): State<Hits>, UrlPath(name): UrlPath<String>) -> &'static str {
+        *h.lock().unwrap().entry(name).or_default() += 1;
+        "{\"ok\": true}"
+    }
+    async fn slow(State(h): State<Hits>, UrlPath(name): UrlPath<String>) -> &'static str {
+        *h.lock().unwrap().entry(format!("slow/{name}")).or_default() += 1;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        "{\"ok\": true}"
+    }
+    async fn brief(State(h): State<Hits>, UrlPath(name): UrlPath<String>) -> &'static str {
+        *h.lock().unwrap().entry(name).or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        "{\"ok\": true}"
+    }
+    async fn status(UrlPath(code): UrlPath<u16>) -> axum::http::StatusCode {
+        axum::http::StatusCode::from_u16(code).unwrap()
+    }
+    async fn flaky(
+        State(h): State<Hits>,
+        UrlPath(name): UrlPath<String>,
+        headers: axum::http::HeaderMap,
+    ) -> axum::http::StatusCode {
+        let key = headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("<none>");
+        let mut h = h.lock().unwrap();
+        let prefix = format!("flaky/{name}/");
+        let before: u32 = h
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, n)| n)
+            .sum();
+        *h.entry(format!("{prefix}{key}")).or_default() += 1;
+        if before == 0 {
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            axum::http::StatusCode::OK
+        }
+    }
+    async fn expect(
+        UrlPath((header, digest)): UrlPath<(String, String)>,
+        headers: axum::http::HeaderMap,
+    ) -> axum::http::StatusCode {
+        use sha2::Digest;
+        let seen = headers
+            .get(&header)
+            .map(|v| hex::encode(sha2::Sha256::digest(v.as_bytes())));
+        if seen.as_deref() == Some(digest.as_str()) {
+            axum::http::StatusCode::OK
+        } else {
+            axum::http::StatusCode::FORBIDDEN
+        }
+    }
+    async fn hang() -> &'static str {
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        "late"
+    }
+    let app = Router::new()
+        .route("/status/{code}", get(status))
+        .route("/hang/{name}", get(hang))
+        .route("/expect/{header}/{value}", get(expect))
+        .route("/flaky/{name}", get(flaky))
+        .route("/slow/{name}", get(slow))
+        .route("/brief/{name}", get(brief))
+        .route("/{name}", get(fast))
+        .with_state(state);
+    (serve_in_thread(app), hits)
+}
+
+/// Serves `app` on a free port of 127.0.0.1 from a thread of its own (tests that block on the
+/// real binary keep it answering); returns its base URL.
+pub fn serve_in_thread(app: Router) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
-    let state = hits.clone();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async move {
-            async fn fast(State(h): State<Hits>, UrlPath(name): UrlPath<String>) -> &'static str {
-                *h.lock().unwrap().entry(name).or_default() += 1;
-                "{\"ok\": true}"
-            }
-            async fn slow(State(h): State<Hits>, UrlPath(name): UrlPath<String>) -> &'static str {
-                *h.lock().unwrap().entry(format!("slow/{name}")).or_default() += 1;
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                "{\"ok\": true}"
-            }
-            async fn brief(State(h): State<Hits>, UrlPath(name): UrlPath<String>) -> &'static str {
-                *h.lock().unwrap().entry(name).or_default() += 1;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                "{\"ok\": true}"
-            }
-            async fn status(UrlPath(code): UrlPath<u16>) -> axum::http::StatusCode {
-                axum::http::StatusCode::from_u16(code).unwrap()
-            }
-            async fn flaky(
-                State(h): State<Hits>,
-                UrlPath(name): UrlPath<String>,
-                headers: axum::http::HeaderMap,
-            ) -> axum::http::StatusCode {
-                let key = headers
-                    .get("idempotency-key")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("<none>");
-                let mut h = h.lock().unwrap();
-                let prefix = format!("flaky/{name}/");
-                let before: u32 = h
-                    .iter()
-                    .filter(|(k, _)| k.starts_with(&prefix))
-                    .map(|(_, n)| n)
-                    .sum();
-                *h.entry(format!("{prefix}{key}")).or_default() += 1;
-                if before == 0 {
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    axum::http::StatusCode::OK
-                }
-            }
-            async fn expect(
-                UrlPath((header, digest)): UrlPath<(String, String)>,
-                headers: axum::http::HeaderMap,
-            ) -> axum::http::StatusCode {
-                use sha2::Digest;
-                let seen = headers
-                    .get(&header)
-                    .map(|v| hex::encode(sha2::Sha256::digest(v.as_bytes())));
-                if seen.as_deref() == Some(digest.as_str()) {
-                    axum::http::StatusCode::OK
-                } else {
-                    axum::http::StatusCode::FORBIDDEN
-                }
-            }
-            async fn hang() -> &'static str {
-                tokio::time::sleep(Duration::from_secs(120)).await;
-                "late"
-            }
-            let app = Router::new()
-                .route("/status/{code}", get(status))
-                .route("/hang/{name}", get(hang))
-                .route("/expect/{header}/{value}", get(expect))
-                .route("/flaky/{name}", get(flaky))
-                .route("/slow/{name}", get(slow))
-                .route("/brief/{name}", get(brief))
-                .route("/{name}", get(fast))
-                .with_state(state);
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             axum::serve(listener, app).await.unwrap();
         });
     });
-    (format!("http://{addr}"), hits)
+    format!("http://{addr}")
 }
 
 pub fn count(hits: &Hits, name: &str) -> u32 {

@@ -376,41 +376,32 @@ impl Check<'_, '_> {
             .notifications
             .as_ref()
             .and_then(|n| n.webhook_url.as_deref())
-            && !(url.starts_with('/') || url.starts_with("https://") || url.starts_with("http://"))
         {
-            let key = self.src.spelling(
-                self.wi,
-                &[Seg::Key("notifications")],
-                &["webhook_url", "webhookUrl"],
-            );
-            self.err(
-                &[Seg::Key("notifications"), Seg::Key(key)],
-                false,
-                format!("webhook_url `{url}` must be an http(s) URL or a path starting with `/`"),
-            );
+            let problem = if !(url.starts_with('/')
+                || url.starts_with("https://")
+                || url.starts_with("http://"))
+            {
+                Some(format!(
+                    "webhook_url `{url}` must be an http(s) URL or a path starting with `/`"
+                ))
+            } else if url.starts_with('/') && !wf.steps.iter().any(|s| s.kind == "n8n") {
+                Some(format!(
+                    "webhook_url `{url}` is a path: where n8n calls back a workflow that runs in \
+                     n8n; to be notified when a run ends, give an http(s) URL"
+                ))
+            } else {
+                None
+            };
+            if let Some(message) = problem {
+                let key = self.src.spelling(
+                    self.wi,
+                    &[Seg::Key("notifications")],
+                    &["webhook_url", "webhookUrl"],
+                );
+                self.err(&[Seg::Key("notifications"), Seg::Key(key)], false, message);
+            }
         }
         self.triggers(wf);
-        if let Some(path) = wf
-            .notifications
-            .as_ref()
-            .and_then(|n| n.webhook_url.as_deref())
-            .filter(|url| url.starts_with('/'))
-            && !wf.steps.iter().any(|s| s.kind == "n8n")
-        {
-            let key = self.src.spelling(
-                self.wi,
-                &[Seg::Key("notifications")],
-                &["webhook_url", "webhookUrl"],
-            );
-            self.err(
-                &[Seg::Key("notifications"), Seg::Key(key)],
-                false,
-                format!(
-                    "webhook_url `{path}` is a path: where n8n calls back a workflow that runs in \
-                     n8n; to be notified when a run ends, give an http(s) URL"
-                ),
-            );
-        }
         let mut signals = HashMap::new();
         self.part = "steps";
         self.steps(wf, &wf.steps, &mut signals);
