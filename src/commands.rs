@@ -635,6 +635,18 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
                 yet it fires from the database; `switchyard remove {id}` stops it");
         }
         warn_of_stored_definitions_the_kinds_refuse(&engine).await?;
+        if args.workers > 0 && args.n8n_url.is_none() {
+            for (id, workflow) in definitions.iter() {
+                let in_n8n = workflow
+                    .steps
+                    .iter()
+                    .any(|s| s.kind == "n8n" && s.with.get("webhook").is_some());
+                if in_n8n {
+                    tracing::warn!(workflow = %id, "this workflow runs in n8n, and without \
+                        --n8n-url (SWITCHYARD_N8N_URL) its runs fail at their n8n step");
+                }
+            }
+        }
     }
     let (stop, stopped) = watch::channel(false);
     let heartbeats = Arc::new(Heartbeats::default());
