@@ -45,24 +45,21 @@ pub struct Note {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum Outcome {
     Converted,
     /// Converted, but something needs a person: a credential, an expression left as written.
     Check,
     /// Called in n8n through an `n8n` step.
+    #[strum(serialize = "stays in n8n")]
     StaysInN8n,
     Skipped,
 }
 
 impl Outcome {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Converted => "converted",
-            Outcome::Check => "check",
-            Outcome::StaysInN8n => "stays in n8n",
-            Outcome::Skipped => "skipped",
-        }
+        self.into()
     }
 }
 

@@ -1610,10 +1610,13 @@ pub(crate) async fn receive_webhooks(
     now: Millis,
     effects: &mut Effects,
 ) -> Result<Vec<WebhookOutcome>> {
+    // Each action is taken (moved) once, by its event's first delivery.
+    let (events_all, mut actions): (Vec<NewWebhookEvent>, Vec<Option<WebhookAction>>) =
+        deliveries.into_iter().map(|(e, a)| (e, Some(a))).unzip();
     // A delivery whose event came earlier in the same batch is a repeat of that one.
     let mut first_of: BTreeMap<(&str, &str, &str), usize> = BTreeMap::new();
     let mut repeat_of: BTreeMap<usize, usize> = BTreeMap::new();
-    for (i, (event, _)) in deliveries.iter().enumerate() {
+    for (i, event) in events_all.iter().enumerate() {
         let key = (
             event.source.as_str(),
             event.scope.as_str(),
@@ -1628,19 +1631,18 @@ pub(crate) async fn receive_webhooks(
             }
         }
     }
-    let firsts: Vec<usize> = (0..deliveries.len())
+    let firsts: Vec<usize> = (0..events_all.len())
         .filter(|i| !repeat_of.contains_key(i))
         .collect();
-    let events: Vec<&NewWebhookEvent> = firsts.iter().map(|&i| &deliveries[i].0).collect();
+    let events: Vec<&NewWebhookEvent> = firsts.iter().map(|&i| &events_all[i]).collect();
     let logged = tx.log_webhook_events(&events, now).await?;
 
-    let mut outcomes: Vec<Option<WebhookOutcome>> = vec![None; deliveries.len()];
-    let mut starts: Vec<(usize, i64, NewRun)> = Vec::new();
+    let mut outcomes: Vec<Option<WebhookOutcome>> = vec![None; events_all.len()];
+    let mut starts: Vec<(usize, i64)> = Vec::new();
+    let mut runs: Vec<NewRun> = Vec::new();
     let mut settled: Vec<(usize, i64)> = Vec::new();
-    let mut actions: Vec<Option<WebhookAction>> =
-        deliveries.iter().map(|(_, a)| Some(a.clone())).collect();
     for (&i, (row, fresh)) in firsts.iter().zip(logged) {
-        let event = &deliveries[i].0;
+        let event = &events_all[i];
         if !fresh {
             if row.payload != event.payload && !event.id_names_event {
                 outcomes[i] = Some(WebhookOutcome::OtherBody);
@@ -1676,14 +1678,16 @@ pub(crate) async fn receive_webhooks(
                 });
                 settled.push((i, row.id));
             }
-            WebhookAction::Start(run) => starts.push((i, row.id, *run)),
+            WebhookAction::Start(run) => {
+                starts.push((i, row.id));
+                runs.push(*run);
+            }
         }
     }
-    if !starts.is_empty() {
-        let runs: Vec<NewRun> = starts.iter().map(|(_, _, run)| run.clone()).collect();
+    if !runs.is_empty() {
         let ids = insert_runs(tx, runs, now).await?;
         effects.woke();
-        for ((i, row, _), run_id) in starts.into_iter().zip(ids) {
+        for ((i, row), run_id) in starts.into_iter().zip(ids) {
             outcomes[i] = Some(WebhookOutcome::Done {
                 run_id,
                 repeated: false,
@@ -1706,8 +1710,8 @@ pub(crate) async fn receive_webhooks(
         tx.settle_webhook_events(Value::Array(rows)).await?;
     }
     for (i, first) in repeat_of {
-        let same_body = deliveries[i].0.id_names_event
-            || deliveries[i].0.payload == deliveries[first].0.payload;
+        let same_body =
+            events_all[i].id_names_event || events_all[i].payload == events_all[first].payload;
         outcomes[i] = Some(match outcomes[first].clone().expect("decided above") {
             _ if !same_body => WebhookOutcome::OtherBody,
             WebhookOutcome::Done { run_id, .. } => WebhookOutcome::Done {
