@@ -79,7 +79,8 @@ steps:
     assert!(found[0].starts_with("7:15: http step needs `with.auth.basic.password`"));
     assert!(
         found[1]
-            .contains("`with.auth.basic` takes no key `pasword` (it takes: password, username)")
+            .contains("`with.auth.basic` takes no key `pasword` (it takes: password, username)"),
+        "{found:#?}"
     );
     assert!(
         found[2].starts_with(

@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use reqwest::header::{
-    AUTHORIZATION, COOKIE, HeaderMap, HeaderName, HeaderValue, LOCATION, PROXY_AUTHORIZATION,
-    RETRY_AFTER,
+    AUTHORIZATION, CONTENT_TYPE, COOKIE, HeaderMap, HeaderName, HeaderValue, LOCATION,
+    PROXY_AUTHORIZATION, RETRY_AFTER,
 };
 use reqwest::{Method, StatusCode, Url};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -26,6 +25,9 @@ use switchyard_engine::state::StepFailure;
 
 use super::{StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
 use crate::egress::{CheckedResolver, EgressPolicy, Refused};
+
+mod auth;
+use auth::{Auth, Outgoing};
 
 /// Characters of a failed answer's body quoted in the error: enough to tell what went wrong,
 /// too little to carry an internal API's answer to whoever reads the run.
@@ -48,16 +50,15 @@ struct HttpWith {
     #[serde(default)]
     #[schemars(schema_with = "header_values")]
     headers: Option<Map<String, Value>>,
-    /// `{bearer: TOKEN}` or `{basic: {username, password}}`; values may reference secrets.
-    #[serde(default)]
-    #[schemars(schema_with = "auth")]
-    auth: Option<Value>,
+    /// How the request proves who sends it; values may reference secrets.
+    auth: Option<Auth>,
     /// Query parameters, added to the URL: a map, or a list of `[name, value]` pairs to repeat a
     /// name.
     #[serde(default)]
     #[schemars(schema_with = "query_values")]
     query: Option<Value>,
-    /// Sent as JSON.
+    /// Sent as JSON; a string is sent as it is when `headers` give a `Content-Type` other than
+    /// JSON (a form, XML, text).
     #[schemars(with = "Option<serde_json::Value>")]
     body: Option<Value>,
     /// How long the request may take, such as `10s`.
@@ -92,36 +93,6 @@ fn query_values(_: &mut SchemaGenerator) -> Schema {
                     ],
                     "minItems": 2,
                     "maxItems": 2
-                }
-            }
-        ]
-    })
-}
-
-fn auth(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({
-        "oneOf": [
-            { "type": "null" },
-            {
-                "type": "object",
-                "additionalProperties": false,
-                "required": ["bearer"],
-                "properties": { "bearer": { "type": "string" } }
-            },
-            {
-                "type": "object",
-                "additionalProperties": false,
-                "required": ["basic"],
-                "properties": {
-                    "basic": {
-                        "type": "object",
-                        "additionalProperties": false,
-                        "required": ["username", "password"],
-                        "properties": {
-                            "username": { "type": "string" },
-                            "password": { "type": "string" }
-                        }
-                    }
                 }
             }
         ]
@@ -185,7 +156,7 @@ fn refused(why: Refused) -> StepFailure {
 fn headers(call: &StepCall, with: &HttpWith) -> Result<(HeaderMap, Vec<HeaderName>), StepFailure> {
     let mut map = HeaderMap::new();
     let mut secret = Vec::new();
-    let mut add = |name: HeaderName, text: &str, carries: bool| -> Result<(), StepFailure> {
+    let mut add = |name: HeaderName, text: &str| -> Result<(), StepFailure> {
         let revealed = call
             .secrets
             .reveal(text)
@@ -193,7 +164,7 @@ fn headers(call: &StepCall, with: &HttpWith) -> Result<(HeaderMap, Vec<HeaderNam
         // The value may hold a secret: name only the header.
         let value = HeaderValue::from_str(&revealed)
             .map_err(|_| invalid(format!("http step: bad value for header {name}")))?;
-        if carries || call.secrets.referenced_in(text) {
+        if call.secrets.referenced_in(text) {
             secret.push(name.clone());
         }
         map.insert(name, value);
@@ -207,12 +178,8 @@ fn headers(call: &StepCall, with: &HttpWith) -> Result<(HeaderMap, Vec<HeaderNam
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            add(name, &text, false)?;
+            add(name, &text)?;
         }
-    }
-    if let Some(auth) = &with.auth {
-        let (value, carries) = authorization(call, auth)?;
-        add(AUTHORIZATION, &value, carries)?;
     }
     if !map.contains_key("idempotency-key") {
         map.insert(
@@ -224,41 +191,32 @@ fn headers(call: &StepCall, with: &HttpWith) -> Result<(HeaderMap, Vec<HeaderNam
     Ok((map, secret))
 }
 
-/// `auth: {bearer: TOKEN}` or `auth: {basic: {username, password}}` as an `Authorization`
-/// value, with its secret references still in it for [`headers`] to resolve, and whether it
-/// carries a secret. Basic credentials are encoded after they are resolved: a template could not
-/// encode a secret it never sees.
-fn authorization(call: &StepCall, auth: &Value) -> Result<(String, bool), StepFailure> {
-    let text = |v: Option<&Value>, what: &str| {
-        v.and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| invalid(format!("http step: `with.auth.{what}` must be a string")))
+/// `with.body` as the bytes sent, with a `Content-Type` unless `headers` give one: JSON, or a
+/// string as it is under a `Content-Type` of another kind (a form, XML, text).
+fn body_bytes(
+    body: Option<&Value>,
+    headers: &mut HeaderMap,
+) -> Result<Option<Vec<u8>>, StepFailure> {
+    let Some(body) = body.filter(|b| !b.is_null()) else {
+        return Ok(None);
     };
-    if let Some(token) = auth.get("bearer") {
-        return Ok((format!("Bearer {}", text(Some(token), "bearer")?), false));
-    }
-    if let Some(basic) = auth.get("basic") {
-        let user = text(basic.get("username"), "basic.username")?;
-        let password = text(basic.get("password"), "basic.password")?;
-        let reveal = |s: &str| {
-            call.secrets
-                .reveal(s)
-                .map_err(|e| invalid(format!("http step: `with.auth.basic`: {e}")))
-        };
-        let pair = format!("{}:{}", reveal(&user)?, reveal(&password)?);
-        let value = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(pair)
-        );
-        let carries = call.secrets.referenced_in(&user) || call.secrets.referenced_in(&password);
-        if carries {
-            call.secrets.note_sent(&value);
+    let given = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    match (body, given) {
+        (Value::String(text), Some(kind)) if !kind.contains("json") => {
+            Ok(Some(text.clone().into_bytes()))
         }
-        return Ok((value, carries));
+        (body, given) => {
+            if given.is_none() {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
+            serde_json::to_vec(body)
+                .map(Some)
+                .map_err(|e| invalid(format!("http step: `with.body`: {e}")))
+        }
     }
-    Err(invalid(
-        "http step: `with.auth` must be {bearer: TOKEN} or {basic: {username, password}}",
-    ))
 }
 
 /// `Retry-After` as seconds or as an HTTP date.
@@ -371,7 +329,7 @@ impl StepKind for Http {
             .map_err(|_| invalid(format!("http step: unknown method {given:?}")))?;
         let from_input = call.reads_run_data("url");
         let (mut headers, secret_headers) = headers(&call, &with)?;
-        let carries_secrets = !secret_headers.is_empty();
+        let carries_secrets = !secret_headers.is_empty() || with.auth.is_some();
         let timeout = match with.timeout.as_deref() {
             Some(t) => Some(
                 humantime::parse_duration(t)
@@ -379,7 +337,9 @@ impl StepKind for Http {
             ),
             None => None,
         };
-        let mut body = with.body.clone().filter(|b| !b.is_null());
+        let mut body = body_bytes(with.body.as_ref(), &mut headers)?;
+        // Credentials go to the origin the author wrote, and to no other a redirect leads to.
+        let mut send_credentials = true;
         // The query joins the URL once, as reqwest encodes it; a redirect's Location is whole.
         let mut request = self.client.request(method.clone(), text);
         if let Some(query) = &with.query {
@@ -418,11 +378,24 @@ impl StepKind for Http {
             } else {
                 &self.client
             };
+            let mut sent_headers = headers.clone();
+            if let Some(auth) = with.auth.as_ref().filter(|_| send_credentials) {
+                let outgoing = Outgoing {
+                    method: method.as_str(),
+                    url: &url,
+                    headers: &headers,
+                    body: Some(body.as_deref().unwrap_or_default()),
+                    at: std::time::SystemTime::now(),
+                };
+                for (name, value) in auth.headers(&call.secrets, &outgoing)? {
+                    sent_headers.insert(name, value);
+                }
+            }
             let mut request = client
                 .request(method.clone(), url.clone())
-                .headers(headers.clone());
+                .headers(sent_headers);
             if let Some(body) = &body {
-                request = request.json(body);
+                request = request.body(body.clone());
             }
             if let Some(timeout) = timeout {
                 request = request.timeout(timeout);
@@ -460,6 +433,7 @@ impl StepKind for Http {
                 StepFailure::permanent("http", format!("{target}: bad redirect: {e}"))
             })?;
             if !same_origin(&url, &next) {
+                send_credentials = false;
                 for name in
                     secret_headers
                         .iter()
@@ -571,12 +545,5 @@ mod tests {
         assert_eq!(h["idempotency-key"], "run:step");
         let (h, _) = headers_of(json!({ "headers": { "Idempotency-Key": "mine" } }));
         assert_eq!(h["idempotency-key"], "mine");
-    }
-
-    #[test]
-    fn basic_auth_encodes_the_resolved_credentials() {
-        let (h, _) =
-            headers_of(json!({ "auth": { "basic": { "username": "ann", "password": "pw" } } }));
-        assert_eq!(h[AUTHORIZATION], "Basic YW5uOnB3");
     }
 }
