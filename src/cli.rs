@@ -97,6 +97,15 @@ pub struct WorkerArgs {
     /// step outputs may never reach loopback, link-local or metadata addresses unless allowed.
     #[arg(long, env = "SWITCHYARD_EGRESS_DENY", value_delimiter = ',')]
     pub egress_deny: Vec<Destination>,
+    /// Where the files steps make and send are kept: a folder, or s3://bucket/prefix (an
+    /// S3-compatible bucket, with the AWS_* variables: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_REGION, and AWS_ENDPOINT with AWS_ALLOW_HTTP=true for a server of one's own). Every
+    /// process of one database must reach the same place: on several machines, a bucket.
+    #[arg(long, env = "SWITCHYARD_ARTIFACTS", default_value = "artifacts")]
+    pub artifacts: String,
+    /// The largest file a step may store, in MiB.
+    #[arg(long, env = "SWITCHYARD_ARTIFACT_MAX_MIB", default_value_t = 100)]
+    pub artifact_max_mib: u64,
 }
 
 #[derive(Debug, Clone, Args)]

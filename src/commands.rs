@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard_engine::artifacts::Artifacts;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
@@ -623,6 +624,14 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
         None
     };
     let (engine, master) = open(global).await?;
+    engine.set_artifacts(
+        Artifacts::open(
+            &args.artifacts,
+            engine.store().clone(),
+            args.artifact_max_mib.saturating_mul(1024 * 1024),
+        )
+        .context("opening the artifact store")?,
+    );
     if let Some(definitions) = &definitions {
         for (id, version) in engine
             .install(definitions, DefinitionOrigin::Files, None)

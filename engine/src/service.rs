@@ -25,6 +25,8 @@ pub enum EngineError {
     UnknownWorkflow(String),
     #[error("unknown run {0:?}")]
     UnknownRun(String),
+    #[error(transparent)]
+    Artifact(#[from] crate::artifacts::ArtifactError),
     #[error("{given:?} starts more than one run's id ({matches}): give more of it")]
     AmbiguousRun { given: String, matches: String },
     #[error(transparent)]
@@ -146,6 +148,7 @@ pub struct Engine {
     health: crate::health::DatabaseHealth,
     hooks: crate::hooks::HookIndex,
     intake: std::sync::OnceLock<crate::intake::Intake>,
+    artifacts: std::sync::OnceLock<Arc<crate::artifacts::Artifacts>>,
 }
 
 impl Engine {
@@ -158,7 +161,32 @@ impl Engine {
             health: Default::default(),
             hooks: Default::default(),
             intake: Default::default(),
+            artifacts: Default::default(),
         }
+    }
+
+    /// Keeps artifacts in `artifacts` (set once, before the engine serves or works).
+    pub fn set_artifacts(&self, artifacts: crate::artifacts::Artifacts) {
+        let _ = self.artifacts.set(Arc::new(artifacts));
+    }
+
+    /// The file artifact `id` names, as it is read.
+    pub async fn artifact_file(
+        &self,
+        id: &str,
+    ) -> Result<(
+        crate::artifacts::ArtifactRef,
+        futures::stream::BoxStream<'static, Result<bytes::Bytes, crate::artifacts::ArtifactError>>,
+    )> {
+        let artifacts = self
+            .artifacts()
+            .ok_or_else(|| crate::artifacts::ArtifactError::NotFound(id.to_owned()))?;
+        Ok(artifacts.open_file(id).await?)
+    }
+
+    /// Where artifacts are kept, if anywhere.
+    pub fn artifacts(&self) -> Option<Arc<crate::artifacts::Artifacts>> {
+        self.artifacts.get().cloned()
     }
 
     /// The webhook intake, started on first use (on the runtime of its first caller).
@@ -454,6 +482,7 @@ impl Engine {
                         },
                         children: Vec::new(),
                         logs: Vec::new(),
+                        artifacts: Vec::new(),
                     };
                     match retry_transient("completion", || {
                         self.store.complete(vec![failure.clone()], self.now())

@@ -75,6 +75,7 @@ fn park(job: &ClaimedJob, until: Millis, checkpoint: Value) -> Completion {
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
     }
 }
 
@@ -84,6 +85,7 @@ fn done(job: &ClaimedJob, output: Value) -> Completion {
         settlement: Settlement::Succeed { output },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
     }
 }
 
@@ -95,6 +97,7 @@ fn failed(job: &ClaimedJob, error: &str) -> Completion {
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
     }
 }
 
@@ -130,6 +133,7 @@ async fn park_with_children(
                 },
                 children,
                 logs: Vec::new(),
+                artifacts: Vec::new(),
             }],
             T0,
         )
@@ -283,6 +287,7 @@ pub async fn retry_waits_for_its_stored_time(store: Arc<dyn Store>) {
                 },
                 children: Vec::new(),
                 logs: Vec::new(),
+                artifacts: Vec::new(),
             }],
             T0,
         )
@@ -645,6 +650,7 @@ pub async fn a_signal_to_a_running_step_wakes_it_as_it_parks_unless_it_timed_out
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
     };
     store.complete(vec![retry], T0 + 11).await.unwrap();
     let again = claim(&*store, T0 + LEASE * 10, 1).await.remove(0);
@@ -723,6 +729,7 @@ pub async fn callback_for_an_attempt_that_ended_is_refused(store: Arc<dyn Store>
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
     };
     store.complete(vec![retry], T0).await.unwrap();
     assert!(
@@ -752,6 +759,7 @@ pub async fn a_step_given_back_keeps_its_callback(store: Arc<dyn Store>) {
         settlement: Settlement::Release,
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
     };
     store.complete(vec![released], T0 + 2).await.unwrap();
     let again = claim(&*store, T0 + 2, 1).await.remove(0);
@@ -1329,6 +1337,7 @@ async fn job_in_state(
                         settlement,
                         children: Vec::new(),
                         logs: Vec::new(),
+                        artifacts: Vec::new(),
                     }],
                     T0,
                 )
@@ -1446,6 +1455,7 @@ fn done_with(lease: &switchyard_engine::store::Lease, output: Value) -> Completi
         settlement: Settlement::Succeed { output },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
     }
 }
 
@@ -1911,6 +1921,103 @@ pub async fn finished_runs_are_pruned_after_retention(store: Arc<dyn Store>) {
         store.run(&run).await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+/// Bytes to store as a file.
+fn file(
+    text: &'static str,
+) -> futures::stream::Once<futures::future::Ready<Result<bytes::Bytes, std::convert::Infallible>>> {
+    futures::stream::once(futures::future::ready(Ok(bytes::Bytes::from_static(
+        text.as_bytes(),
+    ))))
+}
+
+pub async fn a_file_is_named_only_by_an_accepted_settlement_and_swept_once_no_run_names_it(
+    store: Arc<dyn Store>,
+) {
+    use switchyard_engine::artifacts::{ArtifactError, Artifacts};
+    let artifacts = Artifacts::in_memory(store.clone(), 16);
+    let wf = workflow("id: files\nretention: 1h\nsteps:\n  - {id: a, type: noop}\n");
+    let run = start(&*store, &wf, Trigger::default()).await;
+    let first = claim(&*store, T0, 1).await.remove(0);
+    let late = artifacts.save("audio/mpeg", file("late")).await.unwrap();
+    store.sweep(T0 + LEASE + 1).await.unwrap();
+    let second = claim(&*store, T0 + LEASE + 2, 1).await.remove(0);
+    let kept = artifacts.save("audio/mpeg", file("kept")).await.unwrap();
+    assert_eq!(kept.size, 4);
+    assert_eq!(
+        kept.sha256,
+        "79f076abdd19a752db7267bfff2f9022161d120dea919fdaca2ffdfc24ca8c96"
+    );
+    let with_file =
+        |job: &ClaimedJob, saved: &switchyard_engine::artifacts::ArtifactRef| Completion {
+            artifacts: vec![saved.clone()],
+            ..done(job, saved.to_output())
+        };
+    store
+        .complete(
+            vec![with_file(&first, &late), with_file(&second, &kept)],
+            T0 + LEASE + 3,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.artifact(&kept.id).await.unwrap(), Some(kept.clone()));
+    assert_eq!(
+        store.artifact(&late.id).await.unwrap(),
+        None,
+        "its attempt lost the job"
+    );
+    assert!(matches!(
+        artifacts.open_file(&late.id).await,
+        Err(ArtifactError::NotFound(_))
+    ));
+    // Nothing is swept within its grace; after it, the file no row names. Files are dated by
+    // the clock of where they are kept.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert_eq!(
+        artifacts
+            .sweep(now, std::time::Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        artifacts
+            .sweep(now + 86_400_000 * 365 * 30, std::time::Duration::ZERO)
+            .await
+            .unwrap(),
+        1
+    );
+    let (_, bytes) = artifacts.open_file(&kept.id).await.unwrap();
+    let read: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(bytes).await.unwrap();
+    assert_eq!(read.concat(), b"kept");
+    assert!(matches!(
+        artifacts
+            .save("audio/mpeg", file("seventeen bytes!!"))
+            .await,
+        Err(ArtifactError::TooLarge { limit: 16 })
+    ));
+    // Pruned with its run, then swept.
+    assert_eq!(
+        store.prune(T0 + LEASE + 3 + 3_600_000, 100).await.unwrap(),
+        1
+    );
+    assert!(matches!(
+        store.run(&run).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.artifact(&kept.id).await.unwrap(), None);
+    assert_eq!(
+        artifacts
+            .sweep(now + 86_400_000 * 365 * 30, std::time::Duration::ZERO)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(artifacts.read(&kept.sha256).await.is_err());
 }
 
 pub async fn old_fire_records_are_pruned_but_the_latest_stays(store: Arc<dyn Store>) {
@@ -2675,6 +2782,7 @@ fn skip(job: &ClaimedJob, reason: &str) -> Completion {
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
     }
 }
 
@@ -2870,6 +2978,7 @@ fn looped(job: &ClaimedJob, items: Vec<Value>, parallel: Option<u32>) -> Complet
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
     }
 }
 
@@ -2966,6 +3075,7 @@ pub async fn a_failing_item_is_retried_alone_and_one_failing_for_good_fails_its_
                 },
                 children: Vec::new(),
                 logs: Vec::new(),
+                artifacts: Vec::new(),
             },
             i => done(j, json!(i)),
         })
@@ -3184,6 +3294,7 @@ macro_rules! conformance {
                 runs_are_found_by_the_start_of_their_id,
                 run_keeps_the_version_it_started_with,
                 finished_runs_are_pruned_after_retention,
+                a_file_is_named_only_by_an_accepted_settlement_and_swept_once_no_run_names_it,
                 an_attempts_lines_are_kept_only_with_its_accepted_settlement,
                 old_fire_records_are_pruned_but_the_latest_stays,
                 a_refused_fire_is_recorded_once_with_an_alert_and_a_chosen_skip_without,

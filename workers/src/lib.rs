@@ -2,6 +2,7 @@
 //! timeouts and cancellation, and completes them in batches; and the step kinds it runs.
 #![forbid(unsafe_code)]
 
+pub mod artifacts;
 pub mod egress;
 pub mod notifier;
 pub mod runtime;

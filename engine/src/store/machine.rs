@@ -469,6 +469,9 @@ pub(crate) trait Tx: Send {
     async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>>;
     /// Stores log lines (rows `{run_id, step_id, attempt, at, stream, text}`).
     async fn append_logs(&mut self, rows: Value) -> Result<()>;
+    /// Stores artifact references (rows `{id, run_id, step_id, attempt, sha256, size,
+    /// content_type}`), made `now`.
+    async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()>;
     /// The run and step of the job `lease` holds, while it still runs under it.
     async fn held_job(&mut self, lease: &Lease) -> Result<Option<(RunId, String)>>;
 
@@ -491,7 +494,8 @@ pub(crate) trait Tx: Send {
         token: &str,
         update: &NotificationUpdate,
     ) -> Result<bool>;
-    /// Deletes these runs with their jobs and logs; returns how many runs it deleted.
+    /// Deletes these runs with their jobs, logs and artifact references; returns how many runs
+    /// it deleted.
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64>;
     /// Deletes the records whose retention ended (see [`RecordCutoffs`]).
     async fn delete_old_records(&mut self, cutoffs: &RecordCutoffs) -> Result<()>;
@@ -727,16 +731,64 @@ async fn keep_logs(
     if completions.iter().all(|c| c.logs.is_empty()) {
         return Ok(());
     }
-    let jobs: BTreeMap<JobId, &SettledJob> = settled.iter().map(|j| (j.id, j)).collect();
-    let rows: Vec<Value> = completions
-        .iter()
-        .filter_map(|c| Some((c, *jobs.get(&c.lease.job_id)?)))
+    let rows: Vec<Value> = accepted(completions, settled)
         .flat_map(|(c, job)| log_rows(&job.run_id, &job.step_id, c.lease.attempt, &c.logs))
         .collect();
     if rows.is_empty() {
         return Ok(());
     }
     tx.append_logs(Value::Array(rows)).await
+}
+
+/// The completions whose settlement was accepted, with their jobs. Two attempts of one job may
+/// complete in one batch (a worker that took its job again after losing it): the fence accepts
+/// the later attempt only.
+fn accepted<'a>(
+    completions: &'a [Completion],
+    settled: &'a [SettledJob],
+) -> impl Iterator<Item = (&'a Completion, &'a SettledJob)> {
+    let jobs: BTreeMap<JobId, &SettledJob> = settled.iter().map(|j| (j.id, j)).collect();
+    let mut latest: BTreeMap<JobId, u32> = BTreeMap::new();
+    for c in completions {
+        let attempt = latest.entry(c.lease.job_id).or_default();
+        *attempt = (*attempt).max(c.lease.attempt);
+    }
+    completions.iter().filter_map(move |c| {
+        let job = *jobs.get(&c.lease.job_id)?;
+        (latest.get(&c.lease.job_id) == Some(&c.lease.attempt)).then_some((c, job))
+    })
+}
+
+/// Stores the references to the files that the attempts whose settlement was accepted made;
+/// a late attempt's files go unnamed, and the artifact sweep deletes them.
+async fn keep_artifacts(
+    tx: &mut dyn Tx,
+    completions: &[Completion],
+    settled: &[SettledJob],
+    now: Millis,
+) -> Result<()> {
+    if completions.iter().all(|c| c.artifacts.is_empty()) {
+        return Ok(());
+    }
+    let rows: Vec<Value> = accepted(completions, settled)
+        .flat_map(|(c, job)| {
+            c.artifacts.iter().map(move |a| {
+                json!({
+                    "id": a.id,
+                    "run_id": job.run_id,
+                    "step_id": job.step_id,
+                    "attempt": c.lease.attempt,
+                    "sha256": a.sha256,
+                    "size": a.size,
+                    "content_type": super::storable_text(&a.content_type),
+                })
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    tx.insert_artifacts(Value::Array(rows), now).await
 }
 
 fn log_rows<'a>(
@@ -824,6 +876,7 @@ pub(crate) async fn complete(
             .map(|(id, _)| *id),
     );
     keep_logs(tx, &completions, &settled.jobs).await?;
+    keep_artifacts(tx, &completions, &settled.jobs, now).await?;
     let mut accepted = Vec::with_capacity(settled.jobs.len());
     let mut sinks = Vec::new();
     let mut failed = Vec::new();
@@ -1333,6 +1386,7 @@ pub(crate) async fn sweep(tx: &mut dyn Tx, now: Millis, effects: &mut Effects) -
             lease: expired.lease,
             children: Vec::new(),
             logs: Vec::new(),
+            artifacts: Vec::new(),
         })
         .collect();
     let reclaimed = complete(tx, lost, now, effects).await?.len() as u64;

@@ -9,6 +9,7 @@ mod postgres;
 mod sql;
 mod sqlite;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -196,6 +197,18 @@ pub fn check_storable(value: &Value) -> std::result::Result<(), Unstorable> {
         }
     }
     Ok(())
+}
+
+/// An artifact's row (`id, sha256, size, content_type`) as a reference.
+pub(crate) fn artifact_ref(
+    (id, sha256, size, content_type): (String, String, i64, String),
+) -> crate::artifacts::ArtifactRef {
+    crate::artifacts::ArtifactRef {
+        id,
+        sha256,
+        size: size.max(0) as u64,
+        content_type,
+    }
 }
 
 /// Text for a text column: NUL characters, which PostgreSQL refuses, become U+FFFD. For
@@ -495,6 +508,8 @@ pub struct Completion {
     pub children: Vec<NewRun>,
     /// What the attempt printed; kept only when its settlement is accepted.
     pub logs: Vec<LogLine>,
+    /// The files the attempt stored; named only when its settlement is accepted.
+    pub artifacts: Vec<crate::artifacts::ArtifactRef>,
 }
 
 /// A line a step printed or noted during an attempt.
@@ -721,6 +736,10 @@ pub trait Reads: Send + Sync + 'static {
     async fn settings(&self, namespace: &str) -> Result<Vec<Setting>>;
     /// Newest first.
     async fn webhook_events(&self, source: Option<&str>, limit: u32) -> Result<Vec<WebhookEvent>>;
+    /// The artifact `id` names.
+    async fn artifact(&self, id: &str) -> Result<Option<crate::artifacts::ArtifactRef>>;
+    /// Which of `hashes` an artifact still names.
+    async fn artifact_hashes_named(&self, hashes: &[String]) -> Result<BTreeSet<String>>;
     /// Run notifications, newest first, without their runs' outputs.
     async fn notifications(
         &self,

@@ -15,6 +15,7 @@
 //! finishes; concurrency gates are serialised per key with transaction-scoped advisory locks, which
 //! a dead process cannot hold (its transaction ends with its connection).
 
+use crate::artifacts::ArtifactRef;
 use std::collections::BTreeSet;
 use std::ops::DerefMut;
 use std::str::FromStr;
@@ -1451,6 +1452,22 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         .await?)
     }
 
+    async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO artifacts (id, run_id, step_id, attempt, sha256, size, content_type, \
+                 created_at) \
+             SELECT a.id, a.run_id, a.step_id, a.attempt, a.sha256, a.size, a.content_type, $2 \
+             FROM jsonb_to_recordset($1) AS a(id text, run_id text, step_id text, attempt int, \
+                 sha256 text, size bigint, content_type text) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(rows)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     async fn append_logs(&mut self, rows: Value) -> Result<()> {
         sqlx::query(
             "INSERT INTO step_logs (run_id, step_id, attempt, at, stream, text) \
@@ -1545,6 +1562,10 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
 
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64> {
         sqlx::query("DELETE FROM step_logs WHERE run_id = ANY($1::text[])")
+            .bind(runs)
+            .execute(&mut *self.0)
+            .await?;
+        sqlx::query("DELETE FROM artifacts WHERE run_id = ANY($1::text[])")
             .bind(runs)
             .execute(&mut *self.0)
             .await?;
@@ -2071,6 +2092,24 @@ impl Reads for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn artifact(&self, id: &str) -> Result<Option<ArtifactRef>> {
+        let row: Option<(String, String, i64, String)> =
+            sqlx::query_as("SELECT id, sha256, size, content_type FROM artifacts WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(super::artifact_ref))
+    }
+
+    async fn artifact_hashes_named(&self, hashes: &[String]) -> Result<BTreeSet<String>> {
+        let named: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT sha256 FROM artifacts WHERE sha256 = ANY($1)")
+                .bind(hashes)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(named.into_iter().collect())
     }
 
     async fn notifications(

@@ -4,6 +4,7 @@
 //! batch, passing it as a JSON array to `json_each`: with sqlx each statement costs ~100 µs, so
 //! statements per batch, not rows, set the throughput.
 
+use crate::artifacts::ArtifactRef;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::DerefMut;
 use std::str::FromStr;
@@ -1322,6 +1323,22 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         .await?)
     }
 
+    async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()> {
+        sqlx::query(
+            "INSERT OR IGNORE INTO artifacts (id, run_id, step_id, attempt, sha256, size, \
+                 content_type, created_at) \
+             SELECT a.value->>'id', a.value->>'run_id', a.value->>'step_id', \
+                 a.value->>'attempt', a.value->>'sha256', a.value->>'size', \
+                 a.value->>'content_type', ?2 \
+             FROM json_each(?1) AS a",
+        )
+        .bind(to_json(&rows))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     async fn append_logs(&mut self, rows: Value) -> Result<()> {
         sqlx::query(
             "INSERT INTO step_logs (run_id, step_id, attempt, at, stream, text) \
@@ -1417,6 +1434,10 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64> {
         let ids = to_json(&runs);
         sqlx::query("DELETE FROM step_logs WHERE run_id IN (SELECT value FROM json_each(?))")
+            .bind(&ids)
+            .execute(&mut *self.0)
+            .await?;
+        sqlx::query("DELETE FROM artifacts WHERE run_id IN (SELECT value FROM json_each(?))")
             .bind(&ids)
             .execute(&mut *self.0)
             .await?;
@@ -1861,6 +1882,26 @@ impl Reads for SqliteStore {
             .fetch_all(&self.reader)
             .await?,
         )
+    }
+
+    async fn artifact(&self, id: &str) -> Result<Option<ArtifactRef>> {
+        let row: Option<(String, String, i64, String)> =
+            sqlx::query_as("SELECT id, sha256, size, content_type FROM artifacts WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(row.map(super::artifact_ref))
+    }
+
+    async fn artifact_hashes_named(&self, hashes: &[String]) -> Result<BTreeSet<String>> {
+        let named: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT sha256 FROM artifacts \
+             WHERE sha256 IN (SELECT value FROM json_each(?))",
+        )
+        .bind(serde_json::to_string(hashes).expect("strings serialize"))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(named.into_iter().collect())
     }
 
     async fn notifications(

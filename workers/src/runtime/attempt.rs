@@ -20,6 +20,7 @@ use switchyard_engine::store::{
 use tracing::Instrument;
 
 use super::{WorkerConfig, panic_message};
+use crate::artifacts::AttemptArtifacts;
 use crate::steps::EVERY_FIELD;
 use crate::steps::{ChildRun, Registry, StepCall, StepLog, StepOutcome};
 
@@ -64,6 +65,7 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
     async move {
         let started = std::time::Instant::now();
         let log = StepLog::default();
+        let files = AttemptArtifacts::new(shared.engine.artifacts());
         let (result, children, policy) =
             match shared.engine.version(&job.workflow_id, job.version).await {
                 Err(e) => (
@@ -90,7 +92,7 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
                                 &shared.engine,
                                 &job.lease,
                                 &log,
-                                attempt(&shared, &job, step, &log),
+                                attempt(&shared, &job, step, &log, &files),
                             )
                             .await;
                             (result, children, workflow.retry_policy(step))
@@ -102,6 +104,10 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
         // A failure of a step that continues on error is tolerated by the store, whichever way
         // it came.
         let settlement = settle(job.lease.attempt, &policy, result, now, rand::random());
+        let settlement_kept = matches!(
+            settlement,
+            Settlement::Succeed { .. } | Settlement::Park { .. }
+        );
         // An item counts as its step: one series per step, not per item.
         switchyard_engine::metrics::step_finished(
             &job.workflow_id,
@@ -139,6 +145,12 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
             settlement,
             children,
             logs: log.take(),
+            // A file counts only for the result that names it: a failed attempt's are swept.
+            artifacts: if settlement_kept {
+                files.take_saved()
+            } else {
+                Vec::new()
+            },
         }
     }
     .instrument(span)
@@ -192,6 +204,7 @@ async fn attempt(
     job: &ClaimedJob,
     step: &Step,
     log: &StepLog,
+    files: &AttemptArtifacts,
 ) -> (AttemptResult, Vec<NewRun>) {
     let engine = &shared.engine;
     let config = &shared.config;
@@ -363,6 +376,7 @@ async fn attempt(
         attempt: job.lease.attempt,
         now: engine.now(),
         log: log.clone(),
+        artifacts: files.clone(),
     };
     // A step kind that panics fails its attempt like any error, under the step's retry policy:
     // the job is settled now, not when a lease its claim shares with other jobs runs out.

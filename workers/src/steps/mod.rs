@@ -22,6 +22,7 @@ use serde_json::Value;
 use switchyard_engine::definition::{Secrets, StepKinds};
 use switchyard_engine::store::LogLine;
 
+use crate::artifacts::AttemptArtifacts;
 use crate::egress::EgressPolicy;
 use switchyard_engine::state::{Millis, StepFailure};
 
@@ -55,6 +56,8 @@ pub struct StepCall {
     pub now: Millis,
     /// Where the step writes what it prints.
     pub log: StepLog,
+    /// The files it stores and reads.
+    pub artifacts: AttemptArtifacts,
 }
 
 /// Most a step's lines may hold in one attempt, each line counting [`LINE_COST`] more than its
@@ -222,6 +225,7 @@ impl StepCall {
             attempt: 1,
             now: 0,
             log: StepLog::default(),
+            artifacts: AttemptArtifacts::default(),
         }
     }
 

@@ -75,6 +75,7 @@ mod tests {
             attempt: 1,
             now,
             log: Default::default(),
+            artifacts: Default::default(),
         }
     }
 

@@ -107,6 +107,7 @@ mod tests {
             attempt,
             now,
             log: Default::default(),
+            artifacts: Default::default(),
         }
     }
 

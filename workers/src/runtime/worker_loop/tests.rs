@@ -177,6 +177,7 @@ fn succeeded(lease: &Lease) -> Completion {
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
     }
 }
 

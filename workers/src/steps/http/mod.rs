@@ -27,7 +27,9 @@ use super::{StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema
 use crate::egress::{CheckedResolver, EgressPolicy, Refused};
 
 mod auth;
+mod multipart;
 use auth::{Auth, Outgoing};
+use multipart::Multipart;
 
 /// Characters of a failed answer's body quoted in the error: enough to tell what went wrong,
 /// too little to carry an internal API's answer to whoever reads the run.
@@ -61,6 +63,9 @@ struct HttpWith {
     /// JSON (a form, XML, text).
     #[schemars(with = "Option<serde_json::Value>")]
     body: Option<Value>,
+    /// A `multipart/form-data` body instead: `{fields: {NAME: VALUE}, files: [{name, artifact |
+    /// text, filename, content_type}]}`.
+    multipart: Option<Multipart>,
     /// How long the request may take, such as `10s`.
     #[schemars(extend("format" = "duration"))]
     timeout: Option<String>,
@@ -219,6 +224,29 @@ fn body_bytes(
     }
 }
 
+/// Whether an answer of `content_type` goes into the output (JSON, or text) rather than into an
+/// artifact. An answer that names no type is read as before: JSON when it parses, else text.
+fn textual(content_type: &str) -> bool {
+    let kind = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    kind.is_empty()
+        || kind.starts_with("text/")
+        || [
+            "json",
+            "xml",
+            "javascript",
+            "yaml",
+            "x-www-form-urlencoded",
+            "graphql",
+        ]
+        .iter()
+        .any(|t| kind.contains(t))
+}
+
 /// `Retry-After` as seconds or as an HTTP date.
 fn retry_after(headers: &HeaderMap, now_ms: i64) -> Option<Duration> {
     let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
@@ -338,6 +366,15 @@ impl StepKind for Http {
             None => None,
         };
         let mut body = body_bytes(with.body.as_ref(), &mut headers)?;
+        let mut multipart = with.multipart.as_ref();
+        if let Some(form) = multipart {
+            if body.is_some() {
+                return Err(invalid(
+                    "http step: `with` takes one of `body` and `multipart`, not both",
+                ));
+            }
+            form.check()?;
+        }
         // Credentials go to the origin the author wrote, and to no other a redirect leads to.
         let mut send_credentials = true;
         // The query joins the URL once, as reqwest encodes it; a redirect's Location is whole.
@@ -384,7 +421,11 @@ impl StepKind for Http {
                     method: method.as_str(),
                     url: &url,
                     headers: &headers,
-                    body: Some(body.as_deref().unwrap_or_default()),
+                    // A streamed form has no bytes to sign ahead.
+                    body: match multipart {
+                        Some(_) => None,
+                        None => Some(body.as_deref().unwrap_or_default()),
+                    },
                     at: std::time::SystemTime::now(),
                 };
                 for (name, value) in auth.headers(&call.secrets, &outgoing)? {
@@ -396,6 +437,9 @@ impl StepKind for Http {
                 .headers(sent_headers);
             if let Some(body) = &body {
                 request = request.body(body.clone());
+            }
+            if let Some(form) = multipart {
+                request = request.multipart(form.form(&call.artifacts).await?);
             }
             if let Some(timeout) = timeout {
                 request = request.timeout(timeout);
@@ -447,6 +491,7 @@ impl StepKind for Http {
             if status == 303 || (matches!(status, 301 | 302) && method == Method::POST) {
                 method = Method::GET;
                 body = None;
+                multipart = None;
             }
             url = next;
         };
@@ -475,6 +520,47 @@ impl StepKind for Http {
                 retry_after: retry_after(&response_headers, call.now),
             });
         }
+        let headers: Map<String, Value> = response_headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_string(), Value::String(v.to_str().ok()?.to_owned()))))
+            .collect();
+        let content_type = response_headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        if !textual(&content_type) {
+            // Audio, images, documents: kept as a file, read as it arrives.
+            let limit = call.artifacts.max_size();
+            if response.content_length().is_some_and(|n| n > limit) {
+                return Err(StepFailure::permanent(
+                    "artifact_too_large",
+                    format!(
+                        "{target}: the response body is over the artifact limit of {limit} bytes"
+                    ),
+                ));
+            }
+            let saved = call
+                .artifacts
+                .save(&content_type, response.bytes_stream())
+                .await
+                .map_err(|mut f| {
+                    f.message = format!("{target}: {}", f.message);
+                    f
+                })?;
+            call.log.line(
+                "info",
+                format!(
+                    "{target}: kept {} bytes of {content_type} as artifact {}",
+                    saved.size, saved.id
+                ),
+            );
+            return Ok(StepOutcome::Output(json!({
+                "status": status.as_u16(),
+                "headers": headers,
+                "body": saved.to_output(),
+            })));
+        }
         let bytes = read_body(&mut response, MAX_BODY, &target)
             .await?
             .ok_or_else(|| {
@@ -485,10 +571,6 @@ impl StepKind for Http {
             })?;
         let body = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        let headers: Map<String, Value> = response_headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.to_string(), Value::String(v.to_str().ok()?.to_owned()))))
-            .collect();
         Ok(StepOutcome::Output(json!({
             "status": status.as_u16(),
             "headers": headers,
