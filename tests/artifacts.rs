@@ -9,7 +9,7 @@ use axum::Router;
 use axum::extract::Multipart;
 use axum::routing::{get, post};
 use common::{Sandbox, last_line, serve_in_thread, step};
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::Digest as _;
 
 /// One part of a form the upload server received: name, file name, content type, bytes.
