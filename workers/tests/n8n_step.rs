@@ -66,6 +66,7 @@ fn call(with: Value, checkpoint: Option<Value>, now: i64) -> StepCall {
         now,
         log: Default::default(),
         artifacts: Default::default(),
+        vars: serde_json::Value::Null,
     }
 }
 

@@ -243,7 +243,7 @@ async fn attempt(
     let ctx = TemplateContext {
         input,
         steps,
-        vars,
+        vars: vars.clone(),
         secrets: secrets.clone(),
         run: json!({
             "id": job.run_id,
@@ -377,6 +377,7 @@ async fn attempt(
         now: engine.now(),
         log: log.clone(),
         artifacts: files.clone(),
+        vars,
     };
     // A step kind that panics fails its attempt like any error, under the step's retry policy:
     // the job is settled now, not when a lease its claim shares with other jobs runs out.

@@ -5,6 +5,7 @@ mod http;
 mod n8n;
 mod noop;
 mod notify;
+mod openai;
 mod script;
 mod sleep;
 mod transform;
@@ -30,6 +31,7 @@ pub use http::Http;
 pub use n8n::{N8n, N8nUrls};
 pub use noop::Noop;
 pub use notify::Notify;
+pub use openai::OpenAi;
 pub use script::Script;
 pub use sleep::Sleep;
 pub use transform::Transform;
@@ -58,6 +60,9 @@ pub struct StepCall {
     pub log: StepLog,
     /// The files it stores and reads.
     pub artifacts: AttemptArtifacts,
+    /// The variables its templates saw (`vars`), for a kind's defaults
+    /// (`vars.openai_base_url`).
+    pub vars: Value,
 }
 
 /// Most a step's lines may hold in one attempt, each line counting [`LINE_COST`] more than its
@@ -226,6 +231,7 @@ impl StepCall {
             now: 0,
             log: StepLog::default(),
             artifacts: AttemptArtifacts::default(),
+            vars: Value::Null,
         }
     }
 
@@ -295,6 +301,7 @@ impl Registry {
         let mut registry = Registry::default();
         registry.add(Http::with_policy(egress.clone()));
         registry.add(Notify::new(Http::with_policy(egress.clone())));
+        registry.add(OpenAi::with_policy(egress.clone()));
         registry.add(N8n::with_policy(n8n, egress));
         registry.add(Transform);
         registry.add(Script::refused());

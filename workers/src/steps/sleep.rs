@@ -76,6 +76,7 @@ mod tests {
             now,
             log: Default::default(),
             artifacts: Default::default(),
+            vars: serde_json::Value::Null,
         }
     }
 
