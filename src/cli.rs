@@ -103,6 +103,11 @@ pub struct WorkerArgs {
     /// process of one database must reach the same place: on several machines, a bucket.
     #[arg(long, env = "SWITCHYARD_ARTIFACTS", default_value = "artifacts")]
     pub artifacts: String,
+    /// Redis (`redis://host:6379/0`): steps' quota buckets and the API's per-caller rate limits
+    /// are kept there, one for every process that uses it (several control planes behind one
+    /// load balancer), instead of in the database and in each process.
+    #[arg(long, env = "SWITCHYARD_REDIS_URL")]
+    pub redis: Option<String>,
     /// The largest file a step may store, in MiB.
     #[arg(long, env = "SWITCHYARD_ARTIFACT_MAX_MIB", default_value_t = 100)]
     pub artifact_max_mib: u64,

@@ -17,6 +17,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod n8n_import;
 pub mod plan;
+pub mod quotas;
 pub mod scheduler;
 pub mod service;
 pub mod settings;

@@ -149,6 +149,7 @@ pub struct Engine {
     hooks: crate::hooks::HookIndex,
     intake: std::sync::OnceLock<crate::intake::Intake>,
     artifacts: std::sync::OnceLock<Arc<crate::artifacts::Artifacts>>,
+    quotas: std::sync::OnceLock<Arc<dyn crate::quotas::QuotaBuckets>>,
 }
 
 impl Engine {
@@ -162,12 +163,34 @@ impl Engine {
             hooks: Default::default(),
             intake: Default::default(),
             artifacts: Default::default(),
+            quotas: Default::default(),
         }
+    }
+
+    /// Keeps steps' quota buckets in `buckets` (Redis) rather than in the database (set once,
+    /// before the engine works).
+    pub fn set_quotas(&self, buckets: Arc<dyn crate::quotas::QuotaBuckets>) {
+        let _ = self.quotas.set(buckets);
+    }
+
+    /// Where steps' quota buckets are kept: the database unless [`Engine::set_quotas`] said.
+    pub fn quotas(&self) -> Arc<dyn crate::quotas::QuotaBuckets> {
+        self.quotas
+            .get_or_init(|| Arc::new(crate::quotas::StoreBuckets(self.store.clone())))
+            .clone()
     }
 
     /// Keeps artifacts in `artifacts` (set once, before the engine serves or works).
     pub fn set_artifacts(&self, artifacts: crate::artifacts::Artifacts) {
         let _ = self.artifacts.set(Arc::new(artifacts));
+    }
+
+    /// Recorded usage of the services steps call, newest day first.
+    pub async fn usage(
+        &self,
+        filter: &crate::store::UsageFilter,
+    ) -> Result<Vec<crate::store::Usage>> {
+        Ok(self.store.usage(filter).await?)
     }
 
     /// The file artifact `id` names, as it is read.
@@ -483,6 +506,7 @@ impl Engine {
                         children: Vec::new(),
                         logs: Vec::new(),
                         artifacts: Vec::new(),
+                        usage: Vec::new(),
                     };
                     match retry_transient("completion", || {
                         self.store.complete(vec![failure.clone()], self.now())

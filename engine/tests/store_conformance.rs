@@ -76,6 +76,7 @@ fn park(job: &ClaimedJob, until: Millis, checkpoint: Value) -> Completion {
         children: Vec::new(),
         logs: Vec::new(),
         artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -86,6 +87,7 @@ fn done(job: &ClaimedJob, output: Value) -> Completion {
         children: Vec::new(),
         logs: Vec::new(),
         artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -98,6 +100,7 @@ fn failed(job: &ClaimedJob, error: &str) -> Completion {
         children: Vec::new(),
         logs: Vec::new(),
         artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -134,6 +137,7 @@ async fn park_with_children(
                 children,
                 logs: Vec::new(),
                 artifacts: Vec::new(),
+                usage: Vec::new(),
             }],
             T0,
         )
@@ -288,6 +292,7 @@ pub async fn retry_waits_for_its_stored_time(store: Arc<dyn Store>) {
                 children: Vec::new(),
                 logs: Vec::new(),
                 artifacts: Vec::new(),
+                usage: Vec::new(),
             }],
             T0,
         )
@@ -651,6 +656,7 @@ pub async fn a_signal_to_a_running_step_wakes_it_as_it_parks_unless_it_timed_out
         children: Vec::new(),
         logs: Vec::new(),
         artifacts: Vec::new(),
+        usage: Vec::new(),
     };
     store.complete(vec![retry], T0 + 11).await.unwrap();
     let again = claim(&*store, T0 + LEASE * 10, 1).await.remove(0);
@@ -730,6 +736,7 @@ pub async fn callback_for_an_attempt_that_ended_is_refused(store: Arc<dyn Store>
         children: Vec::new(),
         logs: Vec::new(),
         artifacts: Vec::new(),
+        usage: Vec::new(),
     };
     store.complete(vec![retry], T0).await.unwrap();
     assert!(
@@ -760,6 +767,7 @@ pub async fn a_step_given_back_keeps_its_callback(store: Arc<dyn Store>) {
         children: Vec::new(),
         logs: Vec::new(),
         artifacts: Vec::new(),
+        usage: Vec::new(),
     };
     store.complete(vec![released], T0 + 2).await.unwrap();
     let again = claim(&*store, T0 + 2, 1).await.remove(0);
@@ -1338,6 +1346,7 @@ async fn job_in_state(
                         children: Vec::new(),
                         logs: Vec::new(),
                         artifacts: Vec::new(),
+                        usage: Vec::new(),
                     }],
                     T0,
                 )
@@ -1456,6 +1465,7 @@ fn done_with(lease: &switchyard_engine::store::Lease, output: Value) -> Completi
         children: Vec::new(),
         logs: Vec::new(),
         artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -2018,6 +2028,117 @@ pub async fn a_file_is_named_only_by_an_accepted_settlement_and_swept_once_no_ru
         1
     );
     assert!(artifacts.read(&kept.sha256).await.is_err());
+}
+
+pub async fn a_quota_lets_its_limit_through_then_gives_each_waiting_taker_its_own_turn(
+    store: Arc<dyn Store>,
+) {
+    let per = std::time::Duration::from_secs(1);
+    let takes = (0..20).map(|_| {
+        let store = store.clone();
+        async move { store.take_quota("openai", 10, per, T0).await.unwrap() }
+    });
+    let mut ats = futures::future::join_all(takes).await;
+    ats.sort_unstable();
+    let expected: Vec<Millis> = std::iter::repeat_n(T0, 10)
+        .chain((1..=10).map(|i| T0 + i * 100))
+        .collect();
+    assert_eq!(
+        ats, expected,
+        "ten at once, then one every 100 ms, none twice"
+    );
+    // Another bucket is another limit.
+    assert_eq!(store.take_quota("pinata", 1, per, T0).await.unwrap(), T0);
+}
+
+pub async fn usage_is_summed_per_provider_workflow_and_day_from_every_attempt(
+    store: Arc<dyn Store>,
+) {
+    use switchyard_engine::store::{Usage, UsageFilter};
+    let wf = workflow("id: spend\nsteps:\n  - {id: a, type: noop}\n");
+    start(&*store, &wf, Trigger::default()).await;
+    start(&*store, &wf, Trigger::default()).await;
+    let jobs = claim(&*store, T0, 2).await;
+    let spent = |tokens: u64, failed: bool| Usage {
+        provider: "openai".into(),
+        workflow_id: "spend".into(),
+        requests: 1,
+        errors: u64::from(failed),
+        tokens,
+        cost: tokens as f64 / 1e6,
+        ..Usage::default()
+    };
+    let with_usage = |completion: Completion, usage: Vec<Usage>| Completion {
+        usage,
+        ..completion
+    };
+    // A forged lease is refused, but what its attempt spent was spent.
+    let forged = switchyard_engine::store::Lease {
+        token: "forged".into(),
+        ..jobs[1].lease.clone()
+    };
+    store
+        .complete(
+            vec![
+                with_usage(
+                    done(&jobs[0], Value::Null),
+                    vec![spent(20, false), spent(0, true)],
+                ),
+                with_usage(done_with(&forged, Value::Null), vec![spent(5, false)]),
+            ],
+            T0,
+        )
+        .await
+        .unwrap();
+    store
+        .complete(
+            vec![with_usage(
+                done(&jobs[1], Value::Null),
+                vec![spent(7, false)],
+            )],
+            T0 + 86_400_000,
+        )
+        .await
+        .unwrap();
+    let all = UsageFilter {
+        limit: 10,
+        ..UsageFilter::default()
+    };
+    let rows = store.usage(&all).await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let day = |at: Millis| {
+        jiff::Timestamp::from_millisecond(at)
+            .unwrap()
+            .strftime("%Y-%m-%d")
+            .to_string()
+    };
+    assert_eq!(
+        (rows[0].day.clone(), rows[0].requests, rows[0].tokens),
+        (day(T0 + 86_400_000), 1, 7)
+    );
+    assert_eq!(
+        (
+            rows[1].day.clone(),
+            rows[1].requests,
+            rows[1].errors,
+            rows[1].tokens
+        ),
+        (day(T0), 3, 1, 25)
+    );
+    assert!((rows[1].cost - 25e-6).abs() < 1e-12);
+    let one_day = UsageFilter {
+        from: Some(day(T0)),
+        to: Some(day(T0)),
+        limit: 10,
+        ..UsageFilter::default()
+    };
+    assert_eq!(store.usage(&one_day).await.unwrap().len(), 1);
+    let other = UsageFilter {
+        provider: Some("pinata".into()),
+        limit: 10,
+        ..UsageFilter::default()
+    };
+    assert!(store.usage(&other).await.unwrap().is_empty());
 }
 
 pub async fn old_fire_records_are_pruned_but_the_latest_stays(store: Arc<dyn Store>) {
@@ -2783,6 +2904,7 @@ fn skip(job: &ClaimedJob, reason: &str) -> Completion {
         children: Vec::new(),
         logs: Vec::new(),
         artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -2979,6 +3101,7 @@ fn looped(job: &ClaimedJob, items: Vec<Value>, parallel: Option<u32>) -> Complet
         children: Vec::new(),
         logs: Vec::new(),
         artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -3076,6 +3199,7 @@ pub async fn a_failing_item_is_retried_alone_and_one_failing_for_good_fails_its_
                 children: Vec::new(),
                 logs: Vec::new(),
                 artifacts: Vec::new(),
+                usage: Vec::new(),
             },
             i => done(j, json!(i)),
         })
@@ -3295,6 +3419,8 @@ macro_rules! conformance {
                 run_keeps_the_version_it_started_with,
                 finished_runs_are_pruned_after_retention,
                 a_file_is_named_only_by_an_accepted_settlement_and_swept_once_no_run_names_it,
+                a_quota_lets_its_limit_through_then_gives_each_waiting_taker_its_own_turn,
+                usage_is_summed_per_provider_workflow_and_day_from_every_attempt,
                 an_attempts_lines_are_kept_only_with_its_accepted_settlement,
                 old_fire_records_are_pruned_but_the_latest_stays,
                 a_refused_fire_is_recorded_once_with_an_alert_and_a_chosen_skip_without,

@@ -7,6 +7,7 @@ pub mod egress;
 pub mod notifier;
 pub mod runtime;
 pub mod steps;
+pub mod usage;
 
 pub use egress::{Destination, EgressPolicy};
 pub use runtime::{WorkerConfig, run_worker};

@@ -67,6 +67,7 @@ fn call(with: Value, checkpoint: Option<Value>, now: i64) -> StepCall {
         log: Default::default(),
         artifacts: Default::default(),
         vars: serde_json::Value::Null,
+        usage: Default::default(),
     }
 }
 

@@ -16,6 +16,7 @@ mod limits;
 mod public;
 mod runs;
 pub mod types;
+mod usage;
 mod webhooks;
 mod workflows;
 
@@ -213,6 +214,7 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::list_runs))
         .routes(routes!(runs::show_run))
         .routes(routes!(artifacts::artifact))
+        .routes(routes!(usage::usage))
         .routes(routes!(runs::run_logs))
         .routes(routes!(runs::follow_run_logs))
         .routes(routes!(runs::cancel_run))

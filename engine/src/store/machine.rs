@@ -469,6 +469,13 @@ pub(crate) trait Tx: Send {
     async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>>;
     /// Stores log lines (rows `{run_id, step_id, attempt, at, stream, text}`).
     async fn append_logs(&mut self, rows: Value) -> Result<()>;
+    /// The bucket `name`'s theoretical arrival time (0 for a new one), held until the
+    /// transaction ends.
+    async fn lock_quota(&mut self, name: &str) -> Result<i64>;
+    async fn set_quota(&mut self, name: &str, tat_us: i64) -> Result<()>;
+    /// Adds usage (rows `{provider, workflow_id, day, requests, errors, tokens, cost}`, one per
+    /// key, in key order) to what is recorded.
+    async fn add_usage(&mut self, rows: Value) -> Result<()>;
     /// Stores artifact references (rows `{id, run_id, step_id, attempt, sha256, size,
     /// content_type}`), made `now`.
     async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()>;
@@ -721,6 +728,64 @@ pub(crate) async fn insert_runs(
         .collect())
 }
 
+/// Takes from the shared rate limit `name` (see [`crate::state::quota_take`]); returns when the
+/// taker may go.
+pub(crate) async fn take_quota(
+    tx: &mut dyn Tx,
+    name: &str,
+    limit: u32,
+    per: std::time::Duration,
+    now: Millis,
+) -> Result<Millis> {
+    let tat = tx.lock_quota(name).await?;
+    let take = crate::state::quota_take(tat, now, limit, per, true);
+    if let Some(tat) = take.tat_us {
+        tx.set_quota(name, tat).await?;
+    }
+    Ok(take.at)
+}
+
+/// Records what every attempt in the batch spent, accepted or not: a late attempt's calls were
+/// made, and paid for, all the same. One row per provider, workflow and day, in key order, so
+/// two batches lock their rows in the same order.
+async fn record_usage(tx: &mut dyn Tx, completions: &[Completion], now: Millis) -> Result<()> {
+    if completions.iter().all(|c| c.usage.is_empty()) {
+        return Ok(());
+    }
+    let day = jiff::Timestamp::from_millisecond(now)
+        .map(|t| t.strftime("%Y-%m-%d").to_string())
+        .unwrap_or_default();
+    let mut sums: BTreeMap<(&str, &str), super::Usage> = BTreeMap::new();
+    for usage in completions.iter().flat_map(|c| &c.usage) {
+        let sum = sums
+            .entry((&usage.provider, &usage.workflow_id))
+            .or_insert_with(|| super::Usage {
+                provider: usage.provider.clone(),
+                workflow_id: usage.workflow_id.clone(),
+                ..Default::default()
+            });
+        sum.requests += usage.requests;
+        sum.errors += usage.errors;
+        sum.tokens += usage.tokens;
+        sum.cost += usage.cost;
+    }
+    let rows: Vec<Value> = sums
+        .values()
+        .map(|u| {
+            json!({
+                "provider": super::storable_text(&u.provider),
+                "workflow_id": u.workflow_id,
+                "day": day,
+                "requests": u.requests,
+                "errors": u.errors,
+                "tokens": u.tokens,
+                "cost": if u.cost.is_finite() { u.cost } else { 0.0 },
+            })
+        })
+        .collect();
+    tx.add_usage(Value::Array(rows)).await
+}
+
 /// Stores what the attempts whose settlement was accepted printed; a late attempt's lines go
 /// with its refused settlement.
 async fn keep_logs(
@@ -877,6 +942,7 @@ pub(crate) async fn complete(
     );
     keep_logs(tx, &completions, &settled.jobs).await?;
     keep_artifacts(tx, &completions, &settled.jobs, now).await?;
+    record_usage(tx, &completions, now).await?;
     let mut accepted = Vec::with_capacity(settled.jobs.len());
     let mut sinks = Vec::new();
     let mut failed = Vec::new();
@@ -1387,6 +1453,7 @@ pub(crate) async fn sweep(tx: &mut dyn Tx, now: Millis, effects: &mut Effects) -
             children: Vec::new(),
             logs: Vec::new(),
             artifacts: Vec::new(),
+            usage: Vec::new(),
         })
         .collect();
     let reclaimed = complete(tx, lost, now, effects).await?.len() as u64;

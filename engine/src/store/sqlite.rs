@@ -4,6 +4,7 @@
 //! batch, passing it as a JSON array to `json_each`: with sqlx each statement costs ~100 µs, so
 //! statements per batch, not rows, set the throughput.
 
+use super::{Usage, UsageFilter};
 use crate::artifacts::ArtifactRef;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::DerefMut;
@@ -1323,6 +1324,46 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         .await?)
     }
 
+    async fn lock_quota(&mut self, name: &str) -> Result<i64> {
+        // The one writer holds every bucket already.
+        let tat: Option<i64> =
+            sqlx::query_scalar("SELECT tat_us FROM quota_buckets WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&mut *self.0)
+                .await?;
+        Ok(tat.unwrap_or(0))
+    }
+
+    async fn set_quota(&mut self, name: &str, tat_us: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO quota_buckets (name, tat_us) VALUES (?1, ?2) \
+             ON CONFLICT (name) DO UPDATE SET tat_us = excluded.tat_us",
+        )
+        .bind(name)
+        .bind(tat_us)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn add_usage(&mut self, rows: Value) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_usage (provider, workflow_id, day, requests, errors, tokens, cost) \
+             SELECT u.value->>'provider', u.value->>'workflow_id', u.value->>'day', \
+                 u.value->>'requests', u.value->>'errors', u.value->>'tokens', u.value->>'cost' \
+             FROM json_each(?1) AS u WHERE true \
+             ON CONFLICT (provider, workflow_id, day) DO UPDATE SET \
+                 requests = api_usage.requests + excluded.requests, \
+                 errors = api_usage.errors + excluded.errors, \
+                 tokens = api_usage.tokens + excluded.tokens, \
+                 cost = api_usage.cost + excluded.cost",
+        )
+        .bind(to_json(&rows))
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()> {
         sqlx::query(
             "INSERT OR IGNORE INTO artifacts (id, run_id, step_id, attempt, sha256, size, \
@@ -1882,6 +1923,23 @@ impl Reads for SqliteStore {
             .fetch_all(&self.reader)
             .await?,
         )
+    }
+
+    async fn usage(&self, filter: &UsageFilter) -> Result<Vec<Usage>> {
+        let rows: Vec<(String, String, String, i64, i64, i64, f64)> = sqlx::query_as(
+            "SELECT provider, workflow_id, day, requests, errors, tokens, cost FROM api_usage \
+             WHERE (?1 IS NULL OR provider = ?1) AND (?2 IS NULL OR workflow_id = ?2) \
+                 AND (?3 IS NULL OR day >= ?3) AND (?4 IS NULL OR day <= ?4) \
+             ORDER BY day DESC, provider, workflow_id LIMIT ?5",
+        )
+        .bind(&filter.provider)
+        .bind(&filter.workflow_id)
+        .bind(&filter.from)
+        .bind(&filter.to)
+        .bind(filter.limit)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(super::usage_row).collect())
     }
 
     async fn artifact(&self, id: &str) -> Result<Option<ArtifactRef>> {

@@ -367,6 +367,7 @@ fn released(lease: Lease) -> Completion {
         children: Vec::new(),
         logs: Vec::new(),
         artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 

@@ -25,6 +25,7 @@ use switchyard_engine::store::LogLine;
 
 use crate::artifacts::AttemptArtifacts;
 use crate::egress::EgressPolicy;
+use crate::usage::UsageMeter;
 use switchyard_engine::state::{Millis, StepFailure};
 
 pub use http::Http;
@@ -63,6 +64,8 @@ pub struct StepCall {
     /// The variables its templates saw (`vars`), for a kind's defaults
     /// (`vars.openai_base_url`).
     pub vars: Value,
+    /// What it spends at the services it calls.
+    pub usage: UsageMeter,
 }
 
 /// Most a step's lines may hold in one attempt, each line counting [`LINE_COST`] more than its
@@ -232,6 +235,7 @@ impl StepCall {
             log: StepLog::default(),
             artifacts: AttemptArtifacts::default(),
             vars: Value::Null,
+            usage: UsageMeter::default(),
         }
     }
 

@@ -60,6 +60,8 @@ struct OpenAiWith {
     base_url: Option<String>,
     /// The API key; else the secret `openai_api_key`.
     api_key: Option<String>,
+    /// Whose usage this is in `api_usage` and the metrics (`openai` by default).
+    provider: Option<String>,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -192,6 +194,31 @@ fn failure(e: OpenAIError, retry_after: &RetryAfter) -> StepFailure {
         OpenAIError::InvalidArgument(message) => invalid(format!("openai step: {message}")),
         other => StepFailure::transient("openai", format!("openai: {other}")),
     }
+}
+
+/// The tokens `usage` counts, and what they cost at the model's price in `vars.prices`
+/// (`{MODEL: {input, output}}`, US dollars per million tokens; none: 0).
+fn spent(usage: &Value, model: &Value, vars: &Value) -> (u64, f64) {
+    let count = |k: &str| usage[k].as_u64().unwrap_or(0);
+    let (input, output) = (count("prompt_tokens"), count("completion_tokens"));
+    let price = model
+        .as_str()
+        .and_then(|m| {
+            let prices = &vars["prices"];
+            // A dated model (`gpt-4o-mini-2024-07-18`) is priced as its family when unlisted.
+            prices.get(m).or_else(|| {
+                prices.as_object()?.iter().find_map(|(name, p)| {
+                    m.strip_prefix(name.as_str())
+                        .is_some_and(|rest| rest.starts_with('-'))
+                        .then_some(p)
+                })
+            })
+        })
+        .cloned()
+        .unwrap_or(Value::Null);
+    let per_token = |k: &str| price[k].as_f64().unwrap_or(0.0) / 1e6;
+    let cost = input as f64 * per_token("input") + output as f64 * per_token("output");
+    (count("total_tokens").max(input + output), cost)
 }
 
 fn usage_of(usage: Option<&async_openai::types::chat::CompletionUsage>) -> Value {
@@ -461,6 +488,16 @@ impl StepKind for OpenAi {
             }
             None => self.chat(&client, &with, &retry_after).await,
         };
+        let (tokens, cost) = match &result {
+            Ok(StepOutcome::Output(out)) => spent(&out["usage"], &out["model"], &call.vars),
+            _ => (0, 0.0),
+        };
+        call.usage.record(
+            with.provider.as_deref().unwrap_or("openai"),
+            result.is_err(),
+            tokens,
+            cost,
+        );
         call.log.line(
             "info",
             format!(

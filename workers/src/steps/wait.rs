@@ -109,6 +109,7 @@ mod tests {
             log: Default::default(),
             artifacts: Default::default(),
             vars: serde_json::Value::Null,
+            usage: Default::default(),
         }
     }
 

@@ -163,6 +163,7 @@ fn steps(store: &Arc<FakeStore>) -> RunStep {
                 children: Vec::new(),
                 logs: Vec::new(),
                 artifacts: Vec::new(),
+                usage: Vec::new(),
             }
         })
     })

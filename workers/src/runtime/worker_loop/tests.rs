@@ -178,6 +178,7 @@ fn succeeded(lease: &Lease) -> Completion {
         children: Vec::new(),
         logs: Vec::new(),
         artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 

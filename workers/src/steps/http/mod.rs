@@ -71,6 +71,9 @@ struct HttpWith {
     timeout: Option<String>,
     /// Follow redirects (the default), or take a 3xx answer as a failure.
     follow_redirects: Option<bool>,
+    /// The service this calls, such as `pinata`: its requests and failures are counted under
+    /// this name in `api_usage` and the metrics.
+    provider: Option<String>,
 }
 
 /// Header values: text, or numbers and booleans sent as text.
@@ -350,13 +353,24 @@ impl StepKind for Http {
 
     async fn run(&self, call: StepCall) -> StepResult {
         let with: HttpWith = parse_with("http", &call.with)?;
+        let provider = with.provider.clone();
+        let result = self.send(&call, with).await;
+        if let Some(provider) = provider {
+            call.usage.record(&provider, result.is_err(), 0, 0.0);
+        }
+        result
+    }
+}
+
+impl Http {
+    async fn send(&self, call: &StepCall, with: HttpWith) -> StepResult {
         let follow_redirects = with.follow_redirects.unwrap_or(true);
         let text = with.url.as_str();
         let given = with.method.as_deref().unwrap_or("GET");
         let mut method = Method::from_bytes(given.to_ascii_uppercase().as_bytes())
             .map_err(|_| invalid(format!("http step: unknown method {given:?}")))?;
         let from_input = call.reads_run_data("url");
-        let (mut headers, secret_headers) = headers(&call, &with)?;
+        let (mut headers, secret_headers) = headers(call, &with)?;
         let carries_secrets = !secret_headers.is_empty() || with.auth.is_some();
         let timeout = match with.timeout.as_deref() {
             Some(t) => Some(
