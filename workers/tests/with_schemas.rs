@@ -51,7 +51,7 @@ steps:
         found,
         [
             "6:7: http step: `with` takes no key `methd` (it takes: auth, body, follow_redirects, \
-             headers, method, multipart, query, timeout, url)",
+             headers, method, multipart, provider, query, timeout, url)",
             "8:16: http step: `with.timeout` is \"5 parsecs\", not a duration (write it like 30s, \
              5m or 1h 30m)",
             "12:5: transform step needs `with.output`",
