@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_engine::artifacts::Artifacts;
 use switchyard_engine::quotas::{QuotaBuckets, RedisBuckets};
 
 use anyhow::{Context, bail};
@@ -625,14 +624,12 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
         None
     };
     let (engine, master) = open(global).await?;
-    engine.set_artifacts(
-        Artifacts::open(
+    engine
+        .keep_artifacts_in(
             &args.artifacts,
-            engine.store().clone(),
             args.artifact_max_mib.saturating_mul(1024 * 1024),
         )
-        .context("opening the artifact store")?,
-    );
+        .context("opening the artifact store")?;
     // Quota buckets and the API's rate limits, shared through Redis by every process using it.
     let redis: Option<Arc<dyn QuotaBuckets>> = match &args.redis {
         Some(url) => Some(Arc::new(RedisBuckets::connect(url).await.with_context(

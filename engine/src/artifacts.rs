@@ -35,7 +35,7 @@ pub const SWEEP_GRACE: std::time::Duration = std::time::Duration::from_secs(6 * 
 const PART_SIZE: usize = 8 * 1024 * 1024;
 
 /// What a step's output holds of a file it made: `{artifact: ArtifactRef}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArtifactRef {
     pub id: String,
     pub sha256: String,

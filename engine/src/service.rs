@@ -180,9 +180,16 @@ impl Engine {
             .clone()
     }
 
-    /// Keeps artifacts in `artifacts` (set once, before the engine serves or works).
-    pub fn set_artifacts(&self, artifacts: crate::artifacts::Artifacts) {
+    /// Keeps artifacts under `location` (a folder, or `s3://bucket/prefix`), each at most
+    /// `max_size` bytes; once, before the engine serves or works.
+    pub fn keep_artifacts_in(
+        &self,
+        location: &str,
+        max_size: u64,
+    ) -> Result<(), crate::artifacts::ArtifactError> {
+        let artifacts = crate::artifacts::Artifacts::open(location, self.store.clone(), max_size)?;
         let _ = self.artifacts.set(Arc::new(artifacts));
+        Ok(())
     }
 
     /// Recorded usage of the services steps call, newest day first.

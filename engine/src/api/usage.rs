@@ -6,7 +6,8 @@ use serde::Deserialize;
 use super::AppState;
 use super::auth::Viewer;
 use super::error::{ApiError, ErrorBody, ErrorCode, Json, Query};
-use crate::store::{Usage, UsageFilter};
+use super::types::Usage;
+use crate::store::UsageFilter;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -69,5 +70,6 @@ pub async fn usage(
         to: day("to", query.to)?,
         limit,
     };
-    Ok(Json(state.engine.usage(&filter).await?))
+    let rows = state.engine.usage(&filter).await?;
+    Ok(Json(rows.into_iter().map(Usage::from).collect()))
 }

@@ -539,7 +539,7 @@ pub struct Completion {
 
 /// Calls to a service (a provider: `openai`, or what an `http` step names) and what they
 /// cost, for one workflow: a completion's share, or a day's sum (`GET /api/usage`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     pub provider: String,
     pub workflow_id: String,
