@@ -303,10 +303,24 @@ impl Artifacts {
             if batch.len() >= 500 || (next.is_none() && !batch.is_empty()) {
                 let named = self.store.artifact_hashes_named(&batch).await?;
                 for sha256 in batch.drain(..).filter(|h| !named.contains(h)) {
-                    self.objects
-                        .delete(&Self::content_path(&sha256))
-                        .await
-                        .map_err(storage)?;
+                    // A save of the same content since the listing made the file young again,
+                    // and its row may have been written since the batch was asked about.
+                    let path = Self::content_path(&sha256);
+                    let young = match self.objects.head(&path).await {
+                        Ok(meta) => !old(&meta),
+                        Err(object_store::Error::NotFound { .. }) => true,
+                        Err(e) => return Err(storage(e)),
+                    };
+                    if young
+                        || !self
+                            .store
+                            .artifact_hashes_named(std::slice::from_ref(&sha256))
+                            .await?
+                            .is_empty()
+                    {
+                        continue;
+                    }
+                    self.objects.delete(&path).await.map_err(storage)?;
                     deleted += 1;
                 }
             }

@@ -71,6 +71,16 @@ async fn server() -> (String, Seen) {
             }),
         )
         .route(
+            "/binary-echo",
+            get(|headers: HeaderMap| async move {
+                let key = headers["x-api-key"].as_bytes().to_vec();
+                let mut body = vec![0u8; 100_000];
+                body.extend_from_slice(&key);
+                body.extend_from_slice(&[1u8; 1_000]);
+                ([("content-type", "application/octet-stream")], body)
+            }),
+        )
+        .route(
             "/hop",
             get(
                 |axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>| async move {
@@ -484,5 +494,33 @@ async fn a_form_file_naming_an_artifact_that_does_not_exist_fails_for_good_and_s
         both.message.contains("one of `body` and `multipart`"),
         "{both:?}"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_file_answer_that_echoes_a_sent_secret_is_not_kept() {
+    let (base, _) = server().await;
+    let dir = std::env::temp_dir().join(format!("switchyard-binary-echo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = switchyard_engine::store::connect(&format!("sqlite://{}/s.db", dir.display()))
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let mut fetch = call(
+        json!({
+            "url": format!("{base}/binary-echo"),
+            "auth": { "header": { "name": "X-Api-Key", "value": "{{ secrets.token }}" } },
+        }),
+        &[],
+    );
+    let files = switchyard_workers::artifacts::AttemptArtifacts::new(Some(Arc::new(
+        switchyard_engine::artifacts::Artifacts::in_memory(store, 1 << 20),
+    )));
+    fetch.artifacts = files.clone();
+    let err = Http::new().run(fetch).await.unwrap_err();
+    assert_eq!(err.kind, "secret_echoed", "{err:?}");
+    assert!(!err.retryable);
+    assert!(!err.message.contains("tok-123"));
+    assert!(files.take_saved().is_empty());
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -153,6 +153,12 @@ impl Secrets {
         }
     }
 
+    /// Every value this attempt sent with a secret in it, for a kind that keeps bytes it cannot
+    /// redact as JSON (a file): it looks for them instead.
+    pub fn sent_values(&self) -> Vec<String> {
+        self.sent.lock().expect("sent secrets poisoned").clone()
+    }
+
     /// Whether a value this attempt sent holds a line break: printed, it spans lines, so lines
     /// can only be redacted together.
     pub fn sent_spans_lines(&self) -> bool {

@@ -745,12 +745,12 @@ pub(crate) async fn take_quota(
     Ok(take.at)
 }
 
-/// Records what every attempt in the batch spent, accepted or not: a late attempt's calls were
-/// made, and paid for, all the same. One row per provider, workflow and day, in key order, so
+/// What every attempt in the batch spent, accepted or not: a late attempt's calls were made,
+/// and paid for, all the same. A batch sent again after its commit was lost counts twice. One row per provider, workflow and day, in key order, so
 /// two batches lock their rows in the same order.
-async fn record_usage(tx: &mut dyn Tx, completions: &[Completion], now: Millis) -> Result<()> {
+fn usage_rows(completions: &[Completion], now: Millis) -> Option<Value> {
     if completions.iter().all(|c| c.usage.is_empty()) {
-        return Ok(());
+        return None;
     }
     let day = jiff::Timestamp::from_millisecond(now)
         .map(|t| t.strftime("%Y-%m-%d").to_string())
@@ -783,7 +783,7 @@ async fn record_usage(tx: &mut dyn Tx, completions: &[Completion], now: Millis) 
             })
         })
         .collect();
-    tx.add_usage(Value::Array(rows)).await
+    Some(Value::Array(rows))
 }
 
 /// Stores what the attempts whose settlement was accepted printed; a late attempt's lines go
@@ -942,7 +942,7 @@ pub(crate) async fn complete(
     );
     keep_logs(tx, &completions, &settled.jobs).await?;
     keep_artifacts(tx, &completions, &settled.jobs, now).await?;
-    record_usage(tx, &completions, now).await?;
+    let usage = usage_rows(&completions, now);
     let mut accepted = Vec::with_capacity(settled.jobs.len());
     let mut sinks = Vec::new();
     let mut failed = Vec::new();
@@ -1025,6 +1025,10 @@ pub(crate) async fn complete(
         looping,
     };
     cascade(tx, moved, RunStatus::Failed, now, effects).await?;
+    // Last: its rows stay locked until the commit, and every batch of a workflow touches them.
+    if let Some(rows) = usage {
+        tx.add_usage(rows).await?;
+    }
     Ok(accepted)
 }
 

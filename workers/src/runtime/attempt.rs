@@ -533,8 +533,6 @@ fn unreadable_definition(job: &ClaimedJob, e: &EngineError) -> StepFailure {
     }
 }
 
-/// Whether this claim starts the step's series: it has not parked yet. A callback or signal
-/// delivered before it ran waits in its checkpoint, alone. An item's step started long before.
 /// Where a step parked for its quota notes it in its checkpoint, beside whatever its kind keeps.
 const QUOTA_KEY: &str = "quota";
 
@@ -561,8 +559,17 @@ async fn wait_for_quota(
     log: &StepLog,
 ) -> Result<Option<AttemptResult>, StepFailure> {
     let noted = job.checkpoint.as_ref().and_then(|c| c.get(QUOTA_KEY));
-    if noted.and_then(|q| q["attempt"].as_u64()) == Some(u64::from(job.lease.attempt)) {
-        return Ok(None);
+    if let Some(noted) =
+        noted.filter(|q| q["attempt"].as_u64() == Some(u64::from(job.lease.attempt)))
+    {
+        // Its turn is taken: a signal or an answer that woke it early does not move the turn.
+        return Ok(match noted["at"].as_i64() {
+            Some(at) if at > engine.now() => Some(AttemptResult::Parked {
+                until: Some(at),
+                checkpoint: job.checkpoint.clone().unwrap_or_default(),
+            }),
+            _ => None,
+        });
     }
     let set = &vars["quotas"][&quota.name];
     let limit = quota
@@ -616,6 +623,9 @@ async fn wait_for_quota(
     }))
 }
 
+/// Whether this claim starts the step's series: it has not parked yet. A callback or signal
+/// delivered before it ran waits in its checkpoint, alone; so does a note of a quota wait. An
+/// item's step started long before.
 fn first_run(job: &ClaimedJob) -> bool {
     job.item.is_none()
         && match &job.checkpoint {

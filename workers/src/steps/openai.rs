@@ -34,6 +34,8 @@ use crate::egress::{CheckedResolver, EgressPolicy, Refused};
 const OPENAI_BASE: &str = "https://api.openai.com/v1";
 const DEFAULT_CHAT_MODEL: &str = "gpt-4o-mini";
 const DEFAULT_IMAGE_MODEL: &str = "gpt-image-1";
+/// The largest answer read: ten large images in base64.
+const MAX_ANSWER: u64 = 128 * 1024 * 1024;
 
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +106,8 @@ impl OpenAi {
             reqwest::Client::builder()
                 .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(Duration::from_secs(10))
+                // A redirect could lead the key anywhere: an API answers where it is asked.
+                .redirect(reqwest::redirect::Policy::none())
                 .no_proxy()
                 .dns_resolver(Arc::new(CheckedResolver {
                     policy: policy.clone(),
@@ -205,13 +209,18 @@ fn spent(usage: &Value, model: &Value, vars: &Value) -> (u64, f64) {
         .as_str()
         .and_then(|m| {
             let prices = &vars["prices"];
-            // A dated model (`gpt-4o-mini-2024-07-18`) is priced as its family when unlisted.
+            // A dated model (`gpt-4o-mini-2024-07-18`) is priced as its family when unlisted:
+            // the longest listed name it starts with (`gpt-4o-mini`, not `gpt-4o`).
             prices.get(m).or_else(|| {
-                prices.as_object()?.iter().find_map(|(name, p)| {
-                    m.strip_prefix(name.as_str())
-                        .is_some_and(|rest| rest.starts_with('-'))
-                        .then_some(p)
-                })
+                prices
+                    .as_object()?
+                    .iter()
+                    .filter(|(name, _)| {
+                        m.strip_prefix(name.as_str())
+                            .is_some_and(|rest| rest.starts_with('-'))
+                    })
+                    .max_by_key(|(name, _)| name.len())
+                    .map(|(_, p)| p)
             })
         })
         .cloned()
@@ -252,6 +261,12 @@ impl OpenAi {
             async move {
                 let request = factory.build().await?;
                 let response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
+                // The client reads an answer whole: one that says it is huge is refused first.
+                if response.content_length().is_some_and(|n| n > MAX_ANSWER) {
+                    return Err(OpenAIError::InvalidArgument(format!(
+                        "the answer is over {MAX_ANSWER} bytes"
+                    )));
+                }
                 if matches!(response.status().as_u16(), 429 | 503) {
                     let wait = response
                         .headers()
@@ -461,6 +476,12 @@ impl StepKind for OpenAi {
             .host_str()
             .unwrap_or_default()
             .to_owned();
+        self.policy.check_host(&host, from_input).map_err(|why| {
+            StepFailure::permanent(
+                "egress",
+                format!("openai step: refused by the egress policy: {why}"),
+            )
+        })?;
         if from_input && !self.policy.allows(&host) {
             return Err(StepFailure::permanent(
                 "egress",
@@ -515,5 +536,26 @@ impl StepKind for OpenAi {
             ),
         );
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dated_model_is_priced_as_the_longest_listed_name_it_starts_with() {
+        let vars = json!({ "prices": {
+            "gpt-4o": { "input": 2.5, "output": 10.0 },
+            "gpt-4o-mini": { "input": 0.15, "output": 0.6 },
+        } });
+        let usage = json!({ "prompt_tokens": 1_000_000, "completion_tokens": 0, "total_tokens": 1_000_000 });
+        let (tokens, cost) = spent(&usage, &json!("gpt-4o-mini-2024-07-18"), &vars);
+        assert_eq!(tokens, 1_000_000);
+        assert!((cost - 0.15).abs() < 1e-9, "{cost}");
+        let (_, cost) = spent(&usage, &json!("gpt-4o-2024-08-06"), &vars);
+        assert!((cost - 2.5).abs() < 1e-9, "{cost}");
+        let (_, unpriced) = spent(&usage, &json!("o3"), &vars);
+        assert_eq!(unpriced, 0.0);
     }
 }

@@ -215,6 +215,16 @@ fn hmac_digest(algorithm: HmacAlgorithm, key: &[u8], body: &[u8]) -> Vec<u8> {
     }
 }
 
+/// S3 wants the payload's hash in `x-amz-content-sha256` on every request (`UNSIGNED-PAYLOAD`
+/// for a streamed form); other services take it in the signature alone.
+fn settings_for(service: &str) -> SigningSettings {
+    let mut settings = SigningSettings::default();
+    if service == "s3" {
+        settings.payload_checksum_kind = aws_sigv4::http_request::PayloadChecksumKind::XAmzSha256;
+    }
+    settings
+}
+
 /// The headers AWS Signature V4 adds to `request` (`x-amz-date`, `authorization`, and
 /// `x-amz-security-token` with a session token), as names and values.
 pub(super) fn aws_sigv4_headers(
@@ -229,7 +239,7 @@ pub(super) fn aws_sigv4_headers(
         .region(region)
         .name(service)
         .time(request.at)
-        .settings(SigningSettings::default())
+        .settings(settings_for(service))
         .build()
         .map_err(|e| invalid(format!("http step: `with.auth.aws_sigv4`: {e}")))?
         .into();

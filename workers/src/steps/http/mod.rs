@@ -227,6 +227,44 @@ fn body_bytes(
     }
 }
 
+/// `body` as it arrives, broken off at the first value of `sent` it holds (a service that
+/// echoes the request): a kept file is served to every viewer whole, and cannot be redacted as
+/// JSON is. Parts are searched with the end of the one before, so a value split across two is
+/// found too.
+fn refusing_echoes(
+    body: impl futures::Stream<Item = reqwest::Result<bytes::Bytes>>,
+    sent: Vec<String>,
+    echoed: Arc<std::sync::atomic::AtomicBool>,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, String>> {
+    use futures::StreamExt as _;
+    let finders: Vec<memchr::memmem::Finder<'static>> = sent
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| memchr::memmem::Finder::new(s.as_bytes()).into_owned())
+        .collect();
+    let keep = sent
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        .saturating_sub(1);
+    let mut tail: Vec<u8> = Vec::new();
+    body.map(move |chunk| {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if finders.is_empty() {
+            return Ok(chunk);
+        }
+        let mut window = std::mem::take(&mut tail);
+        window.extend_from_slice(&chunk);
+        if finders.iter().any(|f| f.find(&window).is_some()) {
+            echoed.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err("the answer echoes a secret".to_owned());
+        }
+        tail = window[window.len().saturating_sub(keep)..].to_vec();
+        Ok(chunk)
+    })
+}
+
 /// Whether an answer of `content_type` goes into the output (JSON, or text) rather than into an
 /// artifact. An answer that names no type is read as before: JSON when it parses, else text.
 fn textual(content_type: &str) -> bool {
@@ -554,11 +592,31 @@ impl Http {
                     ),
                 ));
             }
+            if limit == 0 {
+                return Err(StepFailure::permanent(
+                    "artifacts",
+                    format!(
+                        "{target}: a {content_type} answer is kept as an artifact, and this worker keeps none: start it with --artifacts"
+                    ),
+                ));
+            }
+            let echoed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let body = refusing_echoes(
+                response.bytes_stream(),
+                call.secrets.sent_values(),
+                echoed.clone(),
+            );
             let saved = call
                 .artifacts
-                .save(&content_type, response.bytes_stream())
+                .save(&content_type, body)
                 .await
                 .map_err(|mut f| {
+                    if echoed.load(std::sync::atomic::Ordering::Relaxed) {
+                        return StepFailure::permanent(
+                            "secret_echoed",
+                            format!("{target}: the {content_type} answer holds a value this request sent with a secret in it; a file cannot be redacted, so it is not kept"),
+                        );
+                    }
                     f.message = format!("{target}: {}", f.message);
                     f
                 })?;
