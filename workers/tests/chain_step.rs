@@ -341,6 +341,31 @@ async fn bad_keys_fail_for_good_and_no_error_output_or_log_shows_a_key() {
     }
 }
 
+#[test]
+fn a_definitions_chain_steps_load_with_only_the_keys_they_need() {
+    let kinds = switchyard_workers::Registry::builtin()
+        .step_kinds()
+        .unwrap();
+    let mint = json!({
+        "rpc_url": "{{ vars.rpc_url }}", "chain_id": 8453, "key": "{{ secrets.base_key }}",
+        "to": DEPLOYER, "abi": "function mint(address,string)", "args": ["{{ input.to }}", "x"],
+    });
+    let pay = json!({ "rpc_url": "http://node", "chain_id": 1, "key": "{{ secrets.k }}",
+        "to": DEPLOYER, "value": "0.1 ether", "confirmations": 3, "timeout": "5m" });
+    let read = json!({ "rpc_url": "http://node", "chain_id": 1, "to": DEPLOYER, "call": true,
+        "abi": "function balanceOf(address) view returns (uint256)", "args": [DEPLOYER] });
+    for with in [mint, pay, read] {
+        let problems: Vec<String> = kinds
+            .check("chain", &with)
+            .into_iter()
+            .map(|p| p.message)
+            .collect();
+        assert_eq!(problems, Vec::<String>::new(), "{with}");
+    }
+    let typo = json!({ "rpc_url": "http://node", "chain_id": 1, "to": DEPLOYER, "vaule": 1 });
+    assert!(!kinds.check("chain", &typo).is_empty());
+}
+
 #[tokio::test]
 async fn input_that_does_not_fit_fails_for_good_naming_the_field() {
     // None of these reaches a node: the address is nobody's.

@@ -168,6 +168,7 @@ struct ChainWith {
     #[serde(default)]
     args: Vec<Value>,
     /// Wei sent with the transaction: an integer, or text with a unit: `"0.5 ether"`, `"20 gwei"`.
+    #[serde(default)]
     #[schemars(schema_with = "amount")]
     value: Option<Value>,
     /// Read with `eth_call` instead of sending a transaction: nothing is signed or paid.
@@ -181,9 +182,11 @@ struct ChainWith {
     #[schemars(range(min = 21000))]
     gas_limit: Option<u64>,
     /// The most paid per gas, in wei (or with a unit); none: the node's estimate.
+    #[serde(default)]
     #[schemars(schema_with = "amount")]
     max_fee_per_gas: Option<Value>,
     /// The tip per gas, in wei (or with a unit); none: the node's estimate.
+    #[serde(default)]
     #[schemars(schema_with = "amount")]
     max_priority_fee_per_gas: Option<Value>,
     /// How long an attempt waits for the receipt, such as `5m` (2 minutes by default): then it
