@@ -725,7 +725,7 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
                 public: args.public_url.clone(),
             },
             egress.clone(),
-            Arc::new(StoreNonces::new(engine.store().clone())),
+            Arc::new(StoreNonces::new(engine.clone())),
         );
         if args.allow_scripts {
             registry = registry.allowing_scripts();

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use alloy::primitives::{Address, U256};
 use alloy::providers::{Provider, RootProvider};
 use serde_json::{Value, json};
+use switchyard_engine::clock::SystemClock;
 use switchyard_engine::definition::{Secrets, TemplateContext, render_value};
+use switchyard_engine::service::Engine;
 use switchyard_engine::state::StepFailure;
 use switchyard_engine::testing::{ANVIL_KEYS, Anvil};
 use switchyard_workers::steps::{Chain, NonceAllocator, ProcessNonces, StoreNonces};
@@ -418,11 +420,12 @@ async fn concurrent_steps_on_two_workers_share_nonces_without_gaps_or_duplicates
             .await
             .unwrap();
     store.migrate().await.unwrap();
-    // Two workers, each with its own kind, on one database.
-    let workers = [
-        Arc::new(chain(Arc::new(StoreNonces::new(store.clone())))),
-        Arc::new(chain(Arc::new(StoreNonces::new(store.clone())))),
-    ];
+    // Two workers, each with its own engine and kind, on one database.
+    let worker = || {
+        let engine = Engine::new(store.clone(), Arc::new(SystemClock));
+        Arc::new(chain(Arc::new(StoreNonces::new(Arc::new(engine)))))
+    };
+    let workers = [worker(), worker()];
     let to = address_of(ANVIL_KEYS[2]).to_string();
     let steps = 24;
     let runs = (0..steps).map(|i| {

@@ -47,8 +47,9 @@ use async_trait::async_trait;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use switchyard_engine::service::Engine;
 use switchyard_engine::state::StepFailure;
-use switchyard_engine::store::{NonceAllocation, NonceRequest, Store};
+use switchyard_engine::store::{NonceAllocation, NonceRequest, retry_transient};
 
 use super::{StepCall, StepKind, StepOutcome, StepResult, with_schema};
 
@@ -73,21 +74,23 @@ pub trait NonceAllocator: Send + Sync + 'static {
 #[error("cannot allocate a nonce: {0}")]
 pub struct NonceError(String);
 
-/// The nonce allocator of the store (`Store::allocate_nonce`), for every worker process on it.
-pub struct StoreNonces(Arc<dyn Store>);
+/// The nonce allocator of the engine's store (`Store::allocate_nonce`), for every worker process
+/// on its database.
+pub struct StoreNonces(Arc<Engine>);
 
 impl StoreNonces {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        StoreNonces(store)
+    pub fn new(engine: Arc<Engine>) -> Self {
+        StoreNonces(engine)
     }
 }
 
 #[async_trait]
 impl NonceAllocator for StoreNonces {
     async fn allocate(&self, request: &NonceRequest) -> Result<NonceAllocation, NonceError> {
-        let now = jiff::Timestamp::now().as_millisecond();
-        self.0
-            .allocate_nonce(request, now)
+        let allocate = || self.0.store().allocate_nonce(request, self.0.now());
+        // A lost connection or a deadlock is retried here, as completions are: the step keeps
+        // its slot rather than spending an attempt.
+        retry_transient("allocating a nonce", allocate)
             .await
             .map_err(|e| NonceError(e.to_string()))
     }
