@@ -14,7 +14,7 @@ use switchyard_engine::service::Engine;
 use switchyard_engine::state::StepFailure;
 use switchyard_engine::testing::{ANVIL_KEYS, Anvil};
 use switchyard_workers::steps::{Chain, NonceAllocator, ProcessNonces, StoreNonces};
-use switchyard_workers::{StepCall, StepKind, StepOutcome};
+use switchyard_workers::{EgressPolicy, StepCall, StepKind, StepOutcome};
 
 const BADGES: &str = include_str!("../../tests/fixtures/chain/Badges.bin");
 const CHAIN_ID: u64 = 31337;
@@ -406,6 +406,46 @@ async fn input_that_does_not_fit_fails_for_good_naming_the_field() {
     with.as_object_mut().unwrap().remove("key");
     let failure = kind.run(call(with, "", "r:s")).await.unwrap_err();
     assert!(failure.message.contains("`with.key`"), "{failure}");
+}
+
+#[tokio::test]
+async fn an_rpc_url_from_run_data_may_not_reach_loopback_unless_an_operator_allows_it() {
+    let Some(anvil) = Anvil::start(&[]) else {
+        return;
+    };
+    let contract = deploy(&anvil).await;
+    let read = |url: String| {
+        let with = json!({
+            "rpc_url": url, "chain_id": CHAIN_ID, "to": contract, "call": true,
+            "abi": "function totalSupply() view returns (uint256)",
+        });
+        StepCall {
+            reads_run_data: vec!["rpc_url".to_owned()],
+            ..call(with, ANVIL_KEYS[0], "r:s")
+        }
+    };
+    let by_name = anvil.url.replace("127.0.0.1", "localhost");
+    let kind = Chain::with_policy(Arc::new(ProcessNonces::default()), Default::default());
+    // An address in the URL, and a name that resolves to loopback.
+    for url in [anvil.url.clone(), by_name.clone()] {
+        let failure = kind.run(read(url.clone())).await.unwrap_err();
+        assert_eq!(failure.kind, "egress", "{url}: {failure}");
+        assert!(!failure.retryable);
+        assert!(failure.message.contains("loopback"), "{failure}");
+    }
+    let allowed = Chain::with_policy(
+        Arc::new(ProcessNonces::default()),
+        Arc::new(EgressPolicy {
+            allow: vec!["127.0.0.0/8".parse().unwrap(), "localhost".parse().unwrap()],
+            deny: Vec::new(),
+        }),
+    );
+    for url in [anvil.url.clone(), by_name] {
+        let StepOutcome::Output(output) = allowed.run(read(url)).await.unwrap() else {
+            panic!("no output");
+        };
+        assert_eq!(output, json!({ "result": "0" }));
+    }
 }
 
 #[tokio::test]

@@ -25,8 +25,9 @@
 //! **Secrets.** Only `key` takes one, and it must be a secret reference: a key written in a
 //! definition would be in its history. No error, log line or output carries it.
 //!
-//! The RPC endpoint is reached as its author wrote it: the egress policy of `http` steps does
-//! not apply to `rpc_url` (alloy uses a reqwest of its own).
+//! **Egress.** `rpc_url` is under the same policy as an `http` step's URL: checked before the
+//! first request and on every address its name resolves to, and one rendered from run data may
+//! not reach internal addresses unless an operator allows them.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -40,8 +41,10 @@ use alloy::network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuild
 use alloy::primitives::utils::parse_units;
 use alloy::primitives::{Address, B256, Bytes, U256, hex};
 use alloy::providers::{Provider, RootProvider};
+use alloy::rpc::client::RpcClient;
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::signers::local::PrivateKeySigner;
+use alloy::transports::http::reqwest;
 use alloy::transports::{RpcError, TransportErrorKind};
 use async_trait::async_trait;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -52,6 +55,7 @@ use switchyard_engine::state::StepFailure;
 use switchyard_engine::store::{NonceAllocation, NonceRequest, retry_transient};
 
 use super::{StepCall, StepKind, StepOutcome, StepResult, with_schema};
+use crate::egress::{CheckedResolver, EgressPolicy, Refused};
 
 /// How long one request to the node may take before the attempt fails, retryably.
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -142,11 +146,63 @@ impl NonceAllocator for ProcessNonces {
 
 pub struct Chain {
     nonces: Arc<dyn NonceAllocator>,
+    policy: Arc<EgressPolicy>,
+    /// For an `rpc_url` written by the definition's author (and `vars`). Built once: a client
+    /// keeps its connections and its TLS roots across steps.
+    client: reqwest::Client,
+    /// For an `rpc_url` rendered from a run's input or step outputs: internal addresses refused.
+    from_input_client: reqwest::Client,
 }
 
 impl Chain {
+    /// The kind with the default egress policy.
     pub fn new(nonces: Arc<dyn NonceAllocator>) -> Self {
-        Chain { nonces }
+        Chain::with_policy(nonces, Arc::new(EgressPolicy::default()))
+    }
+
+    /// The kind whose JSON-RPC requests go only where `policy` allows, as the `http` kind's do.
+    pub fn with_policy(nonces: Arc<dyn NonceAllocator>, policy: Arc<EgressPolicy>) -> Self {
+        let client = |from_input| {
+            reqwest::Client::builder()
+                .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(RPC_TIMEOUT)
+                // A proxy would resolve names itself, out of the policy's sight.
+                .no_proxy()
+                .dns_resolver(Arc::new(CheckedResolver {
+                    policy: policy.clone(),
+                    from_input,
+                }))
+                .build()
+                .expect("TLS backend initialises")
+        };
+        Chain {
+            nonces,
+            client: client(false),
+            from_input_client: client(true),
+            policy,
+        }
+    }
+
+    /// The node at `plan.rpc_url`, if the egress policy lets the step reach it.
+    fn node(&self, plan: &Plan, call: &StepCall) -> Result<RootProvider, StepFailure> {
+        let from_input = call.reads_run_data("rpc_url");
+        let host = plan.rpc_url.host_str().unwrap_or_default();
+        self.policy.check_host(host, from_input).map_err(|why| {
+            StepFailure::permanent(
+                "egress",
+                format!("chain step: `with.rpc_url` is refused by the egress policy: {why}"),
+            )
+        })?;
+        let client = if from_input {
+            &self.from_input_client
+        } else {
+            &self.client
+        };
+        Ok(RootProvider::new(RpcClient::new_http_with_client(
+            client.clone(),
+            plan.rpc_url.clone(),
+        )))
     }
 }
 
@@ -534,6 +590,33 @@ fn unreachable_node(what: &str, e: impl std::fmt::Display) -> StepFailure {
     StepFailure::transient("chain_rpc", format!("chain step: {what}: {e}"))
 }
 
+/// What a failed request to the node says. Final when the egress policy refused every address
+/// of the node (found among the causes) or the node says the sender cannot pay, which waiting
+/// rarely changes; anything else may go otherwise next time.
+fn rpc_failure(what: &str, e: RpcError<TransportErrorKind>) -> StepFailure {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = match &e {
+        RpcError::Transport(TransportErrorKind::Custom(inner)) => Some(inner.as_ref()),
+        other => Some(other),
+    };
+    while let Some(c) = cause {
+        if let Some(why) = c.downcast_ref::<Refused>() {
+            return StepFailure::permanent(
+                "egress",
+                format!("chain step: `with.rpc_url` is refused by the egress policy: {why}"),
+            );
+        }
+        cause = c.source();
+    }
+    let cannot_pay = e
+        .as_error_resp()
+        .is_some_and(|p| p.message.to_lowercase().contains("insufficient funds"));
+    if cannot_pay {
+        StepFailure::permanent("insufficient_funds", format!("chain step: {what}: {e}"))
+    } else {
+        unreachable_node(what, e)
+    }
+}
+
 fn reverted(what: &str, reason: &str) -> StepFailure {
     StepFailure::permanent("reverted", format!("chain step: {what} reverted: {reason}"))
 }
@@ -560,7 +643,7 @@ async fn rpc<T>(
 ) -> Result<T, StepFailure> {
     match tokio::time::timeout(RPC_TIMEOUT, future.into_future()).await {
         Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(e)) => Err(unreachable_node(what, e)),
+        Ok(Err(e)) => Err(rpc_failure(what, e)),
         Err(_) => Err(unreachable_node(
             what,
             format!("no answer within {}s", RPC_TIMEOUT.as_secs()),
@@ -585,7 +668,7 @@ impl StepKind for Chain {
     async fn run(&self, call: StepCall) -> StepResult {
         let with = parse_chain_with(&call.with)?;
         let plan = Plan::from_with(with, &call)?;
-        let node = RootProvider::new_http(plan.rpc_url.clone());
+        let node = self.node(&plan, &call)?;
         let signed = call
             .checkpoint
             .as_ref()
@@ -621,7 +704,7 @@ async fn read(node: &RootProvider, plan: &Plan) -> StepResult {
             Ok(Err(e)) => {
                 return Err(match revert_reason(&e) {
                     Some(reason) => reverted(&format!("the call of {}", function.name), &reason),
-                    None => unreachable_node("eth_call", e),
+                    None => rpc_failure("eth_call", e),
                 });
             }
             Err(_) => return Err(unreachable_node("eth_call", "no answer in time")),
@@ -665,7 +748,7 @@ impl Chain {
                     Err(e) => {
                         return Err(match revert_reason(&e) {
                             Some(reason) => reverted(&what, &reason),
-                            None => refused_by_node("eth_estimateGas", e),
+                            None => rpc_failure("eth_estimateGas", e),
                         });
                     }
                 }
@@ -775,7 +858,7 @@ impl Chain {
                     .any(|m| message.contains(m))
                 });
                 if !known {
-                    return Err(refused_by_node("eth_sendRawTransaction", e));
+                    return Err(rpc_failure("eth_sendRawTransaction", e));
                 }
                 call.log.line(
                     "info",
@@ -825,19 +908,6 @@ impl Chain {
             "to": signed.to,
             "nonce": signed.nonce,
         })))
-    }
-}
-
-/// A node's error answer other than a revert: worth trying again unless it says the sender
-/// cannot pay, which waiting rarely changes (and a retry would only ask again).
-fn refused_by_node(what: &str, e: RpcError<TransportErrorKind>) -> StepFailure {
-    let cannot_pay = e
-        .as_error_resp()
-        .is_some_and(|p| p.message.to_lowercase().contains("insufficient funds"));
-    if cannot_pay {
-        StepFailure::permanent("insufficient_funds", format!("chain step: {what}: {e}"))
-    } else {
-        unreachable_node(what, e)
     }
 }
 

@@ -303,7 +303,7 @@ impl Registry {
         nonces: Arc<dyn NonceAllocator>,
     ) -> Self {
         let mut registry = Registry::default();
-        registry.add(Chain::new(nonces));
+        registry.add(Chain::with_policy(nonces, egress.clone()));
         registry.add(Http::with_policy(egress.clone()));
         registry.add(Notify::new(Http::with_policy(egress.clone())));
         registry.add(N8n::with_policy(n8n, egress));
