@@ -19,8 +19,8 @@
 //! mined them, answers with an error that is no failure here) and waits for that hash's receipt.
 //! After a crash, a timeout or a lost receipt, a later attempt broadcasts the same bytes again
 //! and waits for the same hash: whatever happens, the step's one nonce can be mined once. A
-//! mined transaction that reverted fails for good, with the reason replayed by `eth_call` at its
-//! block.
+//! mined transaction that reverted fails for good, with the reason its call gives when replayed
+//! by `eth_call` on the state its block started from (receipts carry no reason).
 //!
 //! **Secrets.** Only `key` takes one, and it must be a secret reference: a key written in a
 //! definition would be in its history. No error, log line or output carries it.
