@@ -982,3 +982,101 @@ async fn replay_revert(
         Err(_) => "no reason known (the replay had no answer)".to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_are_wei_or_a_number_with_a_unit() {
+        let ether = U256::from(10u64).pow(U256::from(18));
+        assert_eq!(wei("value", &json!(1000)).unwrap(), U256::from(1000));
+        assert_eq!(wei("value", &json!("1000")).unwrap(), U256::from(1000));
+        assert_eq!(
+            wei("value", &json!("1.5 ether")).unwrap(),
+            ether * U256::from(3) / U256::from(2)
+        );
+        assert_eq!(
+            wei("value", &json!("30 gwei")).unwrap(),
+            U256::from(30_000_000_000u64)
+        );
+        for bad in [
+            json!(-1),
+            json!(1.5),
+            json!("1.5 bananas"),
+            json!("1 2 3"),
+            json!(true),
+        ] {
+            let failure = wei("max_fee_per_gas", &bad).unwrap_err();
+            assert!(!failure.retryable);
+            assert!(
+                failure.message.contains("`with.max_fee_per_gas`"),
+                "{failure}"
+            );
+        }
+    }
+
+    #[test]
+    fn arguments_are_read_as_their_parameters_types_say() {
+        let function = parse_function(
+            "function f(uint256 a, int8 b, bool c, bytes d, bytes32 e, address[] f, (string,uint16) g)",
+        )
+        .unwrap();
+        let args = [
+            json!("115792089237316195423570985008687907853269984665640564039457584007913129639935"),
+            json!(-5),
+            json!(true),
+            json!("0x0102"),
+            json!(format!("0x{}", "ab".repeat(32))),
+            json!([
+                "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720",
+                "0x70997970c51812dc3a010c7d01b50e0d17dc79c8"
+            ]),
+            json!(["hi", 7]),
+        ];
+        let data = encode_args(&function, &args).unwrap();
+        assert_eq!(data[..4], function.selector()[..]);
+        // What alloy encodes, alloy decodes back to the same values.
+        let decoded = function.abi_decode_input(&data[4..]).unwrap();
+        let back: Vec<Value> = decoded.iter().map(to_json).collect();
+        assert_eq!(back[0], args[0]);
+        assert_eq!(back[1], json!("-5"));
+        assert_eq!(
+            back[5][0],
+            json!("0xa0Ee7A142d267C1f36714E4a8F75612F20a79720")
+        );
+        assert_eq!(back[6], json!(["hi", "7"]));
+
+        let failure = encode_args(&function, &[json!(1)]).unwrap_err();
+        assert!(failure.message.contains("has 1 values"), "{failure}");
+        let mut wrong = args.clone();
+        wrong[6] = json!(["hi"]);
+        let failure = encode_args(&function, &wrong).unwrap_err();
+        assert!(failure.message.contains("`with.args[6]`"), "{failure}");
+        let mut wrong = args;
+        wrong[1] = json!(300);
+        let failure = encode_args(&function, &wrong).unwrap_err();
+        assert!(failure.message.contains("`with.args[1]`"), "{failure}");
+    }
+
+    #[test]
+    fn a_reads_outputs_are_one_value_a_list_or_an_object_when_all_are_named() {
+        let named =
+            parse_function("function t() view returns (address owner, uint256 id)").unwrap();
+        let values = [
+            DynSolValue::Address(Address::ZERO),
+            DynSolValue::Uint(U256::from(7), 256),
+        ];
+        assert_eq!(
+            outputs_json(&named, &values),
+            json!({ "owner": Address::ZERO.to_checksum(None), "id": "7" })
+        );
+        let unnamed = parse_function("function t() view returns (address, uint256)").unwrap();
+        assert_eq!(
+            outputs_json(&unnamed, &values),
+            json!([Address::ZERO.to_checksum(None), "7"])
+        );
+        assert_eq!(outputs_json(&unnamed, &values[1..]), json!("7"));
+        assert_eq!(outputs_json(&unnamed, &[]), Value::Null);
+    }
+}
