@@ -97,6 +97,20 @@ pub struct WorkerArgs {
     /// step outputs may never reach loopback, link-local or metadata addresses unless allowed.
     #[arg(long, env = "SWITCHYARD_EGRESS_DENY", value_delimiter = ',')]
     pub egress_deny: Vec<Destination>,
+    /// Where the files steps make and send are kept: a folder, or s3://bucket/prefix (an
+    /// S3-compatible bucket, with the AWS_* variables: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_REGION, and AWS_ENDPOINT with AWS_ALLOW_HTTP=true for a server of one's own). Every
+    /// process of one database must reach the same place: on several machines, a bucket.
+    #[arg(long, env = "SWITCHYARD_ARTIFACTS", default_value = "artifacts")]
+    pub artifacts: String,
+    /// Redis (`redis://host:6379/0`): steps' quota buckets and the API's per-caller rate limits
+    /// are kept there, one for every process that uses it (several control planes behind one
+    /// load balancer), instead of in the database and in each process.
+    #[arg(long, env = "SWITCHYARD_REDIS_URL")]
+    pub redis: Option<String>,
+    /// The largest file a step may store, in MiB.
+    #[arg(long, env = "SWITCHYARD_ARTIFACT_MAX_MIB", default_value_t = 100)]
+    pub artifact_max_mib: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard_engine::quotas::{QuotaBuckets, RedisBuckets};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
@@ -624,6 +625,22 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
         None
     };
     let (engine, master) = open(global).await?;
+    engine
+        .keep_artifacts_in(
+            &args.artifacts,
+            args.artifact_max_mib.saturating_mul(1024 * 1024),
+        )
+        .context("opening the artifact store")?;
+    // Quota buckets and the API's rate limits, shared through Redis by every process using it.
+    let redis: Option<Arc<dyn QuotaBuckets>> = match &args.redis {
+        Some(url) => Some(Arc::new(RedisBuckets::connect(url).await.with_context(
+            || format!("connecting to Redis at {}", store::redact_url(url)),
+        )?)),
+        None => None,
+    };
+    if let Some(buckets) = &redis {
+        engine.set_quotas(buckets.clone());
+    }
     if let Some(definitions) = &definitions {
         for (id, version) in engine
             .install(definitions, DefinitionOrigin::Files, None)
@@ -692,14 +709,20 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
             heartbeats: heartbeats.clone(),
             keys,
             step_kinds: Arc::new(step_kinds()?),
-            limiter: RateLimiter::new(RateLimit {
-                per_second: api.api_rate,
-                burst: api.api_burst,
-                login: LoginLimit {
-                    per_user: api.login_rate,
-                    per_address: api.login_address_rate,
-                },
-            }),
+            limiter: {
+                let limit = RateLimit {
+                    per_second: api.api_rate,
+                    burst: api.api_burst,
+                    login: LoginLimit {
+                        per_user: api.login_rate,
+                        per_address: api.login_address_rate,
+                    },
+                };
+                match &redis {
+                    Some(buckets) => RateLimiter::shared(limit, buckets.clone()),
+                    None => RateLimiter::new(limit),
+                }
+            },
             metrics,
         });
         spawn_http(&mut tasks, serve_http(listener, tls, app, stopped.clone()));

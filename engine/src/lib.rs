@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod artifacts;
 pub mod auth;
 pub mod callback;
 pub mod clock;
@@ -16,6 +17,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod n8n_import;
 pub mod plan;
+pub mod quotas;
 pub mod scheduler;
 pub mod service;
 pub mod settings;

@@ -13,9 +13,12 @@ use crate::service::Engine;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const PRUNE_BATCH: u32 = 1_000;
+/// How often stored files no run names any longer are looked for.
+const ARTIFACT_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 pub async fn run_maintenance(engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
     let mut last_prune = tokio::time::Instant::now() - PRUNE_EVERY;
+    let mut last_artifact_sweep = tokio::time::Instant::now();
     loop {
         match engine.store().sweep(engine.now()).await {
             Ok(swept) if swept != Default::default() => {
@@ -44,6 +47,20 @@ pub async fn run_maintenance(engine: Arc<Engine>, mut shutdown: watch::Receiver<
                     }
                 }
             }
+        }
+        if let Some(artifacts) = engine.artifacts()
+            && last_artifact_sweep.elapsed() >= ARTIFACT_SWEEP_EVERY
+        {
+            last_artifact_sweep = tokio::time::Instant::now();
+            // Listing a bucket may take a while: the leases and deadlines above must not wait.
+            let now = engine.now();
+            tokio::spawn(async move {
+                match artifacts.sweep(now, crate::artifacts::SWEEP_GRACE).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(files = n, "deleted artifacts no run names"),
+                    Err(e) => tracing::warn!(error = %e, "artifact sweep failed"),
+                }
+            });
         }
         // A dropped sender means no one can ask us to stop any more: stop now.
         let stopped = tokio::select! {

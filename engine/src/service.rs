@@ -25,6 +25,8 @@ pub enum EngineError {
     UnknownWorkflow(String),
     #[error("unknown run {0:?}")]
     UnknownRun(String),
+    #[error(transparent)]
+    Artifact(#[from] crate::artifacts::ArtifactError),
     #[error("{given:?} starts more than one run's id ({matches}): give more of it")]
     AmbiguousRun { given: String, matches: String },
     #[error(transparent)]
@@ -146,6 +148,8 @@ pub struct Engine {
     health: crate::health::DatabaseHealth,
     hooks: crate::hooks::HookIndex,
     intake: std::sync::OnceLock<crate::intake::Intake>,
+    artifacts: std::sync::OnceLock<Arc<crate::artifacts::Artifacts>>,
+    quotas: std::sync::OnceLock<Arc<dyn crate::quotas::QuotaBuckets>>,
 }
 
 impl Engine {
@@ -158,7 +162,61 @@ impl Engine {
             health: Default::default(),
             hooks: Default::default(),
             intake: Default::default(),
+            artifacts: Default::default(),
+            quotas: Default::default(),
         }
+    }
+
+    /// Keeps steps' quota buckets in `buckets` (Redis) rather than in the database (set once,
+    /// before the engine works).
+    pub fn set_quotas(&self, buckets: Arc<dyn crate::quotas::QuotaBuckets>) {
+        let _ = self.quotas.set(buckets);
+    }
+
+    /// Where steps' quota buckets are kept: the database unless [`Engine::set_quotas`] said.
+    pub fn quotas(&self) -> Arc<dyn crate::quotas::QuotaBuckets> {
+        self.quotas
+            .get_or_init(|| Arc::new(crate::quotas::StoreBuckets(self.store.clone())))
+            .clone()
+    }
+
+    /// Keeps artifacts under `location` (a folder, or `s3://bucket/prefix`), each at most
+    /// `max_size` bytes; once, before the engine serves or works.
+    pub fn keep_artifacts_in(
+        &self,
+        location: &str,
+        max_size: u64,
+    ) -> Result<(), crate::artifacts::ArtifactError> {
+        let artifacts = crate::artifacts::Artifacts::open(location, self.store.clone(), max_size)?;
+        let _ = self.artifacts.set(Arc::new(artifacts));
+        Ok(())
+    }
+
+    /// Recorded usage of the services steps call, newest day first.
+    pub async fn usage(
+        &self,
+        filter: &crate::store::UsageFilter,
+    ) -> Result<Vec<crate::store::Usage>> {
+        Ok(self.store.usage(filter).await?)
+    }
+
+    /// The file artifact `id` names, as it is read.
+    pub async fn artifact_file(
+        &self,
+        id: &str,
+    ) -> Result<(
+        crate::artifacts::ArtifactRef,
+        futures::stream::BoxStream<'static, Result<bytes::Bytes, crate::artifacts::ArtifactError>>,
+    )> {
+        let artifacts = self
+            .artifacts()
+            .ok_or_else(|| crate::artifacts::ArtifactError::NotFound(id.to_owned()))?;
+        Ok(artifacts.open_file(id).await?)
+    }
+
+    /// Where artifacts are kept, if anywhere.
+    pub fn artifacts(&self) -> Option<Arc<crate::artifacts::Artifacts>> {
+        self.artifacts.get().cloned()
     }
 
     /// The webhook intake, started on first use (on the runtime of its first caller).
@@ -454,6 +512,8 @@ impl Engine {
                         },
                         children: Vec::new(),
                         logs: Vec::new(),
+                        artifacts: Vec::new(),
+                        usage: Vec::new(),
                     };
                     match retry_transient("completion", || {
                         self.store.complete(vec![failure.clone()], self.now())

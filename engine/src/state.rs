@@ -698,3 +698,73 @@ mod tests {
         assert_eq!(loop_start(None, false, 3), 0, "without a limit, none waits");
     }
 }
+
+/// What taking from a shared rate limit gives: when the taker may go, and the bucket's new
+/// state (`None`: unchanged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaTake {
+    /// When the taker may go: now or earlier means at once.
+    pub at: Millis,
+    /// The bucket's theoretical arrival time after the take, in microseconds.
+    pub tat_us: Option<i64>,
+}
+
+/// A rate limit of `limit` per `per`, as GCRA: `tat_us` is when the bucket would be empty again,
+/// in microseconds (0 for a new bucket). Up to `limit` may go at once, then one every
+/// `per / limit`. With `reserve`, a taker that must wait gets its place now (its time is
+/// returned, and the next taker waits after it): workers park until then, and no crowd wakes
+/// to race for one token. Without, a refused taker changes nothing (an API request that gets
+/// 429). `redis_quota.lua` is this rule again, for buckets kept in Redis.
+pub fn quota_take(tat_us: i64, now: Millis, limit: u32, per: Duration, reserve: bool) -> QuotaTake {
+    let per_us = per.as_micros().clamp(1, i64::MAX as u128) as i64;
+    let interval_us = (per_us / i64::from(limit.max(1))).max(1);
+    let now_us = now.saturating_mul(1_000);
+    let tat = tat_us.max(now_us);
+    let at_us = tat.saturating_sub(per_us - interval_us);
+    if at_us > now_us && !reserve {
+        return QuotaTake {
+            at: ceil_ms(at_us),
+            tat_us: None,
+        };
+    }
+    QuotaTake {
+        at: ceil_ms(at_us.max(now_us)),
+        tat_us: Some(tat.saturating_add(interval_us)),
+    }
+}
+
+/// Microseconds as milliseconds, rounded up: a taker never goes early.
+fn ceil_ms(us: i64) -> Millis {
+    us.div_euclid(1_000) + i64::from(us.rem_euclid(1_000) != 0)
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use super::*;
+
+    #[test]
+    fn a_quota_lets_its_limit_through_at_once_then_one_each_interval() {
+        let per = Duration::from_secs(1);
+        let mut tat = 0;
+        let mut ats = Vec::new();
+        for _ in 0..12 {
+            let take = quota_take(tat, 1_000, 10, per, true);
+            tat = take.tat_us.unwrap();
+            ats.push(take.at);
+        }
+        assert_eq!(&ats[..10], &[1_000; 10]);
+        assert_eq!(&ats[10..], &[1_100, 1_200]);
+        // Without a reservation, a refusal names when to come back and changes nothing.
+        let refused = quota_take(tat, 1_000, 10, per, false);
+        assert_eq!(
+            refused,
+            QuotaTake {
+                at: 1_300,
+                tat_us: None
+            }
+        );
+        // Idle for a whole period, the bucket is full again.
+        let later = quota_take(tat, 3_000, 10, per, false);
+        assert_eq!(later.at, 3_000);
+    }
+}

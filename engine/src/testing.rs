@@ -43,6 +43,89 @@ pub fn postgres_unreachable(error: impl std::fmt::Display) {
     );
 }
 
+/// moto's S3 server (PyPI `moto[server]`), a real S3 wire peer, on a free port of 127.0.0.1
+/// with an empty bucket `artifacts`; stopped when dropped.
+pub struct S3Server {
+    child: std::process::Child,
+    /// Its base URL, for `AWS_ENDPOINT`.
+    pub endpoint: String,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl S3Server {
+    /// The variables that point `object_store` (and `switchyard --artifacts s3://...`) here.
+    pub fn env(&self) -> [(&'static str, String); 5] {
+        [
+            ("AWS_ENDPOINT", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+/// Starts moto's S3 server from `SWITCHYARD_MOTO` (or `moto_server` on the `PATH`); `None`, with
+/// the test marked skipped, where there is none (required where `SWITCHYARD_REQUIRE_MOTO` is set).
+pub fn s3_server() -> Option<S3Server> {
+    use std::io::{Read as _, Write as _};
+    let program = std::env::var("SWITCHYARD_MOTO").unwrap_or_else(|_| "moto_server".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let child = match std::process::Command::new(&program)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            skipped(
+                "SWITCHYARD_REQUIRE_MOTO",
+                &format!(
+                    "no S3 server to test against ({program}: {e}): `pip install 'moto[server]'` \
+                     and set SWITCHYARD_MOTO (.ci/run does)"
+                ),
+            );
+            return None;
+        }
+    };
+    let server = S3Server {
+        child,
+        endpoint: format!("http://127.0.0.1:{port}"),
+    };
+    // Creates the bucket once the server answers: S3's `PUT /bucket`, which moto takes unsigned.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let request = format!(
+                "PUT /artifacts HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\
+                 Connection: close\r\n\r\n"
+            );
+            let mut answer = String::new();
+            if stream.write_all(request.as_bytes()).is_ok()
+                && stream.read_to_string(&mut answer).is_ok()
+                && answer.starts_with("HTTP/1.1 200")
+            {
+                return Some(server);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "moto's S3 server did not start on port {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// A local Ethereum node for the `chain` step's tests: anvil (`.ci/run` installs it from npm and
 /// names its binary in `SWITCHYARD_ANVIL`), on a free port of the loopback, ended when dropped.
 /// Its chain id is 31337 and its dev accounts ([`ANVIL_KEYS`]) hold 10,000 ether each.

@@ -55,6 +55,8 @@ async fn a_refused_completion_fails_only_its_step(store: Arc<dyn Store>) {
             },
             children: Vec::new(),
             logs: Vec::new(),
+            artifacts: Vec::new(),
+            usage: Vec::new(),
         })
         .collect();
 

@@ -75,6 +75,8 @@ fn park(job: &ClaimedJob, until: Millis, checkpoint: Value) -> Completion {
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -84,6 +86,8 @@ fn done(job: &ClaimedJob, output: Value) -> Completion {
         settlement: Settlement::Succeed { output },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -95,6 +99,8 @@ fn failed(job: &ClaimedJob, error: &str) -> Completion {
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -130,6 +136,8 @@ async fn park_with_children(
                 },
                 children,
                 logs: Vec::new(),
+                artifacts: Vec::new(),
+                usage: Vec::new(),
             }],
             T0,
         )
@@ -283,6 +291,8 @@ pub async fn retry_waits_for_its_stored_time(store: Arc<dyn Store>) {
                 },
                 children: Vec::new(),
                 logs: Vec::new(),
+                artifacts: Vec::new(),
+                usage: Vec::new(),
             }],
             T0,
         )
@@ -645,6 +655,8 @@ pub async fn a_signal_to_a_running_step_wakes_it_as_it_parks_unless_it_timed_out
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
+        usage: Vec::new(),
     };
     store.complete(vec![retry], T0 + 11).await.unwrap();
     let again = claim(&*store, T0 + LEASE * 10, 1).await.remove(0);
@@ -723,6 +735,8 @@ pub async fn callback_for_an_attempt_that_ended_is_refused(store: Arc<dyn Store>
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
+        usage: Vec::new(),
     };
     store.complete(vec![retry], T0).await.unwrap();
     assert!(
@@ -752,6 +766,8 @@ pub async fn a_step_given_back_keeps_its_callback(store: Arc<dyn Store>) {
         settlement: Settlement::Release,
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
+        usage: Vec::new(),
     };
     store.complete(vec![released], T0 + 2).await.unwrap();
     let again = claim(&*store, T0 + 2, 1).await.remove(0);
@@ -1329,6 +1345,8 @@ async fn job_in_state(
                         settlement,
                         children: Vec::new(),
                         logs: Vec::new(),
+                        artifacts: Vec::new(),
+                        usage: Vec::new(),
                     }],
                     T0,
                 )
@@ -1446,6 +1464,8 @@ fn done_with(lease: &switchyard_engine::store::Lease, output: Value) -> Completi
         settlement: Settlement::Succeed { output },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -1911,6 +1931,214 @@ pub async fn finished_runs_are_pruned_after_retention(store: Arc<dyn Store>) {
         store.run(&run).await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+/// Bytes to store as a file.
+fn file(
+    text: &'static str,
+) -> futures::stream::Once<futures::future::Ready<Result<bytes::Bytes, std::convert::Infallible>>> {
+    futures::stream::once(futures::future::ready(Ok(bytes::Bytes::from_static(
+        text.as_bytes(),
+    ))))
+}
+
+pub async fn a_file_is_named_only_by_an_accepted_settlement_and_swept_once_no_run_names_it(
+    store: Arc<dyn Store>,
+) {
+    use switchyard_engine::artifacts::{ArtifactError, Artifacts};
+    let artifacts = Artifacts::in_memory(store.clone(), 16);
+    let wf = workflow("id: files\nretention: 1h\nsteps:\n  - {id: a, type: noop}\n");
+    let run = start(&*store, &wf, Trigger::default()).await;
+    let first = claim(&*store, T0, 1).await.remove(0);
+    let late = artifacts.save("audio/mpeg", file("late")).await.unwrap();
+    store.sweep(T0 + LEASE + 1).await.unwrap();
+    let second = claim(&*store, T0 + LEASE + 2, 1).await.remove(0);
+    let kept = artifacts.save("audio/mpeg", file("kept")).await.unwrap();
+    assert_eq!(kept.size, 4);
+    assert_eq!(
+        kept.sha256,
+        "79f076abdd19a752db7267bfff2f9022161d120dea919fdaca2ffdfc24ca8c96"
+    );
+    let with_file =
+        |job: &ClaimedJob, saved: &switchyard_engine::artifacts::ArtifactRef| Completion {
+            artifacts: vec![saved.clone()],
+            ..done(job, saved.to_output())
+        };
+    store
+        .complete(
+            vec![with_file(&first, &late), with_file(&second, &kept)],
+            T0 + LEASE + 3,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.artifact(&kept.id).await.unwrap(), Some(kept.clone()));
+    assert_eq!(
+        store.artifact(&late.id).await.unwrap(),
+        None,
+        "its attempt lost the job"
+    );
+    assert!(matches!(
+        artifacts.open_file(&late.id).await,
+        Err(ArtifactError::NotFound(_))
+    ));
+    // Nothing is swept within its grace; after it, the file no row names. Files are dated by
+    // the clock of where they are kept.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert_eq!(
+        artifacts
+            .sweep(now, std::time::Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        artifacts
+            .sweep(now + 86_400_000 * 365 * 30, std::time::Duration::ZERO)
+            .await
+            .unwrap(),
+        1
+    );
+    let (_, bytes) = artifacts.open_file(&kept.id).await.unwrap();
+    let read: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(bytes).await.unwrap();
+    assert_eq!(read.concat(), b"kept");
+    assert!(matches!(
+        artifacts
+            .save("audio/mpeg", file("seventeen bytes!!"))
+            .await,
+        Err(ArtifactError::TooLarge { limit: 16 })
+    ));
+    // Pruned with its run, then swept.
+    assert_eq!(
+        store.prune(T0 + LEASE + 3 + 3_600_000, 100).await.unwrap(),
+        1
+    );
+    assert!(matches!(
+        store.run(&run).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.artifact(&kept.id).await.unwrap(), None);
+    assert_eq!(
+        artifacts
+            .sweep(now + 86_400_000 * 365 * 30, std::time::Duration::ZERO)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(artifacts.read(&kept.sha256).await.is_err());
+}
+
+pub async fn a_quota_lets_its_limit_through_then_gives_each_waiting_taker_its_own_turn(
+    store: Arc<dyn Store>,
+) {
+    let per = std::time::Duration::from_secs(1);
+    let takes = (0..20).map(|_| {
+        let store = store.clone();
+        async move { store.take_quota("openai", 10, per, T0).await.unwrap() }
+    });
+    let mut ats = futures::future::join_all(takes).await;
+    ats.sort_unstable();
+    let expected: Vec<Millis> = std::iter::repeat_n(T0, 10)
+        .chain((1..=10).map(|i| T0 + i * 100))
+        .collect();
+    assert_eq!(
+        ats, expected,
+        "ten at once, then one every 100 ms, none twice"
+    );
+    // Another bucket is another limit.
+    assert_eq!(store.take_quota("pinata", 1, per, T0).await.unwrap(), T0);
+}
+
+pub async fn usage_is_summed_per_provider_workflow_and_day_from_every_attempt(
+    store: Arc<dyn Store>,
+) {
+    use switchyard_engine::store::{Usage, UsageFilter};
+    let wf = workflow("id: spend\nsteps:\n  - {id: a, type: noop}\n");
+    start(&*store, &wf, Trigger::default()).await;
+    start(&*store, &wf, Trigger::default()).await;
+    let jobs = claim(&*store, T0, 2).await;
+    let spent = |tokens: u64, failed: bool| Usage {
+        provider: "openai".into(),
+        workflow_id: "spend".into(),
+        requests: 1,
+        errors: u64::from(failed),
+        tokens,
+        cost: tokens as f64 / 1e6,
+        ..Usage::default()
+    };
+    let with_usage = |completion: Completion, usage: Vec<Usage>| Completion {
+        usage,
+        ..completion
+    };
+    // A forged lease is refused, but what its attempt spent was spent.
+    let forged = switchyard_engine::store::Lease {
+        token: "forged".into(),
+        ..jobs[1].lease.clone()
+    };
+    store
+        .complete(
+            vec![
+                with_usage(
+                    done(&jobs[0], Value::Null),
+                    vec![spent(20, false), spent(0, true)],
+                ),
+                with_usage(done_with(&forged, Value::Null), vec![spent(5, false)]),
+            ],
+            T0,
+        )
+        .await
+        .unwrap();
+    store
+        .complete(
+            vec![with_usage(
+                done(&jobs[1], Value::Null),
+                vec![spent(7, false)],
+            )],
+            T0 + 86_400_000,
+        )
+        .await
+        .unwrap();
+    let all = UsageFilter {
+        limit: 10,
+        ..UsageFilter::default()
+    };
+    let rows = store.usage(&all).await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let day = |at: Millis| {
+        jiff::Timestamp::from_millisecond(at)
+            .unwrap()
+            .strftime("%Y-%m-%d")
+            .to_string()
+    };
+    assert_eq!(
+        (rows[0].day.clone(), rows[0].requests, rows[0].tokens),
+        (day(T0 + 86_400_000), 1, 7)
+    );
+    assert_eq!(
+        (
+            rows[1].day.clone(),
+            rows[1].requests,
+            rows[1].errors,
+            rows[1].tokens
+        ),
+        (day(T0), 3, 1, 25)
+    );
+    assert!((rows[1].cost - 25e-6).abs() < 1e-12);
+    let one_day = UsageFilter {
+        from: Some(day(T0)),
+        to: Some(day(T0)),
+        limit: 10,
+        ..UsageFilter::default()
+    };
+    assert_eq!(store.usage(&one_day).await.unwrap().len(), 1);
+    let other = UsageFilter {
+        provider: Some("pinata".into()),
+        limit: 10,
+        ..UsageFilter::default()
+    };
+    assert!(store.usage(&other).await.unwrap().is_empty());
 }
 
 pub async fn old_fire_records_are_pruned_but_the_latest_stays(store: Arc<dyn Store>) {
@@ -2756,6 +2984,8 @@ fn skip(job: &ClaimedJob, reason: &str) -> Completion {
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -2951,6 +3181,8 @@ fn looped(job: &ClaimedJob, items: Vec<Value>, parallel: Option<u32>) -> Complet
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -3047,6 +3279,8 @@ pub async fn a_failing_item_is_retried_alone_and_one_failing_for_good_fails_its_
                 },
                 children: Vec::new(),
                 logs: Vec::new(),
+                artifacts: Vec::new(),
+                usage: Vec::new(),
             },
             i => done(j, json!(i)),
         })
@@ -3267,6 +3501,9 @@ macro_rules! conformance {
                 runs_are_found_by_the_start_of_their_id,
                 run_keeps_the_version_it_started_with,
                 finished_runs_are_pruned_after_retention,
+                a_file_is_named_only_by_an_accepted_settlement_and_swept_once_no_run_names_it,
+                a_quota_lets_its_limit_through_then_gives_each_waiting_taker_its_own_turn,
+                usage_is_summed_per_provider_workflow_and_day_from_every_attempt,
                 an_attempts_lines_are_kept_only_with_its_accepted_settlement,
                 old_fire_records_are_pruned_but_the_latest_stays,
                 a_refused_fire_is_recorded_once_with_an_alert_and_a_chosen_skip_without,

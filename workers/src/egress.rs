@@ -197,24 +197,18 @@ impl EgressPolicy {
 }
 
 /// Resolves names with the system's resolver and keeps only the addresses the policy allows:
-/// the connection uses exactly what was checked. For the `http` kinds' reqwest and for the
-/// reqwest alloy sends a `chain` step's JSON-RPC with (another major version).
+/// the connection uses exactly what was checked.
 pub(crate) struct CheckedResolver {
     pub policy: Arc<EgressPolicy>,
     pub from_input: bool,
 }
 
-type ResolveError = Box<dyn std::error::Error + Send + Sync>;
-
-impl CheckedResolver {
-    fn allowed(
-        &self,
-        host: String,
-    ) -> impl std::future::Future<Output = Result<Vec<SocketAddr>, ResolveError>> + Send + 'static
-    {
+impl Resolve for CheckedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
         let policy = self.policy.clone();
         let from_input = self.from_input;
-        async move {
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
             let found: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let mut refused = None;
@@ -232,28 +226,8 @@ impl CheckedResolver {
                 .collect();
             match (allowed.is_empty(), refused) {
                 (true, Some(why)) => Err(why.into()),
-                _ => Ok(allowed),
+                _ => Ok(Box::new(allowed.into_iter()) as Addrs),
             }
-        }
-    }
-}
-
-impl Resolve for CheckedResolver {
-    fn resolve(&self, name: Name) -> Resolving {
-        let allowed = self.allowed(name.as_str().to_owned());
-        Box::pin(async move { Ok(Box::new(allowed.await?.into_iter()) as Addrs) })
-    }
-}
-
-impl alloy::transports::http::reqwest::dns::Resolve for CheckedResolver {
-    fn resolve(
-        &self,
-        name: alloy::transports::http::reqwest::dns::Name,
-    ) -> alloy::transports::http::reqwest::dns::Resolving {
-        let allowed = self.allowed(name.as_str().to_owned());
-        Box::pin(async move {
-            Ok(Box::new(allowed.await?.into_iter())
-                as alloy::transports::http::reqwest::dns::Addrs)
         })
     }
 }

@@ -352,3 +352,97 @@ async fn what_a_service_echoes_of_the_sent_secrets_is_not_kept() {
     assert_eq!(output["body"]["authorization"], "[secret]");
     assert_eq!(output["body"]["x-plain"], "visible");
 }
+
+#[tokio::test]
+async fn a_signed_request_carries_an_hmac_of_the_exact_bytes_it_sends() {
+    type Got = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
+    let got: Got = Arc::default();
+    let kept = got.clone();
+    let app = axum::Router::new().route(
+        "/signed",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            kept.lock().unwrap().push((headers, body.to_vec()));
+            async { axum::Json(json!({ "ok": true })) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let with = |body: Value, headers: Value| {
+        json!({
+            "method": "POST",
+            "url": format!("{base}/signed"),
+            "headers": headers,
+            "body": body,
+            "auth": { "hmac": {
+                "secret": "{{ secrets.token }}",
+                "header": "X-Signature",
+                "algorithm": "sha512",
+                "encoding": "base64",
+                "prefix": "v1=",
+            } },
+        })
+    };
+    let http = Http::new();
+    let out = http
+        .run(call(with(json!({ "b": 1, "a": [1, 2] }), json!({})), &[]))
+        .await
+        .unwrap();
+    assert!(matches!(out, StepOutcome::Output(_)));
+    // A string under a Content-Type other than JSON goes as it is.
+    http.run(call(
+        with(
+            json!("name=ann&city=paris"),
+            json!({ "Content-Type": "application/x-www-form-urlencoded" }),
+        ),
+        &[],
+    ))
+    .await
+    .unwrap();
+    let got = got.lock().unwrap();
+    let expect = |body: &[u8]| {
+        use base64::Engine as _;
+        use hmac::Mac as _;
+        let mut mac = hmac::Hmac::<sha2::Sha512>::new_from_slice(b"tok-123").unwrap();
+        mac.update(body);
+        format!(
+            "v1={}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        )
+    };
+    let (headers, body) = &got[0];
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(
+        serde_json::from_slice::<Value>(body).unwrap(),
+        json!({ "b": 1, "a": [1, 2] })
+    );
+    assert_eq!(headers["x-signature"], expect(body).as_str());
+    let (headers, body) = &got[1];
+    assert_eq!(body, b"name=ann&city=paris");
+    assert_eq!(headers["content-type"], "application/x-www-form-urlencoded");
+    assert_eq!(headers["x-signature"], expect(body).as_str());
+}
+
+#[tokio::test]
+async fn an_api_key_header_from_auth_is_sent_and_never_echoed_back() {
+    let (base, _) = server().await;
+    let call = call(
+        json!({
+            "url": format!("{base}/echo"),
+            "auth": { "header": { "name": "X-Api-Key", "value": "{{ secrets.token }}" } },
+        }),
+        &[],
+    );
+    let secrets = call.secrets.clone();
+    let out = Http::new().run(call).await.unwrap();
+    let StepOutcome::Output(mut out) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        out["body"]["x-api-key"], "tok-123",
+        "the server saw the key"
+    );
+    // What the worker does with every step's output and error before it is kept.
+    secrets.redact_sent(&mut out);
+    assert_eq!(out["body"]["x-api-key"], "[secret]", "{out:#}");
+}

@@ -65,6 +65,9 @@ fn call(with: Value, checkpoint: Option<Value>, now: i64) -> StepCall {
         attempt: 1,
         now,
         log: Default::default(),
+        artifacts: Default::default(),
+        vars: serde_json::Value::Null,
+        usage: Default::default(),
     }
 }
 

@@ -415,3 +415,104 @@ async fn a_value_postgres_cannot_hold_fails_only_its_own_step() {
     };
     a_value_the_database_cannot_hold_fails_only_its_own_step(&schema.url()).await;
 }
+
+/// Answers with `with.bytes` bytes of JSON text.
+struct Sized;
+
+#[async_trait]
+impl StepKind for Sized {
+    fn name(&self) -> &'static str {
+        "sized"
+    }
+    fn with_schema(&self) -> Value {
+        serde_json::json!({})
+    }
+    async fn run(&self, call: StepCall) -> StepResult {
+        let bytes = call.with["bytes"].as_u64().unwrap() as usize;
+        // A JSON string of `bytes` bytes, quotes included.
+        Ok(StepOutcome::Output(Value::String("x".repeat(bytes - 2))))
+    }
+}
+
+/// Outputs are JSON in the database, up to 1 MiB each: one byte more fails the step for good,
+/// naming the limit (files go to artifacts instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_over_one_mib_fails_its_step_for_good_naming_the_limit() {
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("switchyard-output-limit-{}", std::process::id())),
+    );
+    let (engine, workflows, version) = engine_with(
+        &dir,
+        "id: big\nretry: {max_retries: 3, initial: 10ms}\nsteps:\n  \
+         - {id: fits, type: sized, with: {bytes: 1048576}}\n  \
+         - {id: over, type: sized, needs: [fits], with: {bytes: 1048577}}\n",
+        "big",
+    )
+    .await;
+    let mut registry = Registry::builtin();
+    registry.add(Sized);
+    let detail = run_to_its_end(&engine, registry, &workflows["big"], version).await;
+    assert_eq!(detail.summary.status, RunStatus::Failed, "{detail:?}");
+    assert_eq!(detail.steps[0].state.as_str(), "succeeded");
+    let over = &detail.steps[1];
+    assert_eq!(over.attempt, 1, "not retried");
+    let error = over.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("output is 1048577 bytes; the limit is 1048576 bytes"),
+        "{error}"
+    );
+}
+
+/// Five items share a bucket of two a second: two run at once, the others park, their slots
+/// free, until their turns, and none fails or spends an attempt waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_over_their_quota_park_until_their_turn_and_do_not_fail() {
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("switchyard-quota-test-{}", std::process::id())));
+    let (engine, workflows, version) = engine_with(
+        &dir,
+        "id: limited\nsteps:\n  - id: call\n    type: noop\n    for_each: \"{{ [1, 2, 3, 4, 5] }}\"\n    quota: {name: api, limit: 2, per: 1s}\n",
+        "limited",
+    )
+    .await;
+    let detail = run_to_its_end(&engine, Registry::builtin(), &workflows["limited"], version).await;
+    assert_eq!(detail.summary.status, RunStatus::Succeeded, "{detail:?}");
+    let logs = engine
+        .store()
+        .step_logs(&detail.summary.id, None, 100)
+        .await
+        .unwrap();
+    let waited = logs
+        .iter()
+        .filter(|l| l.text.starts_with("quota api: waiting"))
+        .count();
+    assert_eq!(waited, 3, "{logs:?}");
+    assert!(
+        logs.iter().all(|l| l.attempt == 1),
+        "waiting spends no attempt: {logs:?}"
+    );
+}
+
+/// A quota named without a limit reads it from the variable `quotas`; with neither, the step
+/// fails for good, saying how to set one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_without_a_limit_anywhere_fails_saying_how_to_set_one() {
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("switchyard-quota-unset-{}", std::process::id())),
+    );
+    let (engine, workflows, version) = engine_with(
+        &dir,
+        "id: unset\nretry: {max_retries: 3, initial: 10ms}\nsteps:\n  - {id: call, type: noop, quota: {name: pinata}}\n",
+        "unset",
+    )
+    .await;
+    let detail = run_to_its_end(&engine, Registry::builtin(), &workflows["unset"], version).await;
+    assert_eq!(detail.summary.status, RunStatus::Failed);
+    assert_eq!(detail.steps[0].attempt, 1);
+    let error = detail.steps[0].error.as_deref().unwrap_or_default();
+    assert!(error.contains("quota pinata has no limit"), "{error}");
+    assert!(
+        error.contains(r#"{"pinata": {"limit": N, "per": "1m"}}"#),
+        "{error}"
+    );
+}

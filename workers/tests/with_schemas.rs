@@ -51,7 +51,7 @@ steps:
         found,
         [
             "6:7: http step: `with` takes no key `methd` (it takes: auth, body, follow_redirects, \
-             headers, method, query, timeout, url)",
+             headers, method, multipart, provider, query, timeout, url)",
             "8:16: http step: `with.timeout` is \"5 parsecs\", not a duration (write it like 30s, \
              5m or 1h 30m)",
             "12:5: transform step needs `with.output`",
@@ -79,7 +79,8 @@ steps:
     assert!(found[0].starts_with("7:15: http step needs `with.auth.basic.password`"));
     assert!(
         found[1]
-            .contains("`with.auth.basic` takes no key `pasword` (it takes: password, username)")
+            .contains("`with.auth.basic` takes no key `pasword` (it takes: password, username)"),
+        "{found:#?}"
     );
     assert!(
         found[2].starts_with(

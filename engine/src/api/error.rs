@@ -2,6 +2,7 @@
 //! problem. Extractor rejections (malformed JSON, wrong types, bad paths and queries, oversize
 //! bodies) are turned into the same shape, so no request reaches a handler half-understood.
 
+use crate::artifacts::ArtifactError;
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -247,6 +248,14 @@ impl From<EngineError> for ApiError {
             }
             EngineError::UnknownRun(id) => {
                 ApiError::new(ErrorCode::NotFound, format!("unknown run {id:?}"))
+            }
+            EngineError::Artifact(ArtifactError::NotFound(id)) => {
+                ApiError::new(ErrorCode::NotFound, format!("unknown artifact {id:?}"))
+            }
+            EngineError::Artifact(ArtifactError::Store(e)) => e.into(),
+            EngineError::Artifact(e) => {
+                tracing::warn!(error = %e, "artifact storage");
+                ApiError::new(ErrorCode::Unavailable, "artifact storage did not answer")
             }
             ambiguous @ EngineError::AmbiguousRun { .. } => {
                 ApiError::new(ErrorCode::NotFound, ambiguous.to_string())

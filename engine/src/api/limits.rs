@@ -18,6 +18,7 @@ use governor::{DefaultKeyedRateLimiter, NotUntil, Quota};
 
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
+use crate::quotas::QuotaBuckets;
 
 /// Requests per second and burst, per caller.
 #[derive(Debug, Clone, Copy)]
@@ -67,10 +68,22 @@ pub struct RateLimiter {
     login_addresses: DefaultKeyedRateLimiter<Option<IpAddr>>,
     clock: DefaultClock,
     requests: std::sync::atomic::AtomicUsize,
+    /// With `--redis`: the per-caller buckets live there, one for every process behind a load
+    /// balancer; the buckets above stand in while Redis does not answer.
+    shared: Option<(Arc<dyn QuotaBuckets>, RateLimit)>,
 }
 
 impl RateLimiter {
     pub fn new(limit: RateLimit) -> Arc<Self> {
+        Self::build(limit, None)
+    }
+
+    /// Per-caller limits kept in `buckets` (Redis), shared by every process that uses them.
+    pub fn shared(limit: RateLimit, buckets: Arc<dyn QuotaBuckets>) -> Arc<Self> {
+        Self::build(limit, Some(buckets))
+    }
+
+    fn build(limit: RateLimit, shared: Option<Arc<dyn QuotaBuckets>>) -> Arc<Self> {
         let quota = Quota::per_second(limit.per_second).allow_burst(limit.burst);
         let per_minute = |n: NonZeroU32| Quota::per_minute(n).allow_burst(n);
         Arc::new(RateLimiter {
@@ -79,7 +92,43 @@ impl RateLimiter {
             login_addresses: governor::RateLimiter::keyed(per_minute(limit.login.per_address)),
             clock: DefaultClock::default(),
             requests: Default::default(),
+            shared: shared.map(|buckets| (buckets, limit)),
         })
+    }
+
+    /// The shared bucket's answer for `caller`: `None` when Redis does not answer, and the
+    /// process's own bucket decides.
+    async fn check_shared(
+        &self,
+        caller: &Caller,
+        now: crate::state::Millis,
+    ) -> Option<Result<(), ApiError>> {
+        let (buckets, limit) = self.shared.as_ref()?;
+        let key = match caller {
+            Caller::User(name) => format!("api:user:{name}"),
+            Caller::Token(jti) => format!("api:token:{jti}"),
+            Caller::Address(a) => format!("api:address:{a:?}"),
+            Caller::Probe(a) => format!("api:probe:{a:?}"),
+        };
+        // `burst` at once, refilled at `per_second`: GCRA's limit per period.
+        let per = std::time::Duration::from_secs_f64(
+            f64::from(limit.burst.get()) / f64::from(limit.per_second.get()),
+        );
+        match buckets.take(&key, limit.burst.get(), per, now, false).await {
+            Ok(at) if at <= now => Some(Ok(())),
+            Ok(at) => {
+                let secs = ((at - now) as u64).div_ceil(1_000).max(1);
+                Some(Err(ApiError::new(
+                    ErrorCode::RateLimited,
+                    format!("too many requests from this caller; retry in {secs} s"),
+                )
+                .retry_after(secs)))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "shared rate limits unavailable; this process's own apply");
+                None
+            }
+        }
     }
 
     /// Counts a login attempt for `username` from `address`: its address first, so one address
@@ -160,6 +209,12 @@ pub async fn limit(State(state): State<AppState>, request: Request, next: Next) 
         limiter.buckets.retain_recent();
         limiter.login_users.retain_recent();
         limiter.login_addresses.retain_recent();
+    }
+    if let Some(decided) = limiter.check_shared(&caller, state.engine.now()).await {
+        return match decided {
+            Ok(()) => next.run(request).await,
+            Err(refused) => refused.into_response(),
+        };
     }
     match limiter.buckets.check_key(&caller) {
         Ok(()) => next.run(request).await,

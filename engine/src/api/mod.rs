@@ -7,6 +7,7 @@
 //! `Engine`'s operations, never its store (`tests/tidy.rs`).
 
 mod admin;
+mod artifacts;
 mod auth;
 mod error;
 mod gate;
@@ -15,6 +16,7 @@ mod limits;
 mod public;
 mod runs;
 pub mod types;
+mod usage;
 mod webhooks;
 mod workflows;
 
@@ -211,6 +213,8 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(workflows::list_fires))
         .routes(routes!(runs::list_runs))
         .routes(routes!(runs::show_run))
+        .routes(routes!(artifacts::artifact))
+        .routes(routes!(usage::usage))
         .routes(routes!(runs::run_logs))
         .routes(routes!(runs::follow_run_logs))
         .routes(routes!(runs::cancel_run))

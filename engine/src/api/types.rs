@@ -497,3 +497,33 @@ impl From<store::LogEntry> for LogLine {
         }
     }
 }
+
+/// What steps spent at one service, for one workflow, on one UTC day.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Usage {
+    /// `openai`, or what an `http` step names as its `provider`.
+    pub provider: String,
+    pub workflow_id: String,
+    /// `YYYY-MM-DD`, UTC.
+    pub day: String,
+    pub requests: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    pub tokens: u64,
+    /// US dollars, at the prices in the variable `prices`.
+    pub cost: f64,
+}
+
+impl From<store::Usage> for Usage {
+    fn from(u: store::Usage) -> Self {
+        Usage {
+            provider: u.provider,
+            workflow_id: u.workflow_id,
+            day: u.day,
+            requests: u.requests,
+            errors: u.errors,
+            tokens: u.tokens,
+            cost: u.cost,
+        }
+    }
+}

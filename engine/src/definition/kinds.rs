@@ -349,11 +349,22 @@ fn schema_at<'s>(schema: &'s Value, path: &[PathPart]) -> &'s Value {
     node
 }
 
+/// The alternatives of `node`, and theirs in turn: an optional enum (`Option<Auth>`) is an
+/// `anyOf` whose first choice is a `oneOf`.
 fn alternatives(node: &Value) -> impl Iterator<Item = &Value> {
-    ["oneOf", "anyOf", "allOf"]
-        .into_iter()
-        .filter_map(|k| node[k].as_array())
-        .flatten()
+    let mut found = Vec::new();
+    let mut stack = vec![unwrapped(node)];
+    while let Some(node) = stack.pop() {
+        for choice in ["oneOf", "anyOf", "allOf"]
+            .into_iter()
+            .filter_map(|k| node[k].as_array())
+            .flatten()
+        {
+            found.push(choice);
+            stack.push(unwrapped(choice));
+        }
+    }
+    found.into_iter()
 }
 
 /// The keys the object at `path` takes, for a message.

@@ -504,6 +504,26 @@ pub struct Step {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000))]
     pub parallel: Option<u32>,
+    /// A rate limit shared by every worker and process of the database: each time the step's
+    /// kind runs it takes one from the bucket `name`, and with none left the step parks, its
+    /// slot free, until its turn. Without `limit` and `per`, the bucket's are read from the
+    /// variable `quotas` (`{NAME: {limit, per}}`, set over the admin API) when the step runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSpec {
+    /// `[a-z0-9_-]+`: steps that name the same bucket share it, across workflows.
+    #[schemars(regex(pattern = r"^[a-z0-9_-]+$"))]
+    pub name: String,
+    /// How many may go per `per`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<DurationSpec>,
 }
 
 /// The most items a `for_each` may render.
@@ -640,6 +660,7 @@ impl Workflow {
             run_if: RunIf::default(),
             for_each: None,
             parallel: None,
+            quota: None,
         });
     }
 

@@ -135,6 +135,14 @@ impl Secrets {
         Ok(out)
     }
 
+    /// The secret `name`, for a step kind that reads one by a name of its own when its
+    /// definition names none (`openai` and `openai_api_key`); it counts as sent.
+    pub fn named(&self, name: &str) -> Option<String> {
+        let value = self.values.get(name)?;
+        self.note_sent(value);
+        Some(value.clone())
+    }
+
     /// Records a value this attempt sends that carries a secret, such as an encoded credential.
     pub fn note_sent(&self, value: &str) {
         if !value.is_empty() {

@@ -550,6 +550,7 @@ impl Check<'_, '_> {
                 self.wait(i, step, signals);
             }
             self.loops(i, step);
+            self.quota(i, step);
             if !step.run_if.is_default() && step.needs.is_empty() {
                 let key = self.src.spelling(
                     self.wi,
@@ -615,6 +616,48 @@ impl Check<'_, '_> {
                     self.err(&full, false, msg);
                 }
             }
+        }
+    }
+
+    /// `quota`: a bucket's name, and its limit and period together or not at all.
+    fn quota(&mut self, i: usize, step: &Step) {
+        let Some(quota) = &step.quota else { return };
+        let at = |key| {
+            [
+                Seg::Key(self.part),
+                Seg::Index(i),
+                Seg::Key("quota"),
+                Seg::Key(key),
+            ]
+        };
+        let name_ok = !quota.name.is_empty()
+            && quota
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !name_ok {
+            self.err(
+                &at("name"),
+                false,
+                format!("quota name {:?} is not [a-z0-9_-]+", quota.name),
+            );
+        }
+        match (quota.limit, &quota.per) {
+            (Some(0), _) => self.err(&at("limit"), false, "a quota's limit is at least 1".into()),
+            (Some(_), None) => self.err(
+                &at("limit"),
+                false,
+                "a quota with a limit needs `per`, such as 1m".into(),
+            ),
+            (None, Some(_)) => {
+                self.err(&at("per"), false, "a quota with `per` needs a limit".into())
+            }
+            (_, Some(per)) if per.0.is_zero() => self.err(
+                &at("per"),
+                false,
+                "a quota's period is longer than 0".into(),
+            ),
+            _ => {}
         }
     }
 

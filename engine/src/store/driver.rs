@@ -150,6 +150,19 @@ impl<D: Driver> Store for D {
         Ok(still)
     }
 
+    async fn take_quota(
+        &self,
+        name: &str,
+        limit: u32,
+        per: std::time::Duration,
+        now: Millis,
+    ) -> Result<Millis> {
+        let mut tx = self.begin().await?;
+        let at = machine::take_quota(&mut tx, name, limit, per, now).await?;
+        self.commit(tx, Effects::default(), &[]).await?;
+        Ok(at)
+    }
+
     async fn append_live_logs(&self, lease: &Lease, lines: &[LogLine]) -> Result<bool> {
         let mut tx = self.begin().await?;
         let held = machine::append_live_logs(&mut tx, lease, lines).await?;

@@ -488,6 +488,16 @@ pub(crate) trait Tx: Send {
     async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>>;
     /// Stores log lines (rows `{run_id, step_id, attempt, at, stream, text}`).
     async fn append_logs(&mut self, rows: Value) -> Result<()>;
+    /// The bucket `name`'s theoretical arrival time (0 for a new one), held until the
+    /// transaction ends.
+    async fn lock_quota(&mut self, name: &str) -> Result<i64>;
+    async fn set_quota(&mut self, name: &str, tat_us: i64) -> Result<()>;
+    /// Adds usage (rows `{provider, workflow_id, day, requests, errors, tokens, cost}`, one per
+    /// key, in key order) to what is recorded.
+    async fn add_usage(&mut self, rows: Value) -> Result<()>;
+    /// Stores artifact references (rows `{id, run_id, step_id, attempt, sha256, size,
+    /// content_type}`), made `now`.
+    async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()>;
     /// The run and step of the job `lease` holds, while it still runs under it.
     async fn held_job(&mut self, lease: &Lease) -> Result<Option<(RunId, String)>>;
 
@@ -510,7 +520,8 @@ pub(crate) trait Tx: Send {
         token: &str,
         update: &NotificationUpdate,
     ) -> Result<bool>;
-    /// Deletes these runs with their jobs and logs; returns how many runs it deleted.
+    /// Deletes these runs with their jobs, logs and artifact references; returns how many runs
+    /// it deleted.
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64>;
     /// Deletes the records whose retention ended (see [`RecordCutoffs`]).
     async fn delete_old_records(&mut self, cutoffs: &RecordCutoffs) -> Result<()>;
@@ -736,6 +747,64 @@ pub(crate) async fn insert_runs(
         .collect())
 }
 
+/// Takes from the shared rate limit `name` (see [`crate::state::quota_take`]); returns when the
+/// taker may go.
+pub(crate) async fn take_quota(
+    tx: &mut dyn Tx,
+    name: &str,
+    limit: u32,
+    per: std::time::Duration,
+    now: Millis,
+) -> Result<Millis> {
+    let tat = tx.lock_quota(name).await?;
+    let take = crate::state::quota_take(tat, now, limit, per, true);
+    if let Some(tat) = take.tat_us {
+        tx.set_quota(name, tat).await?;
+    }
+    Ok(take.at)
+}
+
+/// Records what every attempt in the batch spent, accepted or not: a late attempt's calls were
+/// made, and paid for, all the same. One row per provider, workflow and day, in key order, so
+/// two batches lock their rows in the same order.
+async fn record_usage(tx: &mut dyn Tx, completions: &[Completion], now: Millis) -> Result<()> {
+    if completions.iter().all(|c| c.usage.is_empty()) {
+        return Ok(());
+    }
+    let day = jiff::Timestamp::from_millisecond(now)
+        .map(|t| t.strftime("%Y-%m-%d").to_string())
+        .unwrap_or_default();
+    let mut sums: BTreeMap<(&str, &str), super::Usage> = BTreeMap::new();
+    for usage in completions.iter().flat_map(|c| &c.usage) {
+        let sum = sums
+            .entry((&usage.provider, &usage.workflow_id))
+            .or_insert_with(|| super::Usage {
+                provider: usage.provider.clone(),
+                workflow_id: usage.workflow_id.clone(),
+                ..Default::default()
+            });
+        sum.requests += usage.requests;
+        sum.errors += usage.errors;
+        sum.tokens += usage.tokens;
+        sum.cost += usage.cost;
+    }
+    let rows: Vec<Value> = sums
+        .values()
+        .map(|u| {
+            json!({
+                "provider": super::storable_text(&u.provider),
+                "workflow_id": u.workflow_id,
+                "day": day,
+                "requests": u.requests,
+                "errors": u.errors,
+                "tokens": u.tokens,
+                "cost": if u.cost.is_finite() { u.cost } else { 0.0 },
+            })
+        })
+        .collect();
+    tx.add_usage(Value::Array(rows)).await
+}
+
 /// Stores what the attempts whose settlement was accepted printed; a late attempt's lines go
 /// with its refused settlement.
 async fn keep_logs(
@@ -746,16 +815,64 @@ async fn keep_logs(
     if completions.iter().all(|c| c.logs.is_empty()) {
         return Ok(());
     }
-    let jobs: BTreeMap<JobId, &SettledJob> = settled.iter().map(|j| (j.id, j)).collect();
-    let rows: Vec<Value> = completions
-        .iter()
-        .filter_map(|c| Some((c, *jobs.get(&c.lease.job_id)?)))
+    let rows: Vec<Value> = accepted(completions, settled)
         .flat_map(|(c, job)| log_rows(&job.run_id, &job.step_id, c.lease.attempt, &c.logs))
         .collect();
     if rows.is_empty() {
         return Ok(());
     }
     tx.append_logs(Value::Array(rows)).await
+}
+
+/// The completions whose settlement was accepted, with their jobs. Two attempts of one job may
+/// complete in one batch (a worker that took its job again after losing it): the fence accepts
+/// the later attempt only.
+fn accepted<'a>(
+    completions: &'a [Completion],
+    settled: &'a [SettledJob],
+) -> impl Iterator<Item = (&'a Completion, &'a SettledJob)> {
+    let jobs: BTreeMap<JobId, &SettledJob> = settled.iter().map(|j| (j.id, j)).collect();
+    let mut latest: BTreeMap<JobId, u32> = BTreeMap::new();
+    for c in completions {
+        let attempt = latest.entry(c.lease.job_id).or_default();
+        *attempt = (*attempt).max(c.lease.attempt);
+    }
+    completions.iter().filter_map(move |c| {
+        let job = *jobs.get(&c.lease.job_id)?;
+        (latest.get(&c.lease.job_id) == Some(&c.lease.attempt)).then_some((c, job))
+    })
+}
+
+/// Stores the references to the files that the attempts whose settlement was accepted made;
+/// a late attempt's files go unnamed, and the artifact sweep deletes them.
+async fn keep_artifacts(
+    tx: &mut dyn Tx,
+    completions: &[Completion],
+    settled: &[SettledJob],
+    now: Millis,
+) -> Result<()> {
+    if completions.iter().all(|c| c.artifacts.is_empty()) {
+        return Ok(());
+    }
+    let rows: Vec<Value> = accepted(completions, settled)
+        .flat_map(|(c, job)| {
+            c.artifacts.iter().map(move |a| {
+                json!({
+                    "id": a.id,
+                    "run_id": job.run_id,
+                    "step_id": job.step_id,
+                    "attempt": c.lease.attempt,
+                    "sha256": a.sha256,
+                    "size": a.size,
+                    "content_type": super::storable_text(&a.content_type),
+                })
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    tx.insert_artifacts(Value::Array(rows), now).await
 }
 
 fn log_rows<'a>(
@@ -888,6 +1005,8 @@ pub(crate) async fn complete(
             .map(|(id, _)| *id),
     );
     keep_logs(tx, &completions, &settled.jobs).await?;
+    keep_artifacts(tx, &completions, &settled.jobs, now).await?;
+    record_usage(tx, &completions, now).await?;
     let mut accepted = Vec::with_capacity(settled.jobs.len());
     let mut sinks = Vec::new();
     let mut failed = Vec::new();
@@ -1397,6 +1516,8 @@ pub(crate) async fn sweep(tx: &mut dyn Tx, now: Millis, effects: &mut Effects) -
             lease: expired.lease,
             children: Vec::new(),
             logs: Vec::new(),
+            artifacts: Vec::new(),
+            usage: Vec::new(),
         })
         .collect();
     let reclaimed = complete(tx, lost, now, effects).await?.len() as u64;

@@ -9,6 +9,7 @@ mod postgres;
 mod sql;
 mod sqlite;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -196,6 +197,41 @@ pub fn check_storable(value: &Value) -> std::result::Result<(), Unstorable> {
         }
     }
     Ok(())
+}
+
+/// A row of `api_usage`.
+pub(crate) fn usage_row(
+    (provider, workflow_id, day, requests, errors, tokens, cost): (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        f64,
+    ),
+) -> Usage {
+    Usage {
+        provider,
+        workflow_id,
+        day,
+        requests: requests.max(0) as u64,
+        errors: errors.max(0) as u64,
+        tokens: tokens.max(0) as u64,
+        cost,
+    }
+}
+
+/// An artifact's row (`id, sha256, size, content_type`) as a reference.
+pub(crate) fn artifact_ref(
+    (id, sha256, size, content_type): (String, String, i64, String),
+) -> crate::artifacts::ArtifactRef {
+    crate::artifacts::ArtifactRef {
+        id,
+        sha256,
+        size: size.max(0) as u64,
+        content_type,
+    }
 }
 
 /// Text for a text column: NUL characters, which PostgreSQL refuses, become U+FFFD. For
@@ -495,6 +531,37 @@ pub struct Completion {
     pub children: Vec<NewRun>,
     /// What the attempt printed; kept only when its settlement is accepted.
     pub logs: Vec<LogLine>,
+    /// The files the attempt stored; named only when its settlement is accepted.
+    pub artifacts: Vec<crate::artifacts::ArtifactRef>,
+    /// What the attempt spent at the services it called; recorded however it ends.
+    pub usage: Vec<Usage>,
+}
+
+/// Calls to a service (a provider: `openai`, or what an `http` step names) and what they
+/// cost, for one workflow: a completion's share, or a day's sum (`GET /api/usage`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub provider: String,
+    pub workflow_id: String,
+    /// `YYYY-MM-DD` (UTC) in a day's sum; empty in a completion's share.
+    #[serde(default)]
+    pub day: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub tokens: u64,
+    /// In US dollars, from `vars.prices`.
+    pub cost: f64,
+}
+
+/// Which recorded usage to read.
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub provider: Option<String>,
+    pub workflow_id: Option<String>,
+    /// Days from, and up to, inclusive (`YYYY-MM-DD`).
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub limit: u32,
 }
 
 /// A line a step printed or noted during an attempt.
@@ -721,6 +788,12 @@ pub trait Reads: Send + Sync + 'static {
     async fn settings(&self, namespace: &str) -> Result<Vec<Setting>>;
     /// Newest first.
     async fn webhook_events(&self, source: Option<&str>, limit: u32) -> Result<Vec<WebhookEvent>>;
+    /// Recorded usage, newest day first.
+    async fn usage(&self, filter: &UsageFilter) -> Result<Vec<Usage>>;
+    /// The artifact `id` names.
+    async fn artifact(&self, id: &str) -> Result<Option<crate::artifacts::ArtifactRef>>;
+    /// Which of `hashes` an artifact still names.
+    async fn artifact_hashes_named(&self, hashes: &[String]) -> Result<BTreeSet<String>>;
     /// Run notifications, newest first, without their runs' outputs.
     async fn notifications(
         &self,
@@ -792,6 +865,15 @@ pub trait Store: Reads {
     /// Stores lines an attempt printed so far, while its lease holds (so `logs --follow` shows
     /// a long step as it goes); returns whether it held. The rest go with its completion.
     async fn append_live_logs(&self, lease: &Lease, lines: &[LogLine]) -> Result<bool>;
+    /// Takes from the shared rate limit `name`, `limit` per `per`; returns when the taker may go
+    /// (now or earlier: at once). A taker that must wait keeps its place.
+    async fn take_quota(
+        &self,
+        name: &str,
+        limit: u32,
+        per: std::time::Duration,
+        now: Millis,
+    ) -> Result<Millis>;
     /// Applies settlements whose lease still holds; returns the accepted job ids. Also settles
     /// what follows in the same transaction: dependents become available, runs finish, parents
     /// of finished child runs settle, concurrency gates open. Then, in the same transaction,

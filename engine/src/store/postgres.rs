@@ -15,6 +15,8 @@
 //! finishes; concurrency gates are serialised per key with transaction-scoped advisory locks, which
 //! a dead process cannot hold (its transaction ends with its connection).
 
+use super::{Usage, UsageFilter};
+use crate::artifacts::ArtifactRef;
 use std::collections::BTreeSet;
 use std::ops::DerefMut;
 use std::str::FromStr;
@@ -1504,6 +1506,64 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         .await?)
     }
 
+    async fn lock_quota(&mut self, name: &str) -> Result<i64> {
+        sqlx::query(
+            "INSERT INTO quota_buckets (name, tat_us) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT tat_us FROM quota_buckets WHERE name = $1 FOR UPDATE")
+                .bind(name)
+                .fetch_one(&mut *self.0)
+                .await?,
+        )
+    }
+
+    async fn set_quota(&mut self, name: &str, tat_us: i64) -> Result<()> {
+        sqlx::query("UPDATE quota_buckets SET tat_us = $2 WHERE name = $1")
+            .bind(name)
+            .bind(tat_us)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn add_usage(&mut self, rows: Value) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_usage (provider, workflow_id, day, requests, errors, tokens, cost) \
+             SELECT u.provider, u.workflow_id, u.day, u.requests, u.errors, u.tokens, u.cost \
+             FROM jsonb_to_recordset($1) AS u(provider text, workflow_id text, day text, \
+                 requests bigint, errors bigint, tokens bigint, cost double precision) \
+             ON CONFLICT (provider, workflow_id, day) DO UPDATE SET \
+                 requests = api_usage.requests + excluded.requests, \
+                 errors = api_usage.errors + excluded.errors, \
+                 tokens = api_usage.tokens + excluded.tokens, \
+                 cost = api_usage.cost + excluded.cost",
+        )
+        .bind(rows)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO artifacts (id, run_id, step_id, attempt, sha256, size, content_type, \
+                 created_at) \
+             SELECT a.id, a.run_id, a.step_id, a.attempt, a.sha256, a.size, a.content_type, $2 \
+             FROM jsonb_to_recordset($1) AS a(id text, run_id text, step_id text, attempt int, \
+                 sha256 text, size bigint, content_type text) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(rows)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     async fn append_logs(&mut self, rows: Value) -> Result<()> {
         sqlx::query(
             "INSERT INTO step_logs (run_id, step_id, attempt, at, stream, text) \
@@ -1598,6 +1658,10 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
 
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64> {
         sqlx::query("DELETE FROM step_logs WHERE run_id = ANY($1::text[])")
+            .bind(runs)
+            .execute(&mut *self.0)
+            .await?;
+        sqlx::query("DELETE FROM artifacts WHERE run_id = ANY($1::text[])")
             .bind(runs)
             .execute(&mut *self.0)
             .await?;
@@ -2128,6 +2192,41 @@ impl Reads for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn usage(&self, filter: &UsageFilter) -> Result<Vec<Usage>> {
+        let rows: Vec<(String, String, String, i64, i64, i64, f64)> = sqlx::query_as(
+            "SELECT provider, workflow_id, day, requests, errors, tokens, cost FROM api_usage \
+             WHERE ($1::text IS NULL OR provider = $1) AND ($2::text IS NULL OR workflow_id = $2) \
+                 AND ($3::text IS NULL OR day >= $3) AND ($4::text IS NULL OR day <= $4) \
+             ORDER BY day DESC, provider, workflow_id LIMIT $5",
+        )
+        .bind(&filter.provider)
+        .bind(&filter.workflow_id)
+        .bind(&filter.from)
+        .bind(&filter.to)
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(super::usage_row).collect())
+    }
+
+    async fn artifact(&self, id: &str) -> Result<Option<ArtifactRef>> {
+        let row: Option<(String, String, i64, String)> =
+            sqlx::query_as("SELECT id, sha256, size, content_type FROM artifacts WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(super::artifact_ref))
+    }
+
+    async fn artifact_hashes_named(&self, hashes: &[String]) -> Result<BTreeSet<String>> {
+        let named: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT sha256 FROM artifacts WHERE sha256 = ANY($1)")
+                .bind(hashes)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(named.into_iter().collect())
     }
 
     async fn notifications(

@@ -4,6 +4,8 @@
 //! batch, passing it as a JSON array to `json_each`: with sqlx each statement costs ~100 µs, so
 //! statements per batch, not rows, set the throughput.
 
+use super::{Usage, UsageFilter};
+use crate::artifacts::ArtifactRef;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::DerefMut;
 use std::str::FromStr;
@@ -1376,6 +1378,62 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         .await?)
     }
 
+    async fn lock_quota(&mut self, name: &str) -> Result<i64> {
+        // The one writer holds every bucket already.
+        let tat: Option<i64> =
+            sqlx::query_scalar("SELECT tat_us FROM quota_buckets WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&mut *self.0)
+                .await?;
+        Ok(tat.unwrap_or(0))
+    }
+
+    async fn set_quota(&mut self, name: &str, tat_us: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO quota_buckets (name, tat_us) VALUES (?1, ?2) \
+             ON CONFLICT (name) DO UPDATE SET tat_us = excluded.tat_us",
+        )
+        .bind(name)
+        .bind(tat_us)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn add_usage(&mut self, rows: Value) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_usage (provider, workflow_id, day, requests, errors, tokens, cost) \
+             SELECT u.value->>'provider', u.value->>'workflow_id', u.value->>'day', \
+                 u.value->>'requests', u.value->>'errors', u.value->>'tokens', u.value->>'cost' \
+             FROM json_each(?1) AS u WHERE true \
+             ON CONFLICT (provider, workflow_id, day) DO UPDATE SET \
+                 requests = api_usage.requests + excluded.requests, \
+                 errors = api_usage.errors + excluded.errors, \
+                 tokens = api_usage.tokens + excluded.tokens, \
+                 cost = api_usage.cost + excluded.cost",
+        )
+        .bind(to_json(&rows))
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()> {
+        sqlx::query(
+            "INSERT OR IGNORE INTO artifacts (id, run_id, step_id, attempt, sha256, size, \
+                 content_type, created_at) \
+             SELECT a.value->>'id', a.value->>'run_id', a.value->>'step_id', \
+                 a.value->>'attempt', a.value->>'sha256', a.value->>'size', \
+                 a.value->>'content_type', ?2 \
+             FROM json_each(?1) AS a",
+        )
+        .bind(to_json(&rows))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     async fn append_logs(&mut self, rows: Value) -> Result<()> {
         sqlx::query(
             "INSERT INTO step_logs (run_id, step_id, attempt, at, stream, text) \
@@ -1471,6 +1529,10 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
     async fn delete_runs(&mut self, runs: &[RunId]) -> Result<u64> {
         let ids = to_json(&runs);
         sqlx::query("DELETE FROM step_logs WHERE run_id IN (SELECT value FROM json_each(?))")
+            .bind(&ids)
+            .execute(&mut *self.0)
+            .await?;
+        sqlx::query("DELETE FROM artifacts WHERE run_id IN (SELECT value FROM json_each(?))")
             .bind(&ids)
             .execute(&mut *self.0)
             .await?;
@@ -1919,6 +1981,43 @@ impl Reads for SqliteStore {
             .fetch_all(&self.reader)
             .await?,
         )
+    }
+
+    async fn usage(&self, filter: &UsageFilter) -> Result<Vec<Usage>> {
+        let rows: Vec<(String, String, String, i64, i64, i64, f64)> = sqlx::query_as(
+            "SELECT provider, workflow_id, day, requests, errors, tokens, cost FROM api_usage \
+             WHERE (?1 IS NULL OR provider = ?1) AND (?2 IS NULL OR workflow_id = ?2) \
+                 AND (?3 IS NULL OR day >= ?3) AND (?4 IS NULL OR day <= ?4) \
+             ORDER BY day DESC, provider, workflow_id LIMIT ?5",
+        )
+        .bind(&filter.provider)
+        .bind(&filter.workflow_id)
+        .bind(&filter.from)
+        .bind(&filter.to)
+        .bind(filter.limit)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(super::usage_row).collect())
+    }
+
+    async fn artifact(&self, id: &str) -> Result<Option<ArtifactRef>> {
+        let row: Option<(String, String, i64, String)> =
+            sqlx::query_as("SELECT id, sha256, size, content_type FROM artifacts WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(row.map(super::artifact_ref))
+    }
+
+    async fn artifact_hashes_named(&self, hashes: &[String]) -> Result<BTreeSet<String>> {
+        let named: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT sha256 FROM artifacts \
+             WHERE sha256 IN (SELECT value FROM json_each(?))",
+        )
+        .bind(serde_json::to_string(hashes).expect("strings serialize"))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(named.into_iter().collect())
     }
 
     async fn notifications(

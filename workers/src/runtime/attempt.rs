@@ -20,8 +20,10 @@ use switchyard_engine::store::{
 use tracing::Instrument;
 
 use super::{WorkerConfig, panic_message};
+use crate::artifacts::AttemptArtifacts;
 use crate::steps::EVERY_FIELD;
 use crate::steps::{ChildRun, Registry, StepCall, StepLog, StepOutcome};
+use crate::usage::UsageMeter;
 
 /// What every attempt of this process shares.
 pub(super) struct Steps {
@@ -64,6 +66,8 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
     async move {
         let started = std::time::Instant::now();
         let log = StepLog::default();
+        let files = AttemptArtifacts::new(shared.engine.artifacts());
+        let usage = UsageMeter::default();
         let (result, children, policy) =
             match shared.engine.version(&job.workflow_id, job.version).await {
                 Err(e) => (
@@ -90,7 +94,7 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
                                 &shared.engine,
                                 &job.lease,
                                 &log,
-                                attempt(&shared, &job, step, &log),
+                                attempt(&shared, &job, step, &log, &files, &usage),
                             )
                             .await;
                             (result, children, workflow.retry_policy(step))
@@ -102,6 +106,10 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
         // A failure of a step that continues on error is tolerated by the store, whichever way
         // it came.
         let settlement = settle(job.lease.attempt, &policy, result, now, rand::random());
+        let settlement_kept = matches!(
+            settlement,
+            Settlement::Succeed { .. } | Settlement::Park { .. }
+        );
         // An item counts as its step: one series per step, not per item.
         switchyard_engine::metrics::step_finished(
             &job.workflow_id,
@@ -139,6 +147,13 @@ pub(super) async fn execute(shared: Arc<Steps>, job: ClaimedJob) -> Completion {
             settlement,
             children,
             logs: log.take(),
+            // A file counts only for the result that names it: a failed attempt's are swept.
+            artifacts: if settlement_kept {
+                files.take_saved()
+            } else {
+                Vec::new()
+            },
+            usage: usage.take(&job.workflow_id),
         }
     }
     .instrument(span)
@@ -192,6 +207,8 @@ async fn attempt(
     job: &ClaimedJob,
     step: &Step,
     log: &StepLog,
+    files: &AttemptArtifacts,
+    usage: &UsageMeter,
 ) -> (AttemptResult, Vec<NewRun>) {
     let engine = &shared.engine;
     let config = &shared.config;
@@ -230,7 +247,7 @@ async fn attempt(
     let ctx = TemplateContext {
         input,
         steps,
-        vars,
+        vars: vars.clone(),
         secrets: secrets.clone(),
         run: json!({
             "id": job.run_id,
@@ -350,19 +367,29 @@ async fn attempt(
         whole if reads_run_data(whole) => vec![EVERY_FIELD.to_owned()],
         _ => Vec::new(),
     };
+    if let Some(quota) = &step.quota {
+        match wait_for_quota(engine, job, quota, &vars, log).await {
+            Ok(None) => {}
+            Ok(Some(parked)) => return (parked, Vec::new()),
+            Err(f) => return failed(f),
+        }
+    }
     let sent = secrets.clone();
     log.redact_with(sent.clone());
     let call = StepCall {
         with,
         secrets,
         reads_run_data,
-        checkpoint: job.checkpoint.clone(),
+        checkpoint: kinds_checkpoint(job.checkpoint.as_ref()),
         idempotency_key: format!("{}:{}", job.run_id, job.step_id),
         run_id: job.run_id.clone(),
         step_id: job.step_id.clone(),
         attempt: job.lease.attempt,
         now: engine.now(),
         log: log.clone(),
+        artifacts: files.clone(),
+        vars,
+        usage: usage.clone(),
     };
     // A step kind that panics fails its attempt like any error, under the step's retry policy:
     // the job is settled now, not when a lease its claim shares with other jobs runs out.
@@ -508,13 +535,94 @@ fn unreadable_definition(job: &ClaimedJob, e: &EngineError) -> StepFailure {
 
 /// Whether this claim starts the step's series: it has not parked yet. A callback or signal
 /// delivered before it ran waits in its checkpoint, alone. An item's step started long before.
+/// Where a step parked for its quota notes it in its checkpoint, beside whatever its kind keeps.
+const QUOTA_KEY: &str = "quota";
+
+/// The checkpoint the kind kept, without the runtime's note of a quota wait.
+fn kinds_checkpoint(checkpoint: Option<&Value>) -> Option<Value> {
+    match checkpoint? {
+        Value::Object(kept) if kept.contains_key(QUOTA_KEY) => {
+            let mut kept = kept.clone();
+            kept.remove(QUOTA_KEY);
+            (!kept.is_empty()).then_some(Value::Object(kept))
+        }
+        other => Some(other.clone()),
+    }
+}
+
+/// Takes the step's turn from its quota bucket. `Ok(None)`: it may run now (its turn came, or
+/// it was woken at the turn it parked for); `Ok(Some(parked))`: park until its turn, slot free,
+/// the turn kept in the checkpoint so the wake does not take another.
+async fn wait_for_quota(
+    engine: &switchyard_engine::service::Engine,
+    job: &ClaimedJob,
+    quota: &switchyard_engine::definition::QuotaSpec,
+    vars: &Value,
+    log: &StepLog,
+) -> Result<Option<AttemptResult>, StepFailure> {
+    let noted = job.checkpoint.as_ref().and_then(|c| c.get(QUOTA_KEY));
+    if noted.and_then(|q| q["attempt"].as_u64()) == Some(u64::from(job.lease.attempt)) {
+        return Ok(None);
+    }
+    let set = &vars["quotas"][&quota.name];
+    let limit = quota
+        .limit
+        .or_else(|| set["limit"].as_u64().and_then(|l| u32::try_from(l).ok()))
+        .filter(|l| *l > 0);
+    let per = quota.per.map(|p| p.0).or_else(|| {
+        set["per"]
+            .as_str()
+            .and_then(|p| humantime::parse_duration(p).ok())
+    });
+    let (Some(limit), Some(per)) = (limit, per.filter(|p| !p.is_zero())) else {
+        return Err(StepFailure::permanent(
+            "quota",
+            format!(
+                "quota {} has no limit: give the step `quota: {{name, limit, per}}`, or set the \
+                 variable quotas to {{\"{}\": {{\"limit\": N, \"per\": \"1m\"}}}}",
+                quota.name, quota.name
+            ),
+        ));
+    };
+    let now = engine.now();
+    let at = engine
+        .quotas()
+        .take(&quota.name, limit, per, now, true)
+        .await
+        .map_err(|e| StepFailure::transient("quota", format!("quota {}: {e}", quota.name)))?;
+    if at <= now {
+        return Ok(None);
+    }
+    let note = json!({ "name": quota.name, "attempt": job.lease.attempt, "at": at });
+    let checkpoint = match job.checkpoint.clone() {
+        None => json!({ QUOTA_KEY: note }),
+        Some(Value::Object(mut kept)) => {
+            kept.insert(QUOTA_KEY.to_owned(), note);
+            Value::Object(kept)
+        }
+        // A kind that keeps a bare value has no room for the note: wait here instead.
+        Some(_) => {
+            tokio::time::sleep(std::time::Duration::from_millis((at - now) as u64)).await;
+            return Ok(None);
+        }
+    };
+    log.line(
+        "info",
+        format!("quota {}: waiting {} ms for its turn", quota.name, at - now),
+    );
+    Ok(Some(AttemptResult::Parked {
+        until: Some(at),
+        checkpoint,
+    }))
+}
+
 fn first_run(job: &ClaimedJob) -> bool {
     job.item.is_none()
         && match &job.checkpoint {
             None => true,
             Some(Value::Object(kept)) => kept
                 .keys()
-                .all(|k| k == "callback" || k == "callback_token"),
+                .all(|k| k == "callback" || k == "callback_token" || k == QUOTA_KEY),
             Some(_) => false,
         }
 }

@@ -366,6 +366,8 @@ fn released(lease: Lease) -> Completion {
         settlement: Settlement::Release,
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 

@@ -8,6 +8,7 @@ mod http;
 mod n8n;
 mod noop;
 mod notify;
+mod openai;
 mod script;
 mod sleep;
 mod transform;
@@ -25,7 +26,9 @@ use serde_json::Value;
 use switchyard_engine::definition::{Secrets, StepKinds};
 use switchyard_engine::store::LogLine;
 
+use crate::artifacts::AttemptArtifacts;
 use crate::egress::EgressPolicy;
+use crate::usage::UsageMeter;
 use switchyard_engine::state::{Millis, StepFailure};
 
 pub use chain::{Chain, NonceAllocator, NonceError, ProcessNonces, StoreNonces};
@@ -33,6 +36,7 @@ pub use http::Http;
 pub use n8n::{N8n, N8nUrls};
 pub use noop::Noop;
 pub use notify::Notify;
+pub use openai::OpenAi;
 pub use script::Script;
 pub use sleep::Sleep;
 pub use transform::Transform;
@@ -59,6 +63,13 @@ pub struct StepCall {
     pub now: Millis,
     /// Where the step writes what it prints.
     pub log: StepLog,
+    /// The files it stores and reads.
+    pub artifacts: AttemptArtifacts,
+    /// The variables its templates saw (`vars`), for a kind's defaults
+    /// (`vars.openai_base_url`).
+    pub vars: Value,
+    /// What it spends at the services it calls.
+    pub usage: UsageMeter,
 }
 
 /// Most a step's lines may hold in one attempt, each line counting [`LINE_COST`] more than its
@@ -226,6 +237,9 @@ impl StepCall {
             attempt: 1,
             now: 0,
             log: StepLog::default(),
+            artifacts: AttemptArtifacts::default(),
+            vars: Value::Null,
+            usage: UsageMeter::default(),
         }
     }
 
@@ -306,6 +320,7 @@ impl Registry {
         registry.add(Chain::with_policy(nonces, egress.clone()));
         registry.add(Http::with_policy(egress.clone()));
         registry.add(Notify::new(Http::with_policy(egress.clone())));
+        registry.add(OpenAi::with_policy(egress.clone()));
         registry.add(N8n::with_policy(n8n, egress));
         registry.add(Transform);
         registry.add(Script::refused());

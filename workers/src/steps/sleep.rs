@@ -75,6 +75,9 @@ mod tests {
             attempt: 1,
             now,
             log: Default::default(),
+            artifacts: Default::default(),
+            vars: serde_json::Value::Null,
+            usage: Default::default(),
         }
     }
 

@@ -107,6 +107,9 @@ mod tests {
             attempt,
             now,
             log: Default::default(),
+            artifacts: Default::default(),
+            vars: serde_json::Value::Null,
+            usage: Default::default(),
         }
     }
 

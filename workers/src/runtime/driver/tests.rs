@@ -162,6 +162,8 @@ fn steps(store: &Arc<FakeStore>) -> RunStep {
                 },
                 children: Vec::new(),
                 logs: Vec::new(),
+                artifacts: Vec::new(),
+                usage: Vec::new(),
             }
         })
     })

@@ -177,6 +177,8 @@ fn succeeded(lease: &Lease) -> Completion {
         },
         children: Vec::new(),
         logs: Vec::new(),
+        artifacts: Vec::new(),
+        usage: Vec::new(),
     }
 }
 

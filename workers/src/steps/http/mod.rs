@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use reqwest::header::{
-    AUTHORIZATION, COOKIE, HeaderMap, HeaderName, HeaderValue, LOCATION, PROXY_AUTHORIZATION,
-    RETRY_AFTER,
+    AUTHORIZATION, CONTENT_TYPE, COOKIE, HeaderMap, HeaderName, HeaderValue, LOCATION,
+    PROXY_AUTHORIZATION, RETRY_AFTER,
 };
 use reqwest::{Method, StatusCode, Url};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -26,6 +25,11 @@ use switchyard_engine::state::StepFailure;
 
 use super::{StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
 use crate::egress::{CheckedResolver, EgressPolicy, Refused};
+
+mod auth;
+mod multipart;
+use auth::{Auth, Outgoing};
+use multipart::Multipart;
 
 /// Characters of a failed answer's body quoted in the error: enough to tell what went wrong,
 /// too little to carry an internal API's answer to whoever reads the run.
@@ -48,23 +52,28 @@ struct HttpWith {
     #[serde(default)]
     #[schemars(schema_with = "header_values")]
     headers: Option<Map<String, Value>>,
-    /// `{bearer: TOKEN}` or `{basic: {username, password}}`; values may reference secrets.
-    #[serde(default)]
-    #[schemars(schema_with = "auth")]
-    auth: Option<Value>,
+    /// How the request proves who sends it; values may reference secrets.
+    auth: Option<Auth>,
     /// Query parameters, added to the URL: a map, or a list of `[name, value]` pairs to repeat a
     /// name.
     #[serde(default)]
     #[schemars(schema_with = "query_values")]
     query: Option<Value>,
-    /// Sent as JSON.
+    /// Sent as JSON; a string is sent as it is when `headers` give a `Content-Type` other than
+    /// JSON (a form, XML, text).
     #[schemars(with = "Option<serde_json::Value>")]
     body: Option<Value>,
+    /// A `multipart/form-data` body instead: `{fields: {NAME: VALUE}, files: [{name, artifact |
+    /// text, filename, content_type}]}`.
+    multipart: Option<Multipart>,
     /// How long the request may take, such as `10s`.
     #[schemars(extend("format" = "duration"))]
     timeout: Option<String>,
     /// Follow redirects (the default), or take a 3xx answer as a failure.
     follow_redirects: Option<bool>,
+    /// The service this calls, such as `pinata`: its requests and failures are counted under
+    /// this name in `api_usage` and the metrics.
+    provider: Option<String>,
 }
 
 /// Header values: text, or numbers and booleans sent as text.
@@ -92,36 +101,6 @@ fn query_values(_: &mut SchemaGenerator) -> Schema {
                     ],
                     "minItems": 2,
                     "maxItems": 2
-                }
-            }
-        ]
-    })
-}
-
-fn auth(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({
-        "oneOf": [
-            { "type": "null" },
-            {
-                "type": "object",
-                "additionalProperties": false,
-                "required": ["bearer"],
-                "properties": { "bearer": { "type": "string" } }
-            },
-            {
-                "type": "object",
-                "additionalProperties": false,
-                "required": ["basic"],
-                "properties": {
-                    "basic": {
-                        "type": "object",
-                        "additionalProperties": false,
-                        "required": ["username", "password"],
-                        "properties": {
-                            "username": { "type": "string" },
-                            "password": { "type": "string" }
-                        }
-                    }
                 }
             }
         ]
@@ -185,7 +164,7 @@ fn refused(why: Refused) -> StepFailure {
 fn headers(call: &StepCall, with: &HttpWith) -> Result<(HeaderMap, Vec<HeaderName>), StepFailure> {
     let mut map = HeaderMap::new();
     let mut secret = Vec::new();
-    let mut add = |name: HeaderName, text: &str, carries: bool| -> Result<(), StepFailure> {
+    let mut add = |name: HeaderName, text: &str| -> Result<(), StepFailure> {
         let revealed = call
             .secrets
             .reveal(text)
@@ -193,7 +172,7 @@ fn headers(call: &StepCall, with: &HttpWith) -> Result<(HeaderMap, Vec<HeaderNam
         // The value may hold a secret: name only the header.
         let value = HeaderValue::from_str(&revealed)
             .map_err(|_| invalid(format!("http step: bad value for header {name}")))?;
-        if carries || call.secrets.referenced_in(text) {
+        if call.secrets.referenced_in(text) {
             secret.push(name.clone());
         }
         map.insert(name, value);
@@ -207,12 +186,8 @@ fn headers(call: &StepCall, with: &HttpWith) -> Result<(HeaderMap, Vec<HeaderNam
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            add(name, &text, false)?;
+            add(name, &text)?;
         }
-    }
-    if let Some(auth) = &with.auth {
-        let (value, carries) = authorization(call, auth)?;
-        add(AUTHORIZATION, &value, carries)?;
     }
     if !map.contains_key("idempotency-key") {
         map.insert(
@@ -224,41 +199,55 @@ fn headers(call: &StepCall, with: &HttpWith) -> Result<(HeaderMap, Vec<HeaderNam
     Ok((map, secret))
 }
 
-/// `auth: {bearer: TOKEN}` or `auth: {basic: {username, password}}` as an `Authorization`
-/// value, with its secret references still in it for [`headers`] to resolve, and whether it
-/// carries a secret. Basic credentials are encoded after they are resolved: a template could not
-/// encode a secret it never sees.
-fn authorization(call: &StepCall, auth: &Value) -> Result<(String, bool), StepFailure> {
-    let text = |v: Option<&Value>, what: &str| {
-        v.and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| invalid(format!("http step: `with.auth.{what}` must be a string")))
+/// `with.body` as the bytes sent, with a `Content-Type` unless `headers` give one: JSON, or a
+/// string as it is under a `Content-Type` of another kind (a form, XML, text).
+fn body_bytes(
+    body: Option<&Value>,
+    headers: &mut HeaderMap,
+) -> Result<Option<Vec<u8>>, StepFailure> {
+    let Some(body) = body.filter(|b| !b.is_null()) else {
+        return Ok(None);
     };
-    if let Some(token) = auth.get("bearer") {
-        return Ok((format!("Bearer {}", text(Some(token), "bearer")?), false));
-    }
-    if let Some(basic) = auth.get("basic") {
-        let user = text(basic.get("username"), "basic.username")?;
-        let password = text(basic.get("password"), "basic.password")?;
-        let reveal = |s: &str| {
-            call.secrets
-                .reveal(s)
-                .map_err(|e| invalid(format!("http step: `with.auth.basic`: {e}")))
-        };
-        let pair = format!("{}:{}", reveal(&user)?, reveal(&password)?);
-        let value = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(pair)
-        );
-        let carries = call.secrets.referenced_in(&user) || call.secrets.referenced_in(&password);
-        if carries {
-            call.secrets.note_sent(&value);
+    let given = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    match (body, given) {
+        (Value::String(text), Some(kind)) if !kind.contains("json") => {
+            Ok(Some(text.clone().into_bytes()))
         }
-        return Ok((value, carries));
+        (body, given) => {
+            if given.is_none() {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
+            serde_json::to_vec(body)
+                .map(Some)
+                .map_err(|e| invalid(format!("http step: `with.body`: {e}")))
+        }
     }
-    Err(invalid(
-        "http step: `with.auth` must be {bearer: TOKEN} or {basic: {username, password}}",
-    ))
+}
+
+/// Whether an answer of `content_type` goes into the output (JSON, or text) rather than into an
+/// artifact. An answer that names no type is read as before: JSON when it parses, else text.
+fn textual(content_type: &str) -> bool {
+    let kind = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    kind.is_empty()
+        || kind.starts_with("text/")
+        || [
+            "json",
+            "xml",
+            "javascript",
+            "yaml",
+            "x-www-form-urlencoded",
+            "graphql",
+        ]
+        .iter()
+        .any(|t| kind.contains(t))
 }
 
 /// `Retry-After` as seconds or as an HTTP date.
@@ -364,14 +353,25 @@ impl StepKind for Http {
 
     async fn run(&self, call: StepCall) -> StepResult {
         let with: HttpWith = parse_with("http", &call.with)?;
+        let provider = with.provider.clone();
+        let result = self.send(&call, with).await;
+        if let Some(provider) = provider {
+            call.usage.record(&provider, result.is_err(), 0, 0.0);
+        }
+        result
+    }
+}
+
+impl Http {
+    async fn send(&self, call: &StepCall, with: HttpWith) -> StepResult {
         let follow_redirects = with.follow_redirects.unwrap_or(true);
         let text = with.url.as_str();
         let given = with.method.as_deref().unwrap_or("GET");
         let mut method = Method::from_bytes(given.to_ascii_uppercase().as_bytes())
             .map_err(|_| invalid(format!("http step: unknown method {given:?}")))?;
         let from_input = call.reads_run_data("url");
-        let (mut headers, secret_headers) = headers(&call, &with)?;
-        let carries_secrets = !secret_headers.is_empty();
+        let (mut headers, secret_headers) = headers(call, &with)?;
+        let carries_secrets = !secret_headers.is_empty() || with.auth.is_some();
         let timeout = match with.timeout.as_deref() {
             Some(t) => Some(
                 humantime::parse_duration(t)
@@ -379,7 +379,18 @@ impl StepKind for Http {
             ),
             None => None,
         };
-        let mut body = with.body.clone().filter(|b| !b.is_null());
+        let mut body = body_bytes(with.body.as_ref(), &mut headers)?;
+        let mut multipart = with.multipart.as_ref();
+        if let Some(form) = multipart {
+            if body.is_some() {
+                return Err(invalid(
+                    "http step: `with` takes one of `body` and `multipart`, not both",
+                ));
+            }
+            form.check()?;
+        }
+        // Credentials go to the origin the author wrote, and to no other a redirect leads to.
+        let mut send_credentials = true;
         // The query joins the URL once, as reqwest encodes it; a redirect's Location is whole.
         let mut request = self.client.request(method.clone(), text);
         if let Some(query) = &with.query {
@@ -418,11 +429,31 @@ impl StepKind for Http {
             } else {
                 &self.client
             };
+            let mut sent_headers = headers.clone();
+            if let Some(auth) = with.auth.as_ref().filter(|_| send_credentials) {
+                let outgoing = Outgoing {
+                    method: method.as_str(),
+                    url: &url,
+                    headers: &headers,
+                    // A streamed form has no bytes to sign ahead.
+                    body: match multipart {
+                        Some(_) => None,
+                        None => Some(body.as_deref().unwrap_or_default()),
+                    },
+                    at: std::time::SystemTime::now(),
+                };
+                for (name, value) in auth.headers(&call.secrets, &outgoing)? {
+                    sent_headers.insert(name, value);
+                }
+            }
             let mut request = client
                 .request(method.clone(), url.clone())
-                .headers(headers.clone());
+                .headers(sent_headers);
             if let Some(body) = &body {
-                request = request.json(body);
+                request = request.body(body.clone());
+            }
+            if let Some(form) = multipart {
+                request = request.multipart(form.form(&call.artifacts).await?);
             }
             if let Some(timeout) = timeout {
                 request = request.timeout(timeout);
@@ -460,6 +491,7 @@ impl StepKind for Http {
                 StepFailure::permanent("http", format!("{target}: bad redirect: {e}"))
             })?;
             if !same_origin(&url, &next) {
+                send_credentials = false;
                 for name in
                     secret_headers
                         .iter()
@@ -473,6 +505,7 @@ impl StepKind for Http {
             if status == 303 || (matches!(status, 301 | 302) && method == Method::POST) {
                 method = Method::GET;
                 body = None;
+                multipart = None;
             }
             url = next;
         };
@@ -501,6 +534,47 @@ impl StepKind for Http {
                 retry_after: retry_after(&response_headers, call.now),
             });
         }
+        let headers: Map<String, Value> = response_headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_string(), Value::String(v.to_str().ok()?.to_owned()))))
+            .collect();
+        let content_type = response_headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        if !textual(&content_type) {
+            // Audio, images, documents: kept as a file, read as it arrives.
+            let limit = call.artifacts.max_size();
+            if response.content_length().is_some_and(|n| n > limit) {
+                return Err(StepFailure::permanent(
+                    "artifact_too_large",
+                    format!(
+                        "{target}: the response body is over the artifact limit of {limit} bytes"
+                    ),
+                ));
+            }
+            let saved = call
+                .artifacts
+                .save(&content_type, response.bytes_stream())
+                .await
+                .map_err(|mut f| {
+                    f.message = format!("{target}: {}", f.message);
+                    f
+                })?;
+            call.log.line(
+                "info",
+                format!(
+                    "{target}: kept {} bytes of {content_type} as artifact {}",
+                    saved.size, saved.id
+                ),
+            );
+            return Ok(StepOutcome::Output(json!({
+                "status": status.as_u16(),
+                "headers": headers,
+                "body": saved.to_output(),
+            })));
+        }
         let bytes = read_body(&mut response, MAX_BODY, &target)
             .await?
             .ok_or_else(|| {
@@ -511,10 +585,6 @@ impl StepKind for Http {
             })?;
         let body = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        let headers: Map<String, Value> = response_headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.to_string(), Value::String(v.to_str().ok()?.to_owned()))))
-            .collect();
         Ok(StepOutcome::Output(json!({
             "status": status.as_u16(),
             "headers": headers,
@@ -571,12 +641,5 @@ mod tests {
         assert_eq!(h["idempotency-key"], "run:step");
         let (h, _) = headers_of(json!({ "headers": { "Idempotency-Key": "mine" } }));
         assert_eq!(h["idempotency-key"], "mine");
-    }
-
-    #[test]
-    fn basic_auth_encodes_the_resolved_credentials() {
-        let (h, _) =
-            headers_of(json!({ "auth": { "basic": { "username": "ann", "password": "pw" } } }));
-        assert_eq!(h[AUTHORIZATION], "Basic YW5uOnB3");
     }
 }
