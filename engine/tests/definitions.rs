@@ -1412,3 +1412,19 @@ fn a_path_as_webhook_url_needs_a_workflow_that_runs_in_n8n() {
     check("id: bridged\nnotifications: {onFailure: true, webhookUrl: /api/webhooks/n8n}\n")
         .unwrap();
 }
+
+#[test]
+fn a_quota_names_its_bucket_and_gives_a_limit_with_its_period_or_neither() {
+    let ok = "id: t\nsteps:\n  - {id: a, type: noop, quota: {name: openai, limit: 5, per: 1s}}\n";
+    check(ok).unwrap_or_else(|e| panic!("{e}"));
+    check("id: t\nsteps:\n  - {id: a, type: noop, quota: {name: openai}}\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let bad_name = ok.replace("name: openai", "name: Open AI");
+    assert_one_error(&bad_name, 3, 39, "is not [a-z0-9_-]+");
+    let no_period = ok.replace(", per: 1s", "");
+    assert_one_error(&no_period, 3, 54, "needs `per`");
+    let no_limit = ok.replace("limit: 5, ", "");
+    assert_one_error(&no_limit, 3, 52, "needs a limit");
+    let zero = ok.replace("limit: 5", "limit: 0");
+    assert_one_error(&zero, 3, 54, "at least 1");
+}

@@ -446,3 +446,43 @@ async fn an_api_key_header_from_auth_is_sent_and_never_echoed_back() {
     secrets.redact_sent(&mut out);
     assert_eq!(out["body"]["x-api-key"], "[secret]", "{out:#}");
 }
+
+#[tokio::test]
+async fn a_form_file_naming_an_artifact_that_does_not_exist_fails_for_good_and_sends_nothing() {
+    let (base, seen) = server().await;
+    let dir = std::env::temp_dir().join(format!("switchyard-form-missing-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = switchyard_engine::store::connect(&format!("sqlite://{}/s.db", dir.display()))
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let mut upload = call(
+        json!({
+            "method": "POST",
+            "url": format!("{base}/seen"),
+            "multipart": { "files": [{ "name": "file", "artifact": { "artifact": { "id": "no-such-file" } } }] },
+        }),
+        &[],
+    );
+    upload.artifacts = switchyard_workers::artifacts::AttemptArtifacts::new(Some(Arc::new(
+        switchyard_engine::artifacts::Artifacts::in_memory(store, 1 << 20),
+    )));
+    let err = Http::new().run(upload).await.unwrap_err();
+    assert!(!err.retryable, "{err:?}");
+    assert_eq!(err.kind, "artifact_not_found");
+    assert!(err.message.contains("\"no-such-file\""), "{err:?}");
+    assert!(seen.lock().unwrap().is_empty());
+    // Both a body and a form is a mistake, named.
+    let both = Http::new()
+        .run(call(
+            json!({ "url": format!("{base}/seen"), "body": {}, "multipart": { "fields": { "a": "b" } } }),
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        both.message.contains("one of `body` and `multipart`"),
+        "{both:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
