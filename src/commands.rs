@@ -26,6 +26,7 @@ use switchyard_engine::service::Engine;
 use switchyard_engine::state::{JobState, Millis, NotificationStatus, RunStatus};
 use switchyard_engine::store::{self, DefinitionOrigin, RunDetail, RunFilter};
 use switchyard_workers::notifier::{NOTIFICATION_SECRET, NotifierConfig, run_notifier};
+use switchyard_workers::steps::StoreNonces;
 use switchyard_workers::{EgressPolicy, N8nUrls, Registry, WorkerConfig, run_worker};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -747,6 +748,7 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
                 public: args.public_url.clone(),
             },
             egress.clone(),
+            Arc::new(StoreNonces::new(engine.clone())),
         );
         if args.allow_scripts {
             registry = registry.allowing_scripts();

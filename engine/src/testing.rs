@@ -125,3 +125,78 @@ pub fn s3_server() -> Option<S3Server> {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+/// A local Ethereum node for the `chain` step's tests: anvil (`.ci/run` installs it from npm and
+/// names its binary in `SWITCHYARD_ANVIL`), on a free port of the loopback, ended when dropped.
+/// Its chain id is 31337 and its dev accounts ([`ANVIL_KEYS`]) hold 10,000 ether each.
+pub struct Anvil {
+    child: std::process::Child,
+    pub url: String,
+}
+
+/// The private keys of anvil's first dev accounts (its default mnemonic), as anvil prints them.
+pub const ANVIL_KEYS: [&str; 4] = [
+    "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",
+    "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
+    "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
+    "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
+];
+
+impl Anvil {
+    /// Starts anvil with `args` added (`--no-mining`, ...). Without `SWITCHYARD_ANVIL`, says the
+    /// test is skipped (a failure where `SWITCHYARD_REQUIRE_ANVIL` is set) and returns `None`.
+    pub fn start(args: &[&str]) -> Option<Anvil> {
+        let Some(binary) = std::env::var_os("SWITCHYARD_ANVIL") else {
+            skipped(
+                "SWITCHYARD_REQUIRE_ANVIL",
+                "no anvil to run against: set SWITCHYARD_ANVIL to its binary (.ci/run installs \
+                 it from tests/anvil/package.json)",
+            );
+            return None;
+        };
+        // A port another process takes between this probe and anvil's start fails the start,
+        // which is tried again on another.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let mut child = std::process::Command::new(&binary)
+                .args([
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--silent",
+                ])
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting anvil ({}): {e}", binary.display()));
+            let started = std::time::Instant::now();
+            while started.elapsed() < std::time::Duration::from_secs(20) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(Anvil {
+                        child,
+                        url: format!("http://127.0.0.1:{port}"),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("anvil did not start on any of 5 ports");
+    }
+}
+
+impl Drop for Anvil {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -10,9 +10,9 @@ use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::state::{JobState, Millis, NotificationStatus, RunStatus, Settlement};
 use switchyard_engine::store::{
     CallbackAnswer, ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams,
-    InstallParams, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, RunFilter, SettingChange,
-    Signal, SignalOutcome, SkippedFire, Store, StoreError, TokenRevocation, WebhookAction,
-    WebhookOutcome,
+    InstallParams, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, NonceAllocation, NonceRequest,
+    RunFilter, SettingChange, Signal, SignalOutcome, SkippedFire, Store, StoreError,
+    TokenRevocation, WebhookAction, WebhookOutcome,
 };
 
 const T0: Millis = 1_800_000_000_000;
@@ -2389,6 +2389,87 @@ pub async fn children_finishing_at_once_settle_their_parent(store: Arc<dyn Store
     }
 }
 
+fn nonce_request(chain_id: u64, owner: &str, floor: u64) -> NonceRequest {
+    NonceRequest {
+        chain_id,
+        address: "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266".into(),
+        owner: owner.into(),
+        floor,
+    }
+}
+
+pub async fn nonces_are_allocated_once_per_step_without_gaps_across_concurrent_workers(
+    store: Arc<dyn Store>,
+) {
+    // 40 steps, each asking twice at once (its attempt and a retry after a crash), from as many
+    // tasks as the runtime runs in parallel.
+    let asks = (0..80).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let owner = format!("run:step[{}]", i % 40);
+            let got = store
+                .allocate_nonce(&nonce_request(31337, &owner, 0), T0)
+                .await
+                .unwrap();
+            (owner, got)
+        })
+    });
+    let mut by_owner: std::collections::BTreeMap<String, Vec<NonceAllocation>> = Default::default();
+    for ask in asks {
+        let (owner, got) = ask.await.unwrap();
+        by_owner.entry(owner).or_default().push(got);
+    }
+    let mut nonces = BTreeSet::new();
+    for (owner, mut got) in by_owner {
+        got.sort_by_key(|a| matches!(a, NonceAllocation::Again(_)));
+        let [NonceAllocation::New(first), NonceAllocation::Again(again)] = got[..] else {
+            panic!("{owner} was given {got:?}, not one new nonce and the same again");
+        };
+        assert_eq!(first, again, "{owner}");
+        assert!(nonces.insert(first), "nonce {first} given twice");
+    }
+    assert_eq!(
+        nonces,
+        (0..40).collect(),
+        "every nonce from 0 given once, none skipped"
+    );
+}
+
+pub async fn a_nonce_is_at_least_the_nodes_pending_one_and_a_spent_one_is_never_given_again(
+    store: Arc<dyn Store>,
+) {
+    let ask = |chain_id, owner, floor| {
+        let store = store.clone();
+        async move {
+            store
+                .allocate_nonce(&nonce_request(chain_id, owner, floor), T0)
+                .await
+                .unwrap()
+        }
+    };
+    // The key sent 5 transactions elsewhere: the first step takes 5.
+    assert_eq!(ask(1, "r:a", 5).await, NonceAllocation::New(5));
+    // The node has not seen 5 yet: the next step still takes 6, not the node's 5.
+    assert_eq!(ask(1, "r:b", 5).await, NonceAllocation::New(6));
+    // A crashed attempt asks again before its transaction reached the node.
+    assert_eq!(ask(1, "r:a", 5).await, NonceAllocation::Again(5));
+    // The node saw nonce 5 used since: the step must not sign another transaction.
+    assert_eq!(ask(1, "r:a", 6).await, NonceAllocation::Spent(5));
+    // Used elsewhere far ahead: the next step jumps to the node's nonce.
+    assert_eq!(ask(1, "r:c", 20).await, NonceAllocation::New(20));
+    assert_eq!(ask(1, "r:d", 0).await, NonceAllocation::New(21));
+    // Each chain and each address counts on its own.
+    assert_eq!(ask(8453, "r:a", 0).await, NonceAllocation::New(0));
+    let other = NonceRequest {
+        address: "0x70997970c51812dc3a010c7d01b50e0d17dc79c8".into(),
+        ..nonce_request(1, "r:e", 0)
+    };
+    assert_eq!(
+        store.allocate_nonce(&other, T0).await.unwrap(),
+        NonceAllocation::New(0)
+    );
+}
+
 fn two_steps() -> Workflow {
     workflow("id: two\nsteps:\n  - {id: a, type: noop}\n  - {id: b, type: noop, needs: [a]}\n")
 }
@@ -3395,6 +3476,8 @@ macro_rules! conformance {
                 callback_before_the_step_parks_wakes_it_as_it_parks,
                 a_step_that_continues_on_error_fails_alone_and_its_dependents_run,
                 higher_priority_is_claimed_first_and_equal_priority_in_order,
+                nonces_are_allocated_once_per_step_without_gaps_across_concurrent_workers,
+                a_nonce_is_at_least_the_nodes_pending_one_and_a_spent_one_is_never_given_again,
                 a_lost_last_attempt_of_a_step_that_continues_on_error_is_tolerated,
                 a_workflow_step_that_continues_on_error_tolerates_a_failed_child,
                 a_signal_before_its_step_ran_is_kept_and_a_second_is_refused,

@@ -13,9 +13,9 @@ use super::machine::{self, Effects, RecordCutoffs, SettingKey, Tx};
 use super::{
     AUDIT_KEPT_MS, CallbackAnswer, ClaimParams, ClaimedJob, Completion, FireOutcome, FireParams,
     HeldNotifications, InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun,
-    NewWebhookEvent, Notification, RECORDS_KEPT_MS, Reads, Result, RunId, SettingChange, Signal,
-    SignalOutcome, SkippedFire, Store, StoreError, Swept, TokenRevocation, WebhookAction,
-    WebhookOutcome,
+    NewWebhookEvent, NonceAllocation, NonceRequest, Notification, RECORDS_KEPT_MS, Reads, Result,
+    RunId, SettingChange, Signal, SignalOutcome, SkippedFire, Store, StoreError, Swept,
+    TokenRevocation, WebhookAction, WebhookOutcome,
 };
 use crate::state::{Millis, RunStatus};
 
@@ -336,5 +336,12 @@ impl<D: Driver> Store for D {
         }
         self.commit(tx, Effects::default(), &[]).await?;
         Ok(revoked)
+    }
+
+    async fn allocate_nonce(&self, request: &NonceRequest, now: Millis) -> Result<NonceAllocation> {
+        let mut tx = self.begin().await?;
+        let allocation = machine::allocate_nonce(&mut tx, request, now).await?;
+        self.commit(tx, Effects::default(), &[]).await?;
+        Ok(allocation)
     }
 }

@@ -13,10 +13,10 @@ use serde_json::{Value, json};
 
 use super::{
     CallbackAnswer, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, Install,
-    InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, Notification,
-    NotifyTarget, Result, RunId, Signal, SignalOutcome, SkippedFire, StoreError, StoredDefinition,
-    Swept, TokenRevocation, WebhookAction, WebhookEvent, WebhookOutcome, completion_rows,
-    decide_install, install_audit,
+    InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, NonceAllocation,
+    NonceRequest, Notification, NotifyTarget, Result, RunId, Signal, SignalOutcome, SkippedFire,
+    StoreError, StoredDefinition, Swept, TokenRevocation, WebhookAction, WebhookEvent,
+    WebhookOutcome, completion_rows, decide_install, install_audit,
 };
 use crate::flow::{self, FlowStep, RunOutcome};
 use crate::state::{
@@ -465,6 +465,25 @@ pub(crate) trait Tx: Send {
     /// Writes a row of its own, in a namespace nothing lists.
     async fn probe_write(&mut self, now: Millis) -> Result<()>;
 
+    /// The next nonce of the account (none allocated yet: `None`), and the one `owner` was
+    /// given, if any. Call under [`Tx::lock_key`] of the account.
+    async fn nonce_state(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        owner: &str,
+    ) -> Result<NonceState>;
+    /// Gives `nonce` to `owner` and makes the account's next nonce `nonce + 1`. The database
+    /// refuses a nonce of the account given twice (`Conflict`).
+    async fn record_nonce(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        owner: &str,
+        nonce: i64,
+        now: Millis,
+    ) -> Result<()>;
+
     /// Up to `limit` runs whose retention ended by `now`, held for deletion.
     async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>>;
     /// Stores log lines (rows `{run_id, step_id, attempt, at, stream, text}`).
@@ -892,6 +911,51 @@ pub(crate) async fn append_live_logs(
         tx.append_logs(Value::Array(rows)).await?;
     }
     Ok(true)
+}
+
+/// What [`Tx::nonce_state`] read of an account and an owner.
+#[derive(Debug, Clone, Copy, Default, sqlx::FromRow)]
+pub(crate) struct NonceState {
+    pub next: Option<i64>,
+    pub owned: Option<i64>,
+}
+
+/// The nonce allocator's rule, for every worker on the database. Under the account's lock, so
+/// two transactions never read the same next nonce:
+/// - an owner keeps the nonce it was given (`Again`): an attempt that crashed between taking it
+///   and storing its signed transaction takes it again, so no nonce is skipped; and since an
+///   owner only ever signs with that one nonce, at most one of its transactions can be mined;
+/// - unless the node has seen that nonce used since (`Spent`): then signing again could send a
+///   second transaction, and the step must stop instead;
+/// - a new owner gets the larger of the account's next nonce and the node's pending nonce (the
+///   floor): nonces that a key also used elsewhere took are never given again, and every nonce
+///   given is one above the last (`New`). The database refuses a nonce given twice.
+pub(crate) async fn allocate_nonce(
+    tx: &mut dyn Tx,
+    request: &NonceRequest,
+    now: Millis,
+) -> Result<NonceAllocation> {
+    let chain_id = i64::try_from(request.chain_id)
+        .map_err(|_| StoreError::Rejected(format!("chain id {} is too large", request.chain_id)))?;
+    let floor = i64::try_from(request.floor)
+        .map_err(|_| StoreError::Rejected(format!("nonce {} is too large", request.floor)))?;
+    tx.lock_key(&format!("chain_nonce/{chain_id}/{}", request.address))
+        .await?;
+    let state = tx
+        .nonce_state(chain_id, &request.address, &request.owner)
+        .await?;
+    if let Some(owned) = state.owned {
+        let owned_u64 = owned as u64;
+        return Ok(if owned < floor {
+            NonceAllocation::Spent(owned_u64)
+        } else {
+            NonceAllocation::Again(owned_u64)
+        });
+    }
+    let nonce = state.next.unwrap_or(0).max(floor);
+    tx.record_nonce(chain_id, &request.address, &request.owner, nonce, now)
+        .await?;
+    Ok(NonceAllocation::New(nonce as u64))
 }
 
 /// A key names one request (Stripe's rule): reusing it with another input is a mistake to

@@ -979,6 +979,10 @@ pub trait Store: Reads {
         audit: NewAuditEntry,
         now: Millis,
     ) -> Result<bool>;
+    /// The nonce a step sends its transaction with: one per owner, the same on every attempt,
+    /// and no two owners the same nonce of an account, whichever processes ask at once (see
+    /// `machine::allocate_nonce`).
+    async fn allocate_nonce(&self, request: &NonceRequest, now: Millis) -> Result<NonceAllocation>;
 }
 
 /// One change of [`Store::change_settings`].
@@ -1025,6 +1029,35 @@ pub struct AuditEntry {
     pub action: String,
     pub target: String,
     pub detail: Value,
+}
+
+/// A nonce asked for by a step that sends a transaction from `address` on `chain_id` (see
+/// [`Store::allocate_nonce`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonceRequest {
+    pub chain_id: u64,
+    /// The sender, as `0x` and 40 lowercase hex digits: one spelling per account.
+    pub address: String,
+    /// Who asks, stable across its attempts: its run, step and item (`run:step[index]`).
+    pub owner: String,
+    /// The node's pending nonce for `address`: transactions below it were sent already, by
+    /// Switchyard or by anyone else holding the key.
+    pub floor: u64,
+}
+
+/// What [`Store::allocate_nonce`] gave a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceAllocation {
+    /// A nonce no other step was given: one above every nonce allocated on the account so far
+    /// and at least the node's pending nonce.
+    New(u64),
+    /// The nonce this owner was given before, still above what the node has seen: an attempt
+    /// that crashed before its transaction was stored signs again with it, leaving no gap.
+    Again(u64),
+    /// The nonce this owner was given before, which the node has seen used since: by this
+    /// step's own transaction (whose record was lost, as a retried run clears it) or by another
+    /// sender of the key. Signing another transaction could send twice, so the step must not.
+    Spent(u64),
 }
 
 /// A token revoked before it expires.

@@ -24,7 +24,8 @@ use tokio::sync::Notify;
 use super::driver::Driver;
 use super::machine::{
     Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, KeyedRun, LoopProgress,
-    NewVersion, NotificationUpdate, RecordCutoffs, SettingKey, Settled, SettledJob, Succeeded, Tx,
+    NewVersion, NonceState, NotificationUpdate, RecordCutoffs, SettingKey, Settled, SettledJob,
+    Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -1314,6 +1315,59 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         Ok(())
     }
 
+    async fn nonce_state(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        owner: &str,
+    ) -> Result<NonceState> {
+        Ok(sqlx::query_as(
+            "SELECT (SELECT next_nonce FROM chain_nonces WHERE chain_id = ?1 AND address = ?2) \
+                 AS next, \
+             (SELECT nonce FROM chain_nonce_owners \
+                 WHERE chain_id = ?1 AND address = ?2 AND owner = ?3) AS owned",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(owner)
+        .fetch_one(&mut *self.0)
+        .await?)
+    }
+
+    async fn record_nonce(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        owner: &str,
+        nonce: i64,
+        now: Millis,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO chain_nonce_owners (chain_id, address, owner, nonce, allocated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(owner)
+        .bind(nonce)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        sqlx::query(
+            "INSERT INTO chain_nonces (chain_id, address, next_nonce, updated_at) \
+             VALUES (?1, ?2, ?3 + 1, ?4) \
+             ON CONFLICT (chain_id, address) DO UPDATE \
+             SET next_nonce = excluded.next_nonce, updated_at = excluded.updated_at",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(nonce)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>> {
         Ok(sqlx::query_scalar(
             "SELECT id FROM runs WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
@@ -1520,6 +1574,10 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
             (
                 "DELETE FROM revoked_tokens WHERE expires_at <= ?1",
                 cutoffs.revocations_before,
+            ),
+            (
+                "DELETE FROM chain_nonce_owners WHERE allocated_at < ?1",
+                cutoffs.records_before,
             ),
             ("DELETE FROM audit_log WHERE at < ?1", cutoffs.audit_before),
         ] {

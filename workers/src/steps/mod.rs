@@ -1,6 +1,9 @@
 //! Step kinds: one file each, behind [`StepKind`]. A step kind gets its `with` already rendered
-//! and returns an outcome; it never touches the store.
+//! and returns an outcome; it never touches the store. One narrow exception: `chain` takes
+//! nonces through a [`NonceAllocator`] given when the registry is built
+//! ([`Registry::builtin_with`]), which the binary backs with the store's allocator.
 
+mod chain;
 mod http;
 mod n8n;
 mod noop;
@@ -28,6 +31,7 @@ use crate::egress::EgressPolicy;
 use crate::usage::UsageMeter;
 use switchyard_engine::state::{Millis, StepFailure};
 
+pub use chain::{Chain, NonceAllocator, NonceError, ProcessNonces, StoreNonces};
 pub use http::Http;
 pub use n8n::{N8n, N8nUrls};
 pub use noop::Noop;
@@ -293,16 +297,27 @@ pub trait StepKind: Send + Sync + 'static {
 pub struct Registry(HashMap<&'static str, Arc<dyn StepKind>>);
 
 impl Registry {
-    /// Every kind that ships with Switchyard, with no egress rules beyond the default and no
-    /// n8n addresses.
+    /// Every kind that ships with Switchyard, with no egress rules beyond the default, no n8n
+    /// addresses, and `chain` nonces allocated in this process alone ([`ProcessNonces`]).
     pub fn builtin() -> Self {
-        Registry::builtin_with(N8nUrls::default(), Default::default())
+        Registry::builtin_with(
+            N8nUrls::default(),
+            Default::default(),
+            Arc::new(ProcessNonces::default()),
+        )
     }
 
     /// Every kind that ships with Switchyard: outbound requests under `egress`, n8n steps that
-    /// reach n8n and are called back through `n8n`.
-    pub fn builtin_with(n8n: N8nUrls, egress: Arc<EgressPolicy>) -> Self {
+    /// reach n8n and are called back through `n8n`, `chain` steps that take their nonces from
+    /// `nonces` (for workers on a database, [`StoreNonces`]: the one thing a kind gets of the
+    /// store).
+    pub fn builtin_with(
+        n8n: N8nUrls,
+        egress: Arc<EgressPolicy>,
+        nonces: Arc<dyn NonceAllocator>,
+    ) -> Self {
         let mut registry = Registry::default();
+        registry.add(Chain::with_policy(nonces, egress.clone()));
         registry.add(Http::with_policy(egress.clone()));
         registry.add(Notify::new(Http::with_policy(egress.clone())));
         registry.add(OpenAi::with_policy(egress.clone()));
