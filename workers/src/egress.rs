@@ -196,6 +196,24 @@ impl EgressPolicy {
     }
 }
 
+/// A client whose connections go only where `policy` allows (for URLs rendered from run data:
+/// `from_input`). It follows no redirect itself (a kind follows one through the policy, or none)
+/// and uses no proxy, which would resolve names out of the policy's sight.
+pub(crate) fn checked_client(
+    policy: &Arc<EgressPolicy>,
+    from_input: bool,
+) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(Arc::new(CheckedResolver {
+            policy: policy.clone(),
+            from_input,
+        }))
+}
+
 /// Resolves names with the system's resolver and keeps only the addresses the policy allows:
 /// the connection uses exactly what was checked.
 pub(crate) struct CheckedResolver {

@@ -54,7 +54,7 @@ use switchyard_engine::state::StepFailure;
 use switchyard_engine::store::{NonceAllocation, NonceRequest, retry_transient};
 
 use super::{StepCall, StepKind, StepOutcome, StepResult, with_schema};
-use crate::egress::{CheckedResolver, EgressPolicy, Refused};
+use crate::egress::{EgressPolicy, Refused, checked_client};
 
 /// How long one request to the node may take before the attempt fails, retryably.
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -162,16 +162,8 @@ impl Chain {
     /// The kind whose JSON-RPC requests go only where `policy` allows, as the `http` kind's do.
     pub fn with_policy(nonces: Arc<dyn NonceAllocator>, policy: Arc<EgressPolicy>) -> Self {
         let client = |from_input| {
-            reqwest::Client::builder()
-                .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(Duration::from_secs(10))
+            checked_client(&policy, from_input)
                 .timeout(RPC_TIMEOUT)
-                // A proxy would resolve names itself, out of the policy's sight.
-                .no_proxy()
-                .dns_resolver(Arc::new(CheckedResolver {
-                    policy: policy.clone(),
-                    from_input,
-                }))
                 .build()
                 .expect("TLS backend initialises")
         };

@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use switchyard_engine::state::StepFailure;
 
 use super::{StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
-use crate::egress::{CheckedResolver, EgressPolicy, Refused};
+use crate::egress::{EgressPolicy, Refused, checked_client};
 
 const OPENAI_BASE: &str = "https://api.openai.com/v1";
 const DEFAULT_CHAT_MODEL: &str = "gpt-4o-mini";
@@ -102,17 +102,9 @@ pub struct OpenAi {
 
 impl OpenAi {
     pub fn with_policy(policy: Arc<EgressPolicy>) -> Self {
+        // No redirect is followed: it could lead the key anywhere.
         let client = |from_input| {
-            reqwest::Client::builder()
-                .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(Duration::from_secs(10))
-                // A redirect could lead the key anywhere: an API answers where it is asked.
-                .redirect(reqwest::redirect::Policy::none())
-                .no_proxy()
-                .dns_resolver(Arc::new(CheckedResolver {
-                    policy: policy.clone(),
-                    from_input,
-                }))
+            checked_client(&policy, from_input)
                 .build()
                 .expect("TLS backend initialises")
         };

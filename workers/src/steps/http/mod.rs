@@ -24,7 +24,7 @@ use serde_json::{Map, Value, json};
 use switchyard_engine::state::StepFailure;
 
 use super::{StepCall, StepKind, StepOutcome, StepResult, parse_with, with_schema};
-use crate::egress::{CheckedResolver, EgressPolicy, Refused};
+use crate::egress::{EgressPolicy, Refused, checked_client};
 
 mod auth;
 mod multipart;
@@ -121,17 +121,9 @@ impl Http {
     }
 
     pub fn with_policy(policy: Arc<EgressPolicy>) -> Self {
+        // Redirects are followed by `send`, each hop under the policy.
         let client = |from_input| {
-            reqwest::Client::builder()
-                .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::none())
-                // A proxy would resolve names itself, out of the policy's sight.
-                .no_proxy()
-                .dns_resolver(Arc::new(CheckedResolver {
-                    policy: policy.clone(),
-                    from_input,
-                }))
+            checked_client(&policy, from_input)
                 .build()
                 .expect("TLS backend initialises")
         };
