@@ -10,7 +10,8 @@ CREATE TABLE chain_nonces (
 
 -- The nonce each step (owner: `run:step[index]`, stable across attempts) was given, so an attempt
 -- after a crash signs with the same one. A nonce of an account is given once: the unique key
--- refuses a second owner. Rows are dropped with the other records past their retention.
+-- refuses a second owner. Rows are kept: a run retried after any time must find
+-- the nonce its step was given, or it would sign a second transaction.
 CREATE TABLE chain_nonce_owners (
     chain_id     BIGINT NOT NULL,
     address      TEXT COLLATE "C" NOT NULL,

@@ -1702,10 +1702,6 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
                 "DELETE FROM revoked_tokens WHERE expires_at <= $1",
                 cutoffs.revocations_before,
             ),
-            (
-                "DELETE FROM chain_nonce_owners WHERE allocated_at < $1",
-                cutoffs.records_before,
-            ),
             ("DELETE FROM audit_log WHERE at < $1", cutoffs.audit_before),
         ] {
             sqlx::query(statement)

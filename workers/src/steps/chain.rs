@@ -60,6 +60,9 @@ use crate::egress::{EgressPolicy, Refused, checked_client};
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an attempt waits for a receipt unless `with.timeout` says.
 const RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest receipt wait a step may ask for; its own timeout bounds an attempt anyway.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+const MAX_CONFIRMATIONS: u64 = 10_000;
 /// The first and the longest pause between two looks for a receipt: short first, since a local
 /// or fast chain mines within a second.
 const FIRST_POLL: Duration = Duration::from_millis(50);
@@ -334,10 +337,21 @@ impl Plan {
             Some(text) => humantime::parse_duration(text)
                 .map_err(|e| invalid(format!("chain step: `with.timeout` {text:?}: {e}")))?,
         };
+        if timeout > MAX_TIMEOUT {
+            return Err(invalid(format!(
+                "chain step: `with.timeout` is at most {}",
+                humantime::format_duration(MAX_TIMEOUT)
+            )));
+        }
         if with.confirmations == Some(0) {
             return Err(invalid(
                 "chain step: `with.confirmations` is at least 1, the block that mines the transaction",
             ));
+        }
+        if with.confirmations.is_some_and(|n| n > MAX_CONFIRMATIONS) {
+            return Err(invalid(format!(
+                "chain step: `with.confirmations` is at most {MAX_CONFIRMATIONS}"
+            )));
         }
         let fee = |field: &str, value: &Option<Value>| -> Result<Option<u128>, StepFailure> {
             value
@@ -660,12 +674,26 @@ impl StepKind for Chain {
         let with = parse_chain_with(&call.with)?;
         let plan = Plan::from_with(with, &call)?;
         let node = self.node(&plan, &call)?;
-        let signed = call
+        // A stored transaction is sent again as it is, or not at all: signing anew for a step
+        // whose chain or key changed since would send a second one.
+        if let Some(kept) = call
             .checkpoint
             .as_ref()
-            .and_then(|c| serde_json::from_value::<Signed>(c.clone()).ok())
-            .filter(|s| s.chain_id == plan.chain_id);
-        if let Some(signed) = signed {
+            .filter(|c| c.get("signed_tx").is_some())
+        {
+            let signed = serde_json::from_value::<Signed>(kept.clone())
+                .ok()
+                .filter(|s| {
+                    s.chain_id == plan.chain_id
+                        && plan.signer.as_ref().is_some_and(|k| k.address() == s.from)
+                })
+                .ok_or_else(|| {
+                    StepFailure::permanent(
+                        "checkpoint_mismatch",
+                        "chain step: this step stored a transaction for another chain or key; \
+                         it is not signed again, so that the step never sends two",
+                    )
+                })?;
             return self.send(&node, &plan, &signed, &call).await;
         }
         let chain_id = rpc("eth_chainId", node.get_chain_id()).await?;
@@ -924,7 +952,7 @@ async fn wait_for_receipt(
                 return Ok(receipt);
             }
             let head = rpc("eth_blockNumber", node.get_block_number()).await?;
-            if head + 1 >= block + confirmations {
+            if head.saturating_add(1) >= block.saturating_add(confirmations) {
                 // A reorg may have moved it meanwhile: the receipt is read again.
                 let again = rpc(
                     "eth_getTransactionReceipt",
