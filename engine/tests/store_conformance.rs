@@ -2449,6 +2449,9 @@ pub async fn a_nonce_is_at_least_the_nodes_pending_one_and_a_spent_one_is_never_
     };
     // The key sent 5 transactions elsewhere: the first step takes 5.
     assert_eq!(ask(1, "r:a", 5).await, NonceAllocation::New(5));
+    // Records past any retention are pruned; a step's nonce is not (a run retried months later
+    // must find it, or it would sign a second transaction).
+    store.prune(T0 + 400 * 86_400_000, 100).await.unwrap();
     // The node has not seen 5 yet: the next step still takes 6, not the node's 5.
     assert_eq!(ask(1, "r:b", 5).await, NonceAllocation::New(6));
     // A crashed attempt asks again before its transaction reached the node.

@@ -483,3 +483,36 @@ async fn concurrent_steps_on_two_workers_share_nonces_without_gaps_or_duplicates
     assert_eq!(nonces, (0..steps as u64).collect());
     assert_eq!(sent_count(&anvil, ANVIL_KEYS[1]).await, steps as u64);
 }
+
+/// A step whose key changed since it stored its signed transaction (a rotated secret) fails:
+/// signing anew under the new key would send a second transaction.
+#[tokio::test]
+async fn a_stored_transaction_for_another_key_fails_the_step_and_nothing_new_is_signed() {
+    let Some(anvil) = Anvil::start(&[]) else {
+        return;
+    };
+    let contract = deploy(&anvil).await;
+    let kind = chain(Arc::new(ProcessNonces::default()));
+    let to = address_of(ANVIL_KEYS[2]).to_string();
+    let first = call(
+        mint(&anvil, &contract, &to, "one"),
+        ANVIL_KEYS[0],
+        "r:rotated",
+    );
+    let StepOutcome::Park { checkpoint, .. } = kind.run(first).await.unwrap() else {
+        panic!("it did not park with the signed transaction");
+    };
+    let rotated = StepCall {
+        checkpoint: Some(checkpoint),
+        ..call(
+            mint(&anvil, &contract, &to, "one"),
+            ANVIL_KEYS[1],
+            "r:rotated",
+        )
+    };
+    let failure = kind.run(rotated).await.unwrap_err();
+    assert_eq!(failure.kind, "checkpoint_mismatch", "{failure}");
+    assert!(!failure.retryable);
+    assert_eq!(sent_count(&anvil, ANVIL_KEYS[0]).await, 0);
+    assert_eq!(sent_count(&anvil, ANVIL_KEYS[1]).await, 0);
+}
