@@ -382,6 +382,7 @@ async fn attempt(
         reads_run_data,
         checkpoint: kinds_checkpoint(job.checkpoint.as_ref()),
         idempotency_key: format!("{}:{}", job.run_id, job.step_id),
+        job_id: Some(job.lease.job_id),
         run_id: job.run_id.clone(),
         step_id: job.step_id.clone(),
         attempt: job.lease.attempt,
