@@ -534,3 +534,83 @@ async fn a_stored_transaction_for_another_key_fails_the_step_and_nothing_new_is_
     assert_eq!(sent_count(&anvil, ANVIL_KEYS[0]).await, 0);
     assert_eq!(sent_count(&anvil, ANVIL_KEYS[1]).await, 0);
 }
+
+#[tokio::test]
+async fn a_transaction_the_base_fee_passed_is_replaced_with_higher_fees_and_only_one_is_mined() {
+    let Some(anvil) = Anvil::start(&[]) else {
+        return;
+    };
+    let (_db, nonces) = store_nonces().await;
+    let node = node(&anvil);
+    let raw = |method: &'static str, params: Value| {
+        let node = node.clone();
+        async move {
+            node.raw_request::<_, Value>(method.into(), params)
+                .await
+                .unwrap()
+        }
+    };
+    raw("evm_setAutomine", json!([false])).await;
+    let from = address_of(ANVIL_KEYS[3]);
+    let transfer = json!({
+        "rpc_url": anvil.url,
+        "chain_id": CHAIN_ID,
+        "key": "{{ secrets.base_key }}",
+        "to": address_of(ANVIL_KEYS[2]).to_string(),
+        "value": "1 gwei",
+    });
+    let kind = chain(nonces);
+    let step =
+        tokio::spawn(
+            async move { run_to_end(&kind, call(transfer, ANVIL_KEYS[3], "r:bumped")).await },
+        );
+
+    // Once the transaction waits in the pool, the base fee jumps far above what it pays, so no
+    // block can take it; blocks keep coming, each with a slightly lower base fee.
+    let pooled = loop {
+        let pool = raw("txpool_content", json!([])).await;
+        let mine = pool["pending"]
+            .as_object()
+            .and_then(|by_sender| {
+                by_sender
+                    .iter()
+                    .find(|(address, _)| address.eq_ignore_ascii_case(&from.to_string()))
+            })
+            .map(|(_, by_nonce)| by_nonce["0"].clone());
+        if let Some(tx) = mine {
+            break tx;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let paid = u128::from_str_radix(
+        pooled["maxFeePerGas"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("0x"),
+        16,
+    )
+    .unwrap();
+    raw(
+        "anvil_setNextBlockBaseFeePerGas",
+        json!([format!("{:#x}", paid * 100)]),
+    )
+    .await;
+    while !step.is_finished() {
+        raw("evm_mine", json!([])).await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    let (output, parks) = step.await.unwrap();
+    let output = output.unwrap();
+    assert_eq!(parks.len(), 2, "signed, then signed again: {parks:#?}");
+    let (first, replacement) = (&parks[0], &parks[1]);
+    assert_eq!(first["nonce"], replacement["nonce"]);
+    assert_eq!(replacement["replaced"], json!([first["hash"]]));
+    assert_eq!(output["hash"], replacement["hash"], "{output}");
+    assert_eq!(pooled["hash"], first["hash"]);
+    assert_eq!(node.get_transaction_count(from).await.unwrap(), 1);
+    let dropped: Value = raw("eth_getTransactionByHash", json!([first["hash"]])).await;
+    assert!(
+        dropped.is_null() || dropped["blockHash"].is_null(),
+        "{dropped}"
+    );
+}
