@@ -559,6 +559,11 @@ async fn wait_for_quota(
     vars: &Value,
     log: &StepLog,
 ) -> Result<Option<AttemptResult>, StepFailure> {
+    // Its call was let through already: waking for the answer (an n8n execution's, a
+    // transaction's receipt) or sending the same stored request again is that call.
+    if kept_by_kind(job.checkpoint.as_ref()) {
+        return Ok(None);
+    }
     let noted = job.checkpoint.as_ref().and_then(|c| c.get(QUOTA_KEY));
     if let Some(noted) =
         noted.filter(|q| q["attempt"].as_u64() == Some(u64::from(job.lease.attempt)))
@@ -602,18 +607,13 @@ async fn wait_for_quota(
         return Ok(None);
     }
     let note = json!({ "name": quota.name, "attempt": job.lease.attempt, "at": at });
-    let checkpoint = match job.checkpoint.clone() {
-        None => json!({ QUOTA_KEY: note }),
-        Some(Value::Object(mut kept)) => {
-            kept.insert(QUOTA_KEY.to_owned(), note);
-            Value::Object(kept)
-        }
-        // A kind that keeps a bare value has no room for the note: wait here instead.
-        Some(_) => {
-            tokio::time::sleep(std::time::Duration::from_millis((at - now) as u64)).await;
-            return Ok(None);
-        }
+    // Only the runtime's own keys are here (the kind has kept nothing yet): the note joins them.
+    let mut checkpoint = match job.checkpoint.clone() {
+        Some(Value::Object(kept)) => kept,
+        _ => serde_json::Map::new(),
     };
+    checkpoint.insert(QUOTA_KEY.to_owned(), note);
+    let checkpoint = Value::Object(checkpoint);
     log.line(
         "info",
         format!("quota {}: waiting {} ms for its turn", quota.name, at - now),
@@ -628,14 +628,19 @@ async fn wait_for_quota(
 /// delivered before it ran waits in its checkpoint, alone; so does a note of a quota wait. An
 /// item's step started long before.
 fn first_run(job: &ClaimedJob) -> bool {
-    job.item.is_none()
-        && match &job.checkpoint {
-            None => true,
-            Some(Value::Object(kept)) => kept
-                .keys()
-                .all(|k| k == "callback" || k == "callback_token" || k == QUOTA_KEY),
-            Some(_) => false,
-        }
+    job.item.is_none() && !kept_by_kind(job.checkpoint.as_ref())
+}
+
+/// Whether the step's kind has kept something of its own: it has run, and parked or failed
+/// since. What the runtime keeps beside it (an early callback, a quota note) does not count.
+fn kept_by_kind(checkpoint: Option<&Value>) -> bool {
+    match checkpoint {
+        None => false,
+        Some(Value::Object(kept)) => kept
+            .keys()
+            .any(|k| k != "callback" && k != "callback_token" && k != QUOTA_KEY),
+        Some(_) => true,
+    }
 }
 
 /// The items a `for_each` renders: a list of at most [`MAX_ITEMS`] values a store can hold,
