@@ -2141,6 +2141,42 @@ pub async fn usage_is_summed_per_provider_workflow_and_day_from_every_attempt(
     assert!(store.usage(&other).await.unwrap().is_empty());
 }
 
+pub async fn a_batch_sent_again_after_its_commit_was_lost_counts_its_usage_once(
+    store: Arc<dyn Store>,
+) {
+    use switchyard_engine::store::{Usage, UsageFilter};
+    let wf = workflow("id: resent\nsteps:\n  - {id: a, type: noop}\n");
+    start(&*store, &wf, Trigger::default()).await;
+    let jobs = claim(&*store, T0, 1).await;
+    let batch = vec![Completion {
+        usage: vec![Usage {
+            provider: "openai".into(),
+            workflow_id: "resent".into(),
+            requests: 1,
+            tokens: 30,
+            ..Usage::default()
+        }],
+        ..done(&jobs[0], Value::Null)
+    }];
+    let accepted = store.complete(batch.clone(), T0).await.unwrap();
+    assert_eq!(accepted, vec![jobs[0].lease.job_id]);
+    // The worker did not hear the commit and sends the same batch again.
+    let again = store.complete(batch, T0 + 10).await.unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    let all = UsageFilter {
+        workflow_id: Some("resent".into()),
+        limit: 10,
+        ..UsageFilter::default()
+    };
+    let rows = store.usage(&all).await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.requests, r.tokens))
+            .collect::<Vec<_>>(),
+        vec![(1, 30)]
+    );
+}
+
 pub async fn old_fire_records_are_pruned_but_the_latest_stays(store: Arc<dyn Store>) {
     install(&*store, &linear()).await;
     for at in [T0, T0 + 1_000] {
@@ -3585,6 +3621,7 @@ macro_rules! conformance {
                 a_file_is_named_only_by_an_accepted_settlement_and_swept_once_no_run_names_it,
                 a_quota_lets_its_limit_through_then_gives_each_waiting_taker_its_own_turn,
                 usage_is_summed_per_provider_workflow_and_day_from_every_attempt,
+                a_batch_sent_again_after_its_commit_was_lost_counts_its_usage_once,
                 an_attempts_lines_are_kept_only_with_its_accepted_settlement,
                 old_fire_records_are_pruned_but_the_latest_stays,
                 a_refused_fire_is_recorded_once_with_an_alert_and_a_chosen_skip_without,

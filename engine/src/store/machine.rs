@@ -506,6 +506,9 @@ pub(crate) trait Tx: Send {
     /// Adds usage (rows `{provider, workflow_id, day, requests, errors, tokens, cost}`, one per
     /// key, in key order) to what is recorded.
     async fn add_usage(&mut self, rows: Value) -> Result<()>;
+    /// Notes that the attempts (rows `{job_id, lease_token}`) had their usage counted; returns
+    /// those not noted before.
+    async fn note_usage_counted(&mut self, attempts: Value) -> Result<Vec<(JobId, String)>>;
     /// Stores artifact references (rows `{id, run_id, step_id, attempt, sha256, size,
     /// content_type}`), made `now`.
     async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()>;
@@ -775,18 +778,42 @@ pub(crate) async fn take_quota(
     Ok(take.at)
 }
 
-/// What every attempt in the batch spent, accepted or not: a late attempt's calls were made,
-/// and paid for, all the same. A batch sent again after its commit was lost counts twice. One row per provider, workflow and day, in key order, so
-/// two batches lock their rows in the same order.
-fn usage_rows(completions: &[Completion], now: Millis) -> Option<Value> {
-    if completions.iter().all(|c| c.usage.is_empty()) {
-        return None;
+/// Records what every attempt in the batch spent, accepted or not (a late attempt's calls were
+/// made, and paid for, all the same), once: a batch sent again after its commit was lost finds
+/// its attempts noted and adds nothing.
+async fn count_usage(
+    tx: &mut dyn Tx,
+    spent: Vec<(JobId, String, Vec<super::Usage>)>,
+    now: Millis,
+) -> Result<()> {
+    if spent.is_empty() {
+        return Ok(());
     }
+    let attempts: Vec<Value> = spent
+        .iter()
+        .map(|(job, token, _)| json!({ "job_id": job, "lease_token": token }))
+        .collect();
+    let fresh = tx.note_usage_counted(Value::Array(attempts)).await?;
+    let usage = spent
+        .iter()
+        .filter(|(job, token, _)| fresh.iter().any(|(j, t)| j == job && t == token))
+        .flat_map(|(_, _, usage)| usage);
+    if let Some(rows) = usage_rows(usage, now) {
+        tx.add_usage(rows).await?;
+    }
+    Ok(())
+}
+
+/// One row per provider, workflow and day, in key order, so two batches lock their rows in the
+/// same order.
+fn usage_rows<'a>(usage: impl Iterator<Item = &'a super::Usage>, now: Millis) -> Option<Value> {
+    let mut usage = usage.peekable();
+    usage.peek()?;
     let day = jiff::Timestamp::from_millisecond(now)
         .map(|t| t.strftime("%Y-%m-%d").to_string())
         .unwrap_or_default();
     let mut sums: BTreeMap<(&str, &str), super::Usage> = BTreeMap::new();
-    for usage in completions.iter().flat_map(|c| &c.usage) {
+    for usage in usage {
         let sum = sums
             .entry((&usage.provider, &usage.workflow_id))
             .or_insert_with(|| super::Usage {
@@ -1089,7 +1116,11 @@ pub(crate) async fn complete(
     );
     keep_logs(tx, &completions, &settled.jobs).await?;
     keep_artifacts(tx, &completions, &settled.jobs, now).await?;
-    let usage = usage_rows(&completions, now);
+    let spent: Vec<(JobId, String, Vec<super::Usage>)> = completions
+        .iter()
+        .filter(|c| !c.usage.is_empty())
+        .map(|c| (c.lease.job_id, c.lease.token.clone(), c.usage.clone()))
+        .collect();
     let mut accepted = Vec::with_capacity(settled.jobs.len());
     let mut sinks = Vec::new();
     let mut failed = Vec::new();
@@ -1173,9 +1204,7 @@ pub(crate) async fn complete(
     };
     cascade(tx, moved, RunStatus::Failed, now, effects).await?;
     // Last: its rows stay locked until the commit, and every batch of a workflow touches them.
-    if let Some(rows) = usage {
-        tx.add_usage(rows).await?;
-    }
+    count_usage(tx, spent, now).await?;
     Ok(accepted)
 }
 

@@ -1582,6 +1582,18 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         Ok(())
     }
 
+    async fn note_usage_counted(&mut self, attempts: Value) -> Result<Vec<(JobId, String)>> {
+        Ok(sqlx::query_as(
+            "INSERT INTO usage_counted (job_id, lease_token) \
+             SELECT a.job_id, a.lease_token \
+             FROM jsonb_to_recordset($1) AS a(job_id bigint, lease_token text) \
+             ON CONFLICT DO NOTHING RETURNING job_id, lease_token",
+        )
+        .bind(attempts)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
     async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()> {
         sqlx::query(
             "INSERT INTO artifacts (id, run_id, step_id, attempt, sha256, size, content_type, \
@@ -1699,6 +1711,13 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
             .bind(runs)
             .execute(&mut *self.0)
             .await?;
+        sqlx::query(
+            "DELETE FROM usage_counted WHERE job_id IN \
+             (SELECT id FROM jobs WHERE run_id = ANY($1::text[]))",
+        )
+        .bind(runs)
+        .execute(&mut *self.0)
+        .await?;
         sqlx::query("DELETE FROM jobs WHERE run_id = ANY($1::text[])")
             .bind(runs)
             .execute(&mut *self.0)

@@ -1452,6 +1452,17 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         Ok(())
     }
 
+    async fn note_usage_counted(&mut self, attempts: Value) -> Result<Vec<(JobId, String)>> {
+        Ok(sqlx::query_as(
+            "INSERT INTO usage_counted (job_id, lease_token) \
+             SELECT a.value->>'job_id', a.value->>'lease_token' FROM json_each(?1) AS a \
+             WHERE true ON CONFLICT DO NOTHING RETURNING job_id, lease_token",
+        )
+        .bind(to_json(&attempts))
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
     async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()> {
         sqlx::query(
             "INSERT OR IGNORE INTO artifacts (id, run_id, step_id, attempt, sha256, size, \
@@ -1570,6 +1581,13 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
             .bind(&ids)
             .execute(&mut *self.0)
             .await?;
+        sqlx::query(
+            "DELETE FROM usage_counted WHERE job_id IN \
+             (SELECT id FROM jobs WHERE run_id IN (SELECT value FROM json_each(?)))",
+        )
+        .bind(&ids)
+        .execute(&mut *self.0)
+        .await?;
         sqlx::query("DELETE FROM jobs WHERE run_id IN (SELECT value FROM json_each(?))")
             .bind(&ids)
             .execute(&mut *self.0)
