@@ -87,76 +87,18 @@ async fn a_refused_take_without_reservation_changes_nothing_in_redis() {
     );
 }
 
-/// A Redis of the test's own on a free port, killed when dropped.
-struct OwnRedis {
-    child: std::process::Child,
-    url: String,
-}
-
-impl OwnRedis {
-    fn start() -> Option<OwnRedis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn();
-        let child = match child {
-            Ok(child) => child,
-            Err(e) => {
-                switchyard_engine::testing::skipped(
-                    "SWITCHYARD_REQUIRE_REDIS",
-                    &format!("redis-server cannot be started ({e})"),
-                );
-                return None;
-            }
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(OwnRedis {
-            child,
-            url: format!("redis://127.0.0.1:{port}/0"),
-        })
-    }
-
-    fn signal(&self, signal: &str) {
-        let done = std::process::Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(done.success());
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.signal("-CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A Redis that stops answering (frozen, its connection open) fails a take after
 /// `REDIS_ANSWER_TIMEOUT`, so its caller's fallback decides; once it answers again, takes work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_fails_a_take_instead_of_holding_it() {
-    let Some(redis) = OwnRedis::start() else {
+    let Some(redis) = switchyard_engine::testing::OwnRedis::start() else {
         return;
     };
     let buckets = RedisBuckets::connect(&redis.url).await.unwrap();
     let per = Duration::from_secs(1);
     let now = 1_800_000_000_000;
     assert_eq!(buckets.take("api", 10, per, now, false).await.unwrap(), now);
-    redis.signal("-STOP");
+    redis.freeze();
     // Far longer than the answer timeout: a take that hung on the frozen server would end here.
     let take = tokio::time::timeout(
         Duration::from_secs(20),
@@ -165,7 +107,7 @@ async fn a_frozen_redis_fails_a_take_instead_of_holding_it() {
     .await
     .expect("the take waited on a Redis that does not answer");
     assert!(take.is_err(), "{take:?}");
-    redis.signal("-CONT");
+    redis.thaw();
     let mut again = Err(None);
     for _ in 0..50 {
         match buckets.take("api", 10, per, now, false).await {

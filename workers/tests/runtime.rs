@@ -545,6 +545,50 @@ async fn a_step_woken_from_its_own_park_takes_no_second_turn_of_its_quota() {
     );
 }
 
+/// A quota kept in a Redis that stops answering: the step waits, spending no attempt, and runs
+/// once Redis answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_quota_bucket_cannot_be_reached_waits_and_does_not_fail() {
+    let Some(redis) = switchyard_engine::testing::OwnRedis::start() else {
+        return;
+    };
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("switchyard-quota-frozen-{}", std::process::id())),
+    );
+    let (engine, workflows, version) = engine_with(
+        &dir,
+        "id: frozen\nretry: {max_retries: 1, initial: 10ms}\nsteps:\n  - {id: call, type: noop, quota: {name: api, limit: 10, per: 1s}}\n",
+        "frozen",
+    )
+    .await;
+    engine.set_quotas(Arc::new(
+        switchyard_engine::quotas::RedisBuckets::connect(&redis.url)
+            .await
+            .unwrap(),
+    ));
+    redis.freeze();
+    let thaw = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        redis.thaw();
+        redis
+    });
+    let detail = run_to_its_end(&engine, Registry::builtin(), &workflows["frozen"], version).await;
+    drop(thaw.await.unwrap());
+    assert_eq!(detail.summary.status, RunStatus::Succeeded, "{detail:?}");
+    assert_eq!(detail.steps[0].attempt, 1, "waiting spent no attempt");
+    let logs = engine
+        .store()
+        .step_logs(&detail.summary.id, None, 100)
+        .await
+        .unwrap();
+    assert!(
+        logs.iter().any(|l| l
+            .text
+            .starts_with("quota api: its bucket cannot be reached")),
+        "{logs:?}"
+    );
+}
+
 /// A quota named without a limit reads it from the variable `quotas`; with neither, the step
 /// fails for good, saying how to set one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

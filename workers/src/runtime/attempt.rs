@@ -536,6 +536,9 @@ fn unreadable_definition(job: &ClaimedJob, e: &EngineError) -> StepFailure {
 
 /// Where a step parked for its quota notes it in its checkpoint, beside whatever its kind keeps.
 const QUOTA_KEY: &str = "quota";
+/// How long a step waits before asking again for a turn its quota's bucket could not give
+/// (Redis or the database did not answer).
+const QUOTA_UNREACHABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The checkpoint the kind kept, without the runtime's note of a quota wait.
 fn kinds_checkpoint(checkpoint: Option<&Value>) -> Option<Value> {
@@ -598,11 +601,29 @@ async fn wait_for_quota(
         ));
     };
     let now = engine.now();
-    let at = engine
+    let at = match engine
         .quotas()
         .take(&quota.name, limit, per, now, true)
         .await
-        .map_err(|e| StepFailure::transient("quota", format!("quota {}: {e}", quota.name)))?;
+    {
+        Ok(at) => at,
+        // The bucket's keeper (Redis, the database) is away: no turn can be given, and the
+        // step has not failed, so it waits as a step over its quota does, spending no attempt.
+        Err(e) => {
+            log.line(
+                "warn",
+                format!(
+                    "quota {}: its bucket cannot be reached ({e}); trying again in {} s",
+                    quota.name,
+                    QUOTA_UNREACHABLE_WAIT.as_secs()
+                ),
+            );
+            return Ok(Some(AttemptResult::Parked {
+                until: Some(now.saturating_add(QUOTA_UNREACHABLE_WAIT.as_millis() as i64)),
+                checkpoint: job.checkpoint.clone().unwrap_or_default(),
+            }));
+        }
+    };
     if at <= now {
         return Ok(None);
     }
@@ -635,7 +656,7 @@ fn first_run(job: &ClaimedJob) -> bool {
 /// since. What the runtime keeps beside it (an early callback, a quota note) does not count.
 fn kept_by_kind(checkpoint: Option<&Value>) -> bool {
     match checkpoint {
-        None => false,
+        None | Some(Value::Null) => false,
         Some(Value::Object(kept)) => kept
             .keys()
             .any(|k| k != "callback" && k != "callback_token" && k != QUOTA_KEY),
