@@ -614,3 +614,54 @@ async fn a_transaction_the_base_fee_passed_is_replaced_with_higher_fees_and_only
         "{dropped}"
     );
 }
+
+#[tokio::test]
+async fn a_nonce_someone_else_used_before_the_broadcast_fails_the_step_for_good_after_its_wait() {
+    let Some(anvil) = Anvil::start(&[]) else {
+        return;
+    };
+    let (_db, nonces) = store_nonces().await;
+    let kind = chain(nonces);
+    // anvil's dev account 0 is unlocked: the node itself signs for it, outside the allocator.
+    let from = address_of(ANVIL_KEYS[0]);
+    let transfer = json!({
+        "rpc_url": anvil.url,
+        "chain_id": CHAIN_ID,
+        "key": "{{ secrets.base_key }}",
+        "to": DEPLOYER,
+        "value": "1 gwei",
+        "timeout": "2s",
+    });
+    let first = call(transfer, ANVIL_KEYS[0], "r:raced");
+    let StepOutcome::Park { checkpoint, .. } = kind.run(first.clone()).await.unwrap() else {
+        panic!("it did not park with the signed transaction");
+    };
+    assert_eq!(checkpoint["nonce"], 0);
+    // Between the park and the broadcast, another sender of the key takes nonce 0.
+    let theirs: Value = node(&anvil)
+        .raw_request(
+            "eth_sendTransaction".into(),
+            [json!({ "from": from.to_string(), "to": DEPLOYER, "value": "0x1" })],
+        )
+        .await
+        .unwrap();
+    let failure = kind
+        .run(StepCall {
+            checkpoint: Some(checkpoint.clone()),
+            ..first
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(failure.kind, "nonce_spent", "{failure}");
+    assert!(!failure.retryable);
+    assert!(failure.message.contains("can never be mined"), "{failure}");
+    assert_eq!(sent_count(&anvil, ANVIL_KEYS[0]).await, 1, "theirs only");
+    let ours: Value = node(&anvil)
+        .raw_request(
+            "eth_getTransactionByHash".into(),
+            [checkpoint["hash"].clone()],
+        )
+        .await
+        .unwrap();
+    assert!(ours.is_null(), "{ours} (theirs: {theirs})");
+}
