@@ -1,4 +1,14 @@
 -- The job each nonce was given to, so a gap a finished job left below later transactions can be
 -- filled (see `machine::fill_nonce_gap`). NULL for nonces given before this column existed, and
--- for steps run outside a job: those are never taken over.
+-- for steps run outside a job: those are never filled.
 ALTER TABLE chain_nonce_owners ADD COLUMN job_id BIGINT;
+
+-- The step filling each gap: the nonce keeps its holder, who must never sign with it again.
+CREATE TABLE chain_nonce_fills (
+    chain_id  BIGINT NOT NULL,
+    address   TEXT NOT NULL,
+    nonce     BIGINT NOT NULL,
+    job_id    BIGINT NOT NULL,
+    filled_at BIGINT NOT NULL,
+    PRIMARY KEY (chain_id, address, nonce)
+);

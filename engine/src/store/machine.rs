@@ -492,8 +492,22 @@ pub(crate) trait Tx: Send {
         address: &str,
         nonce: i64,
     ) -> Result<Option<NonceHolder>>;
-    /// Takes `nonce` of the account from whoever held it.
-    async fn release_nonce(&mut self, chain_id: i64, address: &str, nonce: i64) -> Result<()>;
+    /// The step filling the gap at `nonce` of the account, if one is.
+    async fn nonce_filler(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+    ) -> Result<Option<NonceFiller>>;
+    /// Gives the gap at `nonce` of the account to `job` to fill.
+    async fn record_fill(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+        job: JobId,
+        now: Millis,
+    ) -> Result<()>;
 
     /// Up to `limit` runs whose retention ended by `now`, held for deletion.
     async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>>;
@@ -1009,20 +1023,36 @@ pub(crate) struct NonceHolder {
     pub job_id: Option<JobId>,
     /// The state of that job; `None` once it is no longer stored (its run was pruned).
     pub job_state: Option<JobState>,
+    pub finished_at: Option<Millis>,
 }
 
-/// Whether a step waiting with a later nonce may take the gap below it, under the account's
-/// lock. A gap is a nonce given to a step whose transaction never reached the node: its run was
+/// Which step fills a gap, as [`Tx::nonce_filler`] read it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct NonceFiller {
+    pub job_id: JobId,
+    /// The state of that job; `None` once it is no longer stored.
+    pub job_state: Option<JobState>,
+}
+
+/// How long after a step's job ended its nonce may be filled: a cancelled step's task stops at
+/// its next heartbeat, and until then it may still send.
+pub const NONCE_GAP_GRACE: Millis = 30_000;
+
+/// Whether a step waiting with a later nonce may fill the gap below it, under the account's
+/// lock. A gap is a nonce given to a step whose transaction the node does not have: its run was
 /// cancelled between storing the signed transaction and sending it, or the node refused it until
 /// the step failed. Every transaction of the key after it waits in the node's pool until the
 /// nonce is used, so the waiting step fills it with one that does nothing.
-/// - Only a nonce whose step can no longer send is taken (`Fill`): its job failed or was
-///   cancelled (a run's retry puts it back, and it then asks for a new nonce), or is no longer
-///   stored, or none of ours holds it; or the asker took it before (an attempt after a crash).
-///   A step whose job may still run, or that ran outside a job, keeps its nonce (`Wait`).
-/// - Taking it moves the nonce to the asker, so the step that held it, retried, is given a new
-///   one and never signs with a nonce the filler used.
-/// - Nothing is taken at or past the account's next nonce: no step of ours waits above it.
+/// - Only a nonce one of our steps was given is filled, once that step's job failed or was
+///   cancelled [`NONCE_GAP_GRACE`] ago, or is no longer stored. A nonce no step holds was skipped
+///   because another sender of the key had used it; one given outside a job has no end to wait
+///   for: both are left alone (`Wait`).
+/// - The holder keeps its nonce: retried, it is told `Spent` once the node has seen the nonce
+///   used, and signs nothing, since the engine cannot know whether its own transaction reached
+///   another node.
+/// - One step fills a gap (`chain_nonce_fills`): the first to ask, again after a crash, or
+///   another once that one's job has ended.
+/// - Nothing at or past the account's next nonce is a gap: no step of ours waits above it.
 pub(crate) async fn fill_nonce_gap(
     tx: &mut dyn Tx,
     gap: &NonceGap,
@@ -1034,38 +1064,37 @@ pub(crate) async fn fill_nonce_gap(
         .map_err(|_| StoreError::Rejected(format!("nonce {} is too large", gap.nonce)))?;
     tx.lock_key(&format!("chain_nonce/{chain_id}/{}", gap.address))
         .await?;
-    let filler = format!("gap:{nonce}");
-    let next = tx.nonce_state(chain_id, &gap.address, &filler).await?.next;
+    let next = tx.nonce_state(chain_id, &gap.address, "").await?.next;
     if next.is_none_or(|next| nonce >= next) {
         return Ok(GapFill::Wait);
     }
-    let holder = tx.nonce_holder(chain_id, &gap.address, nonce).await?;
-    let takeable = match &holder {
+    let Some(NonceHolder {
+        job_id: Some(_),
+        job_state,
+        finished_at,
+    }) = tx.nonce_holder(chain_id, &gap.address, nonce).await?
+    else {
+        return Ok(GapFill::Wait);
+    };
+    let ended = match job_state {
         None => true,
-        Some(NonceHolder { job_id: None, .. }) => false,
-        Some(NonceHolder {
-            job_id: Some(job), ..
-        }) if *job == gap.job_id => true,
-        Some(NonceHolder { job_state, .. }) => {
-            job_state.is_none_or(|state| JobState::UNSUCCESSFUL.contains(&state))
+        Some(state) => {
+            JobState::UNSUCCESSFUL.contains(&state)
+                && finished_at.is_some_and(|at| at.saturating_add(NONCE_GAP_GRACE) <= now)
         }
     };
-    if !takeable {
+    if !ended {
         return Ok(GapFill::Wait);
     }
-    if holder.is_some() {
-        tx.release_nonce(chain_id, &gap.address, nonce).await?;
+    match tx.nonce_filler(chain_id, &gap.address, nonce).await? {
+        Some(filler) if filler.job_id == gap.job_id => Ok(GapFill::Fill),
+        Some(filler) if filler.job_state.is_some_and(|s| !s.is_finished()) => Ok(GapFill::Wait),
+        _ => {
+            tx.record_fill(chain_id, &gap.address, nonce, gap.job_id, now)
+                .await?;
+            Ok(GapFill::Fill)
+        }
     }
-    tx.record_nonce(
-        chain_id,
-        &gap.address,
-        &filler,
-        nonce,
-        Some(gap.job_id),
-        now,
-    )
-    .await?;
-    Ok(GapFill::Fill)
 }
 
 /// A key names one request (Stripe's rule): reusing it with another input is a mistake to

@@ -5,6 +5,7 @@
 
 mod driver;
 mod machine;
+pub use machine::NONCE_GAP_GRACE;
 mod postgres;
 mod sql;
 mod sqlite;

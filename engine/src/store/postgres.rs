@@ -32,8 +32,8 @@ use tokio::sync::Notify;
 use super::driver::Driver;
 use super::machine::{
     self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, KeyedRun,
-    LoopProgress, NewVersion, NonceHolder, NonceState, NotificationUpdate, RecordCutoffs,
-    SettingKey, Settled, SettledJob, Succeeded, Tx,
+    LoopProgress, NewVersion, NonceFiller, NonceHolder, NonceState, NotificationUpdate,
+    RecordCutoffs, SettingKey, Settled, SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -1506,7 +1506,7 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         nonce: i64,
     ) -> Result<Option<NonceHolder>> {
         Ok(sqlx::query_as(
-            "SELECT o.job_id, j.state AS job_state FROM chain_nonce_owners o \
+            "SELECT o.job_id, j.state AS job_state, j.finished_at FROM chain_nonce_owners o \
              LEFT JOIN jobs j ON j.id = o.job_id \
              WHERE o.chain_id = $1 AND o.address = $2 AND o.nonce = $3",
         )
@@ -1517,14 +1517,43 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         .await?)
     }
 
-    async fn release_nonce(&mut self, chain_id: i64, address: &str, nonce: i64) -> Result<()> {
-        sqlx::query(
-            "DELETE FROM chain_nonce_owners \
-             WHERE chain_id = $1 AND address = $2 AND nonce = $3",
+    async fn nonce_filler(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+    ) -> Result<Option<NonceFiller>> {
+        Ok(sqlx::query_as(
+            "SELECT f.job_id, j.state AS job_state FROM chain_nonce_fills f \
+             LEFT JOIN jobs j ON j.id = f.job_id \
+             WHERE f.chain_id = $1 AND f.address = $2 AND f.nonce = $3",
         )
         .bind(chain_id)
         .bind(address)
         .bind(nonce)
+        .fetch_optional(&mut *self.0)
+        .await?)
+    }
+
+    async fn record_fill(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+        job: JobId,
+        now: Millis,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO chain_nonce_fills (chain_id, address, nonce, job_id, filled_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (chain_id, address, nonce) DO UPDATE \
+             SET job_id = excluded.job_id, filled_at = excluded.filled_at",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(nonce)
+        .bind(job)
+        .bind(now)
         .execute(&mut *self.0)
         .await?;
         Ok(())

@@ -879,19 +879,29 @@ impl Chain {
         let mut unseen = false;
         match broadcast {
             Ok(_) => call.log.line("info", format!("sent {hash}")),
-            Err(e) => {
-                if !nonce_taken(&e) {
-                    return Err(rpc_failure("eth_sendRawTransaction", e));
-                }
-                call.log.line(
+            Err(e) => match refusal(&e) {
+                Refusal::Ours => call.log.line(
                     "info",
-                    format!(
-                        "the node knows nonce {} already ({e}): waiting for {hash}",
-                        signed.nonce
-                    ),
-                );
-                unseen = !knows_any(node, signed).await?;
-            }
+                    format!("the node has {hash} already: waiting for it"),
+                ),
+                Refusal::NonceUsed => {
+                    call.log.line(
+                        "info",
+                        format!(
+                            "the node knows nonce {} already ({e}): waiting for {hash}",
+                            signed.nonce
+                        ),
+                    );
+                    unseen = !knows_any(node, signed).await?;
+                }
+                // A replacement the node will not take (the sender cannot pay its higher fees,
+                // a fee cap): the one it replaces may still be mined, so the step waits for it.
+                Refusal::Other if !signed.replaced.is_empty() => call.log.line(
+                    "warn",
+                    format!("the node refused {hash} ({e}): waiting for the one it replaced"),
+                ),
+                Refusal::Other => return Err(rpc_failure("eth_sendRawTransaction", e)),
+            },
         }
         let receipt = match self.wait(node, plan, signed, call, unseen).await? {
             Waited::Mined(receipt) => *receipt,
@@ -1162,21 +1172,28 @@ async fn pending_nonce(node: &RootProvider, from: Address) -> Result<u64, StepFa
     .await
 }
 
-/// Whether the node refused a broadcast because it has a transaction with that nonce already:
-/// these very bytes, another of the step's own, or someone else's.
-fn nonce_taken(e: &RpcError<TransportErrorKind>) -> bool {
-    e.as_error_resp().is_some_and(|p| {
-        let message = p.message.to_lowercase();
-        [
-            "already known",
-            "known transaction",
-            "already imported",
-            "nonce too low",
-            "replacement transaction underpriced",
-        ]
-        .iter()
-        .any(|m| message.contains(m))
-    })
+/// Why the node refused a broadcast.
+enum Refusal {
+    /// It has these very bytes already.
+    Ours,
+    /// It has a transaction with that nonce: another of the step's own, or someone else's.
+    NonceUsed,
+    Other,
+}
+
+fn refusal(e: &RpcError<TransportErrorKind>) -> Refusal {
+    let Some(payload) = e.as_error_resp() else {
+        return Refusal::Other;
+    };
+    let message = payload.message.to_lowercase();
+    let says = |phrases: &[&str]| phrases.iter().any(|p| message.contains(p));
+    if says(&["already known", "known transaction", "already imported"]) {
+        Refusal::Ours
+    } else if says(&["nonce too low", "replacement transaction underpriced"]) {
+        Refusal::NonceUsed
+    } else {
+        Refusal::Other
+    }
 }
 
 /// Whether the node knows one of the step's transactions, pending or mined.
