@@ -286,6 +286,21 @@ fn a_nonce_left_by_a_step_that_failed_before_sending_is_filled_so_the_next_step_
         "{filler}"
     );
     assert_eq!(filler["value"], "0x0", "{filler}");
+    // Once the account can pay, the refused run is retried: its step finds its nonce filled by
+    // a mined transaction, so its own never can be, and it takes a new one.
+    rpc(
+        &anvil,
+        "anvil_setBalance",
+        json!([SENDER_3, format!("{:#x}", 2_000_000u128 * 10u128.pow(18))]),
+    );
+    sandbox.cli(&["retry", &refused]);
+    wait_until("the retried run to end", &sandbox, || {
+        sandbox.show(&refused)["status"] != "running"
+    });
+    let detail = sandbox.show(&refused);
+    assert_eq!(detail["status"], "succeeded", "{detail:#}");
+    assert_eq!(step(&detail, "send")["output"]["nonce"], 2);
+    assert_eq!(nonce(&anvil, SENDER_3, "latest"), 3);
     // The node's address was a secret: no run shows it.
     for run in [&refused, &paid] {
         let shown = sandbox.cli(&["show", run, "--json"]);

@@ -2427,6 +2427,7 @@ pub async fn children_finishing_at_once_settle_their_parent(store: Arc<dyn Store
 
 fn nonce_request(chain_id: u64, owner: &str, floor: u64) -> NonceRequest {
     NonceRequest {
+        filled: None,
         chain_id,
         address: "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266".into(),
         owner: owner.into(),
@@ -2561,11 +2562,37 @@ pub async fn a_nonce_a_cancelled_step_never_sent_is_filled_by_the_step_waiting_a
     store.cancel_run(&runs[1], T0).await.unwrap();
     assert_eq!(fill(0, jobs[2], late).await, GapFill::Fill);
     // The cancelled run, retried, keeps its nonce: once the node has seen it used it signs
-    // nothing, for the engine cannot know whether its own transaction went out elsewhere.
+    // nothing, for the engine cannot know whether its own transaction went out elsewhere...
     store.retry_run(&runs[0], late).await.unwrap();
     assert_eq!(allocate(0, 1).await, NonceAllocation::Spent(0));
+    // ... unless it finds the filler's transaction mined: then its own never can be, and it
+    // gets a new nonce.
+    let gap = NonceGap {
+        chain_id: 1,
+        address: nonce_request(1, "", 0).address,
+        nonce: 0,
+        job_id: jobs[2],
+    };
+    store.note_nonce_fill(&gap, "0xf111").await.unwrap();
+    assert_eq!(
+        allocate(0, 1).await,
+        NonceAllocation::Filled {
+            nonce: 0,
+            hash: "0xf111".into()
+        }
+    );
+    let seen_mined = NonceRequest {
+        job_id: Some(jobs[0]),
+        filled: Some(0),
+        ..nonce_request(1, &format!("{}:send", runs[0]), 1)
+    };
+    assert_eq!(
+        store.allocate_nonce(&seen_mined, late).await.unwrap(),
+        NonceAllocation::New(3)
+    );
+    assert_eq!(allocate(0, 1).await, NonceAllocation::Again(3));
     // Nothing at or past the next nonce is a gap of ours.
-    assert_eq!(fill(3, jobs[2], late).await, GapFill::Wait);
+    assert_eq!(fill(4, jobs[2], late).await, GapFill::Wait);
     // Nonces skipped because another sender of the key used them are no gap of ours either.
     let skipping = NonceRequest {
         job_id: Some(jobs[2]),
@@ -2575,7 +2602,7 @@ pub async fn a_nonce_a_cancelled_step_never_sent_is_filled_by_the_step_waiting_a
         store.allocate_nonce(&skipping, T0).await.unwrap(),
         NonceAllocation::New(5)
     );
-    assert_eq!(fill(3, jobs[2], late).await, GapFill::Wait);
+    assert_eq!(fill(4, jobs[2], late).await, GapFill::Wait);
     // A nonce given outside any job is never filled, whatever waits above it.
     assert_eq!(
         store

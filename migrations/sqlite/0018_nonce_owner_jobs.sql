@@ -3,12 +3,14 @@
 -- for steps run outside a job: those are never filled.
 ALTER TABLE chain_nonce_owners ADD COLUMN job_id INTEGER;
 
--- The step filling each gap: the nonce keeps its holder, who must never sign with it again.
+-- The step filling each gap. The nonce keeps its holder, who is given another only once the
+-- filler's transaction is seen mined (see `machine::allocate_nonce`).
 CREATE TABLE chain_nonce_fills (
     chain_id  INTEGER NOT NULL,
     address   TEXT NOT NULL,
     nonce     INTEGER NOT NULL,
     job_id    INTEGER NOT NULL,
     filled_at INTEGER NOT NULL,
+    hash      TEXT,  -- the filler's transaction, once signed
     PRIMARY KEY (chain_id, address, nonce)
 );

@@ -499,7 +499,26 @@ pub(crate) trait Tx: Send {
         address: &str,
         nonce: i64,
     ) -> Result<Option<NonceFiller>>;
-    /// Gives the gap at `nonce` of the account to `job` to fill.
+    /// Records the filler's transaction, when `job` still fills the gap.
+    async fn note_fill_hash(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+        job: JobId,
+        hash: &str,
+    ) -> Result<()>;
+    /// Gives `owner` `nonce` instead of the one it held, and makes the account's next nonce at
+    /// least `nonce + 1`.
+    async fn move_nonce(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        owner: &str,
+        nonce: i64,
+        now: Millis,
+    ) -> Result<()>;
+    /// Gives the gap at `nonce` of the account to `job` to fill (its transaction not yet known).
     async fn record_fill(
         &mut self,
         chain_id: i64,
@@ -998,11 +1017,23 @@ pub(crate) async fn allocate_nonce(
         .await?;
     if let Some(owned) = state.owned {
         let owned_u64 = owned as u64;
-        return Ok(if owned < floor {
-            NonceAllocation::Spent(owned_u64)
-        } else {
-            NonceAllocation::Again(owned_u64)
-        });
+        if owned >= floor {
+            return Ok(NonceAllocation::Again(owned_u64));
+        }
+        let fill = tx.nonce_filler(chain_id, &request.address, owned).await?;
+        let Some(hash) = fill.and_then(|f| f.hash) else {
+            return Ok(NonceAllocation::Spent(owned_u64));
+        };
+        if request.filled != Some(owned_u64) {
+            return Ok(NonceAllocation::Filled {
+                nonce: owned_u64,
+                hash,
+            });
+        }
+        let nonce = state.next.unwrap_or(0).max(floor);
+        tx.move_nonce(chain_id, &request.address, &request.owner, nonce, now)
+            .await?;
+        return Ok(NonceAllocation::New(nonce as u64));
     }
     let nonce = state.next.unwrap_or(0).max(floor);
     tx.record_nonce(
@@ -1032,6 +1063,8 @@ pub(crate) struct NonceFiller {
     pub job_id: JobId,
     /// The state of that job; `None` once it is no longer stored.
     pub job_state: Option<JobState>,
+    /// The transaction it fills the gap with, once signed.
+    pub hash: Option<String>,
 }
 
 /// How long after a step's job ended its nonce may be filled: a cancelled step's task stops at
@@ -1047,9 +1080,9 @@ pub const NONCE_GAP_GRACE: Millis = 30_000;
 ///   cancelled [`NONCE_GAP_GRACE`] ago, or is no longer stored. A nonce no step holds was skipped
 ///   because another sender of the key had used it; one given outside a job has no end to wait
 ///   for: both are left alone (`Wait`).
-/// - The holder keeps its nonce: retried, it is told `Spent` once the node has seen the nonce
-///   used, and signs nothing, since the engine cannot know whether its own transaction reached
-///   another node.
+/// - The holder keeps its nonce: retried, it is told `Filled` once the node has seen the nonce
+///   used, and is given another only when it has seen the filler mined (`allocate_nonce`): the
+///   engine cannot know whether its own transaction reached another node.
 /// - One step fills a gap (`chain_nonce_fills`): the first to ask, again after a crash, or
 ///   another once that one's job has ended.
 /// - Nothing at or past the account's next nonce is a gap: no step of ours waits above it.
@@ -1095,6 +1128,18 @@ pub(crate) async fn fill_nonce_gap(
             Ok(GapFill::Fill)
         }
     }
+}
+
+/// Notes the transaction a filler signed, before it is sent: the holder of the nonce, retried,
+/// is told it ([`NonceAllocation::Filled`]), and once it is mined the holder's own transaction
+/// never can be.
+pub(crate) async fn note_nonce_fill(tx: &mut dyn Tx, gap: &NonceGap, hash: &str) -> Result<()> {
+    let chain_id = i64::try_from(gap.chain_id)
+        .map_err(|_| StoreError::Rejected(format!("chain id {} is too large", gap.chain_id)))?;
+    let nonce = i64::try_from(gap.nonce)
+        .map_err(|_| StoreError::Rejected(format!("nonce {} is too large", gap.nonce)))?;
+    tx.note_fill_hash(chain_id, &gap.address, nonce, gap.job_id, hash)
+        .await
 }
 
 /// A key names one request (Stripe's rule): reusing it with another input is a mistake to

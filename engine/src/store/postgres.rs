@@ -1524,7 +1524,7 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         nonce: i64,
     ) -> Result<Option<NonceFiller>> {
         Ok(sqlx::query_as(
-            "SELECT f.job_id, j.state AS job_state FROM chain_nonce_fills f \
+            "SELECT f.job_id, j.state AS job_state, f.hash FROM chain_nonce_fills f \
              LEFT JOIN jobs j ON j.id = f.job_id \
              WHERE f.chain_id = $1 AND f.address = $2 AND f.nonce = $3",
         )
@@ -1533,6 +1533,60 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         .bind(nonce)
         .fetch_optional(&mut *self.0)
         .await?)
+    }
+
+    async fn note_fill_hash(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+        job: JobId,
+        hash: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE chain_nonce_fills SET hash = $5 \
+             WHERE chain_id = $1 AND address = $2 AND nonce = $3 AND job_id = $4",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(nonce)
+        .bind(job)
+        .bind(hash)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn move_nonce(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        owner: &str,
+        nonce: i64,
+        now: Millis,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE chain_nonce_owners SET nonce = $4, allocated_at = $5 \
+             WHERE chain_id = $1 AND address = $2 AND owner = $3",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(owner)
+        .bind(nonce)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        sqlx::query(
+            "UPDATE chain_nonces SET next_nonce = GREATEST(chain_nonces.next_nonce, $3 + 1), updated_at = $4 \
+             WHERE chain_id = $1 AND address = $2",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(nonce)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
     }
 
     async fn record_fill(
@@ -1547,7 +1601,7 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
             "INSERT INTO chain_nonce_fills (chain_id, address, nonce, job_id, filled_at) \
              VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (chain_id, address, nonce) DO UPDATE \
-             SET job_id = excluded.job_id, filled_at = excluded.filled_at",
+             SET job_id = excluded.job_id, filled_at = excluded.filled_at, hash = NULL",
         )
         .bind(chain_id)
         .bind(address)

@@ -80,6 +80,8 @@ pub trait NonceAllocator: Send + Sync + 'static {
     async fn allocate(&self, request: &NonceRequest) -> Result<NonceAllocation, NonceError>;
     /// Whether the step waiting above `gap` may take it (`Store::fill_nonce_gap`).
     async fn fill_gap(&self, gap: &NonceGap) -> Result<GapFill, NonceError>;
+    /// Records the transaction a step fills `gap` with, before it is sent.
+    async fn note_fill(&self, gap: &NonceGap, hash: B256) -> Result<(), NonceError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +124,14 @@ impl NonceAllocator for StoreNonces {
             .await
             .map_err(|e| NonceError::Unavailable(e.to_string()))
     }
+
+    async fn note_fill(&self, gap: &NonceGap, hash: B256) -> Result<(), NonceError> {
+        let hash = format!("{hash:#x}");
+        let note = || self.0.store().note_nonce_fill(gap, &hash);
+        retry_transient("noting a nonce's filler", note)
+            .await
+            .map_err(|e| NonceError::Unavailable(e.to_string()))
+    }
 }
 
 /// No allocator: for a registry that checks definitions and runs no `chain` step that sends
@@ -136,6 +146,10 @@ impl NonceAllocator for NoNonces {
 
     async fn fill_gap(&self, _: &NonceGap) -> Result<GapFill, NonceError> {
         Ok(GapFill::Wait)
+    }
+
+    async fn note_fill(&self, _: &NonceGap, _: B256) -> Result<(), NonceError> {
+        Err(NonceError::NotShared)
     }
 }
 
@@ -809,10 +823,40 @@ impl Chain {
             owner: call.idempotency_key.clone(),
             floor,
             job_id: call.job_id,
+            filled: None,
         };
-        let nonce = match self.nonces.allocate(&request).await {
+        let mut allocation = self.nonces.allocate(&request).await;
+        if let Ok(NonceAllocation::Filled { nonce, hash }) = &allocation {
+            // Another step filled this step's nonce. Once its filler is mined, this step's own
+            // transaction never can be, and it signs with a new nonce.
+            let filler = hash.parse::<B256>().ok();
+            let mined = match filler {
+                Some(filler) => rpc(
+                    "eth_getTransactionReceipt",
+                    node.get_transaction_receipt(filler),
+                )
+                .await?
+                .is_some(),
+                None => false,
+            };
+            if mined {
+                call.log.line(
+                    "info",
+                    format!(
+                        "nonce {nonce} of {from} was filled by {hash}, which is mined: this step \
+                         takes a new one"
+                    ),
+                );
+                let again = NonceRequest {
+                    filled: Some(*nonce),
+                    ..request.clone()
+                };
+                allocation = self.nonces.allocate(&again).await;
+            }
+        }
+        let nonce = match allocation {
             Ok(NonceAllocation::New(n) | NonceAllocation::Again(n)) => n,
-            Ok(NonceAllocation::Spent(n)) => {
+            Ok(NonceAllocation::Spent(n) | NonceAllocation::Filled { nonce: n, .. }) => {
                 return Err(StepFailure::permanent(
                     "nonce_spent",
                     format!(
@@ -1110,6 +1154,13 @@ impl Chain {
         let signer = plan.signer.as_ref().expect("a send has a key");
         let envelope = sign_eip1559(signer, filler)?;
         let hash = *envelope.tx_hash();
+        // Before it is sent: the step that held the nonce, retried, learns whether it may take
+        // another by looking for this transaction.
+        if let Err(e) = self.nonces.note_fill(&gap, hash).await {
+            call.log
+                .line("warn", format!("nonce gap at {pending}: {e}"));
+            return Ok(());
+        }
         let sent = tokio::time::timeout(
             RPC_TIMEOUT,
             node.send_raw_transaction(&envelope.encoded_2718()),
