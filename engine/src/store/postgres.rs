@@ -1074,8 +1074,11 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
                  ON CONFLICT (run_id, step_id) DO UPDATE SET item = excluded.item, \
                      state = {job:waiting}, output = NULL, error = NULL, checkpoint = NULL, \
                      finished_at = NULL, max_attempts = jobs.attempt + jobs.attempt_budget \
-                 WHERE jobs.state IN {jobs:unsuccessful}) \
-             DELETE FROM jobs WHERE loop_job_id = $1 AND item_index >= jsonb_array_length($2)"
+                 WHERE jobs.state IN {jobs:unsuccessful}), \
+             gone AS ( \
+                 DELETE FROM jobs WHERE loop_job_id = $1 AND item_index >= jsonb_array_length($2) \
+                 RETURNING id) \
+             DELETE FROM usage_counted WHERE job_id IN (SELECT id FROM gone)"
         ))
         .bind(loop_job)
         .bind(Value::Array(items.to_vec()))

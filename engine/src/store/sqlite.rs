@@ -815,6 +815,14 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         // An item waits for one need no step names, so no count of needs (a gate opening, a
         // retry) ever makes it ready: `release_items` does.
         // A retry's items: those past the list rendered now go, the others run again.
+        sqlx::query(
+            "DELETE FROM usage_counted WHERE job_id IN \
+             (SELECT id FROM jobs WHERE loop_job_id = ?1 AND item_index >= ?2)",
+        )
+        .bind(loop_job)
+        .bind(items.len() as i64)
+        .execute(&mut *self.0)
+        .await?;
         sqlx::query("DELETE FROM jobs WHERE loop_job_id = ?1 AND item_index >= ?2")
             .bind(loop_job)
             .bind(items.len() as i64)
