@@ -22,6 +22,13 @@
 //! mined transaction that reverted fails for good, with the reason its call gives when replayed
 //! by `eth_call` on the state its block started from (receipts carry no reason).
 //!
+//! **While it waits.** A transaction whose fees were the node's estimate, once the base fee has
+//! passed what it pays, is signed again with the same nonce and higher fees and parked with
+//! before it is sent; the checkpoint keeps the hashes it replaced, and whichever is mined ends
+//! the step. A nonce below the step's own that the node has no transaction for, held by a step
+//! that failed or was cancelled, is filled with an empty transfer to the sender
+//! (`Store::fill_nonce_gap` decides), so the step's own can be mined.
+//!
 //! **Secrets.** `key` must be a secret reference: a key written in a definition would be in its
 //! history. `rpc_url` may hold one (a provider's key in its path). No error, log line or output
 //! carries either.
