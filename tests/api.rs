@@ -2073,6 +2073,53 @@ steps:
 }
 
 #[tokio::test]
+async fn a_follow_ends_once_its_token_is_revoked() {
+    let api = Api::with_definition(
+        "follow-revoked",
+        "id: slow\nsteps:\n  - {id: nap, type: sleep, with: {duration: 10m}}\n",
+    )
+    .await;
+    let admin = api.token("admin", &[]);
+    let issued = api
+        .post(
+            "/api/admin/tokens",
+            &admin,
+            json!({"subject": "watcher", "role": "viewer", "ttl_secs": 3600}),
+        )
+        .await;
+    let viewer = issued.body["token"].as_str().unwrap().to_owned();
+    let jti = claims_of(&viewer)["jti"].as_str().unwrap().to_owned();
+    let run = api.start_run("slow", &admin).await;
+    let mut reply = api
+        .authed(
+            Method::GET,
+            &format!("/api/runs/{run}/logs/follow"),
+            &viewer,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    let revoked =
+        send(api.authed(Method::DELETE, &format!("/api/admin/tokens/{jti}"), &admin)).await;
+    assert_eq!(revoked.status, 204, "{revoked}");
+    // The run sleeps for ten minutes; the stream ends long before, saying why.
+    let mut body = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(chunk) = reply.chunk().await.unwrap() {
+            body.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream went on after the revocation: {body}"
+    );
+    assert!(body.contains("event: error"), "{body}");
+    assert!(body.contains("revoked"), "{body}");
+}
+
+#[tokio::test]
 async fn times_come_as_epoch_milliseconds_and_as_rfc3339_beside_them() {
     let api = Api::start("rfc3339").await;
     let operator = api.token("operator", &[]);

@@ -8,7 +8,7 @@ use futures::{Stream, StreamExt, stream};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::auth::{Operator, Viewer};
+use super::auth::{Operator, Viewer, caller_with_role};
 use super::error::{ApiError, ErrorBody, ErrorCode, Json, Path, Query};
 use super::types::{Alert, LogLine, RunDetail, RunStatus, RunSummary};
 use crate::state::Millis;
@@ -185,6 +185,8 @@ pub struct FollowQuery {
 
 /// How often a follower looks for new lines.
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often a follow checks its caller's token again.
+const FOLLOW_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long one stream lasts at most: a run may wait for days, and a token may be revoked
 /// meanwhile. The client reconnects with `Last-Event-ID` and is authorised again.
 const FOLLOW_AT_MOST: std::time::Duration = std::time::Duration::from_secs(600);
@@ -217,48 +219,67 @@ pub async fn follow_run_logs(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let until = tokio::time::Instant::now() + FOLLOW_AT_MOST;
-    let start = (state.engine.clone(), id, resumed.or(query.after), false);
-    let lines = stream::unfold(start, move |(engine, id, after, ended)| async move {
-        if ended || tokio::time::Instant::now() >= until {
-            return None;
-        }
-        loop {
-            // The status first: lines stored before the run ended are then all read below. A
-            // database that fails ends the stream with an `error` event, not as if the run had.
-            let read = async {
-                let finished = engine.run_summary(&id).await?.status.is_finished();
-                Ok::<_, crate::service::EngineError>((
-                    finished,
-                    engine.step_logs(&id, after, 500).await?,
-                ))
-            };
-            let (finished, lines) = match read.await {
-                Ok(read) => read,
-                Err(e) => {
-                    let event = Event::default().event("error").data(e.to_string());
-                    return Some((vec![Ok(event)], (engine, id, after, true)));
+    let engine = state.engine.clone();
+    let start = (engine, id, resumed.or(query.after), false);
+    let checked = tokio::time::Instant::now();
+    let lines = stream::unfold(
+        (start, checked),
+        move |((engine, id, after, ended), mut checked)| {
+            let (state, headers) = (state.clone(), headers.clone());
+            async move {
+                if ended || tokio::time::Instant::now() >= until {
+                    return None;
                 }
-            };
-            if let Some(last) = lines.last().map(|l| l.id) {
-                let events: Vec<Result<Event, Infallible>> = lines
-                    .into_iter()
-                    .map(|line| {
-                        let id = line.id.to_string();
-                        let line = LogLine::from(line);
-                        Ok(Event::default()
-                            .id(id)
-                            .json_data(&line)
-                            .unwrap_or_else(|_| Event::default()))
-                    })
-                    .collect();
-                return Some((events, (engine, id, Some(last), false)));
+                loop {
+                    // A token revoked, or a login whose user changed, ends the stream as it would end
+                    // any other request.
+                    if checked.elapsed() >= FOLLOW_RECHECK {
+                        if let Err(refused) =
+                            caller_with_role(&state, &headers, crate::auth::Role::Viewer).await
+                        {
+                            let event = Event::default().event("error").data(refused.message);
+                            return Some((vec![Ok(event)], ((engine, id, after, true), checked)));
+                        }
+                        checked = tokio::time::Instant::now();
+                    }
+                    // The status first: lines stored before the run ended are then all read below. A
+                    // database that fails ends the stream with an `error` event, not as if the run had.
+                    let read = async {
+                        let finished = engine.run_summary(&id).await?.status.is_finished();
+                        Ok::<_, crate::service::EngineError>((
+                            finished,
+                            engine.step_logs(&id, after, 500).await?,
+                        ))
+                    };
+                    let (finished, lines) = match read.await {
+                        Ok(read) => read,
+                        Err(e) => {
+                            let event = Event::default().event("error").data(e.to_string());
+                            return Some((vec![Ok(event)], ((engine, id, after, true), checked)));
+                        }
+                    };
+                    if let Some(last) = lines.last().map(|l| l.id) {
+                        let events: Vec<Result<Event, Infallible>> = lines
+                            .into_iter()
+                            .map(|line| {
+                                let id = line.id.to_string();
+                                let line = LogLine::from(line);
+                                Ok(Event::default()
+                                    .id(id)
+                                    .json_data(&line)
+                                    .unwrap_or_else(|_| Event::default()))
+                            })
+                            .collect();
+                        return Some((events, ((engine, id, Some(last), false), checked)));
+                    }
+                    if finished || tokio::time::Instant::now() >= until {
+                        return None;
+                    }
+                    tokio::time::sleep(FOLLOW_EVERY).await;
+                }
             }
-            if finished || tokio::time::Instant::now() >= until {
-                return None;
-            }
-            tokio::time::sleep(FOLLOW_EVERY).await;
-        }
-    });
+        },
+    );
     Ok(Sse::new(lines.flat_map(stream::iter)).keep_alive(KeepAlive::default()))
 }
 
