@@ -6,13 +6,13 @@
 //! `Admin` in `auth.rs`); public handlers have none. Handlers reach the engine only through
 //! `Engine`'s operations, never its store (`tests/tidy.rs`).
 
-mod admin;
-mod artifacts;
+pub(crate) mod admin;
+pub(crate) mod artifacts;
 mod auth;
 mod error;
 mod gate;
 mod hooks;
-mod limits;
+pub(crate) mod limits;
 mod public;
 mod runs;
 pub mod types;
@@ -53,6 +53,8 @@ pub struct AppState {
     pub limiter: Arc<RateLimiter>,
     /// The Prometheus recorder's handle, when the process installed one.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The web dashboard served beside the API (`crate::dashboard`).
+    pub dashboard: Arc<crate::dashboard::Dashboard>,
 }
 
 /// What `/health` and `/metrics` need: all a `worker` process serves.
@@ -255,6 +257,7 @@ pub fn router(state: AppState) -> Router {
             "/api/hooks/{*path}",
             axum::routing::post(hooks::deliver_hook),
         )
+        .merge(crate::dashboard::routes())
         .route(
             "/api/openapi.json",
             axum::routing::get(move || {
