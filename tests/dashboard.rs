@@ -49,6 +49,15 @@ workflows:
       - id: needs_flag
         type: transform
         with: {output: {flag: "{{ vars.release_flag }}"}}
+  approve:
+    steps:
+      - id: ask
+        type: wait
+        with: {signal: approval, timeout: 1h}
+      - id: publish
+        type: transform
+        needs: [ask]
+        with: {output: {approved: "{{ steps.ask.output.ok }}"}}
   nightly:
     schedule: "0 3 * * *"
     steps:
@@ -128,14 +137,16 @@ struct Page {
     client: Client,
     base: String,
     shots: PathBuf,
+    /// The sandbox's folder: its server's log, for a failure to show.
+    dir: PathBuf,
 }
 
 impl Page {
     async fn open(&self, path: &str) {
-        self.client
-            .goto(&format!("{}{path}", self.base))
-            .await
-            .unwrap();
+        if let Err(e) = self.client.goto(&format!("{}{path}", self.base)).await {
+            let log = std::fs::read_to_string(self.dir.join("proc-0.log")).unwrap_or_default();
+            panic!("{path}: {e}\nserver log:\n{log}");
+        }
     }
 
     /// The text of `css`, once the page has one (a page a click asked for may still load).
@@ -230,15 +241,20 @@ impl Page {
         }
     }
 
-    /// Waits until the browser is on a page under `prefix` other than `not`, and returns it.
-    async fn wait_moved(&self, not: &str) -> String {
+    /// Waits until the browser is on a page whose path starts with `prefix`, and returns it.
+    async fn wait_under(&self, prefix: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let path = self.path().await;
-            if path != not {
+            if path.starts_with(prefix) {
                 return path;
             }
-            assert!(Instant::now() < deadline, "still on {not}");
+            if Instant::now() > deadline {
+                panic!(
+                    "never under {prefix}; on {path}:\n{}",
+                    self.text("main").await
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -248,21 +264,26 @@ impl Page {
         for width in [1280u32, 390] {
             self.client.set_window_size(width, 900).await.unwrap();
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let height = self
-                .client
-                .execute(
-                    "return Math.min(6000, document.documentElement.scrollHeight);",
-                    vec![],
-                )
-                .await
-                .unwrap()
-                .as_u64()
-                .unwrap_or(900) as u32;
-            self.client
-                .set_window_size(width, height.max(600))
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // The whole page: the window as tall as the page is at this width, twice, since
+            // a taller window may change how the page flows.
+            for _ in 0..2 {
+                let height = self
+                    .client
+                    .execute(
+                        "return Math.min(8000, document.documentElement.scrollHeight \
+                         + Math.max(0, window.outerHeight - window.innerHeight));",
+                        vec![],
+                    )
+                    .await
+                    .unwrap()
+                    .as_u64()
+                    .unwrap_or(900) as u32;
+                self.client
+                    .set_window_size(width, height.max(600))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             let png = self.client.screenshot().await.unwrap();
             std::fs::write(self.shots.join(format!("{name}-{width}.png")), png).unwrap();
             self.accessible(&format!("{name} at {width} px")).await;
@@ -308,13 +329,10 @@ fn add_user(sandbox: &Sandbox, name: &str, role: &str) {
     );
 }
 
-/// The run id of the run page the browser is on.
-async fn run_id(page: &Page, from: &str) -> String {
-    let path = page.wait_moved(from).await;
-    match path.strip_prefix("/runs/") {
-        Some(id) => id.to_owned(),
-        None => panic!("not a run page: {path}\n{}", page.text("main").await),
-    }
+/// The run id of the run page the browser goes to.
+async fn run_id(page: &Page) -> String {
+    let path = page.wait_under("/runs/").await;
+    path["/runs/".len()..].to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,6 +360,7 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
         client: driver.browser(&chromium).await,
         base: base.clone(),
         shots,
+        dir: sandbox.dir.clone(),
     };
 
     // Every page needs a login, and its headers keep it out of frames and inline scripts.
@@ -380,7 +399,7 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
         .await;
     page.fill("#in-name", "Ada").await;
     page.click("#start").await;
-    let greet = run_id(&page, "/workflows/greet").await;
+    let greet = run_id(&page).await;
     page.client
         .execute(
             "document.body.setAttribute('data-loaded-once', 'yes');",
@@ -440,10 +459,27 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
     page.wait_text("#run-status", "cancelled", Duration::from_secs(15))
         .await;
 
+    // The list filters by status.
+    page.open("/runs?status=cancelled").await;
+    assert!(page.has(&format!("#run-{slow}")).await);
+    assert!(!page.has(&format!("#run-{greet}")).await);
+
+    // Send a signal to a run that waits for one.
+    page.open("/workflows/approve").await;
+    page.click("#start").await;
+    run_id(&page).await;
+    page.wait_text("#step-ask summary", "parked", Duration::from_secs(15))
+        .await;
+    page.fill("#signal-payload", r#"{"ok": true}"#).await;
+    page.click("#signal").await;
+    page.wait_text("#run-status", "succeeded", Duration::from_secs(30))
+        .await;
+    assert!(page.text("#run-output").await.contains("true"));
+
     // Read a failed step's error, set what it missed, retry it.
     page.open("/workflows/flaky").await;
     page.click("#start").await;
-    let flaky = run_id(&page, "/workflows/flaky").await;
+    let flaky = run_id(&page).await;
     page.wait_text("#run-status", "failed", Duration::from_secs(30))
         .await;
     let error = page.text("#step-needs_flag .step-error").await;

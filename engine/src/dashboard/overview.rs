@@ -29,6 +29,8 @@ const KEPT: usize = 360;
 /// in the last 15 minutes that ended.
 const RATE_WINDOW: Millis = 60_000;
 const SUCCESS_WINDOW: Millis = 15 * 60_000;
+/// A scheduler that has not ticked for this long counts as lagging by as much.
+const STUCK_AFTER: Millis = 120_000;
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Sample {
@@ -38,7 +40,8 @@ pub struct Sample {
     /// 0 to 100; `None` when no run ended in the window.
     success_rate: Option<f64>,
     queue_depth: i64,
-    /// How late the newest schedule fire was recorded, in ms.
+    /// How late the newest schedule fire was recorded, in ms (or how long the scheduler has not
+    /// ticked, past two minutes).
     scheduler_lag_ms: Option<i64>,
 }
 
@@ -82,12 +85,18 @@ async fn sample(engine: &Engine, heartbeats: &Heartbeats) -> Result<Sample, Dash
             succeeded += n;
         }
     }
-    let lag = engine
+    // How late the newest fire was recorded; while this process's scheduler has not ticked for
+    // longer than that, how long it has not (a stuck scheduler records nothing to be late by).
+    let fire_lag = engine
         .fires(None, 1)
         .await?
         .first()
-        .map(|f| (f.recorded_at - f.fire_at).max(0))
-        .or_else(|| heartbeats.scheduler_tick().map(|at| (now - at).max(0)));
+        .map(|f| (f.recorded_at - f.fire_at).max(0));
+    let lag = match (fire_lag, heartbeats.scheduler_tick()) {
+        (Some(late), Some(tick)) if now - tick > STUCK_AFTER => Some(late.max(now - tick)),
+        (None, Some(tick)) if now - tick > STUCK_AFTER => Some(now - tick),
+        (late, _) => late,
+    };
     Ok(Sample {
         at: now as f64 / 1000.0,
         runs_per_second: created as f64 / (RATE_WINDOW as f64 / 1000.0),

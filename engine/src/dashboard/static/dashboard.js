@@ -43,6 +43,10 @@
       empty(el, "No samples yet: the first arrives within 5 seconds.");
       return;
     }
+    if (ys.every(function (y) { return y === null; })) {
+      empty(el, key === "scheduler_lag_ms" ? "No schedule fire recorded yet." : "No run has ended in the window.");
+      return;
+    }
     el.classList.remove("empty");
     draw(el, {
       legend: { show: false },
