@@ -66,7 +66,14 @@ pub fn init_logging(cli: &Cli) {
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+        // alloy's HTTP transport names the node's URL in a debug span, and a `chain` step's URL
+        // may hold a provider's key.
+        .add_directive(
+            "alloy_transport_http=info"
+                .parse()
+                .expect("a valid directive"),
+        );
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -201,3 +201,94 @@ fn chain_steps_of_one_run_on_several_workers_take_nonces_without_gaps_or_duplica
     assert_eq!(nonce(&anvil, SENDER_2, "latest"), items);
     assert_eq!(nonce(&anvil, SENDER_2, "pending"), items);
 }
+
+#[test]
+fn a_nonce_left_by_a_step_that_failed_before_sending_is_filled_so_the_next_step_is_mined() {
+    let Some(anvil) = Anvil::start(&[]) else {
+        return;
+    };
+    /// The address of `ANVIL_KEYS[3]`.
+    const SENDER_3: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
+    // Both workflows name the node through a secret: its address may hold an API key.
+    let transfer = |id: &str, value: &str| {
+        format!(
+            "id: {id}\nretry: {{max_retries: 0}}\nsteps:\n\
+             \x20 - id: send\n\
+             \x20   type: chain\n\
+             \x20   with:\n\
+             \x20     rpc_url: \"{{{{ secrets.node_url }}}}\"\n\
+             \x20     chain_id: 31337\n\
+             \x20     key: \"{{{{ secrets.base_key }}}}\"\n\
+             \x20     to: \"{SENDER}\"\n\
+             \x20     value: \"{value}\"\n\
+             \x20     gas_limit: 21000\n"
+        )
+    };
+    let mut sandbox = Sandbox::new("chain-gap", &transfer("refused", "1000000 ether"));
+    std::fs::write(
+        sandbox.dir.join("definitions/paid.yaml"),
+        transfer("paid", "1 ether"),
+    )
+    .unwrap();
+    sandbox
+        .env
+        .push(("SWITCHYARD_SECRET_BASE_KEY".into(), ANVIL_KEYS[3].into()));
+    sandbox
+        .env
+        .push(("SWITCHYARD_SECRET_NODE_URL".into(), anvil.url.clone()));
+    sandbox.serve();
+
+    // The first step takes nonce 0 and signs, but the node refuses to pool what it cannot pay.
+    let refused = sandbox.cli(&["run", "refused"]).trim().to_owned();
+    wait_until("the refused run to end", &sandbox, || {
+        sandbox.show(&refused)["status"] != "running"
+    });
+    let detail = sandbox.show(&refused);
+    assert_eq!(detail["status"], "failed", "{detail:#}");
+    assert_eq!(
+        nonce(&anvil, SENDER_3, "pending"),
+        0,
+        "nothing reached the pool"
+    );
+
+    // The next step takes nonce 1, which the node cannot mine until 0 is used.
+    let paid = sandbox.cli(&["run", "paid"]).trim().to_owned();
+    wait_until("the paid run to end", &sandbox, || {
+        sandbox.show(&paid)["status"] != "running"
+    });
+    let detail = sandbox.show(&paid);
+    assert_eq!(detail["status"], "succeeded", "{detail:#}");
+    let output = &step(&detail, "send")["output"];
+    assert_eq!(output["nonce"], 1, "{output}");
+    assert_eq!(nonce(&anvil, SENDER_3, "latest"), 2);
+    // Nonce 0 went to an empty transfer to the sender itself.
+    let filler = (0..=quantity(&rpc(&anvil, "eth_blockNumber", json!([]))))
+        .flat_map(|n| {
+            let block = rpc(
+                &anvil,
+                "eth_getBlockByNumber",
+                json!([format!("{n:#x}"), true]),
+            );
+            block["transactions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .find(|tx| {
+            tx["from"].as_str().unwrap().eq_ignore_ascii_case(SENDER_3) && tx["nonce"] == "0x0"
+        })
+        .expect("a transaction with nonce 0");
+    assert!(
+        filler["to"]
+            .as_str()
+            .unwrap()
+            .eq_ignore_ascii_case(SENDER_3),
+        "{filler}"
+    );
+    assert_eq!(filler["value"], "0x0", "{filler}");
+    // The node's address was a secret: no run shows it.
+    for run in [&refused, &paid] {
+        let shown = sandbox.cli(&["show", run, "--json"]);
+        assert!(!shown.contains(&anvil.url), "{shown}");
+    }
+}

@@ -1,6 +1,6 @@
 //! Usage and shared limits on the real binary: what steps spend is recorded per provider and
 //! day and counted in the metrics; with `--redis`, two control planes behind one load balancer
-//! enforce one API rate limit.
+//! enforce one API rate limit and one login limit.
 
 mod common;
 
@@ -168,4 +168,58 @@ fn two_control_planes_with_one_redis_enforce_one_api_rate_limit() {
     );
     assert!(refused.headers().contains_key("retry-after"));
     assert_eq!(status(&first), 429);
+}
+
+#[test]
+fn two_control_planes_with_one_redis_count_one_users_logins_together() {
+    if !redis_answers() {
+        return;
+    }
+    let mut sandbox = Sandbox::new(
+        "shared-logins",
+        "id: idle\nsteps:\n  - {id: a, type: noop}\n",
+    );
+    let limits = [
+        "--redis",
+        &redis_url(),
+        "--login-rate",
+        "2",
+        "--login-address-rate",
+        "1000",
+    ];
+    let first = sandbox.serve_api(&limits);
+    let second = sandbox.serve_api(&limits);
+    // A name of this run's own: Redis keeps the buckets of earlier runs for a minute.
+    let name = format!(
+        "guess-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let login = |base: &str| {
+        reqwest::blocking::Client::new()
+            .post(format!("{base}/api/auth/login"))
+            .json(&json!({ "username": name, "password": "a guess" }))
+            .send()
+            .unwrap()
+    };
+    assert_eq!(login(&first).status(), 401);
+    assert_eq!(login(&second).status(), 401);
+    // Each process alone would allow a third guess; together they have had two.
+    let refused = login(&first);
+    assert_eq!(
+        refused.status(),
+        429,
+        "the guesses sent to the other process count"
+    );
+    let body: Value = refused.json().unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("this user"),
+        "{body}"
+    );
 }

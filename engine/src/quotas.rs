@@ -60,11 +60,21 @@ pub struct RedisBuckets {
     script: redis::Script,
 }
 
+/// The longest a take waits for Redis's answer. API requests and steps wait on it, so a Redis
+/// that stopped answering costs each of them this much, and then the caller's fallback decides
+/// (the process's own API limits; a step's retry).
+pub const REDIS_ANSWER_TIMEOUT: Duration = Duration::from_millis(250);
+/// The longest a (re)connection to Redis may take.
+const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl RedisBuckets {
     /// Connects to `url` (`redis://host:port/db`); the connection reconnects by itself.
     pub async fn connect(url: &str) -> Result<Self, QuotaError> {
         let client = redis::Client::open(url).map_err(|e| QuotaError::Redis(e.to_string()))?;
-        let connection = redis::aio::ConnectionManager::new(client)
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(REDIS_ANSWER_TIMEOUT))
+            .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT));
+        let connection = redis::aio::ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| QuotaError::Redis(e.to_string()))?;
         Ok(RedisBuckets {

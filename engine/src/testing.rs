@@ -200,3 +200,75 @@ impl Drop for Anvil {
         let _ = self.child.wait();
     }
 }
+
+/// A Redis server of the test's own (Debian's `redis-server`) on a free port of the loopback,
+/// keeping nothing on disk, killed when dropped: for tests that freeze it, which the shared
+/// server must never be.
+pub struct OwnRedis {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl OwnRedis {
+    /// Without `redis-server`, says the test is skipped (a failure where
+    /// `SWITCHYARD_REQUIRE_REDIS` is set) and returns `None`.
+    pub fn start() -> Option<OwnRedis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                skipped(
+                    "SWITCHYARD_REQUIRE_REDIS",
+                    &format!("redis-server cannot be started ({e})"),
+                );
+                return None;
+            }
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start on port {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(OwnRedis {
+            child,
+            url: format!("redis://127.0.0.1:{port}/0"),
+        })
+    }
+
+    /// Stops the server (SIGSTOP) with its connections open: it answers nothing.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill {signal} failed");
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.thaw();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -86,3 +86,38 @@ async fn a_refused_take_without_reservation_changes_nothing_in_redis() {
         now + 1_000
     );
 }
+
+/// A Redis that stops answering (frozen, its connection open) fails a take after
+/// `REDIS_ANSWER_TIMEOUT`, so its caller's fallback decides; once it answers again, takes work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_fails_a_take_instead_of_holding_it() {
+    let Some(redis) = switchyard_engine::testing::OwnRedis::start() else {
+        return;
+    };
+    let buckets = RedisBuckets::connect(&redis.url).await.unwrap();
+    let per = Duration::from_secs(1);
+    let now = 1_800_000_000_000;
+    assert_eq!(buckets.take("api", 10, per, now, false).await.unwrap(), now);
+    redis.freeze();
+    // Far longer than the answer timeout: a take that hung on the frozen server would end here.
+    let take = tokio::time::timeout(
+        Duration::from_secs(20),
+        buckets.take("api", 10, per, now, false),
+    )
+    .await
+    .expect("the take waited on a Redis that does not answer");
+    assert!(take.is_err(), "{take:?}");
+    redis.thaw();
+    let mut again = Err(None);
+    for _ in 0..50 {
+        match buckets.take("api", 10, per, now, false).await {
+            Ok(at) => {
+                again = Ok(at);
+                break;
+            }
+            Err(e) => again = Err(Some(e.to_string())),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(again, Ok(now), "takes work again once Redis answers");
+}

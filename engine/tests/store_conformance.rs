@@ -10,9 +10,9 @@ use switchyard_engine::plan::{Trigger, plan_run};
 use switchyard_engine::state::{JobState, Millis, NotificationStatus, RunStatus, Settlement};
 use switchyard_engine::store::{
     CallbackAnswer, ClaimParams, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams,
-    InstallParams, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, NonceAllocation, NonceRequest,
-    RunFilter, SettingChange, Signal, SignalOutcome, SkippedFire, Store, StoreError,
-    TokenRevocation, WebhookAction, WebhookOutcome,
+    GapFill, InstallParams, JobId, LogLine, NewAuditEntry, NewRun, NewWebhookEvent,
+    NonceAllocation, NonceGap, NonceRequest, RunFilter, SettingChange, Signal, SignalOutcome,
+    SkippedFire, Store, StoreError, TokenRevocation, WebhookAction, WebhookOutcome,
 };
 
 const T0: Millis = 1_800_000_000_000;
@@ -2141,6 +2141,42 @@ pub async fn usage_is_summed_per_provider_workflow_and_day_from_every_attempt(
     assert!(store.usage(&other).await.unwrap().is_empty());
 }
 
+pub async fn a_batch_sent_again_after_its_commit_was_lost_counts_its_usage_once(
+    store: Arc<dyn Store>,
+) {
+    use switchyard_engine::store::{Usage, UsageFilter};
+    let wf = workflow("id: resent\nsteps:\n  - {id: a, type: noop}\n");
+    start(&*store, &wf, Trigger::default()).await;
+    let jobs = claim(&*store, T0, 1).await;
+    let batch = vec![Completion {
+        usage: vec![Usage {
+            provider: "openai".into(),
+            workflow_id: "resent".into(),
+            requests: 1,
+            tokens: 30,
+            ..Usage::default()
+        }],
+        ..done(&jobs[0], Value::Null)
+    }];
+    let accepted = store.complete(batch.clone(), T0).await.unwrap();
+    assert_eq!(accepted, vec![jobs[0].lease.job_id]);
+    // The worker did not hear the commit and sends the same batch again.
+    let again = store.complete(batch, T0 + 10).await.unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    let all = UsageFilter {
+        workflow_id: Some("resent".into()),
+        limit: 10,
+        ..UsageFilter::default()
+    };
+    let rows = store.usage(&all).await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.requests, r.tokens))
+            .collect::<Vec<_>>(),
+        vec![(1, 30)]
+    );
+}
+
 pub async fn old_fire_records_are_pruned_but_the_latest_stays(store: Arc<dyn Store>) {
     install(&*store, &linear()).await;
     for at in [T0, T0 + 1_000] {
@@ -2395,6 +2431,7 @@ fn nonce_request(chain_id: u64, owner: &str, floor: u64) -> NonceRequest {
         address: "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266".into(),
         owner: owner.into(),
         floor,
+        job_id: None,
     }
 }
 
@@ -2471,6 +2508,82 @@ pub async fn a_nonce_is_at_least_the_nodes_pending_one_and_a_spent_one_is_never_
         store.allocate_nonce(&other, T0).await.unwrap(),
         NonceAllocation::New(0)
     );
+}
+
+pub async fn a_nonce_a_cancelled_step_never_sent_is_filled_by_the_step_waiting_above_it(
+    store: Arc<dyn Store>,
+) {
+    let one = workflow("id: one\nsteps:\n  - {id: send, type: noop}\n");
+    let mut runs = Vec::new();
+    let mut jobs = Vec::new();
+    for _ in 0..3 {
+        runs.push(start(&*store, &one, Trigger::default()).await);
+        jobs.push(claim(&*store, T0, 1).await.remove(0).lease.job_id);
+    }
+    let allocate = |i: usize| {
+        let (store, owner, job) = (store.clone(), format!("{}:send", runs[i]), jobs[i]);
+        async move {
+            let request = NonceRequest {
+                job_id: Some(job),
+                ..nonce_request(1, &owner, 0)
+            };
+            store.allocate_nonce(&request, T0).await.unwrap()
+        }
+    };
+    let fill = |nonce: u64, job: JobId| {
+        let store = store.clone();
+        async move {
+            let gap = NonceGap {
+                chain_id: 1,
+                address: nonce_request(1, "", 0).address,
+                nonce,
+                job_id: job,
+            };
+            store.fill_nonce_gap(&gap, T0).await.unwrap()
+        }
+    };
+    assert_eq!(allocate(0).await, NonceAllocation::New(0));
+    assert_eq!(allocate(1).await, NonceAllocation::New(1));
+    // The first step has signed and not yet sent: its nonce stays its own while it may.
+    assert_eq!(fill(0, jobs[1]).await, GapFill::Wait);
+    // Its run is cancelled before it sends: the step waiting with nonce 1 takes 0.
+    store.cancel_run(&runs[0], T0).await.unwrap();
+    assert_eq!(fill(0, jobs[1]).await, GapFill::Fill);
+    // It asks again after a crash and keeps it; another waiting step does not take it from it.
+    assert_eq!(fill(0, jobs[1]).await, GapFill::Fill);
+    assert_eq!(allocate(2).await, NonceAllocation::New(2));
+    assert_eq!(fill(0, jobs[2]).await, GapFill::Wait);
+    // The cancelled run, retried, signs with a new nonce, never the one the filler used.
+    store.retry_run(&runs[0], T0 + 1).await.unwrap();
+    assert_eq!(allocate(0).await, NonceAllocation::New(3));
+    // Nothing at or past the next nonce is a gap of ours.
+    assert_eq!(fill(4, jobs[2]).await, GapFill::Wait);
+    // A nonce given outside any job is never taken, whatever waits above it.
+    assert_eq!(
+        store
+            .allocate_nonce(&nonce_request(1, "outside", 0), T0)
+            .await
+            .unwrap(),
+        NonceAllocation::New(4)
+    );
+    assert_eq!(allocate(1).await, NonceAllocation::Again(1));
+    assert_eq!(fill(4, jobs[2]).await, GapFill::Wait);
+    // A step that failed for good with its nonce unsent leaves it to the next waiting step.
+    let failing = start(&*store, &one, Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    let request = NonceRequest {
+        job_id: Some(job.lease.job_id),
+        ..nonce_request(1, &format!("{failing}:send"), 0)
+    };
+    assert_eq!(
+        store.allocate_nonce(&request, T0).await.unwrap(),
+        NonceAllocation::New(5)
+    );
+    store
+        .complete(vec![failed(&job, "refused")], T0)
+        .await
+        .unwrap();
+    assert_eq!(fill(5, jobs[2]).await, GapFill::Fill);
 }
 
 fn two_steps() -> Workflow {
@@ -3481,6 +3594,7 @@ macro_rules! conformance {
                 higher_priority_is_claimed_first_and_equal_priority_in_order,
                 nonces_are_allocated_once_per_step_without_gaps_across_concurrent_workers,
                 a_nonce_is_at_least_the_nodes_pending_one_and_a_spent_one_is_never_given_again,
+                a_nonce_a_cancelled_step_never_sent_is_filled_by_the_step_waiting_above_it,
                 a_lost_last_attempt_of_a_step_that_continues_on_error_is_tolerated,
                 a_workflow_step_that_continues_on_error_tolerates_a_failed_child,
                 a_signal_before_its_step_ran_is_kept_and_a_second_is_refused,
@@ -3507,6 +3621,7 @@ macro_rules! conformance {
                 a_file_is_named_only_by_an_accepted_settlement_and_swept_once_no_run_names_it,
                 a_quota_lets_its_limit_through_then_gives_each_waiting_taker_its_own_turn,
                 usage_is_summed_per_provider_workflow_and_day_from_every_attempt,
+                a_batch_sent_again_after_its_commit_was_lost_counts_its_usage_once,
                 an_attempts_lines_are_kept_only_with_its_accepted_settlement,
                 old_fire_records_are_pruned_but_the_latest_stays,
                 a_refused_fire_is_recorded_once_with_an_alert_and_a_chosen_skip_without,

@@ -13,7 +13,7 @@ use switchyard_engine::definition::{Secrets, TemplateContext, render_value};
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::StepFailure;
 use switchyard_engine::testing::{ANVIL_KEYS, Anvil};
-use switchyard_workers::steps::{Chain, NonceAllocator, ProcessNonces, StoreNonces};
+use switchyard_workers::steps::{Chain, NonceAllocator, StoreNonces};
 use switchyard_workers::{EgressPolicy, StepCall, StepKind, StepOutcome};
 
 const BADGES: &str = include_str!("../../tests/fixtures/chain/Badges.bin");
@@ -72,6 +72,19 @@ fn chain(nonces: Arc<dyn NonceAllocator>) -> Chain {
     Chain::new(nonces)
 }
 
+/// The allocator every worker on a database shares, on a database of the test's own (kept
+/// while the directory lives).
+async fn store_nonces() -> (tempfile::TempDir, Arc<dyn NonceAllocator>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        switchyard_engine::store::connect(&format!("sqlite://{}/store.db", dir.path().display()))
+            .await
+            .unwrap();
+    store.migrate().await.unwrap();
+    let engine = Engine::new(store, Arc::new(SystemClock));
+    (dir, Arc::new(StoreNonces::new(Arc::new(engine))))
+}
+
 /// Runs the step as the worker would: each park stores its checkpoint, the next attempt gets it.
 /// Returns the output or failure, and every checkpoint it parked with.
 async fn run_to_end(kind: &Chain, mut call: StepCall) -> (Result<Value, StepFailure>, Vec<Value>) {
@@ -113,8 +126,9 @@ async fn a_contract_call_mints_and_a_read_decodes_what_it_minted() {
     let Some(anvil) = Anvil::start(&[]) else {
         return;
     };
+    let (_db, nonces) = store_nonces().await;
     let contract = deploy(&anvil).await;
-    let kind = chain(Arc::new(ProcessNonces::default()));
+    let kind = chain(nonces.clone());
     let owner = address_of(ANVIL_KEYS[2]).to_checksum(None);
 
     let (output, parks) = run_to_end(
@@ -179,10 +193,11 @@ async fn a_value_transfer_pays_the_account() {
     let Some(anvil) = Anvil::start(&[]) else {
         return;
     };
+    let (_db, nonces) = store_nonces().await;
     let payee = address_of(ANVIL_KEYS[3]);
     let before = node(&anvil).get_balance(payee).await.unwrap();
     let (output, _) = run_to_end(
-        &chain(Arc::new(ProcessNonces::default())),
+        &chain(nonces.clone()),
         call(
             json!({
                 "rpc_url": anvil.url, "chain_id": CHAIN_ID, "key": "{{ secrets.base_key }}",
@@ -204,8 +219,9 @@ async fn a_revert_fails_once_without_retry_and_with_its_reason() {
     let Some(anvil) = Anvil::start(&[]) else {
         return;
     };
+    let (_db, nonces) = store_nonces().await;
     let contract = deploy(&anvil).await;
-    let kind = chain(Arc::new(ProcessNonces::default()));
+    let kind = chain(nonces.clone());
     let to = address_of(ANVIL_KEYS[2]).to_string();
 
     // The estimate reverts: nothing is signed, no nonce is taken.
@@ -243,13 +259,11 @@ async fn a_node_on_another_chain_fails_the_step_for_good() {
     let Some(anvil) = Anvil::start(&[]) else {
         return;
     };
+    let (_db, nonces) = store_nonces().await;
     let mut with = mint(&anvil, &DEPLOYER.to_lowercase(), DEPLOYER, "x");
     with["chain_id"] = json!(8453);
-    let (failure, parks) = run_to_end(
-        &chain(Arc::new(ProcessNonces::default())),
-        call(with, ANVIL_KEYS[0], "r:s"),
-    )
-    .await;
+    let (failure, parks) =
+        run_to_end(&chain(nonces.clone()), call(with, ANVIL_KEYS[0], "r:s")).await;
     let failure = failure.unwrap_err();
     assert!(!failure.retryable);
     assert_eq!(failure.kind, "chain_mismatch");
@@ -265,8 +279,9 @@ async fn a_retry_after_a_lost_receipt_sends_the_same_transaction_and_no_other() 
     let Some(anvil) = Anvil::start(&[]) else {
         return;
     };
+    let (_db, nonces) = store_nonces().await;
     let contract = deploy(&anvil).await;
-    let kind = chain(Arc::new(ProcessNonces::default()));
+    let kind = chain(nonces.clone());
     let to = address_of(ANVIL_KEYS[2]).to_string();
     let first = call(mint(&anvil, &contract, &to, "one"), ANVIL_KEYS[0], "r:once");
     let signed = |outcome| match outcome {
@@ -304,9 +319,10 @@ async fn bad_keys_fail_for_good_and_no_error_output_or_log_shows_a_key() {
     let Some(anvil) = Anvil::start(&[]) else {
         return;
     };
+    let (_db, nonces) = store_nonces().await;
     let contract = deploy(&anvil).await;
     let to = address_of(ANVIL_KEYS[2]).to_string();
-    let kind = chain(Arc::new(ProcessNonces::default()));
+    let kind = chain(nonces.clone());
     let almost = format!("{}zz", &ANVIL_KEYS[0][..64]);
     for bad in [almost.as_str(), "0x1234", "not a key at all"] {
         let (failure, _) =
@@ -387,7 +403,7 @@ async fn input_that_does_not_fit_fails_for_good_naming_the_field() {
         ("chain_id", json!("one"), "`with.chain_id`"),
         ("confirmations", json!(0), "`with.confirmations`"),
     ];
-    let kind = chain(Arc::new(ProcessNonces::default()));
+    let kind = chain(Arc::new(switchyard_workers::steps::NoNonces));
     for (field, value, named) in cases {
         let mut with = base.clone();
         with[field] = value.clone();
@@ -413,6 +429,7 @@ async fn an_rpc_url_from_run_data_may_not_reach_loopback_unless_an_operator_allo
     let Some(anvil) = Anvil::start(&[]) else {
         return;
     };
+    let (_db, nonces) = store_nonces().await;
     let contract = deploy(&anvil).await;
     let read = |url: String| {
         let with = json!({
@@ -425,7 +442,7 @@ async fn an_rpc_url_from_run_data_may_not_reach_loopback_unless_an_operator_allo
         }
     };
     let by_name = anvil.url.replace("127.0.0.1", "localhost");
-    let kind = Chain::with_policy(Arc::new(ProcessNonces::default()), Default::default());
+    let kind = Chain::with_policy(nonces.clone(), Default::default());
     // An address in the URL, and a name that resolves to loopback.
     for url in [anvil.url.clone(), by_name.clone()] {
         let failure = kind.run(read(url.clone())).await.unwrap_err();
@@ -434,7 +451,7 @@ async fn an_rpc_url_from_run_data_may_not_reach_loopback_unless_an_operator_allo
         assert!(failure.message.contains("loopback"), "{failure}");
     }
     let allowed = Chain::with_policy(
-        Arc::new(ProcessNonces::default()),
+        nonces.clone(),
         Arc::new(EgressPolicy {
             allow: vec!["127.0.0.0/8".parse().unwrap(), "localhost".parse().unwrap()],
             deny: Vec::new(),
@@ -491,8 +508,9 @@ async fn a_stored_transaction_for_another_key_fails_the_step_and_nothing_new_is_
     let Some(anvil) = Anvil::start(&[]) else {
         return;
     };
+    let (_db, nonces) = store_nonces().await;
     let contract = deploy(&anvil).await;
-    let kind = chain(Arc::new(ProcessNonces::default()));
+    let kind = chain(nonces.clone());
     let to = address_of(ANVIL_KEYS[2]).to_string();
     let first = call(
         mint(&anvil, &contract, &to, "one"),
@@ -515,4 +533,135 @@ async fn a_stored_transaction_for_another_key_fails_the_step_and_nothing_new_is_
     assert!(!failure.retryable);
     assert_eq!(sent_count(&anvil, ANVIL_KEYS[0]).await, 0);
     assert_eq!(sent_count(&anvil, ANVIL_KEYS[1]).await, 0);
+}
+
+#[tokio::test]
+async fn a_transaction_the_base_fee_passed_is_replaced_with_higher_fees_and_only_one_is_mined() {
+    let Some(anvil) = Anvil::start(&[]) else {
+        return;
+    };
+    let (_db, nonces) = store_nonces().await;
+    let node = node(&anvil);
+    let raw = |method: &'static str, params: Value| {
+        let node = node.clone();
+        async move {
+            node.raw_request::<_, Value>(method.into(), params)
+                .await
+                .unwrap()
+        }
+    };
+    raw("evm_setAutomine", json!([false])).await;
+    let from = address_of(ANVIL_KEYS[3]);
+    let transfer = json!({
+        "rpc_url": anvil.url,
+        "chain_id": CHAIN_ID,
+        "key": "{{ secrets.base_key }}",
+        "to": address_of(ANVIL_KEYS[2]).to_string(),
+        "value": "1 gwei",
+    });
+    let kind = chain(nonces);
+    let step =
+        tokio::spawn(
+            async move { run_to_end(&kind, call(transfer, ANVIL_KEYS[3], "r:bumped")).await },
+        );
+
+    // Once the transaction waits in the pool, the base fee jumps far above what it pays, so no
+    // block can take it; blocks keep coming, each with a slightly lower base fee.
+    let pooled = loop {
+        let pool = raw("txpool_content", json!([])).await;
+        let mine = pool["pending"]
+            .as_object()
+            .and_then(|by_sender| {
+                by_sender
+                    .iter()
+                    .find(|(address, _)| address.eq_ignore_ascii_case(&from.to_string()))
+            })
+            .map(|(_, by_nonce)| by_nonce["0"].clone());
+        if let Some(tx) = mine {
+            break tx;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let paid = u128::from_str_radix(
+        pooled["maxFeePerGas"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("0x"),
+        16,
+    )
+    .unwrap();
+    raw(
+        "anvil_setNextBlockBaseFeePerGas",
+        json!([format!("{:#x}", paid * 100)]),
+    )
+    .await;
+    while !step.is_finished() {
+        raw("evm_mine", json!([])).await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    let (output, parks) = step.await.unwrap();
+    let output = output.unwrap();
+    assert_eq!(parks.len(), 2, "signed, then signed again: {parks:#?}");
+    let (first, replacement) = (&parks[0], &parks[1]);
+    assert_eq!(first["nonce"], replacement["nonce"]);
+    assert_eq!(replacement["replaced"], json!([first["hash"]]));
+    assert_eq!(output["hash"], replacement["hash"], "{output}");
+    assert_eq!(pooled["hash"], first["hash"]);
+    assert_eq!(node.get_transaction_count(from).await.unwrap(), 1);
+    let dropped: Value = raw("eth_getTransactionByHash", json!([first["hash"]])).await;
+    assert!(
+        dropped.is_null() || dropped["blockHash"].is_null(),
+        "{dropped}"
+    );
+}
+
+#[tokio::test]
+async fn a_nonce_someone_else_used_before_the_broadcast_fails_the_step_for_good_after_its_wait() {
+    let Some(anvil) = Anvil::start(&[]) else {
+        return;
+    };
+    let (_db, nonces) = store_nonces().await;
+    let kind = chain(nonces);
+    // anvil's dev account 0 is unlocked: the node itself signs for it, outside the allocator.
+    let from = address_of(ANVIL_KEYS[0]);
+    let transfer = json!({
+        "rpc_url": anvil.url,
+        "chain_id": CHAIN_ID,
+        "key": "{{ secrets.base_key }}",
+        "to": DEPLOYER,
+        "value": "1 gwei",
+        "timeout": "2s",
+    });
+    let first = call(transfer, ANVIL_KEYS[0], "r:raced");
+    let StepOutcome::Park { checkpoint, .. } = kind.run(first.clone()).await.unwrap() else {
+        panic!("it did not park with the signed transaction");
+    };
+    assert_eq!(checkpoint["nonce"], 0);
+    // Between the park and the broadcast, another sender of the key takes nonce 0.
+    let theirs: Value = node(&anvil)
+        .raw_request(
+            "eth_sendTransaction".into(),
+            [json!({ "from": from.to_string(), "to": DEPLOYER, "value": "0x1" })],
+        )
+        .await
+        .unwrap();
+    let failure = kind
+        .run(StepCall {
+            checkpoint: Some(checkpoint.clone()),
+            ..first
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(failure.kind, "nonce_spent", "{failure}");
+    assert!(!failure.retryable);
+    assert!(failure.message.contains("can never be mined"), "{failure}");
+    assert_eq!(sent_count(&anvil, ANVIL_KEYS[0]).await, 1, "theirs only");
+    let ours: Value = node(&anvil)
+        .raw_request(
+            "eth_getTransactionByHash".into(),
+            [checkpoint["hash"].clone()],
+        )
+        .await
+        .unwrap();
+    assert!(ours.is_null(), "{ours} (theirs: {theirs})");
 }

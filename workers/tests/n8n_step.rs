@@ -60,6 +60,7 @@ fn call(with: Value, checkpoint: Option<Value>, now: i64) -> StepCall {
         reads_run_data: Vec::new(),
         checkpoint,
         idempotency_key: "run-1:ask".into(),
+        job_id: None,
         run_id: "run-1".into(),
         step_id: "ask".into(),
         attempt: 1,

@@ -493,6 +493,102 @@ async fn steps_over_their_quota_park_until_their_turn_and_do_not_fail() {
     );
 }
 
+/// Parks once, as a kind waiting for an outside answer does (an n8n execution, a transaction's
+/// receipt), then succeeds.
+struct ParksOnce;
+
+#[async_trait]
+impl StepKind for ParksOnce {
+    fn name(&self) -> &'static str {
+        "parks_once"
+    }
+    fn with_schema(&self) -> Value {
+        serde_json::json!({})
+    }
+    async fn run(&self, call: StepCall) -> StepResult {
+        Ok(match call.checkpoint {
+            Some(_) => StepOutcome::Output(Value::Null),
+            None => StepOutcome::Park {
+                until: Some(0),
+                checkpoint: serde_json::json!({ "sent": true }),
+            },
+        })
+    }
+}
+
+/// A step takes one turn from its quota for its call: waking from its own park to see the
+/// answer is the same call, and takes none (one token an hour would stall it otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_woken_from_its_own_park_takes_no_second_turn_of_its_quota() {
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("switchyard-quota-park-{}", std::process::id())));
+    let (engine, workflows, version) = engine_with(
+        &dir,
+        "id: once\nsteps:\n  - {id: call, type: parks_once, quota: {name: hourly, limit: 1, per: 1h}}\n",
+        "once",
+    )
+    .await;
+    let mut registry = Registry::builtin();
+    registry.add(ParksOnce);
+    let detail = run_to_its_end(&engine, registry, &workflows["once"], version).await;
+    assert_eq!(detail.summary.status, RunStatus::Succeeded, "{detail:?}");
+    let logs = engine
+        .store()
+        .step_logs(&detail.summary.id, None, 100)
+        .await
+        .unwrap();
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l.text.starts_with("quota hourly: waiting")),
+        "{logs:?}"
+    );
+}
+
+/// A quota kept in a Redis that stops answering: the step waits, spending no attempt, and runs
+/// once Redis answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_quota_bucket_cannot_be_reached_waits_and_does_not_fail() {
+    let Some(redis) = switchyard_engine::testing::OwnRedis::start() else {
+        return;
+    };
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("switchyard-quota-frozen-{}", std::process::id())),
+    );
+    let (engine, workflows, version) = engine_with(
+        &dir,
+        "id: frozen\nretry: {max_retries: 1, initial: 10ms}\nsteps:\n  - {id: call, type: noop, quota: {name: api, limit: 10, per: 1s}}\n",
+        "frozen",
+    )
+    .await;
+    engine.set_quotas(Arc::new(
+        switchyard_engine::quotas::RedisBuckets::connect(&redis.url)
+            .await
+            .unwrap(),
+    ));
+    redis.freeze();
+    let thaw = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        redis.thaw();
+        redis
+    });
+    let detail = run_to_its_end(&engine, Registry::builtin(), &workflows["frozen"], version).await;
+    drop(thaw.await.unwrap());
+    assert_eq!(detail.summary.status, RunStatus::Succeeded, "{detail:?}");
+    assert_eq!(detail.steps[0].attempt, 1, "waiting spent no attempt");
+    let logs = engine
+        .store()
+        .step_logs(&detail.summary.id, None, 100)
+        .await
+        .unwrap();
+    assert!(
+        logs.iter().any(|l| l
+            .text
+            .starts_with("quota api: its bucket cannot be reached")),
+        "{logs:?}"
+    );
+}
+
 /// A quota named without a limit reads it from the variable `quotas`; with neither, the step
 /// fails for good, saying how to set one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -155,7 +155,8 @@ pub async fn login(
     let user = Logged(&request.username);
     state
         .limiter
-        .check_login(&request.username, address)
+        .check_login(&request.username, address, state.engine.now())
+        .await
         .inspect_err(|_| tracing::info!(%user, "login refused: rate limited"))?;
     let session = check_password(&state.engine, &request.username, &request.password)
         .await

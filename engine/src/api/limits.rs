@@ -3,7 +3,8 @@
 //! get a separate bucket per address, so a flood from an address cannot make its probes fail.
 //! Logins also count, before any password is hashed, against a bucket per user name and one per
 //! client address. Over a limit, a request gets 429 with `Retry-After` and never reaches a
-//! handler.
+//! handler. With `--redis`, every bucket lives in Redis, one for all the processes behind a load
+//! balancer; the process's own stand in while Redis does not answer.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -103,7 +104,7 @@ impl RateLimiter {
         caller: &Caller,
         now: crate::state::Millis,
     ) -> Option<Result<(), ApiError>> {
-        let (buckets, limit) = self.shared.as_ref()?;
+        let (_, limit) = self.shared.as_ref()?;
         let key = match caller {
             Caller::User(name) => format!("api:user:{name}"),
             Caller::Token(jti) => format!("api:token:{jti}"),
@@ -114,13 +115,28 @@ impl RateLimiter {
         let per = std::time::Duration::from_secs_f64(
             f64::from(limit.burst.get()) / f64::from(limit.per_second.get()),
         );
-        match buckets.take(&key, limit.burst.get(), per, now, false).await {
+        self.take_shared(&key, limit.burst, per, now, "requests from this caller")
+            .await
+    }
+
+    /// One take from the shared bucket `key`, `limit` per `per`: `None` when Redis does not
+    /// answer.
+    async fn take_shared(
+        &self,
+        key: &str,
+        limit: NonZeroU32,
+        per: std::time::Duration,
+        now: crate::state::Millis,
+        what: &str,
+    ) -> Option<Result<(), ApiError>> {
+        let (buckets, _) = self.shared.as_ref()?;
+        match buckets.take(key, limit.get(), per, now, false).await {
             Ok(at) if at <= now => Some(Ok(())),
             Ok(at) => {
                 let secs = ((at - now) as u64).div_ceil(1_000).max(1);
                 Some(Err(ApiError::new(
                     ErrorCode::RateLimited,
-                    format!("too many requests from this caller; retry in {secs} s"),
+                    format!("too many {what}; retry in {secs} s"),
                 )
                 .retry_after(secs)))
             }
@@ -133,12 +149,47 @@ impl RateLimiter {
 
     /// Counts a login attempt for `username` from `address`: its address first, so one address
     /// trying many names cannot use up the buckets of those names beyond its own allowance.
-    pub fn check_login(&self, username: &str, address: Option<IpAddr>) -> Result<(), ApiError> {
+    pub async fn check_login(
+        &self,
+        username: &str,
+        address: Option<IpAddr>,
+        now: crate::state::Millis,
+    ) -> Result<(), ApiError> {
+        // Names longer than any user's are cut, so they cannot grow the table without bound.
+        let name: String = username.chars().take(64).collect();
+        if let Some((_, limit)) = &self.shared {
+            let minute = std::time::Duration::from_secs(60);
+            let from_address = self
+                .take_shared(
+                    &format!("login:address:{address:?}"),
+                    limit.login.per_address,
+                    minute,
+                    now,
+                    "login attempts from this address",
+                )
+                .await;
+            match from_address {
+                Some(Err(refused)) => return Err(refused),
+                Some(Ok(())) => {
+                    let for_user = self
+                        .take_shared(
+                            &format!("login:user:{name}"),
+                            limit.login.per_user,
+                            minute,
+                            now,
+                            "login attempts for this user",
+                        )
+                        .await;
+                    if let Some(decided) = for_user {
+                        return decided;
+                    }
+                }
+                None => {}
+            }
+        }
         self.login_addresses
             .check_key(&address)
             .map_err(|not_until| self.too_many(not_until, "login attempts from this address"))?;
-        // Names longer than any user's are cut, so they cannot grow the table without bound.
-        let name: String = username.chars().take(64).collect();
         self.login_users
             .check_key(&name)
             .map_err(|not_until| self.too_many(not_until, "login attempts for this user"))

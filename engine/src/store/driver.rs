@@ -12,9 +12,9 @@ use tokio::sync::Notify;
 use super::machine::{self, Effects, RecordCutoffs, SettingKey, Tx};
 use super::{
     AUDIT_KEPT_MS, CallbackAnswer, ClaimParams, ClaimedJob, Completion, FireOutcome, FireParams,
-    HeldNotifications, InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun,
-    NewWebhookEvent, NonceAllocation, NonceRequest, Notification, RECORDS_KEPT_MS, Reads, Result,
-    RunId, SettingChange, Signal, SignalOutcome, SkippedFire, Store, StoreError, Swept,
+    GapFill, HeldNotifications, InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun,
+    NewWebhookEvent, NonceAllocation, NonceGap, NonceRequest, Notification, RECORDS_KEPT_MS, Reads,
+    Result, RunId, SettingChange, Signal, SignalOutcome, SkippedFire, Store, StoreError, Swept,
     TokenRevocation, WebhookAction, WebhookOutcome,
 };
 use crate::state::{Millis, RunStatus};
@@ -343,5 +343,12 @@ impl<D: Driver> Store for D {
         let allocation = machine::allocate_nonce(&mut tx, request, now).await?;
         self.commit(tx, Effects::default(), &[]).await?;
         Ok(allocation)
+    }
+
+    async fn fill_nonce_gap(&self, gap: &NonceGap, now: Millis) -> Result<GapFill> {
+        let mut tx = self.begin().await?;
+        let fill = machine::fill_nonce_gap(&mut tx, gap, now).await?;
+        self.commit(tx, Effects::default(), &[]).await?;
+        Ok(fill)
     }
 }

@@ -12,11 +12,11 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::{
-    CallbackAnswer, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, Install,
-    InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun, NewWebhookEvent, NonceAllocation,
-    NonceRequest, Notification, NotifyTarget, Result, RunId, Signal, SignalOutcome, SkippedFire,
-    StoreError, StoredDefinition, Swept, TokenRevocation, WebhookAction, WebhookEvent,
-    WebhookOutcome, completion_rows, decide_install, install_audit,
+    CallbackAnswer, ClaimedJob, Completion, DefinitionOrigin, FireOutcome, FireParams, GapFill,
+    Install, InstallParams, JobId, Lease, LogLine, NewAuditEntry, NewRun, NewWebhookEvent,
+    NonceAllocation, NonceGap, NonceRequest, Notification, NotifyTarget, Result, RunId, Signal,
+    SignalOutcome, SkippedFire, StoreError, StoredDefinition, Swept, TokenRevocation,
+    WebhookAction, WebhookEvent, WebhookOutcome, completion_rows, decide_install, install_audit,
 };
 use crate::flow::{self, FlowStep, RunOutcome};
 use crate::state::{
@@ -473,16 +473,27 @@ pub(crate) trait Tx: Send {
         address: &str,
         owner: &str,
     ) -> Result<NonceState>;
-    /// Gives `nonce` to `owner` and makes the account's next nonce `nonce + 1`. The database
-    /// refuses a nonce of the account given twice (`Conflict`).
+    /// Gives `nonce` to `owner` (in `job`) and makes the account's next nonce at least
+    /// `nonce + 1`. The database refuses a nonce of the account given twice (`Conflict`).
     async fn record_nonce(
         &mut self,
         chain_id: i64,
         address: &str,
         owner: &str,
         nonce: i64,
+        job: Option<JobId>,
         now: Millis,
     ) -> Result<()>;
+    /// Who holds `nonce` of the account, if anyone, and the state of their job. Call under
+    /// [`Tx::lock_key`] of the account.
+    async fn nonce_holder(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+    ) -> Result<Option<NonceHolder>>;
+    /// Takes `nonce` of the account from whoever held it.
+    async fn release_nonce(&mut self, chain_id: i64, address: &str, nonce: i64) -> Result<()>;
 
     /// Up to `limit` runs whose retention ended by `now`, held for deletion.
     async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>>;
@@ -495,6 +506,9 @@ pub(crate) trait Tx: Send {
     /// Adds usage (rows `{provider, workflow_id, day, requests, errors, tokens, cost}`, one per
     /// key, in key order) to what is recorded.
     async fn add_usage(&mut self, rows: Value) -> Result<()>;
+    /// Notes that the attempts (rows `{job_id, lease_token}`) had their usage counted; returns
+    /// those not noted before.
+    async fn note_usage_counted(&mut self, attempts: Value) -> Result<Vec<(JobId, String)>>;
     /// Stores artifact references (rows `{id, run_id, step_id, attempt, sha256, size,
     /// content_type}`), made `now`.
     async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()>;
@@ -764,18 +778,42 @@ pub(crate) async fn take_quota(
     Ok(take.at)
 }
 
-/// What every attempt in the batch spent, accepted or not: a late attempt's calls were made,
-/// and paid for, all the same. A batch sent again after its commit was lost counts twice. One row per provider, workflow and day, in key order, so
-/// two batches lock their rows in the same order.
-fn usage_rows(completions: &[Completion], now: Millis) -> Option<Value> {
-    if completions.iter().all(|c| c.usage.is_empty()) {
-        return None;
+/// Records what every attempt in the batch spent, accepted or not (a late attempt's calls were
+/// made, and paid for, all the same), once: a batch sent again after its commit was lost finds
+/// its attempts noted and adds nothing.
+async fn count_usage(
+    tx: &mut dyn Tx,
+    spent: Vec<(JobId, String, Vec<super::Usage>)>,
+    now: Millis,
+) -> Result<()> {
+    if spent.is_empty() {
+        return Ok(());
     }
+    let attempts: Vec<Value> = spent
+        .iter()
+        .map(|(job, token, _)| json!({ "job_id": job, "lease_token": token }))
+        .collect();
+    let fresh = tx.note_usage_counted(Value::Array(attempts)).await?;
+    let usage = spent
+        .iter()
+        .filter(|(job, token, _)| fresh.iter().any(|(j, t)| j == job && t == token))
+        .flat_map(|(_, _, usage)| usage);
+    if let Some(rows) = usage_rows(usage, now) {
+        tx.add_usage(rows).await?;
+    }
+    Ok(())
+}
+
+/// One row per provider, workflow and day, in key order, so two batches lock their rows in the
+/// same order.
+fn usage_rows<'a>(usage: impl Iterator<Item = &'a super::Usage>, now: Millis) -> Option<Value> {
+    let mut usage = usage.peekable();
+    usage.peek()?;
     let day = jiff::Timestamp::from_millisecond(now)
         .map(|t| t.strftime("%Y-%m-%d").to_string())
         .unwrap_or_default();
     let mut sums: BTreeMap<(&str, &str), super::Usage> = BTreeMap::new();
-    for usage in completions.iter().flat_map(|c| &c.usage) {
+    for usage in usage {
         let sum = sums
             .entry((&usage.provider, &usage.workflow_id))
             .or_insert_with(|| super::Usage {
@@ -953,9 +991,81 @@ pub(crate) async fn allocate_nonce(
         });
     }
     let nonce = state.next.unwrap_or(0).max(floor);
-    tx.record_nonce(chain_id, &request.address, &request.owner, nonce, now)
-        .await?;
+    tx.record_nonce(
+        chain_id,
+        &request.address,
+        &request.owner,
+        nonce,
+        request.job_id,
+        now,
+    )
+    .await?;
     Ok(NonceAllocation::New(nonce as u64))
+}
+
+/// Who holds a nonce, as [`Tx::nonce_holder`] read it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct NonceHolder {
+    pub job_id: Option<JobId>,
+    /// The state of that job; `None` once it is no longer stored (its run was pruned).
+    pub job_state: Option<JobState>,
+}
+
+/// Whether a step waiting with a later nonce may take the gap below it, under the account's
+/// lock. A gap is a nonce given to a step whose transaction never reached the node: its run was
+/// cancelled between storing the signed transaction and sending it, or the node refused it until
+/// the step failed. Every transaction of the key after it waits in the node's pool until the
+/// nonce is used, so the waiting step fills it with one that does nothing.
+/// - Only a nonce whose step can no longer send is taken (`Fill`): its job failed or was
+///   cancelled (a run's retry puts it back, and it then asks for a new nonce), or is no longer
+///   stored, or none of ours holds it; or the asker took it before (an attempt after a crash).
+///   A step whose job may still run, or that ran outside a job, keeps its nonce (`Wait`).
+/// - Taking it moves the nonce to the asker, so the step that held it, retried, is given a new
+///   one and never signs with a nonce the filler used.
+/// - Nothing is taken at or past the account's next nonce: no step of ours waits above it.
+pub(crate) async fn fill_nonce_gap(
+    tx: &mut dyn Tx,
+    gap: &NonceGap,
+    now: Millis,
+) -> Result<GapFill> {
+    let chain_id = i64::try_from(gap.chain_id)
+        .map_err(|_| StoreError::Rejected(format!("chain id {} is too large", gap.chain_id)))?;
+    let nonce = i64::try_from(gap.nonce)
+        .map_err(|_| StoreError::Rejected(format!("nonce {} is too large", gap.nonce)))?;
+    tx.lock_key(&format!("chain_nonce/{chain_id}/{}", gap.address))
+        .await?;
+    let filler = format!("gap:{nonce}");
+    let next = tx.nonce_state(chain_id, &gap.address, &filler).await?.next;
+    if next.is_none_or(|next| nonce >= next) {
+        return Ok(GapFill::Wait);
+    }
+    let holder = tx.nonce_holder(chain_id, &gap.address, nonce).await?;
+    let takeable = match &holder {
+        None => true,
+        Some(NonceHolder { job_id: None, .. }) => false,
+        Some(NonceHolder {
+            job_id: Some(job), ..
+        }) if *job == gap.job_id => true,
+        Some(NonceHolder { job_state, .. }) => {
+            job_state.is_none_or(|state| JobState::UNSUCCESSFUL.contains(&state))
+        }
+    };
+    if !takeable {
+        return Ok(GapFill::Wait);
+    }
+    if holder.is_some() {
+        tx.release_nonce(chain_id, &gap.address, nonce).await?;
+    }
+    tx.record_nonce(
+        chain_id,
+        &gap.address,
+        &filler,
+        nonce,
+        Some(gap.job_id),
+        now,
+    )
+    .await?;
+    Ok(GapFill::Fill)
 }
 
 /// A key names one request (Stripe's rule): reusing it with another input is a mistake to
@@ -1006,7 +1116,11 @@ pub(crate) async fn complete(
     );
     keep_logs(tx, &completions, &settled.jobs).await?;
     keep_artifacts(tx, &completions, &settled.jobs, now).await?;
-    let usage = usage_rows(&completions, now);
+    let spent: Vec<(JobId, String, Vec<super::Usage>)> = completions
+        .iter()
+        .filter(|c| !c.usage.is_empty())
+        .map(|c| (c.lease.job_id, c.lease.token.clone(), c.usage.clone()))
+        .collect();
     let mut accepted = Vec::with_capacity(settled.jobs.len());
     let mut sinks = Vec::new();
     let mut failed = Vec::new();
@@ -1090,9 +1204,7 @@ pub(crate) async fn complete(
     };
     cascade(tx, moved, RunStatus::Failed, now, effects).await?;
     // Last: its rows stay locked until the commit, and every batch of a workflow touches them.
-    if let Some(rows) = usage {
-        tx.add_usage(rows).await?;
-    }
+    count_usage(tx, spent, now).await?;
     Ok(accepted)
 }
 

@@ -983,6 +983,9 @@ pub trait Store: Reads {
     /// and no two owners the same nonce of an account, whichever processes ask at once (see
     /// `machine::allocate_nonce`).
     async fn allocate_nonce(&self, request: &NonceRequest, now: Millis) -> Result<NonceAllocation>;
+    /// Whether the job waiting above `gap.nonce` may fill it with a transaction of its own (see
+    /// `machine::fill_nonce_gap`); if so, the nonce is now its.
+    async fn fill_nonce_gap(&self, gap: &NonceGap, now: Millis) -> Result<GapFill>;
 }
 
 /// One change of [`Store::change_settings`].
@@ -1043,6 +1046,33 @@ pub struct NonceRequest {
     /// The node's pending nonce for `address`: transactions below it were sent already, by
     /// Switchyard or by anyone else holding the key.
     pub floor: u64,
+    /// The job the step runs in; none outside one (a kind tried on its own). A nonce whose job
+    /// has ended without sending may be taken over by [`Store::fill_nonce_gap`].
+    pub job_id: Option<JobId>,
+}
+
+/// A nonce of an account that the node has not seen, though a transaction with a later one
+/// waits in its pool: nothing of the account is mined until something takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonceGap {
+    pub chain_id: u64,
+    /// As in [`NonceRequest::address`].
+    pub address: String,
+    /// The node's pending nonce: the first one it has no transaction for.
+    pub nonce: u64,
+    /// The job that waits above the gap and would fill it.
+    pub job_id: JobId,
+}
+
+/// What [`Store::fill_nonce_gap`] answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapFill {
+    /// The nonce is the asker's: it signs a transaction that does nothing with it (an empty
+    /// transfer to itself), so those after it can be mined.
+    Fill,
+    /// The nonce belongs to a step that may still send its transaction, or to none of ours with
+    /// anything after it: the asker keeps waiting.
+    Wait,
 }
 
 /// What [`Store::allocate_nonce`] gave a step.

@@ -32,8 +32,8 @@ use tokio::sync::Notify;
 use super::driver::Driver;
 use super::machine::{
     self, Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, KeyedRun,
-    LoopProgress, NewVersion, NonceState, NotificationUpdate, RecordCutoffs, SettingKey, Settled,
-    SettledJob, Succeeded, Tx,
+    LoopProgress, NewVersion, NonceHolder, NonceState, NotificationUpdate, RecordCutoffs,
+    SettingKey, Settled, SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -1468,29 +1468,63 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         address: &str,
         owner: &str,
         nonce: i64,
+        job: Option<JobId>,
         now: Millis,
     ) -> Result<()> {
         sqlx::query(
-            "INSERT INTO chain_nonce_owners (chain_id, address, owner, nonce, allocated_at) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO chain_nonce_owners (chain_id, address, owner, nonce, allocated_at, job_id) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(chain_id)
         .bind(address)
         .bind(owner)
         .bind(nonce)
         .bind(now)
+        .bind(job)
         .execute(&mut *self.0)
         .await?;
         sqlx::query(
             "INSERT INTO chain_nonces (chain_id, address, next_nonce, updated_at) \
              VALUES ($1, $2, $3 + 1, $4) \
              ON CONFLICT (chain_id, address) DO UPDATE \
-             SET next_nonce = excluded.next_nonce, updated_at = excluded.updated_at",
+             SET next_nonce = GREATEST(chain_nonces.next_nonce, excluded.next_nonce), \
+                 updated_at = excluded.updated_at",
         )
         .bind(chain_id)
         .bind(address)
         .bind(nonce)
         .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn nonce_holder(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+    ) -> Result<Option<NonceHolder>> {
+        Ok(sqlx::query_as(
+            "SELECT o.job_id, j.state AS job_state FROM chain_nonce_owners o \
+             LEFT JOIN jobs j ON j.id = o.job_id \
+             WHERE o.chain_id = $1 AND o.address = $2 AND o.nonce = $3",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(nonce)
+        .fetch_optional(&mut *self.0)
+        .await?)
+    }
+
+    async fn release_nonce(&mut self, chain_id: i64, address: &str, nonce: i64) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM chain_nonce_owners \
+             WHERE chain_id = $1 AND address = $2 AND nonce = $3",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(nonce)
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -1546,6 +1580,18 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
         .execute(&mut *self.0)
         .await?;
         Ok(())
+    }
+
+    async fn note_usage_counted(&mut self, attempts: Value) -> Result<Vec<(JobId, String)>> {
+        Ok(sqlx::query_as(
+            "INSERT INTO usage_counted (job_id, lease_token) \
+             SELECT a.job_id, a.lease_token \
+             FROM jsonb_to_recordset($1) AS a(job_id bigint, lease_token text) \
+             ON CONFLICT DO NOTHING RETURNING job_id, lease_token",
+        )
+        .bind(attempts)
+        .fetch_all(&mut *self.0)
+        .await?)
     }
 
     async fn insert_artifacts(&mut self, rows: Value, now: Millis) -> Result<()> {
@@ -1665,6 +1711,13 @@ impl<C: DerefMut<Target = PgConnection> + Send> Tx for PgTx<C> {
             .bind(runs)
             .execute(&mut *self.0)
             .await?;
+        sqlx::query(
+            "DELETE FROM usage_counted WHERE job_id IN \
+             (SELECT id FROM jobs WHERE run_id = ANY($1::text[]))",
+        )
+        .bind(runs)
+        .execute(&mut *self.0)
+        .await?;
         sqlx::query("DELETE FROM jobs WHERE run_id = ANY($1::text[])")
             .bind(runs)
             .execute(&mut *self.0)

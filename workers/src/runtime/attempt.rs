@@ -382,6 +382,7 @@ async fn attempt(
         reads_run_data,
         checkpoint: kinds_checkpoint(job.checkpoint.as_ref()),
         idempotency_key: format!("{}:{}", job.run_id, job.step_id),
+        job_id: Some(job.lease.job_id),
         run_id: job.run_id.clone(),
         step_id: job.step_id.clone(),
         attempt: job.lease.attempt,
@@ -535,6 +536,9 @@ fn unreadable_definition(job: &ClaimedJob, e: &EngineError) -> StepFailure {
 
 /// Where a step parked for its quota notes it in its checkpoint, beside whatever its kind keeps.
 const QUOTA_KEY: &str = "quota";
+/// How long a step waits before asking again for a turn its quota's bucket could not give
+/// (Redis or the database did not answer).
+const QUOTA_UNREACHABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The checkpoint the kind kept, without the runtime's note of a quota wait.
 fn kinds_checkpoint(checkpoint: Option<&Value>) -> Option<Value> {
@@ -558,6 +562,11 @@ async fn wait_for_quota(
     vars: &Value,
     log: &StepLog,
 ) -> Result<Option<AttemptResult>, StepFailure> {
+    // Its call was let through already: waking for the answer (an n8n execution's, a
+    // transaction's receipt) or sending the same stored request again is that call.
+    if kept_by_kind(job.checkpoint.as_ref()) {
+        return Ok(None);
+    }
     let noted = job.checkpoint.as_ref().and_then(|c| c.get(QUOTA_KEY));
     if let Some(noted) =
         noted.filter(|q| q["attempt"].as_u64() == Some(u64::from(job.lease.attempt)))
@@ -592,27 +601,40 @@ async fn wait_for_quota(
         ));
     };
     let now = engine.now();
-    let at = engine
+    let at = match engine
         .quotas()
         .take(&quota.name, limit, per, now, true)
         .await
-        .map_err(|e| StepFailure::transient("quota", format!("quota {}: {e}", quota.name)))?;
+    {
+        Ok(at) => at,
+        // The bucket's keeper (Redis, the database) is away: no turn can be given, and the
+        // step has not failed, so it waits as a step over its quota does, spending no attempt.
+        Err(e) => {
+            log.line(
+                "warn",
+                format!(
+                    "quota {}: its bucket cannot be reached ({e}); trying again in {} s",
+                    quota.name,
+                    QUOTA_UNREACHABLE_WAIT.as_secs()
+                ),
+            );
+            return Ok(Some(AttemptResult::Parked {
+                until: Some(now.saturating_add(QUOTA_UNREACHABLE_WAIT.as_millis() as i64)),
+                checkpoint: job.checkpoint.clone().unwrap_or_default(),
+            }));
+        }
+    };
     if at <= now {
         return Ok(None);
     }
     let note = json!({ "name": quota.name, "attempt": job.lease.attempt, "at": at });
-    let checkpoint = match job.checkpoint.clone() {
-        None => json!({ QUOTA_KEY: note }),
-        Some(Value::Object(mut kept)) => {
-            kept.insert(QUOTA_KEY.to_owned(), note);
-            Value::Object(kept)
-        }
-        // A kind that keeps a bare value has no room for the note: wait here instead.
-        Some(_) => {
-            tokio::time::sleep(std::time::Duration::from_millis((at - now) as u64)).await;
-            return Ok(None);
-        }
+    // Only the runtime's own keys are here (the kind has kept nothing yet): the note joins them.
+    let mut checkpoint = match job.checkpoint.clone() {
+        Some(Value::Object(kept)) => kept,
+        _ => serde_json::Map::new(),
     };
+    checkpoint.insert(QUOTA_KEY.to_owned(), note);
+    let checkpoint = Value::Object(checkpoint);
     log.line(
         "info",
         format!("quota {}: waiting {} ms for its turn", quota.name, at - now),
@@ -627,14 +649,19 @@ async fn wait_for_quota(
 /// delivered before it ran waits in its checkpoint, alone; so does a note of a quota wait. An
 /// item's step started long before.
 fn first_run(job: &ClaimedJob) -> bool {
-    job.item.is_none()
-        && match &job.checkpoint {
-            None => true,
-            Some(Value::Object(kept)) => kept
-                .keys()
-                .all(|k| k == "callback" || k == "callback_token" || k == QUOTA_KEY),
-            Some(_) => false,
-        }
+    job.item.is_none() && !kept_by_kind(job.checkpoint.as_ref())
+}
+
+/// Whether the step's kind has kept something of its own: it has run, and parked or failed
+/// since. What the runtime keeps beside it (an early callback, a quota note) does not count.
+fn kept_by_kind(checkpoint: Option<&Value>) -> bool {
+    match checkpoint {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(kept)) => kept
+            .keys()
+            .any(|k| k != "callback" && k != "callback_token" && k != QUOTA_KEY),
+        Some(_) => true,
+    }
 }
 
 /// The items a `for_each` renders: a list of at most [`MAX_ITEMS`] values a store can hold,

@@ -22,8 +22,9 @@
 //! mined transaction that reverted fails for good, with the reason its call gives when replayed
 //! by `eth_call` on the state its block started from (receipts carry no reason).
 //!
-//! **Secrets.** Only `key` takes one, and it must be a secret reference: a key written in a
-//! definition would be in its history. No error, log line or output carries it.
+//! **Secrets.** `key` must be a secret reference: a key written in a definition would be in its
+//! history. `rpc_url` may hold one (a provider's key in its path). No error, log line or output
+//! carries either.
 //!
 //! **Egress.** `rpc_url` is under the same policy as an `http` step's URL: checked before the
 //! first request and on every address its name resolves to, and one rendered from run data may
@@ -33,13 +34,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use alloy::consensus::TxEnvelope;
+use alloy::consensus::{SignableTransaction, TxEip1559, TxEnvelope};
 use alloy::dyn_abi::{DynSolType, DynSolValue, FunctionExt, JsonAbiExt, Specifier};
-use alloy::eips::{BlockId, Encodable2718};
+use alloy::eips::{BlockId, Decodable2718, Encodable2718};
 use alloy::json_abi::Function;
-use alloy::network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuilder};
+use alloy::network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuilder, TxSignerSync};
 use alloy::primitives::utils::parse_units;
-use alloy::primitives::{Address, B256, Bytes, U256, hex};
+use alloy::primitives::{Address, B256, Bytes, TxKind, U256, hex};
 use alloy::providers::{Provider, RootProvider};
 use alloy::rpc::client::RpcClient;
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
@@ -51,7 +52,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use switchyard_engine::service::Engine;
 use switchyard_engine::state::StepFailure;
-use switchyard_engine::store::{NonceAllocation, NonceRequest, retry_transient};
+use switchyard_engine::store::{GapFill, NonceAllocation, NonceGap, NonceRequest, retry_transient};
 
 use super::{StepCall, StepKind, StepOutcome, StepResult, with_schema};
 use crate::egress::{EgressPolicy, Refused, checked_client};
@@ -67,6 +68,9 @@ const MAX_CONFIRMATIONS: u64 = 10_000;
 /// or fast chain mines within a second.
 const FIRST_POLL: Duration = Duration::from_millis(50);
 const LONGEST_POLL: Duration = Duration::from_secs(2);
+/// Replacements a step signs for its nonce at most, each paying an eighth more than the last:
+/// past them, the last waits for the base fee to come down.
+const MAX_REPLACEMENTS: usize = 10;
 
 /// Where a `chain` step takes its nonces: one shared by every worker on the database (the
 /// store's, [`StoreNonces`]) so no two steps sign with the same nonce and none is skipped. The
@@ -74,11 +78,22 @@ const LONGEST_POLL: Duration = Duration::from_secs(2);
 #[async_trait]
 pub trait NonceAllocator: Send + Sync + 'static {
     async fn allocate(&self, request: &NonceRequest) -> Result<NonceAllocation, NonceError>;
+    /// Whether the step waiting above `gap` may take it (`Store::fill_nonce_gap`).
+    async fn fill_gap(&self, gap: &NonceGap) -> Result<GapFill, NonceError>;
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot allocate a nonce: {0}")]
-pub struct NonceError(String);
+pub enum NonceError {
+    /// The store did not answer: the attempt may go otherwise later.
+    #[error("cannot allocate a nonce: {0}")]
+    Unavailable(String),
+    #[error(
+        "this worker allocates no nonces: it was built to check definitions \
+         (`Registry::builtin`); a worker that sends transactions takes them from its database \
+         (`StoreNonces`)"
+    )]
+    NotShared,
+}
 
 /// The nonce allocator of the engine's store (`Store::allocate_nonce`), for every worker process
 /// on its database.
@@ -98,51 +113,29 @@ impl NonceAllocator for StoreNonces {
         // its slot rather than spending an attempt.
         retry_transient("allocating a nonce", allocate)
             .await
-            .map_err(|e| NonceError(e.to_string()))
+            .map_err(|e| NonceError::Unavailable(e.to_string()))
+    }
+
+    async fn fill_gap(&self, gap: &NonceGap) -> Result<GapFill, NonceError> {
+        let fill = || self.0.store().fill_nonce_gap(gap, self.0.now());
+        retry_transient("filling a nonce gap", fill)
+            .await
+            .map_err(|e| NonceError::Unavailable(e.to_string()))
     }
 }
 
-/// The nonce allocator of one process, with the store's rule: for checking definitions, tests,
-/// and embedders whose only sender of each key is this one process. Several worker processes
-/// need [`StoreNonces`].
-#[derive(Default)]
-pub struct ProcessNonces(std::sync::Mutex<ProcessNoncesState>);
-
-#[derive(Default)]
-struct ProcessNoncesState {
-    next: std::collections::HashMap<(u64, String), u64>,
-    owned: std::collections::HashMap<(u64, String, String), u64>,
-}
+/// No allocator: for a registry that checks definitions and runs no `chain` step that sends
+/// (`Registry::builtin`). A send fails for good, saying why; reads work.
+pub struct NoNonces;
 
 #[async_trait]
-impl NonceAllocator for ProcessNonces {
-    async fn allocate(&self, request: &NonceRequest) -> Result<NonceAllocation, NonceError> {
-        let mut state = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let account = (request.chain_id, request.address.clone());
-        let owner = (
-            request.chain_id,
-            request.address.clone(),
-            request.owner.clone(),
-        );
-        if let Some(&owned) = state.owned.get(&owner) {
-            return Ok(if owned < request.floor {
-                NonceAllocation::Spent(owned)
-            } else {
-                NonceAllocation::Again(owned)
-            });
-        }
-        let nonce = state
-            .next
-            .get(&account)
-            .copied()
-            .unwrap_or(0)
-            .max(request.floor);
-        state.next.insert(account, nonce + 1);
-        state.owned.insert(owner, nonce);
-        Ok(NonceAllocation::New(nonce))
+impl NonceAllocator for NoNonces {
+    async fn allocate(&self, _: &NonceRequest) -> Result<NonceAllocation, NonceError> {
+        Err(NonceError::NotShared)
+    }
+
+    async fn fill_gap(&self, _: &NonceGap) -> Result<GapFill, NonceError> {
+        Ok(GapFill::Wait)
     }
 }
 
@@ -203,7 +196,8 @@ impl Chain {
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ChainWith {
-    /// The node's JSON-RPC endpoint, `http://` or `https://`.
+    /// The node's JSON-RPC endpoint, `http://` or `https://`. A provider's key in it may come
+    /// from a secret: `https://base-mainnet.example.com/v2/{{ secrets.node_key }}`.
     rpc_url: String,
     /// The chain the step is meant for (1 for Ethereum, 8453 for Base, ...): a node on another
     /// chain fails the step for good.
@@ -289,7 +283,12 @@ struct Plan {
 
 impl Plan {
     fn from_with(with: ChainWith, call: &StepCall) -> Result<Plan, StepFailure> {
-        let rpc_url = url::Url::parse(&with.rpc_url)
+        // A provider's key is often part of its URL, so it may come from a secret.
+        let revealed = call
+            .secrets
+            .reveal(&with.rpc_url)
+            .map_err(|e| invalid(format!("chain step: `with.rpc_url`: {e}")))?;
+        let rpc_url = url::Url::parse(&revealed)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https"))
             .ok_or_else(|| {
@@ -588,6 +587,22 @@ struct Signed {
     from: Address,
     to: Address,
     chain_id: u64,
+    /// The transactions this one replaced, with the same nonce and lower fees: one of them may
+    /// still be mined instead (only one of all can be).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    replaced: Vec<B256>,
+}
+
+impl Signed {
+    /// This transaction's hash and those of the ones it replaced.
+    fn hashes(&self) -> impl Iterator<Item = B256> + '_ {
+        std::iter::once(self.hash).chain(self.replaced.iter().copied())
+    }
+
+    fn eip1559(&self) -> Option<TxEip1559> {
+        let envelope = TxEnvelope::decode_2718(&mut self.signed_tx.as_ref()).ok()?;
+        envelope.as_eip1559().map(|signed| signed.tx().clone())
+    }
 }
 
 /// Fails the attempt retryably: the node or the network may answer next time.
@@ -663,7 +678,7 @@ impl StepKind for Chain {
     }
 
     fn secret_fields(&self) -> &'static [&'static str] {
-        &["key"]
+        &["key", "rpc_url"]
     }
 
     fn with_schema(&self) -> Value {
@@ -787,17 +802,13 @@ impl Chain {
                  gas ({max_fee})"
             )));
         }
-        let floor = rpc(
-            "eth_getTransactionCount",
-            node.get_transaction_count(from)
-                .block_id(BlockId::pending()),
-        )
-        .await?;
+        let floor = pending_nonce(node, from).await?;
         let request = NonceRequest {
             chain_id: plan.chain_id,
             address: format!("{from:#x}"),
             owner: call.idempotency_key.clone(),
             floor,
+            job_id: call.job_id,
         };
         let nonce = match self.nonces.allocate(&request).await {
             Ok(NonceAllocation::New(n) | NonceAllocation::Again(n)) => n,
@@ -812,6 +823,9 @@ impl Chain {
                          {from} with nonce {n} before starting a new run"
                     ),
                 ));
+            }
+            Err(e @ NonceError::NotShared) => {
+                return Err(StepFailure::permanent("nonce", format!("chain step: {e}")));
             }
             Err(e) => return Err(StepFailure::transient("nonce", format!("chain step: {e}"))),
         };
@@ -834,6 +848,7 @@ impl Chain {
             from,
             to: plan.to,
             chain_id: plan.chain_id,
+            replaced: Vec::new(),
         };
         call.log.line(
             "info",
@@ -843,13 +858,11 @@ impl Chain {
             ),
         );
         tracing::debug!(hash = %signed.hash, nonce, %from, "chain transaction signed");
-        Ok(StepOutcome::Park {
-            until: Some(call.now),
-            checkpoint: serde_json::to_value(&signed).expect("a signed transaction serialises"),
-        })
+        Ok(park_with(&signed, call))
     }
 
-    /// Broadcasts the stored transaction (again) and waits for its receipt.
+    /// Broadcasts the stored transaction (again) and waits for its receipt, or for that of one
+    /// it replaced.
     async fn send(
         &self,
         node: &RootProvider,
@@ -862,21 +875,12 @@ impl Chain {
             tokio::time::timeout(RPC_TIMEOUT, node.send_raw_transaction(&signed.signed_tx))
                 .await
                 .map_err(|_| unreachable_node("eth_sendRawTransaction", "no answer in time"))?;
+        // The node said the nonce is used and knows none of the step's transactions.
+        let mut unseen = false;
         match broadcast {
             Ok(_) => call.log.line("info", format!("sent {hash}")),
             Err(e) => {
-                let known = e.as_error_resp().is_some_and(|p| {
-                    let message = p.message.to_lowercase();
-                    [
-                        "already known",
-                        "known transaction",
-                        "already imported",
-                        "nonce too low",
-                    ]
-                    .iter()
-                    .any(|m| message.contains(m))
-                });
-                if !known {
+                if !nonce_taken(&e) {
                     return Err(rpc_failure("eth_sendRawTransaction", e));
                 }
                 call.log.line(
@@ -886,39 +890,22 @@ impl Chain {
                         signed.nonce
                     ),
                 );
-                // `nonce too low` also answers a transaction of someone else with this nonce:
-                // then ours is nowhere and can never be mined.
-                let ours = rpc(
-                    "eth_getTransactionByHash",
-                    node.get_transaction_by_hash(hash),
-                )
-                .await?;
-                if ours.is_none() {
-                    let receipt = rpc(
-                        "eth_getTransactionReceipt",
-                        node.get_transaction_receipt(hash),
-                    )
-                    .await?;
-                    if receipt.is_none() {
-                        return Err(StepFailure::permanent(
-                            "nonce_spent",
-                            format!(
-                                "chain step: nonce {} of {} was used by another transaction; \
-                                 this step's {hash} can never be mined",
-                                signed.nonce, signed.from
-                            ),
-                        ));
-                    }
-                }
+                unseen = !knows_any(node, signed).await?;
             }
         }
-        let receipt = wait_for_receipt(node, hash, plan.confirmations, plan.timeout).await?;
+        let receipt = match self.wait(node, plan, signed, call, unseen).await? {
+            Waited::Mined(receipt) => *receipt,
+            Waited::Underpriced { base_fee } => {
+                return self.replace(node, plan, signed, base_fee, call).await;
+            }
+        };
+        let mined = receipt.transaction_hash;
         if !receipt.status() {
             let reason = replay_revert(node, plan, signed, &receipt).await;
-            return Err(reverted(&format!("transaction {hash}"), &reason));
+            return Err(reverted(&format!("transaction {mined}"), &reason));
         }
         Ok(StepOutcome::Output(json!({
-            "hash": hash,
+            "hash": mined,
             "block": receipt.block_number,
             "block_hash": receipt.block_hash,
             "status": "success",
@@ -928,55 +915,301 @@ impl Chain {
             "nonce": signed.nonce,
         })))
     }
+
+    /// Waits until one of the step's transactions has `confirmations` blocks. Meanwhile, once the
+    /// first looks found nothing, it fills a gap below its nonce that a finished step left, and
+    /// stops when the node's base fee has passed what the transaction pays (when the step left
+    /// its fees to the node's estimate), to sign it again with more.
+    async fn wait(
+        &self,
+        node: &RootProvider,
+        plan: &Plan,
+        signed: &Signed,
+        call: &StepCall,
+        unseen: bool,
+    ) -> Result<Waited, StepFailure> {
+        let deadline = tokio::time::Instant::now() + plan.timeout;
+        let mut pause = FIRST_POLL;
+        loop {
+            if let Some(receipt) = mined(node, signed).await? {
+                let block = receipt.block_number.unwrap_or_default();
+                if plan.confirmations <= 1 {
+                    return Ok(Waited::Mined(Box::new(receipt)));
+                }
+                let head = rpc("eth_blockNumber", node.get_block_number()).await?;
+                if head.saturating_add(1) >= block.saturating_add(plan.confirmations) {
+                    // A reorg may have moved it meanwhile: then it counts again from the block
+                    // that holds it now.
+                    let again = rpc(
+                        "eth_getTransactionReceipt",
+                        node.get_transaction_receipt(receipt.transaction_hash),
+                    )
+                    .await?;
+                    if let Some(again) = again.filter(|r| r.block_hash == receipt.block_hash) {
+                        return Ok(Waited::Mined(Box::new(again)));
+                    }
+                }
+            } else if pause == LONGEST_POLL && !unseen {
+                if let Some(base_fee) = self.underpriced(node, plan, signed).await? {
+                    return Ok(Waited::Underpriced { base_fee });
+                }
+                self.fill_gap_below(node, plan, signed, call).await?;
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(if unseen {
+                    // Past the wait, a node behind a balancer that had not indexed it yet would
+                    // have: none of the step's transactions will be mined.
+                    StepFailure::permanent(
+                        "nonce_spent",
+                        format!(
+                            "chain step: nonce {} of {} was used by another transaction; this \
+                             step's {} can never be mined",
+                            signed.nonce, signed.from, signed.hash
+                        ),
+                    )
+                } else {
+                    StepFailure::transient(
+                        "receipt_timeout",
+                        format!(
+                            "chain step: no receipt of {} with {} confirmation(s) within {}; a \
+                             retry sends the same signed transaction again and waits for it",
+                            signed.hash,
+                            plan.confirmations,
+                            humantime::format_duration(plan.timeout)
+                        ),
+                    )
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(LONGEST_POLL);
+        }
+    }
+
+    /// The latest base fee, when it is above what the step's transaction pays per gas and the
+    /// step may pay more: its fees were the node's estimate, not given, and it has not been
+    /// replaced [`MAX_REPLACEMENTS`] times.
+    async fn underpriced(
+        &self,
+        node: &RootProvider,
+        plan: &Plan,
+        signed: &Signed,
+    ) -> Result<Option<u128>, StepFailure> {
+        let fees_given = plan.max_fee_per_gas.is_some() || plan.max_priority_fee_per_gas.is_some();
+        if fees_given || signed.replaced.len() >= MAX_REPLACEMENTS {
+            return Ok(None);
+        }
+        let Some(tx) = signed.eip1559() else {
+            return Ok(None);
+        };
+        let latest = rpc("eth_getBlockByNumber", node.get_block(BlockId::latest())).await?;
+        let base_fee = latest
+            .and_then(|block| block.header.base_fee_per_gas)
+            .map(u128::from);
+        Ok(base_fee.filter(|&base| base > tx.max_fee_per_gas))
+    }
+
+    /// Signs the step's transaction again with the same nonce and higher fees, and parks with it:
+    /// it is stored before it is sent, like the first. Whichever of the two is mined, the other
+    /// cannot be.
+    async fn replace(
+        &self,
+        node: &RootProvider,
+        plan: &Plan,
+        signed: &Signed,
+        base_fee: u128,
+        call: &StepCall,
+    ) -> StepResult {
+        let signer = plan.signer.as_ref().expect("a send has a key");
+        let mut tx = signed
+            .eip1559()
+            .expect("only an EIP-1559 transaction is found underpriced");
+        let estimate = rpc("fee estimate", node.estimate_eip1559_fees()).await?;
+        // A node takes a replacement only with both fees at least a tenth higher.
+        let bump = |fee: u128| fee.saturating_add(fee / 8).saturating_add(1);
+        tx.max_priority_fee_per_gas =
+            bump(tx.max_priority_fee_per_gas).max(estimate.max_priority_fee_per_gas);
+        tx.max_fee_per_gas = bump(tx.max_fee_per_gas)
+            .max(estimate.max_fee_per_gas)
+            .max(base_fee.saturating_mul(2))
+            .max(tx.max_priority_fee_per_gas);
+        let envelope = sign_eip1559(signer, tx)?;
+        let mut replaced = signed.replaced.clone();
+        replaced.push(signed.hash);
+        let replacement = Signed {
+            signed_tx: envelope.encoded_2718().into(),
+            hash: *envelope.tx_hash(),
+            replaced,
+            ..signed.clone()
+        };
+        call.log.line(
+            "info",
+            format!(
+                "the base fee ({base_fee} wei) passed what {} pays per gas: signed {} with nonce \
+                 {} and higher fees; stored before it is sent",
+                signed.hash, replacement.hash, signed.nonce
+            ),
+        );
+        Ok(park_with(&replacement, call))
+    }
+
+    /// Fills the nonce below the step's own that the node has no transaction for, when the step
+    /// that held it has ended without sending (`Store::fill_nonce_gap` decides): with an empty
+    /// transfer to itself, so the step's transaction can be mined. What goes wrong is noted and
+    /// left to the next look.
+    async fn fill_gap_below(
+        &self,
+        node: &RootProvider,
+        plan: &Plan,
+        signed: &Signed,
+        call: &StepCall,
+    ) -> Result<(), StepFailure> {
+        let Some(job_id) = call.job_id else {
+            return Ok(());
+        };
+        let pending = pending_nonce(node, signed.from).await?;
+        if pending >= signed.nonce {
+            return Ok(());
+        }
+        let gap = NonceGap {
+            chain_id: signed.chain_id,
+            address: format!("{:#x}", signed.from),
+            nonce: pending,
+            job_id,
+        };
+        match self.nonces.fill_gap(&gap).await {
+            Ok(GapFill::Fill) => {}
+            Ok(GapFill::Wait) => return Ok(()),
+            Err(e) => {
+                call.log
+                    .line("warn", format!("nonce gap at {pending}: {e}"));
+                return Ok(());
+            }
+        }
+        let estimate = rpc("fee estimate", node.estimate_eip1559_fees()).await?;
+        let filler = TxEip1559 {
+            chain_id: signed.chain_id,
+            nonce: pending,
+            gas_limit: 21_000,
+            max_fee_per_gas: estimate.max_fee_per_gas,
+            max_priority_fee_per_gas: estimate.max_priority_fee_per_gas,
+            to: TxKind::Call(signed.from),
+            value: U256::ZERO,
+            access_list: Default::default(),
+            input: Bytes::new(),
+        };
+        let signer = plan.signer.as_ref().expect("a send has a key");
+        let envelope = sign_eip1559(signer, filler)?;
+        let hash = *envelope.tx_hash();
+        let sent = tokio::time::timeout(
+            RPC_TIMEOUT,
+            node.send_raw_transaction(&envelope.encoded_2718()),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => call.log.line(
+                "info",
+                format!(
+                    "nonce {pending} of {} was given to a step that ended without sending: \
+                     filled it with {hash}, an empty transfer to itself, so that {} can be mined",
+                    signed.from, signed.hash
+                ),
+            ),
+            Ok(Err(e)) => call
+                .log
+                .line("warn", format!("filling nonce {pending} with {hash}: {e}")),
+            Err(_) => call.log.line(
+                "warn",
+                format!("filling nonce {pending} with {hash}: no answer in time"),
+            ),
+        }
+        Ok(())
+    }
 }
 
-/// The receipt of `hash` once `confirmations` blocks hold it; a retryable failure past `timeout`.
-async fn wait_for_receipt(
+/// What [`Chain::wait`] saw.
+enum Waited {
+    Mined(Box<TransactionReceipt>),
+    /// The base fee passed what the transaction pays: it would never be mined as it is.
+    Underpriced {
+        base_fee: u128,
+    },
+}
+
+/// The step's outcome after signing: park at once, so the store commits the transaction before
+/// the next attempt sends it.
+fn park_with(signed: &Signed, call: &StepCall) -> StepOutcome {
+    StepOutcome::Park {
+        until: Some(call.now),
+        checkpoint: serde_json::to_value(signed).expect("a signed transaction serialises"),
+    }
+}
+
+fn sign_eip1559(signer: &PrivateKeySigner, mut tx: TxEip1559) -> Result<TxEnvelope, StepFailure> {
+    let signature = signer
+        .sign_transaction_sync(&mut tx)
+        .map_err(|e| StepFailure::permanent("signing", format!("chain step: signing: {e}")))?;
+    Ok(TxEnvelope::from(tx.into_signed(signature)))
+}
+
+/// The node's pending nonce of `from`: one past the last of its transactions that the node has
+/// mined or holds ready, with none missing before it.
+async fn pending_nonce(node: &RootProvider, from: Address) -> Result<u64, StepFailure> {
+    rpc(
+        "eth_getTransactionCount",
+        node.get_transaction_count(from)
+            .block_id(BlockId::pending()),
+    )
+    .await
+}
+
+/// Whether the node refused a broadcast because it has a transaction with that nonce already:
+/// these very bytes, another of the step's own, or someone else's.
+fn nonce_taken(e: &RpcError<TransportErrorKind>) -> bool {
+    e.as_error_resp().is_some_and(|p| {
+        let message = p.message.to_lowercase();
+        [
+            "already known",
+            "known transaction",
+            "already imported",
+            "nonce too low",
+            "replacement transaction underpriced",
+        ]
+        .iter()
+        .any(|m| message.contains(m))
+    })
+}
+
+/// Whether the node knows one of the step's transactions, pending or mined.
+async fn knows_any(node: &RootProvider, signed: &Signed) -> Result<bool, StepFailure> {
+    for hash in signed.hashes() {
+        let known = rpc(
+            "eth_getTransactionByHash",
+            node.get_transaction_by_hash(hash),
+        )
+        .await?;
+        if known.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The receipt of whichever of the step's transactions is mined, if one is.
+async fn mined(
     node: &RootProvider,
-    hash: B256,
-    confirmations: u64,
-    timeout: Duration,
-) -> Result<TransactionReceipt, StepFailure> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut pause = FIRST_POLL;
-    loop {
+    signed: &Signed,
+) -> Result<Option<TransactionReceipt>, StepFailure> {
+    for hash in signed.hashes() {
         let receipt = rpc(
             "eth_getTransactionReceipt",
             node.get_transaction_receipt(hash),
         )
         .await?;
-        if let Some(receipt) = receipt
-            && let Some(block) = receipt.block_number
-        {
-            if confirmations <= 1 {
-                return Ok(receipt);
-            }
-            let head = rpc("eth_blockNumber", node.get_block_number()).await?;
-            if head.saturating_add(1) >= block.saturating_add(confirmations) {
-                // A reorg may have moved it meanwhile: the receipt is read again.
-                let again = rpc(
-                    "eth_getTransactionReceipt",
-                    node.get_transaction_receipt(hash),
-                )
-                .await?;
-                if let Some(again) = again.filter(|r| r.block_number.is_some()) {
-                    return Ok(again);
-                }
-            }
+        if let Some(receipt) = receipt.filter(|r| r.block_number.is_some()) {
+            return Ok(Some(receipt));
         }
-        if tokio::time::Instant::now() + pause > deadline {
-            return Err(StepFailure::transient(
-                "receipt_timeout",
-                format!(
-                    "chain step: no receipt of {hash} with {confirmations} confirmation(s) within \
-                     {}; a retry sends the same signed transaction again and waits for it",
-                    humantime::format_duration(timeout)
-                ),
-            ));
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(LONGEST_POLL);
     }
+    Ok(None)
 }
 
 /// Why a mined transaction reverted: receipts carry no reason, so the call is replayed with

@@ -24,14 +24,14 @@ use schemars::generate::SchemaSettings;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use switchyard_engine::definition::{Secrets, StepKinds};
-use switchyard_engine::store::LogLine;
+use switchyard_engine::store::{JobId, LogLine};
 
 use crate::artifacts::AttemptArtifacts;
 use crate::egress::EgressPolicy;
 use crate::usage::UsageMeter;
 use switchyard_engine::state::{Millis, StepFailure};
 
-pub use chain::{Chain, NonceAllocator, NonceError, ProcessNonces, StoreNonces};
+pub use chain::{Chain, NoNonces, NonceAllocator, NonceError, StoreNonces};
 pub use http::Http;
 pub use n8n::{N8n, N8nUrls};
 pub use noop::Noop;
@@ -57,6 +57,8 @@ pub struct StepCall {
     pub checkpoint: Option<Value>,
     /// Stable across attempts of the same step of the same run: pass it to APIs that honour one.
     pub idempotency_key: String,
+    /// The job the step runs in; none for a kind tried on its own.
+    pub job_id: Option<JobId>,
     pub run_id: String,
     pub step_id: String,
     pub attempt: u32,
@@ -232,6 +234,7 @@ impl StepCall {
             reads_run_data: Vec::new(),
             checkpoint: None,
             idempotency_key: "run:step".into(),
+            job_id: None,
             run_id: "run".into(),
             step_id: "step".into(),
             attempt: 1,
@@ -297,14 +300,11 @@ pub trait StepKind: Send + Sync + 'static {
 pub struct Registry(HashMap<&'static str, Arc<dyn StepKind>>);
 
 impl Registry {
-    /// Every kind that ships with Switchyard, with no egress rules beyond the default, no n8n
-    /// addresses, and `chain` nonces allocated in this process alone ([`ProcessNonces`]).
+    /// Every kind that ships with Switchyard, for checking definitions and running steps that
+    /// need nothing of a database: no egress rules beyond the default, no n8n addresses, and no
+    /// nonce allocator ([`NoNonces`]: a `chain` step that sends fails, saying so).
     pub fn builtin() -> Self {
-        Registry::builtin_with(
-            N8nUrls::default(),
-            Default::default(),
-            Arc::new(ProcessNonces::default()),
-        )
+        Registry::builtin_with(N8nUrls::default(), Default::default(), Arc::new(NoNonces))
     }
 
     /// Every kind that ships with Switchyard: outbound requests under `egress`, n8n steps that

@@ -70,6 +70,7 @@ mod tests {
             reads_run_data: Vec::new(),
             checkpoint,
             idempotency_key: "r:s".into(),
+            job_id: None,
             run_id: "r".into(),
             step_id: "s".into(),
             attempt: 1,
