@@ -85,7 +85,11 @@ pub(super) async fn submit(
         return Err(DashboardError::Csrf);
     }
     let user = Logged(&form.username);
-    if let Err(e) = state.limiter.check_login(&form.username, address) {
+    if let Err(e) = state
+        .limiter
+        .check_login(&form.username, address, state.engine.now())
+        .await
+    {
         tracing::info!(%user, "dashboard login refused: rate limited");
         return login_page(
             StatusCode::TOO_MANY_REQUESTS,
