@@ -287,6 +287,16 @@ impl Page {
             let png = self.client.screenshot().await.unwrap();
             std::fs::write(self.shots.join(format!("{name}-{width}.png")), png).unwrap();
             self.accessible(&format!("{name} at {width} px")).await;
+            let elsewhere = self
+                .client
+                .execute(
+                    "return performance.getEntriesByType('resource').map(e => e.name) \
+                     .filter(n => !n.startsWith(location.origin + '/'));",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            assert_eq!(elsewhere, json!([]), "{name} loaded from another host");
         }
         self.client.set_window_size(1280, 900).await.unwrap();
     }
