@@ -58,6 +58,19 @@ workflows:
         type: transform
         needs: [ask]
         with: {output: {approved: "{{ steps.ask.output.ok }}"}}
+  batch:
+    inputs:
+      items: [{name: a, score: 2}, {name: b, score: 4}, {name: c, score: 9}]
+    steps:
+      - id: score_each
+        type: transform
+        for_each: "{{ input.items }}"
+        parallel: 2
+        with: {output: {name: "{{ item.name }}", high: "{{ item.score > 5 }}"}}
+      - id: count
+        type: transform
+        needs: [score_each]
+        with: {output: {scored: "{{ steps.score_each.output | length }}"}}
   nightly:
     schedule: "0 3 * * *"
     steps:
@@ -555,6 +568,48 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
     }
     page.open("/workflows/nightly").await;
     assert_eq!(page.text("#paused").await, "yes");
+
+    // A loop's items, each with its state and output.
+    page.open("/workflows/batch").await;
+    page.click("#start").await;
+    run_id(&page).await;
+    page.wait_text("#run-status", "succeeded", Duration::from_secs(30))
+        .await;
+    page.click("#step-score_each summary").await;
+    let items = page.text("#step-score_each table").await;
+    assert!(
+        items.contains("\"name\":\"c\"") && items.contains("\"high\":true"),
+        "{items}"
+    );
+    page.survey("run-loop").await;
+
+    // Older runs are a cursor page away.
+    for _ in 0..50 {
+        let reply = http
+            .post(format!("{base}/api/workflows/nightly/start"))
+            .bearer_auth(&token)
+            .json(&json!({"input": {}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 201);
+    }
+    page.open("/runs").await;
+    assert_eq!(
+        page.client
+            .find_all(Locator::Css("tbody tr"))
+            .await
+            .unwrap()
+            .len(),
+        50
+    );
+    page.click("a[rel=next]").await;
+    page.wait_text("main", "Newest", Duration::from_secs(15))
+        .await;
+    assert!(
+        page.has(&format!("#run-{greet}")).await,
+        "the first run is on the second page"
+    );
 
     for (name, path) in [
         ("overview", "/"),

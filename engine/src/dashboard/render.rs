@@ -50,6 +50,12 @@ fn environment() -> &'static Environment<'static> {
         env.add_filter("duration", |ms: Option<i64>| {
             ms.map(duration).unwrap_or_default()
         });
+        env.add_filter("json", |value: Value| {
+            serde_json::to_value(&value)
+                .ok()
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        });
         env.add_filter("pretty", |value: Value| {
             serde_json::to_value(&value)
                 .ok()
