@@ -476,8 +476,16 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
     assert!(page.has(&format!("#run-{greet}")).await);
     page.survey("runs").await;
 
-    // Cancel a run.
+    // A section opened on a running run's page stays open as the page follows the run.
     page.open(&format!("/runs/{slow}")).await;
+    page.click("#input-details summary").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        page.has("#input-details[open]").await,
+        "the live refresh closed the section"
+    );
+
+    // Cancel a run.
     page.click("#cancel").await;
     page.wait_text("#run-status", "cancelled", Duration::from_secs(15))
         .await;

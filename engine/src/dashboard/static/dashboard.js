@@ -115,6 +115,28 @@
     window.addEventListener("pagehide", function () { source.close(); });
   }
 
+  // --- A run's live part ----------------------------------------------------------------------
+  // htmx replaces it every second while the run goes on: the sections a person opened or closed
+  // (a click on their summary, which the keyboard also makes) stay so; the others open as the
+  // server says (a failed step's opens).
+  var chosen = {};
+  document.addEventListener("click", function (event) {
+    var summary = event.target.closest && event.target.closest("#run-live details[id] > summary");
+    if (summary) {
+      var details = summary.parentElement;
+      chosen[details.id] = !details.open;
+    }
+  });
+  document.addEventListener("htmx:afterSettle", function () {
+    var live = document.getElementById("run-live");
+    if (!live) return;
+    live.querySelectorAll("details[id]").forEach(function (d) {
+      if (Object.prototype.hasOwnProperty.call(chosen, d.id) && d.open !== chosen[d.id]) {
+        d.open = chosen[d.id];
+      }
+    });
+  });
+
   function start() {
     var box = document.querySelector("[data-series]");
     if (box && window.uPlot) {
