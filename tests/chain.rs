@@ -286,9 +286,71 @@ fn a_nonce_left_by_a_step_that_failed_before_sending_is_filled_so_the_next_step_
         "{filler}"
     );
     assert_eq!(filler["value"], "0x0", "{filler}");
+    // Once the account can pay, the refused run is retried: its step finds its nonce filled by
+    // a mined transaction, so its own never can be, and it takes a new one.
+    rpc(
+        &anvil,
+        "anvil_setBalance",
+        json!([SENDER_3, format!("{:#x}", 2_000_000u128 * 10u128.pow(18))]),
+    );
+    sandbox.cli(&["retry", &refused]);
+    wait_until("the retried run to end", &sandbox, || {
+        sandbox.show(&refused)["status"] != "running"
+    });
+    let detail = sandbox.show(&refused);
+    assert_eq!(detail["status"], "succeeded", "{detail:#}");
+    assert_eq!(step(&detail, "send")["output"]["nonce"], 2);
+    assert_eq!(nonce(&anvil, SENDER_3, "latest"), 3);
     // The node's address was a secret: no run shows it.
     for run in [&refused, &paid] {
         let shown = sandbox.cli(&["show", run, "--json"]);
         assert!(!shown.contains(&anvil.url), "{shown}");
+    }
+}
+
+#[test]
+fn an_rpc_url_from_a_secret_appears_in_no_error_output_or_log() {
+    // A closed port: the client's error names the address it could not reach.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/v2/provider-key-0c1d2e3f");
+    let definition = format!(
+        "id: hidden\nretry: {{max_retries: 0}}\nsteps:\n\
+         \x20 - id: send\n\
+         \x20   type: chain\n\
+         \x20   with:\n\
+         \x20     rpc_url: \"{{{{ secrets.node_url }}}}\"\n\
+         \x20     chain_id: 31337\n\
+         \x20     key: \"{{{{ secrets.base_key }}}}\"\n\
+         \x20     to: \"{SENDER}\"\n\
+         \x20     value: \"1 wei\"\n"
+    );
+    let mut sandbox = Sandbox::new("chain-hidden-url", &definition);
+    sandbox
+        .env
+        .push(("SWITCHYARD_SECRET_BASE_KEY".into(), ANVIL_KEYS[3].into()));
+    sandbox
+        .env
+        .push(("SWITCHYARD_SECRET_NODE_URL".into(), url.clone()));
+    sandbox.env.push(("RUST_LOG".into(), "debug".into()));
+    sandbox.serve();
+    let run = sandbox.cli(&["run", "hidden"]).trim().to_owned();
+    wait_until("the run to end", &sandbox, || {
+        sandbox.show(&run)["status"] != "running"
+    });
+    let detail = sandbox.show(&run);
+    assert_eq!(detail["status"], "failed", "{detail:#}");
+    let error = step(&detail, "send")["error"].as_str().unwrap().to_owned();
+    assert!(error.contains("chain step"), "{error}");
+    let shown = sandbox.cli(&["show", &run, "--json"]) + &sandbox.cli(&["logs", &run]);
+    let logs = sandbox.server_logs();
+    // (At debug level, hyper names the address it connects to: an IP address and port, never
+    // the URL's path or name.)
+    for secret in ["provider-key-0c1d2e3f", &url] {
+        assert!(!shown.contains(secret), "{secret} in\n{shown}");
+        assert!(!logs.contains(secret), "{secret} in\n{logs}");
     }
 }

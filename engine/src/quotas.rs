@@ -61,8 +61,8 @@ pub struct RedisBuckets {
 }
 
 /// The longest a take waits for Redis's answer. API requests and steps wait on it, so a Redis
-/// that stopped answering costs each of them this much, and then the caller's fallback decides
-/// (the process's own API limits; a step's retry).
+/// that stopped answering or is gone costs each of them this much, and then the caller's
+/// fallback decides (the process's own API limits; a step waits and asks again).
 pub const REDIS_ANSWER_TIMEOUT: Duration = Duration::from_millis(250);
 /// The longest a (re)connection to Redis may take.
 const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -96,16 +96,19 @@ impl QuotaBuckets for RedisBuckets {
     ) -> Result<Millis, QuotaError> {
         let per_us = per.as_micros().clamp(1, i64::MAX as u128) as i64;
         let mut connection = self.connection.clone();
-        let at: i64 = self
-            .script
-            .key(format!("switchyard:quota:{name}"))
+        let mut script = self.script.key(format!("switchyard:quota:{name}"));
+        script
             .arg(now)
             .arg(limit.max(1))
             .arg(per_us)
-            .arg(i64::from(reserve))
-            .invoke_async(&mut connection)
-            .await
-            .map_err(|e| QuotaError::Redis(e.to_string()))?;
+            .arg(i64::from(reserve));
+        // The bound is the whole call's: while Redis is gone, a call waits on the manager's
+        // reconnection, whose retries take seconds.
+        let at: i64 =
+            tokio::time::timeout(REDIS_ANSWER_TIMEOUT, script.invoke_async(&mut connection))
+                .await
+                .map_err(|_| QuotaError::Redis("no answer in time".into()))?
+                .map_err(|e| QuotaError::Redis(e.to_string()))?;
         Ok(at)
     }
 }

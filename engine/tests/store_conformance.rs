@@ -2427,6 +2427,7 @@ pub async fn children_finishing_at_once_settle_their_parent(store: Arc<dyn Store
 
 fn nonce_request(chain_id: u64, owner: &str, floor: u64) -> NonceRequest {
     NonceRequest {
+        filled: None,
         chain_id,
         address: "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266".into(),
         owner: owner.into(),
@@ -2513,6 +2514,7 @@ pub async fn a_nonce_is_at_least_the_nodes_pending_one_and_a_spent_one_is_never_
 pub async fn a_nonce_a_cancelled_step_never_sent_is_filled_by_the_step_waiting_above_it(
     store: Arc<dyn Store>,
 ) {
+    use switchyard_engine::store::NONCE_GAP_GRACE;
     let one = workflow("id: one\nsteps:\n  - {id: send, type: noop}\n");
     let mut runs = Vec::new();
     let mut jobs = Vec::new();
@@ -2520,17 +2522,17 @@ pub async fn a_nonce_a_cancelled_step_never_sent_is_filled_by_the_step_waiting_a
         runs.push(start(&*store, &one, Trigger::default()).await);
         jobs.push(claim(&*store, T0, 1).await.remove(0).lease.job_id);
     }
-    let allocate = |i: usize| {
+    let allocate = |i: usize, floor: u64| {
         let (store, owner, job) = (store.clone(), format!("{}:send", runs[i]), jobs[i]);
         async move {
             let request = NonceRequest {
                 job_id: Some(job),
-                ..nonce_request(1, &owner, 0)
+                ..nonce_request(1, &owner, floor)
             };
             store.allocate_nonce(&request, T0).await.unwrap()
         }
     };
-    let fill = |nonce: u64, job: JobId| {
+    let fill = |nonce: u64, job: JobId, at: Millis| {
         let store = store.clone();
         async move {
             let gap = NonceGap {
@@ -2539,35 +2541,76 @@ pub async fn a_nonce_a_cancelled_step_never_sent_is_filled_by_the_step_waiting_a
                 nonce,
                 job_id: job,
             };
-            store.fill_nonce_gap(&gap, T0).await.unwrap()
+            store.fill_nonce_gap(&gap, at).await.unwrap()
         }
     };
-    assert_eq!(allocate(0).await, NonceAllocation::New(0));
-    assert_eq!(allocate(1).await, NonceAllocation::New(1));
+    let late = T0 + NONCE_GAP_GRACE;
+    assert_eq!(allocate(0, 0).await, NonceAllocation::New(0));
+    assert_eq!(allocate(1, 0).await, NonceAllocation::New(1));
     // The first step has signed and not yet sent: its nonce stays its own while it may.
-    assert_eq!(fill(0, jobs[1]).await, GapFill::Wait);
-    // Its run is cancelled before it sends: the step waiting with nonce 1 takes 0.
+    assert_eq!(fill(0, jobs[1], late).await, GapFill::Wait);
+    // Its run is cancelled before it sends; once its task has surely stopped, the step waiting
+    // with nonce 1 fills 0.
     store.cancel_run(&runs[0], T0).await.unwrap();
-    assert_eq!(fill(0, jobs[1]).await, GapFill::Fill);
+    assert_eq!(fill(0, jobs[1], T0 + 1).await, GapFill::Wait);
+    assert_eq!(fill(0, jobs[1], late).await, GapFill::Fill);
     // It asks again after a crash and keeps it; another waiting step does not take it from it.
-    assert_eq!(fill(0, jobs[1]).await, GapFill::Fill);
-    assert_eq!(allocate(2).await, NonceAllocation::New(2));
-    assert_eq!(fill(0, jobs[2]).await, GapFill::Wait);
-    // The cancelled run, retried, signs with a new nonce, never the one the filler used.
-    store.retry_run(&runs[0], T0 + 1).await.unwrap();
-    assert_eq!(allocate(0).await, NonceAllocation::New(3));
+    assert_eq!(fill(0, jobs[1], late).await, GapFill::Fill);
+    assert_eq!(allocate(2, 0).await, NonceAllocation::New(2));
+    assert_eq!(fill(0, jobs[2], late).await, GapFill::Wait);
+    // A filler whose job ended leaves its gap to the next step that asks.
+    store.cancel_run(&runs[1], T0).await.unwrap();
+    assert_eq!(fill(0, jobs[2], late).await, GapFill::Fill);
+    // The cancelled run, retried, keeps its nonce: once the node has seen it used it signs
+    // nothing, for the engine cannot know whether its own transaction went out elsewhere...
+    store.retry_run(&runs[0], late).await.unwrap();
+    assert_eq!(allocate(0, 1).await, NonceAllocation::Spent(0));
+    // ... unless it finds the filler's transaction mined: then its own never can be, and it
+    // gets a new nonce.
+    let gap = NonceGap {
+        chain_id: 1,
+        address: nonce_request(1, "", 0).address,
+        nonce: 0,
+        job_id: jobs[2],
+    };
+    store.note_nonce_fill(&gap, "0xf111").await.unwrap();
+    assert_eq!(
+        allocate(0, 1).await,
+        NonceAllocation::Filled {
+            nonce: 0,
+            hash: "0xf111".into()
+        }
+    );
+    let seen_mined = NonceRequest {
+        job_id: Some(jobs[0]),
+        filled: Some(0),
+        ..nonce_request(1, &format!("{}:send", runs[0]), 1)
+    };
+    assert_eq!(
+        store.allocate_nonce(&seen_mined, late).await.unwrap(),
+        NonceAllocation::New(3)
+    );
+    assert_eq!(allocate(0, 1).await, NonceAllocation::Again(3));
     // Nothing at or past the next nonce is a gap of ours.
-    assert_eq!(fill(4, jobs[2]).await, GapFill::Wait);
-    // A nonce given outside any job is never taken, whatever waits above it.
+    assert_eq!(fill(4, jobs[2], late).await, GapFill::Wait);
+    // Nonces skipped because another sender of the key used them are no gap of ours either.
+    let skipping = NonceRequest {
+        job_id: Some(jobs[2]),
+        ..nonce_request(1, "skipping", 5)
+    };
+    assert_eq!(
+        store.allocate_nonce(&skipping, T0).await.unwrap(),
+        NonceAllocation::New(5)
+    );
+    assert_eq!(fill(4, jobs[2], late).await, GapFill::Wait);
+    // A nonce given outside any job is never filled, whatever waits above it.
     assert_eq!(
         store
             .allocate_nonce(&nonce_request(1, "outside", 0), T0)
             .await
             .unwrap(),
-        NonceAllocation::New(4)
+        NonceAllocation::New(6)
     );
-    assert_eq!(allocate(1).await, NonceAllocation::Again(1));
-    assert_eq!(fill(4, jobs[2]).await, GapFill::Wait);
     // A step that failed for good with its nonce unsent leaves it to the next waiting step.
     let failing = start(&*store, &one, Trigger::default()).await;
     let job = claim(&*store, T0, 1).await.remove(0);
@@ -2577,13 +2620,14 @@ pub async fn a_nonce_a_cancelled_step_never_sent_is_filled_by_the_step_waiting_a
     };
     assert_eq!(
         store.allocate_nonce(&request, T0).await.unwrap(),
-        NonceAllocation::New(5)
+        NonceAllocation::New(7)
     );
+    assert_eq!(fill(6, jobs[2], late).await, GapFill::Wait);
     store
         .complete(vec![failed(&job, "refused")], T0)
         .await
         .unwrap();
-    assert_eq!(fill(5, jobs[2]).await, GapFill::Fill);
+    assert_eq!(fill(7, jobs[2], late).await, GapFill::Fill);
 }
 
 fn two_steps() -> Workflow {

@@ -494,44 +494,46 @@ async fn steps_over_their_quota_park_until_their_turn_and_do_not_fail() {
 }
 
 /// Parks once, as a kind waiting for an outside answer does (an n8n execution, a transaction's
-/// receipt), then succeeds.
-struct ParksOnce;
+/// receipt); its first attempt then fails, its second succeeds.
+struct ParksThenFailsOnce;
 
 #[async_trait]
-impl StepKind for ParksOnce {
+impl StepKind for ParksThenFailsOnce {
     fn name(&self) -> &'static str {
-        "parks_once"
+        "parks_then_fails_once"
     }
     fn with_schema(&self) -> Value {
         serde_json::json!({})
     }
     async fn run(&self, call: StepCall) -> StepResult {
-        Ok(match call.checkpoint {
-            Some(_) => StepOutcome::Output(Value::Null),
-            None => StepOutcome::Park {
+        match (call.checkpoint, call.attempt) {
+            (None, _) => Ok(StepOutcome::Park {
                 until: Some(0),
                 checkpoint: serde_json::json!({ "sent": true }),
-            },
-        })
+            }),
+            (Some(_), 1) => Err(StepFailure::transient("flaky", "the answer was lost")),
+            (Some(_), _) => Ok(StepOutcome::Output(Value::Null)),
+        }
     }
 }
 
-/// A step takes one turn from its quota for its call: waking from its own park to see the
-/// answer is the same call, and takes none (one token an hour would stall it otherwise).
+/// A step takes one turn from its quota per attempt: waking from its own park to see the
+/// answer is the same call and takes none; a retry is a new call and takes its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_step_woken_from_its_own_park_takes_no_second_turn_of_its_quota() {
+async fn a_wake_takes_no_turn_of_its_quota_and_a_retry_takes_one() {
     let dir =
         TempDir(std::env::temp_dir().join(format!("switchyard-quota-park-{}", std::process::id())));
     let (engine, workflows, version) = engine_with(
         &dir,
-        "id: once\nsteps:\n  - {id: call, type: parks_once, quota: {name: hourly, limit: 1, per: 1h}}\n",
+        "id: once\nretry: {max_retries: 1, initial: 10ms}\nsteps:\n  - {id: call, type: parks_then_fails_once, quota: {name: hourly, limit: 2, per: 1h}}\n",
         "once",
     )
     .await;
     let mut registry = Registry::builtin();
-    registry.add(ParksOnce);
+    registry.add(ParksThenFailsOnce);
     let detail = run_to_its_end(&engine, registry, &workflows["once"], version).await;
     assert_eq!(detail.summary.status, RunStatus::Succeeded, "{detail:?}");
+    assert_eq!(detail.steps[0].attempt, 2);
     let logs = engine
         .store()
         .step_logs(&detail.summary.id, None, 100)
@@ -541,8 +543,16 @@ async fn a_step_woken_from_its_own_park_takes_no_second_turn_of_its_quota() {
         !logs
             .iter()
             .any(|l| l.text.starts_with("quota hourly: waiting")),
-        "{logs:?}"
+        "two turns of two, and no wait: {logs:?}"
     );
+    // Both turns are taken: the next is half an hour away.
+    let now = engine.now();
+    let next = engine
+        .quotas()
+        .take("hourly", 2, Duration::from_secs(3_600), now, true)
+        .await
+        .unwrap();
+    assert!(next > now + 1_700_000, "{}", next - now);
 }
 
 /// A quota kept in a Redis that stops answering: the step waits, spending no attempt, and runs

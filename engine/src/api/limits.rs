@@ -108,8 +108,8 @@ impl RateLimiter {
         let key = match caller {
             Caller::User(name) => format!("api:user:{name}"),
             Caller::Token(jti) => format!("api:token:{jti}"),
-            Caller::Address(a) => format!("api:address:{a:?}"),
-            Caller::Probe(a) => format!("api:probe:{a:?}"),
+            Caller::Address(a) => format!("api:address:{}", address_key(*a)),
+            Caller::Probe(a) => format!("api:probe:{}", address_key(*a)),
         };
         // `burst` at once, refilled at `per_second`: GCRA's limit per period.
         let per = std::time::Duration::from_secs_f64(
@@ -161,7 +161,7 @@ impl RateLimiter {
             let minute = std::time::Duration::from_secs(60);
             let from_address = self
                 .take_shared(
-                    &format!("login:address:{address:?}"),
+                    &format!("login:address:{}", address_key(address)),
                     limit.login.per_address,
                     minute,
                     now,
@@ -210,6 +210,11 @@ impl RateLimiter {
     }
 }
 
+/// A client address as a shared bucket's key; one for callers whose address is not known.
+fn address_key(address: Option<IpAddr>) -> String {
+    address.map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+}
+
 /// How many requests pass between sweeps of idle buckets, which keeps memory bounded by the
 /// callers of the last moments rather than every caller ever seen.
 const SWEEP_EVERY: usize = 4096;
@@ -222,21 +227,21 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(ClientAddr(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|ConnectInfo(addr)| addr.ip()),
-        ))
+        Ok(ClientAddr(client_address(&parts.extensions)))
     }
+}
+
+fn client_address(extensions: &axum::http::Extensions) -> Option<IpAddr> {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        // A dual-stack listener sees an IPv4 client as `::ffff:a.b.c.d`: one address, one
+        // bucket.
+        .map(|ConnectInfo(addr)| addr.ip().to_canonical())
 }
 
 pub async fn limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limiter = &state.limiter;
-    let address = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip());
+    let address = client_address(request.extensions());
     let caller = if matches!(request.uri().path(), "/health" | "/metrics") {
         Caller::Probe(address)
     } else {

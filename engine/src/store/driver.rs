@@ -351,4 +351,10 @@ impl<D: Driver> Store for D {
         self.commit(tx, Effects::default(), &[]).await?;
         Ok(fill)
     }
+
+    async fn note_nonce_fill(&self, gap: &NonceGap, hash: &str) -> Result<()> {
+        let mut tx = self.begin().await?;
+        machine::note_nonce_fill(&mut tx, gap, hash).await?;
+        self.commit(tx, Effects::default(), &[]).await
+    }
 }

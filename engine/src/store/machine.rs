@@ -492,8 +492,41 @@ pub(crate) trait Tx: Send {
         address: &str,
         nonce: i64,
     ) -> Result<Option<NonceHolder>>;
-    /// Takes `nonce` of the account from whoever held it.
-    async fn release_nonce(&mut self, chain_id: i64, address: &str, nonce: i64) -> Result<()>;
+    /// The step filling the gap at `nonce` of the account, if one is.
+    async fn nonce_filler(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+    ) -> Result<Option<NonceFiller>>;
+    /// Records the filler's transaction, when `job` still fills the gap.
+    async fn note_fill_hash(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+        job: JobId,
+        hash: &str,
+    ) -> Result<()>;
+    /// Gives `owner` `nonce` instead of the one it held, and makes the account's next nonce at
+    /// least `nonce + 1`.
+    async fn move_nonce(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        owner: &str,
+        nonce: i64,
+        now: Millis,
+    ) -> Result<()>;
+    /// Gives the gap at `nonce` of the account to `job` to fill (its transaction not yet known).
+    async fn record_fill(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+        job: JobId,
+        now: Millis,
+    ) -> Result<()>;
 
     /// Up to `limit` runs whose retention ended by `now`, held for deletion.
     async fn expired_runs(&mut self, now: Millis, limit: u32) -> Result<Vec<RunId>>;
@@ -984,11 +1017,23 @@ pub(crate) async fn allocate_nonce(
         .await?;
     if let Some(owned) = state.owned {
         let owned_u64 = owned as u64;
-        return Ok(if owned < floor {
-            NonceAllocation::Spent(owned_u64)
-        } else {
-            NonceAllocation::Again(owned_u64)
-        });
+        if owned >= floor {
+            return Ok(NonceAllocation::Again(owned_u64));
+        }
+        let fill = tx.nonce_filler(chain_id, &request.address, owned).await?;
+        let Some(hash) = fill.and_then(|f| f.hash) else {
+            return Ok(NonceAllocation::Spent(owned_u64));
+        };
+        if request.filled != Some(owned_u64) {
+            return Ok(NonceAllocation::Filled {
+                nonce: owned_u64,
+                hash,
+            });
+        }
+        let nonce = state.next.unwrap_or(0).max(floor);
+        tx.move_nonce(chain_id, &request.address, &request.owner, nonce, now)
+            .await?;
+        return Ok(NonceAllocation::New(nonce as u64));
     }
     let nonce = state.next.unwrap_or(0).max(floor);
     tx.record_nonce(
@@ -1009,20 +1054,38 @@ pub(crate) struct NonceHolder {
     pub job_id: Option<JobId>,
     /// The state of that job; `None` once it is no longer stored (its run was pruned).
     pub job_state: Option<JobState>,
+    pub finished_at: Option<Millis>,
 }
 
-/// Whether a step waiting with a later nonce may take the gap below it, under the account's
-/// lock. A gap is a nonce given to a step whose transaction never reached the node: its run was
+/// Which step fills a gap, as [`Tx::nonce_filler`] read it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct NonceFiller {
+    pub job_id: JobId,
+    /// The state of that job; `None` once it is no longer stored.
+    pub job_state: Option<JobState>,
+    /// The transaction it fills the gap with, once signed.
+    pub hash: Option<String>,
+}
+
+/// How long after a step's job ended its nonce may be filled: a cancelled step's task stops at
+/// its next heartbeat, and until then it may still send.
+pub const NONCE_GAP_GRACE: Millis = 30_000;
+
+/// Whether a step waiting with a later nonce may fill the gap below it, under the account's
+/// lock. A gap is a nonce given to a step whose transaction the node does not have: its run was
 /// cancelled between storing the signed transaction and sending it, or the node refused it until
 /// the step failed. Every transaction of the key after it waits in the node's pool until the
 /// nonce is used, so the waiting step fills it with one that does nothing.
-/// - Only a nonce whose step can no longer send is taken (`Fill`): its job failed or was
-///   cancelled (a run's retry puts it back, and it then asks for a new nonce), or is no longer
-///   stored, or none of ours holds it; or the asker took it before (an attempt after a crash).
-///   A step whose job may still run, or that ran outside a job, keeps its nonce (`Wait`).
-/// - Taking it moves the nonce to the asker, so the step that held it, retried, is given a new
-///   one and never signs with a nonce the filler used.
-/// - Nothing is taken at or past the account's next nonce: no step of ours waits above it.
+/// - Only a nonce one of our steps was given is filled, once that step's job failed or was
+///   cancelled [`NONCE_GAP_GRACE`] ago, or is no longer stored. A nonce no step holds was skipped
+///   because another sender of the key had used it; one given outside a job has no end to wait
+///   for: both are left alone (`Wait`).
+/// - The holder keeps its nonce: retried, it is told `Filled` once the node has seen the nonce
+///   used, and is given another only when it has seen the filler mined (`allocate_nonce`): the
+///   engine cannot know whether its own transaction reached another node.
+/// - One step fills a gap (`chain_nonce_fills`): the first to ask, again after a crash, or
+///   another once that one's job has ended.
+/// - Nothing at or past the account's next nonce is a gap: no step of ours waits above it.
 pub(crate) async fn fill_nonce_gap(
     tx: &mut dyn Tx,
     gap: &NonceGap,
@@ -1034,38 +1097,49 @@ pub(crate) async fn fill_nonce_gap(
         .map_err(|_| StoreError::Rejected(format!("nonce {} is too large", gap.nonce)))?;
     tx.lock_key(&format!("chain_nonce/{chain_id}/{}", gap.address))
         .await?;
-    let filler = format!("gap:{nonce}");
-    let next = tx.nonce_state(chain_id, &gap.address, &filler).await?.next;
+    let next = tx.nonce_state(chain_id, &gap.address, "").await?.next;
     if next.is_none_or(|next| nonce >= next) {
         return Ok(GapFill::Wait);
     }
-    let holder = tx.nonce_holder(chain_id, &gap.address, nonce).await?;
-    let takeable = match &holder {
+    let Some(NonceHolder {
+        job_id: Some(_),
+        job_state,
+        finished_at,
+    }) = tx.nonce_holder(chain_id, &gap.address, nonce).await?
+    else {
+        return Ok(GapFill::Wait);
+    };
+    let ended = match job_state {
         None => true,
-        Some(NonceHolder { job_id: None, .. }) => false,
-        Some(NonceHolder {
-            job_id: Some(job), ..
-        }) if *job == gap.job_id => true,
-        Some(NonceHolder { job_state, .. }) => {
-            job_state.is_none_or(|state| JobState::UNSUCCESSFUL.contains(&state))
+        Some(state) => {
+            JobState::UNSUCCESSFUL.contains(&state)
+                && finished_at.is_some_and(|at| at.saturating_add(NONCE_GAP_GRACE) <= now)
         }
     };
-    if !takeable {
+    if !ended {
         return Ok(GapFill::Wait);
     }
-    if holder.is_some() {
-        tx.release_nonce(chain_id, &gap.address, nonce).await?;
+    match tx.nonce_filler(chain_id, &gap.address, nonce).await? {
+        Some(filler) if filler.job_id == gap.job_id => Ok(GapFill::Fill),
+        Some(filler) if filler.job_state.is_some_and(|s| !s.is_finished()) => Ok(GapFill::Wait),
+        _ => {
+            tx.record_fill(chain_id, &gap.address, nonce, gap.job_id, now)
+                .await?;
+            Ok(GapFill::Fill)
+        }
     }
-    tx.record_nonce(
-        chain_id,
-        &gap.address,
-        &filler,
-        nonce,
-        Some(gap.job_id),
-        now,
-    )
-    .await?;
-    Ok(GapFill::Fill)
+}
+
+/// Notes the transaction a filler signed, before it is sent: the holder of the nonce, retried,
+/// is told it ([`NonceAllocation::Filled`]), and once it is mined the holder's own transaction
+/// never can be.
+pub(crate) async fn note_nonce_fill(tx: &mut dyn Tx, gap: &NonceGap, hash: &str) -> Result<()> {
+    let chain_id = i64::try_from(gap.chain_id)
+        .map_err(|_| StoreError::Rejected(format!("chain id {} is too large", gap.chain_id)))?;
+    let nonce = i64::try_from(gap.nonce)
+        .map_err(|_| StoreError::Rejected(format!("nonce {} is too large", gap.nonce)))?;
+    tx.note_fill_hash(chain_id, &gap.address, nonce, gap.job_id, hash)
+        .await
 }
 
 /// A key names one request (Stripe's rule): reusing it with another input is a mistake to

@@ -5,6 +5,7 @@
 
 mod driver;
 mod machine;
+pub use machine::NONCE_GAP_GRACE;
 mod postgres;
 mod sql;
 mod sqlite;
@@ -986,6 +987,8 @@ pub trait Store: Reads {
     /// Whether the job waiting above `gap.nonce` may fill it with a transaction of its own (see
     /// `machine::fill_nonce_gap`); if so, the nonce is now its.
     async fn fill_nonce_gap(&self, gap: &NonceGap, now: Millis) -> Result<GapFill>;
+    /// Records the transaction `hash` the job of `gap` fills it with, before it is sent.
+    async fn note_nonce_fill(&self, gap: &NonceGap, hash: &str) -> Result<()>;
 }
 
 /// One change of [`Store::change_settings`].
@@ -1047,8 +1050,11 @@ pub struct NonceRequest {
     /// Switchyard or by anyone else holding the key.
     pub floor: u64,
     /// The job the step runs in; none outside one (a kind tried on its own). A nonce whose job
-    /// has ended without sending may be taken over by [`Store::fill_nonce_gap`].
+    /// has ended without sending may be filled by another ([`Store::fill_nonce_gap`]).
     pub job_id: Option<JobId>,
+    /// The owner's nonce, told [`NonceAllocation::Filled`], whose filler the step has seen
+    /// mined: its own transaction can never be, and it is given a new nonce.
+    pub filled: Option<u64>,
 }
 
 /// A nonce of an account that the node has not seen, though a transaction with a later one
@@ -1076,7 +1082,7 @@ pub enum GapFill {
 }
 
 /// What [`Store::allocate_nonce`] gave a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NonceAllocation {
     /// A nonce no other step was given: one above every nonce allocated on the account so far
     /// and at least the node's pending nonce.
@@ -1088,6 +1094,10 @@ pub enum NonceAllocation {
     /// step's own transaction (whose record was lost, as a retried run clears it) or by another
     /// sender of the key. Signing another transaction could send twice, so the step must not.
     Spent(u64),
+    /// As `Spent`, but another step filled the nonce with the transaction `hash`: if that is
+    /// the one mined, this owner's own never can be, and it may ask again with
+    /// [`NonceRequest::filled`].
+    Filled { nonce: u64, hash: String },
 }
 
 /// A token revoked before it expires.

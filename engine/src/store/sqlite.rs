@@ -24,8 +24,8 @@ use tokio::sync::Notify;
 use super::driver::Driver;
 use super::machine::{
     Disposition, Effects, ExpiredLease, FailedStep, FinishedRun, GateLoad, KeyedRun, LoopProgress,
-    NewVersion, NonceHolder, NonceState, NotificationUpdate, RecordCutoffs, SettingKey, Settled,
-    SettledJob, Succeeded, Tx,
+    NewVersion, NonceFiller, NonceHolder, NonceState, NotificationUpdate, RecordCutoffs,
+    SettingKey, Settled, SettledJob, Succeeded, Tx,
 };
 use super::sql::statement;
 use super::*;
@@ -815,6 +815,14 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         // An item waits for one need no step names, so no count of needs (a gate opening, a
         // retry) ever makes it ready: `release_items` does.
         // A retry's items: those past the list rendered now go, the others run again.
+        sqlx::query(
+            "DELETE FROM usage_counted WHERE job_id IN \
+             (SELECT id FROM jobs WHERE loop_job_id = ?1 AND item_index >= ?2)",
+        )
+        .bind(loop_job)
+        .bind(items.len() as i64)
+        .execute(&mut *self.0)
+        .await?;
         sqlx::query("DELETE FROM jobs WHERE loop_job_id = ?1 AND item_index >= ?2")
             .bind(loop_job)
             .bind(items.len() as i64)
@@ -1378,7 +1386,7 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         nonce: i64,
     ) -> Result<Option<NonceHolder>> {
         Ok(sqlx::query_as(
-            "SELECT o.job_id, j.state AS job_state FROM chain_nonce_owners o \
+            "SELECT o.job_id, j.state AS job_state, j.finished_at FROM chain_nonce_owners o \
              LEFT JOIN jobs j ON j.id = o.job_id \
              WHERE o.chain_id = ?1 AND o.address = ?2 AND o.nonce = ?3",
         )
@@ -1389,14 +1397,97 @@ impl<C: DerefMut<Target = SqliteConnection> + Send> Tx for SqliteTx<C> {
         .await?)
     }
 
-    async fn release_nonce(&mut self, chain_id: i64, address: &str, nonce: i64) -> Result<()> {
-        sqlx::query(
-            "DELETE FROM chain_nonce_owners \
-             WHERE chain_id = ?1 AND address = ?2 AND nonce = ?3",
+    async fn nonce_filler(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+    ) -> Result<Option<NonceFiller>> {
+        Ok(sqlx::query_as(
+            "SELECT f.job_id, j.state AS job_state, f.hash FROM chain_nonce_fills f \
+             LEFT JOIN jobs j ON j.id = f.job_id \
+             WHERE f.chain_id = ?1 AND f.address = ?2 AND f.nonce = ?3",
         )
         .bind(chain_id)
         .bind(address)
         .bind(nonce)
+        .fetch_optional(&mut *self.0)
+        .await?)
+    }
+
+    async fn note_fill_hash(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+        job: JobId,
+        hash: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE chain_nonce_fills SET hash = ?5 \
+             WHERE chain_id = ?1 AND address = ?2 AND nonce = ?3 AND job_id = ?4",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(nonce)
+        .bind(job)
+        .bind(hash)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn move_nonce(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        owner: &str,
+        nonce: i64,
+        now: Millis,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE chain_nonce_owners SET nonce = ?4, allocated_at = ?5 \
+             WHERE chain_id = ?1 AND address = ?2 AND owner = ?3",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(owner)
+        .bind(nonce)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        sqlx::query(
+            "UPDATE chain_nonces SET next_nonce = MAX(next_nonce, ?3 + 1), updated_at = ?4 \
+             WHERE chain_id = ?1 AND address = ?2",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(nonce)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_fill(
+        &mut self,
+        chain_id: i64,
+        address: &str,
+        nonce: i64,
+        job: JobId,
+        now: Millis,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO chain_nonce_fills (chain_id, address, nonce, job_id, filled_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (chain_id, address, nonce) DO UPDATE \
+             SET job_id = excluded.job_id, filled_at = excluded.filled_at, hash = NULL",
+        )
+        .bind(chain_id)
+        .bind(address)
+        .bind(nonce)
+        .bind(job)
+        .bind(now)
         .execute(&mut *self.0)
         .await?;
         Ok(())

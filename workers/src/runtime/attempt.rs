@@ -447,7 +447,10 @@ async fn attempt(
             (AttemptResult::Succeeded { output }, Vec::new())
         }
         Ok(StepOutcome::Park { until, checkpoint }) => match check_storable(&checkpoint) {
-            Ok(()) => (AttemptResult::Parked { until, checkpoint }, Vec::new()),
+            Ok(()) => {
+                let checkpoint = with_quota_note(checkpoint, step, job, engine.now());
+                (AttemptResult::Parked { until, checkpoint }, Vec::new())
+            }
             Err(problem) => failed(StepFailure::permanent(
                 "checkpoint_unstorable",
                 format!("checkpoint {problem}"),
@@ -455,13 +458,18 @@ async fn attempt(
         },
         Ok(StepOutcome::StartChildren(children)) => {
             match plan_children(engine, job, children).await {
-                Ok(runs) => (
-                    AttemptResult::Parked {
-                        until: None,
-                        checkpoint: json!({ "children": runs.iter().map(|r| &r.id).collect::<Vec<_>>() }),
-                    },
-                    runs,
-                ),
+                Ok(runs) => {
+                    let children =
+                        json!({ "children": runs.iter().map(|r| &r.id).collect::<Vec<_>>() });
+                    let checkpoint = with_quota_note(children, step, job, engine.now());
+                    (
+                        AttemptResult::Parked {
+                            until: None,
+                            checkpoint,
+                        },
+                        runs,
+                    )
+                }
                 Err(f) => failed(f),
             }
         }
@@ -540,9 +548,29 @@ const QUOTA_KEY: &str = "quota";
 /// (Redis or the database did not answer).
 const QUOTA_UNREACHABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A parking step's checkpoint with the note that this attempt had its quota's turn, so waking
+/// for its answer (an n8n execution's, a transaction's receipt) takes none; the next attempt, a
+/// new call, takes its own.
+fn with_quota_note(
+    checkpoint: Value,
+    step: &Step,
+    job: &ClaimedJob,
+    now: switchyard_engine::state::Millis,
+) -> Value {
+    let (Some(quota), Value::Object(mut kept)) = (&step.quota, checkpoint.clone()) else {
+        return checkpoint;
+    };
+    kept.insert(
+        QUOTA_KEY.to_owned(),
+        json!({ "name": quota.name, "attempt": job.lease.attempt, "at": now }),
+    );
+    Value::Object(kept)
+}
+
 /// The checkpoint the kind kept, without the runtime's note of a quota wait.
 fn kinds_checkpoint(checkpoint: Option<&Value>) -> Option<Value> {
     match checkpoint? {
+        Value::Null => None,
         Value::Object(kept) if kept.contains_key(QUOTA_KEY) => {
             let mut kept = kept.clone();
             kept.remove(QUOTA_KEY);
@@ -562,9 +590,13 @@ async fn wait_for_quota(
     vars: &Value,
     log: &StepLog,
 ) -> Result<Option<AttemptResult>, StepFailure> {
-    // Its call was let through already: waking for the answer (an n8n execution's, a
-    // transaction's receipt) or sending the same stored request again is that call.
-    if kept_by_kind(job.checkpoint.as_ref()) {
+    // A kind that keeps a bare value has no room for the note of its turn: it is woken with its
+    // turn taken.
+    if job
+        .checkpoint
+        .as_ref()
+        .is_some_and(|c| !c.is_object() && !c.is_null())
+    {
         return Ok(None);
     }
     let noted = job.checkpoint.as_ref().and_then(|c| c.get(QUOTA_KEY));

@@ -22,6 +22,13 @@
 //! mined transaction that reverted fails for good, with the reason its call gives when replayed
 //! by `eth_call` on the state its block started from (receipts carry no reason).
 //!
+//! **While it waits.** A transaction whose fees were the node's estimate, once the base fee has
+//! passed what it pays, is signed again with the same nonce and higher fees and parked with
+//! before it is sent; the checkpoint keeps the hashes it replaced, and whichever is mined ends
+//! the step. A nonce below the step's own that the node has no transaction for, held by a step
+//! that failed or was cancelled, is filled with an empty transfer to the sender
+//! (`Store::fill_nonce_gap` decides), so the step's own can be mined.
+//!
 //! **Secrets.** `key` must be a secret reference: a key written in a definition would be in its
 //! history. `rpc_url` may hold one (a provider's key in its path). No error, log line or output
 //! carries either.
@@ -80,6 +87,8 @@ pub trait NonceAllocator: Send + Sync + 'static {
     async fn allocate(&self, request: &NonceRequest) -> Result<NonceAllocation, NonceError>;
     /// Whether the step waiting above `gap` may take it (`Store::fill_nonce_gap`).
     async fn fill_gap(&self, gap: &NonceGap) -> Result<GapFill, NonceError>;
+    /// Records the transaction a step fills `gap` with, before it is sent.
+    async fn note_fill(&self, gap: &NonceGap, hash: B256) -> Result<(), NonceError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +131,14 @@ impl NonceAllocator for StoreNonces {
             .await
             .map_err(|e| NonceError::Unavailable(e.to_string()))
     }
+
+    async fn note_fill(&self, gap: &NonceGap, hash: B256) -> Result<(), NonceError> {
+        let hash = format!("{hash:#x}");
+        let note = || self.0.store().note_nonce_fill(gap, &hash);
+        retry_transient("noting a nonce's filler", note)
+            .await
+            .map_err(|e| NonceError::Unavailable(e.to_string()))
+    }
 }
 
 /// No allocator: for a registry that checks definitions and runs no `chain` step that sends
@@ -136,6 +153,10 @@ impl NonceAllocator for NoNonces {
 
     async fn fill_gap(&self, _: &NonceGap) -> Result<GapFill, NonceError> {
         Ok(GapFill::Wait)
+    }
+
+    async fn note_fill(&self, _: &NonceGap, _: B256) -> Result<(), NonceError> {
+        Err(NonceError::NotShared)
     }
 }
 
@@ -809,10 +830,40 @@ impl Chain {
             owner: call.idempotency_key.clone(),
             floor,
             job_id: call.job_id,
+            filled: None,
         };
-        let nonce = match self.nonces.allocate(&request).await {
+        let mut allocation = self.nonces.allocate(&request).await;
+        if let Ok(NonceAllocation::Filled { nonce, hash }) = &allocation {
+            // Another step filled this step's nonce. Once its filler is mined, this step's own
+            // transaction never can be, and it signs with a new nonce.
+            let filler = hash.parse::<B256>().ok();
+            let mined = match filler {
+                Some(filler) => rpc(
+                    "eth_getTransactionReceipt",
+                    node.get_transaction_receipt(filler),
+                )
+                .await?
+                .is_some(),
+                None => false,
+            };
+            if mined {
+                call.log.line(
+                    "info",
+                    format!(
+                        "nonce {nonce} of {from} was filled by {hash}, which is mined: this step \
+                         takes a new one"
+                    ),
+                );
+                let again = NonceRequest {
+                    filled: Some(*nonce),
+                    ..request.clone()
+                };
+                allocation = self.nonces.allocate(&again).await;
+            }
+        }
+        let nonce = match allocation {
             Ok(NonceAllocation::New(n) | NonceAllocation::Again(n)) => n,
-            Ok(NonceAllocation::Spent(n)) => {
+            Ok(NonceAllocation::Spent(n) | NonceAllocation::Filled { nonce: n, .. }) => {
                 return Err(StepFailure::permanent(
                     "nonce_spent",
                     format!(
@@ -879,19 +930,29 @@ impl Chain {
         let mut unseen = false;
         match broadcast {
             Ok(_) => call.log.line("info", format!("sent {hash}")),
-            Err(e) => {
-                if !nonce_taken(&e) {
-                    return Err(rpc_failure("eth_sendRawTransaction", e));
-                }
-                call.log.line(
+            Err(e) => match refusal(&e) {
+                Refusal::Ours => call.log.line(
                     "info",
-                    format!(
-                        "the node knows nonce {} already ({e}): waiting for {hash}",
-                        signed.nonce
-                    ),
-                );
-                unseen = !knows_any(node, signed).await?;
-            }
+                    format!("the node has {hash} already: waiting for it"),
+                ),
+                Refusal::NonceUsed => {
+                    call.log.line(
+                        "info",
+                        format!(
+                            "the node knows nonce {} already ({e}): waiting for {hash}",
+                            signed.nonce
+                        ),
+                    );
+                    unseen = !knows_any(node, signed).await?;
+                }
+                // A replacement the node will not take (the sender cannot pay its higher fees,
+                // a fee cap): the one it replaces may still be mined, so the step waits for it.
+                Refusal::Other if !signed.replaced.is_empty() => call.log.line(
+                    "warn",
+                    format!("the node refused {hash} ({e}): waiting for the one it replaced"),
+                ),
+                Refusal::Other => return Err(rpc_failure("eth_sendRawTransaction", e)),
+            },
         }
         let receipt = match self.wait(node, plan, signed, call, unseen).await? {
             Waited::Mined(receipt) => *receipt,
@@ -1100,6 +1161,13 @@ impl Chain {
         let signer = plan.signer.as_ref().expect("a send has a key");
         let envelope = sign_eip1559(signer, filler)?;
         let hash = *envelope.tx_hash();
+        // Before it is sent: the step that held the nonce, retried, learns whether it may take
+        // another by looking for this transaction.
+        if let Err(e) = self.nonces.note_fill(&gap, hash).await {
+            call.log
+                .line("warn", format!("nonce gap at {pending}: {e}"));
+            return Ok(());
+        }
         let sent = tokio::time::timeout(
             RPC_TIMEOUT,
             node.send_raw_transaction(&envelope.encoded_2718()),
@@ -1162,21 +1230,28 @@ async fn pending_nonce(node: &RootProvider, from: Address) -> Result<u64, StepFa
     .await
 }
 
-/// Whether the node refused a broadcast because it has a transaction with that nonce already:
-/// these very bytes, another of the step's own, or someone else's.
-fn nonce_taken(e: &RpcError<TransportErrorKind>) -> bool {
-    e.as_error_resp().is_some_and(|p| {
-        let message = p.message.to_lowercase();
-        [
-            "already known",
-            "known transaction",
-            "already imported",
-            "nonce too low",
-            "replacement transaction underpriced",
-        ]
-        .iter()
-        .any(|m| message.contains(m))
-    })
+/// Why the node refused a broadcast.
+enum Refusal {
+    /// It has these very bytes already.
+    Ours,
+    /// It has a transaction with that nonce: another of the step's own, or someone else's.
+    NonceUsed,
+    Other,
+}
+
+fn refusal(e: &RpcError<TransportErrorKind>) -> Refusal {
+    let Some(payload) = e.as_error_resp() else {
+        return Refusal::Other;
+    };
+    let message = payload.message.to_lowercase();
+    let says = |phrases: &[&str]| phrases.iter().any(|p| message.contains(p));
+    if says(&["already known", "known transaction", "already imported"]) {
+        Refusal::Ours
+    } else if says(&["nonce too low", "replacement transaction underpriced"]) {
+        Refusal::NonceUsed
+    } else {
+        Refusal::Other
+    }
 }
 
 /// Whether the node knows one of the step's transactions, pending or mined.
