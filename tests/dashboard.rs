@@ -164,7 +164,7 @@ impl Page {
 
     /// The text of `css`, once the page has one (a page a click asked for may still load).
     async fn text(&self, css: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let found = match self.client.find(Locator::Css(css)).await {
                 Ok(e) => e.text().await,
@@ -241,7 +241,7 @@ impl Page {
 
     /// Waits until the browser is on `path` (a form's answer may take a moment).
     async fn wait_path(&self, path: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while self.path().await != path {
             if Instant::now() > deadline {
                 panic!(
@@ -256,7 +256,7 @@ impl Page {
 
     /// Waits until the browser is on a page whose path starts with `prefix`, and returns it.
     async fn wait_under(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let path = self.path().await;
             if path.starts_with(prefix) {
@@ -418,7 +418,7 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
         .await
         .unwrap();
     page.click("#start").await;
-    page.wait_text(".problem", "input_schema", Duration::from_secs(15))
+    page.wait_text(".problem", "input_schema", Duration::from_secs(30))
         .await;
     page.fill("#in-name", "Ada").await;
     page.click("#start").await;
@@ -467,7 +467,7 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
         .await
         .unwrap();
     let slow = started["run_id"].as_str().unwrap().to_owned();
-    page.wait_text(&format!("#run-{slow}"), "slow", Duration::from_secs(15))
+    page.wait_text(&format!("#run-{slow}"), "slow", Duration::from_secs(30))
         .await;
     assert!(
         page.has("body[data-loaded-once='yes']").await,
@@ -487,7 +487,7 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
 
     // Cancel a run.
     page.click("#cancel").await;
-    page.wait_text("#run-status", "cancelled", Duration::from_secs(15))
+    page.wait_text("#run-status", "cancelled", Duration::from_secs(30))
         .await;
 
     // The list filters by status.
@@ -499,7 +499,7 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
     page.open("/workflows/approve").await;
     page.click("#start").await;
     run_id(&page).await;
-    page.wait_text("#step-ask summary", "parked", Duration::from_secs(15))
+    page.wait_text("#step-ask summary", "parked", Duration::from_secs(30))
         .await;
     page.fill("#signal-payload", r#"{"ok": true}"#).await;
     page.click("#signal").await;
@@ -524,12 +524,12 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
     page.fill("#var-name", "release_flag").await;
     page.fill("#var-value", "\"go\"").await;
     page.click("#variables form.row-form button").await;
-    page.wait_text("#variables table", "release_flag", Duration::from_secs(15))
+    page.wait_text("#variables table", "release_flag", Duration::from_secs(30))
         .await;
     page.fill("#secret-name", "shop_key").await;
     page.fill("#secret-value", "sk-never-shown").await;
     page.click("#secrets form.row-form button").await;
-    page.wait_text("#secrets table", "shop_key", Duration::from_secs(15))
+    page.wait_text("#secrets table", "shop_key", Duration::from_secs(30))
         .await;
     let html = page.client.source().await.unwrap();
     assert!(html.contains("shop_key") && !html.contains("sk-never-shown"));
@@ -546,7 +546,7 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
     page.open("/workflows/nightly").await;
     assert_eq!(page.text("#paused").await, "no");
     page.click("#pause").await;
-    page.wait_text("#paused", "yes", Duration::from_secs(15))
+    page.wait_text("#paused", "yes", Duration::from_secs(30))
         .await;
     assert!(page.has("#resume").await);
     page.survey("workflow").await;
@@ -612,7 +612,7 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
         50
     );
     page.click("a[rel=next]").await;
-    page.wait_text("main", "Newest", Duration::from_secs(15))
+    page.wait_text("main", "Newest", Duration::from_secs(30))
         .await;
     assert!(
         page.has(&format!("#run-{greet}")).await,
