@@ -1,6 +1,8 @@
 //! The HTTP surface: `/health` and `/metrics` at the root, the admin API under `/api`, and its
-//! OpenAPI 3.1 document at `/api/openapi.json`, generated from the handlers' types. Only this
-//! module serves HTTP and owns the JSON shapes it answers with.
+//! OpenAPI 3.1 document at `/api/openapi.json`, generated from the handlers' types; the web
+//! dashboard (`crate::dashboard`) is served through the same router, under its limits. Only this
+//! module and the dashboard serve HTTP, and only this module owns the JSON shapes it answers
+//! with.
 //!
 //! Who may call what is in each handler's signature: its role extractor (`Viewer`, `Operator`,
 //! `Admin` in `auth.rs`); public handlers have none. Handlers reach the engine only through
