@@ -33,6 +33,12 @@ use axum::response::Response;
 use axum::routing::{get, post};
 
 pub use error::DashboardError;
+
+/// The login token of a request's dashboard session cookie, unverified: the API's rate limits
+/// count a dashboard session in its user's bucket, as they do the user's bearer tokens.
+pub(crate) fn session_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    session::cookie(headers, session::SESSION_COOKIE).filter(|t| !t.is_empty())
+}
 pub use overview::Samples;
 
 use crate::api::AppState;
