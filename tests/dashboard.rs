@@ -71,6 +71,11 @@ workflows:
         type: transform
         needs: [score_each]
         with: {output: {scored: "{{ steps.score_each.output | length }}"}}
+  speak:
+    steps:
+      - id: fetch
+        type: http
+        with: {url: "FILES/audio"}
   nightly:
     schedule: "0 3 * * *"
     steps:
@@ -371,7 +376,17 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
         );
         return;
     };
-    let mut sandbox = Sandbox::new("dashboard", DEFINITIONS);
+    // A file server for a step that keeps what it fetched as an artifact.
+    let audio: Vec<u8> = (0..50_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    let served = audio.clone();
+    let files = common::serve_in_thread(axum::Router::new().route(
+        "/audio",
+        axum::routing::get(move || {
+            let audio = served.clone();
+            async move { ([("content-type", "audio/mpeg")], audio) }
+        }),
+    ));
+    let mut sandbox = Sandbox::new("dashboard", &DEFINITIONS.replace("FILES", &files));
     add_user(&sandbox, "olga", "operator");
     add_user(&sandbox, "vera", "viewer");
     add_user(&sandbox, "ada", "admin");
@@ -485,7 +500,49 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
         "the live refresh closed the section"
     );
 
+    // A file a step kept is linked from its run, and served as the API serves it: sandboxed.
+    let started: Value = http
+        .post(format!("{base}/api/workflows/speak/start"))
+        .bearer_auth(&token)
+        .json(&json!({"input": {}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page.open(&format!("/runs/{}", started["run_id"].as_str().unwrap()))
+        .await;
+    page.wait_text("#run-status", "succeeded", Duration::from_secs(30))
+        .await;
+    let link = page
+        .client
+        .find(Locator::Css("a[href^='/artifacts/']"))
+        .await
+        .unwrap()
+        .attr("href")
+        .await
+        .unwrap()
+        .unwrap();
+    let session = page
+        .client
+        .get_named_cookie("switchyard_session")
+        .await
+        .unwrap();
+    let file = http
+        .get(format!("{base}{link}"))
+        .header("cookie", format!("switchyard_session={}", session.value()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(file.status(), 200);
+    assert_eq!(file.headers()["content-type"], "audio/mpeg");
+    let policy = file.headers()["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("sandbox"), "{policy}");
+    assert_eq!(file.bytes().await.unwrap().as_ref(), audio.as_slice());
+
     // Cancel a run.
+    page.open(&format!("/runs/{slow}")).await;
     page.click("#cancel").await;
     page.wait_text("#run-status", "cancelled", Duration::from_secs(30))
         .await;
