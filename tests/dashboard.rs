@@ -6,9 +6,11 @@
 //! Needs `chromedriver` and `chromium` (`SWITCHYARD_CHROMEDRIVER`, `SWITCHYARD_CHROMIUM`, or
 //! Debian's paths); without them the test says it is skipped, and fails where
 //! `SWITCHYARD_REQUIRE_CHROMIUM` is set, as in CI.
+#![cfg(target_os = "linux")]
 
 mod common;
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -100,7 +102,12 @@ struct Driver {
 }
 
 impl Drop for Driver {
+    /// Ends chromedriver and the Chromium it started, which is in its process group: a test
+    /// that fails before it closes its browser leaves none behind.
     fn drop(&mut self) {
+        if let Some(group) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -115,6 +122,8 @@ impl Driver {
             .port();
         let child = Command::new(binary)
             .arg(format!("--port={port}"))
+            // Its own process group, which the browsers it starts join.
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
