@@ -39,11 +39,11 @@ pub use error::DashboardError;
 pub(crate) fn session_token(headers: &axum::http::HeaderMap) -> Option<&str> {
     session::cookie(headers, session::SESSION_COOKIE).filter(|t| !t.is_empty())
 }
-pub use overview::Samples;
 
 use crate::api::AppState;
 use crate::health::Heartbeats;
 use crate::service::Engine;
+use overview::Samples;
 
 /// What the dashboard keeps in a process: whether its cookies need TLS, and the overview's
 /// recent samples.

@@ -33,7 +33,7 @@ const SUCCESS_WINDOW: Millis = 15 * 60_000;
 const STUCK_AFTER: Millis = 120_000;
 
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct Sample {
+pub(super) struct Sample {
     /// Seconds since the epoch, as uPlot's time axis takes them.
     at: f64,
     runs_per_second: f64,
@@ -47,7 +47,7 @@ pub struct Sample {
 
 /// The samples of the last half hour, oldest first.
 #[derive(Debug, Default)]
-pub struct Samples(Mutex<VecDeque<Sample>>);
+pub(super) struct Samples(Mutex<VecDeque<Sample>>);
 
 impl Samples {
     fn push(&self, sample: Sample) {
