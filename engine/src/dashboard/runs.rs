@@ -166,10 +166,11 @@ pub(super) struct LiveQuery {
     since: Option<Millis>,
 }
 
-/// How often the live list looks for new and changed runs, and how long one stream lasts (the
-/// browser reconnects, and the session is checked again).
+/// How often the live list looks for new and changed runs, and how long one stream lasts: the
+/// browser reconnects, and the session is checked again, so a stream outlives its session's
+/// logout by a minute at most.
 const LIVE_EVERY: Duration = Duration::from_secs(1);
-const LIVE_AT_MOST: Duration = Duration::from_secs(300);
+const LIVE_AT_MOST: Duration = Duration::from_secs(60);
 /// The newest runs the live list follows.
 const LIVE_RUNS: u32 = 100;
 
