@@ -16,6 +16,7 @@ use switchyard_engine::api::{
 };
 use switchyard_engine::auth::{TokenKeys, cli_actor, put_user};
 use switchyard_engine::clock::SystemClock;
+use switchyard_engine::dashboard::Dashboard;
 use switchyard_engine::definition::{Respond, WorkflowMap, json_schema_with, load_paths};
 use switchyard_engine::health::{Heartbeats, watch_database};
 use switchyard_engine::keys::{self, MasterKeys};
@@ -731,6 +732,11 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
                 }
             },
             metrics,
+            dashboard: Arc::new(Dashboard::start(
+                engine.clone(),
+                heartbeats.clone(),
+                tls.is_some(),
+            )),
         });
         spawn_http(&mut tasks, serve_http(listener, tls, app, stopped.clone()));
         tasks.spawn(run_scheduler(engine.clone(), heartbeats, stopped.clone()));

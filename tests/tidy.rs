@@ -1,6 +1,7 @@
 //! Architecture invariants checked on the source text, as part of `cargo test`: the surfaces
-//! reach the store only through `Engine`; only `engine/src/api/` serves HTTP and describes the
-//! JSON it answers with; `Store` is written once, over the database drivers.
+//! reach the store only through `Engine`; only `engine/src/api/` (and the dashboard beside it)
+//! serves HTTP, and only the API describes the JSON it answers with; the dashboard's pages have
+//! no inline script or style; `Store` is written once, over the database drivers.
 
 use std::path::{Path, PathBuf};
 
@@ -76,14 +77,14 @@ fn offences(
 #[test]
 fn surfaces_reach_the_store_only_through_the_engine() {
     let found = offences(
-        &["engine/src/api", "src"],
+        &["engine/src/api", "engine/src/dashboard", "src"],
         &[],
         &[".store()", "dyn Store"],
         &[],
     );
     assert!(
         found.is_empty(),
-        "the API and the CLI go through `Engine`'s operations, not its store:\n{}",
+        "the API, the dashboard and the CLI go through `Engine`'s operations, not its store:\n{}",
         found.join("\n")
     );
 }
@@ -92,14 +93,20 @@ fn surfaces_reach_the_store_only_through_the_engine() {
 fn only_the_api_serves_http_and_describes_json() {
     let found = offences(
         &["engine/src", "workers/src", "src"],
-        &["engine/src/api/"],
+        &["engine/src/api/", "engine/src/dashboard/"],
         &["axum", "utoipa"],
         &[],
     );
+    // The dashboard serves pages, not the API's JSON: it describes none.
+    let found: Vec<String> = found
+        .into_iter()
+        .chain(offences(&["engine/src/dashboard"], &[], &["utoipa"], &[]))
+        .collect();
     assert!(
         found.is_empty(),
-        "only `engine/src/api/` serves HTTP and defines the JSON it answers with, converted \
-         from engine types:\n{}",
+        "only `engine/src/api/` (and the dashboard beside it, `engine/src/dashboard/`) serves \
+         HTTP, and only the API defines the JSON it answers with, converted from engine \
+         types:\n{}",
         found.join("\n")
     );
 }
@@ -142,4 +149,52 @@ fn every_store_operation_is_written_once_over_the_drivers() {
          driver opens and commits transactions only as `Driver::begin` and `Driver::commit`:\n{}",
         found.join("\n")
     );
+}
+
+/// The dashboard's pages are served with `script-src 'self'; style-src 'self'`: a template (or
+/// the SVG the server draws) with an inline script, an event handler attribute or a style
+/// attribute would be blocked in the browser, so none may have one.
+#[test]
+fn dashboard_pages_have_no_inline_script_or_style() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("engine/src/dashboard/templates"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.push(root.join("engine/src/dashboard/dag.rs"));
+    let mut found = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let name = file.strip_prefix(root).unwrap().display().to_string();
+        for (number, line) in text.lines().enumerate() {
+            let lower = line.to_ascii_lowercase();
+            let inline_script = lower.match_indices("<script").any(|(at, _)| {
+                !lower[at..]
+                    .split('>')
+                    .next()
+                    .unwrap_or("")
+                    .contains(" src=")
+            });
+            let handler = lower.split_whitespace().any(is_event_handler)
+                || lower.contains("hx-on")
+                || lower.contains("javascript:");
+            if inline_script || handler || lower.contains("style=") || lower.contains("<style") {
+                found.push(format!("{name}:{}: {}", number + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "inline script or style in the dashboard's pages:\n{}",
+        found.join("\n")
+    );
+}
+
+/// Whether `word` starts an HTML event handler attribute (`onclick=`, `onload="...`).
+fn is_event_handler(word: &str) -> bool {
+    word.strip_prefix("on")
+        .and_then(|rest| rest.split_once('='))
+        .is_some_and(|(event, _)| {
+            !event.is_empty() && event.chars().all(|c| c.is_ascii_lowercase())
+        })
 }

@@ -75,6 +75,19 @@ async fn the_api_serves_https_with_the_given_certificate() {
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", sandbox.server_logs()));
     assert_eq!(reply.status(), 200);
+    // The dashboard's cookies are only ever sent back over TLS.
+    let login = https
+        .get(format!("https://localhost:{port}/login"))
+        .send()
+        .await
+        .unwrap();
+    let cookie = login.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Strict")
+            && cookie.ends_with("; Secure"),
+        "{cookie}"
+    );
     let plain = reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}/health"))
         .timeout(Duration::from_secs(5))

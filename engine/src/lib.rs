@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod callback;
 pub mod clock;
+pub mod dashboard;
 pub mod definition;
 pub mod flow;
 pub mod health;

@@ -16,7 +16,7 @@ use crate::state::{Millis, RunStatus};
 use crate::store::Setting;
 
 /// Variable and secret names: what a template can reach as `vars.NAME` or `secrets.NAME`.
-fn check_name(name: &str) -> Result<(), ApiError> {
+pub(crate) fn check_name(name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name

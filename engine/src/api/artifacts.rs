@@ -38,7 +38,15 @@ pub async fn artifact(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (found, bytes) = state.engine.artifact_file(&id).await?;
+    artifact_response(&state.engine, &id).await
+}
+
+/// The artifact `id` as a response, sandboxed; the dashboard serves it the same way.
+pub(crate) async fn artifact_response(
+    engine: &crate::service::Engine,
+    id: &str,
+) -> Result<Response, ApiError> {
+    let (found, bytes) = engine.artifact_file(id).await?;
     let content_type = HeaderValue::from_str(&found.content_type)
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
     let disposition = if shown_inline(&found.content_type) {

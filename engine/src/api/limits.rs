@@ -1,6 +1,7 @@
-//! Rate limits (governor's GCRA buckets). Each user who logged in, each other token (by its id)
-//! and each client address without a valid token gets its own bucket; `/health` and `/metrics`
-//! get a separate bucket per address, so a flood from an address cannot make its probes fail.
+//! Rate limits (governor's GCRA buckets). Each user who logged in (over the API or into the
+//! dashboard), each other token (by its id) and each client address without a valid token gets
+//! its own bucket; `/health` and `/metrics` get a separate bucket per address, so a flood from
+//! an address cannot make its probes fail.
 //! Logins also count, before any password is hashed, against a bucket per user name and one per
 //! client address. Over a limit, a request gets 429 with `Retry-After` and never reaches a
 //! handler. With `--redis`, every bucket lives in Redis, one for all the processes behind a load
@@ -247,7 +248,9 @@ pub async fn limit(State(state): State<AppState>, request: Request, next: Next) 
     } else {
         // A token names the caller only when it verifies; a made-up one counts against its
         // address. A user's logins share one bucket.
-        let token = super::auth::bearer_token(request.headers());
+        // A dashboard session is a login's token too, so its user's bucket counts it.
+        let token = super::auth::bearer_token(request.headers())
+            .or_else(|| crate::dashboard::session_token(request.headers()));
         let claims = match token {
             Some(token) => state.keys.verify(token, state.engine.now()).await.ok(),
             None => None,

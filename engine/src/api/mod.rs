@@ -1,18 +1,20 @@
 //! The HTTP surface: `/health` and `/metrics` at the root, the admin API under `/api`, and its
-//! OpenAPI 3.1 document at `/api/openapi.json`, generated from the handlers' types. Only this
-//! module serves HTTP and owns the JSON shapes it answers with.
+//! OpenAPI 3.1 document at `/api/openapi.json`, generated from the handlers' types; the web
+//! dashboard (`crate::dashboard`) is served through the same router, under its limits. Only this
+//! module and the dashboard serve HTTP, and only this module owns the JSON shapes it answers
+//! with.
 //!
 //! Who may call what is in each handler's signature: its role extractor (`Viewer`, `Operator`,
 //! `Admin` in `auth.rs`); public handlers have none. Handlers reach the engine only through
 //! `Engine`'s operations, never its store (`tests/tidy.rs`).
 
-mod admin;
-mod artifacts;
+pub(crate) mod admin;
+pub(crate) mod artifacts;
 mod auth;
 mod error;
 mod gate;
 mod hooks;
-mod limits;
+pub(crate) mod limits;
 mod public;
 mod runs;
 pub mod types;
@@ -53,6 +55,8 @@ pub struct AppState {
     pub limiter: Arc<RateLimiter>,
     /// The Prometheus recorder's handle, when the process installed one.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The web dashboard served beside the API (`crate::dashboard`).
+    pub dashboard: Arc<crate::dashboard::Dashboard>,
 }
 
 /// What `/health` and `/metrics` need: all a `worker` process serves.
@@ -255,6 +259,7 @@ pub fn router(state: AppState) -> Router {
             "/api/hooks/{*path}",
             axum::routing::post(hooks::deliver_hook),
         )
+        .merge(crate::dashboard::routes())
         .route(
             "/api/openapi.json",
             axum::routing::get(move || {
