@@ -735,7 +735,12 @@ async fn serve(global: &Global, http: Option<Http>, args: WorkerArgs) -> anyhow:
             dashboard: Arc::new(Dashboard::start(
                 engine.clone(),
                 heartbeats.clone(),
-                tls.is_some(),
+                // Behind a proxy that ends TLS, the public address says the browser uses HTTPS.
+                tls.is_some()
+                    || args
+                        .public_url
+                        .as_deref()
+                        .is_some_and(|u| u.to_ascii_lowercase().starts_with("https://")),
             )),
         });
         spawn_http(&mut tasks, serve_http(listener, tls, app, stopped.clone()));

@@ -699,8 +699,25 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
     }
     page.logout().await;
 
-    // A viewer sees no operator button, and the server refuses the action anyway.
+    // A viewer sees no operator button, and the server refuses the action anyway: on a run that
+    // waits for a signal, an operator would find cancel and the signal form.
+    let waiting: Value = http
+        .post(format!("{base}/api/workflows/approve/start"))
+        .bearer_auth(&token)
+        .json(&json!({"input": {}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let waiting = waiting["run_id"].as_str().unwrap().to_owned();
     page.login("vera").await;
+    page.open(&format!("/runs/{waiting}")).await;
+    page.wait_text("#step-ask summary", "parked", Duration::from_secs(30))
+        .await;
+    assert!(page.text("#run-status").await.contains("running"));
+    assert!(!page.has("#cancel").await && !page.has("#signal-form").await);
     page.open(&format!("/runs/{slow}")).await;
     assert!(!page.has("#retry").await && !page.has("#cancel").await);
     page.open("/workflows/greet").await;

@@ -48,7 +48,8 @@ use overview::Samples;
 /// What the dashboard keeps in a process: whether its cookies need TLS, and the overview's
 /// recent samples.
 pub struct Dashboard {
-    /// Served over TLS: cookies are `Secure`.
+    /// Served over TLS, or behind a proxy that serves it over TLS (`--public-url https://..`):
+    /// cookies are `Secure`.
     pub secure_cookies: bool,
     samples: Arc<Samples>,
 }

@@ -110,10 +110,19 @@ pub(crate) fn encode_component(text: &str) -> String {
     out
 }
 
-/// Where to go after a login: a path of this site only, never another host.
+/// Where to go after a login: a path of this site only, never another host. Read as a browser
+/// reads it (the WHATWG URL rules: tabs and newlines dropped, `\` as `/`), against a stand-in
+/// origin, and only its path and query kept.
 pub(super) fn safe_next(next: Option<&str>) -> String {
-    match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+    let origin = url::Url::parse("http://switchyard.invalid/").expect("a valid URL");
+    let Some(next) = next.filter(|n| n.starts_with('/')) else {
+        return "/".to_owned();
+    };
+    match origin.join(next) {
+        Ok(url) if url.origin() == origin.origin() => match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_owned(),
+        },
         _ => "/".to_owned(),
     }
 }
@@ -194,6 +203,11 @@ mod tests {
         assert_eq!(safe_next(Some("//evil.example/")), "/");
         assert_eq!(safe_next(Some("https://evil.example/")), "/");
         assert_eq!(safe_next(Some("/\\evil.example")), "/");
+        // Browsers drop tabs and newlines from a URL before they follow it.
+        assert_eq!(safe_next(Some("/\t/evil.example")), "/");
+        assert_eq!(safe_next(Some("/\n/evil.example/x")), "/");
+        assert_eq!(safe_next(Some("/%09/evil.example")), "/%09/evil.example");
+        assert_eq!(safe_next(Some("/runs/../admin")), "/admin");
         assert_eq!(safe_next(None), "/");
     }
 
