@@ -716,6 +716,15 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownRun(run_id.to_owned()))
     }
 
+    /// The last `limit` lines `run_id`'s steps printed, oldest first.
+    pub async fn last_step_logs(
+        &self,
+        run_id: &str,
+        limit: u32,
+    ) -> Result<Vec<crate::store::LogEntry>> {
+        Ok(self.store.last_step_logs(run_id, limit).await?)
+    }
+
     /// Up to `limit` lines `run_id`'s steps printed, after the line `after`.
     pub async fn step_logs(
         &self,

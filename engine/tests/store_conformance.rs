@@ -1672,6 +1672,40 @@ fn printed(completion: Completion, text: &str) -> Completion {
     }
 }
 
+pub async fn the_last_lines_of_a_run_are_read_oldest_first(store: Arc<dyn Store>) {
+    let wf = workflow("id: chatty\nsteps:\n  - {id: a, type: noop}\n");
+    let run = start(&*store, &wf, Trigger::default()).await;
+    let job = claim(&*store, T0, 1).await.remove(0);
+    let lines: Vec<LogLine> = (0..5)
+        .map(|n| LogLine {
+            at: T0 + n,
+            stream: "stdout".into(),
+            text: format!("line {n}"),
+        })
+        .collect();
+    store
+        .complete(
+            vec![Completion {
+                logs: lines,
+                ..done(&job, Value::Null)
+            }],
+            T0 + 10,
+        )
+        .await
+        .unwrap();
+    let last = store.last_step_logs(&run, 2).await.unwrap();
+    let texts: Vec<&str> = last.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["line 3", "line 4"]);
+    assert_eq!(store.last_step_logs(&run, 10).await.unwrap().len(), 5);
+    assert!(
+        store
+            .last_step_logs("no-such-run", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 pub async fn an_attempts_lines_are_kept_only_with_its_accepted_settlement(store: Arc<dyn Store>) {
     let wf = workflow("id: short\nretention: 1h\nsteps:\n  - {id: a, type: noop}\n");
     let run = start(&*store, &wf, Trigger::default()).await;
@@ -3666,6 +3700,7 @@ macro_rules! conformance {
                 a_quota_lets_its_limit_through_then_gives_each_waiting_taker_its_own_turn,
                 usage_is_summed_per_provider_workflow_and_day_from_every_attempt,
                 a_batch_sent_again_after_its_commit_was_lost_counts_its_usage_once,
+                the_last_lines_of_a_run_are_read_oldest_first,
                 an_attempts_lines_are_kept_only_with_its_accepted_settlement,
                 old_fire_records_are_pruned_but_the_latest_stays,
                 a_refused_fire_is_recorded_once_with_an_alert_and_a_chosen_skip_without,

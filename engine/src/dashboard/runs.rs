@@ -231,6 +231,13 @@ pub(super) async fn live(
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
+/// The most log lines a run's page shows: the last ones.
+const LOG_LINES_SHOWN: u32 = 200;
+/// The most attempts a run's timeline draws: the latest ones.
+const ATTEMPTS_DRAWN: usize = 300;
+/// The most items of a `for_each` step a run's page lists.
+const ITEMS_SHOWN: usize = 100;
+
 /// What a run's page shows, for the whole page and for its live part.
 async fn run_context(state: &AppState, id: &str) -> Result<minijinja::Value, DashboardError> {
     let engine = &state.engine;
@@ -239,7 +246,10 @@ async fn run_context(state: &AppState, id: &str) -> Result<minijinja::Value, Das
     let workflow = engine
         .version(&detail.summary.workflow_id, detail.summary.version)
         .await?;
-    let steps = views::steps(detail.steps, now);
+    let mut steps = views::steps(detail.steps, now);
+    for step in &mut steps {
+        step.keep_items(ITEMS_SHOWN);
+    }
     let state_of: HashMap<&str, &str> = steps
         .iter()
         .map(|s| (s.step_id.as_str(), s.state))
@@ -268,6 +278,10 @@ async fn run_context(state: &AppState, id: &str) -> Result<minijinja::Value, Das
         .cloned()
         .collect();
     attempts.sort_by_key(|a| (a.started_at, a.step_id.clone(), a.attempt));
+    // A loop of thousands of items would draw a picture thousands of rows tall, and redraw it
+    // each second while the run goes on: the latest attempts only.
+    let attempts_hidden = attempts.len().saturating_sub(ATTEMPTS_DRAWN);
+    attempts.drain(..attempts_hidden);
     let from = detail
         .summary
         .started_at
@@ -279,7 +293,7 @@ async fn run_context(state: &AppState, id: &str) -> Result<minijinja::Value, Das
         .flat_map(|s| std::iter::once(s).chain(&s.items))
         .flat_map(|s: &StepView| artifacts_in(&s.step_id, s.output.as_ref()))
         .collect();
-    let logs = engine.step_logs(id, None, 200).await?;
+    let logs = engine.last_step_logs(id, LOG_LINES_SHOWN).await?;
     let children: Vec<RunRow> = engine
         .child_runs(id, 50)
         .await?
@@ -307,6 +321,7 @@ async fn run_context(state: &AppState, id: &str) -> Result<minijinja::Value, Das
         dag => minijinja::Value::from_safe_string(svg),
         timeline => timeline.map(minijinja::Value::from_safe_string),
         attempts => render::ser(&attempts),
+        attempts_hidden => attempts_hidden,
         steps => render::ser(&steps),
         artifacts => render::ser(&artifacts),
         logs => logs.into_iter().map(|l| context! {

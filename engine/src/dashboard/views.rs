@@ -110,6 +110,8 @@ pub(super) struct StepView {
     pub attempts: Vec<AttemptView>,
     /// The items of a `for_each` step, in order.
     pub items: Vec<StepView>,
+    /// Of a `for_each` step: how many items it has, listed or not.
+    pub items_total: usize,
 }
 
 impl StepView {
@@ -162,7 +164,25 @@ impl StepView {
             finished_at: job.finished_at,
             attempts,
             items: Vec::new(),
+            items_total: 0,
         }
+    }
+
+    /// Keeps at most `shown` items of a `for_each` step: those that did not succeed first (what
+    /// someone opens the page for), then the first by index.
+    pub fn keep_items(&mut self, shown: usize) {
+        self.items_total = self.items.len();
+        if self.items.len() <= shown {
+            return;
+        }
+        let items = std::mem::take(&mut self.items);
+        let (mut kept, succeeded): (Vec<_>, Vec<_>) =
+            items.into_iter().partition(|i| i.state != "succeeded");
+        kept.truncate(shown);
+        let room = shown - kept.len();
+        kept.extend(succeeded.into_iter().take(room));
+        kept.sort_by_key(|i| i.item_index);
+        self.items = kept;
     }
 }
 
@@ -312,5 +332,59 @@ impl From<Usage> for UsageRow {
             errors: u.errors,
             tokens: u.tokens,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(index: i64, state: &'static str) -> StepView {
+        StepView {
+            step_id: format!("each[{index}]"),
+            state,
+            attempt: 1,
+            output: None,
+            error: None,
+            item_index: Some(index),
+            run_after: None,
+            started_at: None,
+            finished_at: None,
+            took: None,
+            attempts: Vec::new(),
+            items: Vec::new(),
+            items_total: 0,
+        }
+    }
+
+    #[test]
+    fn a_long_loop_lists_its_failed_items_then_its_first_ones() {
+        let mut step = item(0, "failed");
+        step.item_index = None;
+        step.items = (0..250)
+            .map(|i| {
+                item(
+                    i,
+                    if [10, 200, 240].contains(&i) {
+                        "failed"
+                    } else {
+                        "succeeded"
+                    },
+                )
+            })
+            .collect();
+        step.keep_items(100);
+        assert_eq!(step.items_total, 250);
+        assert_eq!(step.items.len(), 100);
+        let indexes: Vec<i64> = step.items.iter().filter_map(|i| i.item_index).collect();
+        assert!(
+            indexes.contains(&200) && indexes.contains(&240),
+            "{indexes:?}"
+        );
+        assert!(
+            indexes.windows(2).all(|w| w[0] < w[1]),
+            "in order: {indexes:?}"
+        );
+        assert_eq!(indexes[..3], [0, 1, 2]);
     }
 }

@@ -772,6 +772,8 @@ pub trait Reads: Send + Sync + 'static {
         after: Option<i64>,
         limit: u32,
     ) -> Result<Vec<LogEntry>>;
+    /// The last `limit` log lines of `run_id`, in the order they were stored.
+    async fn last_step_logs(&self, run_id: &str, limit: u32) -> Result<Vec<LogEntry>>;
     /// One run without its steps.
     async fn run_summary(&self, run_id: &str) -> Result<Option<RunSummary>>;
     /// Up to `limit` child runs of `parent`, oldest first.

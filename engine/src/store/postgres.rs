@@ -2236,6 +2236,17 @@ impl Reads for PostgresStore {
         .await?)
     }
 
+    async fn last_step_logs(&self, run_id: &str, limit: u32) -> Result<Vec<LogEntry>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM (SELECT id, step_id, attempt, at, stream, text FROM step_logs \
+             WHERE run_id = $1 ORDER BY id DESC LIMIT $2) AS last ORDER BY id",
+        )
+        .bind(run_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn run_summary(&self, run_id: &str) -> Result<Option<RunSummary>> {
         Ok(
             sqlx::query_as(&format!("SELECT {SUMMARY_COLUMNS} FROM runs WHERE id = $1"))

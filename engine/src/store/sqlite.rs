@@ -2025,6 +2025,19 @@ impl Reads for SqliteStore {
         )
     }
 
+    async fn last_step_logs(&self, run_id: &str, limit: u32) -> Result<Vec<LogEntry>> {
+        rows_as(
+            sqlx::query(
+                "SELECT * FROM (SELECT id, step_id, attempt, at, stream, text FROM step_logs \
+                 WHERE run_id = ?1 ORDER BY id DESC LIMIT ?2) ORDER BY id",
+            )
+            .bind(run_id)
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await?,
+        )
+    }
+
     async fn run_summary(&self, run_id: &str) -> Result<Option<RunSummary>> {
         let row = sqlx::query(&format!("SELECT {SUMMARY_COLUMNS} FROM runs WHERE id = ?"))
             .bind(run_id)
