@@ -13,6 +13,11 @@ const DAY_MS: i64 = 86_400_000;
 const BUDGET_MS: f64 = 50.0;
 const KEY: &str = "6b65792d666f722d7468652d64617368626f6172642d62656e63682d31323334";
 const PASSWORD: &str = "bench password";
+/// A run whose loop has `LOOP_ITEMS` items (the most a `for_each` takes), each with its attempts.
+const LOOP_RUN: &str = "ffffffffffffffff-loop";
+const LOOP_ITEMS: i64 = 10_000;
+/// Fires, webhook events and notifications seeded beside the runs.
+const RECORDS: i64 = 200_000;
 
 const DEFINITIONS: &str = r#"
 workflows:
@@ -75,6 +80,7 @@ async fn main() {
     );
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     seed(&pool, rows).await;
+    seed_records(&pool).await;
     let added = command()
         .args(["user", "add", "bench", "--role", "admin"])
         .output()
@@ -121,8 +127,9 @@ async fn main() {
         .unwrap();
     let cookie = login(&http, &site).await;
     let run = sqlx::query_scalar::<_, String>(
-        "SELECT id FROM runs WHERE status = 'failed' ORDER BY created_at DESC LIMIT 1",
+        "SELECT id FROM runs WHERE status = 'failed' AND id <> $1 ORDER BY created_at DESC LIMIT 1",
     )
+    .bind(LOOP_RUN)
     .fetch_one(&pool)
     .await
     .unwrap();
@@ -144,6 +151,8 @@ async fn main() {
         "/runs?from=2020-01-01T00:00".to_owned(),
         format!("/runs/{run}"),
         format!("/runs/{run}/live"),
+        format!("/runs/{LOOP_RUN}"),
+        format!("/runs/{LOOP_RUN}/live"),
         "/fires".to_owned(),
         "/webhooks".to_owned(),
         "/notifications".to_owned(),
@@ -221,6 +230,123 @@ async fn login(http: &reqwest::Client, site: &str) -> String {
         .and_then(|v| v.split(';').next())
         .expect("a session cookie")
         .to_owned()
+}
+
+/// Seeds what the other pages read: a run whose loop has `LOOP_ITEMS` items, with its jobs and
+/// attempts (one item in 50 failed once before it succeeded, one in 500 failed), and `RECORDS`
+/// fires (one in ten skipped), webhook events and notifications over the last 90 days. Skipped
+/// when the loop's run exists.
+async fn seed_records(pool: &sqlx::PgPool) {
+    let seeded: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = $1")
+        .bind(LOOP_RUN)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    if seeded > 0 {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let started = Instant::now();
+    let statements = [
+        "INSERT INTO runs (id, workflow_id, version, status, input, retention_ms, created_at, \
+             started_at, finished_at, expires_at, error) \
+         VALUES ($1, 'bench', 1, 'failed', '{}', 31536000000, $2 - 3600000, $2 - 3600000, \
+             $2 - 600000, $2 + 31536000000, 'step write failed: item 499 failed')",
+        "WITH fetched AS ( \
+             INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, attempt, \
+                 attempt_budget, max_attempts, output, attempts, started_at, finished_at) \
+             VALUES ($1, 'fetch', 'succeeded', '[]', 0, false, 1, 4, 4, '{\"items\": 10000}', \
+                 jsonb_build_array(jsonb_build_object('attempt', 1, 'started_at', $2 - 3600000, \
+                     'finished_at', $2 - 3599000, 'outcome', 'succeeded')), \
+                 $2 - 3600000, $2 - 3599000) \
+             RETURNING id), \
+         parent AS ( \
+             INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, attempt, \
+                 attempt_budget, max_attempts, error, started_at, finished_at, parallel, \
+                 items_left, next_item) \
+             VALUES ($1, 'write', 'failed', '[\"fetch\"]', 0, true, 1, 4, 4, \
+                 'item 499 failed: seeded', $2 - 3599000, $2 - 600000, 16, 0, $3) \
+             RETURNING id) \
+         INSERT INTO jobs (run_id, step_id, state, needs, pending_needs, is_sink, attempt, \
+             attempt_budget, max_attempts, output, error, attempts, started_at, finished_at, \
+             loop_job_id, item_index, item) \
+         SELECT $1, 'write[' || n || ']', \
+             CASE WHEN n % 500 = 499 THEN 'failed' ELSE 'succeeded' END, '[]', 0, false, \
+             CASE WHEN n % 50 = 7 THEN 2 ELSE 1 END, 4, 4, \
+             CASE WHEN n % 500 = 499 THEN NULL ELSE jsonb_build_object('text', 'item ' || n) END, \
+             CASE WHEN n % 500 = 499 THEN 'seeded' END, \
+             CASE WHEN n % 50 = 7 THEN jsonb_build_array( \
+                 jsonb_build_object('attempt', 1, 'started_at', $2 - 3599000 + n * 200, \
+                     'finished_at', $2 - 3599000 + n * 200 + 50, 'outcome', 'retrying', \
+                     'error', 'HTTP 503'), \
+                 jsonb_build_object('attempt', 2, 'started_at', $2 - 3599000 + n * 200 + 100, \
+                     'finished_at', $2 - 3599000 + n * 200 + 180, 'outcome', 'succeeded')) \
+             ELSE jsonb_build_array(jsonb_build_object('attempt', 1, \
+                 'started_at', $2 - 3599000 + n * 200, \
+                 'finished_at', $2 - 3599000 + n * 200 + 180, \
+                 'outcome', CASE WHEN n % 500 = 499 THEN 'failed' ELSE 'succeeded' END)) END, \
+             $2 - 3599000 + n * 200, $2 - 3599000 + n * 200 + 180, \
+             parent.id, n, to_jsonb(n) \
+         FROM parent, fetched, generate_series(0, $3 - 1) AS n",
+        "INSERT INTO fires (workflow_id, fire_at, run_id, skipped_reason, recorded_at) \
+         SELECT 'bench', $1 - n * 300000, NULL, \
+             CASE WHEN n % 10 = 0 THEN 'overlap: the previous run was still going' END, \
+             $1 - n * 300000 \
+         FROM generate_series(1, $2) AS n",
+        "INSERT INTO webhook_events (source, event_id, workflow_id, payload, received_at, scope) \
+         SELECT 'stripe', 'evt_' || n, 'bench', jsonb_build_object('type', 'charge.succeeded', \
+             'amount', n % 5000), $1 - n * 38880, '' \
+         FROM generate_series(1, $2) AS n",
+        "INSERT INTO notifications (event_id, run_id, workflow_id, url, run_status, status, \
+             attempts, next_at, created_at, delivered_at) \
+         SELECT 'ntf_' || n, lpad(to_hex(n), 16, '0') || '-seed', 'bench', \
+             'https://hooks.example.com/runs', 'succeeded', 'delivered', 1, \
+             $1 - n * 38880, $1 - n * 38880, $1 - n * 38880 + 200 \
+         FROM generate_series(1, $2) AS n",
+    ];
+    // All or nothing: the check above skips a half-seeded schema otherwise.
+    let mut tx = pool.begin().await.unwrap();
+    let (run, jobs, records) = (&statements[..1], &statements[1..2], &statements[2..]);
+    for statement in run {
+        sqlx::query(statement)
+            .bind(LOOP_RUN)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    for statement in jobs {
+        sqlx::query(statement)
+            .bind(LOOP_RUN)
+            .bind(now)
+            .bind(LOOP_ITEMS)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    for statement in records {
+        sqlx::query(statement)
+            .bind(now)
+            .bind(RECORDS)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    for table in ["jobs", "fires", "webhook_events", "notifications"] {
+        sqlx::query(&format!("VACUUM ANALYZE {table}"))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    eprintln!(
+        "seeded a loop of {LOOP_ITEMS} items and {RECORDS} fires, webhook events and \
+         notifications in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 async fn count(pool: &sqlx::PgPool) -> i64 {

@@ -764,6 +764,25 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
         .await
         .unwrap();
     assert_eq!(reply.status(), 303, "a logged-out session still works");
+    // A page's live part, asked for by htmx once the session ended, sends the whole page to the
+    // login, and back to that page after it.
+    let reply = http
+        .get(format!("{base}/runs/{slow}/live"))
+        .header("cookie", format!("switchyard_session={}", viewer.value()))
+        .header("hx-request", "true")
+        .header("hx-current-url", format!("{base}/runs/{slow}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        reply
+            .headers()
+            .get("hx-redirect")
+            .and_then(|v| v.to_str().ok()),
+        Some(format!("/login?next=/runs/{slow}").as_str()),
+        "{:?}",
+        reply.headers()
+    );
 
     page.client.close().await.unwrap();
     drop(sandbox);

@@ -12,9 +12,10 @@ use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DashboardError {
-    /// No session, or one that ended: the login page, then back to `next`.
+    /// No session, or one that ended: the login page, then back to `next`. Asked by htmx for a
+    /// part of a page, the whole page goes there (`HX-Redirect`), not the part.
     #[error("log in to see this page")]
-    LoginNeeded { next: String },
+    LoginNeeded { next: String, htmx: bool },
     #[error("this needs the {0} role")]
     Forbidden(Role),
     /// A form post without the token of the session that asked for the form.
@@ -95,11 +96,19 @@ fn display_path(pointer: &str) -> String {
 
 impl IntoResponse for DashboardError {
     fn into_response(self) -> Response {
-        if let DashboardError::LoginNeeded { next } = &self {
+        if let DashboardError::LoginNeeded { next, htmx } = &self {
             let location = format!("/login?next={}", super::session::encode_component(next));
-            let mut response = StatusCode::SEE_OTHER.into_response();
+            let (status, name) = if *htmx {
+                (
+                    StatusCode::OK,
+                    header::HeaderName::from_static("hx-redirect"),
+                )
+            } else {
+                (StatusCode::SEE_OTHER, header::LOCATION)
+            };
+            let mut response = status.into_response();
             if let Ok(value) = HeaderValue::from_str(&location) {
-                response.headers_mut().insert(header::LOCATION, value);
+                response.headers_mut().insert(name, value);
             }
             return response;
         }

@@ -155,18 +155,32 @@ impl FromRequestParts<AppState> for Session {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, DashboardError> {
-        session_of(parts, state)
-            .await?
-            .ok_or_else(|| DashboardError::LoginNeeded {
-                next: match parts.method {
-                    axum::http::Method::GET => parts
-                        .uri
-                        .path_and_query()
-                        .map(|p| p.as_str().to_owned())
-                        .unwrap_or_else(|| "/".to_owned()),
-                    _ => "/".to_owned(),
-                },
-            })
+        session_of(parts, state).await?.ok_or_else(|| {
+            // A part of a page that htmx asks for: back to that page after the login, not
+            // to the part.
+            let htmx = parts.headers.contains_key("hx-request");
+            let next = if htmx {
+                parts
+                    .headers
+                    .get("hx-current-url")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|u| url::Url::parse(u).ok())
+                    .map(|u| match u.query() {
+                        Some(query) => format!("{}?{query}", u.path()),
+                        None => u.path().to_owned(),
+                    })
+                    .unwrap_or_else(|| "/".to_owned())
+            } else if parts.method == axum::http::Method::GET {
+                parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_else(|| "/".to_owned())
+            } else {
+                "/".to_owned()
+            };
+            DashboardError::LoginNeeded { next, htmx }
+        })
     }
 }
 
