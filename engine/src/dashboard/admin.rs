@@ -109,15 +109,24 @@ pub(super) async fn delete_variable(
     session: Session,
     Form(form): Form<NamedForm>,
 ) -> Result<Response, DashboardError> {
+    delete_setting(&state, &session, &form, VARS, "variable").await
+}
+
+/// Deletes the variable or secret the form names; `what` says which, in the answer, the log
+/// and the section of the page to go back to.
+async fn delete_setting(
+    state: &AppState,
+    session: &Session,
+    form: &NamedForm,
+    namespace: &str,
+    what: &str,
+) -> Result<Response, DashboardError> {
     session.act(Role::Admin, &form.csrf)?;
-    if !settings::delete(&state.engine, VARS, &form.name, session.name()).await? {
-        return Err(DashboardError::NotFound(format!(
-            "variable {:?}",
-            form.name
-        )));
+    if !settings::delete(&state.engine, namespace, &form.name, session.name()).await? {
+        return Err(DashboardError::NotFound(format!("{what} {:?}", form.name)));
     }
-    tracing::info!(variable = %Logged(&form.name), by = %Logged(session.name()), "variable deleted from the dashboard");
-    Ok(redirect("/admin#variables"))
+    tracing::info!(name = %Logged(&form.name), what, by = %Logged(session.name()), "setting deleted from the dashboard");
+    Ok(redirect(&format!("/admin#{what}s")))
 }
 
 /// `POST /admin/secrets`: stored encrypted; the page never shows it again.
@@ -146,12 +155,7 @@ pub(super) async fn delete_secret(
     session: Session,
     Form(form): Form<NamedForm>,
 ) -> Result<Response, DashboardError> {
-    session.act(Role::Admin, &form.csrf)?;
-    if !settings::delete(&state.engine, SECRETS, &form.name, session.name()).await? {
-        return Err(DashboardError::NotFound(format!("secret {:?}", form.name)));
-    }
-    tracing::info!(secret = %Logged(&form.name), by = %Logged(session.name()), "secret deleted from the dashboard");
-    Ok(redirect("/admin#secrets"))
+    delete_setting(&state, &session, &form, SECRETS, "secret").await
 }
 
 #[derive(Debug, Deserialize)]
