@@ -247,9 +247,6 @@ async fn run_context(state: &AppState, id: &str) -> Result<minijinja::Value, Das
         .version(&detail.summary.workflow_id, detail.summary.version)
         .await?;
     let mut steps = views::steps(detail.steps, now);
-    for step in &mut steps {
-        step.keep_items(ITEMS_SHOWN);
-    }
     let state_of: HashMap<&str, &str> = steps
         .iter()
         .map(|s| (s.step_id.as_str(), s.state))
@@ -293,6 +290,10 @@ async fn run_context(state: &AppState, id: &str) -> Result<minijinja::Value, Das
         .flat_map(|s| std::iter::once(s).chain(&s.items))
         .flat_map(|s: &StepView| artifacts_in(&s.step_id, s.output.as_ref()))
         .collect();
+    // Trimmed after the attempts and artifacts above are read from every item.
+    for step in &mut steps {
+        step.keep_items(ITEMS_SHOWN);
+    }
     let logs = engine.last_step_logs(id, LOG_LINES_SHOWN).await?;
     let children: Vec<RunRow> = engine
         .child_runs(id, 50)

@@ -119,10 +119,14 @@ pub(super) fn safe_next(next: Option<&str>) -> String {
         return "/".to_owned();
     };
     match origin.join(next) {
-        Ok(url) if url.origin() == origin.origin() => match url.query() {
-            Some(query) => format!("{}?{query}", url.path()),
-            None => url.path().to_owned(),
-        },
+        // Dot segments are resolved after the origin is read: `/.//host` comes out as `//host`,
+        // which a browser reads as another site.
+        Ok(url) if url.origin() == origin.origin() && !url.path().starts_with("//") => {
+            match url.query() {
+                Some(query) => format!("{}?{query}", url.path()),
+                None => url.path().to_owned(),
+            }
+        }
         _ => "/".to_owned(),
     }
 }
@@ -222,6 +226,14 @@ mod tests {
         assert_eq!(safe_next(Some("/\n/evil.example/x")), "/");
         assert_eq!(safe_next(Some("/%09/evil.example")), "/%09/evil.example");
         assert_eq!(safe_next(Some("/runs/../admin")), "/admin");
+        for sneaky in [
+            "/.//evil.example",
+            "/a/..//evil.example",
+            "/%2e//evil.example",
+            "/./\\evil.example",
+        ] {
+            assert_eq!(safe_next(Some(sneaky)), "/", "{sneaky}");
+        }
         assert_eq!(safe_next(None), "/");
     }
 

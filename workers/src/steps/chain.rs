@@ -836,14 +836,23 @@ impl Chain {
         if let Ok(NonceAllocation::Filled { nonce, hash }) = &allocation {
             // Another step filled this step's nonce. Once its filler is mined, this step's own
             // transaction never can be, and it signs with a new nonce.
+            // As deep as the step trusts its own transactions (`confirmations`): a filler in a
+            // block a reorg drops would leave room for this step's own.
             let filler = hash.parse::<B256>().ok();
-            let mined = match filler {
+            let block = match filler {
                 Some(filler) => rpc(
                     "eth_getTransactionReceipt",
                     node.get_transaction_receipt(filler),
                 )
                 .await?
-                .is_some(),
+                .and_then(|receipt| receipt.block_number),
+                None => None,
+            };
+            let mined = match block {
+                Some(block) => {
+                    let head = rpc("eth_blockNumber", node.get_block_number()).await?;
+                    head.saturating_add(1) >= block.saturating_add(plan.confirmations)
+                }
                 None => false,
             };
             if mined {
