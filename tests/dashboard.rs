@@ -480,17 +480,7 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
         .unwrap();
     let token: Value = reply.json().await.unwrap();
     let token = token["token"].as_str().unwrap().to_owned();
-    let started: Value = http
-        .post(format!("{base}/api/workflows/slow/start"))
-        .bearer_auth(&token)
-        .json(&json!({"input": {}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let slow = started["run_id"].as_str().unwrap().to_owned();
+    let slow = start_over_api(&http, &base, &token, "slow").await;
     page.wait_text(&format!("#run-{slow}"), "slow", Duration::from_secs(30))
         .await;
     assert!(
@@ -510,18 +500,8 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
     );
 
     // A file a step kept is linked from its run, and served as the API serves it: sandboxed.
-    let started: Value = http
-        .post(format!("{base}/api/workflows/speak/start"))
-        .bearer_auth(&token)
-        .json(&json!({"input": {}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    page.open(&format!("/runs/{}", started["run_id"].as_str().unwrap()))
-        .await;
+    let speak = start_over_api(&http, &base, &token, "speak").await;
+    page.open(&format!("/runs/{speak}")).await;
     page.wait_text("#run-status", "succeeded", Duration::from_secs(30))
         .await;
     let link = page
@@ -701,17 +681,7 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
 
     // A viewer sees no operator button, and the server refuses the action anyway: on a run that
     // waits for a signal, an operator would find cancel and the signal form.
-    let waiting: Value = http
-        .post(format!("{base}/api/workflows/approve/start"))
-        .bearer_auth(&token)
-        .json(&json!({"input": {}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let waiting = waiting["run_id"].as_str().unwrap().to_owned();
+    let waiting = start_over_api(&http, &base, &token, "approve").await;
     page.login("vera").await;
     page.open(&format!("/runs/{waiting}")).await;
     page.wait_text("#step-ask summary", "parked", Duration::from_secs(30))
@@ -786,4 +756,22 @@ async fn an_operator_runs_and_mends_workflows_in_the_browser_and_a_viewer_only_l
 
     page.client.close().await.unwrap();
     drop(sandbox);
+}
+
+/// Starts a run of `workflow` over the API with `token`; returns its id.
+async fn start_over_api(http: &reqwest::Client, base: &str, token: &str, workflow: &str) -> String {
+    let started: Value = http
+        .post(format!("{base}/api/workflows/{workflow}/start"))
+        .bearer_auth(token)
+        .json(&json!({"input": {}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    started["run_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{workflow} did not start: {started}"))
+        .to_owned()
 }
