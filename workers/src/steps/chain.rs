@@ -834,10 +834,10 @@ impl Chain {
         };
         let mut allocation = self.nonces.allocate(&request).await;
         if let Ok(NonceAllocation::Filled { nonce, hash }) = &allocation {
-            // Another step filled this step's nonce. Once its filler is mined, this step's own
-            // transaction never can be, and it signs with a new nonce.
-            // As deep as the step trusts its own transactions (`confirmations`): a filler in a
-            // block a reorg drops would leave room for this step's own.
+            // Another step filled this step's nonce. Once its filler is mined, as deep as the
+            // step trusts its own transactions (`confirmations`: a block a reorg drops would
+            // leave room for this step's own), this step's transaction never can be, and it
+            // signs with a new nonce.
             let filler = hash.parse::<B256>().ok();
             let block = match filler {
                 Some(filler) => rpc(
@@ -849,10 +849,7 @@ impl Chain {
                 None => None,
             };
             let mined = match block {
-                Some(block) => {
-                    let head = rpc("eth_blockNumber", node.get_block_number()).await?;
-                    head.saturating_add(1) >= block.saturating_add(plan.confirmations)
-                }
+                Some(block) => confirmed(node, block, plan.confirmations).await?,
                 None => false,
             };
             if mined {
@@ -1006,8 +1003,7 @@ impl Chain {
                 if plan.confirmations <= 1 {
                     return Ok(Waited::Mined(Box::new(receipt)));
                 }
-                let head = rpc("eth_blockNumber", node.get_block_number()).await?;
-                if head.saturating_add(1) >= block.saturating_add(plan.confirmations) {
+                if confirmed(node, block, plan.confirmations).await? {
                     // A reorg may have moved it meanwhile: then it counts again from the block
                     // that holds it now.
                     let again = rpc(
@@ -1210,6 +1206,16 @@ enum Waited {
     Underpriced {
         base_fee: u128,
     },
+}
+
+/// Whether `block` has `confirmations` blocks on the node, itself included.
+async fn confirmed(
+    node: &RootProvider,
+    block: u64,
+    confirmations: u64,
+) -> Result<bool, StepFailure> {
+    let head = rpc("eth_blockNumber", node.get_block_number()).await?;
+    Ok(head.saturating_add(1) >= block.saturating_add(confirmations))
 }
 
 /// The step's outcome after signing: park at once, so the store commits the transaction before
